@@ -1,0 +1,57 @@
+"""kd_kernels: fused knowledge-distillation losses for LLMs.
+
+Public surface: the five divergences and the generic ``kd_loss`` (logits level), their ``nn.Module``
+``KDLoss``, and two introspection calls, ``build_info()`` and ``available_backends()``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+from . import _ext
+from ._backends import BackendUnavailableError, available_backends
+from ._version import __version__
+from .losses import forward_kl, jsd, kd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl
+from .modules import KDLoss
+
+__all__ = [
+    "__version__",
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "kd_loss",
+    "KDLoss",
+    "BackendUnavailableError",
+    "build_info",
+    "available_backends",
+]
+
+
+def _installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_info() -> dict:
+    """How this copy of kd_kernels was built and what it runs with.
+
+    Keys: ``version``, ``cpu`` (compiled CPU kernels present), ``cuda`` (compiled CUDA kernels present),
+    ``cuda_archs``, ``torch``, ``triton`` (installed version or None), plus what the extension reports of its
+    build (compiler, SIMD targets) or ``error`` when it could not be loaded.
+    """
+    native = _ext.native_build_info()
+    return {
+        **native,
+        "version": __version__,
+        "cpu": bool(native.get("cpu", False)),
+        "cuda": bool(native.get("cuda", False)),
+        "cuda_archs": str(native.get("cuda_archs", "")),
+        "torch": torch.__version__,
+        "triton": _installed_version("triton"),
+    }

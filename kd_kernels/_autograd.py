@@ -1,0 +1,70 @@
+"""Autograd glue: the forward call computes the loss and the student-logit gradient; backward only scales it.
+
+The kernel call goes through the custom op ``kd_kernels::loss_grad`` (with a fake implementation) so that
+``torch.compile`` graphs containing a kd_kernels loss stay compilable whatever the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backends import get_backend
+from ._spec import Divergence, KDSpec
+
+
+@torch.library.custom_op("kd_kernels::loss_grad", mutates_args=())
+def _loss_grad_op(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    row_weight: torch.Tensor,
+    divergence: int,
+    coef: float,
+    temperature: float,
+    backend: str,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else s.new_empty(0)
+    spec = KDSpec(Divergence(divergence), coef, temperature)
+    loss = get_backend(backend).loss_grad(s, t, row_weight, spec, grad if need_grad else None)
+    return loss, grad
+
+
+@_loss_grad_op.register_fake
+def _(s, t, row_weight, divergence, coef, temperature, backend, need_grad):
+    grad = s.new_empty(s.shape) if need_grad else s.new_empty(0)
+    return s.new_empty(s.shape[0], dtype=torch.float32), grad
+
+
+class KDLossFunction(torch.autograd.Function):
+    """(s, t, c) ↦ Σ_i c_i L_i  (or the vector c_i L_i when ``per_token``); gradient to ``s`` only."""
+
+    @staticmethod
+    def forward(ctx, s, t, row_weight, spec: KDSpec, backend: str, per_token: bool, inplace: bool):
+        need_grad = ctx.needs_input_grad[0]
+        if need_grad and inplace:
+            # The kernel overwrites s with its own gradient, row by row after reading it. Bump the version so
+            # autograd raises if anything saved s for its backward (the caller asked for this; see docs).
+            loss = get_backend(backend).loss_grad(s, t, row_weight, spec, s)
+            torch.autograd.graph.increment_version(s)
+            grad = s
+        else:
+            loss, grad = _loss_grad_op(
+                s, t, row_weight, int(spec.divergence), spec.coef, spec.temperature, backend, need_grad
+            )
+        weighted = loss * row_weight  # skipped rows: L_i = 0 and c_i = 0
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.per_token = per_token
+        return weighted if per_token else weighted.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        scale = grad_out[:, None] if ctx.per_token else grad_out
+        if torch.compiler.is_compiling():
+            ds = (grad * scale).to(grad.dtype)
+        else:
+            # In place: the saved gradient is used once. A second backward (retain_graph=True) makes autograd
+            # raise a version error rather than return a doubly scaled gradient.
+            ds = grad.mul_(scale)
+        return ds, None, None, None, None, None, None

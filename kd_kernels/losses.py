@@ -1,0 +1,122 @@
+"""Logits-level KD losses: validated public functions over the fused row kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from ._autograd import KDLossFunction
+from ._backends import resolve_backend
+from ._spec import KDSpec
+
+_COMMON_DOC = """
+    Args:
+        student_logits: ``(..., V)`` float32 / bfloat16 / float16. Receives the gradient (in its own dtype).
+        teacher_logits: ``(..., V)``, same shape; never receives a gradient. Its dtype may differ.
+        temperature: divides both logits before the softmax (> 0). No T² factor is applied; multiply the
+            loss by ``temperature ** 2`` yourself for Hinton-style KD.
+        mask: bool ``(...)``, True where the token counts (e.g. ``labels != -100``). Masked tokens add exactly
+            0 to the loss and to the gradient, and the compiled backends do not read their rows.
+        token_weights: float ``(...)``, multiplies each token's loss (no gradient flows to it).
+        reduction: ``"mean"`` (Σ over counted tokens / number counted, 0 if none), ``"sum"`` or ``"none"``
+            (per-token values of shape ``(...)``, 0 where masked).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; see
+            ``kd_kernels.available_backends()``.
+        inplace_grad: write the gradient into ``student_logits``' memory instead of a new tensor (saves one
+            ``(N, V)`` buffer). Safe only when nothing reads the logits afterwards: they hold the gradient once
+            this call returns (a ``Linear`` lm_head is fine: its backward needs its input, not its output).
+            Needs a non-leaf ``student_logits``; a single ``backward()``.
+
+    Returns:
+        float32 loss: a scalar, or ``(...)`` for ``reduction="none"``.
+"""
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    inplace_grad: bool = False,
+) -> torch.Tensor:
+    """Any KD divergence by name: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``),
+    ``skew_reverse_kl`` (``alpha``) or ``jsd`` (``beta``). The named functions below call this."""
+    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
+    s, t = V.check_logit_pair(student_logits, teacher_logits)
+    V.check_reduction(reduction)
+    lead, vocab = s.shape[:-1], s.shape[-1]
+    mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
+    token_weights = V.check_token_tensor(token_weights, "token_weights", lead, s.device, boolean=False)
+    b = resolve_backend(backend, s.device)
+    if inplace_grad and s.requires_grad and s.is_leaf:
+        raise ValueError(
+            "inplace_grad=True would overwrite a leaf tensor that requires grad; pass the output of the "
+            "lm_head (a non-leaf), or inplace_grad=False"
+        )
+
+    n = lead.numel()
+    s2 = s.reshape(n, vocab)
+    t2 = t.detach().reshape(n, vocab)
+    # Kernels need a unit stride along the vocabulary; any row stride is fine.
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+    t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+    c = V.row_weights(mask, token_weights, n, reduction, s.device)
+    out = KDLossFunction.apply(s2, t2, c, spec, b.name, reduction == "none", inplace_grad)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, token_weights=None,
+               reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+    """KL(p‖q) per token, p = softmax(teacher/T), q = softmax(student/T): word-level KD and SeqKD.
+
+    Equals ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="none").sum(-1)``.
+    """
+    return kd_loss(student_logits, teacher_logits, divergence="forward_kl", temperature=temperature,
+                   mask=mask, token_weights=token_weights, reduction=reduction, backend=backend,
+                   inplace_grad=inplace_grad)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, token_weights=None,
+               reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+    """KL(q‖p) per token (MiniLLM's single-step term).
+
+    Equals ``F.kl_div(log_softmax(t/T), log_softmax(s/T), log_target=True, reduction="none").sum(-1)``.
+    """
+    return kd_loss(student_logits, teacher_logits, divergence="reverse_kl", temperature=temperature,
+                   mask=mask, token_weights=token_weights, reduction=reduction, backend=backend,
+                   inplace_grad=inplace_grad)
+
+
+def skew_forward_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None,
+                    token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+    """KL(p‖m), m = α p + (1−α) q (DistiLLM's SKL, α = 0.1). ``alpha`` in (0, 1)."""
+    return kd_loss(student_logits, teacher_logits, divergence="skew_forward_kl", alpha=alpha,
+                   temperature=temperature, mask=mask, token_weights=token_weights, reduction=reduction,
+                   backend=backend, inplace_grad=inplace_grad)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None,
+                    token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+    """KL(q‖m'), m' = (1−α) p + α q (DistiLLM's SRKL, α = 0.1). ``alpha`` in (0, 1)."""
+    return kd_loss(student_logits, teacher_logits, divergence="skew_reverse_kl", alpha=alpha,
+                   temperature=temperature, mask=mask, token_weights=token_weights, reduction=reduction,
+                   backend=backend, inplace_grad=inplace_grad)
+
+
+def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, token_weights=None,
+        reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+    """Generalized JSD: β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q (GKD). ``beta`` in (0, 1)."""
+    return kd_loss(student_logits, teacher_logits, divergence="jsd", beta=beta, temperature=temperature,
+                   mask=mask, token_weights=token_weights, reduction=reduction, backend=backend,
+                   inplace_grad=inplace_grad)
+
+
+for _f in (kd_loss, forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd):
+    _f.__doc__ = (_f.__doc__ or "") + _COMMON_DOC

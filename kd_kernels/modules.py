@@ -1,0 +1,40 @@
+"""``nn.Module`` wrappers: the options fixed at construction, the tensors passed per call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._spec import KDSpec
+from ._validate import check_reduction
+from .losses import kd_loss
+
+
+class KDLoss(nn.Module):
+    """``KDLoss(divergence, ...)(student_logits, teacher_logits, mask=None, token_weights=None)``.
+
+    Same options and semantics as :func:`kd_kernels.kd_loss`; invalid options fail at construction.
+    """
+
+    def __init__(self, divergence: str = "forward_kl", *, alpha: float = 0.1, beta: float = 0.5,
+                 temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+                 inplace_grad: bool = False) -> None:
+        super().__init__()
+        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
+        self.alpha, self.beta = alpha, beta
+        self.reduction = check_reduction(reduction)
+        self.backend = backend
+        self.inplace_grad = inplace_grad
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, divergence=self.spec.divergence.label,
+                       alpha=self.alpha, beta=self.beta, temperature=self.spec.temperature, mask=mask,
+                       token_weights=token_weights, reduction=self.reduction, backend=self.backend,
+                       inplace_grad=self.inplace_grad)
+
+    def extra_repr(self) -> str:
+        coef = {"skew_forward_kl": f", alpha={self.alpha}", "skew_reverse_kl": f", alpha={self.alpha}",
+                "jsd": f", beta={self.beta}"}.get(self.spec.divergence.label, "")
+        return (f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,124 @@
+"""Plain PyTorch definitions of every divergence: the ground truth of the tests.
+
+Readable, unfused and dtype-generic (the tests run it in float64). Every formula is the one in
+``shared/docs/MATH.md``; nothing here is tuned for speed or memory.
+
+Each ``*_per_token`` function takes student logits ``s`` and teacher logits ``t`` of shape ``(..., V)`` and
+returns the per-token divergence of shape ``(...)``. ``kd_loss`` adds temperature, mask, token weights and
+the reduction, with the same semantics as the public functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "forward_kl_per_token",
+    "reverse_kl_per_token",
+    "skew_forward_kl_per_token",
+    "skew_reverse_kl_per_token",
+    "jsd_per_token",
+    "per_token",
+    "kd_loss",
+    "cross_entropy_per_token",
+]
+
+
+def _plogp_ratio(logp: torch.Tensor, logr: torch.Tensor) -> torch.Tensor:
+    """Σ_v p_v (log p_v − log r_v) with the convention 0 · log 0 = 0 (p_v = 0 columns contribute 0)."""
+    p = logp.exp()
+    term = torch.where(p > 0, p * (logp - logr), torch.zeros_like(p))
+    return term.sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b), formed in log space so it never underflows to log 0."""
+    return torch.logaddexp(math.log(w) + log_a, math.log1p(-w) + log_b)
+
+
+def forward_kl_per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ p (log p − log q), p = softmax(t), q = softmax(s)."""
+    return _plogp_ratio(t.log_softmax(-1), s.log_softmax(-1))
+
+
+def reverse_kl_per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(q‖p) = Σ q (log q − log p)."""
+    return _plogp_ratio(s.log_softmax(-1), t.log_softmax(-1))
+
+
+def skew_forward_kl_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(p‖m) with m = α p + (1−α) q."""
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    return _plogp_ratio(lp, _log_mix(lp, lq, alpha))
+
+
+def skew_reverse_kl_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(q‖m') with m' = (1−α) p + α q."""
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    return _plogp_ratio(lq, _log_mix(lq, lp, alpha))
+
+
+def jsd_per_token(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """β KL(p‖M) + (1−β) KL(q‖M) with M = β p + (1−β) q."""
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    lm = _log_mix(lp, lq, beta)
+    return beta * _plogp_ratio(lp, lm) + (1.0 - beta) * _plogp_ratio(lq, lm)
+
+
+def per_token(
+    divergence: str, s: torch.Tensor, t: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+) -> torch.Tensor:
+    """Dispatch by name: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl``, ``skew_reverse_kl``, ``jsd``."""
+    if divergence == "forward_kl":
+        return forward_kl_per_token(s, t)
+    if divergence == "reverse_kl":
+        return reverse_kl_per_token(s, t)
+    if divergence == "skew_forward_kl":
+        return skew_forward_kl_per_token(s, t, alpha)
+    if divergence == "skew_reverse_kl":
+        return skew_reverse_kl_per_token(s, t, alpha)
+    if divergence == "jsd":
+        return jsd_per_token(s, t, beta)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def kd_loss(
+    divergence: str,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The loss the public functions compute, written out plainly.
+
+    ``sum = Σ k_i w_i L_i``, ``mean = sum / max(1, Σ k_i)``, ``none = k_i w_i L_i`` (MATH.md, Reductions).
+    Computed in the dtype of ``s`` (pass float64 tensors for a reference value).
+    """
+    L = per_token(divergence, s / temperature, t.to(s.dtype) / temperature, alpha=alpha, beta=beta)
+    k = torch.ones_like(L) if mask is None else mask.to(L.dtype)
+    w = k if token_weights is None else k * token_weights.to(L.dtype)
+    # where() rather than a product so a masked row's value (even inf) never leaks in as 0·inf = NaN.
+    weighted = torch.where(w != 0, w * L, torch.zeros_like(L))
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / k.sum().clamp_min(1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def cross_entropy_per_token(s: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """−log softmax(s)[label], 0 where ``labels == ignore_index``."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = -s.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, nll, torch.zeros_like(nll))
