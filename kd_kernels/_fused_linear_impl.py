@@ -1,0 +1,272 @@
+"""Chunk loops and autograd glue of the fused-linear losses (public functions in ``fused_linear.py``).
+
+Layers: the backends' fused row kernel (``Backend.loss_grad``, logits level) ← the chunk loops here (allocate,
+matmul, call the kernel, accumulate the parameter gradients) ← the ``autograd.Function`` glue here (save what
+backward needs, scale by the upstream gradient) ← the validated public functions.
+
+Everything here takes already-validated, flattened tensors: hidden states ``(N, D)``, weights ``(V, D)``,
+biases ``(V,)`` or None, per-row fp32 factors ``(N,)``.
+
+Math (shared/docs/MATH.md, "Fused linear"): ``s = h_s W_sᵀ + b_s``, ``t = h_t W_tᵀ + b_t`` per chunk of rows;
+the backend writes ``G = ∂loss/∂s`` over the chunk's student logits; then ``∂/∂h_s = G W_s``,
+``∂/∂W_s += Gᵀ h_s``, ``∂/∂b_s += Σ_rows G``. The full ``(N, V)`` logits never exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backends import Backend
+from ._spec import KDSpec
+
+# Memory budget of one chunk's (rows, V) buffers, per device type. On CPU the chunk's student + teacher logits
+# (plus the fp32 CE buffer when labels are given) stay within 64 MiB; GPUs get a larger budget so each chunk's
+# GEMM is big enough to run near peak. Override per call with ``chunk_size``.
+CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+_DEFAULT_BUDGET = 64 * 2**20
+
+
+def chunk_rows(n: int, vocab: int, bytes_per_vocab_entry: int, chunk_size: int | None,
+               device: torch.device) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else the device budget / bytes per row (a multiple of 8)."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, max(n, 1)))
+    budget = CHUNK_BUDGET_BYTES.get(device.type, _DEFAULT_BUDGET)
+    rows = budget // max(1, vocab * bytes_per_vocab_entry)
+    rows = max(8, rows - rows % 8)  # GEMM-friendly multiple of 8, at least 8 rows
+    return max(1, min(rows, max(n, 1)))
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+
+
+def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (fp32, (V, D)) += gᵀ h.
+
+    fp32 inputs accumulate straight into ``acc``. For bf16 / fp16 the chunk's product comes out of a
+    half-precision GEMM (fp32 accumulation inside the GEMM, one rounding of its result) and the sum over
+    chunks is kept in fp32; upcasting ``g`` would cost an fp32 copy of the chunk and a much slower GEMM.
+    """
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), h)
+    else:
+        acc.add_(g.t() @ h)
+
+
+class _Rows:
+    """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active rows."""
+
+    def __init__(self, active: torch.Tensor | None, n: int):
+        if active is None:
+            self.idx = None
+        else:
+            # Host sync (nonzero): acceptable here, it lets masked rows skip both matmuls and the kernel.
+            idx = active.nonzero().squeeze(1)
+            self.idx = None if idx.numel() == n else idx
+        self.count = n if self.idx is None else self.idx.numel()
+
+    def chunks(self, rows: int):
+        for lo in range(0, self.count, rows):
+            hi = min(self.count, lo + rows)
+            yield (slice(lo, hi) if self.idx is None else self.idx[lo:hi])
+
+    @staticmethod
+    def take(x: torch.Tensor | None, sel) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+
+    @staticmethod
+    def put(dst: torch.Tensor, sel, value: torch.Tensor) -> None:
+        if isinstance(sel, slice):
+            dst[sel] = value
+        else:
+            dst.index_copy_(0, sel, value)
+
+
+def kd_chunk_loop(
+    h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+    h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None,
+    kd_weight: torch.Tensor, labels: torch.Tensor | None, ce_scale: torch.Tensor | None, ce_weight: float,
+    spec: KDSpec, backend: Backend, rows: int, need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Forward of the fused-linear KD (+ CE) loss with every gradient, one chunk of active rows at a time.
+
+    ``kd_weight`` (N,): the KD row factor c_i (mask · token weight / count for "mean"); ``ce_scale`` (N,): the CE
+    row factor (valid label / count for "mean"); ``labels`` (N,) int64 with ignored rows set to 0.
+    Returns (Σ c_i KD_i, Σ ce_scale_i CE_i, (grad_h, grad_w, grad_b)) with the gradients of
+    ``Σ c_i KD_i + ce_weight · Σ ce_scale_i CE_i``, None where ``need`` says not needed.
+    """
+    need_h, need_w, need_b = need
+    need_grad = any(need)
+    n, dev = h_s.shape[0], h_s.device
+    grad_h = torch.zeros_like(h_s) if need_h else None
+    grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_w else None
+    grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=dev) if need_b else None
+    kd_total = torch.zeros((), dtype=torch.float32, device=dev)
+    ce_total = torch.zeros((), dtype=torch.float32, device=dev)
+
+    active = kd_weight != 0
+    if ce_scale is not None:
+        active = active | (ce_scale != 0)
+    plan = _Rows(active, n)
+    ce_grad_wanted = need_grad and ce_scale is not None and ce_weight != 0.0
+
+    for sel in plan.chunks(rows):
+        hs, ht = plan.take(h_s, sel), plan.take(h_t, sel)
+        c = plan.take(kd_weight, sel)
+        s = _linear(hs, w_s, b_s)
+        t = _linear(ht, w_t, b_t)
+        ce_grad = None
+        if ce_scale is not None:
+            # CE needs softmax(s) before the kernel overwrites s with its gradient: one fp32 chunk buffer.
+            y = plan.take(labels, sel)[:, None]
+            sc = plan.take(ce_scale, sel)
+            logp = s.float().log_softmax(-1)
+            nll = -logp.gather(1, y).squeeze(1)
+            ce_total += torch.where(sc != 0, sc * nll, torch.zeros_like(nll)).sum()
+            if ce_grad_wanted:
+                coef = (sc * ce_weight)[:, None]
+                ce_grad = logp.exp_().mul_(coef)  # ce_weight · scale · (softmax(s) − onehot(y))
+                ce_grad.scatter_add_(1, y, -coef)
+            del logp
+        loss_rows = backend.loss_grad(s, t, c, spec, s if need_grad else None)
+        kd_total += (loss_rows * c).sum()
+        del t
+        if not need_grad:
+            continue
+        g = s  # now G = ∂(KD part)/∂s, in the student's dtype
+        if ce_grad is not None:
+            g.add_(ce_grad)
+            del ce_grad
+        if need_h:
+            plan.put(grad_h, sel, g @ w_s)
+        if need_w:
+            _accumulate_wgrad(grad_w, g, hs)
+        if need_b:
+            grad_b += g.sum(0, dtype=torch.float32)
+    return kd_total, ce_total, (grad_h, grad_w, grad_b)
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three tensors.
+
+    All gradients are computed in forward (kd_chunk_loop); backward only scales them by the upstream gradient.
+    ``kd`` and ``ce`` are detached logging values.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_scale, ce_weight: float,
+                spec: KDSpec, backend: Backend, rows: int):
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        kd, ce, grads = kd_chunk_loop(h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_scale, ce_weight,
+                                      spec, backend, rows, need)
+        loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
+        ctx.save_for_backward(*grads)
+        ctx.param_dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.param_dtypes
+        # In place: each saved gradient is used once; a second backward (retain_graph=True) makes autograd raise
+        # a version error rather than return a doubly scaled gradient.
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token log-probabilities: log softmax(h Wᵀ/T)[y] and the entropy of softmax(h Wᵀ/T), per token.
+#
+# The upstream gradient is per token, so gradients cannot be finished in forward. Forward keeps, per active row,
+# only the log-sum-exp and the entropy (two fp32 numbers); backward recomputes each chunk's logits (one extra GEMM)
+# and forms, with z = s/T, q = softmax(z), log q = z − LSE, H = −Σ q log q:
+#   ∂ log q_y / ∂z_j = 1[j = y] − q_j,        ∂H/∂z_j = −q_j (log q_j + H),        ∂/∂s = (1/T) ∂/∂z.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _logits_fp32(h, w, b, inv_t: float) -> torch.Tensor:
+    z = _linear(h, w, b).float()  # a new fp32 buffer (or the fp32 GEMM output itself): safe to scale in place
+    return z.mul_(inv_t) if inv_t != 1.0 else z
+
+
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """(h, W, b) ↦ (log q(y) per token, entropy per token), both (N,) fp32, 0 on inactive rows."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, tokens, active, temperature: float, rows: int, want_entropy: bool):
+        n, dev = h.shape[0], h.device
+        inv_t = 1.0 / temperature
+        plan = _Rows(active, n)
+        logp = torch.zeros(n, dtype=torch.float32, device=dev)
+        ent = torch.zeros(n, dtype=torch.float32, device=dev)
+        lse_all = torch.empty(plan.count, dtype=torch.float32, device=dev)
+        pos = 0
+        for sel in plan.chunks(rows):
+            z = _logits_fp32(plan.take(h, sel), w, b, inv_t)
+            y = plan.take(tokens, sel)[:, None]
+            lse = torch.logsumexp(z, -1)
+            lse_all[pos:pos + z.shape[0]] = lse
+            pos += z.shape[0]
+            plan.put(logp, sel, z.gather(1, y).squeeze(1) - lse)
+            if want_entropy:
+                q = z.sub_(lse[:, None]).exp_()  # z is dead after this: reuse it for q
+                plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
+        ctx.save_for_backward(h, w, b, tokens, plan.idx, lse_all, ent)
+        ctx.rows, ctx.inv_t, ctx.count = rows, inv_t, plan.count
+        ctx.set_materialize_grads(False)
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, w, b, tokens, idx, lse_all, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None, None, None
+        plan = _Rows(None, ctx.count)
+        plan.idx, plan.count = idx, ctx.count  # the same compacted rows as forward, without a second sync
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        pos = 0
+        for sel in plan.chunks(ctx.rows):
+            hc = plan.take(h, sel)
+            z = _logits_fp32(hc, w, b, ctx.inv_t)
+            r = z.shape[0]
+            lse = lse_all[pos:pos + r, None]
+            pos += r
+            logq = z.sub_(lse)
+            q = logq.exp()
+            g = torch.zeros_like(q)
+            if g_ent is not None:
+                ge = plan.take(g_ent, sel)[:, None].float()
+                he = plan.take(ent, sel)[:, None]
+                # −g_H q (log q + H); where q = 0 the term is 0 (log q may be −inf)
+                g = torch.where(q > 0, q * (logq + he), g).mul_(-ge)
+            if g_logp is not None:
+                gl = plan.take(g_logp, sel)[:, None].float()
+                g.sub_(q * gl)
+                g.scatter_add_(1, plan.take(tokens, sel)[:, None], gl)
+            del z, q
+            g = g.mul_(ctx.inv_t).to(h.dtype)
+            if need_h:
+                plan.put(grad_h, sel, g @ w)
+            if need_w:
+                _accumulate_wgrad(grad_w, g, hc)
+            if need_b:
+                grad_b += g.sum(0, dtype=torch.float32)
+        if grad_w is not None:
+            grad_w = grad_w.to(w.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(b.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
