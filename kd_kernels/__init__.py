@@ -13,6 +13,17 @@ import torch
 from . import _ext
 from ._backends import BackendUnavailableError, available_backends
 from ._version import __version__
+from .fused_linear import (
+    FusedLinearKDLoss,
+    KDComponents,
+    fused_linear_forward_kl,
+    fused_linear_jsd,
+    fused_linear_kd,
+    fused_linear_logprobs,
+    fused_linear_reverse_kl,
+    fused_linear_skew_forward_kl,
+    fused_linear_skew_reverse_kl,
+)
 from .losses import forward_kl, jsd, kd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl
 from .modules import KDLoss
 
@@ -25,6 +36,15 @@ __all__ = [
     "jsd",
     "kd_loss",
     "KDLoss",
+    "fused_linear_kd",
+    "fused_linear_forward_kl",
+    "fused_linear_reverse_kl",
+    "fused_linear_skew_forward_kl",
+    "fused_linear_skew_reverse_kl",
+    "fused_linear_jsd",
+    "fused_linear_logprobs",
+    "FusedLinearKDLoss",
+    "KDComponents",
     "BackendUnavailableError",
     "build_info",
     "available_backends",
