@@ -1,17 +1,170 @@
-"""The "triton" backend: launcher for the Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1)."""
+"""The "triton" backend: launcher for the Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1).
+
+The kernels live in ``kd_kernels/_triton_kernels.py`` and are imported on the first launch, so registering this
+backend (and ``import kd_kernels``) never imports triton.
+
+Launch configuration: one program per row, the vocabulary walked in blocks of ``BLOCK_V`` columns.
+
+- On a GPU, by default a fixed heuristic (:func:`_heuristic_config`); with ``KD_TRITON_AUTOTUNE=1`` in the
+  environment a ``triton.autotune`` sweep instead, keyed on (divergence, gradient or not, V, dtypes) so it tunes
+  once per vocabulary size, not per batch. Neither has been timed on an H100 yet; ``benchmarks/bench_triton_gpu.py``
+  times both so the default can be chosen from measurements.
+- Under the interpreter, one small fixed block (:data:`INTERPRET_BLOCK_V`) so the CPU test suite stays fast.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import os
 
 import torch
 
+from .._spec import Divergence, KDSpec
 from . import Backend, register
+
+# Under TRITON_INTERPRET=1 each block is a numpy op, so the block only sets the loop count; 1024 keeps V ≈ 32k
+# cheap while V = 1031 still takes two blocks with a ragged tail.
+INTERPRET_BLOCK_V = 2048
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_requested() -> bool:
+    return os.environ.get("KD_TRITON_AUTOTUNE", "0") == "1"
+
+
+def _heuristic_config(v: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a GPU launch without autotuning.
+
+    4096 columns and 8 warps: 16 values per thread and tensor, i.e. two (16-bit) or four (fp32) 16-byte loads
+    in flight per thread per tensor, 63-98 registers per thread at sm_90 with no spills for every divergence and
+    dtype (ptxas -v on the compiled kernels; 8192 x 8 warps needs 123-187 registers and spills for
+    skew_reverse_kl). Short rows get the next power of two so no lane works on a whole masked block.
+    """
+    block = max(128, min(4096, _next_power_of_2(v)))
+    warps = 8 if block >= 2048 else 4
+    return block, warps
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _autotune_configs(triton):
+    configs = []
+    for block in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16, 32):
+            per_thread = block // (warps * 32)
+            if 8 <= per_thread <= 64:
+                configs.append(triton.Config({"BLOCK_V": block}, num_warps=warps))
+    return configs
+
+
+@functools.cache
+def _kernels(autotuned: bool):
+    """The two jitted kernels, plain or wrapped in ``triton.autotune`` (built once per process)."""
+    import triton
+
+    from .. import _triton_kernels as K
+
+    kl, mix = K.kl_loss_grad_kernel, K.mix_loss_grad_kernel
+    if autotuned:
+        # s and g are restored after each timing run: with g aliasing s (in place) a trial would otherwise feed
+        # its own gradient to the next one. Tensor dtypes are part of the autotuner's key automatically.
+        tune = functools.partial(
+            triton.autotune,
+            configs=_autotune_configs(triton),
+            key=["V", "DIV", "HAS_GRAD"],
+            restore_value=["s_ptr", "g_ptr"],
+        )
+        kl, mix = tune()(kl), tune()(mix)
+    return kl, mix
+
+
+def _check_args(s, t, row_weight, grad) -> None:
+    """Cheap shape / layout checks (no device sync): callers other than the public API use this contract too."""
+    for name, x in (("s", s), ("t", t)):
+        if x.dim() != 2 or x.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"triton backend: {name} must be a 2-D float32/bfloat16/float16 tensor, "
+                             f"got {x.dim()}-D {x.dtype}")
+        if x.shape[1] > 1 and x.stride(1) != 1:
+            raise ValueError(f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()")
+    if t.shape != s.shape or t.device != s.device:
+        raise ValueError(f"triton backend: t {tuple(t.shape)} on {t.device} must match s {tuple(s.shape)} "
+                         f"on {s.device}")
+    n = s.shape[0]
+    if (row_weight.shape != (n,) or row_weight.dtype != torch.float32 or row_weight.device != s.device
+            or (n > 1 and row_weight.stride(0) != 1)):
+        raise ValueError(f"triton backend: row_weight must be a contiguous float32 ({n},) tensor on {s.device}, "
+                         f"got {row_weight.dtype} {tuple(row_weight.shape)} on {row_weight.device}")
+    if grad is not None:
+        if grad.shape != s.shape or grad.dtype != s.dtype or grad.device != s.device:
+            raise ValueError(f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
+                             f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
+        if s.shape[1] > 1 and grad.stride(1) != 1:
+            raise ValueError("triton backend: grad needs a unit stride along V")
+
+
+def launch(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    row_weight: torch.Tensor,
+    spec: KDSpec,
+    grad: torch.Tensor | None,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Run the kernel for ``spec`` on (N, V) logits; the Backend contract of ``loss_grad``.
+
+    ``block_v`` / ``num_warps`` override the configuration (tests use a small block to force many iterations;
+    the benchmark compares configurations). They bypass the autotuner.
+    """
+    _check_args(s, t, row_weight, grad)
+    n, v = s.shape
+    loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    if n == 0:
+        return loss
+    if grad is not None and v > 0 and grad.data_ptr() != s.data_ptr():
+        # A partial overlap (not exactly in place) would let one row's gradient overwrite another row's input.
+        lo, hi = s.data_ptr(), s.data_ptr() + s.element_size() * ((n - 1) * s.stride(0) + v)
+        glo = grad.data_ptr()
+        ghi = glo + grad.element_size() * ((n - 1) * grad.stride(0) + v)
+        if glo < hi and lo < ghi:
+            raise ValueError("triton backend: grad overlaps s without being s itself; pass grad=s or a new tensor")
+
+    d = spec.divergence
+    has_grad = grad is not None
+    g = grad if has_grad else s  # never written when HAS_GRAD is False
+    inv_temp = 1.0 / spec.temperature
+    autotuned = block_v is None and num_warps is None and not _interpreting() and _autotune_requested()
+    kl_kernel, mix_kernel = _kernels(autotuned)
+    common = (s, t, row_weight, loss, g, s.stride(0), t.stride(0), g.stride(0), v, inv_temp)
+    if d in (Divergence.FORWARD_KL, Divergence.REVERSE_KL):
+        kernel, args = kl_kernel, common
+    else:
+        a = spec.coef
+        kernel, args = mix_kernel, (*common, a, math.log(a), math.log1p(-a))
+    meta = {"DIV": int(d), "HAS_GRAD": has_grad}
+    if not autotuned:
+        if _interpreting():
+            default_block, default_warps = INTERPRET_BLOCK_V, 4
+        else:
+            default_block, default_warps = _heuristic_config(v)
+        meta["BLOCK_V"] = block_v or default_block
+        meta["num_warps"] = num_warps or default_warps
+
+    if s.device.type == "cuda":
+        with torch.cuda.device(s.device):  # launch on the tensors' GPU, on its current stream
+            kernel[(n,)](*args, **meta)
+    else:
+        kernel[(n,)](*args, **meta)
+    return loss
 
 
 class TritonBackend(Backend):
@@ -27,10 +180,19 @@ class TritonBackend(Backend):
             reasons.append("triton is not installed (pip install triton)")
         if device.type == "cpu" and not _interpreting():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 set before the process starts")
+        if device.type == "cuda" and not _interpreting() and not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible to torch")
         return reasons
 
-    def loss_grad(self, s, t, row_weight, spec, grad):
-        raise NotImplementedError("TODO(triton kernel)")
+    def loss_grad(
+        self,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        row_weight: torch.Tensor,
+        spec: KDSpec,
+        grad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return launch(s, t, row_weight, spec, grad)
 
 
 register(TritonBackend())
