@@ -1,0 +1,147 @@
+"""The run configuration: one dataclass, command-line overrides that reject unknown keys.
+
+Every field is a flag: ``steps`` is ``--steps``, ``kd_ratio`` is ``--kd-ratio``; booleans take
+``--flag`` / ``--no-flag``. The config is saved in every checkpoint and restored by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+PRESETS = ("smollm2", "tiny")
+
+
+@dataclass
+class TrainConfig:
+    # what to run
+    method: str = "kd"
+    preset: str = "smollm2"  # "smollm2", "tiny", or ignored when --teacher is given
+    teacher: str = ""  # local path of any Hugging Face causal LM (overrides the preset's teacher)
+    student: str = ""  # local path of the student; empty: the teacher with fewer layers
+    student_layers: str = ""  # teacher layers kept in the student: "start:stop:step", "0,3,6"; "": every 3rd
+    dtype: str = "float32"  # model dtype: float32 or bfloat16
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    seed: int = 1337
+    # data
+    prompts: str = ""  # a prompts .jsonl (default: the one shipped with kd_kernels.train)
+    max_prompts: int = 0  # use only the first N prompts of the file (0: all)
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    max_prompt_tokens: int = 96
+    cache_dir: str = ""  # where teacher responses are cached (default: ~/.cache/kd_kernels/responses)
+    # generation (teacher references, seqkd samples, evaluation)
+    max_new_tokens: int = 48
+    gen_batch_size: int = 16
+    seqkd_temperature: float = 1.0
+    # training
+    steps: int = 60
+    batch_size: int = 8  # sequences per process per step
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kd_ratio: float = 0.5  # r in (1 - r) CE + r forward_kl (kd, seqkd)
+    temperature: float = 1.0  # KD temperature
+    chunk_size: int = 0  # fused-linear tokens per chunk (0: the library's memory-budget default)
+    backend: str = "auto"  # kd_kernels backend
+    # evaluation
+    eval_every: int = 0  # validation loss every N steps (0: never during training)
+    eval_seeds: str = "10,20,30"
+    eval_prompts: int = 0  # evaluate on the first N test prompts (0: all)
+    eval_teacher: bool = True  # also score the teacher's own samples, for scale
+    skip_eval: bool = False
+    # outputs
+    out: str = ""  # run directory (metrics.jsonl, summary.json, loss.png, ckpt.pt); empty: out/<method>
+    ckpt_every: int = 20
+    resume: bool = False
+    log_every: int = 1
+    progress: bool = True
+
+    def seeds(self) -> list[int]:
+        return [int(s) for s in self.eval_seeds.split(",") if s.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from saved values; unknown keys are a ValueError (not silently dropped)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
+    return TrainConfig(**d)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(methods: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kd-train",
+        description="Distill a causal LM with kd_kernels' fused-linear losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("method", choices=methods, help="training method")
+    default = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "method":
+            continue
+        value = getattr(default, f.name)
+        if isinstance(value, bool):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=value)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value,
+                           metavar=type(value).__name__.upper())
+    return p
+
+
+def parse_args(argv: list[str] | None, methods: list[str]) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line. Returns the config and the names of the fields given explicitly.
+
+    Unknown flags exit with argparse's usage error (status 2), naming the flag.
+    """
+    parser = build_parser(methods)
+    ns = parser.parse_args(argv)
+    explicit = {
+        f.name for f in dataclasses.fields(TrainConfig)
+        if f.name != "method" and getattr(ns, f.name) != parser.get_default(f.name)
+    }
+    cfg = TrainConfig(**vars(ns))
+    validate(cfg)
+    return cfg, explicit
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that argparse's types cannot express; each error names the flag and the fix."""
+    if cfg.preset not in PRESETS and not cfg.teacher:
+        raise ValueError(f"--preset {cfg.preset!r} is unknown; use one of {PRESETS} or --teacher PATH")
+    positive = ("steps", "batch_size", "max_new_tokens", "gen_batch_size", "max_prompt_tokens",
+                "log_every", "ckpt_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 1")
+    if not 0.0 <= cfg.kd_ratio <= 1.0:
+        raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be in [0, 1] (0: pure CE, 1: pure KD)")
+    if not (cfg.lr > 0 and cfg.min_lr >= 0):
+        raise ValueError(f"--lr={cfg.lr} must be > 0 and --min-lr={cfg.min_lr} >= 0")
+    if not (0 <= cfg.valid_frac < 1 and 0 < cfg.test_frac < 1 and cfg.valid_frac + cfg.test_frac < 1):
+        raise ValueError(
+            f"--valid-frac={cfg.valid_frac} and --test-frac={cfg.test_frac} must be fractions summing "
+            "to less than 1, with a non-empty test split"
+        )
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype={cfg.dtype!r} must be 'float32' or 'bfloat16'")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature={cfg.temperature} must be > 0")
+    try:
+        cfg.seeds()
+    except ValueError:
+        raise ValueError(f"--eval-seeds={cfg.eval_seeds!r} must be comma-separated integers") from None
+

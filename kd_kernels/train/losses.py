@@ -1,0 +1,81 @@
+"""Every vocabulary-sized computation of training and evaluation, in one place.
+
+All of them go through kd_kernels' fused-linear functions on the models' final hidden states and lm_head
+weights: no ``(tokens, V)`` logits tensor is ever materialized by the trainer. Positions are already
+shifted (hidden state i predicts target i); ``mask`` is True on the tokens that count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kd_kernels
+
+
+@dataclass(frozen=True)
+class Head:
+    """A model's final hidden states ``(B, T, D)`` and its lm_head ``(V, D)`` weight / ``(V,)`` bias."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def _chunk(chunk_size: int) -> int | None:
+    return chunk_size if chunk_size > 0 else None
+
+
+def ce_loss(student: Head, targets: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = 0
+            ) -> torch.Tensor:
+    """Token-mean hard-label cross-entropy ``−mean log q(target)`` over the masked-in tokens (0 if none)."""
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
+                                            mask=mask, chunk_size=_chunk(chunk_size))
+    return -logp.sum() / mask.sum().clamp_min(1)
+
+
+def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
+                ratio: float, temperature: float = 1.0, chunk_size: int = 0, backend: str = "auto",
+                divergence: str = "forward_kl") -> tuple[torch.Tensor, dict[str, float]]:
+    """Word-level KD as in MiniLLM's baseline: ``(1 − r)·CE + r·KD``, KD = token-mean forward KL(p‖q).
+
+    One fused call computes both terms: ``fused_linear_kd`` returns ``KD + c·CE``; with ``c = (1 − r)/r``
+    and the result scaled by ``r`` that is ``r·KD + (1 − r)·CE``. ``r = 0`` is plain CE (no teacher pass).
+    Returns the loss and the unweighted parts ``{"ce", "kd"}`` for logging.
+    """
+    if ratio == 0.0:
+        ce = ce_loss(student, targets, mask, chunk_size=chunk_size)
+        return ce, {"ce": float(ce.detach()), "kd": float("nan")}
+    labels = torch.where(mask, targets, torch.full_like(targets, -100))
+    loss, parts = kd_kernels.fused_linear_kd(
+        student.hidden, student.weight, teacher.hidden.detach(), teacher.weight.detach(),
+        divergence=divergence, student_bias=student.bias,
+        teacher_bias=None if teacher.bias is None else teacher.bias.detach(),
+        temperature=temperature, mask=mask, labels=labels, ce_weight=(1.0 - ratio) / ratio,
+        reduction="mean", chunk_size=_chunk(chunk_size), backend=backend, return_components=True,
+    )
+    return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
+
+
+@torch.no_grad()
+def token_divergences(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
+                      chunk_size: int = 0, backend: str = "auto") -> dict[str, float]:
+    """Token-mean forward KL(p‖q), reverse KL(q‖p) and the student's CE on ``targets``; sums and counts
+    are returned too so callers can pool batches exactly."""
+    n = int(mask.sum())
+    out = {"tokens": n}
+    s = Head(student.hidden.detach(), student.weight.detach(),
+             None if student.bias is None else student.bias.detach())
+    t = Head(teacher.hidden.detach(), teacher.weight.detach(),
+             None if teacher.bias is None else teacher.bias.detach())
+    for name in ("forward_kl", "reverse_kl"):
+        val = kd_kernels.fused_linear_kd(
+            s.hidden, s.weight, t.hidden, t.weight, divergence=name, student_bias=s.bias,
+            teacher_bias=t.bias, mask=mask, reduction="sum", chunk_size=_chunk(chunk_size),
+            backend=backend,
+        )
+        out[name + "_sum"] = float(val)
+    out["ce_sum"] = float(ce_loss(s, targets, mask, chunk_size=chunk_size)) * max(n, 1)
+    return out
