@@ -49,6 +49,17 @@ KD_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
+// a·b + c: fused where the target has an FMA unit (GPU; CPU code compiled with FMA, e.g. -march=x86-64-v3),
+// else a plain multiply-add. A CPU build without FMA would otherwise turn every fmaf into a scalar libm call
+// (software-emulated, and it stops the loop from vectorizing); the polynomials below need no fused rounding.
+KD_HD float kd_fmaf(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__FMA4__) || defined(__aarch64__)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exp and log. On the GPU the hardware units (ex2 / lg2, ~2 ulp); on the CPU branch-free polynomials that
 // vectorize under `#pragma omp simd` (glibc's vector expf is only declared under -ffast-math, which would
@@ -61,18 +72,21 @@ KD_HD float kd_exp(float x) {
   return exp2f(x * kLog2e);
 #else
   // x = n ln2 + r, |r| ≤ ln2/2; e^r by its Taylor series to r^7 (truncation < 6e-9 relative).
-  float xc = fminf(fmaxf(x, -87.3f), 88.7f);
-  float n = rintf(xc * kLog2e);
-  float r = fmaf(n, -0.693145751953125f, xc);  // ln2 split in a short high part and the rest,
-  r = fmaf(n, -1.428606765330187e-06f, r);     // so n·ln2_hi is exact
+  // Clamp with compares and round with the 1.5·2^23 trick (exact round-to-nearest for |v| < 2^22) rather
+  // than fminf / fmaxf / rintf: GCC does not vectorize those calls without -ffast-math-style flags.
+  float xc = x > -87.3f ? x : -87.3f;
+  xc = xc < 88.7f ? xc : 88.7f;
+  float n = (xc * kLog2e + 12582912.f) - 12582912.f;
+  float r = kd_fmaf(n, -0.693145751953125f, xc);  // ln2 split in a short high part and the rest,
+  r = kd_fmaf(n, -1.428606765330187e-06f, r);     // so n·ln2_hi is exact
   float p = 1.f / 5040.f;
-  p = fmaf(p, r, 1.f / 720.f);
-  p = fmaf(p, r, 1.f / 120.f);
-  p = fmaf(p, r, 1.f / 24.f);
-  p = fmaf(p, r, 1.f / 6.f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.f);
-  p = fmaf(p, r, 1.f);
+  p = kd_fmaf(p, r, 1.f / 720.f);
+  p = kd_fmaf(p, r, 1.f / 120.f);
+  p = kd_fmaf(p, r, 1.f / 24.f);
+  p = kd_fmaf(p, r, 1.f / 6.f);
+  p = kd_fmaf(p, r, 0.5f);
+  p = kd_fmaf(p, r, 1.f);
+  p = kd_fmaf(p, r, 1.f);
   float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   float y = p * scale;
   y = x < -87.3f ? 0.f : y;
@@ -95,11 +109,11 @@ KD_HD float kd_log(float x) {
   float f = (m - 1.f) / (m + 1.f);
   float f2 = f * f;
   float p = 1.f / 9.f;
-  p = fmaf(p, f2, 1.f / 7.f);
-  p = fmaf(p, f2, 1.f / 5.f);
-  p = fmaf(p, f2, 1.f / 3.f);
-  p = fmaf(p, f2, 1.f);
-  float y = fmaf(static_cast<float>(e), kLn2, 2.f * f * p);
+  p = kd_fmaf(p, f2, 1.f / 7.f);
+  p = kd_fmaf(p, f2, 1.f / 5.f);
+  p = kd_fmaf(p, f2, 1.f / 3.f);
+  p = kd_fmaf(p, f2, 1.f);
+  float y = kd_fmaf(static_cast<float>(e), kLn2, 2.f * f * p);
   y = x == 0.f ? -kInf : y;
   return x == kInf ? kInf : y;  // subnormal x is not needed here (callers pass x ≥ 1 or row sums)
 #endif
@@ -267,7 +281,8 @@ inline MixCoef make_mix_coef(double a) {
 // log(w·x + (1−w)·y) from log x, log y in log space (MATH.md: never in probability space).
 KD_HD float log_mix(float lx, float ly, float log_w, float log_1mw) {
   float a = lx + log_w, b = ly + log_1mw;
-  float hi = fmaxf(a, b), lo = fminf(a, b);
+  // Compares, not fmaxf / fminf: those calls keep GCC from vectorizing the CPU loops (equal for non-NaN).
+  float hi = a > b ? a : b, lo = a > b ? b : a;
   float out = hi + kd_log(1.f + kd_exp(lo - hi));
   return hi == -kInf ? -kInf : out;
 }

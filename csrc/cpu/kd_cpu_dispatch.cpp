@@ -1,0 +1,166 @@
+// kd_cpu_dispatch.cpp — argument checks and the run-time choice among the compiled x86-64 levels.
+//
+// Compiled for the baseline target only. The levels compiled in are announced by CMake through
+// KD_CPU_HAVE_V3 / KD_CPU_HAVE_V4; the choice is made once from the CPU's features (cpuid + OS support,
+// via __builtin_cpu_supports), can be forced with the environment variable KD_KERNELS_CPU_ISA
+// (x86-64 | x86-64-v3 | x86-64-v4 | auto) or at run time with set_isa (the tests use it to cover every level
+// this machine can execute).
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kd_cpu.h"
+#include "kd_kernels/kd_math.h"
+
+namespace kd {
+namespace cpu {
+namespace {
+
+using Fn = void (*)(const RowArgs&, int);
+
+struct Level {
+  const char* name;
+  Fn fn;
+  bool (*supported)();
+};
+
+bool always() { return true; }
+
+#if defined(__x86_64__) || defined(_M_X64)
+bool cpu_has_v3() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+         __builtin_cpu_supports("movbe") && __builtin_cpu_supports("f16c");
+}
+bool cpu_has_v4() {
+  return cpu_has_v3() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+#define KD_BASELINE_NAME "x86-64"
+#else
+#define KD_BASELINE_NAME "generic"
+#endif
+
+// Best first.
+const Level kLevels[] = {
+#ifdef KD_CPU_HAVE_V4
+    {"x86-64-v4", &x86_64_v4::loss_grad, &cpu_has_v4},
+#endif
+#ifdef KD_CPU_HAVE_V3
+    {"x86-64-v3", &x86_64_v3::loss_grad, &cpu_has_v3},
+#endif
+    {KD_BASELINE_NAME, &generic::loss_grad, &always},
+};
+constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
+
+int best_level() {
+  for (int i = 0; i < kNumLevels; ++i) {
+    if (kLevels[i].supported()) return i;
+  }
+  return kNumLevels - 1;
+}
+
+int find_level(const std::string& name) {
+  if (name == "auto" || name.empty()) return best_level();
+  for (int i = 0; i < kNumLevels; ++i) {
+    if (name == kLevels[i].name) {
+      if (!kLevels[i].supported()) {
+        throw std::invalid_argument("cpu isa '" + name + "' is compiled in but this CPU cannot run it; use " +
+                                    "'auto' or '" + kLevels[best_level()].name + "'");
+      }
+      return i;
+    }
+  }
+  throw std::invalid_argument("cpu isa '" + name + "' is not compiled in; use 'auto' or one of: " +
+                              compiled_isas());
+}
+
+int initial_level() {
+  const char* env = std::getenv("KD_KERNELS_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best_level();
+  try {
+    return find_level(env);
+  } catch (const std::invalid_argument&) {
+    return best_level();  // a bad environment value must not break import; build_info shows the choice
+  }
+}
+
+std::atomic<int>& level() {
+  static std::atomic<int> lv{initial_level()};
+  return lv;
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+}  // namespace
+
+const char* compiled_isas() {
+  static const std::string names = [] {
+    std::string out;
+    for (int i = kNumLevels - 1; i >= 0; --i) {
+      if (!out.empty()) out += ",";
+      out += kLevels[i].name;
+    }
+    return out;
+  }();
+  return names.c_str();
+}
+
+const char* active_isa() { return kLevels[level().load()].name; }
+
+void set_isa(const char* name) { level().store(find_level(name == nullptr ? "" : name)); }
+
+bool has_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int openmp_version() {
+#ifdef _OPENMP
+  return _OPENMP;
+#else
+  return 0;
+#endif
+}
+
+void loss_grad(const RowArgs& a, int num_threads) {
+  require(a.n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(a.n_rows));
+  if (a.n_rows == 0) return;
+  require(a.vocab > 0, "vocab must be > 0, got " + std::to_string(a.vocab));
+  require(a.s != nullptr && a.t != nullptr, "s and t must be non-null data pointers");
+  require(a.row_weight != nullptr && a.loss != nullptr, "row_weight and loss must be non-null pointers");
+  require(a.stride_s >= a.vocab && a.stride_t >= a.vocab,
+          "row strides stride_s and stride_t must be >= vocab (rows must not overlap); got " +
+              std::to_string(a.stride_s) + ", " + std::to_string(a.stride_t) + " for vocab " +
+              std::to_string(a.vocab));
+  require(a.grad == nullptr || a.stride_g >= a.vocab,
+          "stride_g must be >= vocab, got " + std::to_string(a.stride_g));
+  require(a.s_dtype >= F32 && a.s_dtype <= F16,
+          "s_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.s_dtype));
+  require(a.t_dtype >= F32 && a.t_dtype <= F16,
+          "t_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.t_dtype));
+  require(a.divergence >= FORWARD_KL && a.divergence <= JSD,
+          "divergence must be 0..4 (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd), got " +
+              std::to_string(a.divergence));
+  require(std::isfinite(a.temperature) && a.temperature > 0,
+          "temperature must be a finite number > 0, got " + std::to_string(a.temperature));
+  if (a.divergence != FORWARD_KL && a.divergence != REVERSE_KL) {
+    require(a.coef > 0 && a.coef < 1, "coef (alpha / beta) must lie in the open interval (0, 1), got " +
+                                          std::to_string(a.coef));
+  }
+  kLevels[level().load()].fn(a, num_threads);
+}
+
+}  // namespace cpu
+}  // namespace kd
