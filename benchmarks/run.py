@@ -1,0 +1,424 @@
+"""Benchmark suite: every provider x op x shape x dtype, checked against the float64 reference, then timed.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--ops OP ...] [--out DIR]
+
+Writes ``DIR/results.csv`` (one row per op x shape x dtype x provider), ``DIR/results.md`` (tables) and PNG
+plots (time and peak memory against N and against V). See docs/BENCHMARKS.md for how to read them.
+
+Each provider runs in a process of its own (forked on CPU, spawned on CUDA), so that peak RSS is that
+provider's and nothing it compiled or cached leaks into another provider's numbers. Rows whose provider cannot
+run say why ("not available"); rows whose result disagrees with the reference are "wrong" and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from _common import (
+    DIVERGENCES,
+    DTYPES,
+    OPS,
+    SWEEPS,
+    Case,
+    check,
+    counted_bytes,
+    counted_flops,
+    environment,
+    input_bytes,
+    is_fused,
+    make_inputs,
+    peak_memory_bytes,
+    quantiles,
+    reference_cached,
+    time_fn,
+)
+from _providers import PROVIDERS, Provider, all_providers
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Repeat policy: ``warmup`` untimed calls, then timed calls filling ``budget_s`` within the rep bounds."""
+
+    warmup: int
+    budget_s: float
+    min_reps: int
+    max_reps: int
+    worker_timeout_s: float
+
+
+FULL = Settings(warmup=3, budget_s=1.5, min_reps=5, max_reps=100, worker_timeout_s=3600)
+QUICK = Settings(warmup=1, budget_s=0.1, min_reps=3, max_reps=20, worker_timeout_s=300)
+
+# (op, divergence) pairs run by default and by --quick. The forward-only and fused-linear ops run the
+# divergences people train / evaluate with most (forward KL for KD and SeqKD, JSD for GKD); --divergences adds
+# the rest.
+FULL_DIVERGENCES = {"kd_logits": DIVERGENCES, "kd_logits_fwd": ("forward_kl", "jsd"),
+                    "fl_kd": ("forward_kl", "jsd"), "fl_kd_fwd": ("forward_kl",),
+                    "fl_logprobs": ("",), "fl_logprobs_fwd": ("",)}
+QUICK_DIVERGENCES = {"kd_logits": ("forward_kl", "jsd"), "kd_logits_fwd": ("forward_kl",),
+                     "fl_kd": ("jsd",), "fl_logprobs_fwd": ("",)}
+# Dtypes per device; fused linear on CPU in fp32 only (this CPU has no bf16 GEMM units: a bf16 matmul there
+# measures the emulation, not the loss).
+DEVICE_DTYPES = {("cuda", False): ("bfloat16", "float32"), ("cuda", True): ("bfloat16", "float32"),
+                 ("cpu", False): ("float32", "bfloat16"), ("cpu", True): ("float32",)}
+# In --quick on CPU, torch.compile runs one forward-only case: each new graph costs 5-30 s of compilation there
+# (a forward graph about a third of a forward + backward one).
+QUICK_COMPILE_CASES = {("kd_logits_fwd", "forward_kl")}
+
+
+def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] | None,
+               dtypes: list[str] | None) -> list[Case]:
+    table = QUICK_DIVERGENCES if quick else FULL_DIVERGENCES
+    cases = []
+    for op in ops:
+        divs = table.get(op, ())
+        if divergences is not None and not op.startswith("fl_logprobs"):
+            divs = tuple(divergences)
+        elif op.startswith("fl_logprobs"):
+            divs = ("",)
+        if not divs:
+            continue
+        fused = is_fused(op)
+        sweep = SWEEPS[(device, "fused" if fused else "logits", quick)]
+        dts = dtypes or [d for d in DEVICE_DTYPES[(device, quick)] if not (fused and device == "cpu"
+                                                                            and d != "float32")]
+        for div in divs:
+            for dt in dts:
+                for n, v, tag in sweep.shapes():
+                    d_t = sweep.d_t if op.startswith("fl_kd") else 0
+                    cases.append(Case(op, div, n, v, sweep.d_s if fused else 0, d_t, dt, device, tag))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _malloc_returns_memory() -> None:
+    """Make glibc hand freed buffers of 64 KiB and more back to the OS, so RSS falls when tensors are freed
+    and VmHWM measures one call's peak rather than what earlier calls left in the heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+    except OSError:
+        pass
+
+
+def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool) -> dict:
+    row = {**case.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note}
+    if quick and p.name == "torch_compile" and case.device == "cpu" \
+            and (case.op, case.divergence) not in QUICK_COMPILE_CASES:
+        return {**row, "status": "skipped", "detail": "--quick on CPU compiles one case only (5-30 s each)"}
+    reason = p.unavailable(case)
+    if reason:
+        return {**row, "status": "not available", "detail": reason}
+    inputs = make_inputs(case)
+    try:
+        fn = p.build(case, inputs)
+        out = fn()  # first call: compiles / autotunes where the provider does
+        ok, detail = check(case, out, reference_cached(case, inputs, cache_dir))
+        del out
+        if not ok:
+            return {**row, "status": "wrong", "detail": f"disagrees with kd_kernels.reference: {detail}"}
+        times = time_fn(fn, case.device, warmup=st.warmup, budget_s=st.budget_s, min_reps=st.min_reps,
+                        max_reps=st.max_reps)
+        mem = peak_memory_bytes(fn, case.device, input_bytes(inputs))
+    except Exception as e:  # noqa: BLE001  (an out-of-memory or a provider bug becomes a row, not a crash)
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return {**row, "status": "error", "detail": f"{type(e).__name__}: {msg}"}
+    finally:
+        if case.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    p20, med, p80 = quantiles(times)
+    return {**row, "status": "ok", "detail": detail, "median_s": med, "p20_s": p20, "p80_s": p80,
+            "reps": len(times), "peak_mem_bytes": mem}
+
+
+def worker(p: Provider, cases: list[Case], st: Settings, cache_dir: str, out_path: str, quick: bool,
+           threads: int | None) -> None:
+    """Runs every case of one provider, appending one JSON line per case to ``out_path``."""
+    if cases and cases[0].device == "cpu":
+        _malloc_returns_memory()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with open(out_path, "a") as f:
+        for case in cases:
+            try:
+                row = run_case(p, case, st, cache_dir, quick)
+            except Exception as e:  # noqa: BLE001
+                row = {**case.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note,
+                       "status": "error", "detail": f"{type(e).__name__}: {e}"[:200]}
+                traceback.print_exc()
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, quick: bool,
+                 threads: int | None, log: bool) -> list[dict]:
+    """One provider in its own process; cases it never reported (a crash, a timeout) become error rows."""
+    fd, out_path = tempfile.mkstemp(prefix=f"kdbench-{p.name}-", suffix=".jsonl", dir=cache_dir)
+    os.close(fd)
+    # fork on CPU: the child inherits the imported torch (seconds saved per provider); CUDA cannot be forked.
+    ctx = mp.get_context("spawn" if cases[0].device.startswith("cuda") else "fork")
+    proc = ctx.Process(target=worker, args=(p, cases, st, cache_dir, out_path, quick, threads))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join(st.worker_timeout_s)
+    timed_out = proc.is_alive()
+    if timed_out:
+        proc.kill()
+        proc.join()
+    rows = [json.loads(line) for line in Path(out_path).read_text().splitlines() if line.strip()]
+    done = {(r["op"], r["divergence"], r["n"], r["v"], r["dtype"]) for r in rows}
+    for c in cases:
+        if (c.op, c.divergence, c.n, c.v, c.dtype) not in done:
+            why = f"timed out after {st.worker_timeout_s:.0f} s" if timed_out else \
+                f"worker exited with code {proc.exitcode}"
+            rows.append({**c.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note,
+                         "status": "error", "detail": f"{why} before this case finished"})
+    if log:
+        counts = defaultdict(int)
+        for r in rows:
+            counts[r["status"]] += 1
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"  {p.label:<20} {time.perf_counter() - t0:6.1f} s  ({summary})", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- results
+
+CSV_COLUMNS = [
+    "op", "divergence", "N", "V", "D_s", "D_t", "dtype", "provider", "backend", "status", "median_ms",
+    "p20_ms", "p80_ms", "reps", "peak_mem_mb", "gbps", "tflops", "speedup_vs_torch", "mem_vs_torch",
+    "detail", "note", "sweep", "device", "device_name", "torch", "triton", "liger_kernel", "kd_kernels",
+    "kd_kernels_native", "commit", "threads", "loadavg_1m", "date",
+]
+
+
+def finish_rows(raw: list[dict], env: dict[str, str]) -> list[dict]:
+    """Raw worker rows -> CSV rows: milliseconds, MB, GB/s or TFLOP/s, ratios to eager PyTorch."""
+    rows = []
+    for r in raw:
+        case = Case(r["op"], r["divergence"], r["n"], r["v"], r["d_s"], r["d_t"], r["dtype"], r["device"],
+                    r["sweep"])
+        row = {"op": case.op, "divergence": case.divergence, "N": case.n, "V": case.v, "D_s": case.d_s,
+               "D_t": case.d_t, "dtype": case.dtype, "provider": r["provider"], "backend": r["backend"],
+               "status": r["status"], "detail": r.get("detail", ""), "note": r.get("note", ""),
+               "sweep": case.sweep, "device": case.device, **env}
+        if r["status"] == "ok":
+            med = r["median_s"]
+            row.update(median_ms=med * 1e3, p20_ms=r["p20_s"] * 1e3, p80_ms=r["p80_s"] * 1e3, reps=r["reps"],
+                       peak_mem_mb=r["peak_mem_bytes"] / 2**20)
+            if is_fused(case.op):
+                row["tflops"] = counted_flops(case) / med / 1e12
+            else:
+                row["gbps"] = counted_bytes(case) / med / 1e9
+        rows.append(row)
+    eager = {(r["op"], r["divergence"], r["N"], r["V"], r["dtype"]): r for r in rows
+             if r["provider"] == "torch" and r["status"] == "ok"}
+    for r in rows:
+        base = eager.get((r["op"], r["divergence"], r["N"], r["V"], r["dtype"]))
+        if base and r["status"] == "ok":
+            r["speedup_vs_torch"] = base["median_ms"] / r["median_ms"]
+            r["mem_vs_torch"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+    return rows
+
+
+def _fmt(x: object, spec: str) -> str:
+    return "" if x is None or x == "" else format(x, spec)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _label(r: dict) -> str:
+    return f"{r['provider']}[{r['backend']}]" if r["backend"] else r["provider"]
+
+
+def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespace, elapsed: float,
+                   path: Path, plots: list[str]) -> None:
+    lines = [
+        "# kd_kernels benchmark results", "",
+        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s)", "",
+        (f"Device: {env['device_name']} ({args.device}, {env['threads']} torch threads). "
+         f"Commit {env['commit']}, kd_kernels {env['kd_kernels']} ({env['kd_kernels_native']}), "
+         f"torch {env['torch']}, triton {env['triton'] or '-'}, "
+         f"liger-kernel {env['liger_kernel'] or '-'}. "
+         f"{env['date']}, 1-minute load average at start {env['loadavg_1m']}."), "",
+        ("Time: median [p20, p80] over warmed-up repeats. Memory: peak of one call including its inputs "
+         "(CPU: peak RSS in the provider's own process; CUDA: allocator peak). GB/s from compulsory bytes "
+         "(read student + teacher logits, write the gradient), TFLOP/s from GEMM FLOPs. `x torch`: eager "
+         "PyTorch time / this time (> 1 is faster); `mem`: this memory / eager's. "
+         "See docs/BENCHMARKS.md."), "",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["divergence"])].append(r)
+    for (op, div), grp in groups.items():
+        lines += [f"## {op}" + (f" / {div}" if div else ""), "", OPS[op], ""]
+        rate = "TFLOP/s" if is_fused(op) else "GB/s"
+        dims = "N | V | D_s | D_t" if is_fused(op) else "N | V"
+        lines += [f"| {dims} | dtype | provider | median ms [p20, p80] | {rate} | peak MB | x torch | mem |",
+                  "|" + "---|" * (len(dims.split("|")) + 7)]
+        ok = [r for r in grp if r["status"] == "ok"]
+        ok.sort(key=lambda r: (r["dtype"], r["N"], r["V"], r["median_ms"]))
+        for r in ok:
+            shape = f"{r['N']} | {r['V']}" + (f" | {r['D_s']} | {r['D_t'] or '-'}" if is_fused(op) else "")
+            rate_v = r.get("tflops") if is_fused(op) else r.get("gbps")
+            lines.append(
+                f"| {shape} | {r['dtype']} | {_label(r)} | {r['median_ms']:.3f} [{r['p20_ms']:.3f}, "
+                f"{r['p80_ms']:.3f}] | {_fmt(rate_v, '.3g')} | {r['peak_mem_mb']:.1f} | "
+                f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {_fmt(r.get('mem_vs_torch'), '.2f')} |")
+        other = defaultdict(list)
+        for r in grp:
+            if r["status"] != "ok":
+                other[(_label(r), r["status"], r["detail"])].append(f"{r['N']}x{r['V']} {r['dtype']}")
+        if other:
+            lines += ["", "Not timed:", ""]
+            for (label, status, detail), where in other.items():
+                lines.append(f"- {label}: **{status}**: {detail} ({len(where)} shape(s): "
+                             f"{', '.join(where[:4])}{', ...' if len(where) > 4 else ''})")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    path.write_text("\n".join(lines))
+
+
+def write_plots(rows: list[dict], out: Path) -> list[str]:
+    """One PNG per (op, divergence, dtype): time and peak memory against N (at V0) and against V (at N0)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing, no plots: python -m pip install matplotlib", file=sys.stderr)
+        return []
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            groups[(r["op"], r["divergence"], r["dtype"])].append(r)
+    names = []
+    for (op, div, dt), grp in groups.items():
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+        for col, (axis, other) in enumerate((("N", "V"), ("V", "N"))):
+            pts = [r for r in grp if axis in r["sweep"].split(",")]
+            for row_i, (metric, ylabel) in enumerate((("median_ms", "median time (ms)"),
+                                                      ("peak_mem_mb", "peak memory (MB)"))):
+                ax = axes[row_i][col]
+                by_label: dict[str, list[tuple[int, float]]] = defaultdict(list)
+                for r in pts:
+                    by_label[_label(r)].append((r[axis], r[metric]))
+                for label, xy in sorted(by_label.items()):
+                    xy.sort()
+                    ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
+                fixed = sorted({r[other] for r in pts})
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel(f"{axis} ({other} = {', '.join(map(str, fixed))})")
+                ax.set_ylabel(ylabel)
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{op}{' / ' + div if div else ''}, {dt}, {rows[0]['device_name']}")
+        fig.tight_layout()
+        name = f"{op}{'_' + div if div else ''}_{dt}.png"
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one small shape per op, short repeats (CPU: < 45 s)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", nargs="+", choices=list(OPS), metavar="OP",
+                    help=f"ops to run (default: all in the plan): {', '.join(OPS)}")
+    ap.add_argument("--divergences", nargs="+", choices=DIVERGENCES, metavar="DIV",
+                    help="divergences for the KD ops (default: per-op plan, see run.py)")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE")
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P", default=list(PROVIDERS))
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: .bench_out/<device>)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads in every provider process (default: torch's own default); "
+                         "1 gives steadier numbers on a machine shared with other work")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device here; use --device cpu", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: Triton would run in its interpreter; unset it to benchmark",
+              file=sys.stderr)
+        return 2
+    out = args.out or Path(__file__).resolve().parent.parent / ".bench_out" / args.device
+    out.mkdir(parents=True, exist_ok=True)
+    default_ops = QUICK_DIVERGENCES if args.quick else FULL_DIVERGENCES
+    ops = args.ops or list(default_ops)
+    cases = plan_cases(args.device, args.quick, ops, args.divergences, args.dtypes)
+    settings = QUICK if args.quick else FULL
+    providers = [p for p in all_providers(liger_compiled=not args.quick) if p.name in args.providers]
+    env = environment(args.device)
+    if args.threads:
+        env["threads"] = str(args.threads)
+    print(f"{len(cases)} cases x {len(providers)} providers on {env['device_name']} "
+          f"(load average {env['loadavg_1m']}) -> {out}", flush=True)
+    try:  # import once here so forked workers inherit it (it pulls in triton)
+        import liger_kernel  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (the liger rows record the reason too)
+        print(f"liger-kernel not importable ({type(e).__name__}); its rows will say why", flush=True)
+    raw: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kdbench-") as cache_dir:
+        for p in providers:
+            mine = [c for c in cases if p.applies(c)]
+            if mine:
+                raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True)
+    rows = finish_rows(raw, env)
+    write_csv(rows, out / "results.csv")
+    plots = [] if args.no_plots else write_plots(rows, out)
+    elapsed = time.perf_counter() - t_start
+    write_markdown(rows, env, args, elapsed, out / "results.md", plots)
+    bad = [r for r in rows if r["status"] in ("wrong", "error")]
+    print(f"{len(rows)} rows ({sum(r['status'] == 'ok' for r in rows)} timed, {len(bad)} wrong/error) "
+          f"in {elapsed:.1f} s -> {out / 'results.md'}")
+    for r in bad:
+        print(f"  {r['status']}: {r['op']} {r['divergence']} {r['N']}x{r['V']} {r['dtype']} {_label(r)}: "
+              f"{r['detail']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
