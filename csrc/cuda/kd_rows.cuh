@@ -1,0 +1,535 @@
+// kd_rows.cuh — the fused loss + gradient row kernel of every divergence, and its typed launcher.
+//
+// Math: shared/docs/MATH.md; every per-element formula comes from kd_math.h (shared with the CPU kernels).
+// Per row i with weight w_i (0 = masked: not read, loss 0, gradient row 0), temperature T:
+//   loss[i] = L_i (unweighted, fp32),   grad row i = (w_i / T) · ∂L_i/∂s̃  (student dtype, may alias s).
+//
+// Work split: one block per row, or, on Hopper, one *cluster* of C blocks per row where block r owns the
+// column slice [r·G, (r+1)·G) in groups of 8 columns (G groups per block). Passes over a row:
+//   forward / reverse KL  A: LSE_s, LSE_t and Σ e^(·)(t̃ − s̃) in one online pass   B: gradient
+//   skew KL / JSD         A: LSE_s, LSE_t   B: loss and the centering sum S = Σ q v   C: gradient
+// Between passes the per-block partials are reduced warp (shuffles) → block (shared memory) → cluster
+// (distributed shared memory), merged in the same order in every block, so all blocks agree bit for bit.
+//
+// RESIDENT = true keeps the block's slice of s and t in shared memory (raw dtype) from pass A on, so HBM sees
+// each input once: bytes = N·V·(|s| + |t| + |grad|), 6 bytes per element pair in bf16. RESIDENT = false
+// re-reads global memory in every pass (for rows too long for a cluster's shared memory, or when forced):
+// 2 (KL) or 3 (skew / JSD) reads of s and t.
+//
+// Loads: a group of 8 columns is one 16-byte vector per 16-bit tensor (two for fp32), when the host found
+// every row 16-byte aligned (base pointer and row stride) and the group lies inside the row; else element by
+// element, padding the columns past V with −inf (weight 0 in every formula: q = p = 0, and 0·log 0 = 0).
+// All offsets are 64-bit.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kd_kernels/kd_math.h"
+
+namespace kd {
+namespace cuda_detail {
+
+namespace cg = cooperative_groups;
+
+constexpr int kGroup = 8;         // columns per group (16 bytes of a 16-bit dtype)
+constexpr int kMaxThreads = 512;  // block size upper bound (launch bounds; reduction scratch is sized by it)
+constexpr int kMaxWarps = kMaxThreads / 32;
+
+// Everything a kernel needs, passed by value. Strides are in elements of the tensor they belong to.
+struct KernelParams {
+  const char* s;            // (N, V) student logits, row stride stride_s
+  const char* t;            // (N, V) teacher logits, row stride stride_t
+  char* grad;               // (N, V) gradient in the student dtype, row stride stride_g; nullptr = loss only
+  const float* row_weight;  // (N,) fp32 row factors w_i
+  float* loss;              // (N,) fp32 per-token divergence (written)
+  int64_t n_rows;
+  int64_t vocab;
+  int64_t stride_s;
+  int64_t stride_t;
+  int64_t stride_g;
+  int64_t ngroups;           // ceil(V / 8)
+  int64_t groups_per_block;  // G: groups owned by one block of a cluster (= ngroups when C = 1)
+  float inv_t;               // 1 / T
+  MixCoef coef;              // α or β with its logs (skew / JSD only)
+  int cluster;               // C, blocks per row (RESIDENT only; 1 otherwise)
+  bool vec_s, vec_t, vec_g;  // every row of that tensor is 16-byte aligned: vector loads / stores allowed
+};
+
+template <int DT>
+struct DTypeInfo {
+  static constexpr int kBytes = DT == F32 ? 4 : 2;
+  static constexpr int kPlanes = kBytes * kGroup / 16;  // 16-byte vectors per group
+  static constexpr uint32_t kNegInfBits = DT == F32 ? 0xff800000u : (DT == BF16 ? 0xff80u : 0xfc00u);
+};
+
+// 8 consecutive columns of one tensor in its storage dtype, as 32-bit words (little-endian packing).
+template <int DT>
+struct RawGroup {
+  uint32_t w[4 * DTypeInfo<DT>::kPlanes];
+};
+
+template <int SD, int TD>
+struct RawPair {
+  RawGroup<SD> s;
+  RawGroup<TD> t;
+};
+
+// Column j (0..7) of a group, as fp32 (j is a compile-time constant after unrolling).
+template <int DT>
+__device__ __forceinline__ float group_elem(const RawGroup<DT>& r, int j) {
+  if (DT == F32) return __uint_as_float(r.w[j]);
+  uint32_t word = r.w[j >> 1];
+  uint16_t h = static_cast<uint16_t>((j & 1) ? (word >> 16) : (word & 0xffffu));
+  return DT == BF16 ? bf16_to_float(h) : f16_to_float(h);
+}
+
+template <int DT>
+__device__ __forceinline__ void group_to_float(const RawGroup<DT>& r, float inv_t, float out[kGroup]) {
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) out[j] = group_elem<DT>(r, j) * inv_t;
+}
+
+// Group g of a row (row points at column 0), from global memory.
+template <int DT>
+__device__ __forceinline__ RawGroup<DT> load_group(const char* row, int64_t g, int64_t vocab, bool vec) {
+  constexpr int kB = DTypeInfo<DT>::kBytes;
+  RawGroup<DT> r;
+  const int64_t c0 = g * kGroup;
+  if (vec && c0 + kGroup <= vocab) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + c0 * kB);
+#pragma unroll
+    for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
+      uint4 v = p[k];
+      r.w[4 * k] = v.x;
+      r.w[4 * k + 1] = v.y;
+      r.w[4 * k + 2] = v.z;
+      r.w[4 * k + 3] = v.w;
+    }
+    return r;
+  }
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const int64_t c = c0 + j;
+    uint32_t bits = DTypeInfo<DT>::kNegInfBits;
+    if (c < vocab) {
+      bits = DT == F32 ? reinterpret_cast<const uint32_t*>(row)[c]
+                       : static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[c]);
+    }
+    if (DT == F32) {
+      r.w[j] = bits;
+    } else if (j & 1) {
+      r.w[j >> 1] |= bits << 16;
+    } else {
+      r.w[j >> 1] = bits;
+    }
+  }
+  return r;
+}
+
+// Shared memory holds a slice plane by plane (plane k of local group l at [k·G + l]): a warp reading 32
+// consecutive groups touches 32 consecutive 16-byte vectors, free of bank conflicts for fp32 too.
+template <int DT>
+__device__ __forceinline__ void put_smem(uint4* base, int64_t G, int64_t l, const RawGroup<DT>& r) {
+#pragma unroll
+  for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
+    base[k * G + l] = make_uint4(r.w[4 * k], r.w[4 * k + 1], r.w[4 * k + 2], r.w[4 * k + 3]);
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ RawGroup<DT> get_smem(const uint4* base, int64_t G, int64_t l) {
+  RawGroup<DT> r;
+#pragma unroll
+  for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
+    uint4 v = base[k * G + l];
+    r.w[4 * k] = v.x;
+    r.w[4 * k + 1] = v.y;
+    r.w[4 * k + 2] = v.z;
+    r.w[4 * k + 3] = v.w;
+  }
+  return r;
+}
+
+// Writes the columns of group g that lie inside the row.
+template <int DT>
+__device__ __forceinline__ void store_group(char* row, int64_t g, int64_t vocab, bool vec,
+                                            const float v[kGroup]) {
+  constexpr int kB = DTypeInfo<DT>::kBytes;
+  const int64_t c0 = g * kGroup;
+  if (vec && c0 + kGroup <= vocab) {
+    uint32_t w[4 * DTypeInfo<DT>::kPlanes];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      if (DT == F32) {
+        w[j] = __float_as_uint(v[j]);
+      } else {
+        uint32_t h = DT == BF16 ? float_to_bf16(v[j]) : float_to_f16(v[j]);
+        w[j >> 1] = (j & 1) ? (w[j >> 1] | (h << 16)) : h;
+      }
+    }
+    uint4* p = reinterpret_cast<uint4*>(row + c0 * kB);
+#pragma unroll
+    for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
+      p[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    if (c0 + j < vocab) store_from_float<DT>(row, c0 + j, v[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Online accumulation of one group: one exponential per element (plus one rescale per group), built from
+// kd_math's rescale(): e^(x − m), 0 for x = −inf, so an all −inf prefix (m = −inf) never forms −inf − (−inf).
+// ---------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float group_max(const float x[kGroup]) {
+  float m = x[0];
+#pragma unroll
+  for (int j = 1; j < kGroup; ++j) m = fmaxf(m, x[j]);
+  return m;
+}
+
+__device__ __forceinline__ void lse_push_group(LSEState& st, const float x[kGroup]) {
+  const float m = fmaxf(st.m, group_max(x));
+  float z = st.z * rescale(st.m, m);
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) z += rescale(x[j], m);
+  st = {m, z};
+}
+
+// KLState update (kd_math.h: forward X = Σ e^(t̃−m_t)(t̃ − s̃), reverse X = Σ e^(s̃−m_s)(s̃ − t̃)), with the
+// 0·log 0 convention of kl_term: a zero weight contributes 0 even when the difference is ±inf or NaN.
+template <int DIV>
+__device__ __forceinline__ void kl_push_group(KLState& st, const float sv[kGroup], const float tv[kGroup]) {
+  const float ms = fmaxf(st.s.m, group_max(sv));
+  const float mt = fmaxf(st.t.m, group_max(tv));
+  const float ks = rescale(st.s.m, ms), kt = rescale(st.t.m, mt);
+  float zs = st.s.z * ks, zt = st.t.z * kt;
+  float x = st.x * (DIV == FORWARD_KL ? kt : ks);
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    const float es = rescale(sv[j], ms), et = rescale(tv[j], mt);
+    zs += es;
+    zt += et;
+    if (DIV == FORWARD_KL) {
+      x += et == 0.f ? 0.f : et * (tv[j] - sv[j]);
+    } else {
+      x += es == 0.f ? 0.f : es * (sv[j] - tv[j]);
+    }
+  }
+  st.s = {ms, zs};
+  st.t = {mt, zt};
+  st.x = x;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reductions: warp butterfly, then one slot per warp in shared memory, then (clusters) one slot per block
+// read through distributed shared memory. Every merge runs in a fixed order, so all threads of all blocks
+// of a cluster end with the same bits.
+// ---------------------------------------------------------------------------------------------------------
+
+struct Sum2 {
+  float a;
+  float b;
+};
+
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ LSEState shfl_xor(LSEState v, int o) {
+  return {shfl_xor(v.m, o), shfl_xor(v.z, o)};
+}
+__device__ __forceinline__ KLState shfl_xor(KLState v, int o) {
+  return {shfl_xor(v.s, o), shfl_xor(v.t, o), shfl_xor(v.x, o)};
+}
+__device__ __forceinline__ Sum2 shfl_xor(Sum2 v, int o) { return {shfl_xor(v.a, o), shfl_xor(v.b, o)}; }
+
+struct MergeLSE2 {  // the (LSE_s, LSE_t) pair of the skew / JSD first pass, packed as a KLState with x unused
+  __device__ KLState operator()(KLState a, KLState b) const {
+    return {lse_merge(a.s, b.s), lse_merge(a.t, b.t), 0.f};
+  }
+};
+template <int DIV>
+struct MergeKL {
+  __device__ KLState operator()(KLState a, KLState b) const { return kl_merge<DIV>(a, b); }
+};
+struct MergeSum2 {
+  __device__ Sum2 operator()(Sum2 a, Sum2 b) const { return {a.a + b.a, a.b + b.b}; }
+};
+
+// Scratch shared memory of the reductions (static, small).
+struct ReduceScratch {
+  KLState warp[kMaxWarps];
+  KLState slot;   // this block's partial, read by the cluster's other blocks
+  KLState bcast;  // the merged value, for the whole block
+};
+
+template <class T, class Merge>
+__device__ __forceinline__ T block_allreduce(T v, ReduceScratch& sc, Merge merge) {
+  static_assert(sizeof(T) <= sizeof(KLState), "scratch slot too small");
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = merge(v, shfl_xor(v, o));
+  T* warp = reinterpret_cast<T*>(sc.warp);
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) warp[wid] = v;
+  __syncthreads();
+  T acc = warp[0];
+  for (int w = 1; w < nw; ++w) acc = merge(acc, warp[w]);
+  __syncthreads();  // the slots are rewritten by the next reduction
+  return acc;
+}
+
+// Merges the block values of all C blocks of the cluster (C > 1); every block gets the same result.
+template <class T, class Merge>
+__device__ __forceinline__ T cluster_allreduce(T v, ReduceScratch& sc, int C, Merge merge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  T* slot = reinterpret_cast<T*>(&sc.slot);
+  T* bcast = reinterpret_cast<T*>(&sc.bcast);
+  if (threadIdx.x == 0) *slot = v;
+  cluster.sync();  // every block's slot is written and visible cluster-wide
+  if (threadIdx.x == 0) {
+    T acc = *cluster.map_shared_rank(slot, 0);
+    for (int r = 1; r < C; ++r) acc = merge(acc, *cluster.map_shared_rank(slot, r));
+    *bcast = acc;
+  }
+  cluster.sync();  // no block rewrites its slot before all peers read it; bcast visible in the block
+  return *bcast;
+#else
+  (void)sc;
+  (void)C;
+  (void)merge;
+  return v;  // the host never launches clusters before sm_90
+#endif
+}
+
+template <class T, class Merge>
+__device__ __forceinline__ T row_allreduce(T v, ReduceScratch& sc, int C, Merge merge) {
+  v = block_allreduce(v, sc, merge);
+  return C > 1 ? cluster_allreduce(v, sc, C, merge) : v;
+}
+
+// Runs body(g, raw) over groups g in [g0, g1) owned by this thread (stride blockDim), with U groups loaded
+// before the first is used (independent loads in flight).
+template <int U, class Load, class Body>
+__device__ __forceinline__ void for_groups(int64_t g0, int64_t g1, Load load, Body body) {
+  const int64_t step = blockDim.x;
+  for (int64_t base = g0 + threadIdx.x; base < g1; base += U * step) {
+    decltype(load(base)) raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + u * step < g1) raw[u] = load(base + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + u * step < g1) body(base + u * step, raw[u]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The kernel.
+// ---------------------------------------------------------------------------------------------------------
+
+template <int DIV, int SD, int TD, bool RESIDENT>
+__global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelParams p) {
+  constexpr bool kIsKL = DIV == FORWARD_KL || DIV == REVERSE_KL;
+  // Groups in flight per thread: 4 × 32 bytes for 16-bit pairs, 2 × 48-64 bytes when one side is fp32.
+  constexpr int U = (SD == F32 || TD == F32 || RESIDENT) ? 2 : 4;
+  // Shared-memory rereads have short latency: one group at a time keeps the register count down.
+  constexpr int U2 = RESIDENT ? 1 : U;
+  constexpr int kBS = DTypeInfo<SD>::kBytes, kBT = DTypeInfo<TD>::kBytes;
+
+  extern __shared__ uint4 smem[];  // RESIDENT: the slice, s planes then t planes
+  __shared__ ReduceScratch sc;
+
+  const int C = RESIDENT ? p.cluster : 1;
+  int rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (RESIDENT && C > 1) rank = static_cast<int>(cg::this_cluster().block_rank());
+#endif
+  const int64_t G = p.groups_per_block;
+  const int64_t g0 = min(p.ngroups, static_cast<int64_t>(rank) * G);
+  const int64_t g1 = min(p.ngroups, g0 + G);
+  uint4* sm_s = smem;
+  uint4* sm_t = smem + DTypeInfo<SD>::kPlanes * G;
+  const int64_t V = p.vocab;
+  const float inv_t = p.inv_t;
+
+  for (int64_t row = blockIdx.x / C; row < p.n_rows; row += gridDim.x / C) {
+    const float w = p.row_weight[row];
+    char* grow = p.grad == nullptr ? nullptr : p.grad + row * p.stride_g * kBS;
+
+    if (w == 0.f) {  // masked: s and t are not read (same branch in every block of the cluster)
+      if (grow != nullptr) {
+        float zero[kGroup];
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) zero[j] = 0.f;
+        for (int64_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
+          store_group<SD>(grow, g, V, p.vec_g, zero);
+        }
+      }
+      if (rank == 0 && threadIdx.x == 0) p.loss[row] = 0.f;
+      continue;
+    }
+
+    const char* srow = p.s + row * p.stride_s * kBS;
+    const char* trow = p.t + row * p.stride_t * kBT;
+    auto load_global = [&](int64_t g) {
+      return RawPair<SD, TD>{load_group<SD>(srow, g, V, p.vec_s), load_group<TD>(trow, g, V, p.vec_t)};
+    };
+    // Later passes read what pass A read: from shared memory (RESIDENT) or again from global memory.
+    // Each thread reads back exactly the groups it stored itself, so no barrier is needed in between.
+    auto load_again = [&](int64_t g) {
+      if constexpr (RESIDENT) {
+        return RawPair<SD, TD>{get_smem<SD>(sm_s, G, g - g0), get_smem<TD>(sm_t, G, g - g0)};
+      } else {
+        return load_global(g);
+      }
+    };
+    const float scale = w * inv_t;  // grad = (w / T) · ∂L/∂s̃
+
+    // Pass A: row statistics (and the KL sum), staging the slice in shared memory.
+    KLState st = kl_empty();
+    for_groups<U>(g0, g1, load_global, [&](int64_t g, const RawPair<SD, TD>& r) {
+      if constexpr (RESIDENT) {
+        put_smem<SD>(sm_s, G, g - g0, r.s);
+        put_smem<TD>(sm_t, G, g - g0, r.t);
+      }
+      float sv[kGroup], tv[kGroup];
+      group_to_float<SD>(r.s, inv_t, sv);
+      group_to_float<TD>(r.t, inv_t, tv);
+      if (kIsKL) {
+        kl_push_group<DIV>(st, sv, tv);
+      } else {
+        lse_push_group(st.s, sv);
+        lse_push_group(st.t, tv);
+      }
+    });
+
+    if (kIsKL) {
+      st = row_allreduce(st, sc, C, MergeKL<DIV>());
+      const float loss = kl_finish<DIV>(st);
+      if (rank == 0 && threadIdx.x == 0) p.loss[row] = loss;
+      if (grow == nullptr) continue;
+      const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
+      // Pass B: gradient.
+      for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
+        float sv[kGroup], tv[kGroup], out[kGroup];
+        group_to_float<SD>(r.s, inv_t, sv);
+        group_to_float<TD>(r.t, inv_t, tv);
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) out[j] = kl_grad<DIV>(sv[j], tv[j], lse_s, lse_t, loss) * scale;
+        store_group<SD>(grow, g, V, p.vec_g, out);
+      });
+    } else {
+      st = row_allreduce(st, sc, C, MergeLSE2());
+      const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
+      const MixCoef c = p.coef;
+      // Pass B: loss and the centering sum S = Σ q_v v_v.
+      Sum2 acc = {0.f, 0.f};
+      for_groups<U2>(g0, g1, load_again, [&](int64_t, const RawPair<SD, TD>& r) {
+        float sv[kGroup], tv[kGroup];
+        group_to_float<SD>(r.s, inv_t, sv);
+        group_to_float<TD>(r.t, inv_t, tv);
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          const SkewTerms e = skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, c);
+          acc.a += e.loss;
+          acc.b += e.q * e.v;
+        }
+      });
+      acc = row_allreduce(acc, sc, C, MergeSum2());
+      if (rank == 0 && threadIdx.x == 0) p.loss[row] = acc.a;
+      if (grow == nullptr) continue;
+      const float S = acc.b;
+      // Pass C: gradient.
+      for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
+        float sv[kGroup], tv[kGroup], out[kGroup];
+        group_to_float<SD>(r.s, inv_t, sv);
+        group_to_float<TD>(r.t, inv_t, tv);
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          const SkewTerms e = skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, c);
+          out[j] = skew_grad<DIV>(e, S, c) * scale;
+        }
+        store_group<SD>(grow, g, V, p.vec_g, out);
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side: the launch plan (kd_cuda.cu) and the typed launcher (instantiated once per divergence file).
+// ---------------------------------------------------------------------------------------------------------
+
+// KD_KERNELS_CUDA_PATH: "" / "auto" (default), "stream" (never resident), "cluster:C" (resident, C blocks).
+struct PathRequest {
+  int mode;     // 0 auto, 1 stream, 2 cluster
+  int cluster;  // for mode 2
+};
+
+struct Plan {
+  bool resident;
+  int cluster;
+  int threads;
+  int64_t groups_per_block;
+  size_t smem_bytes;  // dynamic shared memory
+};
+
+// Chooses resident (with its cluster size) or streaming for one kernel pair; sets the kernels' attributes.
+// Returns cudaSuccess or an error with a message in err.
+cudaError_t make_plan(const void* resident_kernel, const void* stream_kernel, int bytes_s, int bytes_t,
+                      const KernelParams& p, const PathRequest& req, Plan* plan, char* err, int err_len);
+
+// Launches `kernel` under `plan`, checking the launch; fills err on failure.
+cudaError_t launch_planned(const void* kernel, const Plan& plan, const KernelParams& p, cudaStream_t stream,
+                           char* err, int err_len);
+
+template <int DIV, int SD, int TD>
+cudaError_t launch_typed(KernelParams p, const PathRequest& req, cudaStream_t stream, char* err,
+                         int err_len) {
+  const void* resident = reinterpret_cast<const void*>(&kd_rows_kernel<DIV, SD, TD, true>);
+  const void* streaming = reinterpret_cast<const void*>(&kd_rows_kernel<DIV, SD, TD, false>);
+  Plan plan;
+  cudaError_t e = make_plan(resident, streaming, DTypeInfo<SD>::kBytes, DTypeInfo<TD>::kBytes, p, req, &plan,
+                            err, err_len);
+  if (e != cudaSuccess) return e;
+  p.cluster = plan.resident ? plan.cluster : 1;
+  p.groups_per_block = plan.groups_per_block;
+  return launch_planned(plan.resident ? resident : streaming, plan, p, stream, err, err_len);
+}
+
+// One divergence, all 9 (student, teacher) dtype pairs.
+template <int DIV>
+cudaError_t launch_divergence(const KernelParams& p, int s_dtype, int t_dtype, const PathRequest& req,
+                              cudaStream_t stream, char* err, int err_len) {
+#define KD_CASE(SD, TD) \
+  if (s_dtype == SD && t_dtype == TD) return launch_typed<DIV, SD, TD>(p, req, stream, err, err_len);
+  KD_CASE(F32, F32)
+  KD_CASE(F32, BF16)
+  KD_CASE(F32, F16)
+  KD_CASE(BF16, F32)
+  KD_CASE(BF16, BF16)
+  KD_CASE(BF16, F16)
+  KD_CASE(F16, F32)
+  KD_CASE(F16, BF16)
+  KD_CASE(F16, F16)
+#undef KD_CASE
+  return cudaErrorInvalidValue;  // dtype codes are checked by the caller
+}
+
+// Defined in kd_forward_kl.cu, kd_reverse_kl.cu, ... (one translation unit each, so builds run in parallel).
+cudaError_t launch_forward_kl(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_reverse_kl(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_skew_forward_kl(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*,
+                                   int);
+cudaError_t launch_skew_reverse_kl(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*,
+                                   int);
+cudaError_t launch_jsd(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+
+}  // namespace cuda_detail
+}  // namespace kd
