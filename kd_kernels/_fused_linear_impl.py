@@ -26,8 +26,9 @@ CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 _DEFAULT_BUDGET = 64 * 2**20
 
 
-def chunk_rows(n: int, vocab: int, bytes_per_vocab_entry: int, chunk_size: int | None,
-               device: torch.device) -> int:
+def chunk_rows(
+    n: int, vocab: int, bytes_per_vocab_entry: int, chunk_size: int | None, device: torch.device
+) -> int:
     """Rows per chunk: ``chunk_size`` if given, else the device budget / bytes per row (a multiple of 8)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
@@ -86,10 +87,20 @@ class _Rows:
 
 
 def kd_chunk_loop(
-    h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
-    h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None,
-    kd_weight: torch.Tensor, labels: torch.Tensor | None, ce_scale: torch.Tensor | None, ce_weight: float,
-    spec: KDSpec, backend: Backend, rows: int, need: tuple[bool, bool, bool],
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor,
+    b_t: torch.Tensor | None,
+    kd_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    ce_scale: torch.Tensor | None,
+    ce_weight: float,
+    spec: KDSpec,
+    backend: Backend,
+    rows: int,
+    need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Forward of the fused-linear KD (+ CE) loss with every gradient, one chunk of active rows at a time.
 
@@ -149,6 +160,42 @@ def kd_chunk_loop(
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
+def kd_ce_loss_only(
+    h_s,
+    w_s,
+    b_s,
+    h_t,
+    w_t,
+    b_t,
+    kd_weight,
+    labels,
+    ce_scale,
+    ce_weight: float,
+    spec: KDSpec,
+    backend: Backend,
+    rows: int,
+):
+    """(loss, kd, ce) without any gradient work (no_grad, or nothing requires grad)."""
+    with torch.no_grad():
+        kd, ce, _ = kd_chunk_loop(
+            h_s.detach(),
+            w_s.detach(),
+            b_s.detach() if b_s is not None else None,
+            h_t,
+            w_t,
+            b_t,
+            kd_weight,
+            labels,
+            ce_scale,
+            ce_weight,
+            spec,
+            backend,
+            rows,
+            (False, False, False),
+        )
+    return (kd + ce_weight * ce if ce_scale is not None else kd.clone()), kd, ce
+
+
 class FusedLinearKDFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three tensors.
 
@@ -157,11 +204,39 @@ class FusedLinearKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_scale, ce_weight: float,
-                spec: KDSpec, backend: Backend, rows: int):
+    def forward(
+        ctx,
+        h_s,
+        w_s,
+        b_s,
+        h_t,
+        w_t,
+        b_t,
+        kd_weight,
+        labels,
+        ce_scale,
+        ce_weight: float,
+        spec: KDSpec,
+        backend: Backend,
+        rows: int,
+    ):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        kd, ce, grads = kd_chunk_loop(h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_scale, ce_weight,
-                                      spec, backend, rows, need)
+        kd, ce, grads = kd_chunk_loop(
+            h_s,
+            w_s,
+            b_s,
+            h_t,
+            w_t,
+            b_t,
+            kd_weight,
+            labels,
+            ce_scale,
+            ce_weight,
+            spec,
+            backend,
+            rows,
+            need,
+        )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         ctx.save_for_backward(*grads)
         ctx.param_dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
@@ -194,7 +269,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
 
 def _logits_fp32(h, w, b, inv_t: float) -> torch.Tensor:
-    z = _linear(h, w, b).float()  # a new fp32 buffer (or the fp32 GEMM output itself): safe to scale in place
+    z = _linear(
+        h, w, b
+    ).float()  # a new fp32 buffer (or the fp32 GEMM output itself): safe to scale in place
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
@@ -214,7 +291,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             z = _logits_fp32(plan.take(h, sel), w, b, inv_t)
             y = plan.take(tokens, sel)[:, None]
             lse = torch.logsumexp(z, -1)
-            lse_all[pos:pos + z.shape[0]] = lse
+            lse_all[pos : pos + z.shape[0]] = lse
             pos += z.shape[0]
             plan.put(logp, sel, z.gather(1, y).squeeze(1) - lse)
             if want_entropy:
@@ -234,7 +311,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None, None, None, None
         plan = _Rows(None, ctx.count)
-        plan.idx, plan.count = idx, ctx.count  # the same compacted rows as forward, without a second sync
+        plan.idx, plan.count = (
+            idx,
+            ctx.count,
+        )  # the same compacted rows as forward, without a second sync
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
@@ -243,7 +323,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             hc = plan.take(h, sel)
             z = _logits_fp32(hc, w, b, ctx.inv_t)
             r = z.shape[0]
-            lse = lse_all[pos:pos + r, None]
+            lse = lse_all[pos : pos + r, None]
             pos += r
             logq = z.sub_(lse)
             q = logq.exp()

@@ -22,6 +22,7 @@ from ._fused_linear_impl import (
     FusedLinearKDFunction,
     FusedLinearLogprobsFunction,
     chunk_rows,
+    kd_ce_loss_only,
 )
 from ._spec import KDSpec
 
@@ -106,15 +107,18 @@ def _float_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def _check_head(hidden: object, weight: object, bias: object, names: tuple[str, str, str]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _check_head(
+    hidden: object, weight: object, bias: object, names: tuple[str, str, str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One model's hidden states ``(..., D)``, lm_head weight ``(V, D)`` and optional bias ``(V,)``."""
     hn, wn, bn = names
     h, w = _float_tensor(hidden, hn), _float_tensor(weight, wn)
     if h.dim() == 0:
         raise ValueError(f"{hn} is 0-d; it must have shape (..., D) with the hidden size last")
     if w.dim() != 2:
-        raise ValueError(f"{wn} has shape {tuple(w.shape)}; it must be the lm_head weight of shape (V, D)")
+        raise ValueError(
+            f"{wn} has shape {tuple(w.shape)}; it must be the lm_head weight of shape (V, D)"
+        )
     if w.shape[0] == 0:
         raise ValueError(f"{wn} has an empty vocabulary dim (V=0)")
     if w.shape[1] != h.shape[-1]:
@@ -123,23 +127,38 @@ def _check_head(hidden: object, weight: object, bias: object, names: tuple[str, 
             f"(V, {h.shape[-1]}) (nn.Linear.weight layout, not its transpose)"
         )
     if h.dtype != w.dtype:
-        raise TypeError(f"{hn} is {h.dtype} but {wn} is {w.dtype}; cast one, e.g. {hn}.to({wn}.dtype)")
+        raise TypeError(
+            f"{hn} is {h.dtype} but {wn} is {w.dtype}; cast one, e.g. {hn}.to({wn}.dtype)"
+        )
     if h.device != w.device:
         raise ValueError(f"{hn} is on {h.device} but {wn} on {w.device}; move both to one device")
     b = None
     if bias is not None:
         b = _float_tensor(bias, bn)
         if b.shape != (w.shape[0],):
-            raise ValueError(f"{bn} has shape {tuple(b.shape)}; it must be ({w.shape[0]},), one per vocab row")
+            raise ValueError(
+                f"{bn} has shape {tuple(b.shape)}; it must be ({w.shape[0]},), one per vocab row"
+            )
         if b.dtype != w.dtype:
-            raise TypeError(f"{bn} is {b.dtype} but {wn} is {w.dtype}; cast it with {bn}.to({wn}.dtype)")
+            raise TypeError(
+                f"{bn} is {b.dtype} but {wn} is {w.dtype}; cast it with {bn}.to({wn}.dtype)"
+            )
         if b.device != w.device:
             raise ValueError(f"{bn} is on {b.device} but {wn} on {w.device}; move it with .to()")
     return h, w, b
 
 
-def _check_labels(labels: object, name: str, lead: torch.Size, device: torch.device, vocab: int, *,
-                  ignore_index: int | None = None, free: torch.Tensor | None = None, hint: str) -> torch.Tensor:
+def _check_labels(
+    labels: object,
+    name: str,
+    lead: torch.Size,
+    device: torch.device,
+    vocab: int,
+    *,
+    ignore_index: int | None = None,
+    free: torch.Tensor | None = None,
+    hint: str,
+) -> torch.Tensor:
     """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is True may
     hold anything."""
     if not isinstance(labels, torch.Tensor):
@@ -151,7 +170,9 @@ def _check_labels(labels: object, name: str, lead: torch.Size, device: torch.dev
             f"{name} has shape {tuple(labels.shape)}; it must match the hidden states' leading dims {tuple(lead)}"
         )
     if labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but the hidden states are on {device}; move it with .to()")
+        raise ValueError(
+            f"{name} is on {labels.device} but the hidden states are on {device}; move it with .to()"
+        )
     bad = (labels < 0) | (labels >= vocab)
     if ignore_index is not None:
         bad &= labels != ignore_index
@@ -167,9 +188,13 @@ def _check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+        raise TypeError(
+            f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}"
+        )
     if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None for the memory-budget default)")
+        raise ValueError(
+            f"chunk_size={chunk_size} must be >= 1 (or None for the memory-budget default)"
+        )
     return chunk_size
 
 
@@ -215,16 +240,28 @@ def fused_linear_kd(
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
         raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
     if not (math.isfinite(ce_weight) and ce_weight >= 0):
-        raise ValueError(f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)")
+        raise ValueError(
+            f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)"
+        )
     if ce_weight != 0 and labels is None:
-        raise ValueError(f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)")
+        raise ValueError(
+            f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)"
+        )
     if not isinstance(truncate_teacher_vocab, bool):
         raise TypeError("truncate_teacher_vocab must be True or False")
 
-    h_s, w_s, b_s = _check_head(student_hidden, student_weight, student_bias,
-                                ("student_hidden", "student_weight", "student_bias"))
-    h_t, w_t, b_t = _check_head(teacher_hidden, teacher_weight, teacher_bias,
-                                ("teacher_hidden", "teacher_weight", "teacher_bias"))
+    h_s, w_s, b_s = _check_head(
+        student_hidden,
+        student_weight,
+        student_bias,
+        ("student_hidden", "student_weight", "student_bias"),
+    )
+    h_t, w_t, b_t = _check_head(
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        ("teacher_hidden", "teacher_weight", "teacher_bias"),
+    )
     if h_s.device != h_t.device:
         raise ValueError(
             f"student_hidden is on {h_s.device} and teacher_hidden on {h_t.device}; move both to one device"
@@ -258,8 +295,15 @@ def fused_linear_kd(
     n = lead.numel()
     labels2 = ce_scale = None
     if labels is not None:
-        labels = _check_labels(labels, "labels", lead, dev, vs, ignore_index=IGNORE_INDEX,
-                               hint="use -100 for tokens to ignore")
+        labels = _check_labels(
+            labels,
+            "labels",
+            lead,
+            dev,
+            vs,
+            ignore_index=IGNORE_INDEX,
+            hint="use -100 for tokens to ignore",
+        )
         valid = (labels != IGNORE_INDEX).reshape(n)
         if mask is None:
             mask = valid.reshape(lead)  # tokens without a label drop out of KD too
@@ -277,9 +321,25 @@ def fused_linear_kd(
     hs2 = h_s.reshape(n, h_s.shape[-1])
     ht2 = h_t.detach().reshape(n, h_t.shape[-1])
     wt, bt = w_t.detach(), (b_t.detach() if b_t is not None else None)
-    loss, kd, ce = FusedLinearKDFunction.apply(
-        hs2, w_s, b_s, ht2, wt, bt, kd_weight, labels2, ce_scale, float(ce_weight), spec, b, rows
+    args = (
+        hs2,
+        w_s,
+        b_s,
+        ht2,
+        wt,
+        bt,
+        kd_weight,
+        labels2,
+        ce_scale,
+        float(ce_weight),
+        spec,
+        b,
+        rows,
     )
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs2, w_s, b_s)):
+        loss, kd, ce = FusedLinearKDFunction.apply(*args)
+    else:  # evaluation: no gradient buffers, the kernel computes the loss only
+        loss, kd, ce = kd_ce_loss_only(*args)
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
     return loss
@@ -289,16 +349,31 @@ fused_linear_kd.__doc__ = (fused_linear_kd.__doc__ or "") + _FUSED_DOC
 
 
 def _named(divergence: str, summary: str):
-    def loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-             teacher_weight: torch.Tensor, **options: Any) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
+    def loss(
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        **options: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
         if "divergence" in options:
-            raise TypeError(f"fused_linear_{divergence} fixes divergence={divergence!r}; call fused_linear_kd")
-        return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                               divergence=divergence, **options)
+            raise TypeError(
+                f"fused_linear_{divergence} fixes divergence={divergence!r}; call fused_linear_kd"
+            )
+        return fused_linear_kd(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            divergence=divergence,
+            **options,
+        )
 
     loss.__name__ = loss.__qualname__ = f"fused_linear_{divergence}"
-    loss.__doc__ = (f"{summary} from hidden states: ``fused_linear_kd(..., divergence={divergence!r})``; "
-                    "keyword options as there.")
+    loss.__doc__ = (
+        f"{summary} from hidden states: ``fused_linear_kd(..., divergence={divergence!r})``; "
+        "keyword options as there."
+    )
     return loss
 
 
@@ -350,9 +425,15 @@ def fused_linear_logprobs(
     h, w, b = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     lead = h.shape[:-1]
     mask = V.check_token_tensor(mask, "mask", lead, h.device, boolean=True)
-    tokens = _check_labels(tokens, "tokens", lead, h.device, w.shape[0],
-                           free=~mask if mask is not None else None,
-                           hint="pass mask=... to leave such tokens out (e.g. mask = tokens != -100)")
+    tokens = _check_labels(
+        tokens,
+        "tokens",
+        lead,
+        h.device,
+        w.shape[0],
+        free=~mask if mask is not None else None,
+        hint="pass mask=... to leave such tokens out (e.g. mask = tokens != -100)",
+    )
     n = lead.numel()
     active = mask.reshape(n) if mask is not None else None
     safe = tokens.reshape(n).long()
@@ -360,7 +441,14 @@ def fused_linear_logprobs(
         safe = torch.where(active, safe, torch.zeros_like(safe))
     rows = chunk_rows(n, w.shape[0], 3 * 4, chunk_size, h.device)
     logp, ent = FusedLinearLogprobsFunction.apply(
-        h.reshape(n, h.shape[-1]), w, b, safe, active, float(temperature), rows, bool(return_entropy)
+        h.reshape(n, h.shape[-1]),
+        w,
+        b,
+        safe,
+        active,
+        float(temperature),
+        rows,
+        bool(return_entropy),
     )
     if return_entropy:
         return logp.reshape(lead), ent.reshape(lead)
@@ -375,10 +463,19 @@ class FusedLinearKDLoss(nn.Module):
     After each call, ``last_components`` holds the :class:`KDComponents` (detached kd and ce) of that call.
     """
 
-    def __init__(self, divergence: str = "reverse_kl", *, alpha: float = 0.1, beta: float = 0.5,
-                 temperature: float = 1.0, reduction: str = "mean", ce_weight: float = 0.0,
-                 truncate_teacher_vocab: bool = False, chunk_size: int | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        divergence: str = "reverse_kl",
+        *,
+        alpha: float = 0.1,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        ce_weight: float = 0.0,
+        truncate_teacher_vocab: bool = False,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         self.alpha, self.beta = alpha, beta
@@ -386,32 +483,62 @@ class FusedLinearKDLoss(nn.Module):
         if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
             raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
         if not (math.isfinite(ce_weight) and ce_weight >= 0):
-            raise ValueError(f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)")
+            raise ValueError(
+                f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)"
+            )
         self.ce_weight = float(ce_weight)
         self.truncate_teacher_vocab = truncate_teacher_vocab
         self.chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-            raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}")
+            raise ValueError(
+                f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
+            )
         self.backend = backend
         self.last_components: KDComponents | None = None
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                teacher_weight: torch.Tensor, student_bias: torch.Tensor | None = None,
-                teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                token_weights: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         loss, parts = fused_linear_kd(
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
-            divergence=self.spec.divergence.label, alpha=self.alpha, beta=self.beta,
-            student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.spec.temperature,
-            mask=mask, token_weights=token_weights, reduction=self.reduction, labels=labels,
-            ce_weight=self.ce_weight, truncate_teacher_vocab=self.truncate_teacher_vocab,
-            chunk_size=self.chunk_size, backend=self.backend, return_components=True,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            divergence=self.spec.divergence.label,
+            alpha=self.alpha,
+            beta=self.beta,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            temperature=self.spec.temperature,
+            mask=mask,
+            token_weights=token_weights,
+            reduction=self.reduction,
+            labels=labels,
+            ce_weight=self.ce_weight,
+            truncate_teacher_vocab=self.truncate_teacher_vocab,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            return_components=True,
         )
         self.last_components = parts
         return loss
 
     def extra_repr(self) -> str:
-        coef = {"skew_forward_kl": f", alpha={self.alpha}", "skew_reverse_kl": f", alpha={self.alpha}",
-                "jsd": f", beta={self.beta}"}.get(self.spec.divergence.label, "")
-        return (f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
-                f"reduction={self.reduction!r}, ce_weight={self.ce_weight}, backend={self.backend!r}")
+        coef = {
+            "skew_forward_kl": f", alpha={self.alpha}",
+            "skew_reverse_kl": f", alpha={self.alpha}",
+            "jsd": f", beta={self.beta}",
+        }.get(self.spec.divergence.label, "")
+        return (
+            f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
+            f"reduction={self.reduction!r}, ce_weight={self.ce_weight}, backend={self.backend!r}"
+        )
