@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         torch.set_rng_state(state["torch_rng"].cpu())
         if is_main and metrics_path.is_file():  # drop rows logged after the checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) < start_step]
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
             metrics_path.write_text("".join(k + "\n" for k in keep))
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
