@@ -9,11 +9,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from kd_kernels import reference  # noqa: E402
-from kd_kernels.train import config as C  # noqa: E402
-from kd_kernels.train import data as D  # noqa: E402
-from kd_kernels.train.losses import Head, ce_loss, kd_mix_loss, token_divergences  # noqa: E402
-
+from kd_kernels import reference
+from kd_kernels.train import config as C
+from kd_kernels.train import data as D
+from kd_kernels.train.losses import Head, ce_loss, kd_mix_loss, token_divergences
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -44,7 +43,7 @@ def test_shipped_prompts_and_split():
     s2 = D.split_prompts(list(reversed(prompts)), 0.1, 0.1)
     assert {k: sorted(p.id for p in v) for k, v in s1.items()} == \
         {k: sorted(p.id for p in v) for k, v in s2.items()}  # order-independent
-    ids = [set(p.id for p in s1[k]) for k in ("train", "valid", "test")]
+    ids = [{p.id for p in s1[k]} for k in ("train", "valid", "test")]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert sum(map(len, ids)) == len(prompts)
     n = len(prompts)
@@ -192,7 +191,7 @@ def test_rouge_l_and_mean_std():
 def test_student_from_teacher_layers():
     from kd_kernels.train.models import load_tiny, make_student, output_head, parse_layers
 
-    teacher, tok, _ = load_tiny(seed=0)
+    teacher, _, _ = load_tiny(seed=0)
     assert parse_layers("", 30) == list(range(0, 30, 3))
     assert parse_layers("0:4:2", 4) == [0, 2] and parse_layers("3,1", 4) == [1, 3]
     with pytest.raises(ValueError, match="--student-layers"):
