@@ -177,17 +177,16 @@ cudaError_t plan_uncached(const void* resident_kernel, int bytes_s, int bytes_t,
       return cudaErrorInvalidConfiguration;
     }
   } else {
-    // Smallest cluster that fits the preferred budget, then a 16-block (non-portable) cluster, then any
-    // portable size up to the opt-in limit; else stream.
+    // The smallest cluster (portable sizes first, then a 16-block non-portable one) whose slice fits the
+    // preferred budget; failing that, the smallest that fits the opt-in limit; failing that, stream.
     const int order[] = {1, 2, 3, 4, 5, 6, 7, 8, 16};
-    for (int c : order) {
-      e = try_resident(resident_kernel, dev, c, p.ngroups, pair, attrs.sharedSizeBytes, kPreferredSmem,
-                       false, plan, &ok);
+    for (size_t cap : {kPreferredSmem, optin}) {
+      for (int c : order) {
+        e = try_resident(resident_kernel, dev, c, p.ngroups, pair, attrs.sharedSizeBytes, cap, false, plan,
+                         &ok);
+        if (e != cudaSuccess || ok) break;
+      }
       if (e != cudaSuccess || ok) break;
-    }
-    for (int c = 1; e == cudaSuccess && !ok && c <= 8; ++c) {
-      e = try_resident(resident_kernel, dev, c, p.ngroups, pair, attrs.sharedSizeBytes, optin, false,
-                       plan, &ok);
     }
   }
   if (e != cudaSuccess) {
