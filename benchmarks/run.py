@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from _common import (
+from _bench_common import (
     DIVERGENCES,
     DTYPES,
     OPS,
@@ -48,7 +48,7 @@ from _common import (
     reference_cached,
     time_fn,
 )
-from _providers import PROVIDERS, Provider, all_providers
+from _bench_providers import PROVIDERS, Provider, all_providers
 
 # ------------------------------------------------------------------------------------------------ plan
 
@@ -64,7 +64,7 @@ class Settings:
     worker_timeout_s: float
 
 
-FULL = Settings(warmup=3, budget_s=1.5, min_reps=5, max_reps=100, worker_timeout_s=3600)
+FULL = Settings(warmup=2, budget_s=1.0, min_reps=5, max_reps=100, worker_timeout_s=3600)
 QUICK = Settings(warmup=1, budget_s=0.1, min_reps=3, max_reps=20, worker_timeout_s=300)
 
 # (op, divergence) pairs run by default and by --quick. The forward-only and fused-linear ops run the
@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             mine = [c for c in cases if p.applies(c)]
             if mine:
                 raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True)
+                # written after every provider, so an interrupted run still leaves its rows
+                write_csv(finish_rows(raw, env), out / "results.csv")
     rows = finish_rows(raw, env)
     write_csv(rows, out / "results.csv")
     plots = [] if args.no_plots else write_plots(rows, out)

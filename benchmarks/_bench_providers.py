@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from _common import ALPHA, BETA, TEMPERATURE, Case, is_fused, is_fwd_only
+from _bench_common import ALPHA, BETA, TEMPERATURE, Case, is_fused, is_fwd_only
 
 Result = tuple[torch.Tensor, list[torch.Tensor]]
 Runner = Callable[[], Result]

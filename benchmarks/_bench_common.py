@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark suite: cases and sweeps, inputs, float64 references, timing, memory, counts.
 
-Nothing here knows about providers (``_providers.py``) or the command line (``run.py``).
+Nothing here knows about providers (``_bench_providers.py``) or the command line (``run.py``).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ SWEEPS: dict[tuple[str, str, bool], Sweep] = {
                                     n0=8192, d_s=2048, d_t=4096),
     ("cuda", "logits", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096),
     ("cuda", "fused", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096, d_s=2048, d_t=4096),
-    ("cpu", "logits", False): Sweep(ns=(128, 512, 2048), v0=32000, vs=(8000, 32000, 128256), n0=512),
-    ("cpu", "fused", False): Sweep(ns=(128, 512), v0=32000, vs=(8000, 32000), n0=512, d_s=256, d_t=512),
+    ("cpu", "logits", False): Sweep(ns=(64, 256, 1024), v0=32000, vs=(8000, 32000, 128256), n0=256),
+    ("cpu", "fused", False): Sweep(ns=(64, 256), v0=32000, vs=(8000, 32000), n0=256, d_s=256, d_t=512),
     ("cpu", "logits", True): Sweep(ns=(128,), v0=8000, vs=(8000,), n0=128),
     ("cpu", "fused", True): Sweep(ns=(64,), v0=4000, vs=(4000,), n0=64, d_s=64, d_t=128),
 }
