@@ -1,15 +1,17 @@
-"""Chunk loops and autograd glue of the fused-linear losses (public functions in ``fused_linear.py``).
+"""Chunk loops and autograd glue of the fused-linear losses (public functions in
+``fused_linear.py``).
 
-Layers: the backends' fused row kernel (``Backend.loss_grad``, logits level) ← the chunk loops here (allocate,
-matmul, call the kernel, accumulate the parameter gradients) ← the ``autograd.Function`` glue here (save what
-backward needs, scale by the upstream gradient) ← the validated public functions.
+Layers: the backends' fused row kernel (``Backend.loss_grad``, logits level) ← the chunk loops
+here (allocate, matmul, call the kernel, accumulate the parameter gradients) ← the
+``autograd.Function`` glue here (save what backward needs, scale by the upstream gradient) ← the
+validated public functions.
 
-Everything here takes already-validated, flattened tensors: hidden states ``(N, D)``, weights ``(V, D)``,
-biases ``(V,)`` or None, per-row fp32 factors ``(N,)``.
+Everything here takes already-validated, flattened tensors: hidden states ``(N, D)``, weights ``(V,
+D)``, biases ``(V,)`` or None, per-row fp32 factors ``(N,)``.
 
-Math (shared/docs/MATH.md, "Fused linear"): ``s = h_s W_sᵀ + b_s``, ``t = h_t W_tᵀ + b_t`` per chunk of rows;
-the backend writes ``G = ∂loss/∂s`` over the chunk's student logits; then ``∂/∂h_s = G W_s``,
-``∂/∂W_s += Gᵀ h_s``, ``∂/∂b_s += Σ_rows G``. The full ``(N, V)`` logits never exist.
+Math (shared/docs/MATH.md, "Fused linear"): ``s = h_s W_sᵀ + b_s``, ``t = h_t W_tᵀ + b_t`` per chunk
+of rows; the backend writes ``G = ∂loss/∂s`` over the chunk's student logits; then ``∂/∂h_s = G
+W_s``, ``∂/∂W_s += Gᵀ h_s``, ``∂/∂b_s += Σ_rows G``. The full ``(N, V)`` logits never exist.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from ._backends import Backend
 from ._spec import KDSpec
 
-# Memory budget of one chunk's (rows, V) buffers, per device type. On CPU the chunk's student + teacher logits
-# (plus the fp32 CE buffer when labels are given) stay within 64 MiB; GPUs get a larger budget so each chunk's
-# GEMM is big enough to run near peak. Override per call with ``chunk_size``.
+# Memory budget of one chunk's (rows, V) buffers, per device type. On CPU the chunk's student +
+# teacher logits (plus the fp32 CE buffer when labels are given) stay within 64 MiB; GPUs get a
+# larger budget so each chunk's GEMM is big enough to run near peak. Override per call with
+# ``chunk_size``.
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 _DEFAULT_BUDGET = 64 * 2**20
 
@@ -29,7 +32,8 @@ _DEFAULT_BUDGET = 64 * 2**20
 def chunk_rows(
     n: int, vocab: int, bytes_per_vocab_entry: int, chunk_size: int | None, device: torch.device
 ) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else the device budget / bytes per row (a multiple of 8)."""
+    """Rows per chunk: ``chunk_size`` if given, else the device budget / bytes per row (a multiple
+    of 8)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
     budget = CHUNK_BUDGET_BYTES.get(device.type, _DEFAULT_BUDGET)
@@ -46,8 +50,9 @@ def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> No
     """acc (fp32, (V, D)) += gᵀ h.
 
     fp32 inputs accumulate straight into ``acc``. For bf16 / fp16 the chunk's product comes out of a
-    half-precision GEMM (fp32 accumulation inside the GEMM, one rounding of its result) and the sum over
-    chunks is kept in fp32; upcasting ``g`` would cost an fp32 copy of the chunk and a much slower GEMM.
+    half-precision GEMM (fp32 accumulation inside the GEMM, one rounding of its result) and the sum
+    over chunks is kept in fp32; upcasting ``g`` would cost an fp32 copy of the chunk and a much
+    slower GEMM.
     """
     if acc.dtype == g.dtype:
         acc.addmm_(g.t(), h)
@@ -56,13 +61,15 @@ def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> No
 
 
 class _Rows:
-    """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active rows."""
+    """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active
+    rows."""
 
     def __init__(self, active: torch.Tensor | None, n: int):
         if active is None:
             self.idx = None
         else:
-            # Host sync (nonzero): acceptable here, it lets masked rows skip both matmuls and the kernel.
+            # Host sync (nonzero): acceptable here, it lets masked rows skip both matmuls and the
+            # kernel.
             idx = active.nonzero().squeeze(1)
             self.idx = None if idx.numel() == n else idx
         self.count = n if self.idx is None else self.idx.numel()
@@ -102,12 +109,14 @@ def kd_chunk_loop(
     rows: int,
     need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
-    """Forward of the fused-linear KD (+ CE) loss with every gradient, one chunk of active rows at a time.
+    """Forward of the fused-linear KD (+ CE) loss with every gradient, one chunk of active rows at a
+    time.
 
-    ``kd_weight`` (N,): the KD row factor c_i (mask · token weight / count for "mean"); ``ce_scale`` (N,): the CE
-    row factor (valid label / count for "mean"); ``labels`` (N,) int64 with ignored rows set to 0.
-    Returns (Σ c_i KD_i, Σ ce_scale_i CE_i, (grad_h, grad_w, grad_b)) with the gradients of
-    ``Σ c_i KD_i + ce_weight · Σ ce_scale_i CE_i``, None where ``need`` says not needed.
+    ``kd_weight`` (N,): the KD row factor c_i (mask · token weight / count for "mean"); ``ce_scale``
+    (N,): the CE row factor (valid label / count for "mean"); ``labels`` (N,) int64 with ignored
+    rows set to 0. Returns (Σ c_i KD_i, Σ ce_scale_i CE_i, (grad_h, grad_w, grad_b)) with the
+    gradients of ``Σ c_i KD_i + ce_weight · Σ ce_scale_i CE_i``, None where ``need`` says not
+    needed.
     """
     need_h, need_w, need_b = need
     need_grad = any(need)
@@ -131,7 +140,8 @@ def kd_chunk_loop(
         t = _linear(ht, w_t, b_t)
         ce_grad = None
         if ce_scale is not None:
-            # CE needs softmax(s) before the kernel overwrites s with its gradient: one fp32 chunk buffer.
+            # CE needs softmax(s) before the kernel overwrites s with its gradient: one fp32 chunk
+            # buffer.
             y = plan.take(labels, sel)[:, None]
             sc = plan.take(ce_scale, sel)
             logp = s.float().log_softmax(-1)
@@ -197,10 +207,11 @@ def kd_ce_loss_only(
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three tensors.
+    """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three
+    tensors.
 
-    All gradients are computed in forward (kd_chunk_loop); backward only scales them by the upstream gradient.
-    ``kd`` and ``ce`` are detached logging values.
+    All gradients are computed in forward (kd_chunk_loop); backward only scales them by the upstream
+    gradient. ``kd`` and ``ce`` are detached logging values.
     """
 
     @staticmethod
@@ -247,8 +258,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.param_dtypes
-        # In place: each saved gradient is used once; a second backward (retain_graph=True) makes autograd raise
-        # a version error rather than return a doubly scaled gradient.
+        # In place: each saved gradient is used once; a second backward (retain_graph=True) makes
+        # autograd raise a version error rather than return a doubly scaled gradient.
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
@@ -258,14 +269,15 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Token log-probabilities: log softmax(h Wᵀ/T)[y] and the entropy of softmax(h Wᵀ/T), per token.
 #
-# The upstream gradient is per token, so gradients cannot be finished in forward. Forward keeps, per active row,
-# only the log-sum-exp and the entropy (two fp32 numbers); backward recomputes each chunk's logits (one extra GEMM)
-# and forms, with z = s/T, q = softmax(z), log q = z − LSE, H = −Σ q log q:
-#   ∂ log q_y / ∂z_j = 1[j = y] − q_j,        ∂H/∂z_j = −q_j (log q_j + H),        ∂/∂s = (1/T) ∂/∂z.
-# ----------------------------------------------------------------------------------------------------------
+# The upstream gradient is per token, so gradients cannot be finished in forward. Forward keeps, per
+# active row, only the log-sum-exp and the entropy (two fp32 numbers); backward recomputes each
+# chunk's logits (one extra GEMM) and forms, with z = s/T, q = softmax(z), log q = z − LSE,
+# H = −Σ q log q:
+#   ∂ log q_y / ∂z_j = 1[j = y] − q_j,    ∂H/∂z_j = −q_j (log q_j + H),    ∂/∂s = (1/T) ∂/∂z.
+# --------------------------------------------------------------------------------------------------
 
 
 def _logits_fp32(h, w, b, inv_t: float) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""Fused-linear KD: losses from hidden states and lm_head weights; the full ``(N, V)`` logits never exist.
+"""Fused-linear KD: losses from hidden states and lm_head weights; the full ``(N, V)`` logits never
+exist.
 
-``fused_linear_kd(h_s, W_s, h_t, W_t, ...)`` equals ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, ...)`` (plus an
-optional hard-label cross-entropy), computed a chunk of tokens at a time: per chunk both logits come from a
-matmul, the backend's fused kernel (``Backend.loss_grad``) writes the student-logit gradient over the student
-logits, and that gradient is folded into ``∂/∂h_s``, ``∂/∂W_s`` and ``∂/∂b_s`` at once. Peak extra memory is
-one chunk of logits plus an fp32 copy of ``W_s``'s gradient; the backward pass only scales by the upstream
-gradient. ``fused_linear_logprobs`` gives per-token ``log softmax(h Wᵀ/T)[token]`` (and the entropy) the same way.
+``fused_linear_kd(h_s, W_s, h_t, W_t, ...)`` equals ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, ...)``
+(plus an optional hard-label cross-entropy), computed a chunk of tokens at a time: per chunk both
+logits come from a matmul, the backend's fused kernel (``Backend.loss_grad``) writes the
+student-logit gradient over the student logits, and that gradient is folded into ``∂/∂h_s``,
+``∂/∂W_s`` and ``∂/∂b_s`` at once. Peak extra memory is one chunk of logits plus an fp32 copy of
+``W_s``'s gradient; the backward pass only scales by the upstream gradient.
+``fused_linear_logprobs`` gives per-token ``log softmax(h Wᵀ/T)[token]`` (and the entropy) the same
+way.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ __all__ = [
 
 
 class KDComponents(NamedTuple):
-    """The parts of a fused-linear loss, detached fp32 scalars for logging (no extra pass, no host sync).
+    """The parts of a fused-linear loss, detached fp32 scalars for logging (no extra pass, no host
+    sync).
 
     ``kd``: the reduced KD loss (before ``ce_weight``); ``ce``: the reduced hard-label cross-entropy
     (unweighted; the loss adds ``ce_weight · ce``), or None when no ``labels`` were given.
@@ -54,46 +58,52 @@ class KDComponents(NamedTuple):
 
 _FUSED_DOC = """
     Args:
-        student_hidden: ``(..., D_s)`` float32 / bfloat16 / float16, the student's final hidden states.
-            Receives a gradient (its dtype).
-        student_weight: ``(V, D_s)`` student lm_head weight, same dtype as ``student_hidden``. Receives a
-            gradient accumulated in fp32 and returned in its dtype.
-        teacher_hidden: ``(..., D_t)``, the same leading dims as ``student_hidden`` (``D_t`` may differ).
-            Never receives a gradient (nor does anything of the teacher's).
-        teacher_weight: ``(V, D_t)`` teacher lm_head weight, same dtype as ``teacher_hidden`` (which may differ
-            from the student's dtype).
-        divergence: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``), ``skew_reverse_kl``
-            (``alpha``) or ``jsd`` (``beta``); see ``kd_kernels.kd_loss``.
-        student_bias, teacher_bias: optional ``(V,)`` biases of the lm_heads, each in its weight's dtype.
-        temperature: divides both logits before the KD softmaxes (> 0), no T² factor; the CE term uses the
-            untempered student logits.
-        mask: bool ``(...)``, True where the token counts. Masked tokens add exactly 0 to the loss and to
-            every gradient, and are dropped before any matmul. When ``mask`` is None and ``labels`` are given,
-            the KD mask is ``labels != -100``.
-        token_weights: float ``(...)``, multiplies each token's KD loss (not the CE; no gradient flows to it).
+        student_hidden: ``(..., D_s)`` float32 / bfloat16 / float16, the student's final hidden
+            states. Receives a gradient (its dtype).
+        student_weight: ``(V, D_s)`` student lm_head weight, same dtype as ``student_hidden``.
+            Receives a gradient accumulated in fp32 and returned in its dtype.
+        teacher_hidden: ``(..., D_t)``, the same leading dims as ``student_hidden`` (``D_t`` may
+            differ). Never receives a gradient (nor does anything of the teacher's).
+        teacher_weight: ``(V, D_t)`` teacher lm_head weight, same dtype as ``teacher_hidden`` (which
+            may differ from the student's dtype).
+        divergence: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``),
+            ``skew_reverse_kl`` (``alpha``) or ``jsd`` (``beta``); see ``kd_kernels.kd_loss``.
+        student_bias, teacher_bias: optional ``(V,)`` biases of the lm_heads, each in its weight's
+            dtype.
+        temperature: divides both logits before the KD softmaxes (> 0), no T² factor; the CE term
+            uses the untempered student logits.
+        mask: bool ``(...)``, True where the token counts. Masked tokens add exactly 0 to the loss
+            and to every gradient, and are dropped before any matmul. When ``mask`` is None and
+            ``labels`` are given, the KD mask is ``labels != -100``.
+        token_weights: float ``(...)``, multiplies each token's KD loss (not the CE; no gradient
+            flows to it).
         reduction: ``"mean"`` (KD: Σ over counted tokens / number counted, 0 if none) or ``"sum"``.
-            ``"none"`` raises NotImplementedError: per-token losses would need the upstream gradient inside the
-            forward pass; use ``kd_kernels.kd_loss(..., reduction="none")`` on materialized logits instead.
+            ``"none"`` raises NotImplementedError: per-token losses would need the upstream gradient
+            inside the forward pass; use ``kd_kernels.kd_loss(..., reduction="none")`` on
+            materialized logits instead.
         labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored). Adds
-            ``ce_weight · CE`` where CE is the hard-label cross-entropy ``−log softmax(s)[label]`` of the
-            student logits over the tokens with a valid label (and, if a mask is given, mask True); reduced
-            like KD: "mean" divides by the number of those tokens (0 if none), "sum" adds them.
-        ce_weight: float ≥ 0, the CE coefficient. The CE is still computed for ``return_components`` when 0.
-        truncate_teacher_vocab: the teacher's vocabulary may be padded (Qwen2.5-7B has 152064 lm_head rows,
-            Qwen2.5-0.5B 151936); ``True`` uses only the first ``V_s`` rows of ``teacher_weight`` (and
-            ``teacher_bias``), i.e. the logits-level loss on ``teacher_logits[..., :V_s]``. By default a
-            vocabulary mismatch is a ValueError.
+            ``ce_weight · CE`` where CE is the hard-label cross-entropy ``−log softmax(s)[label]``
+            of the student logits over the tokens with a valid label (and, if a mask is given, mask
+            True); reduced like KD: "mean" divides by the number of those tokens (0 if none), "sum"
+            adds them.
+        ce_weight: float ≥ 0, the CE coefficient. The CE is still computed for ``return_components``
+            when 0.
+        truncate_teacher_vocab: the teacher's vocabulary may be padded (Qwen2.5-7B has 152064
+            lm_head rows, Qwen2.5-0.5B 151936); ``True`` uses only the first ``V_s`` rows of
+            ``teacher_weight`` (and ``teacher_bias``), i.e. the logits-level loss on
+            ``teacher_logits[..., :V_s]``. By default a vocabulary mismatch is a ValueError.
         chunk_size: tokens per chunk. Default: as many as fit the per-device budget
-            ``kd_kernels._fused_linear_impl.CHUNK_BUDGET_BYTES`` (64 MiB of chunk logits on CPU, 512 MiB on
-            CUDA), a multiple of 8.
-        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``: the kernel that computes each
-            chunk's loss and logit gradient (see ``kd_kernels.available_backends()``).
+            ``kd_kernels._fused_linear_impl.CHUNK_BUDGET_BYTES`` (64 MiB of chunk logits on CPU, 512
+            MiB on CUDA), a multiple of 8.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``: the kernel that
+            computes each chunk's loss and logit gradient (see ``kd_kernels.available_backends()``).
         return_components: also return a :class:`KDComponents` ``(kd, ce)`` of detached values.
 
     Returns:
-        fp32 scalar ``KD + ce_weight · CE`` (or ``(loss, KDComponents)`` with ``return_components=True``).
-        All gradients are computed in this call when any student tensor requires grad (none otherwise);
-        ``backward()`` only scales them, so a second ``backward()`` raises.
+        fp32 scalar ``KD + ce_weight · CE`` (or ``(loss, KDComponents)`` with
+        ``return_components=True``). All gradients are computed in this call when any student tensor
+        requires grad (none otherwise); ``backward()`` only scales them, so a second ``backward()``
+        raises.
 """
 
 
@@ -102,7 +112,8 @@ def _float_tensor(x: object, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(
-            f"{name} has dtype {x.dtype}; kd_kernels takes float32, bfloat16 or float16 (cast with {name}.float())"
+            f"{name} has dtype {x.dtype}; kd_kernels takes float32, bfloat16 or float16 "
+            f"(cast with {name}.float())"
         )
     return x
 
@@ -110,7 +121,8 @@ def _float_tensor(x: object, name: str) -> torch.Tensor:
 def _check_head(
     hidden: object, weight: object, bias: object, names: tuple[str, str, str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One model's hidden states ``(..., D)``, lm_head weight ``(V, D)`` and optional bias ``(V,)``."""
+    """One model's hidden states ``(..., D)``, lm_head weight ``(V, D)`` and optional bias
+    ``(V,)``."""
     hn, wn, bn = names
     h, w = _float_tensor(hidden, hn), _float_tensor(weight, wn)
     if h.dim() == 0:
@@ -123,7 +135,8 @@ def _check_head(
         raise ValueError(f"{wn} has an empty vocabulary dim (V=0)")
     if w.shape[1] != h.shape[-1]:
         raise ValueError(
-            f"{wn} has shape {tuple(w.shape)} but {hn} has hidden size {h.shape[-1]}; the weight must be "
+            f"{wn} has shape {tuple(w.shape)} but {hn} has hidden size {h.shape[-1]}; "
+            "the weight must be "
             f"(V, {h.shape[-1]}) (nn.Linear.weight layout, not its transpose)"
         )
     if h.dtype != w.dtype:
@@ -159,19 +172,21 @@ def _check_labels(
     free: torch.Tensor | None = None,
     hint: str,
 ) -> torch.Tensor:
-    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is True may
-    hold anything."""
+    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
+    True may hold anything."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} has dtype {labels.dtype}; pass integer token ids ({name}.long())")
     if labels.shape != lead:
         raise ValueError(
-            f"{name} has shape {tuple(labels.shape)}; it must match the hidden states' leading dims {tuple(lead)}"
+            f"{name} has shape {tuple(labels.shape)}; it must match the hidden states' "
+            f"leading dims {tuple(lead)}"
         )
     if labels.device != device:
         raise ValueError(
-            f"{name} is on {labels.device} but the hidden states are on {device}; move it with .to()"
+            f"{name} is on {labels.device} but the hidden states are on {device}; "
+            "move it with .to()"
         )
     bad = (labels < 0) | (labels >= vocab)
     if ignore_index is not None:
@@ -201,8 +216,9 @@ def _check_chunk_size(chunk_size: object) -> int | None:
 def _check_reduction(reduction: object) -> str:
     if reduction == "none":
         raise NotImplementedError(
-            "reduction='none' is not available for fused-linear losses (per-token losses would need the upstream "
-            "gradient inside the forward pass); use reduction='mean' or 'sum', or kd_kernels.kd_loss(..., "
+            "reduction='none' is not available for fused-linear losses (per-token losses would "
+            "need the upstream gradient inside the forward pass); use reduction='mean' or 'sum', "
+            "or kd_kernels.kd_loss(..., "
             "reduction='none') on materialized logits"
         )
     if reduction not in ("mean", "sum"):
@@ -232,8 +248,8 @@ def fused_linear_kd(
     backend: str = "auto",
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
-    """KD loss from hidden states and lm_head weights: ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, ...)``
-    (+ ``ce_weight`` × hard-label CE), without materializing the logits."""
+    """KD loss from hidden states and lm_head weights: ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t,
+    ...)`` (+ ``ce_weight`` × hard-label CE), without materializing the logits."""
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
@@ -264,12 +280,14 @@ def fused_linear_kd(
     )
     if h_s.device != h_t.device:
         raise ValueError(
-            f"student_hidden is on {h_s.device} and teacher_hidden on {h_t.device}; move both to one device"
+            f"student_hidden is on {h_s.device} and teacher_hidden on {h_t.device}; "
+            "move both to one device"
         )
     lead = h_s.shape[:-1]
     if h_t.shape[:-1] != lead:
         raise ValueError(
-            f"student_hidden {tuple(h_s.shape)} and teacher_hidden {tuple(h_t.shape)} differ in their leading "
+            f"student_hidden {tuple(h_s.shape)} and teacher_hidden {tuple(h_t.shape)} differ in "
+            "their leading "
             "(token) dims; they must be (..., D_s) and (..., D_t) with the same (...)"
         )
     vs, vt = w_s.shape[0], w_t.shape[0]
@@ -279,14 +297,16 @@ def fused_linear_kd(
             b_t = b_t[:vs] if b_t is not None else None
         elif vt > vs:
             raise ValueError(
-                f"vocabulary mismatch: student_weight has V={vs} rows, teacher_weight V={vt}; if the teacher's "
-                f"vocabulary is the student's padded to {vt} rows, pass truncate_teacher_vocab=True to use its "
+                f"vocabulary mismatch: student_weight has V={vs} rows, teacher_weight V={vt}; "
+                f"if the teacher's vocabulary is the student's padded to {vt} rows, pass "
+                "truncate_teacher_vocab=True to use its "
                 f"first {vs} rows"
             )
         else:
             raise ValueError(
-                f"vocabulary mismatch: teacher_weight has V={vt} rows, fewer than student_weight's V={vs}; the "
-                "teacher must cover the student's vocabulary (truncate_teacher_vocab only drops teacher rows)"
+                f"vocabulary mismatch: teacher_weight has V={vt} rows, fewer than student_weight's "
+                f"V={vs}; the teacher must cover the student's vocabulary "
+                "(truncate_teacher_vocab only drops teacher rows)"
             )
 
     dev = h_s.device
@@ -397,13 +417,15 @@ def fused_linear_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(h Wᵀ/T + b/T)[token]`` without materializing the logits.
 
-    Equals ``torch.log_softmax((hidden @ weight.T + bias) / temperature, -1).gather(-1, tokens[..., None])
-    .squeeze(-1)``, zeroed where ``mask`` is False. Gradients flow to ``hidden``, ``weight`` and ``bias`` for any
-    per-token upstream gradient (e.g. MiniLLM's policy gradient on log q(y_t)).
+    Equals ``torch.log_softmax((hidden @ weight.T + bias) / temperature, -1)``
+    ``.gather(-1, tokens[..., None]).squeeze(-1)``, zeroed where ``mask`` is False. Gradients flow
+    to ``hidden``, ``weight`` and ``bias`` for any per-token upstream gradient (e.g. MiniLLM's
+    policy gradient on log q(y_t)).
 
-    Memory: forward keeps two fp32 numbers per token (the log-sum-exp and the entropy); backward recomputes each
-    chunk's logits (one extra GEMM) instead of storing them. Chunks hold at most the device budget of fp32
-    logits (``CHUNK_BUDGET_BYTES``, a few such buffers live at once) unless ``chunk_size`` is given.
+    Memory: forward keeps two fp32 numbers per token (the log-sum-exp and the entropy); backward
+    recomputes each chunk's logits (one extra GEMM) instead of storing them. Chunks hold at most the
+    device budget of fp32 logits (``CHUNK_BUDGET_BYTES``, a few such buffers live at once) unless
+    ``chunk_size`` is given.
 
     Args:
         hidden: ``(..., D)`` float32 / bfloat16 / float16.
@@ -411,10 +433,10 @@ def fused_linear_logprobs(
         tokens: integer ``(...)`` ids in ``[0, V)`` (anything where ``mask`` is False).
         bias: optional ``(V,)``, the weight's dtype.
         temperature: divides the logits (> 0).
-        mask: bool ``(...)``, True where the token counts; masked tokens return 0 (and get no gradient) and
-            are not computed.
-        return_entropy: also return the per-token entropy ``−Σ_v q_v log q_v`` of ``q = softmax(logits/T)``
-            from the same pass, differentiable too.
+        mask: bool ``(...)``, True where the token counts; masked tokens return 0 (and get no
+            gradient) and are not computed.
+        return_entropy: also return the per-token entropy ``−Σ_v q_v log q_v`` of ``q =
+            softmax(logits/T)`` from the same pass, differentiable too.
         chunk_size: tokens per chunk (default from the memory budget).
 
     Returns:
@@ -456,11 +478,13 @@ def fused_linear_logprobs(
 
 
 class FusedLinearKDLoss(nn.Module):
-    """``FusedLinearKDLoss(divergence, ...)(student_hidden, student_weight, teacher_hidden, teacher_weight,
-    student_bias=None, teacher_bias=None, mask=None, token_weights=None, labels=None)``.
+    """``FusedLinearKDLoss(divergence, ...)(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, student_bias=None, teacher_bias=None, mask=None, token_weights=None,
+    labels=None)``.
 
-    Same options and semantics as :func:`fused_linear_kd`, fixed at construction (invalid ones fail there).
-    After each call, ``last_components`` holds the :class:`KDComponents` (detached kd and ce) of that call.
+    Same options and semantics as :func:`fused_linear_kd`, fixed at construction (invalid ones fail
+    there). After each call, ``last_components`` holds the :class:`KDComponents` (detached kd and
+    ce) of that call.
     """
 
     def __init__(

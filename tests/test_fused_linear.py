@@ -1,4 +1,5 @@
-"""Fused-linear KD and token log-probabilities against the float64 reference on materialized logits."""
+"""Fused-linear KD and token log-probabilities against the float64 reference on materialized
+logits."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import kd_kernels.fused_linear as FL
 from kd_kernels import reference as R
 
 COEF = {"skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.3}, "jsd": {"beta": 0.4}}
-# Slack added to the eager error (the rule: our error vs float64 is no worse than eager PyTorch's at the same
-# input dtype, plus a small slack).
+# Slack added to the eager error (the rule: our error vs float64 is no worse than eager PyTorch's at
+# the same input dtype, plus a small slack).
 SLACK = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 D_S, D_T, VOCAB = 16, 24, 257
 
@@ -49,8 +50,9 @@ def reference_loss(
     reduction="mean",
     **kw,
 ):
-    """Materialized logits h Wᵀ + b in ``compute`` (float64: ground truth; the input dtype: eager PyTorch),
-    the KD reference math in float64, plus the CE. Returns (loss, kd, ce, grads of hs, ws, bs)."""
+    """Materialized logits h Wᵀ + b in ``compute`` (float64: ground truth; the input dtype: eager
+    PyTorch), the KD reference math in float64, plus the CE. Returns (loss, kd, ce, grads of hs, ws,
+    bs)."""
     H, W = hs.detach().to(compute).requires_grad_(), ws.detach().to(compute).requires_grad_()
     B = bs.detach().to(compute).requires_grad_() if bs is not None else None
     s = H @ W.T + (B if B is not None else 0)
@@ -129,7 +131,8 @@ CASES = {
 
 
 def interpreted(backend: str) -> bool:
-    """Triton on CPU tensors runs in its (slow) interpreter: check it on a subset to keep this file fast."""
+    """Triton on CPU tensors runs in its (slow) interpreter: check it on a subset to keep this file
+    fast."""
     return backend == "triton"
 
 
@@ -194,7 +197,8 @@ def test_chunk_size_does_not_change_the_result(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_rows_are_never_read(backend):
-    """NaN hidden states on masked tokens (student and teacher) must not reach the loss or any gradient."""
+    """NaN hidden states on masked tokens (student and teacher) must not reach the loss or any
+    gradient."""
     hs, ws, bs, ht, wt, bt = make_inputs((5, 6), torch.float32)
     mask = torch.rand(5, 6) > 0.5
     mask[0, 0] = True
@@ -279,7 +283,8 @@ def test_upstream_gradient_scales_and_teacher_gets_none():
         torch.testing.assert_close(p.grad, -3.0 * g)
     assert wt_leaf.grad is None
     with pytest.raises(RuntimeError):
-        loss.backward()  # the gradients were consumed in place: a second backward must not silently double
+        # the gradients were consumed in place: a second backward must not silently double them
+        loss.backward()
 
 
 def test_no_grad_skips_gradient_work(monkeypatch):
@@ -352,7 +357,7 @@ def test_module_and_named_forms():
         )
 
 
-# ---------------------------------------------------------------------------------------------- bad inputs
+# ------------------------------------------------------------------------------------- bad inputs
 def _good():
     hs, ws, _bs, ht, wt, _bt = make_inputs((2, 3), torch.float32)
     return {"student_hidden": hs, "student_weight": ws, "teacher_hidden": ht, "teacher_weight": wt}
@@ -448,7 +453,7 @@ def test_bad_inputs_raise(name, change, exc, match):
         )
 
 
-# ------------------------------------------------------------------------------------------------- logprobs
+# --------------------------------------------------------------------------------------- logprobs
 def reference_logprobs(h, w, b, tokens, temperature, mask, compute=torch.float64):
     H, W = h.detach().to(compute).requires_grad_(), w.detach().to(compute).requires_grad_()
     B = b.detach().to(compute).requires_grad_() if b is not None else None
