@@ -352,6 +352,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
                   f"kd-train {cfg.method} --out {cfg.out} --resume", file=sys.stderr)
         raise Interrupted(step)
 
+    if not cfg.skip_eval and cfg.eval_teacher:
+        # collective (every rank): fetching teacher samples has a barrier, evaluation runs on rank 0 only
+        for seed in cfg.seeds():
+            run.teacher_samples("test", temperature=1.0, seed=seed)
     summary: dict = {}
     if is_main:
         final = {} if cfg.skip_eval else evaluate(run, run.progress)
