@@ -14,6 +14,10 @@ Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq 
   into a NaN;
 - a running max that is still −inf is replaced by 0 before it is subtracted, so −inf − (−inf) never happens.
 
+Precision: log-probabilities are formed as ``ℓq = (a − m_s) − log Z_s``, never as ``a − LSE_s``. With logits of
+magnitude ~3e3 the fp32 value of ``LSE_s = m_s + log Z_s`` is off by up to half an ulp of 3e3 (1.2e-4), which
+would become a 1e-4 relative error in every q; ``a − m_s`` is exact near the max, as in eager ``log_softmax``.
+
 Bytes moved per row (``e_s``, ``e_t``, ``e_g`` bytes per element of s, t, grad; rows with weight 0 only write):
 forward / reverse KL read s and t twice and write the gradient once: ``V·(2 e_s + 2 e_t + e_g)``; skew KL and JSD
 need a third read (``V·(3 e_s + 3 e_t + e_g)``). Loss only (``HAS_GRAD=False``): one read (KL) or two (skew/JSD).
@@ -48,12 +52,6 @@ def _lse_fold(m, z, x):
 
 
 @triton.jit
-def _lse(m, z):
-    """logsumexp from the folded (m, z)."""
-    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(z))
-
-
-@triton.jit
 def _log_mix(lx, ly, log_w, log_1mw):
     """log(w·e^lx + (1−w)·e^ly) in log space (MATH.md: never in probability space, which underflows)."""
     xa = lx + log_w
@@ -63,6 +61,22 @@ def _log_mix(lx, ly, log_w, log_1mw):
     # Both −inf: subtract 0 instead of −inf (no NaN), and hi + log(1 + 0) is then −inf as it should be.
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
     return hi + tl.log(1.0 + tl.exp(lo - hi_safe))
+
+
+@triton.jit
+def _to_grad_dtype(g, dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """fp32 → the gradient's storage dtype, rounding to nearest even.
+
+    Workaround: Triton's interpreter (TRITON_INTERPRET=1) truncates fp32 → bf16 instead of rounding, doubling the
+    bf16 rounding error of the CPU runs. With BF16_BY_BITS (set by the launcher only when interpreting) the
+    rounding is done on the bits, as the GPU's cvt.rn.bf16.f32 does it; on a GPU the native cast is used.
+    """
+    if BF16_BY_BITS and dtype == tl.bfloat16:
+        u = g.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return g.to(dtype)
 
 
 @triton.jit
@@ -99,6 +113,7 @@ def kl_loss_grad_kernel(
     inv_temp,  # 1/T, fp32
     DIV: tl.constexpr,  # FORWARD_KL or REVERSE_KL
     HAS_GRAD: tl.constexpr,  # False: loss only, g_ptr is not touched
+    BF16_BY_BITS: tl.constexpr,  # round bf16 gradients on the bits (interpreter only, see _to_grad_dtype)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit so row · stride does not wrap when N·V ≥ 2^31
@@ -127,7 +142,9 @@ def kl_loss_grad_kernel(
             else:
                 term = tl.where(e_s == 0.0, 0.0, e_s * (a - b))
                 x = x * scale_s + tl.sum(term, axis=0)
-        dlse = (m_s - m_t) + (tl.log(z_s) - tl.log(z_t))  # LSE_s − LSE_t
+        lz_s = tl.log(z_s)
+        lz_t = tl.log(z_t)
+        dlse = (m_s - m_t) + (lz_s - lz_t)  # LSE_s − LSE_t
         if DIV == FORWARD_KL:
             loss = x / z_t + dlse
         else:
@@ -135,21 +152,22 @@ def kl_loss_grad_kernel(
         tl.store(loss_ptr + row, loss)
 
         if HAS_GRAD:
-            lse_s = _lse(m_s, z_s)
-            lse_t = _lse(m_t, z_t)
             gscale = w * inv_temp
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 in_v = cols < V
                 a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
                 b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                q = tl.exp(a - lse_s)
+                lq = (a - m_s) - lz_s  # see "Precision" at the top
+                lp = (b - m_t) - lz_t
+                q = tl.exp(lq)
                 if DIV == FORWARD_KL:
-                    g = q - tl.exp(b - lse_t)
+                    g = q - tl.exp(lp)
                 else:
-                    g = tl.where(q == 0.0, 0.0, q * ((a - b) - dlse - loss))
+                    g = tl.where(q == 0.0, 0.0, q * ((lq - lp) - loss))
                 # Every element of this block was read above before it is overwritten: in place is safe.
-                tl.store(g_row + cols, (g * gscale).to(g_ptr.dtype.element_ty), mask=in_v)
+                gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                tl.store(g_row + cols, gout, mask=in_v)
     else:
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
@@ -174,10 +192,8 @@ def kl_loss_grad_kernel(
 # L2 (see benchmarks/bench_triton_gpu.py for the counted bytes).
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _mix_terms(a, b, lse_s, lse_t, coef, log_c, log_1mc, DIV: tl.constexpr):
+def _mix_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
     """(q, v, loss term) of one block for a skew divergence or JSD; see the table above."""
-    lq = a - lse_s
-    lp = b - lse_t
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == SKEW_FORWARD_KL:
@@ -214,6 +230,7 @@ def mix_loss_grad_kernel(
     log_1mc,  # log(1 − coef)
     DIV: tl.constexpr,  # SKEW_FORWARD_KL, SKEW_REVERSE_KL or JSD
     HAS_GRAD: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit so row · stride does not wrap when N·V ≥ 2^31
@@ -235,8 +252,8 @@ def mix_loss_grad_kernel(
             b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
             m_s, z_s, _, _ = _lse_fold(m_s, z_s, a)
             m_t, z_t, _, _ = _lse_fold(m_t, z_t, b)
-        lse_s = _lse(m_s, z_s)
-        lse_t = _lse(m_t, z_t)
+        lz_s = tl.log(z_s)
+        lz_t = tl.log(z_t)
 
         # Per-lane partial sums, reduced once after the loop (one reduction instead of one per block).
         loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -246,7 +263,7 @@ def mix_loss_grad_kernel(
             in_v = cols < V
             a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
             b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            q, v, lt = _mix_terms(a, b, lse_s, lse_t, coef, log_c, log_1mc, DIV)
+            q, v, lt = _mix_terms((a - m_s) - lz_s, (b - m_t) - lz_t, coef, log_c, log_1mc, DIV)
             loss_acc += lt
             s_acc += tl.where(q == 0.0, 0.0, q * v)
         loss = tl.sum(loss_acc, axis=0)
@@ -266,10 +283,11 @@ def mix_loss_grad_kernel(
                 in_v = cols < V
                 a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
                 b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                q, v, lt = _mix_terms(a, b, lse_s, lse_t, coef, log_c, log_1mc, DIV)
+                q, v, lt = _mix_terms((a - m_s) - lz_s, (b - m_t) - lz_t, coef, log_c, log_1mc, DIV)
                 g = tl.where(q == 0.0, 0.0, q * (v - centre))
                 # Every element of this block was read above before it is overwritten: in place is safe.
-                tl.store(g_row + cols, (g * gscale).to(g_ptr.dtype.element_ty), mask=in_v)
+                gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                tl.store(g_row + cols, gout, mask=in_v)
     else:
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
