@@ -88,7 +88,8 @@ class Sweep:
 
 
 # Shapes per (device, logits/fused, quick). GPU vocabularies are those of Llama-2 (32000), Llama-3 (128256),
-# Qwen2 (151936) and Gemma (262144); CPU sizes are scaled down so a full run fits in minutes on 2 cores.
+# Qwen2 (151936) and Gemma (262144). CPU sizes are scaled far down so that a full run fits in ~20 minutes on
+# 2 cores shared with other work (at a load average of 10, each process gets a fifth of a core).
 SWEEPS: dict[tuple[str, str, bool], Sweep] = {
     ("cuda", "logits", False): Sweep(ns=(1024, 4096, 16384), v0=128256, vs=(32000, 128256, 151936, 262144),
                                      n0=4096),
@@ -96,8 +97,8 @@ SWEEPS: dict[tuple[str, str, bool], Sweep] = {
                                     n0=8192, d_s=2048, d_t=4096),
     ("cuda", "logits", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096),
     ("cuda", "fused", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096, d_s=2048, d_t=4096),
-    ("cpu", "logits", False): Sweep(ns=(64, 256, 1024), v0=32000, vs=(8000, 32000, 128256), n0=256),
-    ("cpu", "fused", False): Sweep(ns=(64, 256), v0=32000, vs=(8000, 32000), n0=256, d_s=256, d_t=512),
+    ("cpu", "logits", False): Sweep(ns=(16, 64, 256), v0=32000, vs=(8000, 32000, 128256), n0=16),
+    ("cpu", "fused", False): Sweep(ns=(16, 64), v0=32000, vs=(8000, 32000), n0=16, d_s=256, d_t=512),
     ("cpu", "logits", True): Sweep(ns=(128,), v0=8000, vs=(8000,), n0=128),
     ("cpu", "fused", True): Sweep(ns=(64,), v0=4000, vs=(4000,), n0=64, d_s=64, d_t=128),
 }

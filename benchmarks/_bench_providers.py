@@ -162,14 +162,16 @@ def _torch_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Ru
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compile(f: Callable) -> Callable:
-    # One compiled wrapper per function for the whole process, as a user would hold one; new shapes
-    # recompile (then go dynamic), so allow more entries than the default cache limit.
+def _compile(f: Callable, device: str) -> Callable:
+    # One compiled wrapper per function for the whole process, as a user would hold one. On CUDA, torch's
+    # default: the first shape compiles static, the next recompiles with dynamic shapes. On CPU, dynamic from
+    # the start: every compilation costs tens of seconds there, and all shapes but the first would run the
+    # dynamic graph anyway.
     if f.__name__ not in _COMPILED:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 64)
-        _COMPILED[f.__name__] = torch.compile(f)
+        _COMPILED[f.__name__] = torch.compile(f, dynamic=True if device == "cpu" else None)
     return _COMPILED[f.__name__]
 
 
@@ -182,7 +184,7 @@ def _compile_unavailable(p: Provider, case: Case) -> str | None:
 
 
 def _compile_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runner:
-    return _eager_runner(case, inputs, _compile)
+    return _eager_runner(case, inputs, lambda f: _compile(f, case.device))
 
 
 # ---------------------------------------------------------------------------------------- kd_kernels

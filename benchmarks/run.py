@@ -65,8 +65,12 @@ class Settings:
 
 
 FULL = Settings(warmup=2, budget_s=1.0, min_reps=5, max_reps=100, worker_timeout_s=3600)
+FULL_CPU = Settings(warmup=1, budget_s=0.5, min_reps=5, max_reps=50, worker_timeout_s=1200)
 QUICK = Settings(warmup=1, budget_s=0.1, min_reps=3, max_reps=20, worker_timeout_s=300)
 
+# On CPU the default plan is smaller still: bf16 only for these divergences, and these ops (the rest with --ops).
+CPU_BF16_DIVERGENCES = ("forward_kl", "jsd")
+CPU_DEFAULT_OPS = ("kd_logits", "kd_logits_fwd", "fl_kd", "fl_logprobs_fwd")
 # (op, divergence) pairs run by default and by --quick. The forward-only and fused-linear ops run the
 # divergences people train / evaluate with most (forward KL for KD and SeqKD, JSD for GKD); --divergences adds
 # the rest.
@@ -102,6 +106,9 @@ def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] 
                                                                             and d != "float32")]
         for div in divs:
             for dt in dts:
+                if device == "cpu" and not quick and divergences is None and dt == "bfloat16" \
+                        and div not in CPU_BF16_DIVERGENCES:
+                    continue
                 for n, v, tag in sweep.shapes():
                     d_t = sweep.d_t if op.startswith("fl_kd") else 0
                     cases.append(Case(op, div, n, v, sweep.d_s if fused else 0, d_t, dt, device, tag))
@@ -387,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).resolve().parent.parent / ".bench_out" / args.device
     out.mkdir(parents=True, exist_ok=True)
     default_ops = QUICK_DIVERGENCES if args.quick else FULL_DIVERGENCES
-    ops = args.ops or list(default_ops)
+    ops = args.ops or [op for op in default_ops
+                       if args.quick or args.device != "cpu" or op in CPU_DEFAULT_OPS]
     cases = plan_cases(args.device, args.quick, ops, args.divergences, args.dtypes)
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else FULL_CPU if args.device == "cpu" else FULL
     providers = [p for p in all_providers(liger_compiled=not args.quick) if p.name in args.providers]
     env = environment(args.device)
     if args.threads:
