@@ -37,10 +37,13 @@ void set_err(char* err, int err_len, const char* fmt, ...) {
 }
 
 int threads_for(int64_t groups) {
-  // ~4-8 groups (32-64 columns) per thread on long rows; fewer threads on short ones.
-  if (groups >= 2048) return groups >= 4096 ? 512 : 256;
-  if (groups >= 512) return 128;
-  return groups >= 128 ? 64 : 32;
+  // ~4-16 groups (32-128 columns) per thread on long rows, fewer threads on short ones. The kernels use
+  // ~90-125 registers, so 256 threads let 2 blocks share an SM (one block's loads overlap the other's
+  // arithmetic); 512 only for rows long enough to need them (the streaming path on huge vocabularies).
+  if (groups >= 8192) return 512;
+  if (groups >= 1024) return 256;
+  if (groups >= 256) return 128;
+  return groups >= 64 ? 64 : 32;
 }
 
 struct DeviceInfo {
