@@ -113,7 +113,9 @@ def worker(args: argparse.Namespace) -> dict:
         "median_s": statistics.median(times),
         "p20_s": q[0],
         "p80_s": q[3],
-        "backend": resolve_backend(args.backend, torch.device("cpu")).name,
+        "backend": "-"
+        if args.provider == "naive"
+        else resolve_backend(args.backend, torch.device("cpu")).name,
         "threads": torch.get_num_threads(),
     }
 
