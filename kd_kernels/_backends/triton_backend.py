@@ -119,11 +119,13 @@ def launch(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    autotune: bool | None = None,
 ) -> torch.Tensor:
     """Run the kernel for ``spec`` on (N, V) logits; the Backend contract of ``loss_grad``.
 
     ``block_v`` / ``num_warps`` override the configuration (tests use a small block to force many iterations;
-    the benchmark compares configurations). They bypass the autotuner.
+    the benchmark compares configurations) and bypass the autotuner. ``autotune`` forces the autotuned kernels
+    on or off (default: the ``KD_TRITON_AUTOTUNE`` environment variable); the interpreter never autotunes.
     """
     _check_args(s, t, row_weight, grad)
     n, v = s.shape
@@ -142,7 +144,9 @@ def launch(
     has_grad = grad is not None
     g = grad if has_grad else s  # never written when HAS_GRAD is False
     inv_temp = 1.0 / spec.temperature
-    autotuned = block_v is None and num_warps is None and not _interpreting() and _autotune_requested()
+    if autotune is None:
+        autotune = _autotune_requested()
+    autotuned = autotune and block_v is None and num_warps is None and not _interpreting()
     kl_kernel, mix_kernel = _kernels(autotuned)
     common = (s, t, row_weight, loss, g, s.stride(0), t.stride(0), g.stride(0), v, inv_temp)
     if d in (Divergence.FORWARD_KL, Divergence.REVERSE_KL):
