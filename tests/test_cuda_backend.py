@@ -13,7 +13,10 @@ error at the same dtypes plus a small per-dtype slack; losses are fp32 in both.
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,10 +29,11 @@ from kd_kernels._backends import get_backend
 from kd_kernels._spec import Divergence, KDSpec
 
 HAS_CUDA = torch.cuda.is_available() and "cuda" in kd_kernels.available_backends("cuda")
-pytestmark = pytest.mark.skipif(
+needs_gpu = pytest.mark.skipif(
     not HAS_CUDA,
     reason="needs a CUDA GPU and kd_kernels._C built with CUDA kernels (no GPU on this machine)",
 )
+REPO = Path(__file__).resolve().parent.parent
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COEF = {"skew_forward_kl": 0.1, "skew_reverse_kl": 0.3, "jsd": 0.4}
@@ -115,6 +119,7 @@ def path(request, monkeypatch):
     return request.param
 
 
+@needs_gpu
 @pytest.mark.parametrize("s_dtype,t_dtype", list(itertools.product(DTYPES, DTYPES)))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_dtype_pair(divergence, s_dtype, t_dtype):
@@ -123,6 +128,7 @@ def test_every_dtype_pair(divergence, s_dtype, t_dtype):
     check_against_reference(divergence, s, t, w)
 
 
+@needs_gpu
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("v", [1, 7, 8, 9, 1031, 32003])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -132,6 +138,7 @@ def test_every_kernel_variant(divergence, v, path):
     check_against_reference(divergence, s, t, w)
 
 
+@needs_gpu
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_temperature(divergence, temperature):
@@ -139,6 +146,7 @@ def test_temperature(divergence, temperature):
     check_against_reference(divergence, s, t, w, temperature)
 
 
+@needs_gpu
 @pytest.mark.parametrize("path", ("auto", "stream", "cluster:4"), indirect=True)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_in_place(divergence, path):
@@ -154,6 +162,7 @@ def test_in_place(divergence, path):
     assert rel_err(buf, ref_grad) <= rel_err(eager_grad, ref_grad) + SLACK[torch.bfloat16]
 
 
+@needs_gpu
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_loss_only(divergence):
     s, t, w = make_case(6, 32003, torch.bfloat16, torch.bfloat16, gen_for("loss_only", divergence))
@@ -161,6 +170,7 @@ def test_loss_only(divergence):
     check_against_reference(divergence, s, t, w, loss=loss, grad=None)
 
 
+@needs_gpu
 @pytest.mark.parametrize("path", ("auto", "stream"), indirect=True)
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_unaligned_rows(divergence, path):
@@ -176,6 +186,7 @@ def test_unaligned_rows(divergence, path):
     assert torch.isnan(g_base[:, 0]).all() and torch.isnan(g_base[:, v + 1 :]).all(), "wrote outside rows"
 
 
+@needs_gpu
 def test_large_vocab_rows_beyond_shared_memory():
     """fp32 rows of 600k columns (4.8 MB per row pair): no cluster holds them, so the streaming path runs."""
     s, t, w = make_case(3, 600_000, torch.float32, torch.float32, gen_for("big_v"), masked=(1,))
@@ -183,6 +194,7 @@ def test_large_vocab_rows_beyond_shared_memory():
         check_against_reference(divergence, s, t, w)
 
 
+@needs_gpu
 def test_public_api_matches_reference():
     """kd_loss through autograd with mask, token weights and every reduction."""
     gen = gen_for("public")
@@ -204,6 +216,7 @@ def test_public_api_matches_reference():
         assert rel_err(s.grad, s64.grad) < 1e-2, (divergence, reduction)
 
 
+@needs_gpu
 def test_torch_compile_graph():
     """The custom op keeps a kd_kernels loss inside a compiled graph; same numbers as eager."""
     gen = gen_for("compile")
@@ -221,6 +234,7 @@ def test_torch_compile_graph():
     torch.testing.assert_close(s1.grad, s2.grad)
 
 
+@needs_gpu
 def test_errors_come_back_as_runtime_error(monkeypatch):
     s, t, w = make_case(2, 64, torch.float32, torch.float32, gen_for("errors"), masked=())
     monkeypatch.setenv("KD_KERNELS_CUDA_PATH", "sideways")
@@ -237,6 +251,7 @@ def test_errors_come_back_as_runtime_error(monkeypatch):
                                64, 7, 0, 0, 0.0, 1.0, torch.cuda.current_stream().cuda_stream)
 
 
+@needs_gpu
 def test_launcher_rejects_bad_layouts():
     s, t, w = make_case(4, 64, torch.float32, torch.float32, gen_for("layouts"), masked=())
     with pytest.raises(ValueError, match="contiguous last dim"):
@@ -247,6 +262,7 @@ def test_launcher_rejects_bad_layouts():
         get_backend("cuda").loss_grad(s, t, w.double(), spec_of("forward_kl"), None)
 
 
+@needs_gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ("auto", "stream"), indirect=True)
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
@@ -274,3 +290,17 @@ def test_more_than_2_31_elements(divergence, path):
     check_against_reference(divergence, s[rows], t[rows], w[rows], loss=loss[rows], grad=grad[rows])
     del s, t, grad
     torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_kernel_reduction_logic_on_host(tmp_path):
+    """Runs on any machine: csrc/cuda/host_check replays the kernel's per-group accumulation, its warp /
+    block / cluster merges and its loss and gradient formulas on the CPU for many (V, C, threads, T), and
+    compares with float64 (see the program's header)."""
+    exe = tmp_path / "kd_group_host_check"
+    src = REPO / "csrc" / "cuda" / "host_check" / "kd_group_host_check.cpp"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-I", str(REPO / "csrc" / "include"), "-I",
+                    str(REPO / "csrc" / "cuda"), str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "840 / 840 rows within tolerance" in out.stdout
