@@ -141,9 +141,8 @@ def test_vocab_262144(divergence):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_in_place_equals_out_of_place(divergence, dtype):
-    n, v = 4, 777
+def test_in_place_equals_out_of_place(divergence):
+    n, v, dtype = 4, 777, torch.bfloat16
     s, t, w = logits((n, v), dtype), logits((n, v), dtype), weights(n)
     s[1] = math.nan  # skipped row: zeroed in place without being read
     grad = torch.empty_like(s)
@@ -192,14 +191,14 @@ def test_row_strides(divergence):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("poison", (math.nan, math.inf), ids=("nan", "inf"))
-def test_zero_weight_rows_are_not_read(divergence, poison):
+def test_zero_weight_rows_are_not_read(divergence):
     n, v = 6, 700
     s, t = logits((n, v), torch.bfloat16), logits((n, v), torch.float32)
     w = torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.0])
     skipped = w == 0
-    s[skipped] = poison
-    t[skipped] = poison
+    for row, poison in zip((1, 3, 5), (math.nan, math.inf, -math.inf)):
+        s[row] = poison
+        t[row] = poison
     grad = torch.full_like(s, math.nan)  # a row left unwritten would stay NaN
     loss = launch(s, t, w, spec_of(divergence), grad, block_v=256)
     assert torch.all(loss[skipped] == 0) and torch.all(grad[skipped] == 0)
@@ -288,13 +287,14 @@ def test_contract_errors():
         launch(buf[1:], t, w, spec, buf[:4])
 
 
-def test_import_does_not_import_triton():
-    code = "import sys, kd_kernels; kd_kernels.available_backends(); assert 'triton' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 _COMPILE_SM90 = r"""
 import json, sys
+import kd_kernels
+
+kd_kernels.available_backends()  # registers the triton backend
+if "triton" in sys.modules:
+    print(json.dumps({"fail": "import kd_kernels imported triton"}))
+    sys.exit(0)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -319,13 +319,11 @@ print(json.dumps(out))
 """
 
 
-def test_offsets_are_64_bit():
-    """The row offset is computed in int64 before it meets a pointer (N·V ≥ 2^31 must not wrap).
-
-    Checked on the Triton IR of a real sm_90 compile of both kernels (no GPU needed; a subprocess without
-    TRITON_INTERPRET, since the interpreter replaces the compiler). The run at N·V ≥ 2^31 itself is in
-    benchmarks/bench_triton_gpu.py.
-    """
+def test_lazy_import_and_64_bit_offsets():
+    """In a fresh process without TRITON_INTERPRET: ``import kd_kernels`` does not import triton, both kernels
+    compile for sm_90 (no GPU needed: the interpreter would hide compiler-only errors), and the row offset is
+    computed in int64 before it meets a pointer, so N·V ≥ 2^31 does not wrap (the real run at that size is in
+    benchmarks/bench_triton_gpu.py)."""
     import json
     import os
 
@@ -335,6 +333,7 @@ def test_offsets_are_64_bit():
     done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
                           check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "fail" not in result, result["fail"]
     if "skip" in result:
         pytest.skip(f"cannot compile for sm_90 on this host: {result['skip']}")
     for name, ttir in result.items():
