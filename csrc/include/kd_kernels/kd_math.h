@@ -250,13 +250,20 @@ KD_HD float kl_finish(KLState st) {
 
 // ∂L/∂s̃_j for forward / reverse KL (second pass). `lse_s`, `lse_t` are the row LSEs of s̃, t̃; `loss` is L.
 //   forward: q_j − p_j          reverse: q_j (ℓq_j − ℓp_j − L), 0 where q_j = 0
+// kl_grad_qp takes q_j (and p_j for forward KL; ignored for reverse) already computed, for kernels that keep
+// the exponentials of the first pass (the CPU kernel caches them in a row buffer).
 template <int DIV>
-KD_HD float kl_grad(float st_j, float tt_j, float lse_s, float lse_t, float loss) {
-  float lq = st_j - lse_s;
-  float q = kd_exp(lq);
-  if (DIV == FORWARD_KL) return q - kd_exp(tt_j - lse_t);
+KD_HD float kl_grad_qp(float q, float p, float st_j, float tt_j, float lse_s, float lse_t, float loss) {
+  if (DIV == FORWARD_KL) return q - p;
   float g = q * ((st_j - tt_j) - (lse_s - lse_t) - loss);
   return q == 0.f ? 0.f : g;
+}
+
+template <int DIV>
+KD_HD float kl_grad(float st_j, float tt_j, float lse_s, float lse_t, float loss) {
+  float q = kd_exp(st_j - lse_s);
+  float p = DIV == FORWARD_KL ? kd_exp(tt_j - lse_t) : 0.f;
+  return kl_grad_qp<DIV>(q, p, st_j, tt_j, lse_s, lse_t, loss);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -294,9 +301,9 @@ struct SkewTerms {
   float loss;
 };
 
+// skew_terms_qp takes q = e^ℓq and p = e^ℓp already computed (see kl_grad_qp); skew_terms computes them.
 template <int DIV>
-KD_HD SkewTerms skew_terms(float lq, float lp, MixCoef c) {
-  float q = kd_exp(lq), p = kd_exp(lp);
+KD_HD SkewTerms skew_terms_qp(float lq, float lp, float q, float p, MixCoef c) {
   SkewTerms out;
   out.q = q;
   if (DIV == SKEW_FORWARD_KL) {
@@ -316,6 +323,11 @@ KD_HD SkewTerms skew_terms(float lq, float lp, MixCoef c) {
     out.v = q == 0.f ? 0.f : dq;
   }
   return out;
+}
+
+template <int DIV>
+KD_HD SkewTerms skew_terms(float lq, float lp, MixCoef c) {
+  return skew_terms_qp<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
 }
 
 template <int DIV>

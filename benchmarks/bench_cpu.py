@@ -1,0 +1,151 @@
+"""Loss + gradient on the CPU: compiled kernel ("cpu") vs the torch backend vs eager PyTorch.
+
+Prints, for reverse KL and skew forward KL at (N, V) = (1024, 32000) fp32 (defaults), the median wall time of
+forward + backward with its p20-p80 spread, the speed-up over eager PyTorch, and the peak extra memory over the
+inputs (peak RSS, each provider in a fresh subprocess on the same inputs), as a multiple of the gradient's size.
+
+Eager PyTorch is what a user writes:
+    lq = (s / T).log_softmax(-1); lp = (t / T).log_softmax(-1)
+    reverse_kl:      (lq.exp() * (lq - lp)).sum(-1).mean()
+    skew_forward_kl: lm = torch.logaddexp(lp + log α, lq + log(1 − α)); (lp.exp() * (lp - lm)).sum(-1).mean()
+followed by .backward().
+
+    python benchmarks/bench_cpu.py                 # the issue's shape, < 1 minute on 2 cores
+    python benchmarks/bench_cpu.py --rows 256 --vocab 32000 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import kd_kernels
+
+DIVERGENCES = ("reverse_kl", "skew_forward_kl")
+PROVIDERS = ("eager", "torch", "cpu")
+ALPHA = 0.1
+TEMPERATURE = 1.0
+
+
+def eager_loss(div: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    lq = (s / TEMPERATURE).log_softmax(-1)
+    lp = (t / TEMPERATURE).log_softmax(-1)
+    if div == "reverse_kl":
+        return (lq.exp() * (lq - lp)).sum(-1).mean()
+    lm = torch.logaddexp(lp + math.log(ALPHA), lq + math.log1p(-ALPHA))
+    return (lp.exp() * (lp - lm)).sum(-1).mean()
+
+
+def step(provider: str, div: str, s: torch.Tensor, t: torch.Tensor) -> None:
+    s.grad = None
+    if provider == "eager":
+        loss = eager_loss(div, s, t)
+    else:
+        loss = kd_kernels.kd_loss(
+            s, t, divergence=div, alpha=ALPHA, temperature=TEMPERATURE, backend=provider
+        )
+    loss.backward()
+
+
+def make_inputs(rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(rows, vocab, generator=g) * 2).requires_grad_()
+    t = torch.randn(rows, vocab, generator=g) * 2
+    return s, t
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(provider: str, div: str, rows: int, vocab: int) -> None:
+    """Runs in a fresh process: one step, then prints the peak RSS over the RSS with the inputs allocated."""
+    s, t = make_inputs(rows, vocab)
+    s.sum().item(), t.sum().item()  # touch every page
+    base = current_rss()
+    # ru_maxrss so far is about `base`; after the step it is the step's peak (KiB on Linux).
+    step(provider, div, s, t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": peak - base}))
+
+
+def measure_memory(provider: str, div: str, rows: int, vocab: int) -> int:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", provider, div, "--rows", str(rows),
+         "--vocab", str(vocab)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+
+
+def time_it(provider: str, div: str, s: torch.Tensor, t: torch.Tensor, reps: int) -> list[float]:
+    step(provider, div, s, t)  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(provider, div, s, t)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "DIVERGENCE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.memory_child:
+        memory_child(a.memory_child[0], a.memory_child[1], a.rows, a.vocab)
+        return
+
+    info = kd_kernels.build_info()
+    if "cpu" not in kd_kernels.available_backends("cpu"):
+        sys.exit(f"the compiled cpu backend is not available: {info.get('error')}; run `pip install -e .`")
+    grad_bytes = a.rows * a.vocab * 4
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), kd_kernels {info['version']} cpu_isa={info.get('cpu_isa')}; "
+        f"N={a.rows} V={a.vocab} fp32, T={TEMPERATURE}, alpha={ALPHA}, {a.reps} reps"
+    )
+    s, t = make_inputs(a.rows, a.vocab)
+    bytes_moved = 3 * grad_bytes  # one read of s and t, one write of the gradient (the least possible)
+    print(
+        f"{'divergence':<16} {'provider':<6} {'median ms':>10} {'p20-p80 ms':>14} {'GB/s*':>6} "
+        f"{'vs eager':>9} {'extra MiB':>10} {'x grad':>7}"
+    )
+    for div in DIVERGENCES:
+        med = {}
+        for p in PROVIDERS:
+            ts = time_it(p, div, s, t, a.reps)
+            med[p] = statistics.median(ts)
+            mem = None if a.no_memory else measure_memory(p, div, a.rows, a.vocab)
+            mem_s = "-" if mem is None else f"{mem / 2**20:10.0f}"
+            ratio_s = "-" if mem is None else f"{mem / grad_bytes:7.2f}"
+            spread = f"{quantile(ts, 0.2) * 1e3:.0f}-{quantile(ts, 0.8) * 1e3:.0f}"
+            print(
+                f"{div:<16} {p:<6} {med[p] * 1e3:10.1f} {spread:>14} {bytes_moved / med[p] / 1e9:6.2f} "
+                f"{med['eager'] / med[p]:8.2f}x {mem_s:>10} {ratio_s:>7}"
+            )
+    print("# GB/s* = 3·N·V·4 bytes (read s, t; write grad) / time; extra = peak RSS − RSS with the inputs")
+
+
+if __name__ == "__main__":
+    main()
