@@ -1,15 +1,20 @@
 """Shared test setup.
 
-Triton's interpreter is switched on before anything imports triton, so the "triton" backend runs on CPU tensors and
-`available_backends("cpu")` lists it: every backend-parametrized test then covers it too (small shapes only).
+On a machine without a GPU, Triton's interpreter is switched on before anything imports triton, so the "triton"
+backend runs on CPU tensors and `available_backends("cpu")` lists it: every backend-parametrized test then covers it
+too (small shapes only).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Only without a GPU: on a GPU machine the Triton tests must run the compiled kernels. Set before anything
+# imports triton (importing torch does not).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kd_kernels  # noqa: E402
 
