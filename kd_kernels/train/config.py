@@ -48,6 +48,22 @@ class TrainConfig:
     temperature: float = 1.0  # KD temperature
     chunk_size: int = 0  # fused-linear tokens per chunk (0: the library's memory-budget default)
     backend: str = "auto"  # kd_kernels backend
+    # minillm (paper values; rollouts scaled from 256 to the CPU)
+    minillm_alpha: float = 0.2  # teacher mix-in of the sampling distribution p~ = (1-a) q + a p
+    minillm_gamma: float = 0.95  # discount of the returns
+    minillm_clip: float = 0.2  # PPO ratio clip
+    minillm_rollouts: int = 16  # sampled responses per rollout round (per process)
+    minillm_ppo_epochs: int = 4  # passes over each round's rollouts (minibatches of --batch-size)
+    minillm_temperature: float = 1.0  # rollout sampling temperature
+    minillm_top_k: int = 0  # rollout top-k (0: off)
+    minillm_top_p: float = 1.0  # rollout top-p (1: off)
+    minillm_pt: bool = True  # add 0.5 CE + 0.5 forward KD on the teacher's references
+    # distillm
+    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL)
+    distillm_alpha: float = 0.1  # skew
+    distillm_ce: float = 0.0  # weight c of the CE mix: (1 - c) skew + c CE
+    distillm_capacity: int = 1000  # replay buffer capacity
+    distillm_check_every: int = 0  # validation CE check every N steps (0: once per epoch)
     # evaluation
     eval_every: int = 0  # validation loss every N steps (0: never during training)
     eval_seeds: str = "10,20,30"
@@ -140,6 +156,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype={cfg.dtype!r} must be 'float32' or 'bfloat16'")
     if cfg.temperature <= 0:
         raise ValueError(f"--temperature={cfg.temperature} must be > 0")
+    for name in ("minillm_alpha", "distillm_alpha", "distillm_ce", "minillm_gamma"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be in [0, 1]")
+    if not 0.0 < cfg.distillm_alpha < 1.0:
+        raise ValueError(f"--distillm-alpha={cfg.distillm_alpha} must be strictly between 0 and 1")
+    if cfg.minillm_clip <= 0:
+        raise ValueError(f"--minillm-clip={cfg.minillm_clip} must be > 0")
+    for name in ("minillm_rollouts", "minillm_ppo_epochs", "distillm_capacity"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 1")
+    if cfg.minillm_temperature <= 0 or cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
+        raise ValueError("--minillm-temperature must be > 0, --minillm-top-k >= 0 (0: off) and "
+                         "--minillm-top-p in (0, 1] (1: off)")
+    if cfg.distillm_loss not in ("srkl", "skl"):
+        raise ValueError(f"--distillm-loss={cfg.distillm_loss!r} must be 'srkl' or 'skl'")
+    if cfg.distillm_check_every < 0:
+        raise ValueError(f"--distillm-check-every={cfg.distillm_check_every} must be >= 0")
     try:
         cfg.seeds()
     except ValueError:

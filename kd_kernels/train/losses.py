@@ -38,11 +38,13 @@ def ce_loss(student: Head, targets: torch.Tensor, mask: torch.Tensor, *, chunk_s
 
 def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
                 ratio: float, temperature: float = 1.0, chunk_size: int = 0, backend: str = "auto",
-                divergence: str = "forward_kl") -> tuple[torch.Tensor, dict[str, float]]:
+                divergence: str = "forward_kl", alpha: float = 0.1
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Word-level KD as in MiniLLM's baseline: ``(1 − r)·CE + r·KD``, KD = token-mean forward KL(p‖q).
 
     One fused call computes both terms: ``fused_linear_kd`` returns ``KD + c·CE``; with ``c = (1 − r)/r``
     and the result scaled by ``r`` that is ``r·KD + (1 − r)·CE``. ``r = 0`` is plain CE (no teacher pass).
+    ``divergence`` / ``alpha`` choose another KD term (DistiLLM: ``skew_reverse_kl``, α = 0.1).
     Returns the loss and the unweighted parts ``{"ce", "kd"}`` for logging.
     """
     if ratio == 0.0:
@@ -51,7 +53,7 @@ def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
     loss, parts = kd_kernels.fused_linear_kd(
         student.hidden, student.weight, teacher.hidden.detach(), teacher.weight.detach(),
-        divergence=divergence, student_bias=student.bias,
+        divergence=divergence, alpha=alpha, student_bias=student.bias,
         teacher_bias=None if teacher.bias is None else teacher.bias.detach(),
         temperature=temperature, mask=mask, labels=labels, ce_weight=(1.0 - ratio) / ratio,
         reduction="mean", chunk_size=_chunk(chunk_size), backend=backend, return_components=True,
