@@ -145,17 +145,19 @@ _REF_CHUNK_ELEMS = 2**23
 def reference(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """float64 loss (scalar, or (N,) log-probs) and gradients of the case, from ``kd_kernels.reference``.
 
-    Computed on CPU in row chunks: every row's loss and logits gradient depend on that row only.
+    Computed on the inputs' device (a GPU's float64 is fast enough for V = 262144) in row chunks: every row's
+    loss and logits gradient depend on that row only.
     """
     from kd_kernels import reference as R
 
-    x = {k: v.detach().cpu() for k, v in inputs.items()}
+    x = {k: v.detach() for k, v in inputs.items()}
     n = case.n
     rows = max(1, _REF_CHUNK_ELEMS // case.v)
     want_grad = not is_fwd_only(case.op)
+    f64 = {"dtype": torch.float64, "device": x["s" if "s" in x else "h_s"].device}
     if not is_fused(case.op):
-        loss = torch.zeros((), dtype=torch.float64)
-        grad = torch.empty(n, case.v, dtype=torch.float64) if want_grad else None
+        loss = torch.zeros((), **f64)
+        grad = torch.empty(n, case.v, **f64) if want_grad else None
         for lo in range(0, n, rows):
             s = x["s"][lo:lo + rows].double().requires_grad_(want_grad)
             t = x["t"][lo:lo + rows].double()
@@ -173,13 +175,14 @@ def reference(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
     gh = torch.empty_like(h) if want_grad else None
     gw = torch.zeros_like(w) if want_grad else None
     kd = case.op.startswith("fl_kd")
-    loss = torch.zeros((), dtype=torch.float64) if kd else torch.empty(n, dtype=torch.float64)
+    w_t = x["w_t"].double() if kd else None
+    loss = torch.zeros((), **f64) if kd else torch.empty(n, **f64)
     for lo in range(0, n, rows):
         hc = h[lo:lo + rows].clone().requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             s = hc @ w.T
             if kd:
-                t = x["h_t"][lo:lo + rows].double() @ x["w_t"].double().T
+                t = x["h_t"][lo:lo + rows].double() @ w_t.T
                 part = R.kd_loss(case.divergence, s, t, alpha=ALPHA, beta=BETA, temperature=TEMPERATURE,
                                  reduction="sum") / n
                 objective = part
@@ -198,8 +201,9 @@ def reference(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def reference_cached(case: Case, inputs: dict[str, torch.Tensor], cache_dir: str | None) -> dict:
-    """``reference`` through an on-disk cache shared by the provider processes of one run."""
-    if not cache_dir:
+    """``reference``, through an on-disk cache shared by the provider processes of one CPU run (on a GPU the
+    float64 reference is cheaper to recompute than to write and read back)."""
+    if not cache_dir or case.device != "cpu":
         return reference(case, inputs)
     path = Path(cache_dir) / f"{case.key}.pt"
     if path.exists():
@@ -209,6 +213,17 @@ def reference_cached(case: Case, inputs: dict[str, torch.Tensor], cache_dir: str
     torch.save(ref, tmp)
     os.replace(tmp, path)
     return ref
+
+
+def _max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a − ref| in float64, a few rows at a time (no float64 copy of a whole (N, V) tensor)."""
+    a2 = a.reshape(-1, a.shape[-1]) if a.dim() >= 2 else a.reshape(1, -1)
+    r2 = ref.reshape(a2.shape)
+    rows = max(1, _REF_CHUNK_ELEMS // max(1, a2.shape[1]))
+    worst = 0.0
+    for lo in range(0, a2.shape[0], rows):
+        worst = max(worst, (a2[lo:lo + rows].double() - r2[lo:lo + rows]).abs().max().item())
+    return worst
 
 
 # Error bounds of the correctness gate. Loss: relative error. Gradients: max |error| / max |reference|, so a
@@ -226,24 +241,22 @@ def check(case: Case, out: tuple[torch.Tensor, list[torch.Tensor]], ref: dict) -
     """(passes, short description of the errors) for a provider's (loss, grads) against the reference."""
     loss_tol, grad_tol = TOLERANCE[case.dtype]
     loss, grads = out
-    loss = loss.detach().double().cpu()
     r = ref["loss"]
     if loss.shape != r.shape:
         return False, f"loss shape {tuple(loss.shape)} != reference {tuple(r.shape)}"
     if not torch.isfinite(loss).all():
         return False, "non-finite loss"
-    loss_err = ((loss - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+    if len(grads) != len(ref["grads"]):
+        return False, f"{len(grads)} gradients returned, {len(ref['grads'])} expected"
+    loss_err = _max_abs_err(loss.detach(), r.to(loss.device)) / max(r.abs().max().item(), 1e-12)
     parts = [f"loss rel err {loss_err:.1e}"]
     ok = loss_err <= loss_tol
     for i, (g, rg) in enumerate(zip(grads, ref["grads"])):
-        g = g.detach().double().cpu()
         if g.shape != rg.shape or not torch.isfinite(g).all():
             return False, f"grad {i}: shape {tuple(g.shape)} or non-finite values"
-        err = ((g - rg).abs().max() / rg.abs().max().clamp_min(1e-30)).item()
+        err = _max_abs_err(g.detach(), rg.to(g.device)) / max(rg.abs().max().item(), 1e-30)
         parts.append(f"grad{i} err {err:.1e}")
         ok = ok and err <= grad_tol
-    if len(grads) != len(ref["grads"]):
-        return False, f"{len(grads)} gradients returned, {len(ref['grads'])} expected"
     return ok, ", ".join(parts)
 
 
