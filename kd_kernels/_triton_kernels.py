@@ -40,8 +40,9 @@ JSD: tl.constexpr = tl.constexpr(4)
 def _lse_fold(m, z, x):
     """Fold a block x into a running (max m, z = Σ e^(x − m)).
 
-    Returns the new (m, z), the block's e^(x − m_new) and the shift m_new that was subtracted (0 while the row
-    has seen only −inf, so that e^(−inf − shift) = 0 instead of NaN).
+    Returns the new (m, z), the block's e^(x − m_new) and the factor e^(m_old − m_new) that running sums kept
+    relative to the old max must be multiplied by. While the row has seen only −inf, 0 is subtracted instead of
+    m_new = −inf, so e^(−inf − 0) = 0 rather than NaN.
     """
     m_new = tl.maximum(m, tl.max(x, axis=0))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)

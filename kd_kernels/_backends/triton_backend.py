@@ -9,7 +9,7 @@ Launch configuration: one program per row, the vocabulary walked in blocks of ``
   environment a ``triton.autotune`` sweep instead, keyed on (divergence, gradient or not, V, dtypes) so it tunes
   once per vocabulary size, not per batch. Neither has been timed on an H100 yet; ``benchmarks/bench_triton_gpu.py``
   times both so the default can be chosen from measurements.
-- Under the interpreter, one small fixed block (:data:`INTERPRET_BLOCK_V`) so the CPU test suite stays fast.
+- Under the interpreter, one fixed block (:data:`INTERPRET_BLOCK_V`) so the CPU test suite stays fast.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from .._spec import Divergence, KDSpec
 from . import Backend, register
 
-# Under TRITON_INTERPRET=1 each block is a numpy op, so the block only sets the loop count; 1024 keeps V ≈ 32k
-# cheap while V = 1031 still takes two blocks with a ragged tail.
+# Under TRITON_INTERPRET=1 every block operation is one numpy call with a fixed Python overhead, so a larger block
+# only means fewer loop trips (V = 32003 takes 16). tests/test_triton_backend.py passes small blocks explicitly to
+# cover many blocks with a ragged tail.
 INTERPRET_BLOCK_V = 2048
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,9 +43,10 @@ def _heuristic_config(v: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a GPU launch without autotuning.
 
     4096 columns and 8 warps: 16 values per thread and tensor, i.e. two (16-bit) or four (fp32) 16-byte loads
-    in flight per thread per tensor, 63-98 registers per thread at sm_90 with no spills for every divergence and
-    dtype (ptxas -v on the compiled kernels; 8192 x 8 warps needs 123-187 registers and spills for
-    skew_reverse_kl). Short rows get the next power of two so no lane works on a whole masked block.
+    in flight per thread per tensor, and 63-100 registers per thread at sm_90 without spills for every
+    divergence in bf16 and fp32 (ptxas -v on kernels compiled here for sm_90a; 8192 x 8 warps needs 123-187,
+    which halves the programs an SM can hold). Chosen from those counts, not from timings: none exist yet.
+    Short rows get the next power of two so no lane works on a whole masked block.
     """
     block = max(128, min(4096, _next_power_of_2(v)))
     warps = 8 if block >= 2048 else 4
