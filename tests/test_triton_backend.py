@@ -1,14 +1,16 @@
 """Triton-specific behaviour of the "triton" backend, against the float64 reference.
 
-conftest.py switches on TRITON_INTERPRET=1, so these run the Triton kernels on CPU tensors. Most tests call the
-launcher with a small ``block_v`` so a short row still takes many vocabulary blocks with a ragged tail. The error
-rule: the kernel's error against float64 is no worse than the eager "torch" backend's at the same dtypes, plus a
-small per-dtype slack (both round the gradient to the student dtype once).
+Without a GPU, conftest.py switches on TRITON_INTERPRET=1 and these run the Triton kernels on CPU tensors; on a
+GPU machine they run the compiled kernels on CUDA tensors. Most tests call the launcher with a small ``block_v`` so
+a short row still takes many vocabulary blocks with a ragged tail. The error rule: the kernel's error against
+float64 is no worse than the eager "torch" backend's at the same dtypes, plus a small per-dtype slack (both round
+the gradient to the student dtype once).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -22,12 +24,21 @@ from kd_kernels import reference as R
 from kd_kernels._backends import get_backend
 from kd_kernels._spec import Divergence, KDSpec
 
-pytestmark = pytest.mark.skipif(
-    "triton" not in kd_kernels.available_backends("cpu"), reason="triton is not installed"
-)
+# CPU tensors under the interpreter (conftest.py switches it on when there is no GPU), else the compiled kernels.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+HAVE_TRITON = "triton" in kd_kernels.available_backends(DEVICE)
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason=f"the triton backend cannot run on {DEVICE} here")
 
-if "triton" in kd_kernels.available_backends("cpu"):
+if HAVE_TRITON:
     from kd_kernels._backends.triton_backend import launch
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Every tensor a test makes lands on DEVICE; the float64 reference runs there too."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
 
 COEF = {"skew_forward_kl": 0.1, "skew_reverse_kl": 0.3, "jsd": 0.4}
 # Slack on top of the eager error (norm-wise relative), per student dtype.
