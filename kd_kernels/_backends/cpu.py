@@ -13,6 +13,11 @@ from .. import _ext
 from .._spec import KDSpec
 from . import Backend, register
 
+# Whether the compiled kernels are importable, decided once: torch.compile cannot trace the pybind11 call
+# behind _ext.has_cpu() (it asks _C.build_info()), and backend resolution runs inside compiled code.
+_HAS_CPU: bool = _ext.has_cpu()
+_LOAD_ERROR: str | None = _ext.load_error
+
 # dtype codes of kd::DType (csrc/include/kd_kernels/kd_math.h).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -43,9 +48,9 @@ class CpuBackend(Backend):
 
     def unsupported_reasons(self, device: torch.device) -> list[str]:
         reasons = super().unsupported_reasons(device)
-        if not _ext.has_cpu():
+        if not _HAS_CPU:
             reasons.append(
-                f"the compiled extension kd_kernels._C is not importable ({_ext.load_error}); "
+                f"the compiled extension kd_kernels._C is not importable ({_LOAD_ERROR}); "
                 "build it with `pip install .`"
             )
         return reasons
