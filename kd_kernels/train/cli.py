@@ -1,4 +1,7 @@
-"""``kd-train METHOD [--flags]``: the console script. ``kd-train --help`` lists every flag."""
+"""``kd-train METHOD [--flags]``: the console script. ``kd-train --help`` lists every flag.
+
+``kd-train compare [--methods ...] [--seeds ...] [--out DIR] [flags]`` runs several methods with the same
+flags and seeds and writes one table (see ``kd_kernels/train/compare.py``)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,13 @@ from .trainer import Interrupted, train
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(args[1:])
     try:
-        cfg, explicit = parse_args(argv, sorted(METHODS))
+        cfg, explicit = parse_args(args, sorted(METHODS))
     except ValueError as e:
         print(f"kd-train: error: {e}", file=sys.stderr)
         return 2

@@ -196,10 +196,10 @@ def memory_mb(device: torch.device) -> float:
 
 
 def save_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int, elapsed: float) -> None:
+                    step: int, elapsed: float, method_state: dict | None = None) -> None:
     state = {"config": cfg.to_dict(), "step": step, "student": student.state_dict(),
              "optimizer": opt.state_dict(), "train_time_s": elapsed,
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(), "method_state": method_state or {}}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken ckpt.pt
@@ -278,6 +278,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         opt.load_state_dict(state["optimizer"])
         start_step, train_time = int(state["step"]), float(state["train_time_s"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        method.load_state_dict(state.get("method_state", {}))
         if is_main and metrics_path.is_file():  # drop rows logged after the checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
@@ -339,12 +340,13 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             bar.update(1)
             interrupted = any_rank(stop["flag"], world, device)
             if is_main and (interrupted or step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt_path, student, opt, cfg, step, train_time)
+                save_checkpoint(ckpt_path, student, opt, cfg, step, train_time, method.state_dict())
             if interrupted:
                 break
         bar.close()
     finally:
         signal.signal(signal.SIGINT, previous)
+    peak_mem = memory_mb(device)  # peak up to the end of training (loading and references included)
     barrier(world)
     if interrupted:
         if is_main:
@@ -362,6 +364,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         summary = {
             "method": cfg.method, "steps": step, "world_size": world, "device": str(device),
             "wall_time_s": time.time() - t_start, "train_time_s": train_time,
+            "peak_mem_mb": peak_mem,
             "teacher_params": count_params(teacher), "student_params": count_params(student),
             "train_examples": len(run.train_examples), "final": final, "config": cfg.to_dict(),
         }
