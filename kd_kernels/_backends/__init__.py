@@ -68,11 +68,18 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+_loaded = False
+
+
 def _load_all() -> None:
-    # Imported lazily so that importing kd_kernels never imports triton.
-    if _REGISTRY:
-        return
-    from . import cpu, cuda, torch_backend, triton_backend  # noqa: F401  (each registers itself)
+    # The backend modules register themselves on import; imported here, on first use, so that importing
+    # kd_kernels stays cheap. (A flag, not the registry, says whether it ran: one module may already have been
+    # imported directly.)
+    global _loaded
+    if not _loaded:
+        from . import cpu, cuda, torch_backend, triton_backend  # noqa: F401
+
+        _loaded = True
 
 
 def get_backend(name: str) -> Backend:
