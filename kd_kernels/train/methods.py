@@ -17,7 +17,14 @@ import torch
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
 from .losses import Head, ce_loss, kd_mix_loss
-from .minillm import minillm_loss, mixed_rollouts, normalized_returns, token_rewards, whiten
+from .minillm import (
+    importance_log_weights,
+    minillm_loss,
+    mixed_rollouts,
+    normalized_returns,
+    token_rewards,
+    whiten,
+)
 from .models import final_hidden, output_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,7 +191,7 @@ class MiniLLM(Method):
         student.train(was_training)
         rewards = token_rewards(tlp, old, mask)
         adv = whiten(normalized_returns(rewards, mask, cfg.minillm_gamma), mask)
-        log_w = torch.where(mask, old - mix, torch.zeros_like(mix))
+        log_w = importance_log_weights(old, mix, mask)
         rows = {**data, "targets": targets, "mask": mask, "old_logp": old, "log_w": log_w,
                 "adv": adv}
         n = int(mask.sum())

@@ -132,6 +132,12 @@ def mixed_rollouts(student, teacher, prompts: list[list[int]], *, alpha: float, 
 # ----------------------------------------------------------------------------- rewards, advantages
 
 
+def importance_log_weights(old_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor
+                           ) -> torch.Tensor:
+    """``log w_t = log q_old(y_t) − log p̃(y_t)`` (0 where ``mask`` is False)."""
+    return torch.where(mask, old_logp - mix_logp, torch.zeros_like(old_logp))
+
+
 def token_rewards(teacher_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
                   ) -> torch.Tensor:
     """``r_t = clip((log p(y_t) − log q_old(y_t)) / 0.5, −100, 100)``, 0 where ``mask`` is False."""
