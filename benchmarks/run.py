@@ -375,8 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P", default=list(PROVIDERS))
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: .bench_out/<device>)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads in every provider process (default: torch's own default); "
-                         "1 gives steadier numbers on a machine shared with other work")
+                    help="torch CPU threads in every provider process (default: torch's own default, "
+                         "or 1 when the CPU's load average is at least its number of cores)")
     ap.add_argument("--no-plots", action="store_true")
     return ap.parse_args(argv)
 
@@ -399,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan_cases(args.device, args.quick, ops, args.divergences, args.dtypes)
     settings = QUICK if args.quick else FULL_CPU if args.device == "cpu" else FULL
     providers = [p for p in all_providers(liger_compiled=not args.quick) if p.name in args.providers]
+    if args.threads is None and args.device == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        # Two OpenMP threads on an oversubscribed machine spin against each other (eager PyTorch measured
+        # 5-7x slower than with one thread at a load average of 10 on 2 cores).
+        args.threads = 1
+        print(f"load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} CPUs: --threads 1 "
+              "(pass --threads to override)", flush=True)
     env = environment(args.device)
     if args.threads:
         env["threads"] = str(args.threads)
