@@ -1,0 +1,206 @@
+"""DistiLLM in kd-train: the adaptive schedule and replay buffer by hand, the skew loss against the
+float64 reference, and tiny-preset end-to-end runs (forced threshold rises, resume with the buffer)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from kd_kernels import reference
+from kd_kernels.train import distillm as D
+from kd_kernels.train.config import TrainConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def tiny_cfg(tmp: Path, cache: Path, **kw) -> TrainConfig:
+    base = {"method": "distillm", "preset": "tiny", "steps": 6, "batch_size": 2, "max_prompts": 24,
+            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1", "cache_dir": str(cache),
+            "out": str(tmp / "distillm"), "ckpt_every": 100, "progress": False, "lr": 3e-3,
+            "warmup_steps": 1, "min_lr": 3e-3, "distillm_check_every": 1, "skip_eval": True}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------- schedule
+
+
+def test_choose_source_by_hand():
+    # τ = 0: always the ground truth
+    assert D.choose_source(0.0, 0.0, 0, 10, buffer_full=False) == D.GROUND_TRUTH
+    # τ = 0.5 at step 0: s = 0.5, so r = 0.3 < s generates even with a full buffer
+    assert D.choose_source(0.3, 0.5, 0, 10, buffer_full=True) == D.GENERATE
+    # step 8 of 10: s = 0.5 · 0.2 = 0.1; r = 0.3 ∈ [s, τ): replay when full, generate when not
+    assert D.choose_source(0.3, 0.5, 8, 10, buffer_full=True) == D.REPLAY
+    assert D.choose_source(0.3, 0.5, 8, 10, buffer_full=False) == D.GENERATE
+    assert D.choose_source(0.05, 0.5, 8, 10, buffer_full=True) == D.GENERATE
+    assert D.choose_source(0.6, 0.5, 8, 10, buffer_full=True) == D.GROUND_TRUTH
+    assert D.choose_source(0.99, 1.0, 9, 10, buffer_full=True) == D.REPLAY
+    with pytest.raises(ValueError, match="total"):
+        D.choose_source(0.1, 0.5, 0, 0, buffer_full=True)
+
+
+def test_threshold_rises_by_0_1_on_a_validation_ce_rise_of_0_1():
+    s = D.ThresholdSchedule()
+    assert s.threshold == 0.0
+    assert not s.update(2.0) and s.reference == 2.0  # first check: reference only
+    assert not s.update(2.05) and s.threshold == 0.0  # +0.05: no rise; reference moves to 2.05
+    assert s.update(2.15) and s.threshold == pytest.approx(0.1)  # +0.10 counts (≥ 0.1)
+    assert not s.update(1.5) and s.threshold == pytest.approx(0.1)  # a fall never lowers τ
+    for k in range(12):
+        s.update(2.0 + 0.2 * k)
+    assert s.threshold == 1.0  # capped at 1
+    t = D.ThresholdSchedule()
+    t.load_state_dict(s.state_dict())
+    assert (t.threshold, t.reference) == (s.threshold, s.reference)
+
+
+def test_replay_buffer_fifo_sampling_and_state():
+    b = D.ReplayBuffer(capacity=3)
+    assert len(b) == 0 and not b.full
+    with pytest.raises(ValueError, match="empty buffer"):
+        b.sample(1, random.Random(0))
+    b.push([1, 2])
+    assert not b.full
+    b.push([3, 4, 5])
+    assert list(b.items) == [3, 4, 5] and b.full  # the oldest fell out
+    two = b.sample(2, random.Random(0))
+    assert len(set(two)) == 2 and set(two) <= {3, 4, 5}  # distinct when the buffer has enough
+    five = b.sample(5, random.Random(0))
+    assert len(five) == 5 and set(five) <= {3, 4, 5}  # with replacement otherwise
+    assert b.sample(2, random.Random(7)) == b.sample(2, random.Random(7))
+    c = D.ReplayBuffer(capacity=1)
+    c.load_state_dict(b.state_dict())
+    assert list(c.items) == [3, 4, 5] and c.capacity == 3
+    with pytest.raises(ValueError, match="capacity"):
+        D.ReplayBuffer(capacity=0)
+
+
+def test_distillm_flags_are_validated():
+    from kd_kernels.train.config import parse_args
+
+    cfg, _ = parse_args(["distillm", "--distillm-loss", "skl"], ["distillm"])
+    assert cfg.distillm_loss == "skl" and cfg.distillm_alpha == 0.1
+    with pytest.raises(ValueError, match="--distillm-loss"):
+        parse_args(["distillm", "--distillm-loss", "xx"], ["distillm"])
+    with pytest.raises(ValueError, match="--distillm-alpha"):
+        parse_args(["distillm", "--distillm-alpha", "1.0"], ["distillm"])
+    with pytest.raises(ValueError, match="--minillm-rollouts"):
+        parse_args(["minillm", "--minillm-rollouts", "0"], ["minillm"])
+
+
+@pytest.mark.parametrize("kind", ["srkl", "skl"])
+def test_skew_loss_with_ce_mix_against_reference(kind):
+    from kd_kernels.train.losses import Head, kd_mix_loss
+
+    g = torch.Generator().manual_seed(1)
+    hs, ws = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(13, 8, generator=g,
+                                                                                  dtype=torch.float64)
+    ht, wt = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(13, 6, generator=g,
+                                                                                  dtype=torch.float64)
+    targets = torch.randint(0, 13, (2, 5), generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    mask[0, 0] = True
+    s, t = hs @ ws.T, ht @ wt.T
+    fn = reference.skew_reverse_kl_per_token if kind == "srkl" else reference.skew_forward_kl_per_token
+    div = "skew_reverse_kl" if kind == "srkl" else "skew_forward_kl"
+    skew = fn(s, t, alpha=0.1)[mask].mean()
+    ce = reference.cross_entropy_per_token(s, torch.where(mask, targets, -100))[mask].mean()
+    for c in (0.0, 0.3):
+        got, _ = kd_mix_loss(Head(hs.float(), ws.float()), Head(ht.float(), wt.float()), targets, mask,
+                             ratio=1.0 - c, divergence=div, alpha=0.1, backend="torch")
+        assert got.item() == pytest.approx(((1 - c) * skew + c * ce).item(), rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- tiny e2e
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture
+def rising_valid_ce(monkeypatch):
+    """Validation CE that rises by 0.2 at every check: τ goes 0 → 0.1 → 0.2 …"""
+    from kd_kernels.train import methods
+
+    calls = {"n": 0}
+
+    def fake(run):
+        calls["n"] += 1
+        return 1.0 + 0.2 * calls["n"]
+
+    monkeypatch.setattr(methods, "valid_ce", fake)
+    return calls
+
+
+def test_tiny_distillm_follows_the_schedule(tmp_path, cache, rising_valid_ce):
+    from kd_kernels.train.methods import _stream_seed
+    from kd_kernels.train.trainer import train
+
+    cfg = tiny_cfg(tmp_path, cache, steps=8, seed=3, distillm_capacity=3)  # full after 2 generations
+    train(cfg)
+    rows = _rows(Path(cfg.out) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rising_valid_ce["n"] == 8  # one check per step (--distillm-check-every 1)
+    buffer = 0
+    for step, r in enumerate(rows):
+        tau = round(0.1 * step, 10)  # the check at `step` raised τ `step` times
+        assert r["threshold"] == pytest.approx(tau)
+        u = random.Random(_stream_seed(cfg.seed, step)).random()
+        want = D.choose_source(u, tau, step, cfg.steps, buffer_full=buffer >= cfg.distillm_capacity)
+        assert D.SOURCES[int(r["source"])] == want, step
+        buffer = min(cfg.distillm_capacity, buffer + (cfg.batch_size if want == D.GENERATE else 0))
+        assert r["buffer"] == buffer
+        assert math.isfinite(r["loss"]) and r["kd"] >= 0
+    assert {D.SOURCES[int(r["source"])] for r in rows} == set(D.SOURCES)  # every branch ran
+
+
+def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, cache, rising_valid_ce):
+    from kd_kernels.train.trainer import train
+
+    train(tiny_cfg(tmp_path / "a", cache, steps=6, seed=3, distillm_capacity=3))
+    rising_valid_ce["n"] = 0
+    train(tiny_cfg(tmp_path / "b", cache, steps=3, seed=3, distillm_capacity=3))
+    ckpt = torch.load(tmp_path / "b" / "distillm" / "ckpt.pt", weights_only=False)
+    state = ckpt["method_state"]
+    assert state["schedule"]["threshold"] == pytest.approx(0.2) and state["checked_step"] == 2
+    train(tiny_cfg(tmp_path / "b", cache, steps=6, seed=3, resume=True), explicit={"steps"})
+    a = _rows(tmp_path / "a" / "distillm" / "metrics.jsonl")
+    b = _rows(tmp_path / "b" / "distillm" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("source", "threshold", "buffer"):
+            assert ra[k] == rb[k], (ra["step"], k)
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6), ra["step"]
+
+
+def test_tiny_distillm_with_real_validation(tmp_path, cache):
+    from kd_kernels.train.trainer import train
+
+    summary = train(tiny_cfg(tmp_path, cache, steps=3, distillm_check_every=0, skip_eval=False,
+                             distillm_loss="skl"))
+    rows = _rows(tmp_path / "distillm" / "metrics.jsonl")
+    assert rows[0]["threshold"] == 0.0 and D.SOURCES[int(rows[0]["source"])] == D.GROUND_TRUTH
+    assert math.isfinite(rows[0]["valid_ce_check"]) and rows[0]["valid_ce_check"] > 0
+    assert summary["final"]["test_forward_kl"] >= 0
