@@ -13,12 +13,11 @@ import sys
 
 import pytest
 import torch
+from _common import DIVERGENCES
 
 import kd_kernels
 from kd_kernels import _ext
 from kd_kernels import reference as R
-
-from _common import DIVERGENCES
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}")
 
