@@ -41,16 +41,22 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, row_weight, spec: KDSpec, backend: str, per_token: bool, inplace: bool):
         need_grad = ctx.needs_input_grad[0]
-        if need_grad and inplace:
-            # The kernel overwrites s with its own gradient, row by row after reading it. Bump the version so
-            # autograd raises if anything saved s for its backward (the caller asked for this; see docs).
-            loss = get_backend(backend).loss_grad(s, t, row_weight, spec, s)
-            torch.autograd.graph.increment_version(s)
-            grad = s
-        else:
+        if torch.compiler.is_compiling():
+            # Graphs see the custom op; it cannot alias s, so inplace does not apply under compile.
             loss, grad = _loss_grad_op(
                 s, t, row_weight, int(spec.divergence), spec.coef, spec.temperature, backend, need_grad
             )
+        else:
+            # Eager: call the launcher directly. Through the custom op, eager mode holds a second (N, V)
+            # buffer at peak (measured: 2.17x the gradient instead of 1.0x at 1024 x 32000 fp32).
+            grad = None
+            if need_grad:
+                grad = s if inplace else torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            loss = get_backend(backend).loss_grad(s, t, row_weight, spec, grad)
+            if need_grad and inplace:
+                # The kernel overwrote s with its gradient, each block read before written. Bump the version
+                # so autograd raises if anything saved s for its own backward (see inplace_grad's docs).
+                torch.autograd.graph.increment_version(s)
         weighted = loss * row_weight  # skipped rows: L_i = 0 and c_i = 0
         if need_grad:
             ctx.save_for_backward(grad)

@@ -13,16 +13,20 @@ except ImportError as e:  # not built (source checkout without `pip install -e .
     load_error = f"{type(e).__name__}: {e}"
 
 
+# Read once: pybind11 calls cannot be traced by torch.compile, and these answers never change in a process.
+_NATIVE_INFO: dict = (
+    {"cpu": False, "cuda": False, "cuda_archs": "", "error": load_error} if _C is None else dict(_C.build_info())
+)
+
+
 def has_cpu() -> bool:
-    return _C is not None and bool(_C.build_info().get("cpu", False))
+    return bool(_NATIVE_INFO.get("cpu", False))
 
 
 def has_cuda() -> bool:
-    return _C is not None and bool(_C.build_info().get("cuda", False))
+    return bool(_NATIVE_INFO.get("cuda", False))
 
 
 def native_build_info() -> dict:
     """What the extension says of itself, or a record of why it is missing."""
-    if _C is None:
-        return {"cpu": False, "cuda": False, "cuda_archs": "", "error": load_error}
-    return dict(_C.build_info())
+    return dict(_NATIVE_INFO)
