@@ -195,8 +195,7 @@ def main() -> None:
             print(f"{div:<16} {'cpu-kernel':<10} {'':>10} {'':>14} {'':>6} {'':>9} {cols}")
     print("# GB/s* = 3·N·V·4 bytes (read s, t; write grad) / time; extra = peak RSS − RSS with the inputs")
     print("# cpu-kernel: the cpu launcher called directly (gradient buffer + kernel, no autograd / custom op)")
-    print("# memory: one process per provider, divergences in table order, peak reset before each; the first")
-    print("#   public-API call also pays a one-time (N, V) buffer that torch.library.custom_op dispatch keeps")
+    print("# memory: one process per provider, divergences in table order, peak reset before each")
     print("# timings are wall clock on a possibly shared machine: re-run and compare the spread")
 
 
