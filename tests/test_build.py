@@ -61,6 +61,8 @@ def test_build_info_keys_and_types():
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], str)
     assert info["cuda"] == bool(info["cuda_archs"])  # archs are reported exactly when CUDA is compiled in
+    if info["cuda"]:  # the default arch list (CI) and any release list must include Hopper
+        assert "90" in info["cuda_archs"].replace(",", ";").split(";"), info["cuda_archs"]
     assert isinstance(info["compiler"], str) and info["compiler"]
     assert isinstance(info["openmp"], bool)
     targets = info["cpu_targets"]
