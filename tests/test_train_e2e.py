@@ -26,16 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(tmp: Path, cache: Path, method: str, **kw) -> TrainConfig:
     base = {"method": method, "preset": "tiny", "steps": 4, "batch_size": 4, "max_prompts": 24,
-            "max_new_tokens": 8, "gen_batch_size": 32, "eval_seeds": "1,2", "cache_dir": str(cache),
+            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1", "cache_dir": str(cache),
             "out": str(tmp / method), "ckpt_every": 2, "progress": False, "lr": 3e-3,
             "warmup_steps": 1, "min_lr": 3e-3}
     base.update(kw)
     return TrainConfig(**base)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny matrices: one thread is several times faster than two on a loaded 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("responses")
+    # one teacher-response cache for every trainer test module of the session (the same path from
+    # each module), so the tiny teacher's references are generated once
+    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _rows(path: Path) -> list[dict]:
@@ -44,7 +57,7 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["sft", "kd", "seqkd"])
 def test_tiny_method_runs_and_writes_outputs(tmp_path, cache, method):
-    cfg = tiny_cfg(tmp_path, cache, method, steps=6)
+    cfg = tiny_cfg(tmp_path, cache, method, steps=6, eval_seeds="1,2")
     summary = train(cfg)
     out = Path(cfg.out)
     for name in ("metrics.jsonl", "summary.json", "loss.png", "ckpt.pt"):
@@ -114,11 +127,12 @@ def test_ctrl_c_checkpoints_then_exits(tmp_path, cache, monkeypatch):
 
     monkeypatch.setattr(T, "lr_at", lr_at)
     assert threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / CI
     with pytest.raises(Interrupted):
         train(cfg)
     ckpt = torch.load(Path(cfg.out) / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 3  # the step in flight finishes, then the checkpoint is written
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is restored
 
 
 def test_torchrun_two_cpu_processes(tmp_path, cache):
@@ -127,7 +141,7 @@ def test_torchrun_two_cpu_processes(tmp_path, cache):
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kd_kernels.train.cli", "kd", "--preset", "tiny", "--steps", "3", "--batch-size", "2",
-           "--max-prompts", "24", "--max-new-tokens", "8", "--eval-seeds", "1", "--device", "cpu",
+           "--max-prompts", "24", "--max-new-tokens", "6", "--skip-eval", "--device", "cpu",
            "--cache-dir", str(cache), "--out", str(out), "--no-progress"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                        check=False)

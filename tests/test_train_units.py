@@ -207,3 +207,45 @@ def test_student_from_teacher_layers():
     with torch.no_grad():
         out = student.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+def test_compare_table_from_run_summaries(tmp_path):
+    import json
+
+    from kd_kernels.train import compare
+
+    def summary(method, seed, rouge, rkl, t):
+        d = tmp_path / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        final = {"rougeL_student": rouge, "rougeL_student_std": 0.01, "rougeL_teacher": 0.5,
+                 "test_reverse_kl": rkl, "test_forward_kl": 2 * rkl, "test_ce": 3.0}
+        (d / "summary.json").write_text(json.dumps(
+            {"steps": 10, "train_time_s": t, "wall_time_s": t + 5, "peak_mem_mb": 100.0,
+             "final": final}))
+
+    summary("kd", 1, 0.2, 1.0, 10.0)
+    summary("kd", 2, 0.4, 3.0, 30.0)
+    summary("minillm", 1, 0.3, 0.5, 50.0)
+    rows = compare.write_outputs(tmp_path, ["kd", "minillm", "sft"], [1, 2], "# header\n")
+    assert [(r["method"], r["seed"]) for r in rows] == [("kd", 1), ("kd", 2), ("minillm", 1)]
+    md = (tmp_path / "COMPARISON.md").read_text()
+    # kd: mean ± sample standard deviation over the two training seeds
+    assert "| kd | 2 | 0.300 ± 0.141 |" in md and "| 2.000 ± 1.414 |" in md and "| 20 ± 14 |" in md
+    assert "| minillm | 1 | 0.300 |" in md and "| sft | 0 | not run |" in md
+    assert "Rouge-L 0.500" in md
+    assert (tmp_path / "compare.png").is_file()
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_compare_rejects_bad_arguments_before_running(tmp_path, capsys):
+    from kd_kernels.train import compare
+
+    assert compare.main(["--methods", "kd,nope", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--seeds", "a", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--out", str(tmp_path), "--seed", "3"]) == 2
+    assert compare.main(["--out", str(tmp_path), "--kd-ratio", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "--seeds" in err and "--seed is set per run" in err and "--kd-ratio" in err
+    assert not any(tmp_path.iterdir())  # nothing was run

@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     from .methods import METHODS
 
     p = argparse.ArgumentParser(
-        prog="kd-train compare",
+        prog="kd-train compare", allow_abbrev=False,
         description="Run several methods with the same flags and seeds; write one table and plot. "
                     "Flags after the compare options go to every run (see kd-train --help).")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
