@@ -255,7 +255,11 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, cache):
     cfg = tiny_cfg(tmp_path, cache, minillm_pt=False)
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = MiniLLM()
+    for layer in run.models.student.model.layers:
+        layer.self_attn.attention_dropout = 0.3
     minibatches, stats = method.make_round(run, 0)
+    # no dropout in the MiniLLM student
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in run.models.student.model.layers)
     assert len(minibatches) == MiniLLM.steps_per_round(cfg) == 4  # 2 epochs × 4 rollouts / 2
     seen = [tuple(tuple(ids[:int(m.sum())]) for ids, m in
                   zip(mb["input_ids"].tolist(), mb["attention_mask"])) for mb in minibatches]

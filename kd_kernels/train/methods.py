@@ -155,6 +155,7 @@ class MiniLLM(Method):
         """Sample, score and cut one round into its minibatches (already in training order)."""
         cfg = run.cfg
         student, teacher = run.models.student, run.models.teacher
+        _no_dropout(student)  # MiniLLM trains without dropout: q_old and q_θ are the same function
         train_prompts = run.split_prompts("train")
         idx = batch_indices(len(train_prompts), rnd, cfg.minillm_rollouts, cfg.seed, run.rank,
                             run.world)
@@ -235,6 +236,14 @@ class MiniLLM(Method):
         if self._round is not None:
             parts |= self._round[2]
         return loss, parts
+
+
+def _no_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg) -> torch.Tensor:
