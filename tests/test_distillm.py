@@ -12,6 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("rouge_score")
 
 from kd_kernels import reference
 from kd_kernels.train import distillm as D

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("rouge_score")
 
 from kd_kernels import reference
 from kd_kernels.train import minillm as M
