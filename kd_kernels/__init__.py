@@ -1,7 +1,9 @@
 """kd_kernels: fused knowledge-distillation losses for LLMs.
 
-Public surface: the five divergences and the generic ``kd_loss`` (logits level), their ``nn.Module``
-``KDLoss``, and two introspection calls, ``build_info()`` and ``available_backends()``.
+Public surface: the five divergences and the generic ``kd_loss`` at the logits level with their module
+``KDLoss``; the fused-linear forms (``fused_linear_kd``, the named ``fused_linear_*``, ``FusedLinearKDLoss``,
+``fused_linear_logprobs``) that never build the logits; and two introspection calls, ``build_info()`` and
+``available_backends()``.
 """
 
 from __future__ import annotations
@@ -28,26 +30,26 @@ from .losses import forward_kl, jsd, kd_loss, reverse_kl, skew_forward_kl, skew_
 from .modules import KDLoss
 
 __all__ = [
-    "__version__",
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "kd_loss",
+    "BackendUnavailableError",
+    "FusedLinearKDLoss",
+    "KDComponents",
     "KDLoss",
-    "fused_linear_kd",
+    "__version__",
+    "available_backends",
+    "build_info",
+    "forward_kl",
     "fused_linear_forward_kl",
+    "fused_linear_jsd",
+    "fused_linear_kd",
+    "fused_linear_logprobs",
     "fused_linear_reverse_kl",
     "fused_linear_skew_forward_kl",
     "fused_linear_skew_reverse_kl",
-    "fused_linear_jsd",
-    "fused_linear_logprobs",
-    "FusedLinearKDLoss",
-    "KDComponents",
-    "BackendUnavailableError",
-    "build_info",
-    "available_backends",
+    "jsd",
+    "kd_loss",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
 ]
 
 

@@ -15,14 +15,14 @@ import math
 import torch
 
 __all__ = [
+    "cross_entropy_per_token",
     "forward_kl_per_token",
+    "jsd_per_token",
+    "kd_loss",
+    "per_token",
     "reverse_kl_per_token",
     "skew_forward_kl_per_token",
     "skew_reverse_kl_per_token",
-    "jsd_per_token",
-    "per_token",
-    "kd_loss",
-    "cross_entropy_per_token",
 ]
 
 

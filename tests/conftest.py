@@ -14,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import kd_kernels  # noqa: E402
+import kd_kernels
 
 
 def pytest_configure(config):

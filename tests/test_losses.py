@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from _common import CPU_BACKENDS, DIVERGENCES
 
 import kd_kernels
 from kd_kernels import reference as R
-
-from _common import CPU_BACKENDS, DIVERGENCES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Norm-wise relative tolerances against the float64 reference evaluated on the same (rounded) inputs.
@@ -118,7 +117,7 @@ def test_padded_vocab_equals_unpadded(backend, divergence):
     ninf = torch.full((n, pad), -math.inf)
     sp, tp = torch.cat([s, ninf], -1).requires_grad_(), torch.cat([t, ninf], -1)
     s0 = s.clone().requires_grad_()
-    kw = dict(divergence=divergence, reduction="none", backend=backend)
+    kw = {"divergence": divergence, "reduction": "none", "backend": backend}
     lp, l0 = kd_kernels.kd_loss(sp, tp, **kw), kd_kernels.kd_loss(s0, t, **kw)
     up = torch.randn(n)
     (gp,), (g0,) = torch.autograd.grad(lp, sp, up), torch.autograd.grad(l0, s0, up)
@@ -249,7 +248,7 @@ def test_named_functions_equal_generic(divergence):
 def test_reference_gradcheck(divergence):
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64)
-    f = lambda x: R.kd_loss(divergence, x, t, alpha=0.2, beta=0.3, temperature=1.3)  # noqa: E731
+    f = lambda x: R.kd_loss(divergence, x, t, alpha=0.2, beta=0.3, temperature=1.3)
     assert torch.autograd.gradcheck(f, (s,))
 
 

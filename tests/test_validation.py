@@ -13,30 +13,30 @@ S, T = torch.randn(4, 10), torch.randn(4, 10)
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(student_logits=torch.randn(4, 10).long()), TypeError, "student_logits.*float32"),
-        (dict(teacher_logits=torch.randn(4, 10).double()), TypeError, "teacher_logits.*float32"),
-        (dict(student_logits=[1.0, 2.0]), TypeError, "student_logits must be a torch.Tensor"),
-        (dict(student_logits=torch.tensor(1.0), teacher_logits=torch.tensor(1.0)), ValueError, "0-d"),
-        (dict(teacher_logits=torch.randn(5, 10)), ValueError, "leading"),
-        (dict(teacher_logits=torch.randn(4, 12)), ValueError, r"vocabulary mismatch.*teacher_logits\[\.\.\., :10\]"),
-        (dict(teacher_logits=torch.randn(4, 8)), ValueError, "vocabulary mismatch.*pad"),
-        (dict(student_logits=torch.randn(4, 0), teacher_logits=torch.randn(4, 0)), ValueError, "V=0"),
-        (dict(mask=torch.ones(4)), TypeError, "mask.*bool"),
-        (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, "mask has shape"),
-        (dict(mask=[True] * 4), TypeError, "mask must be a torch.Tensor"),
-        (dict(token_weights=torch.ones(4, dtype=torch.long)), TypeError, "token_weights.*floating"),
-        (dict(token_weights=torch.ones(3)), ValueError, "token_weights has shape"),
-        (dict(reduction="avg"), ValueError, "reduction='avg'.*'mean', 'sum' or 'none'"),
-        (dict(backend="cudnn"), ValueError, "backend='cudnn' is unknown"),
-        (dict(temperature=0.0), ValueError, "temperature=0.0 must be"),
-        (dict(temperature=-1.0), ValueError, "temperature"),
-        (dict(temperature=float("nan")), ValueError, "temperature"),
-        (dict(temperature="2"), TypeError, "temperature"),
-        (dict(divergence="kl"), ValueError, "divergence='kl' is unknown"),
+        ({"student_logits": torch.randn(4, 10).long()}, TypeError, "student_logits.*float32"),
+        ({"teacher_logits": torch.randn(4, 10).double()}, TypeError, "teacher_logits.*float32"),
+        ({"student_logits": [1.0, 2.0]}, TypeError, "student_logits must be a torch.Tensor"),
+        ({"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)}, ValueError, "0-d"),
+        ({"teacher_logits": torch.randn(5, 10)}, ValueError, "leading"),
+        ({"teacher_logits": torch.randn(4, 12)}, ValueError, r"vocabulary mismatch.*teacher_logits\[\.\.\., :10\]"),
+        ({"teacher_logits": torch.randn(4, 8)}, ValueError, "vocabulary mismatch.*pad"),
+        ({"student_logits": torch.randn(4, 0), "teacher_logits": torch.randn(4, 0)}, ValueError, "V=0"),
+        ({"mask": torch.ones(4)}, TypeError, "mask.*bool"),
+        ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, "mask has shape"),
+        ({"mask": [True] * 4}, TypeError, "mask must be a torch.Tensor"),
+        ({"token_weights": torch.ones(4, dtype=torch.long)}, TypeError, "token_weights.*floating"),
+        ({"token_weights": torch.ones(3)}, ValueError, "token_weights has shape"),
+        ({"reduction": "avg"}, ValueError, "reduction='avg'.*'mean', 'sum' or 'none'"),
+        ({"backend": "cudnn"}, ValueError, "backend='cudnn' is unknown"),
+        ({"temperature": 0.0}, ValueError, "temperature=0.0 must be"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": "2"}, TypeError, "temperature"),
+        ({"divergence": "kl"}, ValueError, "divergence='kl' is unknown"),
     ],
 )
 def test_bad_input(kwargs, exc, match):
-    args = dict(student_logits=S, teacher_logits=T)
+    args = {"student_logits": S, "teacher_logits": T}
     args.update(kwargs)
     s, t = args.pop("student_logits"), args.pop("teacher_logits")
     with pytest.raises(exc, match=match):
