@@ -33,3 +33,20 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The trainer tests' matrices are tiny: one thread is several times faster than two on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def response_cache(tmp_path_factory):
+    """One teacher-response cache for every trainer test of the session: the tiny teacher answers once."""
+    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
+    path.mkdir(exist_ok=True)
+    return path

@@ -14,33 +14,18 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+from _common import tiny_train_config
+
 from kd_kernels import reference
 from kd_kernels.train import distillm as D
 from kd_kernels.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def tiny_cfg(tmp: Path, cache: Path, **kw) -> TrainConfig:
-    base = {"method": "distillm", "preset": "tiny", "steps": 6, "batch_size": 2, "max_prompts": 24,
-            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1", "cache_dir": str(cache),
-            "out": str(tmp / "distillm"), "ckpt_every": 100, "progress": False, "lr": 3e-3,
-            "warmup_steps": 1, "min_lr": 3e-3, "distillm_check_every": 1, "skip_eval": True}
-    base.update(kw)
-    return TrainConfig(**base)
+def tiny_cfg(tmp: Path, response_cache: Path, **kw) -> TrainConfig:
+    kw = {"out": str(tmp / "distillm"), "steps": 6, "distillm_check_every": 1, "skip_eval": True, **kw}
+    return tiny_train_config("distillm", response_cache, **kw)
 
 
 # --------------------------------------------------------------------------------------- schedule
@@ -155,11 +140,11 @@ def rising_valid_ce(monkeypatch):
     return calls
 
 
-def test_tiny_distillm_follows_the_schedule(tmp_path, cache, rising_valid_ce):
+def test_tiny_distillm_follows_the_schedule(tmp_path, response_cache, rising_valid_ce):
     from kd_kernels.train.methods import _stream_seed
     from kd_kernels.train.trainer import train
 
-    cfg = tiny_cfg(tmp_path, cache, steps=8, seed=3, distillm_capacity=3)  # full after 2 generations
+    cfg = tiny_cfg(tmp_path, response_cache, steps=8, seed=3, distillm_capacity=3)  # full after 2 generations
     train(cfg)
     rows = _rows(Path(cfg.out) / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -177,16 +162,16 @@ def test_tiny_distillm_follows_the_schedule(tmp_path, cache, rising_valid_ce):
     assert {D.SOURCES[int(r["source"])] for r in rows} == set(D.SOURCES)  # every branch ran
 
 
-def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, cache, rising_valid_ce):
+def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, response_cache, rising_valid_ce):
     from kd_kernels.train.trainer import train
 
-    train(tiny_cfg(tmp_path / "a", cache, steps=6, seed=3, distillm_capacity=3))
+    train(tiny_cfg(tmp_path / "a", response_cache, steps=6, seed=3, distillm_capacity=3))
     rising_valid_ce["n"] = 0
-    train(tiny_cfg(tmp_path / "b", cache, steps=3, seed=3, distillm_capacity=3))
+    train(tiny_cfg(tmp_path / "b", response_cache, steps=3, seed=3, distillm_capacity=3))
     ckpt = torch.load(tmp_path / "b" / "distillm" / "ckpt.pt", weights_only=False)
     state = ckpt["method_state"]
     assert state["schedule"]["threshold"] == pytest.approx(0.2) and state["checked_step"] == 2
-    train(tiny_cfg(tmp_path / "b", cache, steps=6, seed=3, resume=True), explicit={"steps"})
+    train(tiny_cfg(tmp_path / "b", response_cache, steps=6, seed=3, resume=True), explicit={"steps"})
     a = _rows(tmp_path / "a" / "distillm" / "metrics.jsonl")
     b = _rows(tmp_path / "b" / "distillm" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -196,10 +181,10 @@ def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, cache, ris
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6), ra["step"]
 
 
-def test_tiny_distillm_with_real_validation(tmp_path, cache):
+def test_tiny_distillm_with_real_validation(tmp_path, response_cache):
     from kd_kernels.train.trainer import train
 
-    summary = train(tiny_cfg(tmp_path, cache, steps=3, distillm_check_every=0, skip_eval=False,
+    summary = train(tiny_cfg(tmp_path, response_cache, steps=3, distillm_check_every=0, skip_eval=False,
                              distillm_loss="skl"))
     rows = _rows(tmp_path / "distillm" / "metrics.jsonl")
     assert rows[0]["threshold"] == 0.0 and D.SOURCES[int(rows[0]["source"])] == D.GROUND_TRUTH

@@ -13,35 +13,18 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+from _common import tiny_train_config
+
 from kd_kernels import reference
 from kd_kernels.train import minillm as M
 from kd_kernels.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices: one thread is several times faster than two on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    # one response cache for every trainer test module of the session (same path from each module)
-    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def tiny_cfg(tmp: Path, cache: Path, **kw) -> TrainConfig:
-    base = {"method": "minillm", "preset": "tiny", "steps": 4, "batch_size": 2, "max_prompts": 24,
-            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1", "cache_dir": str(cache),
-            "out": str(tmp / "minillm"), "ckpt_every": 100, "progress": False, "lr": 3e-3,
-            "warmup_steps": 1, "min_lr": 3e-3, "minillm_rollouts": 4, "minillm_ppo_epochs": 2}
-    base.update(kw)
-    return TrainConfig(**base)
+def tiny_cfg(tmp: Path, response_cache: Path, **kw) -> TrainConfig:
+    kw = {"out": str(tmp / "minillm"), "minillm_rollouts": 4, "minillm_ppo_epochs": 2, **kw}
+    return tiny_train_config("minillm", response_cache, **kw)
 
 
 # --------------------------------------------------------------------------------- sampling pieces
@@ -215,11 +198,11 @@ def _materialized_loss(student, teacher, batch, pt, cfg) -> torch.Tensor:
     return pg + single + 0.5 * ce + 0.5 * fkl
 
 
-def test_minillm_step_gradient_matches_materialized_logits(tmp_path, cache):
+def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_cache):
     from kd_kernels.train.methods import get_method
     from kd_kernels.train.trainer import Run
 
-    cfg = tiny_cfg(tmp_path, cache, minillm_rollouts=4, batch_size=2, minillm_ppo_epochs=2,
+    cfg = tiny_cfg(tmp_path, response_cache, minillm_rollouts=4, batch_size=2, minillm_ppo_epochs=2,
                    minillm_clip=0.05, backend="torch")
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = get_method("minillm")
@@ -249,11 +232,11 @@ def test_minillm_step_gradient_matches_materialized_logits(tmp_path, cache):
                                    msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_round_scores_rollouts_with_the_round_start_student(tmp_path, cache):
+def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_cache):
     from kd_kernels.train.methods import MiniLLM
     from kd_kernels.train.trainer import Run
 
-    cfg = tiny_cfg(tmp_path, cache, minillm_pt=False)
+    cfg = tiny_cfg(tmp_path, response_cache, minillm_pt=False)
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = MiniLLM()
     for layer in run.models.student.model.layers:
@@ -275,10 +258,10 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, cache):
     assert math.isfinite(stats["reward"]) and stats["response_len"] > 0
 
 
-def test_tiny_minillm_end_to_end(tmp_path, cache):
+def test_tiny_minillm_end_to_end(tmp_path, response_cache):
     from kd_kernels.train.trainer import train
 
-    cfg = tiny_cfg(tmp_path, cache)
+    cfg = tiny_cfg(tmp_path, response_cache)
     summary = train(cfg)
     rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

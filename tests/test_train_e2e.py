@@ -18,37 +18,19 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+from _common import tiny_train_config
+
 from kd_kernels.train.config import TrainConfig
 from kd_kernels.train.trainer import Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_cfg(tmp: Path, cache: Path, method: str, **kw) -> TrainConfig:
-    base = {"method": method, "preset": "tiny", "steps": 4, "batch_size": 4, "max_prompts": 24,
-            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1", "cache_dir": str(cache),
-            "out": str(tmp / method), "ckpt_every": 2, "progress": False, "lr": 3e-3,
-            "warmup_steps": 1, "min_lr": 3e-3}
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices: one thread is several times faster than two on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    # one teacher-response cache for every trainer test module of the session (the same path from
-    # each module), so the tiny teacher's references are generated once
-    path = tmp_path_factory.getbasetemp() / "kd_train_responses"
-    path.mkdir(exist_ok=True)
-    return path
+def tiny_cfg(tmp: Path, response_cache: Path, method: str, **kw) -> TrainConfig:
+    kw = {"out": str(tmp / method), "batch_size": 4, "ckpt_every": 2, **kw}
+    return tiny_train_config(method, response_cache, **kw)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -56,8 +38,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", ["sft", "kd", "seqkd"])
-def test_tiny_method_runs_and_writes_outputs(tmp_path, cache, method):
-    cfg = tiny_cfg(tmp_path, cache, method, steps=6, eval_seeds="1,2")
+def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
+    cfg = tiny_cfg(tmp_path, response_cache, method, steps=6, eval_seeds="1,2")
     summary = train(cfg)
     out = Path(cfg.out)
     for name in ("metrics.jsonl", "summary.json", "loss.png", "ckpt.pt"):
@@ -84,11 +66,11 @@ def test_tiny_method_runs_and_writes_outputs(tmp_path, cache, method):
     assert ckpt["step"] == 6 and ckpt["config"]["method"] == method
 
 
-def test_seqkd_trains_on_teacher_samples_not_references(tmp_path, cache):
+def test_seqkd_trains_on_teacher_samples_not_references(tmp_path, response_cache):
     from kd_kernels.train.methods import get_method
     from kd_kernels.train.trainer import Run
 
-    cfg = tiny_cfg(tmp_path, cache, "seqkd")
+    cfg = tiny_cfg(tmp_path, response_cache, "seqkd")
     run = Run(cfg, 0, 1, torch.device("cpu"))
     refs = run.references("train")
     samples = get_method("seqkd").train_responses(run)
@@ -100,11 +82,11 @@ def test_seqkd_trains_on_teacher_samples_not_references(tmp_path, cache):
     assert get_method("seqkd").train_responses(again) == samples
 
 
-def test_resume_continues_with_no_lost_steps(tmp_path, cache):
-    full = train(tiny_cfg(tmp_path / "a", cache, "kd", steps=6, skip_eval=True))
+def test_resume_continues_with_no_lost_steps(tmp_path, response_cache):
+    full = train(tiny_cfg(tmp_path / "a", response_cache, "kd", steps=6, skip_eval=True))
     assert full["steps"] == 6
-    train(tiny_cfg(tmp_path / "b", cache, "kd", steps=3, skip_eval=True))
-    resumed_cfg = tiny_cfg(tmp_path / "b", cache, "kd", steps=6, skip_eval=True, resume=True)
+    train(tiny_cfg(tmp_path / "b", response_cache, "kd", steps=3, skip_eval=True))
+    resumed_cfg = tiny_cfg(tmp_path / "b", response_cache, "kd", steps=6, skip_eval=True, resume=True)
     train(resumed_cfg, explicit={"steps"})
     a = _rows(tmp_path / "a" / "kd" / "metrics.jsonl")
     b = _rows(tmp_path / "b" / "kd" / "metrics.jsonl")
@@ -114,10 +96,10 @@ def test_resume_continues_with_no_lost_steps(tmp_path, cache):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6), ra["step"]
 
 
-def test_ctrl_c_checkpoints_then_exits(tmp_path, cache, monkeypatch):
+def test_ctrl_c_checkpoints_then_exits(tmp_path, response_cache, monkeypatch):
     import kd_kernels.train.trainer as T
 
-    cfg = tiny_cfg(tmp_path, cache, "sft", steps=50, ckpt_every=1000, skip_eval=True)
+    cfg = tiny_cfg(tmp_path, response_cache, "sft", steps=50, ckpt_every=1000, skip_eval=True)
     real_lr_at = T.lr_at
 
     def lr_at(step, c):  # deliver SIGINT to ourselves during step 2, as a user's Ctrl-C would
@@ -135,14 +117,14 @@ def test_ctrl_c_checkpoints_then_exits(tmp_path, cache, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before  # the previous handler is restored
 
 
-def test_torchrun_two_cpu_processes(tmp_path, cache):
+def test_torchrun_two_cpu_processes(tmp_path, response_cache):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kd_kernels.train.cli", "kd", "--preset", "tiny", "--steps", "3", "--batch-size", "2",
            "--max-prompts", "24", "--max-new-tokens", "6", "--skip-eval", "--device", "cpu",
-           "--cache-dir", str(cache), "--out", str(out), "--no-progress"]
+           "--cache-dir", str(response_cache), "--out", str(out), "--no-progress"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                        check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -153,7 +135,7 @@ def test_torchrun_two_cpu_processes(tmp_path, cache):
 
     # one process with the double batch takes the same steps (DDP averages the two halves' gradients;
     # the per-rank token means differ from the global mean, so compare loosely)
-    single = train(tiny_cfg(tmp_path, cache, "kd", steps=3, batch_size=4, eval_seeds="1",
+    single = train(tiny_cfg(tmp_path, response_cache, "kd", steps=3, batch_size=4, eval_seeds="1",
                             out=str(tmp_path / "single"), lr=1e-4, warmup_steps=5, min_lr=1e-5,
                             skip_eval=True, gen_batch_size=16))
     assert single["steps"] == 3
