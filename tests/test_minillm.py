@@ -200,7 +200,7 @@ def _materialized_loss(student, teacher, batch, pt, cfg) -> torch.Tensor:
 
 def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_cache):
     from kd_kernels.train.methods import get_method
-    from kd_kernels.train.trainer import Run
+    from kd_kernels.train.run import Run
 
     cfg = tiny_cfg(tmp_path, response_cache, minillm_rollouts=4, batch_size=2, minillm_ppo_epochs=2,
                    minillm_clip=0.05, backend="torch")
@@ -234,7 +234,7 @@ def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_ca
 
 def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_cache):
     from kd_kernels.train.methods import MiniLLM
-    from kd_kernels.train.trainer import Run
+    from kd_kernels.train.run import Run
 
     cfg = tiny_cfg(tmp_path, response_cache, minillm_pt=False)
     run = Run(cfg, 0, 1, torch.device("cpu"))

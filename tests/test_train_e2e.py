@@ -68,7 +68,7 @@ def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
 
 def test_seqkd_trains_on_teacher_samples_not_references(tmp_path, response_cache):
     from kd_kernels.train.methods import get_method
-    from kd_kernels.train.trainer import Run
+    from kd_kernels.train.run import Run
 
     cfg = tiny_cfg(tmp_path, response_cache, "seqkd")
     run = Run(cfg, 0, 1, torch.device("cpu"))

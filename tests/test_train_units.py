@@ -249,3 +249,23 @@ def test_compare_rejects_bad_arguments_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and "--seeds" in err and "--seed is set per run" in err and "--kd-ratio" in err
     assert not any(tmp_path.iterdir())  # nothing was run
+
+
+def test_train_package_imports_run_one_way():
+    """kd_kernels.train's modules import each other without a cycle (run ← methods / evaluate ← trainer)."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import kd_kernels.train as pkg
+
+    graph = {}
+    for f in Path(pkg.__file__).parent.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[f.stem] = deps
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert order.index("run") < order.index("methods") < order.index("trainer")
+    assert order.index("evaluate") < order.index("trainer")

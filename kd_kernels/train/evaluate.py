@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -18,10 +17,7 @@ from tqdm.auto import tqdm
 from .data import collate, shift_targets
 from .generate import generate
 from .losses import token_divergences
-from .methods import head
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Run
+from .run import Run, head
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

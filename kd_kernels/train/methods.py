@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,10 +24,7 @@ from .minillm import (
     token_rewards,
     whiten,
 )
-from .models import final_hidden, output_head
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Run
+from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -45,14 +41,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method {name!r} is unknown; use one of {sorted(METHODS)}")
     return METHODS[name]()
-
-
-def head(model, batch: dict[str, torch.Tensor]) -> Head:
-    """The model's final hidden states for positions 0 … T−2 (each predicts the next token) and its
-    lm_head."""
-    h = final_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    w, b = output_head(model)
-    return Head(h, w, b)
 
 
 class Method:
