@@ -1,7 +1,8 @@
 // bindings.cpp — the Python module kd_kernels._C: exports only. No torch headers: tensors arrive as raw data
 // pointers (Python ints) from the launchers in kd_kernels/_backends/, which validate shapes, dtypes and devices.
 //
-// dtype codes: 0 float32, 1 bfloat16, 2 float16 (kd::DType); divergence codes: kd::Divergence.
+// dtype codes: 0 float32, 1 bfloat16, 2 float16 (kd::DType); divergence codes: kd::Divergence. coef, coef2 and
+// interpolation: kd::RowArgs (kd_args.h).
 // std::invalid_argument raised by the checks in csrc/cpu/kd_cpu_dispatch.cpp becomes a Python ValueError.
 
 #include <pybind11/pybind11.h>
@@ -33,7 +34,7 @@ namespace {
 kd::RowArgs make_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t grad, std::uintptr_t row_weight,
                       std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s, int64_t stride_t,
                       int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef,
-                      double temperature) {
+                      double coef2, double interpolation, double temperature) {
   kd::RowArgs a;
   a.s = reinterpret_cast<const void*>(s);
   a.t = reinterpret_cast<const void*>(t);
@@ -49,6 +50,8 @@ kd::RowArgs make_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t grad, s
   a.t_dtype = t_dtype;
   a.divergence = divergence;
   a.coef = coef;
+  a.coef2 = coef2;
+  a.interpolation = interpolation;
   a.temperature = temperature;
   return a;
 }
@@ -106,16 +109,18 @@ PYBIND11_MODULE(_C, m) {
       "cpu_loss_grad",
       [](std::uintptr_t s, std::uintptr_t t, std::uintptr_t grad, std::uintptr_t row_weight,
          std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s, int64_t stride_t,
-         int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef, double temperature,
-         int num_threads) {
+         int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef, double coef2,
+         double interpolation, double temperature, int num_threads) {
         const kd::RowArgs a = make_args(s, t, grad, row_weight, loss, n_rows, vocab, stride_s, stride_t,
-                                        stride_g, s_dtype, t_dtype, divergence, coef, temperature);
+                                        stride_g, s_dtype, t_dtype, divergence, coef, coef2,
+                                        interpolation, temperature);
         py::gil_scoped_release nogil;
         kd::cpu::loss_grad(a, num_threads);
       },
       py::arg("s"), py::arg("t"), py::arg("grad"), py::arg("row_weight"), py::arg("loss"), py::arg("n_rows"),
       py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"), py::arg("s_dtype"),
-      py::arg("t_dtype"), py::arg("divergence"), py::arg("coef"), py::arg("temperature"),
+      py::arg("t_dtype"), py::arg("divergence"), py::arg("coef"), py::arg("coef2"), py::arg("interpolation"),
+      py::arg("temperature"),
       py::arg("num_threads"),
       "Fused per-row loss + gradient on host memory (kd::RowArgs). grad = 0: loss only; grad may equal s.");
 
@@ -129,10 +134,11 @@ PYBIND11_MODULE(_C, m) {
       "cuda_loss_grad",
       [](std::uintptr_t s, std::uintptr_t t, std::uintptr_t grad, std::uintptr_t row_weight,
          std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t stride_s, int64_t stride_t,
-         int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef, double temperature,
-         std::uintptr_t stream) {
+         int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef, double coef2,
+         double interpolation, double temperature, std::uintptr_t stream) {
         const kd::RowArgs a = make_args(s, t, grad, row_weight, loss, n_rows, vocab, stride_s, stride_t,
-                                        stride_g, s_dtype, t_dtype, divergence, coef, temperature);
+                                        stride_g, s_dtype, t_dtype, divergence, coef, coef2,
+                                        interpolation, temperature);
         char err[512] = {0};
         int rc;
         {
@@ -146,7 +152,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("s"), py::arg("t"), py::arg("grad"), py::arg("row_weight"), py::arg("loss"), py::arg("n_rows"),
       py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"), py::arg("stride_g"), py::arg("s_dtype"),
-      py::arg("t_dtype"), py::arg("divergence"), py::arg("coef"), py::arg("temperature"), py::arg("stream"),
+      py::arg("t_dtype"), py::arg("divergence"), py::arg("coef"), py::arg("coef2"), py::arg("interpolation"),
+      py::arg("temperature"), py::arg("stream"),
       "Fused per-row loss + gradient on device memory, enqueued on `stream` (a cudaStream_t as int).");
 #endif
 }

@@ -24,7 +24,7 @@ def _loss_grad_op(
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else s.new_empty(0)
-    spec = KDSpec(Divergence(divergence), coef, temperature)
+    spec = KDSpec(Divergence(divergence), coef, temperature=temperature)
     loss = get_backend(backend).loss_grad(s, t, row_weight, spec, grad if need_grad else None)
     return loss, grad
 

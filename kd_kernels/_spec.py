@@ -15,6 +15,10 @@ class Divergence(enum.IntEnum):
     SKEW_FORWARD_KL = 2
     SKEW_REVERSE_KL = 3
     JSD = 4
+    TVD = 5
+    JEFFREYS = 6
+    ALPHA_BETA = 7
+    RENYI = 8
 
     @classmethod
     def parse(cls, name: str | Divergence) -> Divergence:
@@ -41,12 +45,15 @@ class Divergence(enum.IntEnum):
 class KDSpec:
     """One divergence with its parameters.
 
-    ``coef`` is α for the skew divergences, β for JSD, and unused (0.0) for forward / reverse KL.
+    ``coef`` is α for the skew divergences, alpha_beta and renyi, β for JSD, and unused (0.0) otherwise;
+    ``coef2`` is β of alpha_beta (0.0 otherwise); ``interpolation`` is TAID's λ in (0, 1] (1.0 = off).
     """
 
     divergence: Divergence
     coef: float = 0.0
+    coef2: float = 0.0
     temperature: float = 1.0
+    interpolation: float = 1.0
 
     @staticmethod
     def make(divergence: str | Divergence, *, alpha: float, beta: float, temperature: float) -> KDSpec:
@@ -60,7 +67,7 @@ class KDSpec:
             coef = float(beta)
         else:
             coef = 0.0
-        return KDSpec(d, coef, float(temperature))
+        return KDSpec(d, coef, temperature=float(temperature))
 
 
 # Which loss an endpoint of alpha / beta silently turns into, so the error can name it.

@@ -126,7 +126,8 @@ def _raw_call(s_tensor=None, t_tensor=None, **overrides):
     args = {
         "s": s.data_ptr(), "t": t.data_ptr(), "grad": 0, "row_weight": w.data_ptr(),
         "loss": loss.data_ptr(), "n_rows": 3, "vocab": 7, "stride_s": 7, "stride_t": 7, "stride_g": 7,
-        "s_dtype": 0, "t_dtype": 0, "divergence": 0, "coef": 0.0, "temperature": 1.0, "num_threads": 0,
+        "s_dtype": 0, "t_dtype": 0, "divergence": 0, "coef": 0.0, "coef2": 0.0, "interpolation": 1.0,
+        "temperature": 1.0, "num_threads": 0,
     }
     args.update(overrides)
     _ext._C.cpu_loss_grad(**args)
@@ -139,7 +140,11 @@ def _raw_call(s_tensor=None, t_tensor=None, **overrides):
     [
         ({"s_dtype": 7}, "s_dtype"),
         ({"t_dtype": -1}, "t_dtype"),
-        ({"divergence": 5}, "divergence"),
+        ({"divergence": 9}, "divergence"),
+        ({"divergence": 7, "coef": 0.5, "coef2": 0.0}, "coef2"),
+        ({"divergence": 8, "coef": 1.0}, "renyi"),
+        ({"interpolation": 0.0}, "interpolation"),
+        ({"interpolation": 1.5}, "interpolation"),
         ({"vocab": 0}, "vocab"),
         ({"stride_s": 3}, "stride"),
         ({"temperature": 0.0}, "temperature"),

@@ -46,7 +46,7 @@ SLACK = {torch.float32: 2e-6, torch.bfloat16: 2e-4, torch.float16: 5e-5}
 
 
 def spec_of(divergence: str, temperature: float = 1.0) -> KDSpec:
-    return KDSpec(Divergence.parse(divergence), COEF.get(divergence, 0.0), temperature)
+    return KDSpec(Divergence.parse(divergence), COEF.get(divergence, 0.0), temperature=temperature)
 
 
 def logits(shape, dtype, scale=2.0):

@@ -150,15 +150,14 @@ void loss_grad(const RowArgs& a, int num_threads) {
           "s_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.s_dtype));
   require(a.t_dtype >= F32 && a.t_dtype <= F16,
           "t_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.t_dtype));
-  require(a.divergence >= FORWARD_KL && a.divergence <= JSD,
-          "divergence must be 0..4 (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd), got " +
-              std::to_string(a.divergence));
+  const char* why = divergence_args_error(a.divergence, a.coef, a.coef2, a.interpolation);
+  require(why == nullptr, why == nullptr ? "" : std::string(why) + " (divergence " +
+                                                   std::to_string(a.divergence) + ", coef " +
+                                                   std::to_string(a.coef) + ", coef2 " +
+                                                   std::to_string(a.coef2) + ", interpolation " +
+                                                   std::to_string(a.interpolation) + ")");
   require(std::isfinite(a.temperature) && a.temperature > 0,
           "temperature must be a finite number > 0, got " + std::to_string(a.temperature));
-  if (a.divergence != FORWARD_KL && a.divergence != REVERSE_KL) {
-    require(a.coef > 0 && a.coef < 1, "coef (alpha / beta) must lie in the open interval (0, 1), got " +
-                                          std::to_string(a.coef));
-  }
   kLevels[level().load()].fn(a, num_threads);
 }
 

@@ -5,31 +5,35 @@
 //   loss[i] = L_i (unweighted, fp32);  grad row i = row_weight[i] / T · ∂L_i/∂s̃_i in the student's dtype;
 //   rows with row_weight[i] == 0 are not read (loss 0, gradient row zero-filled); grad may alias s.
 //
-// The math is shared/docs/MATH.md, through the helpers of kd_math.h (the same the CUDA kernels run):
+// The math is shared/docs/MATH.md, through the one definition per divergence in kd_math.h (DivDef,
+// stats_*, stream_grad, center_terms, center_grad: the same the CUDA kernels run). Two row functions follow
+// from it, one per kind of divergence:
 //
-// forward_kl / reverse_kl ("How many passes": one streaming pass + one gradient pass).
-//   Pass 1 walks the row in blocks of kBlock entries held in L1 as fp32 s̃ = s/T, t̃ = t/T. Per block:
-//   the block maxima (m_s, m_t), then vectorized sums Z_s = Σ e^(s̃−m_s), Z_t = Σ e^(t̃−m_t) and
-//   X = Σ e^(t̃−m_t)(t̃−s̃) (forward) or Σ e^(s̃−m_s)(s̃−t̃) (reverse) — a KLState merged into the running
-//   one with kl_merge (which rescales to the new maxima). kl_finish gives L, lse_value the two LSEs.
-//   Pass 2 writes ∂L/∂s̃_j = q_j − p_j (forward) or q_j (ℓq_j − ℓp_j − L) (reverse) via kl_grad.
-//   Traffic per row: 2 reads of s and t (the second mostly from L2: a 32k-entry fp32 row is 128 KiB),
-//   1 write of the gradient.
+// stream_row: forward_kl, reverse_kl, jeffreys, renyi ("How many passes": one streaming pass + one gradient
+//   pass). Pass 1 walks the row in blocks of kBlock entries held in L1 as fp32 s̃ = s/T and the teacher logit
+//   t̃ (λ t̃ + (1−λ) s̃ with interpolation, fused into the load); renyi adds r̃ = α t̃ + (1−α) s̃. Per block:
+//   the block maxima, then vectorized sums Z_s, Z_t (Z_r) and the X sums DivDef asks for — a RowStats merged
+//   into the running one with stats_merge (which rescales to the new maxima); stats_finish gives L and the
+//   LSEs. Pass 2 writes stream_grad. The weights e^(s̃ − m_s(block)) and the second weight (p or ρ) are
+//   cached in a per-thread row buffer, so pass 2 costs no exp; reverse_kl / jeffreys re-read s and t there.
+//   Traffic per row: 1 read of s and t from memory, a second from L2 for reverse_kl / jeffreys (a 32k-entry
+//   fp32 row is 128 KiB), 1 write of the gradient.
 //
-// skew_forward_kl / skew_reverse_kl / jsd (three passes). Pass 1: LSE_s, LSE_t (block-wise LSEState).
-//   Pass 2: skew_terms gives q_j, v_j and the loss term from ℓq_j, ℓp_j; L = Σ loss terms and the centering
-//   sum S = Σ q_j v_j. With a gradient wanted, q_j and v_j go to a per-thread fp32 scratch row (2·V floats)
-//   so that pass 3, ∂L/∂s̃_j = k q_j (v_j − S) (skew_grad), costs no exp or log: recomputing skew_terms
-//   there would run its four exps and one log a second time.
+// center_row: skew_forward_kl, skew_reverse_kl, jsd, tvd, alpha_beta (three passes). Pass 1: LSE_s, LSE_t
+//   (block-wise, caching the weights). Pass 2: center_terms gives q_j, a_j and the loss term from ℓq_j, ℓp_j
+//   (s and t re-read, from L2; tvd reads only the cache); L = Σ loss terms and A = Σ a_j. q_j and a_j go to
+//   the row cache so that pass 3, ∂L/∂s̃_j = a_j − q_j A (center_grad), costs no exp or log.
 //
-// Within a block everything is fp32 (as on the GPU); block partials of L and S are added in double.
-// Rows go to threads with schedule(dynamic) because skipped (masked) rows cost nothing.
+// A row that is not a pair of distributions (row_valid: a NaN, a +inf, an all −inf side) gets loss NaN and a
+// NaN gradient row. Within a block everything is fp32 (as on the GPU); block partials of L and A are added in
+// double. Rows go to threads with schedule(dynamic) because skipped (masked) rows cost nothing.
 
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "kd_cpu.h"
@@ -87,9 +91,22 @@ inline void load_block(const void* row, int64_t j0, int64_t n, float inv_t, floa
   for (int64_t j = 0; j < n; ++j) out[j] = load_as_float<DT>(row, j0 + j) * inv_t;
 }
 
-// Maxima of a block (−inf for an empty or all −inf block). With GCC / clang vector types: as an
-// `omp simd reduction(max)` loop, or as plain independent lanes, GCC left it scalar once inlined into the row
-// functions (it measured ~5% of a skew row).
+// s̃ and the teacher logit (teacher_logit: the interpolation fused into the load) of one block.
+template <int SDT, int TDT>
+inline void load_pair(const void* s, const void* t, int64_t j0, int64_t n, float inv_t, const DivCoef& c,
+                      float* __restrict sb, float* __restrict tb) {
+  load_block<SDT>(s, j0, n, inv_t, sb);
+  if (c.interp) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) tb[j] = teacher_logit(load_as_float<TDT>(t, j0 + j) * inv_t, sb[j], c);
+  } else {
+    load_block<TDT>(t, j0, n, inv_t, tb);
+  }
+}
+
+// Maxima of a block (−inf for an empty or all −inf block; NaN entries are ignored here — they reach the
+// sums through kd_exp instead). With GCC / clang vector types: as an `omp simd reduction(max)` loop, or as
+// plain independent lanes, GCC left it scalar once inlined into the row functions (~5% of a skew row).
 #if defined(__GNUC__)
 typedef float v8f __attribute__((vector_size(32)));
 inline void block_max2(const float* __restrict a, const float* __restrict b, int64_t n, float* ma,
@@ -128,125 +145,156 @@ inline void block_max2(const float* a, const float* b, int64_t n, float* ma, flo
 }
 #endif
 
-// The base the block's exponentials are taken against: its max, or 0 for an all −inf block, so that
-// e^(x − base) is exactly 0 there instead of e^(−inf − (−inf)) = e^NaN.
-inline float exp_base(float m) { return m == -kInf ? 0.f : m; }
+inline float block_max1(const float* __restrict a, int64_t n) {
+  float m, unused;
+  block_max2(a, a, n, &m, &unused);
+  return m;
+}
 
-// Per-thread row cache (see the layout in `run`): e^(s̃_j − m_s(block)) and e^(t̃_j − m_t(block)) kept from
-// the first pass, with each block's maxima, so later passes get q_j = es_j · e^(m_s(block) − LSE_s) with one
-// multiply instead of an exp. es_j underflows to 0 only where q_j < e^−87 as well (LSE_s ≥ m_s(block)).
+template <int DT>
+inline void fill_nan(void* g, int64_t V) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t j = 0; j < V; ++j) store_from_float<DT>(g, j, nan);
+}
+
+// Per-thread row cache (see the layout in `run`): the weights of the first pass, e^(s̃_j − m_s(block)) and a
+// second one (e^(t̃_j − m_t(block)), or renyi's e^(r̃_j − m_r(block))), with each block's maxima, so later
+// passes get q_j = es_j · e^(m_s(block) − LSE_s) with one multiply instead of an exp. es_j underflows to 0
+// only where q_j < e^−87 as well (LSE_s ≥ m_s(block)). Centered kinds overwrite es, e2 with q_j, a_j in
+// pass 2.
 struct RowCache {
   float* es;  // (V,)
-  float* et;  // (V,)
+  float* e2;  // (V,)
   float* ms;  // (number of blocks,)
-  float* mt;  // (number of blocks,)
+  float* m2;  // (number of blocks,)
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// forward_kl / reverse_kl: one streaming pass + one gradient pass.
+// Streaming kinds (forward_kl, reverse_kl, jeffreys, renyi): one streaming pass + one gradient pass.
 // ---------------------------------------------------------------------------------------------------------
 template <int DIV, int SDT, int TDT>
-KD_FLATTEN float kl_row(const void* s,  // (V,) student logits of this row, dtype SDT
-                        const void* t,  // (V,) teacher logits, dtype TDT
-                        void* g,        // (V,) gradient, dtype SDT, or nullptr (loss only); may equal s
-                        RowCache cache,  // used only when g != nullptr
-                        float gscale,    // row_weight / T
-                        int64_t V, float inv_t) {
-  constexpr bool kFwd = DIV == FORWARD_KL;
+KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row, dtype SDT
+                            const void* t,    // (V,) teacher logits, dtype TDT
+                            void* g,          // (V,) gradient, dtype SDT, or nullptr (loss only); may equal s
+                            RowCache cache,   // used only when g != nullptr
+                            float gscale,     // row_weight / T
+                            int64_t V, float inv_t, const DivCoef& c) {
+  using D = DivDef<DIV>;
   alignas(64) float sb[kBlock];
   alignas(64) float tb[kBlock];
-  KLState st = kl_empty();
+  alignas(64) float rb[D::kR ? kBlock : 1];
+  RowStats st = stats_empty();
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    load_block<SDT>(s, j0, n, inv_t, sb);
-    load_block<TDT>(t, j0, n, inv_t, tb);
-    KLState bs;
+    load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
+    RowStats bs = stats_empty();
     block_max2(sb, tb, n, &bs.s.m, &bs.t.m);
-    const float ms = exp_base(bs.s.m), mt = exp_base(bs.t.m);
-    float zs = 0.f, zt = 0.f, x = 0.f;
+    if constexpr (D::kR) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) rb[j] = renyi_logit(sb[j], tb[j], c);
+      bs.r.m = block_max1(rb, n);
+    }
+    const float ms = exp_base(bs.s.m), mt = exp_base(bs.t.m), mr = exp_base(bs.r.m);
+    float zs = 0.f, zt = 0.f, zr = 0.f, xs = 0.f, xt = 0.f;
     if (g != nullptr) {
       float* __restrict es = cache.es + j0;
-      float* __restrict et = cache.et + j0;
+      float* __restrict e2 = cache.e2 + j0;
       cache.ms[b] = bs.s.m;
-      cache.mt[b] = bs.t.m;
-#pragma omp simd reduction(+ : zs, zt, x)
+      cache.m2[b] = D::kR ? bs.r.m : bs.t.m;
+#pragma omp simd reduction(+ : zs, zt, zr, xs, xt)
       for (int64_t j = 0; j < n; ++j) {
         const float ws = kd_exp(sb[j] - ms), wt = kd_exp(tb[j] - mt);
         zs += ws;
         zt += wt;
-        x += kFwd ? kl_term(tb[j], mt, sb[j]) : kl_term(sb[j], ms, tb[j]);  // its exp is ws / wt
+        xs += stats_xs<DIV>(ws, sb[j], tb[j]);
+        xt += stats_xt<DIV>(wt, sb[j], tb[j]);
         es[j] = ws;
-        if (kFwd) et[j] = wt;
+        if constexpr (D::kR) {
+          const float wr = kd_exp(rb[j] - mr);
+          zr += wr;
+          e2[j] = wr;
+        } else if constexpr (D::kGradW2) {
+          e2[j] = wt;
+        }
       }
     } else {
-#pragma omp simd reduction(+ : zs, zt, x)
+#pragma omp simd reduction(+ : zs, zt, zr, xs, xt)
       for (int64_t j = 0; j < n; ++j) {
-        zs += kd_exp(sb[j] - ms);
-        zt += kd_exp(tb[j] - mt);
-        x += kFwd ? kl_term(tb[j], mt, sb[j]) : kl_term(sb[j], ms, tb[j]);
+        const float ws = kd_exp(sb[j] - ms), wt = kd_exp(tb[j] - mt);
+        zs += ws;
+        zt += wt;
+        xs += stats_xs<DIV>(ws, sb[j], tb[j]);
+        xt += stats_xt<DIV>(wt, sb[j], tb[j]);
+        if constexpr (D::kR) zr += kd_exp(rb[j] - mr);
       }
     }
     bs.s.z = zs;
     bs.t.z = zt;
-    bs.x = x;
-    st = kl_merge<DIV>(st, bs);
+    bs.r.z = zr;
+    bs.xs = xs;
+    bs.xt = xt;
+    st = stats_merge<DIV>(st, bs);
   }
-  const float loss = kl_finish<DIV>(st);
-  if (g == nullptr) return loss;
+  const RowFinal f = stats_finish<DIV>(st, c);
+  if (!row_valid(f)) {
+    if (g != nullptr) fill_nan<SDT>(g, V);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  if (g == nullptr) return f.loss;
 
-  // Pass 2: q_j = es_j · e^(m_s(block) − LSE_s), p_j likewise; the gradient by kl_grad_qp.
-  const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
+  // Pass 2: q_j = es_j · e^(m_s(block) − LSE_s), the second weight likewise; the gradient by stream_grad.
+  const float lse_2 = D::kR ? f.lse_r : f.lse_t;
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    const float fs = rescale(cache.ms[b], lse_s), ft = rescale(cache.mt[b], lse_t);
+    const float fs = rescale(cache.ms[b], f.lse_s);
+    const float f2 = D::kGradW2 ? rescale(cache.m2[b], lse_2) : 0.f;
     const float* __restrict es = cache.es + j0;
-    const float* __restrict et = cache.et + j0;
-    if (kFwd) {  // q − p: s and t are not read again
+    const float* __restrict e2 = cache.e2 + j0;
+    if constexpr (D::kGradLogits) {
+      // s̃, t̃ again. The block is read before any of it is written, so g == s (in place) is safe.
+      load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float gj = kl_grad_qp<DIV>(es[j] * fs, et[j] * ft, 0.f, 0.f, lse_s, lse_t, loss);
-        store_from_float<SDT>(g, j0 + j, gscale * gj);
+        const float w2 = D::kGradW2 ? e2[j] * f2 : 0.f;
+        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, w2, sb[j], tb[j], f));
       }
-    } else {  // q (s̃ − t̃ − (LSE_s − LSE_t) − L): s̃, t̃ again. The block is read before any of it is
-              // written, so g == s (in place) is safe.
-      load_block<SDT>(s, j0, n, inv_t, sb);
-      load_block<TDT>(t, j0, n, inv_t, tb);
+    } else {  // s and t are not read again
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float gj = kl_grad_qp<DIV>(es[j] * fs, 0.f, sb[j], tb[j], lse_s, lse_t, loss);
-        store_from_float<SDT>(g, j0 + j, gscale * gj);
+        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, e2[j] * f2, 0.f, 0.f, f));
       }
     }
   }
-  return loss;
+  return f.loss;
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// skew_forward_kl / skew_reverse_kl / jsd: LSE pass, loss + centering pass, gradient pass.
+// Centered kinds (skew_forward_kl, skew_reverse_kl, jsd, tvd, alpha_beta): LSE pass, loss + A pass,
+// gradient pass.
 // ---------------------------------------------------------------------------------------------------------
 template <int DIV, int SDT, int TDT>
-KD_FLATTEN float skew_row(const void* s,    // (V,) student logits, dtype SDT
-                          const void* t,    // (V,) teacher logits, dtype TDT
-                          void* g,          // (V,) gradient, dtype SDT, or nullptr; may equal s
-                          RowCache cache,   // always used
-                          float gscale,     // row_weight / T
-                          int64_t V, float inv_t, MixCoef c) {
+KD_FLATTEN float center_row(const void* s,    // (V,) student logits, dtype SDT
+                            const void* t,    // (V,) teacher logits, dtype TDT
+                            void* g,          // (V,) gradient, dtype SDT, or nullptr; may equal s
+                            RowCache cache,   // always used
+                            float gscale,     // row_weight / T
+                            int64_t V, float inv_t, const DivCoef& c) {
+  using D = DivDef<DIV>;
   alignas(64) float sb[kBlock];
   alignas(64) float tb[kBlock];
 
-  // Pass 1: LSE_s, LSE_t, caching the exponentials.
-  LSEState ls = lse_empty(), lt = lse_empty();
+  // Pass 1: LSE_s, LSE_t, caching the weights.
+  RowStats st = stats_empty();
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    load_block<SDT>(s, j0, n, inv_t, sb);
-    load_block<TDT>(t, j0, n, inv_t, tb);
-    LSEState bs, bt;
-    block_max2(sb, tb, n, &bs.m, &bt.m);
-    cache.ms[b] = bs.m;
-    cache.mt[b] = bt.m;
-    const float ms = exp_base(bs.m), mt = exp_base(bt.m);
+    load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
+    RowStats bs = stats_empty();
+    block_max2(sb, tb, n, &bs.s.m, &bs.t.m);
+    cache.ms[b] = bs.s.m;
+    cache.m2[b] = bs.t.m;
+    const float ms = exp_base(bs.s.m), mt = exp_base(bs.t.m);
     float* __restrict es = cache.es + j0;
-    float* __restrict et = cache.et + j0;
+    float* __restrict et = cache.e2 + j0;
     float zs = 0.f, zt = 0.f;
 #pragma omp simd reduction(+ : zs, zt)
     for (int64_t j = 0; j < n; ++j) {
@@ -256,53 +304,54 @@ KD_FLATTEN float skew_row(const void* s,    // (V,) student logits, dtype SDT
       es[j] = ws;
       et[j] = wt;
     }
-    bs.z = zs;
-    bt.z = zt;
-    ls = lse_merge(ls, bs);
-    lt = lse_merge(lt, bt);
+    bs.s.z = zs;
+    bs.t.z = zt;
+    st = stats_merge<DIV>(st, bs);
   }
-  const float lse_s = lse_value(ls), lse_t = lse_value(lt);
+  const RowFinal f = stats_finish<DIV>(st, c);
+  if (!row_valid(f)) {
+    if (g != nullptr) fill_nan<SDT>(g, V);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float lse_s = f.lse_s, lse_t = f.lse_t;
 
-  // Pass 2: L = Σ loss terms, S = Σ q v; q and v overwrite the cache (es, et) for pass 3.
-  double loss = 0.0, S = 0.0;
+  // Pass 2: L = Σ loss terms, A = Σ a; q and a overwrite the cache (es, e2) for pass 3.
+  double loss = 0.0, A = 0.0;
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    const float fs = rescale(cache.ms[b], lse_s), ft = rescale(cache.mt[b], lse_t);
-    load_block<SDT>(s, j0, n, inv_t, sb);
-    load_block<TDT>(t, j0, n, inv_t, tb);
+    const float fs = rescale(cache.ms[b], lse_s), ft = rescale(cache.m2[b], lse_t);
+    if constexpr (D::kCenterLogs) load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
     float* __restrict es = cache.es + j0;
-    float* __restrict et = cache.et + j0;
-    float bl = 0.f, bS = 0.f;
+    float* __restrict et = cache.e2 + j0;
+    float bl = 0.f, bA = 0.f;
     if (g != nullptr) {
-#pragma omp simd reduction(+ : bl, bS)
+#pragma omp simd reduction(+ : bl, bA)
       for (int64_t j = 0; j < n; ++j) {
-        const SkewTerms e = skew_terms_qp<DIV>(sb[j] - lse_s, tb[j] - lse_t, es[j] * fs, et[j] * ft, c);
+        const float lq = D::kCenterLogs ? sb[j] - lse_s : 0.f, lp = D::kCenterLogs ? tb[j] - lse_t : 0.f;
+        const CenterTerms e = center_terms<DIV>(lq, lp, es[j] * fs, et[j] * ft, c);
         bl += e.loss;
-        bS += e.q * e.v;
+        bA += e.a;
         es[j] = e.q;
-        et[j] = e.v;
+        et[j] = e.a;
       }
     } else {
 #pragma omp simd reduction(+ : bl)
       for (int64_t j = 0; j < n; ++j) {
-        bl += skew_terms_qp<DIV>(sb[j] - lse_s, tb[j] - lse_t, es[j] * fs, et[j] * ft, c).loss;
+        const float lq = D::kCenterLogs ? sb[j] - lse_s : 0.f, lp = D::kCenterLogs ? tb[j] - lse_t : 0.f;
+        bl += center_terms<DIV>(lq, lp, es[j] * fs, et[j] * ft, c).loss;
       }
     }
     loss += bl;
-    S += bS;
+    A += bA;
   }
   if (g == nullptr) return static_cast<float>(loss);
 
-  // Pass 3: ∂L/∂s̃_j = k q_j (v_j − S), from the cache only (s is not read again, so g == s is safe).
-  // No `omp simd` here: GCC privatizes the SkewTerms temporary per SIMD lane and then gives up; the plain
-  // loop over __restrict rows is auto-vectorized.
-  const float Sf = static_cast<float>(S);
+  // Pass 3: ∂L/∂s̃_j = a_j − q_j A, from the cache only (s is not read again, so g == s is safe).
+  // A plain loop over __restrict rows (auto-vectorized).
+  const float Af = static_cast<float>(A);
   const float* __restrict qr = cache.es;
-  const float* __restrict vr = cache.et;
-  for (int64_t j = 0; j < V; ++j) {
-    const SkewTerms e{qr[j], vr[j], 0.f};
-    store_from_float<SDT>(g, j, gscale * skew_grad<DIV>(e, Sf, c));
-  }
+  const float* __restrict ar = cache.e2;
+  for (int64_t j = 0; j < V; ++j) store_from_float<SDT>(g, j, gscale * center_grad(qr[j], ar[j], Af));
   return static_cast<float>(loss);
 }
 
@@ -311,10 +360,10 @@ KD_FLATTEN float skew_row(const void* s,    // (V,) student logits, dtype SDT
 // ---------------------------------------------------------------------------------------------------------
 template <int DIV, int SDT, int TDT>
 void run(const RowArgs& a, int num_threads) {
-  constexpr bool kSkew = DIV != FORWARD_KL && DIV != REVERSE_KL;
+  constexpr bool kCentered = !DivDef<DIV>::kStreaming;
   const int64_t N = a.n_rows, V = a.vocab;
   const float inv_t = static_cast<float>(1.0 / a.temperature);
-  const MixCoef c = make_mix_coef(kSkew ? a.coef : 0.5);
+  const DivCoef c = make_div_coef(DIV, a.coef, a.coef2, a.interpolation);
   const bool want_grad = a.grad != nullptr;
 
   int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
@@ -323,11 +372,11 @@ void run(const RowArgs& a, int num_threads) {
   // Enough rows per work item that scheduling costs nothing next to the row (≥ ~16k logits).
   const int chunk = static_cast<int>(std::max<int64_t>(1, (1 << 14) / V));
 
-  // Per-thread RowCache: es (V) | et (V) | ms (blocks) | mt (blocks), rounded up to a cache line.
+  // Per-thread RowCache: es (V) | e2 (V) | ms (blocks) | m2 (blocks), rounded up to a cache line.
   // Allocated before the parallel region, because an exception must not escape an OpenMP region.
   const int64_t nblk = (V + kBlock - 1) / kBlock;
   const int64_t per_thread = ((2 * V + 2 * nblk) + 15) / 16 * 16;
-  std::vector<float> scratch(kSkew || want_grad ? static_cast<size_t>(nt * per_thread) : 0);
+  std::vector<float> scratch(kCentered || want_grad ? static_cast<size_t>(nt * per_thread) : 0);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -348,10 +397,10 @@ void run(const RowArgs& a, int num_threads) {
       const void* s = row_ptr<SDT>(a.s, i, a.stride_s);
       const void* t = row_ptr<TDT>(a.t, i, a.stride_t);
       const float gscale = w * inv_t;
-      if constexpr (kSkew) {
-        a.loss[i] = skew_row<DIV, SDT, TDT>(s, t, g, cache, gscale, V, inv_t, c);
+      if constexpr (kCentered) {
+        a.loss[i] = center_row<DIV, SDT, TDT>(s, t, g, cache, gscale, V, inv_t, c);
       } else {
-        a.loss[i] = kl_row<DIV, SDT, TDT>(s, t, g, cache, gscale, V, inv_t);
+        a.loss[i] = stream_row<DIV, SDT, TDT>(s, t, g, cache, gscale, V, inv_t, c);
       }
     }
   }
@@ -383,7 +432,11 @@ void loss_grad(const RowArgs& a, int num_threads) {
     case REVERSE_KL: return run_s<REVERSE_KL>(a, num_threads);
     case SKEW_FORWARD_KL: return run_s<SKEW_FORWARD_KL>(a, num_threads);
     case SKEW_REVERSE_KL: return run_s<SKEW_REVERSE_KL>(a, num_threads);
-    default: return run_s<JSD>(a, num_threads);
+    case JSD: return run_s<JSD>(a, num_threads);
+    case TVD: return run_s<TVD>(a, num_threads);
+    case JEFFREYS: return run_s<JEFFREYS>(a, num_threads);
+    case ALPHA_BETA: return run_s<ALPHA_BETA>(a, num_threads);
+    default: return run_s<RENYI>(a, num_threads);
   }
 }
 

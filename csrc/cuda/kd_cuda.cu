@@ -301,11 +301,8 @@ int cuda_loss_grad(const RowArgs& a, void* stream, char* err, int err_len) {
   if (a.s_dtype < F32 || a.s_dtype > F16 || a.t_dtype < F32 || a.t_dtype > F16) {
     return bad("dtype codes must be 0 (float32), 1 (bfloat16) or 2 (float16)");
   }
-  if (a.divergence < FORWARD_KL || a.divergence > JSD) return bad("divergence code must be in 0..4");
+  if (const char* why = divergence_args_error(a.divergence, a.coef, a.coef2, a.interpolation)) return bad(why);
   if (!(std::isfinite(a.temperature) && a.temperature > 0)) return bad("temperature must be finite and > 0");
-  if (a.divergence >= SKEW_FORWARD_KL && !(a.coef > 0 && a.coef < 1)) {
-    return bad("coef (alpha or beta) must be in the open interval (0, 1)");
-  }
   if (a.n_rows == 0) return 0;
   if (a.s == nullptr || a.t == nullptr || a.row_weight == nullptr || a.loss == nullptr) {
     return bad("s, t, row_weight and loss must be non-null device pointers");
@@ -334,7 +331,7 @@ int cuda_loss_grad(const RowArgs& a, void* stream, char* err, int err_len) {
   p.ngroups = (a.vocab + cuda_detail::kGroup - 1) / cuda_detail::kGroup;
   p.groups_per_block = p.ngroups;
   p.inv_t = static_cast<float>(1.0 / a.temperature);
-  p.coef = a.divergence >= SKEW_FORWARD_KL ? make_mix_coef(a.coef) : MixCoef{0.f, 0.f, 0.f};
+  p.coef = make_div_coef(a.divergence, a.coef, a.coef2, a.interpolation);
   p.cluster = 1;
   const int bs = dtype_bytes(a.s_dtype), bt = dtype_bytes(a.t_dtype);
   p.vec_s = aligned16(a.s, a.stride_s, bs);
@@ -356,8 +353,20 @@ int cuda_loss_grad(const RowArgs& a, void* stream, char* err, int err_len) {
     case SKEW_REVERSE_KL:
       e = cuda_detail::launch_skew_reverse_kl(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
       break;
-    default:
+    case JSD:
       e = cuda_detail::launch_jsd(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
+      break;
+    case TVD:
+      e = cuda_detail::launch_tvd(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
+      break;
+    case JEFFREYS:
+      e = cuda_detail::launch_jeffreys(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
+      break;
+    case ALPHA_BETA:
+      e = cuda_detail::launch_alpha_beta(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
+      break;
+    default:
+      e = cuda_detail::launch_renyi(p, a.s_dtype, a.t_dtype, req, st, err, err_len);
       break;
   }
   if (e != cudaSuccess && err != nullptr && err_len > 0 && err[0] == '\0') {

@@ -2,7 +2,8 @@
 //
 // Kept apart from kd_rows.cuh (which needs the CUDA runtime and cooperative groups) so that a host program,
 // host_check/kd_group_host_check.cpp, can run the kernels' accumulation and merge logic on the CPU against
-// float64 (no GPU here). Only kd_math.h formulas are used.
+// float64 (no GPU here). Only kd_math.h definitions are used (one per divergence: DivDef, stats_*,
+// stream_grad, center_terms).
 #pragma once
 
 #include <stdint.h>
@@ -55,9 +56,23 @@ KD_UNROLL
   for (int j = 0; j < kGroup; ++j) out[j] = group_elem<DT>(r, j) * inv_t;
 }
 
+// s̃ and the teacher logit (kd_math.h teacher_logit: the interpolation fused into the load) of one group.
+template <int SD, int TD>
+KD_HD void pair_to_float(const RawGroup<SD>& rs, const RawGroup<TD>& rt, float inv_t, const DivCoef& c,
+                         float sv[kGroup], float tv[kGroup]) {
+  group_to_float<SD>(rs, inv_t, sv);
+  group_to_float<TD>(rt, inv_t, tv);
+  if (c.interp) {
+KD_UNROLL
+    for (int j = 0; j < kGroup; ++j) tv[j] = teacher_logit(tv[j], sv[j], c);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// Online accumulation of one group: one exponential per element (plus one rescale per group), built from
-// kd_math's rescale(): e^(x − m), 0 for x = −inf, so an all −inf prefix (m = −inf) never forms −inf − (−inf).
+// Online accumulation of one group into a RowStats (kd_math.h): the running maxima grow, the sums kept so
+// far are rescaled, then each element adds its weights e^(x − m) (kd_math's rescale(): 0 for x = −inf, so an
+// all −inf prefix, m = −inf, never forms −inf − (−inf)) and the X terms DivDef<DIV> asks for. One exponential
+// per element and sum (plus one rescale per group). Centered kinds keep only Z_s, Z_t here.
 // ---------------------------------------------------------------------------------------------------------
 
 KD_HD float group_max(const float x[kGroup]) {
@@ -67,37 +82,36 @@ KD_UNROLL
   return m;
 }
 
-KD_HD void lse_push_group(LSEState& st, const float x[kGroup]) {
-  const float m = fmaxf(st.m, group_max(x));
-  float z = st.z * rescale(st.m, m);
-KD_UNROLL
-  for (int j = 0; j < kGroup; ++j) z += rescale(x[j], m);
-  st = {m, z};
-}
-
-// KLState update (kd_math.h: forward X = Σ e^(t̃−m_t)(t̃ − s̃), reverse X = Σ e^(s̃−m_s)(s̃ − t̃)), with the
-// 0·log 0 convention of kl_term: a zero weight contributes 0 even when the difference is ±inf or NaN.
 template <int DIV>
-KD_HD void kl_push_group(KLState& st, const float sv[kGroup], const float tv[kGroup]) {
+KD_HD void stats_push_group(RowStats& st, const float sv[kGroup], const float tv[kGroup], const DivCoef& c) {
+  using D = DivDef<DIV>;
   const float ms = fmaxf(st.s.m, group_max(sv));
   const float mt = fmaxf(st.t.m, group_max(tv));
   const float ks = rescale(st.s.m, ms), kt = rescale(st.t.m, mt);
   float zs = st.s.z * ks, zt = st.t.z * kt;
-  float x = st.x * (DIV == FORWARD_KL ? kt : ks);
+  float xs = D::kXs ? st.xs * ks : 0.f, xt = D::kXt ? st.xt * kt : 0.f;
+  float rv[kGroup];
+  float mr = st.r.m, zr = st.r.z;
+  if (D::kR) {
+KD_UNROLL
+    for (int j = 0; j < kGroup; ++j) rv[j] = renyi_logit(sv[j], tv[j], c);
+    mr = fmaxf(st.r.m, group_max(rv));
+    zr = st.r.z * rescale(st.r.m, mr);
+  }
 KD_UNROLL
   for (int j = 0; j < kGroup; ++j) {
     const float es = rescale(sv[j], ms), et = rescale(tv[j], mt);
     zs += es;
     zt += et;
-    if (DIV == FORWARD_KL) {
-      x += et == 0.f ? 0.f : et * (tv[j] - sv[j]);
-    } else {
-      x += es == 0.f ? 0.f : es * (sv[j] - tv[j]);
-    }
+    xs += stats_xs<DIV>(es, sv[j], tv[j]);
+    xt += stats_xt<DIV>(et, sv[j], tv[j]);
+    if (D::kR) zr += rescale(rv[j], mr);
   }
   st.s = {ms, zs};
   st.t = {mt, zt};
-  st.x = x;
+  st.r = {mr, zr};
+  st.xs = xs;
+  st.xt = xt;
 }
 
 }  // namespace cuda_detail

@@ -1,20 +1,23 @@
 // kd_rows.cuh — the fused loss + gradient row kernel of every divergence, and its typed launcher.
 //
-// Math: shared/docs/MATH.md; every per-element formula comes from kd_math.h (shared with the CPU kernels).
+// Math: shared/docs/MATH.md; every divergence is its one definition in kd_math.h (DivDef, stats_*, stream_grad,
+// center_terms, center_grad), shared with the CPU kernels; the passes below are derived from it.
 // Per row i with weight w_i (0 = masked: not read, loss 0, gradient row 0), temperature T:
 //   loss[i] = L_i (unweighted, fp32),   grad row i = (w_i / T) · ∂L_i/∂s̃  (student dtype, may alias s).
 //
 // Work split: one block per row, or, on Hopper, one *cluster* of C blocks per row where block r owns the
 // column slice [r·G, (r+1)·G) in groups of 8 columns (G groups per block). Passes over a row:
-//   forward / reverse KL  A: LSE_s, LSE_t and Σ e^(·)(t̃ − s̃) in one online pass   B: gradient
-//   skew KL / JSD         A: LSE_s, LSE_t   B: loss and the centering sum S = Σ q v   C: gradient
+//   streaming kinds (forward_kl, reverse_kl, jeffreys, renyi)   A: RowStats in one online pass   B: gradient
+//   centered kinds (skew_*, jsd, tvd, alpha_beta)   A: LSE_s, LSE_t   B: loss and A = Σ a_v   C: gradient
+// A row that is not a pair of distributions (kd_math.h row_valid) gets loss NaN and a NaN gradient row.
+// The interpolated teacher (λ t̃ + (1−λ) s̃) is formed as the groups are converted (pair_to_float).
 // Between passes the per-block partials are reduced warp (shuffles) → block (shared memory) → cluster
 // (distributed shared memory), merged in the same order in every block, so all blocks agree bit for bit.
 //
 // RESIDENT = true keeps the block's slice of s and t in shared memory (raw dtype) from pass A on, so HBM sees
 // each input once: bytes = N·V·(|s| + |t| + |grad|), 6 bytes per element pair in bf16. RESIDENT = false
 // re-reads global memory in every pass (for rows too long for a cluster's shared memory, or when forced):
-// 2 (KL) or 3 (skew / JSD) reads of s and t.
+// 2 (streaming) or 3 (centered) reads of s and t.
 //
 // Loads: a group of 8 columns is one 16-byte vector per 16-bit tensor (two for fp32), when the host found
 // every row 16-byte aligned (base pointer and row stride) and the group lies inside the row; else element by
@@ -51,7 +54,7 @@ struct KernelParams {
   int64_t ngroups;           // ceil(V / 8)
   int64_t groups_per_block;  // G: groups owned by one block of a cluster (= ngroups when C = 1)
   float inv_t;               // 1 / T
-  MixCoef coef;              // α or β with its logs (skew / JSD only)
+  DivCoef coef;              // the divergence's parameters and the interpolation (kd_math.h make_div_coef)
   int cluster;               // C, blocks per row (RESIDENT only; 1 otherwise)
   bool vec_s, vec_t, vec_g;  // every row of that tensor is 16-byte aligned: vector loads / stores allowed
 };
@@ -162,19 +165,14 @@ __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sy
 __device__ __forceinline__ LSEState shfl_xor(LSEState v, int o) {
   return {shfl_xor(v.m, o), shfl_xor(v.z, o)};
 }
-__device__ __forceinline__ KLState shfl_xor(KLState v, int o) {
-  return {shfl_xor(v.s, o), shfl_xor(v.t, o), shfl_xor(v.x, o)};
+__device__ __forceinline__ RowStats shfl_xor(RowStats v, int o) {
+  return {shfl_xor(v.s, o), shfl_xor(v.t, o), shfl_xor(v.r, o), shfl_xor(v.xs, o), shfl_xor(v.xt, o)};
 }
 __device__ __forceinline__ Sum2 shfl_xor(Sum2 v, int o) { return {shfl_xor(v.a, o), shfl_xor(v.b, o)}; }
 
-struct MergeLSE2 {  // the (LSE_s, LSE_t) pair of the skew / JSD first pass, packed as a KLState with x unused
-  __device__ KLState operator()(KLState a, KLState b) const {
-    return {lse_merge(a.s, b.s), lse_merge(a.t, b.t), 0.f};
-  }
-};
 template <int DIV>
-struct MergeKL {
-  __device__ KLState operator()(KLState a, KLState b) const { return kl_merge<DIV>(a, b); }
+struct MergeStats {
+  __device__ RowStats operator()(RowStats a, RowStats b) const { return stats_merge<DIV>(a, b); }
 };
 struct MergeSum2 {
   __device__ Sum2 operator()(Sum2 a, Sum2 b) const { return {a.a + b.a, a.b + b.b}; }
@@ -182,14 +180,14 @@ struct MergeSum2 {
 
 // Scratch shared memory of the reductions (static, small).
 struct ReduceScratch {
-  KLState warp[kMaxWarps];
-  KLState slot;   // this block's partial, read by the cluster's other blocks
-  KLState bcast;  // the merged value, for the whole block
+  RowStats warp[kMaxWarps];
+  RowStats slot;   // this block's partial, read by the cluster's other blocks
+  RowStats bcast;  // the merged value, for the whole block
 };
 
 template <class T, class Merge>
 __device__ __forceinline__ T block_allreduce(T v, ReduceScratch& sc, Merge merge) {
-  static_assert(sizeof(T) <= sizeof(KLState), "scratch slot too small");
+  static_assert(sizeof(T) <= sizeof(RowStats), "scratch slot too small");
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = merge(v, shfl_xor(v, o));
   T* warp = reinterpret_cast<T*>(sc.warp);
@@ -256,7 +254,7 @@ __device__ __forceinline__ void for_groups(int64_t g0, int64_t g1, Load load, Bo
 
 template <int DIV, int SD, int TD, bool RESIDENT>
 __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelParams p) {
-  constexpr bool kIsKL = DIV == FORWARD_KL || DIV == REVERSE_KL;
+  using D = DivDef<DIV>;
   // Groups in flight per thread: 4 × 32 bytes for 16-bit pairs, 2 × 48-64 bytes when one side is fp32.
   constexpr int U = (SD == F32 || TD == F32 || RESIDENT) ? 2 : 4;
   // Shared-memory rereads have short latency: one group at a time keeps the register count down.
@@ -278,6 +276,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
   uint4* sm_t = smem + DTypeInfo<SD>::kPlanes * G;
   const int64_t V = p.vocab;
   const float inv_t = p.inv_t;
+  const DivCoef c = p.coef;
 
   for (int64_t row = blockIdx.x / C; row < p.n_rows; row += gridDim.x / C) {
     const float w = p.row_weight[row];
@@ -312,69 +311,80 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
     };
     const float scale = w * inv_t;  // grad = (w / T) · ∂L/∂s̃
 
-    // Pass A: row statistics (and the KL sum), staging the slice in shared memory.
-    KLState st = kl_empty();
+    // Pass A: the row statistics (streaming kinds: everything the loss needs), staging the slice in shared
+    // memory.
+    RowStats st = stats_empty();
     for_groups<U>(g0, g1, load_global, [&](int64_t g, const RawPair<SD, TD>& r) {
       if constexpr (RESIDENT) {
         put_smem<SD>(sm_s, G, g - g0, r.s);
         put_smem<TD>(sm_t, G, g - g0, r.t);
       }
       float sv[kGroup], tv[kGroup];
-      group_to_float<SD>(r.s, inv_t, sv);
-      group_to_float<TD>(r.t, inv_t, tv);
-      if (kIsKL) {
-        kl_push_group<DIV>(st, sv, tv);
-      } else {
-        lse_push_group(st.s, sv);
-        lse_push_group(st.t, tv);
-      }
+      pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
+      stats_push_group<DIV>(st, sv, tv, c);
     });
+    st = row_allreduce(st, sc, C, MergeStats<DIV>());
+    const RowFinal f = stats_finish<DIV>(st, c);
 
-    if (kIsKL) {
-      st = row_allreduce(st, sc, C, MergeKL<DIV>());
-      const float loss = kl_finish<DIV>(st);
-      if (rank == 0 && threadIdx.x == 0) p.loss[row] = loss;
+    if (!row_valid(f)) {  // the same in every block of the cluster (merged values agree bit for bit)
+      if (rank == 0 && threadIdx.x == 0) p.loss[row] = __int_as_float(0x7fc00000);
+      if (grow != nullptr) {
+        float nanv[kGroup];
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) nanv[j] = __int_as_float(0x7fc00000);
+        for (int64_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) store_group<SD>(grow, g, V, p.vec_g, nanv);
+      }
+      continue;
+    }
+
+    if constexpr (D::kStreaming) {
+      if (rank == 0 && threadIdx.x == 0) p.loss[row] = f.loss;
       if (grow == nullptr) continue;
-      const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
       // Pass B: gradient.
       for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup], out[kGroup];
-        group_to_float<SD>(r.s, inv_t, sv);
-        group_to_float<TD>(r.t, inv_t, tv);
+        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) out[j] = kl_grad<DIV>(sv[j], tv[j], lse_s, lse_t, loss) * scale;
+        for (int j = 0; j < kGroup; ++j) {
+          const float q = kd_exp(sv[j] - f.lse_s);
+          float w2 = 0.f;
+          if (D::kR) {
+            w2 = kd_exp(renyi_logit(sv[j], tv[j], c) - f.lse_r);
+          } else if (D::kGradW2) {
+            w2 = kd_exp(tv[j] - f.lse_t);
+          }
+          out[j] = stream_grad<DIV>(q, w2, sv[j], tv[j], f) * scale;
+        }
         store_group<SD>(grow, g, V, p.vec_g, out);
       });
     } else {
-      st = row_allreduce(st, sc, C, MergeLSE2());
-      const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
-      const MixCoef c = p.coef;
-      // Pass B: loss and the centering sum S = Σ q_v v_v.
+      const float lse_s = f.lse_s, lse_t = f.lse_t;
+      // Pass B: loss and A = Σ a_v.
       Sum2 acc = {0.f, 0.f};
       for_groups<U2>(g0, g1, load_again, [&](int64_t, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup];
-        group_to_float<SD>(r.s, inv_t, sv);
-        group_to_float<TD>(r.t, inv_t, tv);
+        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const SkewTerms e = skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, c);
+          const float lq = sv[j] - lse_s, lp = tv[j] - lse_t;
+          const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
           acc.a += e.loss;
-          acc.b += e.q * e.v;
+          acc.b += e.a;
         }
       });
       acc = row_allreduce(acc, sc, C, MergeSum2());
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = acc.a;
       if (grow == nullptr) continue;
-      const float S = acc.b;
+      const float A = acc.b;
       // Pass C: gradient.
       for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup], out[kGroup];
-        group_to_float<SD>(r.s, inv_t, sv);
-        group_to_float<TD>(r.t, inv_t, tv);
+        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const SkewTerms e = skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, c);
-          out[j] = skew_grad<DIV>(e, S, c) * scale;
+          const float lq = sv[j] - lse_s, lp = tv[j] - lse_t;
+          const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
+          out[j] = center_grad(e.q, e.a, A) * scale;
         }
         store_group<SD>(grow, g, V, p.vec_g, out);
       });
@@ -450,6 +460,10 @@ cudaError_t launch_skew_forward_kl(const KernelParams&, int, int, const PathRequ
 cudaError_t launch_skew_reverse_kl(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*,
                                    int);
 cudaError_t launch_jsd(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_tvd(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_jeffreys(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_alpha_beta(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
+cudaError_t launch_renyi(const KernelParams&, int, int, const PathRequest&, cudaStream_t, char*, int);
 
 }  // namespace cuda_detail
 }  // namespace kd

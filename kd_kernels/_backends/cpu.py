@@ -39,7 +39,8 @@ class CpuBackend(Backend):
         loss, args = raw_args("cpu", s, t, row_weight, grad)
         if args is not None:
             _ext._C.cpu_loss_grad(
-                *args, int(spec.divergence), float(spec.coef), float(spec.temperature), torch.get_num_threads()
+                *args, int(spec.divergence), float(spec.coef), float(spec.coef2), float(spec.interpolation),
+                float(spec.temperature), torch.get_num_threads(),
             )
         return loss
 

@@ -48,7 +48,8 @@ class CudaBackend(Backend):
             with torch.cuda.device(s.device):
                 stream = torch.cuda.current_stream(s.device).cuda_stream
                 _ext._C.cuda_loss_grad(
-                    *args, int(spec.divergence), float(spec.coef), float(spec.temperature), stream
+                    *args, int(spec.divergence), float(spec.coef), float(spec.coef2),
+                    float(spec.interpolation), float(spec.temperature), stream,
                 )
         return loss
 

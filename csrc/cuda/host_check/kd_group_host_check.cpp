@@ -2,8 +2,9 @@
 //
 // No GPU here, so this program replays what kd_rows_kernel does for one row, on the host: the column slice
 // of each cluster block, each thread's strided groups (with −inf padding past V), the per-group online
-// updates of kd_group_math.h, the warp butterfly (xor 16 … 1), the block merge over warps, the cluster merge
-// over blocks, then the loss and gradient formulas of kd_math.h; and compares with float64.
+// updates of kd_group_math.h (the interpolated teacher included), the warp butterfly (xor 16 … 1), the block merge over warps, the cluster merge
+// over blocks, then the loss and gradient definitions of kd_math.h, for every divergence; and compares with
+// float64.
 // Build and run (any C++17 compiler; not part of the extension):
 //   g++ -std=c++17 -O2 -I csrc/include -I csrc/cuda csrc/cuda/host_check/kd_group_host_check.cpp -o /tmp/c && /tmp/c
 #include <cmath>
@@ -43,16 +44,19 @@ struct Sum2 {
 
 // One row: s, t as bf16 bits; returns max errors against float64.
 template <int DIV>
-bool check_row(int V, int C, int threads, float T, double coef, std::mt19937& rng, double* loss_err,
-               double* grad_err) {
+bool check_row(int V, int C, int threads, float T, double lam, double coef, double coef2, std::mt19937& rng,
+               double* loss_err, double* grad_err) {
+  using D = DivDef<DIV>;
   std::normal_distribution<float> nd(0.f, 2.f);
   std::vector<uint16_t> sb(V), tb(V);
+  // Some p = 0 columns, except where a divergence is then +inf wherever q > 0 (reverse_kl, jeffreys).
+  const bool holes = DIV != REVERSE_KL && DIV != JEFFREYS;
   for (int j = 0; j < V; ++j) {
     sb[j] = float_to_bf16(nd(rng));
-    // Some p = 0 columns (not for reverse KL, which is then +inf wherever q > 0).
-    tb[j] = float_to_bf16(DIV != REVERSE_KL && j % 7 == 3 ? -kInf : nd(rng));
+    tb[j] = float_to_bf16(holes && j % 7 == 3 ? -kInf : nd(rng));
   }
   const float inv_t = 1.f / T;
+  const DivCoef dc = make_div_coef(DIV, coef, coef2, lam);
   const int64_t ngroups = (V + kGroup - 1) / kGroup;
   const int64_t G = (ngroups + C - 1) / C;
   auto group = [&](const std::vector<uint16_t>& b, int64_t g) {
@@ -65,43 +69,29 @@ bool check_row(int V, int C, int threads, float T, double coef, std::mt19937& rn
     return r;
   };
   auto floats = [&](int64_t g, float sv[kGroup], float tv[kGroup]) {
-    group_to_float<BF16>(group(sb, g), inv_t, sv);
-    group_to_float<BF16>(group(tb, g), inv_t, tv);
+    pair_to_float<BF16, BF16>(group(sb, g), group(tb, g), inv_t, dc, sv, tv);
   };
-  constexpr bool kIsKL = DIV == FORWARD_KL || DIV == REVERSE_KL;
-  const MixCoef mc = make_mix_coef(coef);
+  auto merge = [](RowStats a, RowStats b) { return stats_merge<DIV>(a, b); };
   // Pass A.
-  std::vector<KLState> blocks;
+  std::vector<RowStats> blocks;
   for (int r = 0; r < C; ++r) {
     const int64_t g0 = std::min<int64_t>(ngroups, r * G), g1 = std::min<int64_t>(ngroups, g0 + G);
-    std::vector<KLState> th(threads, kl_empty());
+    std::vector<RowStats> th(threads, stats_empty());
     for (int x = 0; x < threads; ++x) {
       for (int64_t g = g0 + x; g < g1; g += threads) {
         float sv[kGroup], tv[kGroup];
         floats(g, sv, tv);
-        if (kIsKL) {
-          kl_push_group<DIV>(th[x], sv, tv);
-        } else {
-          lse_push_group(th[x].s, sv);
-          lse_push_group(th[x].t, tv);
-        }
+        stats_push_group<DIV>(th[x], sv, tv, dc);
       }
     }
-    auto merge = [](KLState a, KLState b) {
-      return kIsKL ? kl_merge<DIV>(a, b) : KLState{lse_merge(a.s, b.s), lse_merge(a.t, b.t), 0.f};
-    };
     blocks.push_back(reduce_like_gpu(th, threads, merge));
   }
-  KLState st = blocks[0];
-  for (int r = 1; r < C; ++r) {
-    st = kIsKL ? kl_merge<DIV>(st, blocks[r]) : KLState{lse_merge(st.s, blocks[r].s),
-                                                         lse_merge(st.t, blocks[r].t), 0.f};
-  }
-  const float lse_s = lse_value(st.s), lse_t = lse_value(st.t);
-  float loss = 0.f, S = 0.f;
-  if (kIsKL) {
-    loss = kl_finish<DIV>(st);
-  } else {
+  RowStats st = blocks[0];
+  for (int r = 1; r < C; ++r) st = merge(st, blocks[r]);
+  const RowFinal f = stats_finish<DIV>(st, dc);
+  if (!row_valid(f)) return false;
+  float loss = f.loss, A = 0.f;
+  if (!D::kStreaming) {
     std::vector<Sum2> blk;
     for (int r = 0; r < C; ++r) {
       const int64_t g0 = std::min<int64_t>(ngroups, r * G), g1 = std::min<int64_t>(ngroups, g0 + G);
@@ -111,9 +101,10 @@ bool check_row(int V, int C, int threads, float T, double coef, std::mt19937& rn
           float sv[kGroup], tv[kGroup];
           floats(g, sv, tv);
           for (int j = 0; j < kGroup; ++j) {
-            SkewTerms e = skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, mc);
+            const float lq = sv[j] - f.lse_s, lp = tv[j] - f.lse_t;
+            CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), dc);
             th[x].a += e.loss;
-            th[x].b += e.q * e.v;
+            th[x].b += e.a;
           }
         }
       }
@@ -122,24 +113,34 @@ bool check_row(int V, int C, int threads, float T, double coef, std::mt19937& rn
     Sum2 acc = blk[0];
     for (int r = 1; r < C; ++r) acc = {acc.a + blk[r].a, acc.b + blk[r].b};
     loss = acc.a;
-    S = acc.b;
+    A = acc.b;
   }
   std::vector<float> grad(V);
   for (int64_t g = 0; g < ngroups; ++g) {
     float sv[kGroup], tv[kGroup];
     floats(g, sv, tv);
     for (int j = 0; j < kGroup && g * kGroup + j < V; ++j) {
-      float d = kIsKL ? kl_grad<DIV>(sv[j], tv[j], lse_s, lse_t, loss)
-                      : skew_grad<DIV>(skew_terms<DIV>(sv[j] - lse_s, tv[j] - lse_t, mc), S, mc);
+      float d;
+      if (D::kStreaming) {
+        const float q = kd_exp(sv[j] - f.lse_s);
+        const float w2 = D::kR ? kd_exp(renyi_logit(sv[j], tv[j], dc) - f.lse_r)
+                               : (D::kGradW2 ? kd_exp(tv[j] - f.lse_t) : 0.f);
+        d = stream_grad<DIV>(q, w2, sv[j], tv[j], f);
+      } else {
+        const float lq = sv[j] - f.lse_s, lp = tv[j] - f.lse_t;
+        const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), dc);
+        d = center_grad(e.q, e.a, A);
+      }
       grad[g * kGroup + j] = d * inv_t;
     }
   }
-  // float64 reference (MATH.md tables).
+  // float64 reference (MATH.md tables), every gradient as a_j − q_j Σ a, a = ∂L/∂ℓq (up to multiples of q).
   std::vector<double> ls(V), lp(V);
   double ms = -INFINITY, mt = -INFINITY;
   for (int j = 0; j < V; ++j) {
     ls[j] = bf16_to_float(sb[j]) / static_cast<double>(T);
-    lp[j] = bf16_to_float(tb[j]) / static_cast<double>(T);
+    const double tt = bf16_to_float(tb[j]) / static_cast<double>(T);
+    lp[j] = lam == 1.0 ? tt : lam * tt + (1 - lam) * ls[j];
     ms = std::max(ms, ls[j]);
     mt = std::max(mt, lp[j]);
   }
@@ -152,43 +153,59 @@ bool check_row(int V, int C, int threads, float T, double coef, std::mt19937& rn
     ls[j] -= ms + std::log(zs);
     lp[j] -= mt + std::log(zt);
   }
-  double L = 0, Sr = 0;
-  std::vector<double> v(V, 0.0);
   auto lmix = [](double x, double y, double w) {
     double a = x + std::log(w), b = y + std::log1p(-w);
     double hi = std::max(a, b);
     return hi == -INFINITY ? -INFINITY : hi + std::log(std::exp(a - hi) + std::exp(b - hi));
   };
+  double L = 0, Asum = 0, Zr = 0;
+  std::vector<double> av(V, 0.0);
   for (int j = 0; j < V; ++j) {
-    double q = std::exp(ls[j]), p = std::exp(lp[j]);
-    if (DIV == FORWARD_KL) L += p > 0 ? p * (lp[j] - ls[j]) : 0;
-    if (DIV == REVERSE_KL) L += q > 0 ? q * (ls[j] - lp[j]) : 0;
-    if (DIV == SKEW_FORWARD_KL) {
+    const double q = std::exp(ls[j]), p = std::exp(lp[j]);
+    const double kq = q > 0 ? q * (ls[j] - lp[j]) : 0, kp = p > 0 ? p * (lp[j] - ls[j]) : 0;
+    if (DIV == FORWARD_KL) {
+      L += kp;
+      av[j] = -p;
+    } else if (DIV == REVERSE_KL) {
+      L += kq;
+      av[j] = kq;
+    } else if (DIV == JEFFREYS) {
+      L += kp + kq;
+      av[j] = kq - p;
+    } else if (DIV == SKEW_FORWARD_KL) {
       double lm = lmix(lp[j], ls[j], coef);
       L += p > 0 ? p * (lp[j] - lm) : 0;
-      v[j] = p > 0 ? std::exp(lp[j] - lm) : 0;
-    }
-    if (DIV == SKEW_REVERSE_KL) {
+      av[j] = p > 0 ? -(1 - coef) * q * std::exp(lp[j] - lm) : 0;
+    } else if (DIV == SKEW_REVERSE_KL) {
       double lm = lmix(ls[j], lp[j], coef);
       L += q > 0 ? q * (ls[j] - lm) : 0;
-      v[j] = q > 0 ? ls[j] - lm - coef * std::exp(ls[j] - lm) : 0;
-    }
-    if (DIV == JSD) {
+      av[j] = q > 0 ? q * (ls[j] - lm - coef * std::exp(ls[j] - lm)) : 0;
+    } else if (DIV == JSD) {
       double lm = lmix(lp[j], ls[j], coef);
       L += coef * (p > 0 ? p * (lp[j] - lm) : 0) + (1 - coef) * (q > 0 ? q * (ls[j] - lm) : 0);
-      v[j] = q > 0 ? ls[j] - lm : 0;
+      av[j] = q > 0 ? (1 - coef) * q * (ls[j] - lm) : 0;
+    } else if (DIV == TVD) {
+      L += 0.5 * std::fabs(p - q);
+      av[j] = q > p ? 0.5 * q : (q < p ? -0.5 * q : 0.0);
+    } else if (DIV == ALPHA_BETA) {
+      const double a = coef, b = coef2;
+      const double pa = std::pow(p, a), qb = std::pow(q, b);
+      L += -1 / (a * b) * (pa * qb - a / (a + b) * std::pow(p, a + b) - b / (a + b) * std::pow(q, a + b));
+      av[j] = qb * (std::pow(q, a) - pa) / a;
+    } else {  // RENYI: a = −ρ
+      const double rj = p > 0 ? std::exp(coef * lp[j] + (1 - coef) * ls[j]) : 0;
+      Zr += rj;
+      av[j] = -rj;
     }
-    Sr += q * v[j];
   }
+  if (DIV == RENYI) {
+    L = std::log(Zr) / (coef - 1);
+    for (int j = 0; j < V; ++j) av[j] /= Zr;
+  }
+  for (int j = 0; j < V; ++j) Asum += av[j];
   double num = 0, den = 0;
   for (int j = 0; j < V; ++j) {
-    double q = std::exp(ls[j]), p = std::exp(lp[j]), d;
-    if (DIV == FORWARD_KL) d = q - p;
-    else if (DIV == REVERSE_KL) d = q > 0 ? q * (ls[j] - lp[j] - L) : 0;
-    else if (DIV == SKEW_FORWARD_KL) d = -(1 - coef) * q * (v[j] - Sr);
-    else if (DIV == SKEW_REVERSE_KL) d = q * (v[j] - Sr);
-    else d = (1 - coef) * q * (v[j] - Sr);
-    d /= T;
+    const double d = (av[j] - std::exp(ls[j]) * Asum) / T;
     num += (grad[j] - d) * (grad[j] - d);
     den += d * d;
   }
@@ -209,23 +226,29 @@ int main() {
   for (int V : vs) {
     for (int C : cs) {
       for (int th : ths) {
-        for (float T : {1.f, 2.f}) {
-          double el, eg;
-          bool ok[5] = {check_row<FORWARD_KL>(V, C, th, T, 0.0, rng, &el, &eg)};
-          worst_l = std::max(worst_l, el), worst_g = std::max(worst_g, eg);
-          ok[1] = check_row<REVERSE_KL>(V, C, th, T, 0.0, rng, &el, &eg);
-          worst_l = std::max(worst_l, el), worst_g = std::max(worst_g, eg);
-          ok[2] = check_row<SKEW_FORWARD_KL>(V, C, th, T, 0.1, rng, &el, &eg);
-          worst_l = std::max(worst_l, el), worst_g = std::max(worst_g, eg);
-          ok[3] = check_row<SKEW_REVERSE_KL>(V, C, th, T, 0.3, rng, &el, &eg);
-          worst_l = std::max(worst_l, el), worst_g = std::max(worst_g, eg);
-          ok[4] = check_row<JSD>(V, C, th, T, 0.4, rng, &el, &eg);
-          worst_l = std::max(worst_l, el), worst_g = std::max(worst_g, eg);
-          for (int d = 0; d < 5; ++d) {
+        for (int k = 0; k < 2; ++k) {
+          // T = 1 with the plain teacher; T = 2 with an interpolated one (λ = 0.6) and renyi's α > 1.
+          const float T = k == 0 ? 1.f : 2.f;
+          const double lam = k == 0 ? 1.0 : 0.6;
+          bool ok[kNumDivergences];
+          double el[kNumDivergences], eg[kNumDivergences];
+          ok[0] = check_row<FORWARD_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[0], &eg[0]);
+          ok[1] = check_row<REVERSE_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[1], &eg[1]);
+          ok[2] = check_row<SKEW_FORWARD_KL>(V, C, th, T, lam, 0.1, 0.0, rng, &el[2], &eg[2]);
+          ok[3] = check_row<SKEW_REVERSE_KL>(V, C, th, T, lam, 0.3, 0.0, rng, &el[3], &eg[3]);
+          ok[4] = check_row<JSD>(V, C, th, T, lam, 0.4, 0.0, rng, &el[4], &eg[4]);
+          ok[5] = check_row<TVD>(V, C, th, T, lam, 0.0, 0.0, rng, &el[5], &eg[5]);
+          ok[6] = check_row<JEFFREYS>(V, C, th, T, lam, 0.0, 0.0, rng, &el[6], &eg[6]);
+          ok[7] = check_row<ALPHA_BETA>(V, C, th, T, lam, 0.7, k == 0 ? 0.3 : 0.5, rng, &el[7], &eg[7]);
+          ok[8] = check_row<RENYI>(V, C, th, T, lam, k == 0 ? 0.6 : 2.0, 0.0, rng, &el[8], &eg[8]);
+          for (int d = 0; d < kNumDivergences; ++d) {
             ++runs;
+            worst_l = std::max(worst_l, el[d]);
+            worst_g = std::max(worst_g, eg[d]);
             if (!ok[d]) {
               ++fails;
-              std::printf("FAIL div %d V %d C %d threads %d T %g\n", d, V, C, th, T);
+              std::printf("FAIL div %d V %d C %d threads %d T %g lambda %g: loss err %.2e grad err %.2e\n", d,
+                          V, C, th, T, lam, el[d], eg[d]);
             }
           }
         }

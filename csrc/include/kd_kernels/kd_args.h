@@ -25,7 +25,9 @@ struct RowArgs {
   int s_dtype;     // kd::DType
   int t_dtype;     // kd::DType
   int divergence;  // kd::Divergence
-  double coef;     // α (skew) or β (jsd); unused by forward / reverse KL
+  double coef;     // α (skew_*, alpha_beta, renyi) or β (jsd); unused by forward_kl, reverse_kl, tvd, jeffreys
+  double coef2;    // β of alpha_beta; unused otherwise
+  double interpolation;  // TAID λ in (0, 1]: teacher logits λ t̃ + (1−λ) s̃ (1 = plain teacher)
   double temperature;
 };
 

@@ -22,7 +22,18 @@
 namespace kd {
 
 // Numbering shared with kd_kernels/_spec.py (Divergence) and the dtype codes of the Python launchers.
-enum Divergence : int { FORWARD_KL = 0, REVERSE_KL = 1, SKEW_FORWARD_KL = 2, SKEW_REVERSE_KL = 3, JSD = 4 };
+enum Divergence : int {
+  FORWARD_KL = 0,
+  REVERSE_KL = 1,
+  SKEW_FORWARD_KL = 2,
+  SKEW_REVERSE_KL = 3,
+  JSD = 4,
+  TVD = 5,
+  JEFFREYS = 6,
+  ALPHA_BETA = 7,
+  RENYI = 8,
+};
+constexpr int kNumDivergences = 9;
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 constexpr float kInf = INFINITY;
@@ -66,7 +77,8 @@ KD_HD float kd_fmaf(float a, float b, float c) {
 // also break the −inf handling below).
 // ---------------------------------------------------------------------------------------------------------
 
-// e^x for any float x: 0 for x < −87.3 (including −inf), +inf above 88.7, < 1 ulp elsewhere on the CPU.
+// e^x for any float x: 0 for x < −87.3 (including −inf), +inf above 88.7, NaN for NaN (a NaN logit must reach
+// the row sums: that is how a row with a NaN is recognised, see row_valid), < 1 ulp elsewhere on the CPU.
 KD_HD float kd_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x * kLog2e);
@@ -77,7 +89,9 @@ KD_HD float kd_exp(float x) {
   float xc = x > -87.3f ? x : -87.3f;
   xc = xc < 88.7f ? xc : 88.7f;
   float n = (xc * kLog2e + 12582912.f) - 12582912.f;
-  float r = kd_fmaf(n, -0.693145751953125f, xc);  // ln2 split in a short high part and the rest,
+  // r from x itself, not xc: equal in range; out of range the selects below discard it, and a NaN x makes
+  // r, hence the result, NaN (n comes from the NaN-free xc, so the int conversion below never sees a NaN).
+  float r = kd_fmaf(n, -0.693145751953125f, x);   // ln2 split in a short high part and the rest,
   r = kd_fmaf(n, -1.428606765330187e-06f, r);     // so n·ln2_hi is exact
   float p = 1.f / 5040.f;
   p = kd_fmaf(p, r, 1.f / 720.f);
@@ -94,7 +108,7 @@ KD_HD float kd_exp(float x) {
 #endif
 }
 
-// log(x) for x ≥ 0 (−inf at 0, +inf at +inf); ~1 ulp on the CPU for normal x.
+// log(x) for x ≥ 0 (−inf at 0, +inf at +inf, NaN for NaN); ~1 ulp on the CPU for normal x.
 KD_HD float kd_log(float x) {
 #if defined(__CUDA_ARCH__)
   return __log2f(x) * kLn2;
@@ -115,7 +129,7 @@ KD_HD float kd_log(float x) {
   p = kd_fmaf(p, f2, 1.f);
   float y = kd_fmaf(static_cast<float>(e), kLn2, 2.f * f * p);
   y = x == 0.f ? -kInf : y;
-  return x == kInf ? kInf : y;  // subnormal x is not needed here (callers pass x ≥ 1 or row sums)
+  return x < kInf ? y : x;  // +inf and NaN pass through; subnormal x is not needed (callers pass x ≥ 1 or sums)
 #endif
 }
 
@@ -208,82 +222,207 @@ KD_HD LSEState lse_merge(LSEState a, LSEState b) {
 
 KD_HD float lse_value(LSEState st) { return st.m == -kInf ? -kInf : st.m + kd_log(st.z); }
 
-// Forward / reverse KL in one pass (MATH.md, "How many passes"): both LSE states plus
-//   forward: X = Σ e^(t̃−m_t)(t̃ − s̃)   reverse: X = Σ e^(s̃−m_s)(s̃ − t̃),
-// X kept relative to the max of the distribution that weights it (m_t forward, m_s reverse).
-struct KLState {
-  LSEState s;
-  LSEState t;
-  float x;
+// The base a block's (CPU) or group's (CUDA) exponentials are taken against: its max, or 0 for an all −inf
+// block, so that e^(x − base) is exactly 0 there instead of e^(−inf − (−inf)) = e^NaN.
+KD_HD float exp_base(float m) { return m == -kInf ? 0.f : m; }
+
+// =========================================================================================================
+// The divergences: one definition each (MATH.md "Divergences", "More divergences"). The CPU passes
+// (csrc/cpu/kd_cpu_kernels.cpp), the CUDA passes (csrc/cuda/kd_rows.cuh) and the host replay of the CUDA
+// reductions (csrc/cuda/host_check) are all written against what follows, nothing else.
+//
+// Two kinds, by what the per-token loss needs (MATH.md "How many passes over a row"):
+//   streaming (forward_kl, reverse_kl, jeffreys, renyi): the loss follows from online sums with running
+//     maxima (RowStats: LSE_s, LSE_t and the sums DivDef asks for), one pass over the row; a second pass
+//     writes the gradient (stream_grad).
+//   centered (skew_forward_kl, skew_reverse_kl, jsd, tvd, alpha_beta): per-element terms of the normalized
+//     ℓq, ℓp, so pass 1 is LSE_s, LSE_t only; pass 2 sums the loss terms and A = Σ_v a_v, a_v = ∂L/∂ℓq_v
+//     (center_terms); pass 3 writes ∂L/∂s̃_j = a_j − q_j A (center_grad).
+// Adding a divergence: its number (Divergence here and in kd_kernels/_spec.py), its row in DivDef, its
+// parameters in make_div_coef, and its case in stats_finish + stream_grad (streaming) or center_terms
+// (centered); then one .cu file instantiating it (csrc/cuda/kd_<name>.cu) and its case in the dispatchers.
+// =========================================================================================================
+
+// Parameters of one launch with their derived constants (make_div_coef, once per launch on the host).
+struct DivCoef {
+  float a;        // α (skew_*, alpha_beta, renyi) or β (jsd)
+  float log_a;    // log a and log(1 − a): the mixture weights in log space (skew_*, jsd)
+  float log_1ma;
+  float b;                // β of alpha_beta
+  float k0, k1, k2, k3;   // alpha_beta: −1/(αβ), α/(α+β), β/(α+β), 1/α;   renyi: 1/(α−1), 1 − α
+  float lam, oml;         // interpolation λ and 1 − λ
+  bool interp;            // λ < 1: the teacher's tempered logits become λ t̃ + (1−λ) s̃ (TAID)
 };
 
-KD_HD KLState kl_empty() { return {lse_empty(), lse_empty(), 0.f}; }
+inline DivCoef make_div_coef(int div, double coef, double coef2, double interpolation) {
+  DivCoef c = {};
+  c.a = static_cast<float>(coef);
+  c.b = static_cast<float>(coef2);
+  if (div == SKEW_FORWARD_KL || div == SKEW_REVERSE_KL || div == JSD) {
+    c.log_a = static_cast<float>(std::log(coef));
+    c.log_1ma = static_cast<float>(std::log1p(-coef));
+  } else if (div == ALPHA_BETA) {
+    c.k0 = static_cast<float>(-1.0 / (coef * coef2));
+    c.k1 = static_cast<float>(coef / (coef + coef2));
+    c.k2 = static_cast<float>(coef2 / (coef + coef2));
+    c.k3 = static_cast<float>(1.0 / coef);
+  } else if (div == RENYI) {
+    c.k0 = static_cast<float>(1.0 / (coef - 1.0));
+    c.k1 = static_cast<float>(1.0 - coef);
+  }
+  c.lam = static_cast<float>(interpolation);
+  c.oml = static_cast<float>(1.0 - interpolation);
+  c.interp = interpolation != 1.0;
+  return c;
+}
 
-// The weighted term e^(a − m)(a − b) with the 0·log 0 convention: a weight of 0 (a = −inf) contributes 0
-// even when b = −inf too (where a − b would be NaN).
-KD_HD float kl_term(float a, float m, float b) {
-  float w = kd_exp(a - m);
-  return w == 0.f ? 0.f : w * (a - b);
+// Why (divergence, coef, coef2, interpolation) cannot run, or nullptr. The Python side validates first and
+// names the public argument; this is the kernels' own guard (CPU and CUDA), host only.
+inline const char* divergence_args_error(int div, double coef, double coef2, double interpolation) {
+  if (div < 0 || div >= kNumDivergences) {
+    return "divergence must be 0..8 (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tvd, "
+           "jeffreys, alpha_beta, renyi)";
+  }
+  if ((div == SKEW_FORWARD_KL || div == SKEW_REVERSE_KL || div == JSD) && !(coef > 0 && coef < 1)) {
+    return "coef (alpha of skew_*, beta of jsd) must lie in the open interval (0, 1)";
+  }
+  if (div == ALPHA_BETA && !(coef > 0 && std::isfinite(coef) && coef2 > 0 && std::isfinite(coef2))) {
+    return "coef and coef2 (alpha, beta of alpha_beta) must be finite and > 0";
+  }
+  if (div == RENYI && !(coef > 0 && std::isfinite(coef) && coef != 1)) {
+    return "coef (alpha of renyi) must be finite, > 0 and != 1";
+  }
+  if (!(interpolation > 0 && interpolation <= 1)) return "interpolation must lie in (0, 1]";
+  return nullptr;
+}
+
+// The teacher logit the divergence sees: λ t̃ + (1−λ) s̃ (no gradient flows through the s̃ part: every
+// gradient below treats it as the teacher's), or t̃ itself when λ = 1 (not t̃ + 0·s̃, NaN at s̃ = −inf).
+// −inf in either gives −inf. Backends hoist the c.interp test out of their loops.
+KD_HD float teacher_logit(float tt, float st, const DivCoef& c) {
+  return c.interp ? c.lam * tt + c.oml * st : tt;
 }
 
 template <int DIV>
-KD_HD KLState kl_merge(KLState a, KLState b) {
-  KLState out;
+struct DivDef {
+  static constexpr bool kStreaming =
+      DIV == FORWARD_KL || DIV == REVERSE_KL || DIV == JEFFREYS || DIV == RENYI;
+  // The streaming sums besides Z_s, Z_t:
+  static constexpr bool kXt = DIV == FORWARD_KL || DIV == JEFFREYS;  // X_t = Σ e^(t̃−m_t)(t̃ − s̃)
+  static constexpr bool kXs = DIV == REVERSE_KL || DIV == JEFFREYS;  // X_s = Σ e^(s̃−m_s)(s̃ − t̃)
+  static constexpr bool kR = DIV == RENYI;                           // Z_r = Σ e^(r̃−m_r), renyi_logit
+  // What stream_grad reads besides q_j: a second weight w2 (p_j, or ρ_j = e^(r̃_j − LSE_r) for renyi) and
+  // the logits s̃_j, t̃_j.
+  static constexpr bool kGradW2 = kXt || kR;
+  static constexpr bool kGradLogits = kXs;
+  // Centered terms need ℓq, ℓp (tvd only q and p).
+  static constexpr bool kCenterLogs = !kStreaming && DIV != TVD;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Streaming kinds.
+// ---------------------------------------------------------------------------------------------------------
+
+// Online sums of a row (or of a part of it: mergeable across blocks, threads, warps, cluster blocks). Only
+// the fields DivDef asks for are maintained; the others stay at their empty values.
+struct RowStats {
+  LSEState s;  // of s̃
+  LSEState t;  // of t̃ (after teacher_logit)
+  LSEState r;  // of r̃ (renyi)
+  float xs;    // X_s, relative to s.m
+  float xt;    // X_t, relative to t.m
+};
+
+KD_HD RowStats stats_empty() { return {lse_empty(), lse_empty(), lse_empty(), 0.f, 0.f}; }
+
+// w·(a − b) with w = e^(a − m) and the 0·log 0 convention: a weight of 0 (a = −inf) contributes 0 even when
+// b = −inf too (where a − b would be NaN).
+KD_HD float x_term(float w, float a, float b) { return w == 0.f ? 0.f : w * (a - b); }
+
+// One element's contributions to X_s, X_t given its weights ws = e^(s̃ − m_s), wt = e^(t̃ − m_t).
+template <int DIV>
+KD_HD float stats_xs(float ws, float st, float tt) {
+  return DivDef<DIV>::kXs ? x_term(ws, st, tt) : 0.f;
+}
+template <int DIV>
+KD_HD float stats_xt(float wt, float st, float tt) {
+  return DivDef<DIV>::kXt ? x_term(wt, tt, st) : 0.f;
+}
+
+// renyi's r̃ = α t̃ + (1−α) s̃, so that Σ p^α q^(1−α) = e^(LSE_r − α LSE_t − (1−α) LSE_s). −inf where p = 0
+// (p^α q^(1−α) = 0 there, also for α > 1 where (1−α)·s̃ could be +inf).
+KD_HD float renyi_logit(float st, float tt, const DivCoef& c) {
+  const float r = c.a * tt + c.k1 * st;
+  return tt == -kInf ? -kInf : r;
+}
+
+template <int DIV>
+KD_HD RowStats stats_merge(RowStats a, RowStats b) {
+  RowStats out;
   out.s = lse_merge(a.s, b.s);
   out.t = lse_merge(a.t, b.t);
-  float ma = DIV == FORWARD_KL ? a.t.m : a.s.m;
-  float mb = DIV == FORWARD_KL ? b.t.m : b.s.m;
-  float m = DIV == FORWARD_KL ? out.t.m : out.s.m;
-  out.x = a.x * rescale(ma, m) + b.x * rescale(mb, m);
+  out.r = DivDef<DIV>::kR ? lse_merge(a.r, b.r) : a.r;
+  out.xs = DivDef<DIV>::kXs ? a.xs * rescale(a.s.m, out.s.m) + b.xs * rescale(b.s.m, out.s.m) : 0.f;
+  out.xt = DivDef<DIV>::kXt ? a.xt * rescale(a.t.m, out.t.m) + b.xt * rescale(b.t.m, out.t.m) : 0.f;
   return out;
 }
 
-// The per-token KL from the final state: FKL = A/Z_t − LSE_t + LSE_s, RKL = B/Z_s − LSE_s + LSE_t.
-// The LSE difference is formed as (m_s − m_t) + (log Z_s − log Z_t) to keep large maxima from cancelling.
-template <int DIV>
-KD_HD float kl_finish(KLState st) {
-  float dm = st.s.m - st.t.m;
-  float dlz = kd_log(st.s.z) - kd_log(st.t.z);
-  if (DIV == FORWARD_KL) return st.x / st.t.z + dm + dlz;
-  return st.x / st.s.z - dm - dlz;
-}
-
-// ∂L/∂s̃_j for forward / reverse KL (second pass). `lse_s`, `lse_t` are the row LSEs of s̃, t̃; `loss` is L.
-//   forward: q_j − p_j          reverse: q_j (ℓq_j − ℓp_j − L), 0 where q_j = 0
-// kl_grad_qp takes q_j (and p_j for forward KL; ignored for reverse) already computed, for kernels that keep
-// the exponentials of the first pass (the CPU kernel caches them in a row buffer).
-template <int DIV>
-KD_HD float kl_grad_qp(float q, float p, float st_j, float tt_j, float lse_s, float lse_t, float loss) {
-  if (DIV == FORWARD_KL) return q - p;
-  float g = q * ((st_j - tt_j) - (lse_s - lse_t) - loss);
-  return q == 0.f ? 0.f : g;
-}
-
-template <int DIV>
-KD_HD float kl_grad(float st_j, float tt_j, float lse_s, float lse_t, float loss) {
-  float q = kd_exp(st_j - lse_s);
-  float p = DIV == FORWARD_KL ? kd_exp(tt_j - lse_t) : 0.f;
-  return kl_grad_qp<DIV>(q, p, st_j, tt_j, lse_s, lse_t, loss);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Skew KL and JSD: need ℓq, ℓp inside a log, hence three passes (LSEs; loss + centering sum; gradient).
-// Every one of them has a gradient of the form  ∂L/∂s̃_j = k · q_j · (v_j − S),  S = Σ_v q_v v_v:
-//   skew_forward_kl  v = r = p/m,                 k = −(1−α)     m  = α p + (1−α) q
-//   skew_reverse_kl  v = u = ℓq − log m' − α q/m', k = 1          m' = (1−α) p + α q
-//   jsd              v = w = ℓq − log M,           k = 1 − β      M  = β p + (1−β) q
-// ---------------------------------------------------------------------------------------------------------
-
-// The coefficient a (α or β) with its logs, computed once per launch.
-struct MixCoef {
-  float a;
-  float log_a;
-  float log_1ma;
+// What the gradient passes need from the first pass.
+struct RowFinal {
+  float lse_s, lse_t, lse_r;
+  float loss;  // L of a streaming kind (centered kinds sum theirs in pass 2)
+  float rkl;   // jeffreys: its KL(q‖p) part
 };
 
-inline MixCoef make_mix_coef(double a) {
-  return {static_cast<float>(a), static_cast<float>(std::log(a)), static_cast<float>(std::log1p(-a))};
+// The row's LSEs and (streaming kinds) its loss:
+//   forward_kl  X_t/Z_t − LSE_t + LSE_s          reverse_kl  X_s/Z_s − LSE_s + LSE_t
+//   jeffreys    X_t/Z_t + X_s/Z_s (the LSEs cancel)
+//   renyi       (LSE_r − α LSE_t − (1−α) LSE_s) / (α − 1)
+// LSE differences are formed as (max differences) + (log Z differences) so large maxima do not cancel.
+template <int DIV>
+KD_HD RowFinal stats_finish(RowStats st, const DivCoef& c) {
+  RowFinal f;
+  f.lse_s = lse_value(st.s);
+  f.lse_t = lse_value(st.t);
+  f.lse_r = DivDef<DIV>::kR ? lse_value(st.r) : 0.f;
+  f.loss = 0.f;
+  f.rkl = 0.f;
+  if (DivDef<DIV>::kXt || DivDef<DIV>::kXs) {
+    const float dm = st.s.m - st.t.m;
+    const float dlz = kd_log(st.s.z) - kd_log(st.t.z);
+    const float fkl = DivDef<DIV>::kXt ? st.xt / st.t.z + dm + dlz : 0.f;
+    const float rkl = DivDef<DIV>::kXs ? st.xs / st.s.z - dm - dlz : 0.f;
+    f.rkl = rkl;
+    f.loss = DIV == FORWARD_KL ? fkl : (DIV == REVERSE_KL ? rkl : st.xt / st.t.z + st.xs / st.s.z);
+  } else if (DIV == RENYI) {
+    const float dm = st.r.m - c.a * st.t.m - c.k1 * st.s.m;
+    const float dlz = kd_log(st.r.z) - c.a * kd_log(st.t.z) - c.k1 * kd_log(st.s.z);
+    // r̃ = +inf (α > 1, q = 0 where p > 0): the divergence is +inf.
+    f.loss = st.r.m == kInf ? kInf : c.k0 * (dm + dlz);
+  }
+  return f;
 }
+
+// A counted row is a pair of distributions only if both LSEs are finite: a NaN logit makes its Z NaN (kd_exp
+// propagates NaN), a +inf logit (also one from overflow in s/T) makes Z NaN or +inf, an all −inf row makes
+// LSE −inf. Every backend then writes loss NaN and a NaN gradient row (the semantics decided for all).
+KD_HD bool row_valid(const RowFinal& f) { return f.lse_s - f.lse_s == 0.f && f.lse_t - f.lse_t == 0.f; }
+
+// ∂L/∂s̃_j of a streaming kind, from q_j, w2 (p_j; renyi ρ_j) and, for reverse_kl / jeffreys, the logits:
+//   forward_kl q − p      reverse_kl q (ℓq − ℓp − L)      jeffreys (q − p) + q (ℓq − ℓp − KL(q‖p))
+//   renyi q − ρ,  ρ = p^α q^(1−α) / Σ p^α q^(1−α)
+// with ℓq − ℓp = (s̃ − t̃) − (LSE_s − LSE_t), and 0 for the q-weighted part where q_j = 0.
+template <int DIV>
+KD_HD float stream_grad(float q, float w2, float st, float tt, const RowFinal& f) {
+  if (DIV == FORWARD_KL || DIV == RENYI) return q - w2;
+  const float g = q * (((st - tt) - (f.lse_s - f.lse_t)) - (DIV == REVERSE_KL ? f.loss : f.rkl));
+  const float gq = q == 0.f ? 0.f : g;
+  return DIV == REVERSE_KL ? gq : (q - w2) + gq;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Centered kinds.
+// ---------------------------------------------------------------------------------------------------------
 
 // log(w·x + (1−w)·y) from log x, log y in log space (MATH.md: never in probability space).
 KD_HD float log_mix(float lx, float ly, float log_w, float log_1mw) {
@@ -294,51 +433,53 @@ KD_HD float log_mix(float lx, float ly, float log_w, float log_1mw) {
   return hi == -kInf ? -kInf : out;
 }
 
-// The per-element pieces of a skew / JSD divergence at one vocabulary entry: q_j, v_j and the loss term.
-struct SkewTerms {
+// The per-element pieces of a centered divergence at one vocabulary entry: q_j, a_j = ∂L/∂ℓq_j and the
+// loss term.
+struct CenterTerms {
   float q;
-  float v;
+  float a;
   float loss;
 };
 
-// skew_terms_qp takes q = e^ℓq and p = e^ℓp already computed (see kl_grad_qp); skew_terms computes them.
+// From ℓq_j, ℓp_j and q_j = e^ℓq_j, p_j = e^ℓp_j (already computed by the caller). Loss term / a_j:
+//   skew_forward_kl  p (ℓp − log m),  m = α p + (1−α) q      a = −(1−α) q p/m
+//   skew_reverse_kl  q (ℓq − log m'), m' = α q + (1−α) p     a = q (ℓq − log m' − α q/m')
+//   jsd   β p (ℓp − log M) + (1−β) q (ℓq − log M), M = β p + (1−β) q      a = (1−β) q (ℓq − log M)
+//   tvd   ½ |p − q|                                          a = ½ q sign(q − p), sign(0) = 0
+//   alpha_beta  −1/(αβ) [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]    a = (1/α) q^β (q^α − p^α)
+// with 0·log 0 = 0 (p = 0 or q = 0 terms are 0).
 template <int DIV>
-KD_HD SkewTerms skew_terms_qp(float lq, float lp, float q, float p, MixCoef c) {
-  SkewTerms out;
+KD_HD CenterTerms center_terms(float lq, float lp, float q, float p, const DivCoef& c) {
+  CenterTerms out;
   out.q = q;
   if (DIV == SKEW_FORWARD_KL) {
-    float lm = log_mix(lp, lq, c.log_a, c.log_1ma);  // α p + (1−α) q
-    float d = lp - lm;
+    const float lm = log_mix(lp, lq, c.log_a, c.log_1ma);
+    const float d = lp - lm;
     out.loss = p == 0.f ? 0.f : p * d;
-    out.v = p == 0.f ? 0.f : kd_exp(d);
+    out.a = p == 0.f ? 0.f : -(1.f - c.a) * q * kd_exp(d);
   } else if (DIV == SKEW_REVERSE_KL) {
-    float lm = log_mix(lq, lp, c.log_a, c.log_1ma);  // α q + (1−α) p
-    float d = lq - lm;
+    const float lm = log_mix(lq, lp, c.log_a, c.log_1ma);
+    const float d = lq - lm;
     out.loss = q == 0.f ? 0.f : q * d;
-    out.v = q == 0.f ? 0.f : d - c.a * kd_exp(d);
-  } else {  // JSD, c.a = β
-    float lm = log_mix(lp, lq, c.log_a, c.log_1ma);  // β p + (1−β) q
-    float dp = lp - lm, dq = lq - lm;
+    out.a = q == 0.f ? 0.f : q * (d - c.a * kd_exp(d));
+  } else if (DIV == JSD) {
+    const float lm = log_mix(lp, lq, c.log_a, c.log_1ma);
+    const float dp = lp - lm, dq = lq - lm;
     out.loss = c.a * (p == 0.f ? 0.f : p * dp) + (1.f - c.a) * (q == 0.f ? 0.f : q * dq);
-    out.v = q == 0.f ? 0.f : dq;
+    out.a = q == 0.f ? 0.f : (1.f - c.a) * q * dq;
+  } else if (DIV == TVD) {
+    out.loss = 0.5f * (p > q ? p - q : q - p);
+    out.a = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.f);
+  } else {  // ALPHA_BETA
+    const float pa = kd_exp(c.a * lp), pb = kd_exp(c.b * lp);
+    const float qa = kd_exp(c.a * lq), qb = kd_exp(c.b * lq);
+    out.loss = c.k0 * (pa * qb - c.k1 * (pa * pb) - c.k2 * (qa * qb));
+    out.a = c.k3 * qb * (qa - pa);
   }
   return out;
 }
 
-template <int DIV>
-KD_HD SkewTerms skew_terms(float lq, float lp, MixCoef c) {
-  return skew_terms_qp<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
-}
-
-template <int DIV>
-KD_HD float skew_grad_coef(MixCoef c) {
-  return DIV == SKEW_FORWARD_KL ? -(1.f - c.a) : (DIV == SKEW_REVERSE_KL ? 1.f : 1.f - c.a);
-}
-
-// ∂L/∂s̃_j = k q_j (v_j − S); 0 where q_j = 0.
-template <int DIV>
-KD_HD float skew_grad(SkewTerms e, float S, MixCoef c) {
-  return e.q == 0.f ? 0.f : skew_grad_coef<DIV>(c) * e.q * (e.v - S);
-}
+// ∂L/∂s̃_j = a_j − q_j A, A = Σ_v a_v (the softmax chain rule, MATH.md "More divergences").
+KD_HD float center_grad(float q, float a, float A) { return a - q * A; }
 
 }  // namespace kd
