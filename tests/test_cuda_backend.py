@@ -44,7 +44,7 @@ PATHS = ("auto", "stream", "cluster:1", "cluster:2", "cluster:3", "cluster:8")
 
 
 def spec_of(divergence: str, temperature: float = 1.0) -> KDSpec:
-    return KDSpec(Divergence.parse(divergence), COEF.get(divergence, 0.0), temperature)
+    return KDSpec(Divergence.parse(divergence), COEF.get(divergence, 0.0), temperature=temperature)
 
 
 def gen_for(*key) -> torch.Generator:
