@@ -32,15 +32,16 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
 # The divergence family, one definition each (MATH.md tables; kd_kernels/_spec.py lists the other places).
 # Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp to
 #   L  (rows,)    the per-token loss,
-#   a  (rows, V)  ∂L/∂ℓq_v, up to any multiple of q (it cancels below),
-#   A             Σ_v a_v as a (rows,) tensor, or a number when it is a constant,
+#   a  (rows, V)  ∂L/∂ℓq_v, up to any multiple of q (it cancels below); a new tensor (it is overwritten),
+#   A             Σ_v a_v as a (rows,) tensor, or 0.0 when a multiple of q was added to make it 0 (then a is the
+#                 gradient itself, and must be NaN wherever ℓq or ℓp is),
 # and rows_loss_and_dlogits forms the gradient ∂L/∂s̃_j = a_j − q_j A for all of them.
 # ----------------------------------------------------------------------------------------------------------------
 Terms = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | float"]
 
 
 def _forward_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
-    return _where_pos(p > 0, p * (lp - lq)).sum(-1), -p, -1.0
+    return _where_pos(p > 0, p * (lp - lq)).sum(-1), q - p, 0.0  # a = −p + q
 
 
 def _reverse_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
@@ -81,7 +82,7 @@ def _jeffreys(lq, lp, q, p, spec: KDSpec) -> Terms:
     rev = _where_pos(q > 0, q * (lq - lp))
     rkl = rev.sum(-1)
     loss = _where_pos(p > 0, p * (lp - lq)).sum(-1) + rkl
-    return loss, rev - p, rkl - 1.0
+    return loss, rev - p, rkl - 1.0  # Σ (−p) = −1
 
 
 def _alpha_beta(lq, lp, q, p, spec: KDSpec) -> Terms:
@@ -99,7 +100,7 @@ def _renyi(lq, lp, q, p, spec: KDSpec) -> Terms:
     mix = al * lp + (1 - al) * lq  # log(p^α q^(1−α)); a p = 0 term is 0 even when α > 1 and q = 0
     mix = torch.where(lp == -math.inf, -math.inf, mix)
     lse = torch.logsumexp(mix, -1, keepdim=True)
-    return lse[:, 0] / (al - 1), -(mix - lse).exp(), -1.0
+    return lse[:, 0] / (al - 1), q - (mix - lse).exp(), 0.0  # a = −r + q
 
 
 _TERMS = {
@@ -127,15 +128,16 @@ def rows_loss_and_dlogits(
     """
     q, p = lq.exp(), lp.exp()
     loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec)
-    bad = (lq[:, 0].isnan() | lp[:, 0].isnan())[:, None]
-    loss = torch.where(bad[:, 0], math.nan, loss)
+    bad = lq[:, 0].isnan() | lp[:, 0].isnan()
+    loss = torch.where(bad, math.nan, loss)
     g = None
     if want_grad:
-        if isinstance(big_a, float):
-            g = a - q * big_a if big_a != -1.0 else a + q
+        if isinstance(big_a, float):  # 0.0: a is the gradient, NaN in bad rows already
+            g = a
         else:
-            g = a - q * big_a[:, None]
-        g = torch.where(bad, math.nan, g)
+            # a − q A in place; a NaN A makes a bad row's whole gradient NaN (q · NaN = NaN, also for q = 0).
+            big_a = torch.where(bad, math.nan, big_a)
+            g = a.addcmul_(q, big_a[:, None], value=-1.0)
     return loss, g
 
 
