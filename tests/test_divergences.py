@@ -10,6 +10,7 @@ and dtype). The cpu kernels for the new options land in a separate change: until
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -213,7 +214,7 @@ def test_identities_between_divergences(backend):
     ren = kd_kernels.renyi(s, t, alpha=a, **kw)
     torch.testing.assert_close(amari, (1 - torch.exp((a - 1) * ren)) / (a * (1 - a)), rtol=1e-5, atol=1e-6)
     orders = [kd_kernels.renyi(s, t, alpha=x, **kw) for x in (0.25, 0.5, 0.99, 1.01, 2.0)]
-    for lo, hi in zip(orders, orders[1:]):
+    for lo, hi in itertools.pairwise(orders):
         assert torch.all(lo <= hi + 1e-6)
     assert torch.all(orders[2] <= fkl + 1e-5) and torch.all(fkl <= orders[3] + 1e-5)
 
@@ -276,7 +277,7 @@ def test_reference_gradcheck(divergence):
     t = torch.randn(3, 7, dtype=torch.float64)
     coef = COEF.get(divergence, {})
     # interpolation < 1 is left out: its teacher holds a detached copy of x, which finite differences do see.
-    f = lambda x: R.kd_loss(divergence, x, t, temperature=1.3, **coef)  # noqa: E731
+    f = lambda x: R.kd_loss(divergence, x, t, temperature=1.3, **coef)
     assert torch.autograd.gradcheck(f, (s,))
 
 
@@ -384,3 +385,36 @@ def test_fused_linear_equals_logits_level(backend, divergence):
     module = kd_kernels.FusedLinearKDLoss(divergence, temperature=1.4, interpolation=0.6, backend=backend, **coef)
     torch.testing.assert_close(module(hs, ws, ht, wt, mask=mask), loss, rtol=1e-6, atol=1e-7)
     assert "interpolation=0.6" in repr(module)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("divergence", NEW)
+def test_inplace_grad_matches(backend, divergence):
+    s0, t = logits((5, 321)), logits((5, 321))
+    kw = {"divergence": divergence, "backend": backend, "interpolation": 0.8, **COEF.get(divergence, {})}
+    leaf = s0.clone().requires_grad_()
+    ref = kd_kernels.kd_loss(leaf, t, **kw)
+    ref.backward()
+    leaf2 = s0.clone().requires_grad_()
+    loss = kd_kernels.kd_loss(leaf2 * 1.0, t, inplace_grad=True, **kw)  # a non-leaf, as lm_head output would be
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(leaf2.grad, leaf.grad)
+
+
+def test_custom_op_carries_the_new_options():
+    """The custom op that torch.compile graphs call takes coef2 and interpolation: its schema and fake
+    implementation check out, and it gives the backend's own result."""
+    from kd_kernels._autograd import _loss_grad_op
+    from kd_kernels._backends import get_backend
+    from kd_kernels._spec import KDSpec
+
+    s, t, w = torch.randn(6, 300), torch.randn(6, 300), torch.rand(6)
+    spec = KDSpec.make("alpha_beta", alpha=0.7, beta=0.4, temperature=2.0, interpolation=0.6)
+    args = (s, t, w, int(spec.divergence), spec.coef, spec.coef2, spec.temperature, spec.interpolation, "torch", True)
+    torch.library.opcheck(_loss_grad_op, args, test_utils=("test_schema", "test_faketensor"))
+    loss, grad = _loss_grad_op(*args)
+    g_ref = torch.empty_like(s)
+    loss_ref = get_backend("torch").loss_grad(s, t, w, spec, g_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(grad, g_ref)

@@ -161,9 +161,10 @@ class TorchBackend(Backend):
             xs = s[lo:hi].float() * inv_t
             xt = t[lo:hi].float() * inv_t
             if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
-                xt = lam * xt + (1.0 - lam) * xs
+                xt = xt.mul_(lam).add_(xs, alpha=1.0 - lam)
             lq = xs.log_softmax(-1)
             lp = xt.log_softmax(-1)
+            del xs, xt  # two (rows, V) buffers fewer while the terms are live
             L, g = rows_loss_and_dlogits(lq, lp, spec, grad is not None)
             loss[lo:hi] = _where_pos(active[:, 0], L)
             if grad is not None:
