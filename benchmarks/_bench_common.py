@@ -32,7 +32,9 @@ OPS: dict[str, str] = {
     "fl_logprobs": "fused-linear token log-probs + gradients w.r.t. hidden states and weight (of their sum)",
     "fl_logprobs_fwd": "fused-linear token log-probs only, under no_grad (rollout scoring)",
 }
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd", "jeffreys", "alpha_beta",
+               "renyi")
+# alpha: skew divergences, alpha_beta and renyi; beta: jsd and alpha_beta.
 ALPHA, BETA, TEMPERATURE = 0.1, 0.5, 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

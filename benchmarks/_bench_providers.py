@@ -120,6 +120,17 @@ def eager_kd_rows(s: torch.Tensor, t: torch.Tensor, divergence: str) -> torch.Te
     if divergence == "jsd":
         lm = torch.logaddexp(lp + math.log(BETA), lq + math.log1p(-BETA))
         return BETA * _kl(lp, lm) + (1 - BETA) * _kl(lq, lm)
+    if divergence == "tvd":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    if divergence == "jeffreys":
+        return _kl(lp, lq) + _kl(lq, lp)
+    if divergence == "alpha_beta":
+        ab = ALPHA + BETA
+        terms = (ALPHA * lp + BETA * lq).exp() - ALPHA / ab * (ab * lp).exp() - BETA / ab * (ab * lq).exp()
+        return -terms.sum(-1) / (ALPHA * BETA)
+    if divergence == "renyi":
+        mix = torch.where(lp == -math.inf, -math.inf, ALPHA * lp + (1 - ALPHA) * lq)
+        return torch.logsumexp(mix, -1) / (ALPHA - 1)
     raise ValueError(f"divergence={divergence!r} is unknown")
 
 
@@ -212,7 +223,7 @@ def _kd_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runne
 
     x, params = _params(case, inputs)
     fwd = is_fwd_only(case.op)
-    coef = {"alpha": ALPHA} if "skew" in case.divergence else {"beta": BETA} if case.divergence == "jsd" else {}
+    coef = {"alpha": ALPHA, "beta": BETA}  # each divergence takes the ones it has (kd_kernels._spec)
     if case.op.startswith("kd_logits"):
         return _run(lambda: kd_kernels.kd_loss(x["s"], x["t"], divergence=case.divergence,
                                                temperature=TEMPERATURE, backend=p.backend, **coef),

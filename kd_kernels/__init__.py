@@ -1,6 +1,6 @@
 """kd_kernels: fused knowledge-distillation losses for LLMs.
 
-Public surface: the five divergences and the generic ``kd_loss`` at the logits level with their module
+Public surface: the nine divergences and the generic ``kd_loss`` at the logits level with their module
 ``KDLoss``; the fused-linear forms (``fused_linear_kd``, the named ``fused_linear_*``, ``FusedLinearKDLoss``,
 ``fused_linear_logprobs``) that never build the logits; and two introspection calls, ``build_info()`` and
 ``available_backends()``.
@@ -18,15 +18,30 @@ from ._version import __version__
 from .fused_linear import (
     FusedLinearKDLoss,
     KDComponents,
+    fused_linear_alpha_beta,
     fused_linear_forward_kl,
+    fused_linear_jeffreys,
     fused_linear_jsd,
     fused_linear_kd,
     fused_linear_logprobs,
+    fused_linear_renyi,
     fused_linear_reverse_kl,
     fused_linear_skew_forward_kl,
     fused_linear_skew_reverse_kl,
+    fused_linear_tvd,
 )
-from .losses import forward_kl, jsd, kd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl
+from .losses import (
+    alpha_beta,
+    forward_kl,
+    jeffreys,
+    jsd,
+    kd_loss,
+    renyi,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
 from .modules import KDLoss
 
 __all__ = [
@@ -35,21 +50,29 @@ __all__ = [
     "KDComponents",
     "KDLoss",
     "__version__",
+    "alpha_beta",
     "available_backends",
     "build_info",
     "forward_kl",
+    "fused_linear_alpha_beta",
     "fused_linear_forward_kl",
+    "fused_linear_jeffreys",
     "fused_linear_jsd",
     "fused_linear_kd",
     "fused_linear_logprobs",
+    "fused_linear_renyi",
     "fused_linear_reverse_kl",
     "fused_linear_skew_forward_kl",
     "fused_linear_skew_reverse_kl",
+    "fused_linear_tvd",
+    "jeffreys",
     "jsd",
     "kd_loss",
+    "renyi",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "tvd",
 ]
 
 

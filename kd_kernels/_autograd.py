@@ -19,18 +19,20 @@ def _loss_grad_op(
     row_weight: torch.Tensor,
     divergence: int,
     coef: float,
+    coef2: float,
     temperature: float,
+    interpolation: float,
     backend: str,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else s.new_empty(0)
-    spec = KDSpec(Divergence(divergence), coef, temperature=temperature)
+    spec = KDSpec(Divergence(divergence), coef, coef2, temperature, interpolation)
     loss = get_backend(backend).loss_grad(s, t, row_weight, spec, grad if need_grad else None)
     return loss, grad
 
 
 @_loss_grad_op.register_fake
-def _(s, t, row_weight, divergence, coef, temperature, backend, need_grad):
+def _(s, t, row_weight, divergence, coef, coef2, temperature, interpolation, backend, need_grad):
     grad = s.new_empty(s.shape) if need_grad else s.new_empty(0)
     return s.new_empty(s.shape[0], dtype=torch.float32), grad
 
@@ -44,7 +46,8 @@ class KDLossFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             # Graphs see the custom op; it cannot alias s, so inplace does not apply under compile.
             loss, grad = _loss_grad_op(
-                s, t, row_weight, int(spec.divergence), spec.coef, spec.temperature, backend, need_grad
+                s, t, row_weight, int(spec.divergence), spec.coef, spec.coef2, spec.temperature,
+                spec.interpolation, backend, need_grad,
             )
         else:
             # Eager: call the launcher directly. Through the custom op, eager mode holds a second (N, V)

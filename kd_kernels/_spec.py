@@ -1,10 +1,29 @@
-"""What a loss call asks for, in one frozen value that travels from the public function to the kernels."""
+"""What a loss call asks for, in one frozen value that travels from the public function to the kernels, and the
+divergence family as data.
+
+Each divergence is described once, here: its number (shared with the compiled kernels), its parameters with their
+defaults and valid ranges (:data:`DIVERGENCES`), and how many passes over a row its kernels need. Its math lives
+in one definition per kernel language, from which every backend derives its passes:
+
+- ``kd_kernels/reference.py``: ``<name>_per_token`` (float64 ground truth, differentiated by autograd in tests);
+- ``kd_kernels/_backends/torch_backend.py``: one entry of ``_TERMS``: ``(ℓq, ℓp, q, p, spec) → (L, a, A)``;
+- ``kd_kernels/_triton_kernels.py``: one branch of ``_elem_terms`` (the per-element loss term and ``a``), plus,
+  for a streaming ("online") divergence, one branch each of ``_online_fold`` and ``_online_finish``;
+- ``csrc/include/kd_kernels/kd_math.h``: the same per-element terms in C++, shared by the CPU and CUDA kernels.
+
+Every backend computes the gradient the same way from those terms: with ``a_v = ∂L/∂ℓq_v`` (any multiple of q may
+be added to it) and the row sum ``A = Σ_v a_v``, ``∂L/∂s̃_j = a_j − q_j A`` and ``∂L/∂s = (1/T) ∂L/∂s̃``.
+
+Adding the next divergence therefore touches: a number in :class:`Divergence` (and in kd_math.h), an entry of
+:data:`DIVERGENCES`, the four definitions above, a named function in ``losses.py`` / ``fused_linear.py`` (exported
+from ``__init__.py``), and the name in the test lists (``tests/test_divergences.py``).
+"""
 
 from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Divergence(enum.IntEnum):
@@ -40,13 +59,111 @@ class Divergence(enum.IntEnum):
     def is_skew(self) -> bool:
         return self in (Divergence.SKEW_FORWARD_KL, Divergence.SKEW_REVERSE_KL)
 
+    @property
+    def info(self) -> DivergenceInfo:
+        return DIVERGENCES[self]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a divergence: its public keyword, default and domain ``low < x < high``, minus
+    ``excluded``. ``hints`` says, for a value just outside (an endpoint, an excluded point), what the divergence
+    becomes there and which function to call instead."""
+
+    keyword: str  # "alpha" or "beta"
+    default: float
+    low: float = 0.0
+    high: float = math.inf
+    excluded: tuple[float, ...] = ()
+    hints: dict[float, str] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> str:
+        hi = "∞" if self.high == math.inf else f"{self.high:g}"
+        text = f"the open interval ({self.low:g}, {hi})"
+        if self.excluded:
+            text += " without " + ", ".join(f"{x:g}" for x in self.excluded)
+        return text
+
+    def check(self, value: object, divergence: Divergence) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{self.keyword} must be a float in {self.domain} for {divergence.label}, "
+                f"got {type(value).__name__}"
+            )
+        x = float(value)
+        if not (self.low < x < self.high) or x in self.excluded:
+            hint = self.hints.get(x)
+            raise ValueError(
+                f"{self.keyword}={value} is outside {self.domain} for {divergence.label}"
+                + (f"; {hint}" if hint else "")
+            )
+        return x
+
+
+@dataclass(frozen=True)
+class DivergenceInfo:
+    """A divergence as data.
+
+    ``params`` fill :attr:`KDSpec.coef` and :attr:`KDSpec.coef2` in order. ``online``: the loss and ``A`` come
+    from the streaming pass that also finds the log-sum-exps, so a kernel reads a row twice (that pass and the
+    gradient pass); otherwise a second pass over the normalized ℓq, ℓp sums the loss and ``A`` (three reads).
+    ``formula``: the per-token loss (MATH.md), for docs and error messages.
+    """
+
+    params: tuple[Param, ...]
+    online: bool
+    formula: str
+
+    @property
+    def row_passes(self) -> int:
+        """Reads of s and t per row when the gradient is written (one fewer for the loss alone)."""
+        return 2 if self.online else 3
+
+
+_OPEN_UNIT = {"low": 0.0, "high": 1.0}
+
+DIVERGENCES: dict[Divergence, DivergenceInfo] = {
+    Divergence.FORWARD_KL: DivergenceInfo((), True, "KL(p‖q)"),
+    Divergence.REVERSE_KL: DivergenceInfo((), True, "KL(q‖p)"),
+    Divergence.SKEW_FORWARD_KL: DivergenceInfo(
+        (Param("alpha", 0.1, **_OPEN_UNIT, hints={
+            0.0: "skew_forward_kl with alpha=0 is forward_kl: call kd_kernels.forward_kl",
+            1.0: "skew_forward_kl with alpha=1 is identically 0 (m = p): drop the loss"}),),
+        False, "KL(p‖α p + (1−α) q)"),
+    Divergence.SKEW_REVERSE_KL: DivergenceInfo(
+        (Param("alpha", 0.1, **_OPEN_UNIT, hints={
+            0.0: "skew_reverse_kl with alpha=0 is reverse_kl: call kd_kernels.reverse_kl",
+            1.0: "skew_reverse_kl with alpha=1 is identically 0 (m' = q): drop the loss"}),),
+        False, "KL(q‖(1−α) p + α q)"),
+    Divergence.JSD: DivergenceInfo(
+        (Param("beta", 0.5, **_OPEN_UNIT, hints={
+            0.0: "jsd with beta=0 is identically 0 (M = q); for KL(q‖p) call kd_kernels.reverse_kl",
+            1.0: "jsd with beta=1 is identically 0 (M = p); for KL(p‖q) call kd_kernels.forward_kl"}),),
+        False, "β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q"),
+    Divergence.TVD: DivergenceInfo((), False, "½ Σ |p − q|"),
+    Divergence.JEFFREYS: DivergenceInfo((), True, "KL(p‖q) + KL(q‖p)"),
+    Divergence.ALPHA_BETA: DivergenceInfo(
+        (Param("alpha", 0.5, hints={
+            0.0: "alpha_beta at alpha=0 is only a limit (with beta=1 it is KL(q‖p): call kd_kernels.reverse_kl)"}),
+         Param("beta", 0.5, hints={
+            0.0: "alpha_beta at beta=0 is only a limit (with alpha=1 it is KL(p‖q): call kd_kernels.forward_kl)"})),
+        False, "−1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]"),
+    Divergence.RENYI: DivergenceInfo(
+        (Param("alpha", 0.5, excluded=(1.0,), hints={
+            1.0: "renyi with alpha=1 is the limit KL(p‖q): call kd_kernels.forward_kl",
+            0.0: "renyi at alpha=0 is −log Σ_{p>0} q, 0 whenever the teacher gives every token mass"}),),
+        True, "1/(α−1) log Σ p^α q^(1−α)"),
+}
+
 
 @dataclass(frozen=True)
 class KDSpec:
     """One divergence with its parameters.
 
-    ``coef`` is α for the skew divergences, alpha_beta and renyi, β for JSD, and unused (0.0) otherwise;
-    ``coef2`` is β of alpha_beta (0.0 otherwise); ``interpolation`` is TAID's λ in (0, 1] (1.0 = off).
+    ``coef`` is α for the skew divergences, alpha_beta and renyi, β for JSD, and unused (0.0) otherwise; ``coef2``
+    is β of alpha_beta. ``interpolation`` is TAID's λ ∈ (0, 1]: the teacher's tempered logits become
+    ``λ t̃ + (1 − λ) sg(s̃)`` before the divergence (1 = off).
     """
 
     divergence: Divergence
@@ -56,39 +173,29 @@ class KDSpec:
     interpolation: float = 1.0
 
     @staticmethod
-    def make(divergence: str | Divergence, *, alpha: float, beta: float, temperature: float) -> KDSpec:
+    def make(
+        divergence: str | Divergence,
+        *,
+        alpha: float | None = None,
+        beta: float | None = None,
+        temperature: float = 1.0,
+        interpolation: float = 1.0,
+    ) -> KDSpec:
+        """Validate the public options. ``alpha`` / ``beta`` None: the divergence's default; a value given to a
+        divergence without that parameter is ignored."""
         d = Divergence.parse(divergence)
         check_temperature(temperature)
-        if d.is_skew:
-            check_open_unit(alpha, "alpha", d)
-            coef = float(alpha)
-        elif d == Divergence.JSD:
-            check_open_unit(beta, "beta", d)
-            coef = float(beta)
-        else:
-            coef = 0.0
-        return KDSpec(d, coef, temperature=float(temperature))
+        check_interpolation(interpolation)
+        given = {"alpha": alpha, "beta": beta}
+        coefs = [0.0, 0.0]
+        for i, p in enumerate(d.info.params):
+            value = given[p.keyword]
+            coefs[i] = p.default if value is None else p.check(value, d)
+        return KDSpec(d, coefs[0], coefs[1], float(temperature), float(interpolation))
 
-
-# Which loss an endpoint of alpha / beta silently turns into, so the error can name it.
-_ENDPOINT_HINTS = {
-    (Divergence.SKEW_FORWARD_KL, 0): "skew_forward_kl with alpha=0 is forward_kl: call kd_kernels.forward_kl",
-    (Divergence.SKEW_FORWARD_KL, 1): "skew_forward_kl with alpha=1 is identically 0 (m = p): drop the loss",
-    (Divergence.SKEW_REVERSE_KL, 0): "skew_reverse_kl with alpha=0 is reverse_kl: call kd_kernels.reverse_kl",
-    (Divergence.SKEW_REVERSE_KL, 1): "skew_reverse_kl with alpha=1 is identically 0 (m' = q): drop the loss",
-    (Divergence.JSD, 0): "jsd with beta=0 is identically 0 (M = q); for KL(q‖p) call kd_kernels.reverse_kl",
-    (Divergence.JSD, 1): "jsd with beta=1 is identically 0 (M = p); for KL(p‖q) call kd_kernels.forward_kl",
-}
-
-
-def check_open_unit(value: float, name: str, divergence: Divergence) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
-    if not (0.0 < float(value) < 1.0):
-        hint = ""
-        if value in (0, 1):
-            hint = "; " + _ENDPOINT_HINTS[(divergence, int(value))]
-        raise ValueError(f"{name}={value} is outside the open interval (0, 1){hint}")
+    def params(self) -> dict[str, float]:
+        """The divergence's parameters by keyword, e.g. ``{"alpha": 0.1}``."""
+        return {p.keyword: c for p, c in zip(self.divergence.info.params, (self.coef, self.coef2))}
 
 
 def check_temperature(temperature: float) -> None:
@@ -96,3 +203,18 @@ def check_temperature(temperature: float) -> None:
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature} must be a finite number > 0 (1.0 leaves logits unscaled)")
+
+
+def check_interpolation(interpolation: float) -> None:
+    if isinstance(interpolation, bool) or not isinstance(interpolation, (int, float)):
+        raise TypeError(f"interpolation must be a float in (0, 1], got {type(interpolation).__name__}")
+    if not (0.0 < float(interpolation) <= 1.0):
+        hint = (
+            "; interpolation=0 makes the teacher the student itself (the loss is identically 0)"
+            if interpolation == 0
+            else ""
+        )
+        raise ValueError(
+            f"interpolation={interpolation} is outside (0, 1]: the teacher's tempered logits become "
+            f"λ·t/T + (1−λ)·s/T with λ = interpolation (1 = the plain teacher){hint}"
+        )

@@ -18,9 +18,22 @@ Precision: log-probabilities are formed as ``ℓq = (a − m_s) − log Z_s``, n
 magnitude ~3e3 the fp32 value of ``LSE_s = m_s + log Z_s`` is off by up to half an ulp of 3e3 (1.2e-4), which
 would become a 1e-4 relative error in every q; ``a − m_s`` is exact near the max, as in eager ``log_softmax``.
 
+One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come from the divergence's definition
+(``kd_kernels/_spec.py`` says which other places define it):
+
+- ``_elem_terms``: per element, the loss term and ``a = ∂L/∂ℓq`` (up to a multiple of q);
+- for a streaming ("online", ``_spec.DIVERGENCES[d].online``) divergence, ``_online_fold`` / ``_online_finish``:
+  the running sums of the first pass and the row's loss and ``A = Σ a`` from them.
+Every divergence's gradient is then ``a_j − q_j A`` (MATH.md "More divergences").
+
 Bytes moved per row (``e_s``, ``e_t``, ``e_g`` bytes per element of s, t, grad; rows with weight 0 only write):
-forward / reverse KL read s and t twice and write the gradient once: ``V·(2 e_s + 2 e_t + e_g)``; skew KL and JSD
-need a third read (``V·(3 e_s + 3 e_t + e_g)``). Loss only (``HAS_GRAD=False``): one read (KL) or two (skew/JSD).
+the online divergences (forward / reverse KL, Jeffreys, Rényi) read s and t twice and write the gradient once:
+``V·(2 e_s + 2 e_t + e_g)``; the others (skew KL, JSD, TVD, alpha-beta) need a third read
+(``V·(3 e_s + 3 e_t + e_g)``). Loss only (``HAS_GRAD=False``): one read (online) or two.
+
+Rows that are not distributions (a NaN, a +inf, all −inf, or overflow after 1/T in either tensor) are found from
+the first pass (a log-sum-exp that is not finite) and get loss NaN and an all-NaN gradient row, as on every
+backend.
 """
 
 from __future__ import annotations
@@ -34,6 +47,10 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(2)
 SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(3)
 JSD: tl.constexpr = tl.constexpr(4)
+TVD: tl.constexpr = tl.constexpr(5)
+JEFFREYS: tl.constexpr = tl.constexpr(6)
+ALPHA_BETA: tl.constexpr = tl.constexpr(7)
+RENYI: tl.constexpr = tl.constexpr(8)
 
 
 @triton.jit
@@ -89,19 +106,122 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
         tl.store(g_row + cols, zero, mask=cols < V)
 
 
+@triton.jit
+def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
+    """Tempered fp32 student a = s/T and teacher b = t/T of one block (columns past V are −inf in both).
+
+    With INTERP (TAID, interpolation λ < 1) the teacher becomes λ b + (1 − λ) a; a column −inf in both stays −inf.
+    """
+    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
+    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
+    if INTERP:
+        b = lam * b + (1.0 - lam) * a
+    return a, b
+
+
 # -------------------------------------------------------------------------------------------------------------
-# Forward / reverse KL: one streaming pass for both LSEs and the loss, one pass for the gradient.
+# The divergence family, one definition each (MATH.md tables; see kd_kernels/_spec.py).
 #
-#   pass 1 (online max, MATH.md "How many passes"):
-#     (m_s, Z_s), (m_t, Z_t) and, relative to the max of the weighting distribution,
-#     forward  A = Σ e^(b − m_t)(b − a)      FKL = A/Z_t − LSE_t + LSE_s
-#     reverse  B = Σ e^(a − m_s)(a − b)      RKL = B/Z_s − LSE_s + LSE_t
-#     (the LSE difference is formed as (m_s − m_t) + (log Z_s − log Z_t) so large maxima do not cancel).
-#   pass 2: ∂L/∂a_j = q_j − p_j (forward), q_j (ℓq_j − ℓp_j − L) (reverse, 0 where q_j = 0);
-#     grad_j = w · (1/T) · ∂L/∂a_j.
+# _elem_terms(ℓq, ℓp, L): the per-element loss term (summed by the second pass of a non-online divergence) and
+# a = ∂L/∂ℓq (up to a multiple of q); L is the row's loss, known by the time a is needed.
+#   forward_kl       p (ℓp − ℓq)                                  a = −p                       A = −1
+#   reverse_kl       q (ℓq − ℓp)                                  a = q (ℓq − ℓp)              A = L
+#   skew_forward_kl  p (ℓp − log m),  m  = α p + (1−α) q          a = −(1−α) q p/m             A = Σ a
+#   skew_reverse_kl  q (ℓq − log m'), m' = α q + (1−α) p          a = q (ℓq − log m' − α q/m') A = Σ a
+#   jsd              β p (ℓp − log M) + (1−β) q (ℓq − log M)      a = (1−β) q (ℓq − log M)     A = Σ a
+#   tvd              ½ |p − q|                                    a = ½ q sign(q − p)          A = Σ a
+#   jeffreys         (p − q)(ℓp − ℓq)                             a = q (ℓq − ℓp) − p          A = KL(q‖p) − 1
+#   alpha_beta       −[p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]/(αβ)
+#                                                                 a = (q^(α+β) − p^α q^β)/α    A = Σ a
+#   renyi            (row only: 1/(α−1) log Σ p^α q^(1−α))        a = −p^α q^(1−α)/e^((α−1)L)  A = −1
+# Each product is 0 where its weight p or q is 0 (0·log 0 = 0), selected so 0·(−inf) never becomes NaN.
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
-def kl_loss_grad_kernel(
+def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
+    """(q, loss term, a) of one block for divergence DIV; see the table above."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == FORWARD_KL:
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq))
+        a = -p
+    elif DIV == REVERSE_KL:
+        loss = tl.where(q == 0.0, 0.0, q * (lq - lp))
+        a = loss
+    elif DIV == SKEW_FORWARD_KL:
+        d = lp - _log_mix(lp, lq, log_c, log_1mc)
+        loss = tl.where(p == 0.0, 0.0, p * d)
+        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp(d))
+    elif DIV == SKEW_REVERSE_KL:
+        d = lq - _log_mix(lq, lp, log_c, log_1mc)
+        loss = tl.where(q == 0.0, 0.0, q * d)
+        a = q * tl.where(q == 0.0, 0.0, d - coef * tl.exp(d))
+    elif DIV == JSD:
+        lm = _log_mix(lp, lq, log_c, log_1mc)
+        wq = tl.where(q == 0.0, 0.0, lq - lm)
+        loss = coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq
+        a = (1.0 - coef) * q * wq
+    elif DIV == TVD:
+        loss = 0.5 * tl.abs(q - p)
+        a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+    elif DIV == JEFFREYS:
+        rev = tl.where(q == 0.0, 0.0, q * (lq - lp))
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) + rev
+        a = rev - p
+    elif DIV == ALPHA_BETA:
+        ab = coef + coef2
+        pq = tl.exp(coef * lp + coef2 * lq)  # p^α q^β; exp(−inf) = 0 covers zero probabilities
+        qq = tl.exp(ab * lq)
+        loss = -(pq - (coef / ab) * tl.exp(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
+        a = (qq - pq) / coef
+    else:  # RENYI: r = p^α q^(1−α) / Σ p^α q^(1−α), and log Σ = (α − 1) L
+        mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
+        loss = tl.zeros_like(lq)  # the loss comes from the streaming pass
+        a = -tl.exp(mix - (coef - 1.0) * row_loss)
+    return q, loss, a
+
+
+@triton.jit
+def _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef, DIV: tl.constexpr):
+    """Fold one block into an online divergence's running sums (MATH.md "How many passes"):
+    x_t = Σ e^(b − m_t)(b − a) (forward KL, Jeffreys), x_s = Σ e^(a − m_s)(a − b) (reverse KL, Jeffreys), and
+    for Rényi the running (max, sum) of log(p^α q^(1−α)) + const = α b + (1−α) a (−inf where b is −inf)."""
+    if DIV == FORWARD_KL or DIV == JEFFREYS:
+        term = tl.where(e_t == 0.0, 0.0, e_t * (b - a))  # 0·log 0 = 0, also when a = b = −inf
+        x_t = x_t * scale_t + tl.sum(term, axis=0)
+    if DIV == REVERSE_KL or DIV == JEFFREYS:
+        term = tl.where(e_s == 0.0, 0.0, e_s * (a - b))
+        x_s = x_s * scale_s + tl.sum(term, axis=0)
+    if DIV == RENYI:
+        mix = tl.where(b == float("-inf"), float("-inf"), coef * b + (1.0 - coef) * a)
+        m_r, z_r, _, _ = _lse_fold(m_r, z_r, mix)
+    return x_t, x_s, m_r, z_r
+
+
+@triton.jit
+def _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV: tl.constexpr):
+    """(L, A) of an online divergence from the first pass's sums; LSE differences are formed as
+    (max difference) + (log-sum difference) so large maxima do not cancel."""
+    dlse = (m_s - m_t) + (lz_s - lz_t)  # LSE_s − LSE_t
+    if DIV == FORWARD_KL:
+        loss = x_t / z_t + dlse
+        big_a = -1.0
+    elif DIV == REVERSE_KL:
+        loss = x_s / z_s - dlse
+        big_a = loss
+    elif DIV == JEFFREYS:
+        rkl = x_s / z_s - dlse
+        loss = x_t / z_t + dlse + rkl
+        big_a = rkl - 1.0
+    else:  # RENYI: log Σ p^α q^(1−α) = LSE_mix − α LSE_t − (1−α) LSE_s
+        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) + (tl.log(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
+        # A +inf term (α > 1, q = 0 where p > 0) is an infinite divergence, as in float64, not a NaN.
+        loss = tl.where(m_r == float("inf"), float("inf"), log_sum / (coef - 1.0))
+        big_a = -1.0
+    return loss, big_a
+
+
+@triton.jit
+def kd_loss_grad_kernel(
     s_ptr,  # (N, V) student logits, fp32/bf16/fp16, unit column stride, row stride stride_s
     t_ptr,  # (N, V) teacher logits, fp32/bf16/fp16, unit column stride, row stride stride_t
     w_ptr,  # (N,) fp32 row weights; a row with weight 0 is not read (loss 0, gradient row 0)
@@ -112,7 +232,14 @@ def kl_loss_grad_kernel(
     stride_g,
     V,
     inv_temp,  # 1/T, fp32
-    DIV: tl.constexpr,  # FORWARD_KL or REVERSE_KL
+    lam,  # interpolation λ (used only with INTERP)
+    coef,  # α (skew, alpha_beta, renyi) or β (JSD), fp32; unused otherwise
+    coef2,  # β of alpha_beta
+    log_c,  # log coef (skew, JSD)
+    log_1mc,  # log(1 − coef) (skew, JSD)
+    DIV: tl.constexpr,  # the divergence, numbered as kd_kernels._spec.Divergence
+    ONLINE: tl.constexpr,  # loss and A from the first pass (2 reads of a row), else a second pass (3 reads)
+    INTERP: tl.constexpr,  # interpolation λ < 1 (TAID)
     HAS_GRAD: tl.constexpr,  # False: loss only, g_ptr is not touched
     BF16_BY_BITS: tl.constexpr,  # round bf16 gradients on the bits (interpreter only, see _to_grad_dtype)
     BLOCK_V: tl.constexpr,
@@ -125,167 +252,61 @@ def kl_loss_grad_kernel(
     offs = tl.arange(0, BLOCK_V)
 
     if w != 0.0:
+        # Pass 1: LSE_s, LSE_t (online max) and, for an online divergence, its running sums.
         m_s = -float("inf")
         z_s = 0.0
         m_t = -float("inf")
         z_t = 0.0
-        x = 0.0  # A (forward, relative to m_t) or B (reverse, relative to m_s)
+        x_t = 0.0
+        x_s = 0.0
+        m_r = -float("inf")
+        z_r = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             in_v = cols < V
-            a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
+            a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
             m_s, z_s, e_s, scale_s = _lse_fold(m_s, z_s, a)
             m_t, z_t, e_t, scale_t = _lse_fold(m_t, z_t, b)
-            if DIV == FORWARD_KL:
-                term = tl.where(e_t == 0.0, 0.0, e_t * (b - a))  # 0·log 0 = 0, also when a = b = −inf
-                x = x * scale_t + tl.sum(term, axis=0)
-            else:
-                term = tl.where(e_s == 0.0, 0.0, e_s * (a - b))
-                x = x * scale_s + tl.sum(term, axis=0)
+            if ONLINE:
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef,
+                                                  DIV)
         lz_s = tl.log(z_s)
         lz_t = tl.log(z_t)
-        dlse = (m_s - m_t) + (lz_s - lz_t)  # LSE_s − LSE_t
-        if DIV == FORWARD_KL:
-            loss = x / z_t + dlse
+        lse_s = m_s + lz_s
+        lse_t = m_t + lz_t
+        # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
+        # is false) its loss and its whole gradient row are NaN.
+        ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+
+        if ONLINE:
+            loss, big_a = _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV)
         else:
-            loss = x / z_s - dlse
+            # Pass 2: the loss and A = Σ a over the normalized ℓq, ℓp. Per-lane partial sums, reduced once after
+            # the loop (one reduction instead of one per block).
+            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                in_v = cols < V
+                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
+                # ℓ = (x − m) − log Z, never x − LSE: see "Precision" at the top.
+                _, lt, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, 0.0, coef, coef2, log_c, log_1mc, DIV)
+                loss_acc += lt
+                a_acc += ga
+            loss = tl.sum(loss_acc, axis=0)
+            big_a = tl.sum(a_acc, axis=0)
+        loss = tl.where(ok, loss, float("nan"))
         tl.store(loss_ptr + row, loss)
 
         if HAS_GRAD:
+            # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
             gscale = w * inv_temp
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 in_v = cols < V
-                a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                lq = (a - m_s) - lz_s  # see "Precision" at the top
-                lp = (b - m_t) - lz_t
-                q = tl.exp(lq)
-                if DIV == FORWARD_KL:
-                    g = q - tl.exp(lp)
-                else:
-                    g = tl.where(q == 0.0, 0.0, q * ((lq - lp) - loss))
-                # Every element of this block was read above before it is overwritten: in place is safe.
-                gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
-                tl.store(g_row + cols, gout, mask=in_v)
-    else:
-        tl.store(loss_ptr + row, 0.0)
-        if HAS_GRAD:
-            _zero_row(g_row, V, BLOCK_V)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Skew forward / reverse KL and JSD: the normalized ℓq, ℓp sit inside a log, so three passes.
-#
-#   pass 1: LSE_s, LSE_t (online).
-#   pass 2: the loss and the centering sum S = Σ_v q_v v_v, with per element (kd_math.h skew_terms)
-#     skew_forward_kl  log m  = logaddexp(log α + ℓp, log(1−α) + ℓq)   L += p (ℓp − log m)
-#                      v = r = p/m = e^(ℓp − log m)                      k = −(1−α)
-#     skew_reverse_kl  log m' = logaddexp(log α + ℓq, log(1−α) + ℓp)   L += q (ℓq − log m')
-#                      v = u = ℓq − log m' − α q/m'                      k = 1
-#     jsd              log M  = logaddexp(log β + ℓp, log(1−β) + ℓq)
-#                      L += β p (ℓp − log M) + (1−β) q (ℓq − log M)
-#                      v = w = ℓq − log M                                k = 1 − β
-#     (each product 0 where its weight p or q is 0; v likewise).
-#   pass 3: ∂L/∂a_j = k q_j (v_j − S), 0 where q_j = 0 (MATH.md gradient table, rewritten as k q (v − S)).
-# The row is re-read from memory in passes 2 and 3; on a GPU the per-row footprint decides whether that comes from
-# L2 (see benchmarks/bench_triton_gpu.py for the counted bytes).
-# -------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _mix_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
-    """(q, v, loss term) of one block for a skew divergence or JSD; see the table above."""
-    q = tl.exp(lq)
-    p = tl.exp(lp)
-    if DIV == SKEW_FORWARD_KL:
-        d = lp - _log_mix(lp, lq, log_c, log_1mc)
-        loss = tl.where(p == 0.0, 0.0, p * d)
-        v = tl.where(p == 0.0, 0.0, tl.exp(d))
-    elif DIV == SKEW_REVERSE_KL:
-        d = lq - _log_mix(lq, lp, log_c, log_1mc)
-        loss = tl.where(q == 0.0, 0.0, q * d)
-        v = tl.where(q == 0.0, 0.0, d - coef * tl.exp(d))
-    else:
-        lm = _log_mix(lp, lq, log_c, log_1mc)
-        dp = lp - lm
-        dq = lq - lm
-        loss = coef * tl.where(p == 0.0, 0.0, p * dp) + (1.0 - coef) * tl.where(q == 0.0, 0.0, q * dq)
-        v = tl.where(q == 0.0, 0.0, dq)
-    return q, v, loss
-
-
-@triton.jit
-def mix_loss_grad_kernel(
-    s_ptr,  # (N, V) student logits, fp32/bf16/fp16, unit column stride, row stride stride_s
-    t_ptr,  # (N, V) teacher logits, fp32/bf16/fp16, unit column stride, row stride stride_t
-    w_ptr,  # (N,) fp32 row weights; a row with weight 0 is not read (loss 0, gradient row 0)
-    loss_ptr,  # (N,) fp32 out: the unweighted per-token divergence
-    g_ptr,  # (N, V) out: w_i ∂L_i/∂s_i in the student dtype, row stride stride_g; may alias s_ptr
-    stride_s,
-    stride_t,
-    stride_g,
-    V,
-    inv_temp,  # 1/T, fp32
-    coef,  # α (skew) or β (JSD), fp32
-    log_c,  # log coef
-    log_1mc,  # log(1 − coef)
-    DIV: tl.constexpr,  # SKEW_FORWARD_KL, SKEW_REVERSE_KL or JSD
-    HAS_GRAD: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit so row · stride does not wrap when N·V ≥ 2^31
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + row * stride_t
-    g_row = g_ptr + row * stride_g
-    w = tl.load(w_ptr + row)
-    offs = tl.arange(0, BLOCK_V)
-
-    if w != 0.0:
-        m_s = -float("inf")
-        z_s = 0.0
-        m_t = -float("inf")
-        z_t = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            in_v = cols < V
-            a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            m_s, z_s, _, _ = _lse_fold(m_s, z_s, a)
-            m_t, z_t, _, _ = _lse_fold(m_t, z_t, b)
-        lz_s = tl.log(z_s)
-        lz_t = tl.log(z_t)
-
-        # Per-lane partial sums, reduced once after the loop (one reduction instead of one per block).
-        loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            in_v = cols < V
-            a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-            q, v, lt = _mix_terms((a - m_s) - lz_s, (b - m_t) - lz_t, coef, log_c, log_1mc, DIV)
-            loss_acc += lt
-            s_acc += tl.where(q == 0.0, 0.0, q * v)
-        loss = tl.sum(loss_acc, axis=0)
-        tl.store(loss_ptr + row, loss)
-
-        if HAS_GRAD:
-            centre = tl.sum(s_acc, axis=0)
-            if DIV == SKEW_FORWARD_KL:
-                k = -(1.0 - coef)
-            elif DIV == SKEW_REVERSE_KL:
-                k = 1.0
-            else:
-                k = 1.0 - coef
-            gscale = k * w * inv_temp
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-                q, v, lt = _mix_terms((a - m_s) - lz_s, (b - m_t) - lz_t, coef, log_c, log_1mc, DIV)
-                g = tl.where(q == 0.0, 0.0, q * (v - centre))
+                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
+                q, _, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, loss, coef, coef2, log_c, log_1mc, DIV)
+                g = tl.where(ok, ga - q * big_a, float("nan"))
                 # Every element of this block was read above before it is overwritten: in place is safe.
                 gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
                 tl.store(g_row + cols, gout, mask=in_v)

@@ -34,13 +34,17 @@ IGNORE_INDEX = -100
 __all__ = [
     "FusedLinearKDLoss",
     "KDComponents",
+    "fused_linear_alpha_beta",
     "fused_linear_forward_kl",
+    "fused_linear_jeffreys",
     "fused_linear_jsd",
     "fused_linear_kd",
     "fused_linear_logprobs",
+    "fused_linear_renyi",
     "fused_linear_reverse_kl",
     "fused_linear_skew_forward_kl",
     "fused_linear_skew_reverse_kl",
+    "fused_linear_tvd",
 ]
 
 
@@ -67,11 +71,15 @@ _FUSED_DOC = """
         teacher_weight: ``(V, D_t)`` teacher lm_head weight, same dtype as ``teacher_hidden`` (which
             may differ from the student's dtype).
         divergence: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``),
-            ``skew_reverse_kl`` (``alpha``) or ``jsd`` (``beta``); see ``kd_kernels.kd_loss``.
+            ``skew_reverse_kl`` (``alpha``), ``jsd`` (``beta``), ``tvd``, ``jeffreys``,
+            ``alpha_beta`` (``alpha``, ``beta``) or ``renyi`` (``alpha``); ``alpha`` / ``beta`` None
+            take the divergence's default; see ``kd_kernels.kd_loss``.
         student_bias, teacher_bias: optional ``(V,)`` biases of the lm_heads, each in its weight's
             dtype.
         temperature: divides both logits before the KD softmaxes (> 0), no T² factor; the CE term
             uses the untempered student logits.
+        interpolation: λ in (0, 1] (1 = off): the teacher's tempered logits become
+            ``λ·t/T + (1−λ)·sg(s/T)`` before the divergence (TAID); see ``kd_kernels.kd_loss``.
         mask: bool ``(...)``, True where the token counts. Masked tokens add exactly 0 to the loss
             and to every gradient, and are dropped before any matmul. When ``mask`` is None and
             ``labels`` are given, the KD mask is ``labels != -100``.
@@ -233,11 +241,12 @@ def fused_linear_kd(
     teacher_weight: torch.Tensor,
     *,
     divergence: str = "reverse_kl",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    interpolation: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -250,7 +259,9 @@ def fused_linear_kd(
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
     """KD loss from hidden states and lm_head weights: ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t,
     ...)`` (+ ``ce_weight`` × hard-label CE), without materializing the logits."""
-    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
+    spec = KDSpec.make(
+        divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+    )
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
@@ -402,6 +413,10 @@ fused_linear_reverse_kl = _named("reverse_kl", "KL(q‖p)")
 fused_linear_skew_forward_kl = _named("skew_forward_kl", "KL(p‖α p + (1−α) q)")
 fused_linear_skew_reverse_kl = _named("skew_reverse_kl", "KL(q‖(1−α) p + α q)")
 fused_linear_jsd = _named("jsd", "β KL(p‖M) + (1−β) KL(q‖M)")
+fused_linear_tvd = _named("tvd", "½ Σ |p − q|")
+fused_linear_jeffreys = _named("jeffreys", "KL(p‖q) + KL(q‖p)")
+fused_linear_alpha_beta = _named("alpha_beta", "ABKD's α-β divergence")
+fused_linear_renyi = _named("renyi", "1/(α−1) log Σ p^α q^(1−α)")
 
 
 def fused_linear_logprobs(
@@ -491,9 +506,10 @@ class FusedLinearKDLoss(nn.Module):
         self,
         divergence: str = "reverse_kl",
         *,
-        alpha: float = 0.1,
-        beta: float = 0.5,
+        alpha: float | None = None,
+        beta: float | None = None,
         temperature: float = 1.0,
+        interpolation: float = 1.0,
         reduction: str = "mean",
         ce_weight: float = 0.0,
         truncate_teacher_vocab: bool = False,
@@ -501,7 +517,9 @@ class FusedLinearKDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
+        self.spec = KDSpec.make(
+            divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+        )
         self.alpha, self.beta = alpha, beta
         self.reduction = _check_reduction(reduction)
         if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
@@ -543,6 +561,7 @@ class FusedLinearKDLoss(nn.Module):
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             temperature=self.spec.temperature,
+            interpolation=self.spec.interpolation,
             mask=mask,
             token_weights=token_weights,
             reduction=self.reduction,
@@ -557,11 +576,9 @@ class FusedLinearKDLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        coef = {
-            "skew_forward_kl": f", alpha={self.alpha}",
-            "skew_reverse_kl": f", alpha={self.alpha}",
-            "jsd": f", beta={self.beta}",
-        }.get(self.spec.divergence.label, "")
+        coef = "".join(f", {k}={v}" for k, v in self.spec.params().items())
+        if self.spec.interpolation != 1.0:
+            coef += f", interpolation={self.spec.interpolation}"
         return (
             f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
             f"reduction={self.reduction!r}, ce_weight={self.ce_weight}, backend={self.backend!r}"

@@ -16,12 +16,12 @@ class KDLoss(nn.Module):
     Same options and semantics as :func:`kd_kernels.kd_loss`; invalid options fail at construction.
     """
 
-    def __init__(self, divergence: str = "forward_kl", *, alpha: float = 0.1, beta: float = 0.5,
-                 temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
-                 inplace_grad: bool = False) -> None:
+    def __init__(self, divergence: str = "forward_kl", *, alpha: float | None = None, beta: float | None = None,
+                 temperature: float = 1.0, interpolation: float = 1.0, reduction: str = "mean",
+                 backend: str = "auto", inplace_grad: bool = False) -> None:
         super().__init__()
-        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
-        self.alpha, self.beta = alpha, beta
+        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature,
+                                interpolation=interpolation)
         self.reduction = check_reduction(reduction)
         self.backend = backend
         self.inplace_grad = inplace_grad
@@ -29,12 +29,12 @@ class KDLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, divergence=self.spec.divergence.label,
-                       alpha=self.alpha, beta=self.beta, temperature=self.spec.temperature, mask=mask,
+                       temperature=self.spec.temperature, interpolation=self.spec.interpolation, mask=mask,
                        token_weights=token_weights, reduction=self.reduction, backend=self.backend,
-                       inplace_grad=self.inplace_grad)
+                       inplace_grad=self.inplace_grad, **self.spec.params())
 
     def extra_repr(self) -> str:
-        coef = {"skew_forward_kl": f", alpha={self.alpha}", "skew_reverse_kl": f", alpha={self.alpha}",
-                "jsd": f", beta={self.beta}"}.get(self.spec.divergence.label, "")
-        return (f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
+        coef = "".join(f", {k}={v}" for k, v in self.spec.params().items())
+        lam = f", interpolation={self.spec.interpolation}" if self.spec.interpolation != 1.0 else ""
+        return (f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}{lam}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -14,15 +14,21 @@ import math
 
 import torch
 
+from ._spec import Divergence
+
 __all__ = [
+    "alpha_beta_per_token",
     "cross_entropy_per_token",
     "forward_kl_per_token",
+    "jeffreys_per_token",
     "jsd_per_token",
     "kd_loss",
     "per_token",
+    "renyi_per_token",
     "reverse_kl_per_token",
     "skew_forward_kl_per_token",
     "skew_reverse_kl_per_token",
+    "tvd_per_token",
 ]
 
 
@@ -67,21 +73,60 @@ def jsd_per_token(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor
     return beta * _plogp_ratio(lp, lm) + (1.0 - beta) * _plogp_ratio(lq, lm)
 
 
+def tvd_per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Total variation ½ Σ |p − q| (autograd takes sign(0) = 0, as MATH.md does)."""
+    return 0.5 * (t.softmax(-1) - s.softmax(-1)).abs().sum(-1)
+
+
+def jeffreys_per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) + KL(q‖p) = Σ (p − q)(log p − log q)."""
+    return forward_kl_per_token(s, t) + reverse_kl_per_token(s, t)
+
+
+def alpha_beta_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """ABKD's α-β divergence −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)], α, β > 0.
+
+    Powers are taken as exp(α log p) so a zero probability gives 0 (and gradient 0), never 0^α through log 0.
+    """
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    ab = alpha + beta
+    terms = (
+        (alpha * lp + beta * lq).exp()
+        - alpha / ab * (ab * lp).exp()
+        - beta / ab * (ab * lq).exp()
+    )
+    return -terms.sum(-1) / (alpha * beta)
+
+
+def renyi_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Rényi divergence 1/(α−1) log Σ p^α q^(1−α), α > 0, α ≠ 1 (p_v = 0 terms are 0, also for α > 1)."""
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    mix = alpha * lp + (1.0 - alpha) * lq
+    mix = torch.where(lp == -math.inf, torch.full_like(mix, -math.inf), mix)
+    return torch.logsumexp(mix, -1) / (alpha - 1.0)
+
+
 def per_token(
-    divergence: str, s: torch.Tensor, t: torch.Tensor, *, alpha: float = 0.1, beta: float = 0.5
+    divergence: str, s: torch.Tensor, t: torch.Tensor, *, alpha: float | None = None, beta: float | None = None
 ) -> torch.Tensor:
-    """Dispatch by name: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl``, ``skew_reverse_kl``, ``jsd``."""
-    if divergence == "forward_kl":
-        return forward_kl_per_token(s, t)
-    if divergence == "reverse_kl":
-        return reverse_kl_per_token(s, t)
-    if divergence == "skew_forward_kl":
-        return skew_forward_kl_per_token(s, t, alpha)
-    if divergence == "skew_reverse_kl":
-        return skew_reverse_kl_per_token(s, t, alpha)
-    if divergence == "jsd":
-        return jsd_per_token(s, t, beta)
-    raise ValueError(f"unknown divergence {divergence!r}")
+    """Dispatch by name; ``alpha`` / ``beta`` None take the divergence's default (``kd_kernels._spec``)."""
+    params = Divergence.parse(divergence).info.params
+    given = {"alpha": alpha, "beta": beta}
+    kw = {p.keyword: (p.default if given[p.keyword] is None else given[p.keyword]) for p in params}
+    return _PER_TOKEN[divergence](s, t, **kw)
+
+
+_PER_TOKEN = {
+    "forward_kl": forward_kl_per_token,
+    "reverse_kl": reverse_kl_per_token,
+    "skew_forward_kl": skew_forward_kl_per_token,
+    "skew_reverse_kl": skew_reverse_kl_per_token,
+    "jsd": jsd_per_token,
+    "tvd": tvd_per_token,
+    "jeffreys": jeffreys_per_token,
+    "alpha_beta": alpha_beta_per_token,
+    "renyi": renyi_per_token,
+}
 
 
 def kd_loss(
@@ -89,19 +134,24 @@ def kd_loss(
     s: torch.Tensor,
     t: torch.Tensor,
     *,
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     temperature: float = 1.0,
+    interpolation: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The loss the public functions compute, written out plainly.
 
+    ``interpolation`` λ < 1 replaces the tempered teacher logits by ``λ t/T + (1 − λ) sg(s/T)`` (TAID).
     ``sum = Σ k_i w_i L_i``, ``mean = sum / max(1, Σ k_i)``, ``none = k_i w_i L_i`` (MATH.md, Reductions).
     Computed in the dtype of ``s`` (pass float64 tensors for a reference value).
     """
-    L = per_token(divergence, s / temperature, t.to(s.dtype) / temperature, alpha=alpha, beta=beta)
+    ss, tt = s / temperature, t.to(s.dtype) / temperature
+    if interpolation != 1.0:
+        tt = interpolation * tt + (1.0 - interpolation) * ss.detach()
+    L = per_token(divergence, ss, tt, alpha=alpha, beta=beta)
     k = torch.ones_like(L) if mask is None else mask.to(L.dtype)
     w = k if token_weights is None else k * token_weights.to(L.dtype)
     # where() rather than a product so a masked row's value (even inf) never leaks in as 0·inf = NaN.

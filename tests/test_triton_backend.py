@@ -318,15 +318,19 @@ from triton.compiler import ASTSource
 from kd_kernels import _triton_kernels as K
 
 out = {}
-for name, kernel, div in (("kl", K.kl_loss_grad_kernel, 0), ("mix", K.mix_loss_grad_kernel, 4)):
+# One online and one three-pass divergence of the old five, and the new ones (alpha_beta with interpolation).
+for name, div, online, interp in (("forward_kl", 0, True, False), ("jsd", 4, False, False), ("tvd", 5, False, False),
+                                  ("jeffreys", 6, True, False), ("alpha_beta", 7, False, True),
+                                  ("renyi", 8, True, False)):
     sig = {"s_ptr": "*bf16", "t_ptr": "*bf16", "w_ptr": "*fp32", "loss_ptr": "*fp32", "g_ptr": "*bf16",
-           "stride_s": "i32", "stride_t": "i32", "stride_g": "i32", "V": "i32", "inv_temp": "fp32"}
-    if div >= 2:
-        sig.update(coef="fp32", log_c="fp32", log_1mc="fp32")
-    consts = {"DIV": div, "HAS_GRAD": True, "BF16_BY_BITS": False, "BLOCK_V": 4096}
+           "stride_s": "i32", "stride_t": "i32", "stride_g": "i32", "V": "i32", "inv_temp": "fp32",
+           "lam": "fp32", "coef": "fp32", "coef2": "fp32", "log_c": "fp32", "log_1mc": "fp32"}
+    consts = {"DIV": div, "ONLINE": online, "INTERP": interp, "HAS_GRAD": True, "BF16_BY_BITS": False,
+              "BLOCK_V": 4096}
     sig.update({k: "constexpr" for k in consts})
     names = list(sig)
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    src = ASTSource(fn=K.kd_loss_grad_kernel, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
     try:
         out[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ttir"]
     except Exception as e:

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .._spec import Divergence, KDSpec
+from .._spec import KDSpec
 from . import Backend, register
 
 # Under TRITON_INTERPRET=1 every block operation is one numpy call with a fixed Python overhead, so a larger block
@@ -68,24 +68,22 @@ def _autotune_configs(triton):
 
 
 @functools.cache
-def _kernels(autotuned: bool):
-    """The two jitted kernels, plain or wrapped in ``triton.autotune`` (built once per process)."""
+def _kernel(autotuned: bool):
+    """The jitted kernel, plain or wrapped in ``triton.autotune`` (built once per process)."""
     import triton
 
     from .. import _triton_kernels as K
 
-    kl, mix = K.kl_loss_grad_kernel, K.mix_loss_grad_kernel
+    kernel = K.kd_loss_grad_kernel
     if autotuned:
         # s and g are restored after each timing run: with g aliasing s (in place) a trial would otherwise feed
         # its own gradient to the next one. Tensor dtypes are part of the autotuner's key automatically.
-        tune = functools.partial(
-            triton.autotune,
+        kernel = triton.autotune(
             configs=_autotune_configs(triton),
             key=["V", "DIV", "HAS_GRAD"],
             restore_value=["s_ptr", "g_ptr"],
-        )
-        kl, mix = tune()(kl), tune()(mix)
-    return kl, mix
+        )(kernel)
+    return kernel
 
 
 def _check_args(s, t, row_weight, grad) -> None:
@@ -149,14 +147,17 @@ def launch(
     if autotune is None:
         autotune = _autotune_requested()
     autotuned = autotune and block_v is None and num_warps is None and not _interpreting()
-    kl_kernel, mix_kernel = _kernels(autotuned)
-    common = (s, t, row_weight, loss, g, s.stride(0), t.stride(0), g.stride(0), v, inv_temp)
-    if d in (Divergence.FORWARD_KL, Divergence.REVERSE_KL):
-        kernel, args = kl_kernel, common
-    else:
-        a = spec.coef
-        kernel, args = mix_kernel, (*common, a, math.log(a), math.log1p(-a))
-    meta = {"DIV": int(d), "HAS_GRAD": has_grad, "BF16_BY_BITS": _interpreting()}
+    kernel = _kernel(autotuned)
+    # The divergence's parameters as the kernel takes them (_triton_kernels.kd_loss_grad_kernel); the logs are
+    # only read by the skew divergences and JSD, whose coefficient lies in (0, 1).
+    c = spec.coef
+    log_c = math.log(c) if 0.0 < c < 1.0 else 0.0
+    log_1mc = math.log1p(-c) if 0.0 < c < 1.0 else 0.0
+    lam = spec.interpolation
+    args = (s, t, row_weight, loss, g, s.stride(0), t.stride(0), g.stride(0), v, inv_temp, lam, c, spec.coef2,
+            log_c, log_1mc)
+    meta = {"DIV": int(d), "ONLINE": d.info.online, "INTERP": lam != 1.0, "HAS_GRAD": has_grad,
+            "BF16_BY_BITS": _interpreting()}
     if not autotuned:
         if _interpreting():
             default_block, default_warps = INTERPRET_BLOCK_V, 4
@@ -170,10 +171,11 @@ def launch(
             kernel[(n,)](*args, **meta)
     else:
         # The interpreter evaluates both sides of every tl.where with numpy, which warns about the −inf − (−inf)
-        # lanes the kernel then selects away (absent columns); the results are exact, so hush numpy here.
+        # lanes the kernel then selects away (absent columns), and about logits that overflow fp32 after 1/T (rows
+        # the kernel turns into NaN on purpose); the results are exact, so hush numpy here.
         import numpy as np
 
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             kernel[(n,)](*args, **meta)
     return loss
 
