@@ -123,7 +123,7 @@ def _agree(group, rank: int, error: Exception | None, summary: dict | None) -> l
         for key, value in first.items():
             if key in _PER_RANK:
                 continue
-            if item[key] != value:
+            if not _same(item[key], value):
                 raise ValueError(
                     f"the ranks of group disagree on {key}: rank 0 has {value}, rank {r} has "
                     f"{item[key]}; every rank must pass the same hidden states, mask, labels, "
@@ -137,12 +137,25 @@ _PER_RANK = ("vocab", "teacher_vocab")
 
 
 def _fingerprint(x: torch.Tensor | None) -> tuple | None:
-    """A cheap summary of a replicated per-token tensor (shape and sum), compared across ranks."""
+    """A cheap summary of a tensor that must be the same on every rank (shape, dtype, sum and sum
+    of squares in float64), compared across ranks: catches hidden states or masks that differ
+    between ranks (e.g. dropout with a different seed per tensor-parallel rank)."""
     if x is None:
         return None
     x = x.detach()
-    total = x.sum(dtype=torch.float64) if x.is_floating_point() else x.long().sum()
-    return (tuple(x.shape), str(x.dtype), float(total.item()))
+    x64 = x.to(torch.float64)
+    sums = torch.stack([x64.sum(), x64.square().sum()]).tolist()  # one host sync
+    return (tuple(x.shape), str(x.dtype), *sums)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equality of two summaries, floats to a relative 1e-6 (reduction order may differ between
+    devices), NaN equal to NaN."""
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _offsets(vocabs: list[int]) -> list[int]:
@@ -626,7 +639,8 @@ def _prepare_fused(
     summary = {
         "vocab": w_s.shape[0],
         "teacher_vocab": w_t.shape[0],
-        "hidden": (tuple(h_s.shape), tuple(h_t.shape), str(h_s.dtype), str(h_t.dtype)),
+        "student_hidden": _fingerprint(h_s),
+        "teacher_hidden": _fingerprint(h_t),
         "biases": (b_s is not None, b_t is not None),
         "spec": (spec.divergence.label, spec.coef, spec.temperature),
         "reduction": reduction,
@@ -756,7 +770,7 @@ def kd_loss(
         summary = {
             "vocab": vocab,
             "teacher_vocab": t.shape[-1],
-            "lead": tuple(lead),
+            "lead": tuple(lead),  # the logits differ between ranks by design: shapes only
             "dtypes": (str(s.dtype), str(t.dtype)),
             "spec": (spec.divergence.label, spec.coef, spec.temperature),
             "reduction": reduction,

@@ -277,6 +277,7 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
     split = SPLITS[world]
     lo, hi = sum(split[:rank]), sum(split[: rank + 1])
     v = sum(split)
+    torch.manual_seed(5)  # the same replicated tensors on every rank
     h, ht = torch.randn(4, 8), torch.randn(4, 6)
     ws, wt = torch.randn(hi - lo, 8), torch.randn(hi - lo, 6)
     _expect_error(
@@ -332,6 +333,33 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
         ("vocabulary-parallel",),
         lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, backend="cpu"),
     )
+    h_drop = h + 0.01 * rank  # e.g. dropout with a different seed per rank
+    _expect_error(
+        out,
+        "hidden states differ",
+        ValueError,
+        ("disagree", "student_hidden"),
+        lambda: P.fused_linear_kd(h_drop, ws, ht, wt, group=group),
+    )
+    # NaN semantics: a NaN in one rank's shard of a counted row makes that row's loss NaN and its
+    # whole gradient row NaN on every rank; a masked row with NaN stays exactly 0; others exact.
+    s_nan = torch.randn(4, hi - lo)
+    if rank == world - 1:
+        s_nan[1, 0] = s_nan[2, 0] = float("nan")
+    x = s_nan.clone().requires_grad_()
+    keep = torch.tensor([True, True, False, True])
+    per_tok = P.kd_loss(x, torch.randn(4, hi - lo), group=group, mask=keep, reduction="none")
+    per_tok.sum().backward()
+    finite = torch.tensor([True, False, True, True])
+    ok = (
+        bool(per_tok[1].isnan())
+        and bool(x.grad[1].isnan().all())
+        and per_tok[2].item() == 0.0
+        and bool((x.grad[2] == 0).all())
+        and bool(per_tok[finite].isfinite().all())
+        and bool(x.grad[finite].isfinite().all())
+    )
+    out.append({"case": "nan row", "bad": {} if ok else (per_tok.tolist(), x.grad.isnan().sum())})
     # After all of that the group still works (every error was raised at the same collective).
     loss = P.kd_loss(s, s, group=group)
     out.append({"case": "group still usable", "bad": {} if loss.item() == 0.0 else loss.item()})
@@ -446,7 +474,7 @@ def test_parallel_matches_unsharded(world, tmp_path):
                 p.kill()
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = 2 * 5 + 2 + 15 + 8 + (3 if world == 2 else 0)
+        expected = 2 * 5 + 2 + 15 + 10 + (3 if world == 2 else 0)
         assert len(results) == expected, [r["case"] for r in results]
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
