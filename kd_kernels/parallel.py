@@ -127,7 +127,8 @@ def _agree(group, rank: int, error: Exception | None, summary: dict | None) -> l
                 raise ValueError(
                     f"the ranks of group disagree on {key}: rank 0 has {value}, rank {r} has "
                     f"{item[key]}; every rank must pass the same hidden states, mask, labels, "
-                    "token weights and options (only the lm_head rows / logit columns are split)"
+                    "token weights and options (only the lm_head rows / logit columns are split); "
+                    "is group the tensor-parallel group, not one spanning data-parallel replicas?"
                 )
     return gathered
 

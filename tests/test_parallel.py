@@ -201,11 +201,56 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
                 )
             if again.item() != loss.item():
                 bad["no_grad"] = (again.item(), loss.item())
+            total = parts.kd + cfg.get("ce_weight", 0.0) * (parts.ce if parts.ce is not None else 0)
+            if not torch.allclose(total, loss.detach(), rtol=1e-6, atol=0):
+                bad["components"] = (parts.kd.item(), loss.item())
             if cfg.get("labels") is None and parts.ce is not None:
                 bad["components"] = "ce without labels"
             out.append({"case": name, "bad": bad})
         except Exception:  # noqa: BLE001 - reported per case
             out.append({"case": name, "bad": traceback.format_exc()})
+
+
+def _bf16_case(world: int, rank: int, group, out: list) -> None:
+    """bf16 heads: the sharded loss and gradients track the single-process bf16 call as closely as
+    that call tracks float64 (plus a bf16 slack)."""
+    import kd_kernels
+    import kd_kernels.parallel as P
+
+    split = SPLITS[world]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+    g = torch.Generator().manual_seed(3)
+    v, d = sum(split), 32
+    hs = torch.randn(20, d, generator=g).bfloat16()
+    ws = (torch.randn(v, d, generator=g) / d**0.5 * 2).bfloat16()
+    ht = torch.randn(20, d, generator=g).bfloat16()
+    wt = (torch.randn(v, d, generator=g) / d**0.5 * 2).bfloat16()
+    name = "fused bf16 skew_reverse_kl"
+    try:
+        ref = _reference("skew_reverse_kl", hs, ws, None, ht, wt, None, alpha=0.3)
+        h, w = hs.clone().requires_grad_(), ws[lo:hi].clone().requires_grad_()
+        loss = P.fused_linear_kd(
+            h, w, ht, wt[lo:hi], group=group, divergence="skew_reverse_kl", alpha=0.3
+        )
+        loss.backward()
+        H, W = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        one = kd_kernels.fused_linear_kd(
+            H, W, ht, wt, divergence="skew_reverse_kl", alpha=0.3, backend="torch"
+        )
+        one.backward()
+        bad = {}
+        for key, ours, single, r in (
+            ("loss", loss, one, ref[0]),
+            ("h", h.grad, H.grad, ref[1]),
+            ("w", w.grad, W.grad[lo:hi], ref[2][lo:hi]),
+        ):
+            if not _rel(ours, r) <= _rel(single, r) + 1e-2:
+                bad[key] = (_rel(ours, r), _rel(single, r))
+        if h.grad.dtype != torch.bfloat16 or w.grad.dtype != torch.bfloat16:
+            bad["dtype"] = (h.grad.dtype, w.grad.dtype)
+        out.append({"case": name, "bad": bad})
+    except Exception:  # noqa: BLE001
+        out.append({"case": name, "bad": traceback.format_exc()})
 
 
 def _logits_cases(world: int, rank: int, group, out: list) -> None:
@@ -444,6 +489,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     try:
         group = dist.group.WORLD
         _fused_cases(world, rank, group, out)
+        _bf16_case(world, rank, group, out)
         _logits_cases(world, rank, group, out)
         _error_cases(world, rank, group, out)
         if world == 2:  # FSDP2 needs no more ranks to show its reduce-scatter; keeps CI short
@@ -474,7 +520,7 @@ def test_parallel_matches_unsharded(world, tmp_path):
                 p.kill()
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = 2 * 5 + 2 + 15 + 10 + (3 if world == 2 else 0)
+        expected = 2 * 5 + 2 + 1 + 15 + 10 + (3 if world == 2 else 0)
         assert len(results) == expected, [r["case"] for r in results]
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
