@@ -143,10 +143,15 @@ def _fingerprint(x: torch.Tensor | None) -> tuple | None:
     between ranks (e.g. dropout with a different seed per tensor-parallel rank)."""
     if x is None:
         return None
-    x = x.detach()
-    x64 = x.to(torch.float64)
-    sums = torch.stack([x64.sum(), x64.square().sum()]).tolist()  # one host sync
-    return (tuple(x.shape), str(x.dtype), *sums)
+    flat = x.detach().reshape(-1)
+    acc = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for lo in range(0, flat.numel(), _FINGERPRINT_BLOCK):  # bounded float64 temporaries
+        block = flat[lo : lo + _FINGERPRINT_BLOCK].to(torch.float64)
+        acc += torch.stack([block.sum(), block.square().sum()])
+    return (tuple(x.shape), str(x.dtype), *acc.tolist())  # one host sync
+
+
+_FINGERPRINT_BLOCK = 1 << 20
 
 
 def _same(a: object, b: object) -> bool:

@@ -253,6 +253,52 @@ def _bf16_case(world: int, rank: int, group, out: list) -> None:
         out.append({"case": name, "bad": traceback.format_exc()})
 
 
+def _traffic_case(world: int, rank: int, group, out: list) -> None:
+    """The bytes each rank sends per call match the documented count (module doc of
+    kd_kernels.parallel): 4·K per counted token for the statistics, 8 for skew / JSD's row sums,
+    N·D_s elements for the hidden-state gradient."""
+    import torch.distributed as dist
+
+    import kd_kernels.parallel as P
+
+    split = SPLITS[world]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+    n, d = 21, 16
+    torch.manual_seed(11)
+    hs, ws = torch.randn(n, d), torch.randn(sum(split), d)
+    ht, wt = torch.randn(n, 8), torch.randn(sum(split), 8)
+    labels = torch.randint(0, sum(split), (n,))
+    sent = {"all_gather": 0, "all_reduce": 0}
+    real = dist.all_gather, dist.all_reduce
+
+    def gather(parts, x, *a, **k):
+        if x.dtype == torch.float32:  # all_gather_object's own uint8 / int64 traffic excluded
+            sent["all_gather"] += x.numel() * x.element_size()
+        return real[0](parts, x, *a, **k)
+
+    def reduce(x, *a, **k):
+        sent["all_reduce"] += x.numel() * x.element_size()
+        return real[1](x, *a, **k)
+
+    for div, kw, k_stats, sums in (
+        ("forward_kl", {"labels": labels, "ce_weight": 1.0, "temperature": 2.0}, 5 + 1 + 2, 0),
+        ("jsd", {}, 4, 8),
+    ):
+        name = f"traffic {div}"
+        sent.update(all_gather=0, all_reduce=0)
+        dist.all_gather, dist.all_reduce = gather, reduce
+        try:
+            h = hs.clone().requires_grad_()
+            P.fused_linear_kd(h, ws[lo:hi], ht, wt[lo:hi], group=group, divergence=div, **kw)
+        except Exception:  # noqa: BLE001
+            out.append({"case": name, "bad": traceback.format_exc()})
+            continue
+        finally:
+            dist.all_gather, dist.all_reduce = real
+        want = {"all_gather": 4 * k_stats * n, "all_reduce": sums * n + 4 * n * d}
+        out.append({"case": name, "bad": {} if sent == want else {"sent": sent, "want": want}})
+
+
 def _logits_cases(world: int, rank: int, group, out: list) -> None:
     import kd_kernels
     import kd_kernels.parallel as P
@@ -490,6 +536,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         group = dist.group.WORLD
         _fused_cases(world, rank, group, out)
         _bf16_case(world, rank, group, out)
+        _traffic_case(world, rank, group, out)
         _logits_cases(world, rank, group, out)
         _error_cases(world, rank, group, out)
         if world == 2:  # FSDP2 needs no more ranks to show its reduce-scatter; keeps CI short
@@ -497,6 +544,9 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     finally:
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
+        # Every rank out of its last collective before any tears the group down (a rank that
+        # closes its sockets while a peer still reads can make gloo abort the peer).
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -520,7 +570,7 @@ def test_parallel_matches_unsharded(world, tmp_path):
                 p.kill()
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = 2 * 5 + 2 + 1 + 15 + 10 + (3 if world == 2 else 0)
+        expected = 2 * 5 + 2 + 1 + 2 + 15 + 10 + (3 if world == 2 else 0)
         assert len(results) == expected, [r["case"] for r in results]
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
