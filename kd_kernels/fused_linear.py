@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _validate as V
 from ._backends import BACKEND_NAMES, resolve_backend
+from ._dtensor import plain_head_tensor
 from ._fused_linear_impl import (
     FusedLinearKDFunction,
     FusedLinearLogprobsFunction,
@@ -259,6 +260,11 @@ def fused_linear_kd(
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
     """KD loss from hidden states and lm_head weights: ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t,
     ...)`` (+ ``ce_weight`` × hard-label CE), without materializing the logits."""
+    # FSDP2 / DTensor heads outside their module's forward: gathered, or refused (see _dtensor).
+    student_weight = plain_head_tensor(student_weight, "student_weight", gets_grad=True)
+    student_bias = plain_head_tensor(student_bias, "student_bias", gets_grad=True)
+    teacher_weight = plain_head_tensor(teacher_weight, "teacher_weight", gets_grad=False)
+    teacher_bias = plain_head_tensor(teacher_bias, "teacher_bias", gets_grad=False)
     spec = KDSpec.make(
         divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
     )

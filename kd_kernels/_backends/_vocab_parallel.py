@@ -1,0 +1,237 @@
+"""The per-row KD math split at the row-statistics boundary, for a vocabulary sharded over ranks.
+
+MATH.md, "Vocabulary-parallel". A row's vocabulary is split into shards (one per rank); every
+divergence is computed in three steps, with an exchange between them that the caller does
+(``kd_kernels.parallel`` over ``torch.distributed``; nothing here communicates):
+
+1. ``row_stats(s, t, spec)`` on the local shard → ``(rows, K)`` fp32 local statistics
+   (layout below); the caller all-gathers them and ``combine_row_stats`` (shared math, same on
+   every rank) turns the ``(P, rows, K)`` gathered values into the global ``(rows, 4)`` statistics
+   ``[LSE_s, LSE_t, L, C]``. Forward / reverse KL have their loss ``L`` from this step already.
+2. Only for skew / JSD (``needs_row_sums(spec)``): ``row_sums(s, t, stats, spec)`` → ``(rows, 2)``
+   local partial sums ``[Σ loss terms, Σ centering terms]``; the caller all-reduces (SUM) them and
+   ``with_row_sums`` writes them into ``L`` and ``C``.
+3. ``loss_grad_given_stats(s, t, stats, row_weight, spec, grad)`` writes the shard's gradient
+   ``row_weight[i] · ∂L_i/∂s`` (temperature included) into ``grad`` (may be ``s`` itself) and
+   returns the per-row loss ``L_i`` (0 where ``row_weight`` is 0).
+
+Local statistics, per row, of the tempered shard logits ``s̃ = s/T``, ``t̃ = t/T``:
+``[m_s, Z_s, m_t, Z_t]`` with ``m`` the shard's max (0 when the shard row is all −inf, so that no
+``−inf − (−inf)`` appears) and ``Z = Σ e^{x − m}``, then ``A = Σ e^{t̃−m_t}(t̃ − s̃)`` for
+forward_kl or ``B = Σ e^{s̃−m_s}(s̃ − t̃)`` for reverse_kl. Combined with ``M = max_r m_r``:
+``Z = Σ_r Z_r e^{m_r − M}`` (same rescaling for A, B), ``LSE = M + log Z``,
+``FKL = A/Z_t − LSE_t + LSE_s``, ``RKL = B/Z_s − LSE_s + LSE_t``.
+
+A backend implements :class:`VocabParallelRows` (three calls); this round only the ``torch`` one
+exists (plain torch ops, fp32 math, chunked by the caller). The ``cpu`` / ``triton`` backends can
+add theirs here with ``register`` without touching the callers.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+
+from .._spec import Divergence, KDSpec
+
+# Columns of the global statistics.
+LSE_S, LSE_T, LOSS, CENTER = 0, 1, 2, 3
+N_GLOBAL = 4
+
+
+def n_local_stats(spec: KDSpec) -> int:
+    """K, the number of local statistics per row that ``row_stats`` returns for this divergence."""
+    return 5 if spec.divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL) else 4
+
+
+def needs_row_sums(spec: KDSpec) -> bool:
+    """True when the divergence needs the second exchange (skew / JSD: sums over normalized p, q)."""
+    return spec.divergence not in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
+
+
+def _combine_max_sum(m: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, rows) shard maxima and rescaled sums → global max (rows,) and weights e^{m_r − M}."""
+    big = m.amax(0)  # NaN in any shard propagates: the row turns NaN on every rank
+    return big, (m - big).exp()
+
+
+def combine_row_stats(gathered: torch.Tensor, spec: KDSpec) -> torch.Tensor:
+    """``(P, rows, K)`` local statistics of every shard (rank order) → global ``(rows, 4)``.
+
+    Same computation on every rank from the same gathered values, so the result is identical
+    (bitwise) everywhere. ``L`` is set for forward / reverse KL, ``C`` is 0 until ``with_row_sums``.
+    """
+    ms, ws = _combine_max_sum(gathered[..., 0], gathered[..., 1])
+    mt, wt = _combine_max_sum(gathered[..., 2], gathered[..., 3])
+    zs, zt = (gathered[..., 1] * ws).sum(0), (gathered[..., 3] * wt).sum(0)
+    out = torch.zeros(gathered.shape[1], N_GLOBAL, dtype=torch.float32, device=gathered.device)
+    out[:, LSE_S] = ms + zs.log()
+    out[:, LSE_T] = mt + zt.log()
+    d = spec.divergence
+    if d == Divergence.FORWARD_KL:
+        a = (gathered[..., 4] * wt).sum(0)
+        out[:, LOSS] = a / zt - out[:, LSE_T] + out[:, LSE_S]
+    elif d == Divergence.REVERSE_KL:
+        b = (gathered[..., 4] * ws).sum(0)
+        out[:, LOSS] = b / zs - out[:, LSE_S] + out[:, LSE_T]
+    return out
+
+
+def with_row_sums(stats: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Global statistics with ``L`` and ``C`` from the all-reduced ``(rows, 2)`` row sums."""
+    out = stats.clone()
+    out[:, LOSS] = sums[:, 0]
+    out[:, CENTER] = sums[:, 1]
+    return out
+
+
+class VocabParallelRows(abc.ABC):
+    """One backend's implementation of the three local steps (shapes: ``s``, ``t`` ``(rows, V_r)``
+    of any float dtype with a contiguous last dim; everything returned is fp32)."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def row_stats(self, s: torch.Tensor, t: torch.Tensor, spec: KDSpec) -> torch.Tensor:
+        """``(rows, n_local_stats(spec))`` local statistics (layout in the module doc)."""
+
+    @abc.abstractmethod
+    def row_sums(
+        self, s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, spec: KDSpec
+    ) -> torch.Tensor:
+        """``(rows, 2)`` shard partial sums ``[loss terms, centering terms]`` given the global
+        LSEs (skew / JSD only)."""
+
+    @abc.abstractmethod
+    def loss_grad_given_stats(
+        self,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        stats: torch.Tensor,
+        row_weight: torch.Tensor,
+        spec: KDSpec,
+        grad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-row loss ``(rows,)`` (0 where ``row_weight`` is 0) and, if ``grad`` is given, the
+        shard gradient ``row_weight[i] · ∂L_i/∂s`` written into it (``grad`` may be ``s``)."""
+
+
+def _where_pos(cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x where cond else 0 (the 0·log 0 = 0 convention, without 0·(−inf) = NaN)."""
+    return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 − w) b) in log space."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+class TorchVocabParallel(VocabParallelRows):
+    """The three steps in plain torch ops (fp32 math; the caller chunks the rows)."""
+
+    name = "torch"
+
+    @staticmethod
+    def _tempered(x: torch.Tensor, spec: KDSpec) -> torch.Tensor:
+        return x.float().mul(1.0 / spec.temperature)  # always a new fp32 tensor
+
+    @staticmethod
+    def _shift(z: torch.Tensor) -> torch.Tensor:
+        m = z.amax(-1)
+        return torch.where(m == -math.inf, torch.zeros_like(m), m)
+
+    def row_stats(self, s, t, spec):
+        zs, zt = self._tempered(s, spec), self._tempered(t, spec)
+        ms, mt = self._shift(zs), self._shift(zt)
+        es, et = (zs - ms[:, None]).exp(), (zt - mt[:, None]).exp()
+        cols = [ms, es.sum(-1), mt, et.sum(-1)]
+        if spec.divergence == Divergence.FORWARD_KL:
+            cols.append(_where_pos(et > 0, et * (zt - zs)).sum(-1))
+        elif spec.divergence == Divergence.REVERSE_KL:
+            cols.append(_where_pos(es > 0, es * (zs - zt)).sum(-1))
+        return torch.stack(cols, 1)
+
+    def _logprobs(self, s, t, stats, spec):
+        lq = self._tempered(s, spec).sub_(stats[:, LSE_S, None])
+        lp = self._tempered(t, spec).sub_(stats[:, LSE_T, None])
+        return lq, lp, lq.exp(), lp.exp()
+
+    def row_sums(self, s, t, stats, spec):
+        lq, lp, q, p = self._logprobs(s, t, stats, spec)
+        d, a = spec.divergence, spec.coef
+        if d == Divergence.SKEW_FORWARD_KL:
+            lm = _log_mix(lp, lq, a)  # m = α p + (1−α) q
+            loss = _where_pos(p > 0, p * (lp - lm))
+            center = q * _where_pos(p > 0, (lp - lm).exp())  # q · r, r = p / m
+        elif d == Divergence.SKEW_REVERSE_KL:
+            lm = _log_mix(lq, lp, a)  # m' = α q + (1−α) p
+            loss = _where_pos(q > 0, q * (lq - lm))
+            center = q * _where_pos(q > 0, lq - lm - a * (lq - lm).exp())  # q · u
+        elif d == Divergence.JSD:
+            lm = _log_mix(lp, lq, a)  # M = β p + (1−β) q
+            loss = a * _where_pos(p > 0, p * (lp - lm)) + (1 - a) * _where_pos(q > 0, q * (lq - lm))
+            center = q * _where_pos(q > 0, lq - lm)  # q · w
+        else:
+            raise AssertionError(f"{d.label} needs no row sums")
+        return torch.stack([loss.sum(-1), center.sum(-1)], 1)
+
+    def loss_grad_given_stats(self, s, t, stats, row_weight, spec, grad):
+        active = row_weight != 0
+        loss = _where_pos(active, stats[:, LOSS])
+        if grad is None:
+            return loss
+        lq, lp, q, p = self._logprobs(s, t, stats, spec)
+        d, a = spec.divergence, spec.coef
+        L, C = stats[:, LOSS, None], stats[:, CENTER, None]
+        if d == Divergence.FORWARD_KL:
+            g = q - p
+        elif d == Divergence.REVERSE_KL:
+            g = _where_pos(q > 0, q * (lq - lp - L))
+        elif d == Divergence.SKEW_FORWARD_KL:
+            r = _where_pos(p > 0, (lp - _log_mix(lp, lq, a)).exp())
+            g = (1 - a) * q * (C - r)
+        elif d == Divergence.SKEW_REVERSE_KL:
+            lm = _log_mix(lq, lp, a)
+            u = _where_pos(q > 0, lq - lm - a * (lq - lm).exp())
+            g = q * (u - C)
+        elif d == Divergence.JSD:
+            w = _where_pos(q > 0, lq - _log_mix(lp, lq, a))
+            g = (1 - a) * q * (w - C)
+        else:  # pragma: no cover - Divergence is closed
+            raise AssertionError(d)
+        scale = (row_weight / spec.temperature)[:, None]
+        grad.copy_(_where_pos(active[:, None], g * scale))
+        return loss
+
+
+_REGISTRY: dict[str, VocabParallelRows] = {}
+# "auto" picks the first registered of these; only "torch" exists this round.
+_AUTO_ORDER = ("cpu", "triton", "torch")
+
+
+def register(impl: VocabParallelRows) -> VocabParallelRows:
+    _REGISTRY[impl.name] = impl
+    return impl
+
+
+register(TorchVocabParallel())
+
+
+def resolve(name: str) -> VocabParallelRows:
+    """The implementation for ``backend=name`` ("auto" → the first available)."""
+    if name == "auto":
+        return next(_REGISTRY[n] for n in _AUTO_ORDER if n in _REGISTRY)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    from . import BACKEND_NAMES, BackendUnavailableError
+
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"backend={name!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
+        )
+    have = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
+    raise BackendUnavailableError(
+        f"backend={name!r} has no vocabulary-parallel implementation yet; use one of {have}"
+    )
