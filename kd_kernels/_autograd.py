@@ -6,6 +6,8 @@ The kernel call goes through the custom op ``kd_kernels::loss_grad`` (with a fak
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._backends import get_backend
@@ -35,6 +37,38 @@ def _loss_grad_op(
 def _(s, t, row_weight, divergence, coef, coef2, temperature, interpolation, backend, need_grad):
     grad = s.new_empty(s.shape) if need_grad else s.new_empty(0)
     return s.new_empty(s.shape[0], dtype=torch.float32), grad
+
+
+_TWICE = (
+    b"kd_kernels losses are differentiable once: their backward returns a precomputed gradient, so a "
+    b"second derivative (create_graph=True, double backward, Hessian-vector products) would silently "
+    b"drop the loss's Hessian term; compute the loss with plain PyTorch ops (kd_kernels.reference) for that"
+)
+
+
+def once_differentiable(backward):
+    """Runs ``backward`` without recording a graph; under ``create_graph=True`` its gradients are tied to a
+    node that raises when differentiated.
+
+    ``torch.autograd.function.once_differentiable`` only does that when an upstream gradient requires grad,
+    so a loss added to another differentiable term (whose default upstream gradient does not) would still
+    give a silently wrong second derivative.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return grads
+        return tuple(_poisoned(g) if isinstance(g, torch.Tensor) else g for g in grads)
+
+    return wrapper
+
+
+def _poisoned(g: torch.Tensor) -> torch.Tensor:
+    g = g.detach().requires_grad_(True)
+    return torch._C._functions.DelayedError(_TWICE, 1)(g)
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -67,9 +101,12 @@ class KDLossFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        scale = grad_out[:, None] if ctx.per_token else grad_out
+        # In the gradient's dtype: an fp32 (N, 1) scale would promote a bf16 / fp16 in-place multiply
+        # through a full-size fp32 temporary.
+        scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
         if torch.compiler.is_compiling():
             ds = (grad * scale).to(grad.dtype)
         else:

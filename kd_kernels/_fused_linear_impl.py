@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import once_differentiable
 from ._backends import Backend
 from ._spec import KDSpec
 
@@ -255,6 +256,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.param_dtypes
@@ -317,6 +319,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, g_ent):
         h, w, b, tokens, idx, lse_all, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -25,6 +25,9 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+FP32_TINY = 2.0**-126  # smallest normal float32
+FP32_MAX = float.fromhex("0x1.fffffep+127")  # largest finite float32
+
 
 class Divergence(enum.IntEnum):
     """The divergences, numbered as the compiled kernels number them (``csrc/include/kd_kernels/kd_math.h``)."""
@@ -201,8 +204,13 @@ class KDSpec:
 def check_temperature(temperature: float) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature} must be a finite number > 0 (1.0 leaves logits unscaled)")
+    # Comparisons only (no math.isfinite): under torch.compile(dynamic=True) the temperature is a SymFloat.
+    # The lower bound keeps 1/T finite in fp32 (the kernels scale by 1/T in fp32); NaN fails both tests.
+    if not (FP32_TINY <= temperature < math.inf):
+        raise ValueError(
+            f"temperature={temperature} must be a finite number >= {FP32_TINY:.4g} (the smallest normal "
+            "fp32, so that 1/T is finite in fp32); 1.0 leaves logits unscaled"
+        )
 
 
 def check_interpolation(interpolation: float) -> None:

@@ -49,6 +49,13 @@ def check_logit_pair(student: object, teacher: object) -> tuple[torch.Tensor, to
     return s, t
 
 
+def check_bool(x: object, name: str) -> bool:
+    """A flag that must be a real bool: ``inplace_grad="no"`` is truthy and would silently mean True."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__} {x!r}")
+    return x
+
+
 def check_reduction(reduction: object) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; use 'mean', 'sum' or 'none'")
@@ -88,12 +95,15 @@ def row_weights(
 ) -> torch.Tensor:
     """Per-row factor c_i with  output = Σ c_i L_i  ('mean', 'sum')  or  c_i L_i  ('none').
 
-    c_i = k_i w_i, divided by max(1, Σ k_i) for 'mean' (MATH.md, Reductions). Stays on device: no host sync.
+    c_i = w_i where k_i else 0 (so a NaN / inf weight on a masked row adds exactly 0), divided by
+    max(1, Σ k_i) for 'mean' (MATH.md, Reductions). Stays on device: no host sync.
     """
     k = mask.reshape(n).to(torch.float32) if mask is not None else None
     c = k if k is not None else torch.ones(n, dtype=torch.float32, device=device)
     if token_weights is not None:
-        c = c * token_weights.detach().reshape(n).to(torch.float32)
+        w = token_weights.detach().reshape(n).to(torch.float32)
+        # A select, not k·w: a masked row adds exactly 0 whatever its weight (0·NaN would be NaN).
+        c = w if mask is None else torch.where(mask.reshape(n), w, torch.zeros((), device=device))
     if reduction == "mean":
         count = k.sum() if k is not None else torch.tensor(float(n), device=device)
         c = c / count.clamp_min(1)

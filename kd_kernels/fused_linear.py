@@ -13,7 +13,6 @@ way.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +27,7 @@ from ._fused_linear_impl import (
     chunk_rows,
     kd_ce_loss_only,
 )
-from ._spec import KDSpec
+from ._spec import FP32_MAX, KDSpec
 
 IGNORE_INDEX = -100
 
@@ -197,6 +196,8 @@ def _check_labels(
             f"{name} is on {labels.device} but the hidden states are on {device}; "
             "move it with .to()"
         )
+    # Compared in int64: in uint8, -100 wraps to 156 and a valid id can look out of range.
+    labels = labels.long()
     bad = (labels < 0) | (labels >= vocab)
     if ignore_index is not None:
         bad &= labels != ignore_index
@@ -220,6 +221,18 @@ def _check_chunk_size(chunk_size: object) -> int | None:
             f"chunk_size={chunk_size} must be >= 1 (or None for the memory-budget default)"
         )
     return chunk_size
+
+
+def _check_ce_weight(ce_weight: object) -> float:
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
+        raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
+    # <= the largest fp32: the loss is formed in fp32, a larger weight would make it inf.
+    if not (0 <= ce_weight <= FP32_MAX):
+        raise ValueError(
+            f"ce_weight={ce_weight} must be a finite number >= 0 that fits in float32 "
+            "(0 disables the CE term)"
+        )
+    return float(ce_weight)
 
 
 def _check_reduction(reduction: object) -> str:
@@ -270,18 +283,13 @@ def fused_linear_kd(
     )
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
-    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
-        raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-    if not (math.isfinite(ce_weight) and ce_weight >= 0):
-        raise ValueError(
-            f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)"
-        )
+    ce_weight = _check_ce_weight(ce_weight)
     if ce_weight != 0 and labels is None:
         raise ValueError(
             f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)"
         )
-    if not isinstance(truncate_teacher_vocab, bool):
-        raise TypeError("truncate_teacher_vocab must be True or False")
+    V.check_bool(truncate_teacher_vocab, "truncate_teacher_vocab")
+    V.check_bool(return_components, "return_components")
 
     h_s, w_s, b_s = _check_head(
         student_hidden,
@@ -464,6 +472,7 @@ def fused_linear_logprobs(
         fp32 ``(...)`` log-probabilities, or ``(logprobs, entropy)``.
     """
     KDSpec.make("forward_kl", alpha=0.1, beta=0.5, temperature=temperature)  # validates temperature
+    V.check_bool(return_entropy, "return_entropy")
     chunk_size = _check_chunk_size(chunk_size)
     h, w, b = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     lead = h.shape[:-1]
@@ -491,7 +500,7 @@ def fused_linear_logprobs(
         active,
         float(temperature),
         rows,
-        bool(return_entropy),
+        return_entropy,
     )
     if return_entropy:
         return logp.reshape(lead), ent.reshape(lead)
@@ -528,14 +537,8 @@ class FusedLinearKDLoss(nn.Module):
         )
         self.alpha, self.beta = alpha, beta
         self.reduction = _check_reduction(reduction)
-        if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
-            raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-        if not (math.isfinite(ce_weight) and ce_weight >= 0):
-            raise ValueError(
-                f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE term)"
-            )
-        self.ce_weight = float(ce_weight)
-        self.truncate_teacher_vocab = truncate_teacher_vocab
+        self.ce_weight = _check_ce_weight(ce_weight)
+        self.truncate_teacher_vocab = V.check_bool(truncate_teacher_vocab, "truncate_teacher_vocab")
         self.chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(

@@ -28,7 +28,9 @@ _COMMON_DOC = """
         inplace_grad: write the gradient into ``student_logits``' memory instead of a new tensor (saves one
             ``(N, V)`` buffer). Safe only when nothing reads the logits afterwards: they hold the gradient once
             this call returns (a ``Linear`` lm_head is fine: its backward needs its input, not its output).
-            Needs a non-leaf ``student_logits``; a single ``backward()``.
+            Needs a non-leaf ``student_logits`` (not a view of a leaf) whose rows do not overlap; a
+            teacher sharing its memory is read from a copy. A single ``backward()``; the gradient is
+            not differentiable again (double backward raises).
 
     Returns:
         float32 loss: a scalar, or ``(...)`` for ``reduction="none"``.
@@ -61,9 +63,15 @@ def kd_loss(
     mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, s.device, boolean=False)
     b = resolve_backend(backend, s.device)
-    if inplace_grad and s.requires_grad and s.is_leaf:
+    V.check_bool(inplace_grad, "inplace_grad")
+    # Under torch.compile the graph calls a custom op that never aliases s: inplace_grad does not apply.
+    inplace = inplace_grad and s.requires_grad and not torch.compiler.is_compiling()
+    # A view shares its base's memory: writing into a view of a Parameter overwrites the Parameter.
+    base = s if not inplace or s._base is None else s._base
+    if inplace and base.is_leaf and base.requires_grad:
+        what = "a leaf tensor" if s is base else "a view of a leaf tensor"
         raise ValueError(
-            "inplace_grad=True would overwrite a leaf tensor that requires grad; pass the output of the "
+            f"inplace_grad=True would overwrite {what} that requires grad; pass the output of the "
             "lm_head (a non-leaf), or inplace_grad=False"
         )
 
@@ -73,9 +81,34 @@ def kd_loss(
     # Kernels need a unit stride along the vocabulary; any row stride is fine.
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+    if inplace:
+        if n > 1 and s2.stride(0) < vocab:
+            raise ValueError(
+                f"inplace_grad=True needs student_logits whose rows do not overlap in memory (row stride "
+                f"{s2.stride(0)} < V={vocab}, e.g. an expand()); pass inplace_grad=False"
+            )
+        if _overlaps(s2, t2):
+            # The kernel would overwrite teacher values before reading them (e.g. X[1:] and X[:-1] of
+            # one buffer): read the teacher from a copy.
+            t2 = t2.clone()
     c = V.row_weights(mask, token_weights, n, reduction, s.device)
-    out = KDLossFunction.apply(s2, t2, c, spec, b.name, reduction == "none", inplace_grad)
+    out = KDLossFunction.apply(s2, t2, c, spec, b.name, reduction == "none", inplace)
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two (N, V) tensors with non-negative strides intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(x: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0, interpolation=1.0, mask=None,

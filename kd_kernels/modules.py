@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._backends import BACKEND_NAMES
 from ._spec import KDSpec
-from ._validate import check_reduction
+from ._validate import check_bool, check_reduction
 from .losses import kd_loss
 
 
@@ -23,8 +24,12 @@ class KDLoss(nn.Module):
         self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature,
                                 interpolation=interpolation)
         self.reduction = check_reduction(reduction)
+        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+            raise ValueError(
+                f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
+            )
         self.backend = backend
-        self.inplace_grad = inplace_grad
+        self.inplace_grad = check_bool(inplace_grad, "inplace_grad")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -145,7 +145,8 @@ def kd_loss(
     """The loss the public functions compute, written out plainly.
 
     ``interpolation`` λ < 1 replaces the tempered teacher logits by ``λ t/T + (1 − λ) sg(s/T)`` (TAID).
-    ``sum = Σ k_i w_i L_i``, ``mean = sum / max(1, Σ k_i)``, ``none = k_i w_i L_i`` (MATH.md, Reductions).
+    ``sum = Σ k_i w_i L_i``, ``mean = sum / max(1, Σ k_i)``, ``none = k_i w_i L_i`` (MATH.md, Reductions),
+    where a masked row (k_i = 0) adds exactly 0 whatever its weight or its loss.
     Computed in the dtype of ``s`` (pass float64 tensors for a reference value).
     """
     ss, tt = s / temperature, t.to(s.dtype) / temperature
@@ -153,7 +154,10 @@ def kd_loss(
         tt = interpolation * tt + (1.0 - interpolation) * ss.detach()
     L = per_token(divergence, ss, tt, alpha=alpha, beta=beta)
     k = torch.ones_like(L) if mask is None else mask.to(L.dtype)
-    w = k if token_weights is None else k * token_weights.to(L.dtype)
+    w = k if token_weights is None else token_weights.to(L.dtype)
+    if mask is not None and token_weights is not None:
+        # a select: a masked row's weight (even NaN or inf) never reaches the sum (0·NaN would be NaN)
+        w = torch.where(mask, w, torch.zeros_like(w))
     # where() rather than a product so a masked row's value (even inf) never leaks in as 0·inf = NaN.
     weighted = torch.where(w != 0, w * L, torch.zeros_like(L))
     if reduction == "none":

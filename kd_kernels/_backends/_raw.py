@@ -19,6 +19,21 @@ def _dtype_code(x: torch.Tensor, name: str, backend: str) -> int:
     return code
 
 
+class _Args(tuple):
+    """The positional arguments, plus (``keep``) the temporary copies their pointers point into: held by the
+    caller's ``args`` variable until the kernel call returns (a plain tuple of ints would let them be freed)."""
+
+    keep: tuple = ()
+
+
+def _readable(x: torch.Tensor, n: int, v: int) -> torch.Tensor:
+    """A read-only operand whose rows overlap (e.g. an ``expand()``-ed teacher, row stride 0) as a dense copy:
+    the kernels take row strides >= V."""
+    if n > 1 and x.dim() == 2 and x.stride(-1) == 1 and 0 <= x.stride(0) < v:
+        return x.contiguous()
+    return x
+
+
 def _row_stride(x: torch.Tensor, name: str, n: int, v: int, device: torch.device) -> int:
     """Checks an (n, v) operand and returns the row stride to pass (any value ≥ v for a single row)."""
     if x.dim() != 2 or tuple(x.shape) != (n, v):
@@ -53,6 +68,9 @@ def raw_args(
     loss = torch.empty(n, dtype=torch.float32, device=device)
     if n == 0:
         return loss, None
+    if grad is None or grad.data_ptr() != s.data_ptr():
+        s = _readable(s, n, v)
+    t = _readable(t, n, v)
     stride_s = _row_stride(s, "student_logits", n, v, device)
     stride_t = _row_stride(t, "teacher_logits", n, v, device)
     s_code = _dtype_code(s, "student_logits", backend)
@@ -72,6 +90,7 @@ def raw_args(
         grad_ptr = grad.data_ptr()
         if grad_ptr == s.data_ptr() and stride_g != stride_s:
             raise ValueError("an in-place grad (grad is student_logits) must have the same row stride")
-    args = (s.data_ptr(), t.data_ptr(), grad_ptr, row_weight.data_ptr(), loss.data_ptr(), n, v,
-            stride_s, stride_t, stride_g, s_code, t_code)
+    args = _Args((s.data_ptr(), t.data_ptr(), grad_ptr, row_weight.data_ptr(), loss.data_ptr(), n, v,
+                  stride_s, stride_t, stride_g, s_code, t_code))
+    args.keep = (s, t, row_weight)
     return loss, args

@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
         print(f"kd-train compare: error: --seeds={args.seeds!r} must be comma-separated integers",
               file=sys.stderr)
         return 2
-    for bad in ("--seed", "--out", "--resume"):
+    for bad in ("--seed", "--out", "--resume", "--overwrite"):
         if bad in rest:
             print(f"kd-train compare: error: {bad} is set per run by compare; use --seeds / --out",
                   file=sys.stderr)
@@ -157,8 +157,9 @@ def main(argv: list[str]) -> int:
                 run_dir = out / method / f"seed{seed}"
                 if (run_dir / "summary.json").is_file():
                     continue
+                # no summary.json: a run that never finished; start it again from scratch
                 cmd = [sys.executable, "-m", "kd_kernels.train.cli", method, *rest, "--seed", str(seed),
-                       "--out", str(run_dir), "--no-progress"]
+                       "--out", str(run_dir), "--no-progress", "--overwrite"]
                 print(f"[compare] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
                 t0 = time.time()
                 rc = subprocess.run(cmd, env=env, check=False).returncode

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,7 @@ class TrainConfig:
     out: str = ""  # run directory (metrics.jsonl, summary.json, loss.png, ckpt.pt); empty: out/<method>
     ckpt_every: int = 20
     resume: bool = False
+    overwrite: bool = False  # a fresh run into a run directory that already holds one replaces it
     log_every: int = 1
     progress: bool = True
 
@@ -97,11 +99,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(methods: list[str]) -> argparse.ArgumentParser:
+def build_parser(methods: list[str], *, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``suppress_defaults`` a flag not given is absent from the namespace (so the names
+    present are exactly the flags given, whatever their values)."""
     p = argparse.ArgumentParser(
         prog="kd-train",
         description="Distill a causal LM with kd_kernels' fused-linear losses.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        **({"argument_default": argparse.SUPPRESS} if suppress_defaults else {}),
     )
     p.add_argument("method", choices=methods, help="training method")
     default = TrainConfig()
@@ -109,12 +114,13 @@ def build_parser(methods: list[str]) -> argparse.ArgumentParser:
         if f.name == "method":
             continue
         value = getattr(default, f.name)
+        default_kw = {} if suppress_defaults else {"default": value}
         if isinstance(value, bool):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=value)
+                           **default_kw)
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value,
-                           metavar=type(value).__name__.upper())
+            p.add_argument(_flag(f.name), dest=f.name, type=type(value),
+                           metavar=type(value).__name__.upper(), **default_kw)
     return p
 
 
@@ -125,17 +131,43 @@ def parse_args(argv: list[str] | None, methods: list[str]) -> tuple[TrainConfig,
     """
     parser = build_parser(methods)
     ns = parser.parse_args(argv)
-    explicit = {
-        f.name for f in dataclasses.fields(TrainConfig)
-        if f.name != "method" and getattr(ns, f.name) != parser.get_default(f.name)
-    }
+    # "Given on the command line" means given, even with the default's value (--resume --kd-ratio 0.5
+    # on a 0.3 run must train with 0.5): a second parse without defaults lists exactly the flags given.
+    given = build_parser(methods, suppress_defaults=True).parse_args(argv)
+    explicit = set(vars(given)) - {"method"}
     cfg = TrainConfig(**vars(ns))
     validate(cfg)
     return cfg, explicit
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={device!r}: kd-train runs on 'cpu' or 'cuda' (or 'auto')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={device!r} but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Value checks that argparse's types cannot express; each error names the flag and the fix."""
+    """Value checks that argparse's types cannot express; each error names the flag and the fix.
+
+    Every numeric flag has a domain; NaN and inf fail the float checks (each is written so that NaN is
+    outside it).
+    """
+    from kd_kernels._backends import BACKEND_NAMES
+    from kd_kernels._spec import FP32_TINY
+
     if cfg.preset not in PRESETS and not cfg.teacher:
         raise ValueError(f"--preset {cfg.preset!r} is unknown; use one of {PRESETS} or --teacher PATH")
     positive = ("steps", "batch_size", "max_new_tokens", "gen_batch_size", "max_prompt_tokens",
@@ -143,10 +175,29 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 1")
+    for name in ("max_prompts", "warmup_steps", "chunk_size", "eval_every", "eval_prompts", "seed"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 0")
+    if not 0 < cfg.grad_clip <= math.inf:
+        raise ValueError(f"--grad-clip={cfg.grad_clip} must be > 0 (the largest gradient norm kept; "
+                         "inf: no clipping). 0 would freeze the weights and a negative value flip the "
+                         "gradient")
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise ValueError(f"--weight-decay={cfg.weight_decay} must be a finite number >= 0")
+    if not (0 < cfg.lr < math.inf and 0 <= cfg.min_lr <= cfg.lr):
+        raise ValueError(f"--lr={cfg.lr} must be a finite number > 0 and --min-lr={cfg.min_lr} in "
+                         "[0, --lr]")
+    for name in ("temperature", "seqkd_temperature", "minillm_temperature"):
+        value = getattr(cfg, name)
+        if not FP32_TINY <= value < math.inf:
+            raise ValueError(f"{_flag(name)}={value} must be a finite number > 0 (1.0: unscaled)")
+    if cfg.backend not in BACKEND_NAMES:
+        raise ValueError(f"--backend={cfg.backend!r} is unknown; use one of {', '.join(BACKEND_NAMES)}")
+    _check_device(cfg.device)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one")
     if not 0.0 <= cfg.kd_ratio <= 1.0:
         raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be in [0, 1] (0: pure CE, 1: pure KD)")
-    if not (cfg.lr > 0 and cfg.min_lr >= 0):
-        raise ValueError(f"--lr={cfg.lr} must be > 0 and --min-lr={cfg.min_lr} >= 0")
     if not (0 <= cfg.valid_frac < 1 and 0 < cfg.test_frac < 1 and cfg.valid_frac + cfg.test_frac < 1):
         raise ValueError(
             f"--valid-frac={cfg.valid_frac} and --test-frac={cfg.test_frac} must be fractions summing "
@@ -154,21 +205,18 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype={cfg.dtype!r} must be 'float32' or 'bfloat16'")
-    if cfg.temperature <= 0:
-        raise ValueError(f"--temperature={cfg.temperature} must be > 0")
     for name in ("minillm_alpha", "distillm_alpha", "distillm_ce", "minillm_gamma"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be in [0, 1]")
     if not 0.0 < cfg.distillm_alpha < 1.0:
         raise ValueError(f"--distillm-alpha={cfg.distillm_alpha} must be strictly between 0 and 1")
-    if cfg.minillm_clip <= 0:
-        raise ValueError(f"--minillm-clip={cfg.minillm_clip} must be > 0")
+    if not 0 < cfg.minillm_clip < math.inf:
+        raise ValueError(f"--minillm-clip={cfg.minillm_clip} must be a finite number > 0")
     for name in ("minillm_rollouts", "minillm_ppo_epochs", "distillm_capacity"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 1")
-    if cfg.minillm_temperature <= 0 or cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
-        raise ValueError("--minillm-temperature must be > 0, --minillm-top-k >= 0 (0: off) and "
-                         "--minillm-top-p in (0, 1] (1: off)")
+    if cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
+        raise ValueError("--minillm-top-k must be >= 0 (0: off) and --minillm-top-p in (0, 1] (1: off)")
     if cfg.distillm_loss not in ("srkl", "skl"):
         raise ValueError(f"--distillm-loss={cfg.distillm_loss!r} must be 'srkl' or 'skl'")
     if cfg.distillm_check_every < 0:

@@ -30,19 +30,42 @@ def load_prompts(path: str | Path = "", max_prompts: int = 0) -> list[Prompt]:
     """Prompts from a .jsonl file with ``id``, ``prompt`` and optional ``task`` fields (one object a line)."""
     p = Path(path) if path else DEFAULT_PROMPTS
     if not p.is_file():
-        raise FileNotFoundError(f"--prompts {str(p)!r} does not exist; pass a .jsonl file of prompts")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--prompts {str(p)!r} {what}; pass a .jsonl file of prompts")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     out: list[Prompt] = []
-    seen: set[str] = set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                             'one object such as {"id": "1", "prompt": "..."}') from None
+        if not isinstance(row, dict):  # a bad file is a ValueError, whatever the JSON type
+            raise ValueError(  # noqa: TRY004
+                f"{p}:{n}: each line must be a JSON object with 'id' and 'prompt' keys, got a bare "
+                f"{type(row).__name__} value")
         if "id" not in row or "prompt" not in row:
             raise ValueError(f"{p}:{n}: each line needs 'id' and 'prompt' keys, got {sorted(row)}")
-        if row["id"] in seen:
-            raise ValueError(f"{p}:{n}: duplicate prompt id {row['id']!r}")
-        seen.add(row["id"])
-        out.append(Prompt(str(row["id"]), str(row.get("task", "")), str(row["prompt"])))
+        pid = row["id"]
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise ValueError(f"{p}:{n}: 'id' must be a string or an integer, got {pid!r}")  # noqa: TRY004
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{p}:{n}: 'prompt' must be a non-empty string, got {row['prompt']!r}")
+        # ids are compared as the strings they become (the split hashes them): 5 and "5" are one id
+        key = str(pid)
+        if key in seen:
+            raise ValueError(f"{p}:{n}: duplicate prompt id {pid!r} (line {seen[key]} has id "
+                             f"{key!r}); ids must be unique")
+        seen[key] = n
+        out.append(Prompt(key, str(row.get("task", "")), row["prompt"]))
+    if not out:
+        raise ValueError(f"{p}: no prompts (the file is empty); add one JSON object per line")
     if max_prompts > 0:
         out = out[:max_prompts]
     return out

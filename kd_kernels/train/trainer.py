@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig, config_from_dict, validate
 from .evaluate import evaluate, token_metrics
 from .methods import Method, get_method
 from .models import count_params
@@ -67,28 +67,163 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (peak RSS)
 
 
+class TrainError(Exception):
+    """A failure with a one-line message for the user (what, where, the fix); the CLI prints it and exits 1."""
+
+
+def _tmp_path(path: Path) -> Path:
+    # unique per process: two writers never share a temporary file
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never a part,
+    and a failed write (disk full) leaves the old file as it was."""
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainError(f"could not write {path} ({why}); free disk space or choose another --out "
+                             f"(the previous {path.name}, if any, is intact)") from None
+        raise
+
+
 def save_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
                     step: int, elapsed: float, method_state: dict | None = None) -> None:
     state = {"config": cfg.to_dict(), "step": step, "student": student.state_dict(),
              "optimizer": opt.state_dict(), "train_time_s": elapsed,
              "torch_rng": torch.get_rng_state(), "method_state": method_state or {}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken ckpt.pt
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """The checkpoint at ``path``; a missing, truncated or foreign file is a TrainError naming it."""
+    if not path.is_file():
+        raise TrainError(f"--resume: no checkpoint at {path}; run without --resume first")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, ...: all mean "not a checkpoint"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainError(f"--resume: {path} is not a readable checkpoint ({first}); it may be truncated: "
+                         "delete it and run without --resume") from None
+    keys = ("config", "step", "student", "optimizer", "train_time_s", "torch_rng")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(
+            state["config"], dict):
+        raise TrainError(f"--resume: {path} is not a kd-train checkpoint (expected the keys {list(keys)})")
+    return state
 
 
 def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The checkpoint's config, with the flags given explicitly on this command line on top."""
     path = Path(cfg.out) / CKPT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume first")
-    saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
-    if saved["method"] != cfg.method:
-        raise ValueError(f"--resume: {path} was trained with method {saved['method']!r}, not {cfg.method!r}")
-    merged = config_from_dict(saved)
+    state = load_checkpoint(path)
+    saved = state["config"]
+    if saved.get("method") != cfg.method:
+        raise TrainError(f"--resume: {path} was trained with method {saved.get('method')!r}, not "
+                         f"{cfg.method!r}; run kd-train {saved.get('method')} --out {cfg.out} --resume")
+    try:
+        merged = config_from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"--resume: {path} has a config this kd-train cannot read ({e}); it was written "
+                         "by another version: resume with that version or start a new run") from None
     for name in explicit | {"resume", "out"}:
         setattr(merged, name, getattr(cfg, name))
+    merged.overwrite = False
+    try:
+        validate(merged)
+    except ValueError as e:
+        raise TrainError(f"--resume: {e}") from None
+    step = int(state["step"])
+    if merged.steps < step:
+        raise TrainError(f"--resume: {path} is at step {step}, past --steps {merged.steps}; pass "
+                         f"--steps {step} or more")
     return merged
+
+
+RUN_FILES = (CKPT_NAME, "metrics.jsonl", "summary.json", "loss.png")
+LOCK_NAME = ".kd-train.lock"
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory (``flock`` on ``.kd-train.lock``, which holds the owner's pid).
+
+    The kernel drops the lock when the process ends, however it ends: a killed run leaves no stale lock.
+    """
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TrainError(f"--out {out}: cannot create files there ({e.strerror}); choose a writable "
+                             "directory") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise TrainError(f"--out {out} is in use by another kd-train process (pid {other}); wait for it "
+                             "to finish or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def prepare_run_dir(cfg: TrainConfig) -> RunDirLock:
+    """Create and lock ``--out``; a fresh run refuses a directory holding another run unless --overwrite."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot create the directory ({e.strerror}); choose a writable "
+                         "path") from None
+    lock = RunDirLock(out)
+    if not cfg.resume:
+        present = [name for name in RUN_FILES if (out / name).exists()]
+        if present and not cfg.overwrite:
+            lock.release()
+            raise TrainError(f"--out {out} already holds a run ({', '.join(present)}); pass --resume to "
+                             "continue it, --overwrite to replace it, or choose another --out")
+        for name in present:
+            (out / name).unlink()
+    return lock
+
+
+def _finite_or_none(value):
+    """JSON has no NaN / inf: non-finite numbers (at any depth) become null (json.dumps would write a bare
+    NaN, which strict JSON readers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_rows(path: Path, keep) -> list[str]:
+    """The lines of a metrics file that parse and pass ``keep`` (a torn last line from a crash is dropped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and keep(row):
+            out.append(line)
+    return out
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -97,14 +232,13 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [json.loads(line) for line in _json_rows(metrics_path, lambda r: "loss" in r)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "ce", "kd"):
-        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             ax.plot(*zip(*pts), label=key)
-    val = [(r["step"], r["valid_ce"]) for r in rows if "valid_ce" in r]
+    val = [(r["step"], r["valid_ce"]) for r in rows if isinstance(r.get("valid_ce"), (int, float))]
     if val:
         ax.plot(*zip(*val), "o-", label="valid ce")
     ax.set_xlabel("step")
@@ -125,12 +259,21 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     t_start = time.time()
     cfg.out = cfg.out or os.path.join("out", cfg.method)
     out = Path(cfg.out)
+    validate(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = prepare_run_dir(cfg) if is_main else None  # before anything reads or writes the run directory
+    try:
+        return _train(cfg, explicit, t_start, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Path) -> dict:
     if cfg.resume:
         cfg = resume_config(cfg, explicit or set())
     rank, world, device = init_distributed(cfg.device)
     is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     method = get_method(cfg.method)
     run = Run(cfg, rank, world, device)
     student, teacher = run.models.student, run.models.teacher
@@ -144,18 +287,20 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     start_step, train_time = 0, 0.0
     ckpt_path, metrics_path = out / CKPT_NAME, out / "metrics.jsonl"
     if cfg.resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpt_path, map_location=device)
+        try:
+            student.load_state_dict(state["student"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainError(f"--resume: {ckpt_path} does not fit this run's student ({first}); resume "
+                             "with the model flags it was trained with") from None
         start_step, train_time = int(state["step"]), float(state["train_time_s"])
         torch.set_rng_state(state["torch_rng"].cpu())
         method.load_state_dict(state.get("method_state", {}))
         if is_main and metrics_path.is_file():  # drop rows logged after the checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            metrics_path.write_text("".join(k + "\n" for k in keep))
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
+            keep = _json_rows(metrics_path, lambda r: r.get("step", 0) <= start_step)
+            write_atomic(metrics_path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
 
     model: nn.Module = DistillModule(student, teacher, method, run)
     if world > 1:
@@ -205,8 +350,13 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
                     row |= {k: v[k] for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")}
                 barrier(world)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                line = json.dumps(_finite_or_none(row), allow_nan=False) + "\n"
+                try:
+                    with metrics_path.open("a") as f:
+                        f.write(line)
+                except OSError as e:
+                    raise TrainError(f"could not append to {metrics_path} ({e.strerror}); free disk "
+                                     "space, then continue with --resume") from None
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             interrupted = any_rank(stop["flag"], world, device)
@@ -239,7 +389,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             "teacher_params": count_params(teacher), "student_params": count_params(student),
             "train_examples": len(run.train_examples), "final": final, "config": cfg.to_dict(),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n"
+        write_atomic(out / "summary.json", lambda tmp: tmp.write_text(text))
         if metrics_path.is_file():
             plot_losses(metrics_path, out / "loss.png")
     barrier(world)
