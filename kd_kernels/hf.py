@@ -16,10 +16,13 @@ How the pieces are found, per model family (``transformers`` 5.x):
   whose decoder is itself (no separate head module) is rejected.
 - head: ``model.get_output_embeddings()``, an ``nn.Linear`` (the tied input embedding when
   ``tie_word_embeddings``: the same Parameter, so both uses' gradients add up).
-- logit transform, from the (text) config, applied in this order to ``z = h Wᵀ + b``:
-  ``logit_scale`` multiplies (Cohere, Cohere2), ``logits_scaling`` divides (Granite, GraniteMoe),
-  ``final_logit_softcapping`` caps ``c · tanh(· / c)`` (Gemma 2, Gemma 3). Mixture-of-experts
-  auxiliary (router) losses are not part of these losses.
+- logit transform, from the (text) config, applied in this order to ``z = h Wᵀ + b``: a scale σ,
+  the product of ``logit_scale`` (Cohere, Cohere2), ``lm_head_multiplier`` (Falcon-H1) and
+  ``output_multiplier`` (Muse Glimmer), divided by ``logits_scaling`` (Granite, GraniteMoe,
+  MiniCPM3; HyperCLOVA X multiplies by it); then ``final_logit_softcapping`` caps
+  ``c · tanh(· / c)`` (Gemma 2, Gemma 3, Muse Glimmer). Families whose forward does something else
+  to the logits are not covered (the equality test against ``.logits`` is the check to run).
+  Mixture-of-experts auxiliary (router) losses are not part of these losses.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from . import fused_linear as FL
 
 IGNORE_INDEX = -100
 
-__all__ = ["HeadInputs", "KDTrainer", "distill_loss", "head_inputs"]
+__all__ = [
+    "HeadInputs",
+    "KDTrainer",
+    "distill_loss",
+    "head_inputs",
+    "trl_chunked_divergence_loss",
+    "trl_gkd_trainer",
+]
 
 
 class HeadInputs(NamedTuple):
@@ -52,6 +62,10 @@ class HeadInputs(NamedTuple):
     bias: torch.Tensor | None  # (V,) or None
     logit_scale: float  # σ; 1.0 = off
     softcap: float | None  # c; None = off
+
+
+# config attributes that multiply the lm_head output (model family in the comment)
+_MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")
 
 
 def _text_config(model: nn.Module):
@@ -68,12 +82,15 @@ def _text_config(model: nn.Module):
 def _head_transform(model: nn.Module) -> tuple[float, float | None]:
     cfg = _text_config(model)
     scale = 1.0
-    ls = getattr(cfg, "logit_scale", None)  # Cohere: logits * logit_scale
-    if ls is not None:
-        scale *= float(ls)
-    lsc = getattr(cfg, "logits_scaling", None)  # Granite: logits / logits_scaling
-    if lsc is not None:
-        scale /= float(lsc)
+    for key in _MULTIPLIERS:  # Cohere, Falcon-H1, Muse Glimmer: logits * value
+        value = getattr(cfg, key, None)
+        if value is not None:
+            scale *= float(value)
+    lsc = getattr(cfg, "logits_scaling", None)
+    if lsc is not None:  # Granite, MiniCPM3 divide by it; HyperCLOVA X multiplies
+        scale = (
+            scale * float(lsc) if cfg.model_type.startswith("hyperclovax") else scale / float(lsc)
+        )
     cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
     cap = float(cap) if cap is not None else None
     name = type(model).__name__
@@ -143,12 +160,13 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _as_compute(h: HeadInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _as_compute(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Hidden, weight, bias in one dtype: the autocast dtype when autocast is on (what the lm_head's
     matmul would use), else the weight's dtype."""
-    dt = _autocast_dtype(h.hidden.device) or h.weight.dtype
-    b = h.bias.to(dt) if h.bias is not None else None
-    return h.hidden.to(dt), h.weight.to(dt), b
+    dt = _autocast_dtype(hidden.device) or weight.dtype
+    return hidden.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
 
 
 def _check_ids(x: object, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,7 +282,7 @@ def distill_loss(
     if attention_mask is not None:
         model_inputs["attention_mask"] = attention_mask
     st = head_inputs(student, **model_inputs)
-    hs, ws, bs = _as_compute(st)
+    hs, ws, bs = _as_compute(st.hidden, st.weight, st.bias)
     hs = hs[:, :-1]
     shifted = labels[:, 1:] if labels is not None else None
     mask = None
@@ -290,7 +308,7 @@ def distill_loss(
     else:
         with torch.no_grad():
             te = head_inputs(teacher, **model_inputs)
-            ht, wt, bt = _as_compute(te)
+            ht, wt, bt = _as_compute(te.hidden, te.weight, te.bias)
         loss, parts = FL.fused_linear_kd(
             hs,
             ws,
@@ -335,6 +353,16 @@ def _sparse(hs, ws, st: HeadInputs, teacher_ids, teacher_logprobs, common):
     if st.logit_scale != 1.0 or st.softcap is not None:  # only passed when needed
         extra = {"student_logit_scale": st.logit_scale, "student_softcap": st.softcap}
     return fn(hs, ws, teacher_ids[:, :-1], teacher_logprobs[:, :-1], **common, **extra)
+
+
+def _single_process(model: nn.Module) -> None:
+    """The decoders are called directly (not through a DDP wrapper's forward), so DDP would not
+    synchronize the gradients: refuse rather than train each rank on its own."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise NotImplementedError(
+            "kd_kernels' Trainer integrations run single-process in this version (a DDP-wrapped "
+            "model would not synchronize its gradients); launch one process"
+        )
 
 
 class KDTrainer(transformers.Trainer):
@@ -413,20 +441,24 @@ class KDTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        _single_process(model)
         labels = inputs.get("labels")
         normalized = num_items_in_batch is not None and labels is not None
-        loss, parts = distill_loss(
-            model,
-            self.teacher_model,
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            labels=labels,
-            teacher_ids=inputs.get("teacher_ids"),
-            teacher_logprobs=inputs.get("teacher_logprobs"),
-            return_components=True,
-            num_items_in_batch=num_items_in_batch if normalized else None,
-            **self.kd_options,
-        )
+        # accelerate applies mixed precision by wrapping model.forward; the decoders are called
+        # directly here, so enter the same autocast explicitly
+        with self.accelerator.autocast():
+            loss, parts = distill_loss(
+                model,
+                self.teacher_model,
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                labels=labels,
+                teacher_ids=inputs.get("teacher_ids"),
+                teacher_logprobs=inputs.get("teacher_logprobs"),
+                return_components=True,
+                num_items_in_batch=num_items_in_batch if normalized else None,
+                **self.kd_options,
+            )
         if model.training:
             scale = 1.0 if normalized else 1.0 / self.current_gradient_accumulation_steps
             for key, val in (("kd_loss", parts.kd), ("ce_loss", parts.ce)):
@@ -448,3 +480,142 @@ class KDTrainer(transformers.Trainer):
             self._kd_sums = {}
             self._kd_last_step = self.state.global_step
         super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------------------- TRL
+# TRL (tested: trl 1.16.0 with transformers 5.23.0) has two distillation trainers. Its beta picks the
+# divergence: 0 = forward KL(p‖q), 1 = reverse KL(q‖p), else the generalized JSD with mixture
+# M = β p + (1 − β) q, which is kd_kernels' jsd(β) (MATH.md, "GKD / on-policy distillation").
+
+
+def _trl_divergence(beta: float) -> dict[str, Any]:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"TRL's beta={beta!r} must be a number in [0, 1]")
+    if beta == 0.0:
+        return {"divergence": "forward_kl"}
+    if beta == 1.0:
+        return {"divergence": "reverse_kl"}
+    return {"divergence": "jsd", "beta": float(beta)}
+
+
+def trl_gkd_trainer(base: type) -> type:
+    """A subclass of TRL's ``GKDTrainer`` (``trl.experimental.gkd.GKDTrainer``) whose training loss
+    is :func:`distill_loss`: the same number as TRL's ``generalized_jsd_loss`` on the models'
+    logits (shifted, ``labels != -100``, ``num_items_in_batch``, temperature 1 as TRL's loss uses),
+    computed without them. On-policy generation, ``lmbda``, ``seq_kd`` stay TRL's.
+
+    ``GKD = kd_kernels.hf.trl_gkd_trainer(GKDTrainer)``, then ``GKD(...)`` with GKDTrainer's
+    arguments. Single process: the student's decoder is called directly, not through a DDP / FSDP
+    wrapper. ``compute_loss(..., return_outputs=True)`` (evaluation wanting the logits) runs TRL's
+    own path.
+    """
+    if not isinstance(base, type) or not hasattr(base, "generalized_jsd_loss"):
+        raise TypeError(
+            "trl_gkd_trainer takes TRL's GKDTrainer class (from trl.experimental.gkd import "
+            f"GKDTrainer), got {base!r}"
+        )
+
+    class FusedGKDTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            _single_process(model)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            teacher.eval()
+            with self.accelerator.autocast():  # what accelerate's forward wrapper would apply
+                return distill_loss(
+                    self.accelerator.unwrap_model(model),
+                    teacher,
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs.get("attention_mask"),
+                    labels=inputs["labels"],
+                    num_items_in_batch=num_items_in_batch,
+                    **_trl_divergence(self.beta),
+                )
+
+    FusedGKDTrainer.__name__ = FusedGKDTrainer.__qualname__ = f"Fused{base.__name__}"
+    return FusedGKDTrainer
+
+
+def _full(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor (FSDP2 / tensor-parallel weight) as one plain tensor; anything else unchanged."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    if dtensor is not None and isinstance(x, dtensor):
+        return x.full_tensor()
+    return x
+
+
+def trl_chunked_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kd_kernels in place of TRL's ``DistillationTrainer`` loss hook (the module function
+    ``trl.trainer.distillation_trainer._chunked_divergence_loss`` of TRL 1.16, same arguments):
+
+    ``(Σ_valid D_i / num_items_in_batch (or / number valid), Σ_valid H_i, number valid)`` with
+    ``D`` TRL's beta divergence of ``softmax(y_t / T)`` and ``softmax(y_s / T)`` on the model-exact
+    logits and ``H`` the student's entropy (detached, for TRL's log; one extra no-grad pass of the
+    student's logits). Use (a private TRL name, so pin the TRL version)::
+
+        import trl.trainer.distillation_trainer as trl_distill
+        trl_distill._chunked_divergence_loss = kd_kernels.hf.trl_chunked_divergence_loss
+    """
+    spec = _trl_divergence(beta)
+    ws, bs = _full(student_lm_head_weight), _full(student_lm_head_bias)
+    wt, bt = _full(teacher_lm_head_weight), _full(teacher_lm_head_bias)
+    hs, ws, bs = _as_compute(student_hidden_states, ws, bs)
+    ht, wt, bt = _as_compute(teacher_hidden_states.detach(), wt, bt)
+    if not isinstance(completion_mask, torch.Tensor) or completion_mask.shape != hs.shape[:-1]:
+        raise ValueError(
+            f"completion_mask must be a {tuple(hs.shape[:-1])} tensor (the hidden states' "
+            "leading dims)"
+        )
+    valid = completion_mask != 0
+    n_valid = valid.sum()
+    sum_ = FL.fused_linear_kd(
+        hs,
+        ws,
+        ht,
+        wt,
+        student_bias=bs,
+        teacher_bias=bt,
+        mask=valid,
+        reduction="sum",
+        temperature=temperature,
+        student_logit_scale=student_logit_scale,
+        student_softcap=student_final_logit_softcapping,
+        teacher_logit_scale=teacher_logit_scale,
+        teacher_softcap=teacher_final_logit_softcapping,
+        **spec,
+    )
+    with torch.no_grad():
+        _, entropy = FL.fused_linear_logprobs(
+            hs.detach(),
+            ws.detach(),
+            torch.zeros(valid.shape, dtype=torch.long, device=hs.device),
+            bias=bs.detach() if bs is not None else None,
+            temperature=temperature,
+            mask=valid,
+            return_entropy=True,
+            logit_scale=student_logit_scale,
+            softcap=student_final_logit_softcapping,
+        )
+    if num_items_in_batch is None:
+        loss = sum_ / n_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(sum_.device)
+        loss = sum_ / num_items_in_batch
+    return loss, entropy.sum(), n_valid

@@ -56,8 +56,7 @@ def batch(b=3, t=9, vocab=V, seed=1):
     return ids, am, labels
 
 
-def reference(student, teacher, ids, am, labels, *, divergence, ce_weight, temperature=1.0,
-              **coef):
+def reference(student, teacher, ids, am, labels, *, divergence, ce_weight, temperature=1.0, **coef):
     """The plain Hugging Face path: the models' own logits, kd_kernels' logits-level loss, HF's CE."""
     s = student(input_ids=ids, attention_mask=am).logits
     with torch.no_grad():
@@ -66,8 +65,9 @@ def reference(student, teacher, ids, am, labels, *, divergence, ce_weight, tempe
         mask = labels[:, 1:] != -100
     else:
         mask = am[:, 1:].bool() & am[:, :-1].bool()
-    kd = kd_kernels.kd_loss(s[:, :-1], t[:, :-1], divergence=divergence, mask=mask,
-                            temperature=temperature, **coef)
+    kd = kd_kernels.kd_loss(
+        s[:, :-1], t[:, :-1], divergence=divergence, mask=mask, temperature=temperature, **coef
+    )
     loss = kd
     if labels is not None and ce_weight:
         ce = torch.nn.functional.cross_entropy(
@@ -101,8 +101,13 @@ def test_head_inputs_give_the_models_logits(family):
 
 
 # student family -> teacher family: every pair crosses architectures (other hidden size too)
-PAIRS = {"llama": "qwen2", "qwen2": "gemma2", "gemma2": "cohere", "cohere": "granite",
-         "granite": "llama"}
+PAIRS = {
+    "llama": "qwen2",
+    "qwen2": "gemma2",
+    "gemma2": "cohere",
+    "cohere": "granite",
+    "granite": "llama",
+}
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
@@ -114,8 +119,16 @@ def test_distill_loss_equals_logits_level_loss(family, divergence):
     kw = {"divergence": divergence, "ce_weight": 0.5, "temperature": 1.5}
     ref = reference(student, teacher, ids, am, labels, **kw)
     ref_g = grads(student, ref)
-    loss, parts = hf.distill_loss(student, teacher, input_ids=ids, attention_mask=am,
-                                  labels=labels, return_components=True, chunk_size=5, **kw)
+    loss, parts = hf.distill_loss(
+        student,
+        teacher,
+        input_ids=ids,
+        attention_mask=am,
+        labels=labels,
+        return_components=True,
+        chunk_size=5,
+        **kw,
+    )
     ours_g = grads(student, loss)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     # the CE part is the model's own loss
@@ -146,13 +159,27 @@ def test_padded_teacher_vocab_and_num_items_in_batch():
         hf.distill_loss(student, teacher, input_ids=ids, labels=labels)
     kw = {"divergence": "reverse_kl", "ce_weight": 0.2}
     ref = reference(student, teacher, ids, am, labels, **kw)
-    loss = hf.distill_loss(student, teacher, input_ids=ids, attention_mask=am, labels=labels,
-                           truncate_teacher_vocab=True, **kw)
+    loss = hf.distill_loss(
+        student,
+        teacher,
+        input_ids=ids,
+        attention_mask=am,
+        labels=labels,
+        truncate_teacher_vocab=True,
+        **kw,
+    )
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     n = int((labels[:, 1:] != -100).sum())
-    summed = hf.distill_loss(student, teacher, input_ids=ids, attention_mask=am, labels=labels,
-                             truncate_teacher_vocab=True, num_items_in_batch=torch.tensor(4 * n),
-                             **kw)
+    summed = hf.distill_loss(
+        student,
+        teacher,
+        input_ids=ids,
+        attention_mask=am,
+        labels=labels,
+        truncate_teacher_vocab=True,
+        num_items_in_batch=torch.tensor(4 * n),
+        **kw,
+    )
     torch.testing.assert_close(summed * 4, loss, rtol=1e-5, atol=1e-6)
 
 
@@ -162,8 +189,9 @@ def test_autocast_bf16_follows_the_lm_head():
     kw = {"divergence": "forward_kl", "ce_weight": 1.0}
     full = hf.distill_loss(student, teacher, input_ids=ids, attention_mask=am, labels=labels, **kw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = hf.distill_loss(student, teacher, input_ids=ids, attention_mask=am, labels=labels,
-                              **kw)
+        low = hf.distill_loss(
+            student, teacher, input_ids=ids, attention_mask=am, labels=labels, **kw
+        )
         g = grads(student, low)
     assert low.dtype == torch.float32 and torch.isfinite(low)
     assert abs(low.item() - full.item()) < 0.05 * full.item()
@@ -206,8 +234,14 @@ def test_sparse_teacher_needs_the_sparse_forms():
     ids, _, labels = batch()
     k_ids = torch.randint(0, V, (3, 9, 4))
     with pytest.raises(NotImplementedError, match="fused_linear_sparse_kd"):
-        hf.distill_loss(student, None, input_ids=ids, labels=labels, teacher_ids=k_ids,
-                        teacher_logprobs=torch.full((3, 9, 4), -2.0))
+        hf.distill_loss(
+            student,
+            None,
+            input_ids=ids,
+            labels=labels,
+            teacher_ids=k_ids,
+            teacher_logprobs=torch.full((3, 9, 4), -2.0),
+        )
 
 
 # ------------------------------------------------------------------------------------- KDTrainer
@@ -219,8 +253,13 @@ class _Rows(torch.utils.data.Dataset):
             ids = torch.randint(3, V, (t,), generator=g)
             labels = ids.clone()
             labels[: 2 + i % 5] = -100  # different label counts per row
-            self.rows.append({"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long),
-                              "labels": labels})
+            self.rows.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": torch.ones(t, dtype=torch.long),
+                    "labels": labels,
+                }
+            )
 
     def __len__(self):
         return len(self.rows)
@@ -230,9 +269,17 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **kw):
-    base = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True, "save_strategy": "no",
-            "logging_steps": 1, "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0,
-            "learning_rate": 1e-2}
+    base = {
+        "output_dir": str(tmp_path),
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "learning_rate": 1e-2,
+    }
     base.update(kw)
     return transformers.TrainingArguments(**base)
 
@@ -242,9 +289,14 @@ def test_kd_trainer_three_steps(tmp_path):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer = hf.KDTrainer(
-        student, teacher, args=_args(tmp_path, max_steps=3, per_device_train_batch_size=2,
-                                     gradient_accumulation_steps=2),
-        train_dataset=_Rows(), divergence="reverse_kl", ce_weight=0.3,
+        student,
+        teacher,
+        args=_args(
+            tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2
+        ),
+        train_dataset=_Rows(),
+        divergence="reverse_kl",
+        ce_weight=0.3,
     )
     out = trainer.train()
     logs = [x for x in trainer.state.log_history if "loss" in x]
@@ -267,11 +319,21 @@ def test_kd_trainer_gradient_accumulation_equals_one_batch(tmp_path):
     for bs, ga in ((4, 1), (2, 2)):
         student = make_model("llama")
         trainer = hf.KDTrainer(
-            student, teacher, args=_args(tmp_path / f"{bs}x{ga}", max_steps=1, optim="sgd",
-                                         lr_scheduler_type="constant", learning_rate=1.0,
-                                         per_device_train_batch_size=bs,
-                                         gradient_accumulation_steps=ga, max_grad_norm=0.0),
-            train_dataset=_Rows(n=4), divergence="forward_kl", ce_weight=0.5,
+            student,
+            teacher,
+            args=_args(
+                tmp_path / f"{bs}x{ga}",
+                max_steps=1,
+                optim="sgd",
+                lr_scheduler_type="constant",
+                learning_rate=1.0,
+                per_device_train_batch_size=bs,
+                gradient_accumulation_steps=ga,
+                max_grad_norm=0.0,
+            ),
+            train_dataset=_Rows(n=4),
+            divergence="forward_kl",
+            ce_weight=0.5,
         )
         trainer.train()
         results.append(dict(student.named_parameters()))
@@ -281,3 +343,28 @@ def test_kd_trainer_gradient_accumulation_equals_one_batch(tmp_path):
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6)
         moved = max(moved, (results[0][name] - p0).abs().max().item())
     assert moved > 1e-4
+
+
+def test_kd_trainer_bf16_mixed_precision(tmp_path):
+    """With bf16=True the loss is computed under the Trainer's autocast: the first logged loss is
+    distill_loss under torch.autocast on the same (whole-dataset) batch."""
+    student, teacher = make_model("cohere"), make_model("granite", seed=1)
+    data = _Rows(n=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = [data[i] for i in range(4)]
+        cat = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        expected = hf.distill_loss(student, teacher, divergence="jsd", ce_weight=0.5, **cat)
+    with torch.no_grad():
+        fp32 = hf.distill_loss(student, teacher, divergence="jsd", ce_weight=0.5, **cat)
+    trainer = hf.KDTrainer(
+        student,
+        teacher,
+        args=_args(tmp_path, max_steps=1, per_device_train_batch_size=4, bf16=True),
+        train_dataset=data,
+        divergence="jsd",
+        ce_weight=0.5,
+    )
+    trainer.train()
+    logged = next(x["loss"] for x in trainer.state.log_history if "loss" in x)
+    assert logged == pytest.approx(expected.item(), rel=1e-4)
+    assert expected.item() != fp32.item()  # the autocast path was taken
