@@ -20,7 +20,10 @@ import torch
 
 from ._autograd import once_differentiable
 from ._backends import Backend
+from ._head import HeadTransform, head_logits
 from ._spec import KDSpec
+
+_IDENTITY = HeadTransform()
 
 # Memory budget of one chunk's (rows, V) buffers, per device type. On CPU the chunk's student +
 # teacher logits (plus the fp32 CE buffer when labels are given) stay within 64 MiB; GPUs get a
@@ -41,10 +44,6 @@ def chunk_rows(
     rows = budget // max(1, vocab * bytes_per_vocab_entry)
     rows = max(8, rows - rows % 8)  # GEMM-friendly multiple of 8, at least 8 rows
     return max(1, min(rows, max(n, 1)))
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
 
 
 def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
@@ -109,6 +108,9 @@ def kd_chunk_loop(
     backend: Backend,
     rows: int,
     need: tuple[bool, bool, bool],
+    s_tr: HeadTransform = _IDENTITY,
+    t_tr: HeadTransform = _IDENTITY,
+    rows_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Forward of the fused-linear KD (+ CE) loss with every gradient, one chunk of active rows at a
     time.
@@ -117,7 +119,10 @@ def kd_chunk_loop(
     (N,): the CE row factor (valid label / count for "mean"); ``labels`` (N,) int64 with ignored
     rows set to 0. Returns (Σ c_i KD_i, Σ ce_scale_i CE_i, (grad_h, grad_w, grad_b)) with the
     gradients of ``Σ c_i KD_i + ce_weight · Σ ce_scale_i CE_i``, None where ``need`` says not
-    needed.
+    needed. ``s_tr`` / ``t_tr``: the models' logit transforms (MATH.md, "Model-exact logits"): the
+    loss is taken on the transformed logits and the student's gradient chained through ``∂y/∂z``.
+    ``rows_out``: optional (N,) fp32 buffers that receive the per-row terms ``c_i KD_i`` and
+    ``ce_scale_i CE_i`` (0 on rows not visited).
     """
     need_h, need_w, need_b = need
     need_grad = any(need)
@@ -137,8 +142,8 @@ def kd_chunk_loop(
     for sel in plan.chunks(rows):
         hs, ht = plan.take(h_s, sel), plan.take(h_t, sel)
         c = plan.take(kd_weight, sel)
-        s = _linear(hs, w_s, b_s)
-        t = _linear(ht, w_t, b_t)
+        s, ds = head_logits(hs, w_s, b_s, s_tr, want_deriv=need_grad)
+        t, _ = head_logits(ht, w_t, b_t, t_tr, want_deriv=False)
         ce_grad = None
         if ce_scale is not None:
             # CE needs softmax(s) before the kernel overwrites s with its gradient: one fp32 chunk
@@ -147,14 +152,20 @@ def kd_chunk_loop(
             sc = plan.take(ce_scale, sel)
             logp = s.float().log_softmax(-1)
             nll = -logp.gather(1, y).squeeze(1)
-            ce_total += torch.where(sc != 0, sc * nll, torch.zeros_like(nll)).sum()
+            ce_rows = torch.where(sc != 0, sc * nll, torch.zeros_like(nll))
+            ce_total += ce_rows.sum()
+            if rows_out is not None:
+                plan.put(rows_out[1], sel, ce_rows)
             if ce_grad_wanted:
                 coef = (sc * ce_weight)[:, None]
                 ce_grad = logp.exp_().mul_(coef)  # ce_weight · scale · (softmax(s) − onehot(y))
                 ce_grad.scatter_add_(1, y, -coef)
             del logp
         loss_rows = backend.loss_grad(s, t, c, spec, s if need_grad else None)
-        kd_total += (loss_rows * c).sum()
+        kd_rows = torch.where(c != 0, loss_rows * c, torch.zeros_like(loss_rows))
+        kd_total += kd_rows.sum()
+        if rows_out is not None:
+            plan.put(rows_out[0], sel, kd_rows)
         del t
         if not need_grad:
             continue
@@ -162,6 +173,9 @@ def kd_chunk_loop(
         if ce_grad is not None:
             g.add_(ce_grad)
             del ce_grad
+        if ds is not None:
+            g.mul_(ds)  # ∂/∂z = ∂/∂y · σ (1 − tanh²)
+            del ds
         if need_h:
             plan.put(grad_h, sel, g @ w_s)
         if need_w:
@@ -185,6 +199,8 @@ def kd_ce_loss_only(
     spec: KDSpec,
     backend: Backend,
     rows: int,
+    s_tr: HeadTransform = _IDENTITY,
+    t_tr: HeadTransform = _IDENTITY,
 ):
     """(loss, kd, ce) without any gradient work (no_grad, or nothing requires grad)."""
     with torch.no_grad():
@@ -203,6 +219,8 @@ def kd_ce_loss_only(
             backend,
             rows,
             (False, False, False),
+            s_tr,
+            t_tr,
         )
     return (kd + ce_weight * ce if ce_scale is not None else kd.clone()), kd, ce
 
@@ -231,6 +249,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
         spec: KDSpec,
         backend: Backend,
         rows: int,
+        s_tr: HeadTransform,
+        t_tr: HeadTransform,
     ):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         kd, ce, grads = kd_chunk_loop(
@@ -248,6 +268,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
             backend,
             rows,
             need,
+            s_tr,
+            t_tr,
         )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         ctx.save_for_backward(*grads)
@@ -268,7 +290,138 @@ class FusedLinearKDFunction(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return (grad_h, grad_w, grad_b) + (None,) * 12
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-token KD (reduction="none"; MATH.md, "Fused linear, per-token").
+#
+# The upstream gradient g_i is only known in backward, so forward computes the per-row values
+# c_i KD_i + ce_weight · v_i CE_i without gradient work (c_i = k_i w_i, v_i = valid label) and
+# saves only its inputs; backward recomputes each chunk's logits (both heads) and runs the same
+# chunk loop with the row weights g_i c_i and CE factors g_i v_i, which yields the gradient of
+# Σ_i g_i out_i. One extra pass of logits, no (N, V) tensor saved.
+# ------------------------------------------------------------------------------------------------
+
+
+def kd_ce_rows(
+    h_s,
+    w_s,
+    b_s,
+    h_t,
+    w_t,
+    b_t,
+    kd_weight,
+    labels,
+    ce_valid,
+    ce_weight: float,
+    spec: KDSpec,
+    backend: Backend,
+    rows: int,
+    s_tr: HeadTransform = _IDENTITY,
+    t_tr: HeadTransform = _IDENTITY,
+):
+    """Per-row (loss, kd, ce), each (N,) fp32, without gradient work: ``kd_i = c_i KD_i`` (0 where
+    c_i = 0), ``ce_i = v_i CE_i``, ``loss_i = kd_i + ce_weight · ce_i``."""
+    n, dev = h_s.shape[0], h_s.device
+    kd = torch.zeros(n, dtype=torch.float32, device=dev)
+    ce = torch.zeros(n, dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        kd_chunk_loop(
+            h_s.detach(),
+            w_s.detach(),
+            b_s.detach() if b_s is not None else None,
+            h_t,
+            w_t,
+            b_t,
+            kd_weight,
+            labels,
+            ce_valid,
+            ce_weight,
+            spec,
+            backend,
+            rows,
+            (False, False, False),
+            s_tr,
+            t_tr,
+            rows_out=(kd, ce),
+        )
+    loss = kd + ce_weight * ce if ce_valid is not None else kd.clone()
+    return loss, kd, ce
+
+
+class FusedLinearKDRowsFunction(torch.autograd.Function):
+    """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ per-row (loss, kd, ce), each (N,); any upstream gradient
+    on ``loss`` (``kd`` and ``ce`` are detached logging values)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        h_s,
+        w_s,
+        b_s,
+        h_t,
+        w_t,
+        b_t,
+        kd_weight,
+        labels,
+        ce_valid,
+        ce_weight: float,
+        spec: KDSpec,
+        backend: Backend,
+        rows: int,
+        s_tr: HeadTransform,
+        t_tr: HeadTransform,
+    ):
+        args = (h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_valid)
+        loss, kd, ce = kd_ce_rows(*args, ce_weight, spec, backend, rows, s_tr, t_tr)
+        ctx.save_for_backward(*args)
+        ctx.options = (ce_weight, spec, backend, rows, s_tr, t_tr)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        none = (None,) * 12
+        if grad_loss is None:
+            return (None, None, None) + none
+        h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_valid = ctx.saved_tensors
+        ce_weight, spec, backend, rows, s_tr, t_tr = ctx.options
+        g = grad_loss.float()
+        zero = torch.zeros_like(g)
+        # select, not multiply: a NaN / inf upstream value on a row that does not count stays out
+        kd_w = torch.where(kd_weight != 0, kd_weight * g, zero).contiguous()
+        ce_s = None
+        if ce_valid is not None and ce_weight != 0.0:
+            ce_s = torch.where(ce_valid != 0, ce_valid * g, zero)
+        else:
+            labels = None
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        with torch.no_grad():
+            _, _, (grad_h, grad_w, grad_b) = kd_chunk_loop(
+                h_s,
+                w_s,
+                b_s,
+                h_t,
+                w_t,
+                b_t,
+                kd_w,
+                labels,
+                ce_s,
+                ce_weight,
+                spec,
+                backend,
+                rows,
+                need,
+                s_tr,
+                t_tr,
+            )
+        if grad_w is not None:
+            grad_w = grad_w.to(w_s.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(b_s.dtype)
+        return (grad_h, grad_w, grad_b) + none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,18 +435,31 @@ class FusedLinearKDFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
-def _logits_fp32(h, w, b, inv_t: float) -> torch.Tensor:
-    z = _linear(
-        h, w, b
-    ).float()  # a new fp32 buffer (or the fp32 GEMM output itself): safe to scale in place
-    return z.mul_(inv_t) if inv_t != 1.0 else z
+def _logits_fp32(h, w, b, inv_t: float, tr: HeadTransform = _IDENTITY, *, want_deriv=False):
+    """fp32 ``y / T`` for one chunk (``y`` the model-exact logits); with ``want_deriv`` also
+    ``∂y/∂z`` (see ``head_logits``)."""
+    y, d = head_logits(h, w, b, tr, want_deriv=want_deriv)
+    z = y.float()  # a new fp32 buffer (or the fp32 GEMM output itself): safe to scale in place
+    z = z.mul_(inv_t) if inv_t != 1.0 else z
+    return (z, d) if want_deriv else z
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """(h, W, b) ↦ (log q(y) per token, entropy per token), both (N,) fp32, 0 on inactive rows."""
 
     @staticmethod
-    def forward(ctx, h, w, b, tokens, active, temperature: float, rows: int, want_entropy: bool):
+    def forward(
+        ctx,
+        h,
+        w,
+        b,
+        tokens,
+        active,
+        temperature: float,
+        rows: int,
+        want_entropy: bool,
+        tr: HeadTransform = _IDENTITY,
+    ):
         n, dev = h.shape[0], h.device
         inv_t = 1.0 / temperature
         plan = _Rows(active, n)
@@ -302,7 +468,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         lse_all = torch.empty(plan.count, dtype=torch.float32, device=dev)
         pos = 0
         for sel in plan.chunks(rows):
-            z = _logits_fp32(plan.take(h, sel), w, b, inv_t)
+            z = _logits_fp32(plan.take(h, sel), w, b, inv_t, tr)
             y = plan.take(tokens, sel)[:, None]
             lse = torch.logsumexp(z, -1)
             lse_all[pos : pos + z.shape[0]] = lse
@@ -312,7 +478,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 q = z.sub_(lse[:, None]).exp_()  # z is dead after this: reuse it for q
                 plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
         ctx.save_for_backward(h, w, b, tokens, plan.idx, lse_all, ent)
-        ctx.rows, ctx.inv_t, ctx.count = rows, inv_t, plan.count
+        ctx.rows, ctx.inv_t, ctx.count, ctx.tr = rows, inv_t, plan.count, tr
         ctx.set_materialize_grads(False)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
@@ -324,7 +490,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         h, w, b, tokens, idx, lse_all, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         plan = _Rows(None, ctx.count)
         plan.idx, plan.count = (
             idx,
@@ -336,7 +502,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         pos = 0
         for sel in plan.chunks(ctx.rows):
             hc = plan.take(h, sel)
-            z = _logits_fp32(hc, w, b, ctx.inv_t)
+            z, dydz = _logits_fp32(hc, w, b, ctx.inv_t, ctx.tr, want_deriv=True)
             r = z.shape[0]
             lse = lse_all[pos : pos + r, None]
             pos += r
@@ -353,7 +519,11 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 g.sub_(q * gl)
                 g.scatter_add_(1, plan.take(tokens, sel)[:, None], gl)
             del z, q
-            g = g.mul_(ctx.inv_t).to(h.dtype)
+            g = g.mul_(ctx.inv_t)
+            if dydz is not None:
+                g = g.mul_(dydz)  # through the logit scale / softcap: ∂/∂z = ∂/∂y · ∂y/∂z
+            del dydz
+            g = g.to(h.dtype)
             if need_h:
                 plan.put(grad_h, sel, g @ w)
             if need_w:
@@ -364,4 +534,4 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             grad_w = grad_w.to(w.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(b.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None

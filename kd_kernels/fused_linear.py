@@ -23,10 +23,13 @@ from ._backends import BACKEND_NAMES, resolve_backend
 from ._dtensor import plain_head_tensor
 from ._fused_linear_impl import (
     FusedLinearKDFunction,
+    FusedLinearKDRowsFunction,
     FusedLinearLogprobsFunction,
     chunk_rows,
     kd_ce_loss_only,
+    kd_ce_rows,
 )
+from ._head import HeadTransform
 from ._spec import FP32_MAX, KDSpec
 
 IGNORE_INDEX = -100
@@ -53,7 +56,8 @@ class KDComponents(NamedTuple):
     sync).
 
     ``kd``: the reduced KD loss (before ``ce_weight``); ``ce``: the reduced hard-label cross-entropy
-    (unweighted; the loss adds ``ce_weight · ce``), or None when no ``labels`` were given.
+    (unweighted; the loss adds ``ce_weight · ce``), or None when no ``labels`` were given. With
+    ``reduction="none"`` both are per-token ``(...)`` tensors.
     """
 
     kd: torch.Tensor
@@ -85,10 +89,11 @@ _FUSED_DOC = """
             ``labels`` are given, the KD mask is ``labels != -100``.
         token_weights: float ``(...)``, multiplies each token's KD loss (not the CE; no gradient
             flows to it).
-        reduction: ``"mean"`` (KD: Σ over counted tokens / number counted, 0 if none) or ``"sum"``.
-            ``"none"`` raises NotImplementedError: per-token losses would need the upstream gradient
-            inside the forward pass; use ``kd_kernels.kd_loss(..., reduction="none")`` on
-            materialized logits instead.
+        reduction: ``"mean"`` (KD: Σ over counted tokens / number counted, 0 if none), ``"sum"``,
+            or ``"none"``: the per-token loss ``(...)``, ``k_i w_i KD_i + ce_weight · CE_i`` (0
+            where masked; CE_i = 0 where the label is -100), for any upstream gradient (a reward,
+            an advantage, per-sequence weights). ``"none"`` saves only the inputs and recomputes
+            each chunk's logits in backward (one extra logits pass; no ``(N, V)`` tensor kept).
         labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored). Adds
             ``ce_weight · CE`` where CE is the hard-label cross-entropy ``−log softmax(s)[label]``
             of the student logits over the tokens with a valid label (and, if a mask is given, mask
@@ -96,6 +101,12 @@ _FUSED_DOC = """
             adds them.
         ce_weight: float ≥ 0, the CE coefficient. The CE is still computed for ``return_components``
             when 0.
+        student_logit_scale, teacher_logit_scale: each model's logit scale σ > 0 (Cohere's
+            ``config.logit_scale``; Granite's is ``1 / config.logits_scaling``); 1.0 = off.
+        student_softcap, teacher_softcap: each model's final-logit softcap c > 0 (Gemma 2's
+            ``config.final_logit_softcapping``, 30); None = off. The losses (KD and CE) are taken
+            on the model-exact logits ``y = c · tanh(σ (h Wᵀ + b) / c)`` (``σ (h Wᵀ + b)`` without a
+            cap), per chunk, and the student's gradient goes through ``σ (1 − tanh²)``.
         truncate_teacher_vocab: the teacher's vocabulary may be padded (Qwen2.5-7B has 152064
             lm_head rows, Qwen2.5-0.5B 151936); ``True`` uses only the first ``V_s`` rows of
             ``teacher_weight`` (and ``teacher_bias``), i.e. the logits-level loss on
@@ -108,10 +119,10 @@ _FUSED_DOC = """
         return_components: also return a :class:`KDComponents` ``(kd, ce)`` of detached values.
 
     Returns:
-        fp32 scalar ``KD + ce_weight · CE`` (or ``(loss, KDComponents)`` with
-        ``return_components=True``). All gradients are computed in this call when any student tensor
-        requires grad (none otherwise); ``backward()`` only scales them, so a second ``backward()``
-        raises.
+        fp32 scalar ``KD + ce_weight · CE``, or ``(...)`` per token for ``reduction="none"`` (or
+        ``(loss, KDComponents)`` with ``return_components=True``). For "mean" / "sum" all gradients
+        are computed in this call when any student tensor requires grad (none otherwise);
+        ``backward()`` only scales them, so a second ``backward()`` raises.
 """
 
 
@@ -236,16 +247,9 @@ def _check_ce_weight(ce_weight: object) -> float:
 
 
 def _check_reduction(reduction: object) -> str:
-    if reduction == "none":
-        raise NotImplementedError(
-            "reduction='none' is not available for fused-linear losses (per-token losses would "
-            "need the upstream gradient inside the forward pass); use reduction='mean' or 'sum', "
-            "or kd_kernels.kd_loss(..., "
-            "reduction='none') on materialized logits"
-        )
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} is unknown; use 'mean' or 'sum'")
-    return reduction  # type: ignore[return-value]
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} is unknown; use 'mean', 'sum' or 'none'")
+    return reduction
 
 
 def fused_linear_kd(
@@ -270,9 +274,14 @@ def fused_linear_kd(
     chunk_size: int | None = None,
     backend: str = "auto",
     return_components: bool = False,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
     """KD loss from hidden states and lm_head weights: ``kd_loss(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t,
-    ...)`` (+ ``ce_weight`` × hard-label CE), without materializing the logits."""
+    ...)`` (+ ``ce_weight`` × hard-label CE), without materializing the logits; with a logit scale
+    or softcap, the same on the model-exact logits ``c · tanh(σ (h Wᵀ + b) / c)``."""
     # FSDP2 / DTensor heads outside their module's forward: gathered, or refused (see _dtensor).
     student_weight = plain_head_tensor(student_weight, "student_weight", gets_grad=True)
     student_bias = plain_head_tensor(student_bias, "student_bias", gets_grad=True)
@@ -280,6 +289,12 @@ def fused_linear_kd(
     teacher_bias = plain_head_tensor(teacher_bias, "teacher_bias", gets_grad=False)
     spec = KDSpec.make(
         divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+    )
+    s_tr = HeadTransform.make(
+        student_logit_scale, student_softcap, names=("student_logit_scale", "student_softcap")
+    )
+    t_tr = HeadTransform.make(
+        teacher_logit_scale, teacher_softcap, names=("teacher_logit_scale", "teacher_softcap")
     )
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
@@ -362,6 +377,7 @@ def fused_linear_kd(
 
     b = resolve_backend(backend, dev)
     entry = h_s.element_size() + h_t.element_size() + (4 if labels is not None else 0)
+    entry += s_tr.extra_bytes_per_entry + t_tr.extra_bytes_per_entry
     rows = chunk_rows(n, vs, entry, chunk_size, dev)
     hs2 = h_s.reshape(n, h_s.shape[-1])
     ht2 = h_t.detach().reshape(n, h_t.shape[-1])
@@ -380,8 +396,16 @@ def fused_linear_kd(
         spec,
         b,
         rows,
+        s_tr,
+        t_tr,
     )
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs2, w_s, b_s)):
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hs2, w_s, b_s)
+    )
+    if reduction == "none":
+        loss, kd, ce = (FusedLinearKDRowsFunction.apply if grad else kd_ce_rows)(*args)
+        loss, kd, ce = loss.reshape(lead), kd.reshape(lead), ce.reshape(lead)
+    elif grad:
         loss, kd, ce = FusedLinearKDFunction.apply(*args)
     else:  # evaluation: no gradient buffers, the kernel computes the loss only
         loss, kd, ce = kd_ce_loss_only(*args)
@@ -443,6 +467,8 @@ def fused_linear_logprobs(
     mask: torch.Tensor | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log softmax(h Wᵀ/T + b/T)[token]`` without materializing the logits.
 
@@ -467,12 +493,25 @@ def fused_linear_logprobs(
         return_entropy: also return the per-token entropy ``−Σ_v q_v log q_v`` of ``q =
             softmax(logits/T)`` from the same pass, differentiable too.
         chunk_size: tokens per chunk (default from the memory budget).
+        logit_scale, softcap: the model's logit scale σ > 0 and final-logit softcap c > 0 (None =
+            off): the log-probabilities are those of the model-exact logits ``y = c · tanh(σ (h Wᵀ
+            + b) / c)``, i.e. ``log_softmax(y / T)[token]``; gradients go through ``σ (1 − tanh²)``.
 
     Returns:
         fp32 ``(...)`` log-probabilities, or ``(logprobs, entropy)``.
+
+    On-policy recipes (responses ``y`` sampled from the student, ``mask`` on the response tokens):
+
+    - sampled-token log-ratio ``log q(y_t) − log p(y_t)`` (Tinker, verl's k1; its negative is the
+      per-token advantage): two calls, ``fused_linear_logprobs(h_s, W_s, y, ...) −
+      fused_linear_logprobs(h_t, W_t, y, ...).detach()`` (the teacher's under ``no_grad``);
+    - its exact, lower-variance counterpart, the full-vocabulary per-token reverse KL:
+      ``fused_linear_kd(h_s, W_s, h_t, W_t, divergence="reverse_kl", mask=mask,
+      reduction="none")``, which accepts any upstream gradient (``(kl * weights).sum()``...).
     """
     KDSpec.make("forward_kl", alpha=0.1, beta=0.5, temperature=temperature)  # validates temperature
     V.check_bool(return_entropy, "return_entropy")
+    tr = HeadTransform.make(logit_scale, softcap, names=("logit_scale", "softcap"))
     chunk_size = _check_chunk_size(chunk_size)
     h, w, b = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
     lead = h.shape[:-1]
@@ -491,7 +530,7 @@ def fused_linear_logprobs(
     safe = tokens.reshape(n).long()
     if active is not None:
         safe = torch.where(active, safe, torch.zeros_like(safe))
-    rows = chunk_rows(n, w.shape[0], 3 * 4, chunk_size, h.device)
+    rows = chunk_rows(n, w.shape[0], 3 * 4 + tr.extra_bytes_per_entry, chunk_size, h.device)
     logp, ent = FusedLinearLogprobsFunction.apply(
         h.reshape(n, h.shape[-1]),
         w,
@@ -501,6 +540,7 @@ def fused_linear_logprobs(
         float(temperature),
         rows,
         return_entropy,
+        tr,
     )
     if return_entropy:
         return logp.reshape(lead), ent.reshape(lead)
@@ -530,10 +570,20 @@ class FusedLinearKDLoss(nn.Module):
         truncate_teacher_vocab: bool = False,
         chunk_size: int | None = None,
         backend: str = "auto",
+        student_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_logit_scale: float = 1.0,
+        teacher_softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = KDSpec.make(
             divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+        )
+        self.student_head = HeadTransform.make(
+            student_logit_scale, student_softcap, names=("student_logit_scale", "student_softcap")
+        )
+        self.teacher_head = HeadTransform.make(
+            teacher_logit_scale, teacher_softcap, names=("teacher_logit_scale", "teacher_softcap")
         )
         self.alpha, self.beta = alpha, beta
         self.reduction = _check_reduction(reduction)
@@ -580,6 +630,10 @@ class FusedLinearKDLoss(nn.Module):
             chunk_size=self.chunk_size,
             backend=self.backend,
             return_components=True,
+            student_logit_scale=self.student_head.scale,
+            student_softcap=self.student_head.softcap,
+            teacher_logit_scale=self.teacher_head.scale,
+            teacher_softcap=self.teacher_head.softcap,
         )
         self.last_components = parts
         return loss
@@ -588,7 +642,14 @@ class FusedLinearKDLoss(nn.Module):
         coef = "".join(f", {k}={v}" for k, v in self.spec.params().items())
         if self.spec.interpolation != 1.0:
             coef += f", interpolation={self.spec.interpolation}"
+        heads = ""
+        for who, tr in (("student", self.student_head), ("teacher", self.teacher_head)):
+            if tr.scale != 1.0:
+                heads += f", {who}_logit_scale={tr.scale}"
+            if tr.softcap is not None:
+                heads += f", {who}_softcap={tr.softcap}"
         return (
             f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}, "
             f"reduction={self.reduction!r}, ce_weight={self.ce_weight}, backend={self.backend!r}"
+            f"{heads}"
         )
