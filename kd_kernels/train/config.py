@@ -59,7 +59,7 @@ class TrainConfig:
     minillm_top_p: float = 1.0  # rollout top-p (1: off)
     minillm_pt: bool = True  # add 0.5 CE + 0.5 forward KD on the teacher's references
     # distillm
-    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL)
+    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL; 0.1B recipe)
     distillm_alpha: float = 0.1  # skew
     distillm_ce: float = 0.0  # weight c of the CE mix: (1 - c) skew + c CE
     distillm_capacity: int = 1000  # replay buffer capacity

@@ -247,7 +247,9 @@ def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg) -> torch.T
 
 @torch.no_grad()
 def valid_ce(run) -> float:
-    """The student's token-mean CE on the validation references (DistiLLM's schedule signal)."""
+    """The student's CE on the validation references, DistiLLM's schedule signal as the official code
+    computes it: the mean over validation batches (``--batch-size`` each) of each batch's token-mean
+    CE (not the token mean over the whole split: a short batch weighs as much as a long one)."""
     examples = run.examples("valid")
     if not examples:
         raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
@@ -255,15 +257,13 @@ def valid_ce(run) -> float:
     student = run.models.student
     was_training = student.training
     student.eval()
-    total, tokens = 0.0, 0
+    means = []
     for start in range(0, len(examples), run.cfg.batch_size):
         batch = run.to_device(collate(examples[start:start + run.cfg.batch_size], run.pad_id))
         targets, mask = shift_targets(batch["labels"])
-        n = int(mask.sum())
-        total += float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)) * n
-        tokens += n
+        means.append(float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)))
     student.train(was_training)
-    return total / max(tokens, 1)
+    return sum(means) / len(means)
 
 
 @register("distillm")
