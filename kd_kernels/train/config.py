@@ -58,6 +58,7 @@ class TrainConfig:
     minillm_top_k: int = 0  # rollout top-k (0: off)
     minillm_top_p: float = 1.0  # rollout top-p (1: off)
     minillm_pt: bool = True  # add 0.5 CE + 0.5 forward KD on the teacher's references
+    minillm_whiten: str = "block"  # "block" (official: per minibatch, padded B x W block) or "valid"
     # distillm
     distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL; 0.1B recipe)
     distillm_alpha: float = 0.1  # skew
@@ -169,6 +170,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.minillm_temperature <= 0 or cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
         raise ValueError("--minillm-temperature must be > 0, --minillm-top-k >= 0 (0: off) and "
                          "--minillm-top-p in (0, 1] (1: off)")
+    if cfg.minillm_whiten not in ("block", "valid"):
+        raise ValueError(f"--minillm-whiten={cfg.minillm_whiten!r} must be 'block' (official) or "
+                         "'valid' (valid tokens only, per rollout round)")
     if cfg.distillm_loss not in ("srkl", "skl"):
         raise ValueError(f"--distillm-loss={cfg.distillm_loss!r} must be 'srkl' or 'skl'")
     if cfg.distillm_check_every < 0:

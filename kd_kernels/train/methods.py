@@ -23,6 +23,7 @@ from .minillm import (
     normalized_returns,
     token_rewards,
     whiten,
+    whiten_block,
 )
 from .run import Run, head
 
@@ -118,11 +119,15 @@ class MiniLLM(Method):
     Steps come in rounds: a round samples ``--minillm-rollouts`` responses (prompts and sampling seeds
     are a function of (seed, round, rank)), scores them once with the round's starting student
     (``q_old``) and the teacher, and then takes ``--minillm-ppo-epochs`` shuffled passes over them in
-    minibatches of ``--batch-size``, one optimizer step each. Resuming mid-round regenerates that
-    round with the resumed student (its rollouts then differ from an uninterrupted run's)."""
+    minibatches of ``--batch-size``, one optimizer step each. Advantages are whitened as the official
+    code does (``--minillm-whiten block``): per minibatch, over its padded ``(B × --max-new-tokens)``
+    response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
+    round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
+    it exactly (on one process; under torchrun the other ranks regenerate theirs)."""
 
     def __init__(self) -> None:
         self._round: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
+        self._round_rank = 0
 
     @staticmethod
     def steps_per_round(cfg) -> int:
@@ -131,8 +136,10 @@ class MiniLLM(Method):
     def batch(self, run, step):
         cfg = run.cfg
         rnd, k = divmod(step, self.steps_per_round(cfg))
-        if self._round is None or self._round[0] != rnd:
+        _no_dropout(run.models.student)  # MiniLLM trains without dropout: q_old and q_θ agree
+        if self._round is None or self._round[0] != rnd or self._round_rank != run.rank:
             self._round = (rnd, *self.make_round(run, rnd))
+            self._round_rank = run.rank
         b = dict(self._round[1][k])
         if cfg.minillm_pt:
             b |= {"pt_" + key: v for key, v in run.offline_batch(step).items()}
@@ -176,13 +183,15 @@ class MiniLLM(Method):
             safe = torch.where(m, tg, torch.zeros_like(tg))
             for model, dst in ((student, old), (teacher, tlp)):
                 h = head(model, sub)
-                dst[sl] = _logprobs(h, safe, m, cfg)
+                # the student at the rollout temperature, the teacher's reward at temperature 1
+                temp = cfg.minillm_temperature if model is student else 1.0
+                dst[sl] = _logprobs(h, safe, m, cfg, temp)
         student.train(was_training)
         rewards = token_rewards(tlp, old, mask)
-        adv = whiten(normalized_returns(rewards, mask, cfg.minillm_gamma), mask)
+        returns = normalized_returns(rewards, mask, cfg.minillm_gamma)
         log_w = importance_log_weights(old, mix, mask)
         rows = {**data, "targets": targets, "mask": mask, "old_logp": old, "log_w": log_w,
-                "adv": adv}
+                "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns}
         n = int(mask.sum())
         stats = {"reward": float(rewards.sum()) / max(n, 1),
                  "response_len": n / max(len(examples), 1)}
@@ -195,11 +204,27 @@ class MiniLLM(Method):
         for group in order:
             sel = torch.tensor(group, device=run.device)
             mb = {k: v.index_select(0, sel) for k, v in rows.items()}
+            if cfg.minillm_whiten == "block":  # official: per minibatch, the padded block
+                mb["adv"] = whiten_block(mb["adv"], mb["mask"], cfg.max_new_tokens,
+                                         _sum_over_ranks(run.world))
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding
             mb = {k: v[:, :width] if k in ("input_ids", "attention_mask", "labels") else v[:, :width - 1]
                   for k, v in mb.items()}
             minibatches.append(mb)
         return minibatches, stats
+
+    def state_dict(self):
+        """The round in progress (its minibatches, on the CPU), so a resume continues it exactly."""
+        if self._round is None:
+            return {}
+        rnd, minibatches, stats = self._round
+        return {"round": rnd, "rank": self._round_rank, "stats": dict(stats),
+                "minibatches": [{k: v.detach().cpu() for k, v in mb.items()} for mb in minibatches]}
+
+    def load_state_dict(self, state):
+        if state:
+            self._round = (int(state["round"]), list(state["minibatches"]), dict(state["stats"]))
+            self._round_rank = int(state["rank"])
 
     def loss(self, student, teacher, batch, run):
         cfg = run.cfg
@@ -234,12 +259,30 @@ def _no_dropout(model: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg) -> torch.Tensor:
+def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg, temperature: float
+              ) -> torch.Tensor:
     import kd_kernels
 
     return kd_kernels.fused_linear_logprobs(h.hidden, h.weight, tokens, bias=h.bias,
-                                            temperature=cfg.minillm_temperature, mask=mask,
+                                            temperature=temperature, mask=mask,
                                             chunk_size=cfg.chunk_size or None)
+
+
+def _sum_over_ranks(world: int):
+    """A function summing a small tensor over the data-parallel ranks (``None`` on one process)."""
+    if world == 1:
+        return None
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        x = t.to(dev)
+        dist.all_reduce(x)
+        return x.to(t.device)
+
+    return reduce
 
 
 # ------------------------------------------------------------------------------------------ DistiLLM
