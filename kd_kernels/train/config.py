@@ -65,6 +65,12 @@ class TrainConfig:
     distillm_ce: float = 0.0  # weight c of the CE mix: (1 - c) skew + c CE
     distillm_capacity: int = 1000  # replay buffer capacity
     distillm_check_every: int = 0  # validation CE check every N steps (0: once per epoch)
+    # gkd (TRL's GKDConfig defaults)
+    gkd_lambda: float = 0.5  # probability that a step trains on the student's own samples
+    gkd_beta: float = 0.5  # TRL's generalized JSD: 0 forward KL, 1 reverse KL, in between jsd(beta)
+    gkd_temperature: float = 0.9  # student (and --gkd-seq-kd teacher) sampling temperature
+    gkd_seq_kd: bool = False  # off-policy steps train on teacher samples, not its greedy references
+    gkd_estimator: str = "full"  # "full" (exact per-token divergence) or "sampled" (sampled-token RKL)
     # evaluation
     eval_every: int = 0  # validation loss every N steps (0: never during training)
     eval_seeds: str = "10,20,30"
@@ -177,6 +183,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--distillm-loss={cfg.distillm_loss!r} must be 'srkl' or 'skl'")
     if cfg.distillm_check_every < 0:
         raise ValueError(f"--distillm-check-every={cfg.distillm_check_every} must be >= 0")
+    for name in ("gkd_lambda", "gkd_beta"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be in [0, 1]")
+    if cfg.gkd_temperature <= 0:
+        raise ValueError(f"--gkd-temperature={cfg.gkd_temperature} must be > 0")
+    if cfg.gkd_estimator not in ("full", "sampled"):
+        raise ValueError(f"--gkd-estimator={cfg.gkd_estimator!r} must be 'full' or 'sampled'")
+    if cfg.gkd_estimator == "sampled" and cfg.gkd_beta != 1.0:
+        raise ValueError(f"--gkd-estimator sampled estimates reverse KL: use it with --gkd-beta 1 "
+                         f"(got {cfg.gkd_beta})")
     try:
         cfg.seeds()
     except ValueError:

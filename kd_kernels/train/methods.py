@@ -1,7 +1,7 @@
 """Training methods, chosen by name (``kd-train METHOD``).
 
 A method decides two things: which responses the student trains on (``train_responses``) and the loss of
-a batch (``loss``). Methods that train on their own samples (MiniLLM, DistiLLM, a later issue) also
+a batch (``loss``). Methods that train on their own samples (MiniLLM, DistiLLM, GKD) also
 override ``batch`` to produce on-policy data; the trainer only calls these three hooks, so a new method is
 one class with ``@register("name")``.
 """
@@ -15,6 +15,7 @@ import torch
 
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
+from .gkd import full_loss, sampled_token_loss
 from .losses import Head, ce_loss, kd_mix_loss
 from .minillm import (
     importance_log_weights,
@@ -283,6 +284,76 @@ def _sum_over_ranks(world: int):
         return x.to(t.device)
 
     return reduce
+
+
+# ----------------------------------------------------------------------------------------------- GKD
+
+
+@register("gkd")
+class GKD(Method):
+    """GKD (on-policy distillation as TRL's GKD trainer runs it); MATH.md "GKD / on-policy distillation".
+
+    Each step draws ``u ~ U(0, 1)`` from (seed, step), the same on every rank: ``u < --gkd-lambda`` →
+    the student samples responses to this step's prompts (HF ``generate`` with the KV cache,
+    temperature ``--gkd-temperature``, top-k 0, top-p 1, seeded by (seed, step, rank), no gradient);
+    else the training responses (the teacher's greedy references, or its samples at
+    ``--gkd-temperature`` with ``--gkd-seq-kd``, cached). Loss: TRL's generalized JSD(``--gkd-beta``)
+    over the full vocabulary per response token (``--gkd-estimator full``) or the sampled-token
+    reverse-KL policy gradient on the student's samples (``sampled``; off-policy steps then use the
+    exact reverse KL). Batches are a function of (seed, step, rank) and the student, so resume is
+    exact."""
+
+    def __init__(self) -> None:
+        self._info: dict[str, float] = {}
+
+    def train_responses(self, run):
+        if run.cfg.gkd_seq_kd:
+            return run.teacher_samples("train", temperature=run.cfg.gkd_temperature, seed=run.cfg.seed)
+        return run.references("train")
+
+    def batch(self, run, step):
+        from .generate import generate
+
+        cfg = run.cfg
+        u = random.Random(_stream_seed(cfg.seed, step, 11)).random()
+        if u >= cfg.gkd_lambda:
+            self._info = {"on_policy": 0.0}
+            return run.offline_batch(step)
+        idx = batch_indices(len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank,
+                            run.world)
+        train_prompts = run.split_prompts("train")
+        prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
+        samples = generate(run.models.student, prompts, pad_id=run.pad_id, eos_id=run.eos_id,
+                           max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.gkd_temperature, seed=_stream_seed(cfg.seed, step, run.rank),
+                           batch_size=cfg.gen_batch_size, device=run.device, progress=False)
+        examples = [build_example(p, y, run.eos_id) for p, y in zip(prompts, samples)]
+        if cfg.gkd_estimator == "sampled":
+            # a response cut at --max-new-tokens did not sample the EOS build_example appends:
+            # it is no sample of the student, so the sampled-token estimator leaves it out
+            for ex, y in zip(examples, samples):
+                if len(y) >= cfg.max_new_tokens:
+                    ex.labels[-1] = -100
+        self._info = {"on_policy": 1.0,
+                      "response_len": sum(len(y) for y in samples) / max(len(samples), 1)}
+        return run.to_device(collate(examples, run.pad_id))
+
+    def loss(self, student, teacher, batch, run):
+        cfg = run.cfg
+        targets, mask = shift_targets(batch["labels"])
+        s = head(student, batch)
+        with torch.no_grad():
+            t = head(teacher, batch)
+        chunk = cfg.chunk_size or None
+        if cfg.gkd_estimator == "sampled" and self._info.get("on_policy"):
+            loss, parts = sampled_token_loss(s, t, targets, mask, temperature=cfg.temperature,
+                                             sample_temperature=cfg.gkd_temperature,
+                                             chunk_size=chunk)
+        else:
+            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, temperature=cfg.temperature,
+                             chunk_size=chunk, backend=cfg.backend)
+            parts = {"kd": float(loss.detach())}
+        return loss, parts | self._info
 
 
 # ------------------------------------------------------------------------------------------ DistiLLM
