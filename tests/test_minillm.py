@@ -290,6 +290,13 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_c
         w = mb["log_w"][mb["mask"]].exp()
         assert (w > 0).all() and (w <= 1 / (1 - cfg.minillm_alpha) + 1e-5).all()
         assert (mb["log_w"][~mb["mask"]] == 0).all() and (mb["adv"][~mb["mask"]] == 0).all()
+    from kd_kernels.train.run import head
+
+    for mb in minibatches[:2]:  # the cached teacher states are a fresh forward's on the minibatch
+        with torch.no_grad():
+            fresh = head(run.models.teacher, mb).hidden
+        torch.testing.assert_close(mb["teacher_hidden"][mb["mask"]], fresh[mb["mask"]],
+                                   rtol=1e-4, atol=1e-5)
     width = cfg.max_new_tokens
     for mb in minibatches:
         # official whitening: over each minibatch's padded (B × W) block the advantages have mean 0

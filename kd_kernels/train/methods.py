@@ -26,6 +26,7 @@ from .minillm import (
     whiten,
     whiten_block,
 )
+from .models import output_head
 from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
@@ -175,6 +176,7 @@ class MiniLLM(Method):
         mix = mix.to(run.device)
         old = torch.zeros_like(mix)
         tlp = torch.zeros_like(mix)
+        t_hidden = None  # the teacher's final hidden states, kept for the single-step term
         was_training = student.training
         student.eval()
         for start in range(0, len(examples), cfg.batch_size):
@@ -187,12 +189,17 @@ class MiniLLM(Method):
                 # the student at the rollout temperature, the teacher's reward at temperature 1
                 temp = cfg.minillm_temperature if model is student else 1.0
                 dst[sl] = _logprobs(h, safe, m, cfg, temp)
+                if model is teacher:
+                    if t_hidden is None:
+                        t_hidden = h.hidden.new_empty((len(examples), *h.hidden.shape[1:]))
+                    t_hidden[sl] = h.hidden
         student.train(was_training)
         rewards = token_rewards(tlp, old, mask)
         returns = normalized_returns(rewards, mask, cfg.minillm_gamma)
         log_w = importance_log_weights(old, mix, mask)
         rows = {**data, "targets": targets, "mask": mask, "old_logp": old, "log_w": log_w,
-                "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns}
+                "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns,
+                "teacher_hidden": t_hidden}
         n = int(mask.sum())
         stats = {"reward": float(rewards.sum()) / max(n, 1),
                  "response_len": n / max(len(examples), 1)}
@@ -219,8 +226,10 @@ class MiniLLM(Method):
         if self._round is None:
             return {}
         rnd, minibatches, stats = self._round
+        # the teacher's hidden states are not saved (large): the loss recomputes them after a resume
         return {"round": rnd, "rank": self._round_rank, "stats": dict(stats),
-                "minibatches": [{k: v.detach().cpu() for k, v in mb.items()} for mb in minibatches]}
+                "minibatches": [{k: v.detach().cpu() for k, v in mb.items() if k != "teacher_hidden"}
+                                for mb in minibatches]}
 
     def load_state_dict(self, state):
         if state:
@@ -230,8 +239,11 @@ class MiniLLM(Method):
     def loss(self, student, teacher, batch, run):
         cfg = run.cfg
         s = head(student, batch)
-        with torch.no_grad():
-            t = head(teacher, batch)
+        if "teacher_hidden" in batch:  # from the round's scoring pass: no teacher forward per step
+            t = Head(batch["teacher_hidden"], *output_head(teacher))
+        else:
+            with torch.no_grad():
+                t = head(teacher, batch)
         loss, parts = minillm_loss(
             s, t, batch["targets"], batch["mask"], batch["old_logp"], batch["log_w"], batch["adv"],
             clip=cfg.minillm_clip, rollout_temperature=cfg.minillm_temperature,
