@@ -34,27 +34,46 @@ def tiny_cfg(tmp: Path, response_cache: Path, **kw) -> TrainConfig:
 def test_choose_source_by_hand():
     # τ = 0: always the ground truth
     assert D.choose_source(0.0, 0.0, 0, 10, buffer_full=False) == D.GROUND_TRUTH
-    # τ = 0.5 at step 0: s = 0.5, so r = 0.3 < s generates even with a full buffer
-    assert D.choose_source(0.3, 0.5, 0, 10, buffer_full=True) == D.GENERATE
-    # step 8 of 10: s = 0.5 · 0.2 = 0.1; r = 0.3 ∈ [s, τ): replay when full, generate when not
-    assert D.choose_source(0.3, 0.5, 8, 10, buffer_full=True) == D.REPLAY
-    assert D.choose_source(0.3, 0.5, 8, 10, buffer_full=False) == D.GENERATE
-    assert D.choose_source(0.05, 0.5, 8, 10, buffer_full=True) == D.GENERATE
-    assert D.choose_source(0.6, 0.5, 8, 10, buffer_full=True) == D.GROUND_TRUTH
+    # steps count from 1 inside: trainer step 0 is global_step 1, so s = 0.5 · (1 − 1/10) = 0.45
+    assert D.choose_source(0.44, 0.5, 0, 10, buffer_full=True) == D.GENERATE
+    assert D.choose_source(0.47, 0.5, 0, 10, buffer_full=True) == D.REPLAY  # 0-based would generate
+    # trainer step 7 of 10 = global step 8: s = 0.5 · 0.2 = 0.1; r = 0.3 ∈ [s, τ): replay when full,
+    # generate when not
+    assert D.choose_source(0.3, 0.5, 7, 10, buffer_full=True) == D.REPLAY
+    assert D.choose_source(0.3, 0.5, 7, 10, buffer_full=False) == D.GENERATE
+    assert D.choose_source(0.09, 0.5, 7, 10, buffer_full=True) == D.GENERATE
+    assert D.choose_source(0.6, 0.5, 7, 10, buffer_full=True) == D.GROUND_TRUTH
+    # the last step (global 10 of 10): s = 0, so a full buffer always replays below τ
+    assert D.choose_source(0.001, 1.0, 9, 10, buffer_full=True) == D.REPLAY
     assert D.choose_source(0.99, 1.0, 9, 10, buffer_full=True) == D.REPLAY
     with pytest.raises(ValueError, match="total"):
         D.choose_source(0.1, 0.5, 0, 0, buffer_full=True)
 
 
-def test_threshold_rises_by_0_1_on_a_validation_ce_rise_of_0_1():
+def _trajectory(values):
     s = D.ThresholdSchedule()
-    assert s.threshold == 0.0
-    assert not s.update(2.0) and s.reference == 2.0  # first check: reference only
-    assert not s.update(2.05) and s.threshold == 0.0  # +0.05: no rise; reference moves to 2.05
-    assert s.update(2.15) and s.threshold == pytest.approx(0.1)  # +0.10 counts (≥ 0.1)
-    assert not s.update(1.5) and s.threshold == pytest.approx(0.1)  # a fall never lowers τ
+    out = [(s.update(v), s.threshold, s.reference) for v in values]
+    return out, s
+
+
+def test_threshold_official_rule_examples():
+    # the examples: 2.0 → 2.05 → 2.10 raises τ once (2.10 ≥ L_ref + 0.1 with L_ref still 2.0)
+    steps, _ = _trajectory([2.0, 2.05, 2.10])
+    assert steps == [(False, 0.0, 2.0), (False, 0.0, 2.0), (True, pytest.approx(0.1), 2.10)]
+    # 2.0 → 1.5 → 1.65: a fall does not move the reference, so +0.15 from 1.5 is still below 2.1
+    steps, _ = _trajectory([2.0, 1.5, 1.65])
+    assert steps == [(False, 0.0, 2.0), (False, 0.0, 2.0), (False, 0.0, 2.0)]
+
+
+def test_threshold_moves_reference_only_when_it_rises():
+    # by hand: L_ref 2.0; 2.15 ≥ 2.1 → τ 0.1, L_ref 2.15; 2.2 < 2.25 → nothing; 2.3 ≥ 2.25 → τ 0.2,
+    # L_ref 2.3; 2.35 < 2.4 → nothing; 2.0 → nothing (τ never falls)
+    steps, s = _trajectory([2.0, 2.15, 2.2, 2.3, 2.35, 2.0])
+    assert [t for _, t, _ in steps] == pytest.approx([0.0, 0.1, 0.1, 0.2, 0.2, 0.2])
+    assert [r for _, _, r in steps] == [2.0, 2.15, 2.15, 2.3, 2.3, 2.3]
+    assert [f for f, _, _ in steps] == [False, True, False, True, False, False]
     for k in range(12):
-        s.update(2.0 + 0.2 * k)
+        s.update(3.0 + 0.2 * k)
     assert s.threshold == 1.0  # capped at 1
     t = D.ThresholdSchedule()
     t.load_state_dict(s.state_dict())
@@ -190,3 +209,32 @@ def test_tiny_distillm_with_real_validation(tmp_path, response_cache):
     assert rows[0]["threshold"] == 0.0 and D.SOURCES[int(rows[0]["source"])] == D.GROUND_TRUTH
     assert math.isfinite(rows[0]["valid_ce_check"]) and rows[0]["valid_ce_check"] > 0
     assert summary["final"]["test_forward_kl"] >= 0
+
+
+def test_valid_ce_is_the_mean_of_per_batch_token_means(tmp_path, response_cache):
+    from kd_kernels.train.data import build_example, collate, shift_targets
+    from kd_kernels.train.methods import valid_ce
+    from kd_kernels.train.run import Run
+
+    cfg = tiny_cfg(tmp_path, response_cache, batch_size=2, max_prompts=40)
+    run = Run(cfg, 0, 1, torch.device("cpu"))
+    # the tiny teacher's references all have the same length; cut them to different lengths so the
+    # per-batch mean and the pooled token mean differ
+    refs = run.references("valid")
+    examples = [build_example(run.prompt_ids[p.id], refs[p.id][:1 + 2 * i], run.eos_id)
+                for i, p in enumerate(run.split_prompts("valid"))]
+    assert len(examples) >= 3
+    run._examples["valid"] = examples
+    means, sums, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 2):
+            b = collate(examples[start:start + 2], run.pad_id)
+            logits = run.models.student(input_ids=b["input_ids"],
+                                        attention_mask=b["attention_mask"]).logits[:, :-1].double()
+            targets, mask = shift_targets(b["labels"])
+            ce = reference.cross_entropy_per_token(logits, torch.where(mask, targets, -100))[mask]
+            means.append(ce.mean().item())
+            sums, tokens = sums + ce.sum().item(), tokens + int(mask.sum())
+    want = sum(means) / len(means)
+    assert valid_ce(run) == pytest.approx(want, rel=1e-5)
+    assert abs(want - sums / tokens) > 1e-4  # the pooled token mean differs: the test can tell

@@ -96,6 +96,43 @@ def test_whiten_by_hand():
     assert M.whiten(x, torch.zeros_like(mask)).abs().sum() == 0
 
 
+def test_whiten_block_on_a_padded_block_by_hand():
+    # (B = 2) × (W = 3) response block inside (B, L = 5) rows with prompt positions and right padding:
+    # row 0 holds R = 1, 2 and one padding slot, row 1 holds R = 3 and two padding slots (R = 0 each).
+    # Block [1, 2, 0, 3, 0, 0]: mean 1, population variance (0 + 1 + 1 + 4 + 1 + 1) / 6 = 4/3.
+    x = torch.tensor([[9.0, 1.0, 2.0, 7.0, 7.0], [9.0, 9.0, 3.0, 7.0, 7.0]])
+    mask = torch.tensor([[False, True, True, False, False], [False, False, True, False, False]])
+    got = M.whiten_block(x, mask, width=3)
+    s = math.sqrt(4.0 / 3.0 + 1e-8)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0, 1 / s, 0.0, 0.0],
+                                                  [0.0, 0.0, 2 / s, 0.0, 0.0]]))
+    # valid tokens only (the option): [1, 2, 3] has mean 2 and variance 2/3 — another answer
+    v = math.sqrt(2.0 / 3.0 + 1e-8)
+    torch.testing.assert_close(M.whiten(x, mask), torch.tensor([[0.0, -1 / v, 0.0, 0.0, 0.0],
+                                                                [0.0, 0.0, 1 / v, 0.0, 0.0]]))
+    # a wider padded width counts more zeros: W = 4 → [1, 2, 0, 0, 3, 0, 0, 0], mean 0.75,
+    # variance (1 + 4 + 9) / 8 − 0.75² = 1.1875
+    w4 = M.whiten_block(x, mask, width=4)
+    s4 = math.sqrt(1.1875 + 1e-8)
+    torch.testing.assert_close(w4[mask], torch.tensor([0.25 / s4, 1.25 / s4, 2.25 / s4]))
+    with pytest.raises(ValueError, match="response width"):
+        M.whiten_block(x, mask, width=1)
+
+
+def test_whiten_block_sums_moments_over_ranks():
+    # two "ranks": the moments of rank 1's block are added by the reduce, as an all_reduce would;
+    # the result equals whitening the two blocks stacked as one
+    g = torch.Generator().manual_seed(2)
+    xa, xb = torch.randn(2, 6, generator=g), torch.randn(3, 6, generator=g)
+    ma = torch.tensor([[True] * 4 + [False] * 2, [True, True] + [False] * 4])
+    mb = torch.rand(3, 6, generator=g) > 0.4
+    other = M.block_moments(xb, mb, 5)
+    got = M.whiten_block(xa, ma, 5, reduce=lambda m: m + other)
+    both = M.whiten_block(torch.cat([xa, xb]), torch.cat([ma, mb]), 5)
+    torch.testing.assert_close(got, both[:2])
+    assert not torch.allclose(got, M.whiten_block(xa, ma, 5))  # the other rank matters
+
+
 def test_ppo_clipped_objective_by_hand():
     old = torch.zeros(1, 4)
     mask = torch.tensor([[True, True, True, False]])
@@ -253,9 +290,69 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_c
         w = mb["log_w"][mb["mask"]].exp()
         assert (w > 0).all() and (w <= 1 / (1 - cfg.minillm_alpha) + 1e-5).all()
         assert (mb["log_w"][~mb["mask"]] == 0).all() and (mb["adv"][~mb["mask"]] == 0).all()
-    adv = torch.cat([mb["adv"][mb["mask"]] for mb in minibatches[:2]])
-    assert adv.mean().abs() < 1e-5 and adv.std(unbiased=False) == pytest.approx(1.0, rel=1e-3)
+    from kd_kernels.train.run import head
+
+    for mb in minibatches[:2]:  # the cached teacher states are a fresh forward's on the minibatch
+        with torch.no_grad():
+            fresh = head(run.models.teacher, mb).hidden
+        torch.testing.assert_close(mb["teacher_hidden"][mb["mask"]], fresh[mb["mask"]],
+                                   rtol=1e-4, atol=1e-5)
+    width = cfg.max_new_tokens
+    for mb in minibatches:
+        # official whitening: over each minibatch's padded (B × W) block the advantages have mean 0
+        # and population variance 1, the padded slots holding A_pad = (0 − μ) / σ
+        a, n = mb["adv"][mb["mask"]].double(), int(mb["mask"].sum())
+        pad = mb["mask"].shape[0] * width - n
+        a_pad = -a.sum() / pad if pad else torch.tensor(0.0, dtype=torch.float64)
+        assert (a.sum() + pad * a_pad).abs() < 1e-4
+        var = ((a * a).sum() + pad * a_pad**2) / (n + pad)
+        assert var.item() == pytest.approx(1.0, rel=1e-4)
     assert math.isfinite(stats["reward"]) and stats["response_len"] > 0
+
+
+def test_valid_whitening_option_whitens_the_round(tmp_path, response_cache):
+    from kd_kernels.train.methods import MiniLLM
+    from kd_kernels.train.run import Run
+
+    cfg = tiny_cfg(tmp_path, response_cache, minillm_pt=False, minillm_whiten="valid")
+    run = Run(cfg, 0, 1, torch.device("cpu"))
+    minibatches, _ = MiniLLM().make_round(run, 0)
+    adv = torch.cat([mb["adv"][mb["mask"]] for mb in minibatches[:2]])  # epoch 0: the whole round
+    assert adv.mean().abs() < 1e-5 and adv.std(unbiased=False) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_teacher_reward_uses_temperature_one(tmp_path, response_cache):
+    from kd_kernels.train.methods import MiniLLM, _logprobs
+    from kd_kernels.train.run import Run, head
+
+    cfg = tiny_cfg(tmp_path, response_cache, minillm_pt=False, minillm_temperature=0.7,
+                   minillm_rollouts=2, batch_size=2, minillm_ppo_epochs=1)
+    run = Run(cfg, 0, 1, torch.device("cpu"))
+    (mb,), stats = MiniLLM().make_round(run, 0)
+    m, tg = mb["mask"], mb["targets"]
+    with torch.no_grad():
+        h = head(run.models.teacher, mb)
+        lp1 = _logprobs(h, torch.where(m, tg, 0), m, cfg, 1.0)
+        lp07 = _logprobs(h, torch.where(m, tg, 0), m, cfg, 0.7)
+    want = M.token_rewards(lp1, mb["old_logp"], m)[m].mean()
+    assert stats["reward"] == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(M.token_rewards(lp07, mb["old_logp"], m)[m].mean()) - stats["reward"]) > 1e-3
+
+
+def test_tiny_minillm_resume_mid_round_is_exact(tmp_path, response_cache):
+    from kd_kernels.train.trainer import train
+
+    # 2 epochs × 4 rollouts / 2 = 4 steps a round; stop at step 3 (mid-round) and resume to 6
+    kw = {"skip_eval": True, "ckpt_every": 100}
+    train(tiny_cfg(tmp_path / "a", response_cache, steps=6, **kw))
+    train(tiny_cfg(tmp_path / "b", response_cache, steps=3, **kw))
+    train(tiny_cfg(tmp_path / "b", response_cache, steps=6, resume=True, **kw), explicit={"steps"})
+    a = [json.loads(x) for x in (tmp_path / "a" / "minillm" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "minillm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "pg", "ratio", "reward"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
 
 
 def test_tiny_minillm_end_to_end(tmp_path, response_cache):

@@ -1,4 +1,4 @@
-"""``kd-train compare``: SFT, KD, SeqKD, MiniLLM and DistiLLM with one budget, one table, one plot.
+"""``kd-train compare``: SFT, KD, SeqKD, MiniLLM, DistiLLM and GKD with one budget, one table, one plot.
 
 Every method runs with the same flags (whatever follows the compare options is passed to each run
 unchanged: ``--steps``, ``--batch-size``, ``--lr`` ...) and the same training seeds, each run in its own
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = "sft,kd,seqkd,minillm,distillm"
+DEFAULT_METHODS = "sft,kd,seqkd,minillm,distillm,gkd"
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:

@@ -59,12 +59,19 @@ class TrainConfig:
     minillm_top_k: int = 0  # rollout top-k (0: off)
     minillm_top_p: float = 1.0  # rollout top-p (1: off)
     minillm_pt: bool = True  # add 0.5 CE + 0.5 forward KD on the teacher's references
+    minillm_whiten: str = "block"  # "block" (official: per minibatch, padded B x W block) or "valid"
     # distillm
-    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL)
+    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL; 0.1B recipe)
     distillm_alpha: float = 0.1  # skew
     distillm_ce: float = 0.0  # weight c of the CE mix: (1 - c) skew + c CE
     distillm_capacity: int = 1000  # replay buffer capacity
     distillm_check_every: int = 0  # validation CE check every N steps (0: once per epoch)
+    # gkd (TRL's GKDConfig defaults)
+    gkd_lambda: float = 0.5  # probability that a step trains on the student's own samples
+    gkd_beta: float = 0.5  # TRL's generalized JSD: 0 forward KL, 1 reverse KL, in between jsd(beta)
+    gkd_temperature: float = 0.9  # student (and --gkd-seq-kd teacher) sampling temperature
+    gkd_seq_kd: bool = False  # off-policy steps train on teacher samples, not its greedy references
+    gkd_estimator: str = "full"  # "full" (exact per-token divergence) or "sampled" (sampled-token RKL)
     # evaluation
     eval_every: int = 0  # validation loss every N steps (0: never during training)
     eval_seeds: str = "10,20,30"
@@ -215,12 +222,26 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("minillm_rollouts", "minillm_ppo_epochs", "distillm_capacity"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 1")
-    if cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
-        raise ValueError("--minillm-top-k must be >= 0 (0: off) and --minillm-top-p in (0, 1] (1: off)")
+    if cfg.minillm_temperature <= 0 or cfg.minillm_top_k < 0 or not 0 < cfg.minillm_top_p <= 1:
+        raise ValueError("--minillm-temperature must be > 0, --minillm-top-k >= 0 (0: off) and "
+                         "--minillm-top-p in (0, 1] (1: off)")
+    if cfg.minillm_whiten not in ("block", "valid"):
+        raise ValueError(f"--minillm-whiten={cfg.minillm_whiten!r} must be 'block' (official) or "
+                         "'valid' (valid tokens only, per rollout round)")
     if cfg.distillm_loss not in ("srkl", "skl"):
         raise ValueError(f"--distillm-loss={cfg.distillm_loss!r} must be 'srkl' or 'skl'")
     if cfg.distillm_check_every < 0:
         raise ValueError(f"--distillm-check-every={cfg.distillm_check_every} must be >= 0")
+    for name in ("gkd_lambda", "gkd_beta"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be in [0, 1]")
+    if cfg.gkd_temperature <= 0:
+        raise ValueError(f"--gkd-temperature={cfg.gkd_temperature} must be > 0")
+    if cfg.gkd_estimator not in ("full", "sampled"):
+        raise ValueError(f"--gkd-estimator={cfg.gkd_estimator!r} must be 'full' or 'sampled'")
+    if cfg.gkd_estimator == "sampled" and cfg.gkd_beta != 1.0:
+        raise ValueError(f"--gkd-estimator sampled estimates reverse KL: use it with --gkd-beta 1 "
+                         f"(got {cfg.gkd_beta})")
     try:
         cfg.seeds()
     except ValueError:

@@ -1,15 +1,17 @@
-"""DistiLLM (Ko et al., 2024): the adaptive off-policy schedule and its replay buffer (MATH.md, "DistiLLM").
+"""DistiLLM (Ko et al., 2024) as the official code runs it: the adaptive off-policy schedule and its
+replay buffer (MATH.md, "DistiLLM, as the official code runs it").
 
-Each step draws ``r ~ U(0, 1)``; with ``τ`` the current threshold and ``s = τ (1 − step / total)``:
+Steps are counted from 1 (``global_step = step + 1`` for the trainer's 0-based ``step``). Each step draws
+``r ~ U(0, 1)``; with ``τ`` the current threshold and ``s = τ (1 − global_step / total)``:
 
 - ``r < s``, or the buffer is not yet full and ``r < τ``: generate fresh student responses, train on them
   and push them to the replay buffer (FIFO, capacity 1000);
 - else ``r < τ``: train on a batch replayed from the buffer;
 - else: train on the ground-truth responses (the teacher's references).
 
-Once per epoch the student's validation CE is measured; if it rose by at least 0.1 since the previous
-measurement (the reference), ``τ += 0.1`` (at most 1). ``τ0 = 0``, so training starts fully off the
-student's samples and moves on-policy only when validation CE says the student is drifting.
+The threshold starts at ``τ0 = 0`` against a reference validation CE ``L_ref`` measured before training.
+At each check (once per epoch): if ``L_val ≥ L_ref + 0.1`` then ``τ ← min(1, τ + 0.1)`` and
+``L_ref ← L_val``; otherwise nothing changes (the reference moves only when ``τ`` rises).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ SOURCES = (GENERATE, REPLAY, GROUND_TRUTH)
 
 
 def choose_source(r: float, threshold: float, step: int, total: int, buffer_full: bool) -> str:
-    """Where step ``step``'s batch comes from, given the uniform draw ``r`` (see the module doc)."""
+    """Where the batch of the trainer's 0-based ``step`` comes from, given the uniform draw ``r``: the
+    official rule with ``global_step = step + 1`` (see the module doc)."""
     if total < 1:
         raise ValueError(f"total={total} steps must be >= 1")
-    s = threshold * (1.0 - step / total)
+    s = threshold * (1.0 - (step + 1) / total)
     if r < s or (not buffer_full and r < threshold):
         return GENERATE
     if r < threshold:
@@ -36,7 +39,7 @@ def choose_source(r: float, threshold: float, step: int, total: int, buffer_full
 
 @dataclass
 class ThresholdSchedule:
-    """``τ`` and the validation-CE reference it moves against."""
+    """``τ`` and the validation-CE reference ``L_ref`` it moves against (official rule)."""
 
     threshold: float = 0.0
     step_size: float = 0.1
@@ -45,14 +48,17 @@ class ThresholdSchedule:
     reference: float | None = None
 
     def update(self, valid_ce: float) -> bool:
-        """Record one validation CE; returns True when τ was raised. The first call sets the
-        reference only; every call makes ``valid_ce`` the new reference."""
-        raised = False
-        if self.reference is not None and valid_ce - self.reference >= self.rise - 1e-12:
+        """Record one validation CE; returns True when τ was raised. The first call (the measurement
+        before training) sets ``L_ref`` only. Later calls: if ``valid_ce ≥ L_ref + rise`` then
+        ``τ ← min(max, τ + step_size)`` and ``L_ref ← valid_ce``; otherwise nothing changes."""
+        if self.reference is None:
+            self.reference = valid_ce
+            return False
+        if valid_ce - self.reference >= self.rise - 1e-12:
             self.threshold = min(self.max_threshold, round(self.threshold + self.step_size, 10))
-            raised = True
-        self.reference = valid_ce
-        return raised
+            self.reference = valid_ce
+            return True
+        return False
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold, "reference": self.reference}

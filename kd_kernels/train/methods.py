@@ -1,7 +1,7 @@
 """Training methods, chosen by name (``kd-train METHOD``).
 
 A method decides two things: which responses the student trains on (``train_responses``) and the loss of
-a batch (``loss``). Methods that train on their own samples (MiniLLM, DistiLLM, a later issue) also
+a batch (``loss``). Methods that train on their own samples (MiniLLM, DistiLLM, GKD) also
 override ``batch`` to produce on-policy data; the trainer only calls these three hooks, so a new method is
 one class with ``@register("name")``.
 """
@@ -15,6 +15,7 @@ import torch
 
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
+from .gkd import full_loss, sampled_token_loss
 from .losses import Head, ce_loss, kd_mix_loss
 from .minillm import (
     importance_log_weights,
@@ -23,7 +24,9 @@ from .minillm import (
     normalized_returns,
     token_rewards,
     whiten,
+    whiten_block,
 )
+from .models import output_head
 from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
@@ -118,11 +121,15 @@ class MiniLLM(Method):
     Steps come in rounds: a round samples ``--minillm-rollouts`` responses (prompts and sampling seeds
     are a function of (seed, round, rank)), scores them once with the round's starting student
     (``q_old``) and the teacher, and then takes ``--minillm-ppo-epochs`` shuffled passes over them in
-    minibatches of ``--batch-size``, one optimizer step each. Resuming mid-round regenerates that
-    round with the resumed student (its rollouts then differ from an uninterrupted run's)."""
+    minibatches of ``--batch-size``, one optimizer step each. Advantages are whitened as the official
+    code does (``--minillm-whiten block``): per minibatch, over its padded ``(B × --max-new-tokens)``
+    response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
+    round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
+    it exactly (on one process; under torchrun the other ranks regenerate theirs)."""
 
     def __init__(self) -> None:
         self._round: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
+        self._round_rank = 0
 
     @staticmethod
     def steps_per_round(cfg) -> int:
@@ -131,8 +138,10 @@ class MiniLLM(Method):
     def batch(self, run, step):
         cfg = run.cfg
         rnd, k = divmod(step, self.steps_per_round(cfg))
-        if self._round is None or self._round[0] != rnd:
+        _no_dropout(run.models.student)  # MiniLLM trains without dropout: q_old and q_θ agree
+        if self._round is None or self._round[0] != rnd or self._round_rank != run.rank:
             self._round = (rnd, *self.make_round(run, rnd))
+            self._round_rank = run.rank
         b = dict(self._round[1][k])
         if cfg.minillm_pt:
             b |= {"pt_" + key: v for key, v in run.offline_batch(step).items()}
@@ -167,6 +176,7 @@ class MiniLLM(Method):
         mix = mix.to(run.device)
         old = torch.zeros_like(mix)
         tlp = torch.zeros_like(mix)
+        t_hidden = None  # the teacher's final hidden states, kept for the single-step term
         was_training = student.training
         student.eval()
         for start in range(0, len(examples), cfg.batch_size):
@@ -176,13 +186,20 @@ class MiniLLM(Method):
             safe = torch.where(m, tg, torch.zeros_like(tg))
             for model, dst in ((student, old), (teacher, tlp)):
                 h = head(model, sub)
-                dst[sl] = _logprobs(h, safe, m, cfg)
+                # the student at the rollout temperature, the teacher's reward at temperature 1
+                temp = cfg.minillm_temperature if model is student else 1.0
+                dst[sl] = _logprobs(h, safe, m, cfg, temp)
+                if model is teacher:
+                    if t_hidden is None:
+                        t_hidden = h.hidden.new_empty((len(examples), *h.hidden.shape[1:]))
+                    t_hidden[sl] = h.hidden
         student.train(was_training)
         rewards = token_rewards(tlp, old, mask)
-        adv = whiten(normalized_returns(rewards, mask, cfg.minillm_gamma), mask)
+        returns = normalized_returns(rewards, mask, cfg.minillm_gamma)
         log_w = importance_log_weights(old, mix, mask)
         rows = {**data, "targets": targets, "mask": mask, "old_logp": old, "log_w": log_w,
-                "adv": adv}
+                "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns,
+                "teacher_hidden": t_hidden}
         n = int(mask.sum())
         stats = {"reward": float(rewards.sum()) / max(n, 1),
                  "response_len": n / max(len(examples), 1)}
@@ -195,17 +212,38 @@ class MiniLLM(Method):
         for group in order:
             sel = torch.tensor(group, device=run.device)
             mb = {k: v.index_select(0, sel) for k, v in rows.items()}
+            if cfg.minillm_whiten == "block":  # official: per minibatch, the padded block
+                mb["adv"] = whiten_block(mb["adv"], mb["mask"], cfg.max_new_tokens,
+                                         _sum_over_ranks(run.world))
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding
             mb = {k: v[:, :width] if k in ("input_ids", "attention_mask", "labels") else v[:, :width - 1]
                   for k, v in mb.items()}
             minibatches.append(mb)
         return minibatches, stats
 
+    def state_dict(self):
+        """The round in progress (its minibatches, on the CPU), so a resume continues it exactly."""
+        if self._round is None:
+            return {}
+        rnd, minibatches, stats = self._round
+        # the teacher's hidden states are not saved (large): the loss recomputes them after a resume
+        return {"round": rnd, "rank": self._round_rank, "stats": dict(stats),
+                "minibatches": [{k: v.detach().cpu() for k, v in mb.items() if k != "teacher_hidden"}
+                                for mb in minibatches]}
+
+    def load_state_dict(self, state):
+        if state:
+            self._round = (int(state["round"]), list(state["minibatches"]), dict(state["stats"]))
+            self._round_rank = int(state["rank"])
+
     def loss(self, student, teacher, batch, run):
         cfg = run.cfg
         s = head(student, batch)
-        with torch.no_grad():
-            t = head(teacher, batch)
+        if "teacher_hidden" in batch:  # from the round's scoring pass: no teacher forward per step
+            t = Head(batch["teacher_hidden"], *output_head(teacher))
+        else:
+            with torch.no_grad():
+                t = head(teacher, batch)
         loss, parts = minillm_loss(
             s, t, batch["targets"], batch["mask"], batch["old_logp"], batch["log_w"], batch["adv"],
             clip=cfg.minillm_clip, rollout_temperature=cfg.minillm_temperature,
@@ -234,12 +272,100 @@ def _no_dropout(model: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg) -> torch.Tensor:
+def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg, temperature: float
+              ) -> torch.Tensor:
     import kd_kernels
 
     return kd_kernels.fused_linear_logprobs(h.hidden, h.weight, tokens, bias=h.bias,
-                                            temperature=cfg.minillm_temperature, mask=mask,
+                                            temperature=temperature, mask=mask,
                                             chunk_size=cfg.chunk_size or None)
+
+
+def _sum_over_ranks(world: int):
+    """A function summing a small tensor over the data-parallel ranks (``None`` on one process)."""
+    if world == 1:
+        return None
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        x = t.to(dev)
+        dist.all_reduce(x)
+        return x.to(t.device)
+
+    return reduce
+
+
+# ----------------------------------------------------------------------------------------------- GKD
+
+
+@register("gkd")
+class GKD(Method):
+    """GKD (on-policy distillation as TRL's GKD trainer runs it); MATH.md "GKD / on-policy distillation".
+
+    Each step draws ``u ~ U(0, 1)`` from (seed, step), the same on every rank: ``u < --gkd-lambda`` →
+    the student samples responses to this step's prompts (HF ``generate`` with the KV cache,
+    temperature ``--gkd-temperature``, top-k 0, top-p 1, seeded by (seed, step, rank), no gradient);
+    else the training responses (the teacher's greedy references, or its samples at
+    ``--gkd-temperature`` with ``--gkd-seq-kd``, cached). Loss: TRL's generalized JSD(``--gkd-beta``)
+    over the full vocabulary per response token (``--gkd-estimator full``) or the sampled-token
+    reverse-KL policy gradient on the student's samples (``sampled``; off-policy steps then use the
+    exact reverse KL). Batches are a function of (seed, step, rank) and the student, so resume is
+    exact."""
+
+    def __init__(self) -> None:
+        self._info: dict[str, float] = {}
+
+    def train_responses(self, run):
+        if run.cfg.gkd_seq_kd:
+            return run.teacher_samples("train", temperature=run.cfg.gkd_temperature, seed=run.cfg.seed)
+        return run.references("train")
+
+    def batch(self, run, step):
+        from .generate import generate
+
+        cfg = run.cfg
+        u = random.Random(_stream_seed(cfg.seed, step, 11)).random()
+        if u >= cfg.gkd_lambda:
+            self._info = {"on_policy": 0.0}
+            return run.offline_batch(step)
+        idx = batch_indices(len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank,
+                            run.world)
+        train_prompts = run.split_prompts("train")
+        prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
+        samples = generate(run.models.student, prompts, pad_id=run.pad_id, eos_id=run.eos_id,
+                           max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.gkd_temperature, seed=_stream_seed(cfg.seed, step, run.rank),
+                           batch_size=cfg.gen_batch_size, device=run.device, progress=False)
+        examples = [build_example(p, y, run.eos_id) for p, y in zip(prompts, samples)]
+        if cfg.gkd_estimator == "sampled":
+            # a response cut at --max-new-tokens did not sample the EOS build_example appends:
+            # it is no sample of the student, so the sampled-token estimator leaves it out
+            for ex, y in zip(examples, samples):
+                if len(y) >= cfg.max_new_tokens:
+                    ex.labels[-1] = -100
+        self._info = {"on_policy": 1.0,
+                      "response_len": sum(len(y) for y in samples) / max(len(samples), 1)}
+        return run.to_device(collate(examples, run.pad_id))
+
+    def loss(self, student, teacher, batch, run):
+        cfg = run.cfg
+        targets, mask = shift_targets(batch["labels"])
+        s = head(student, batch)
+        with torch.no_grad():
+            t = head(teacher, batch)
+        chunk = cfg.chunk_size or None
+        if cfg.gkd_estimator == "sampled" and self._info.get("on_policy"):
+            loss, parts = sampled_token_loss(s, t, targets, mask, temperature=cfg.temperature,
+                                             sample_temperature=cfg.gkd_temperature,
+                                             chunk_size=chunk)
+        else:
+            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, temperature=cfg.temperature,
+                             chunk_size=chunk, backend=cfg.backend)
+            parts = {"kd": float(loss.detach())}
+        return loss, parts | self._info
 
 
 # ------------------------------------------------------------------------------------------ DistiLLM
@@ -247,7 +373,9 @@ def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg) -> torch.T
 
 @torch.no_grad()
 def valid_ce(run) -> float:
-    """The student's token-mean CE on the validation references (DistiLLM's schedule signal)."""
+    """The student's CE on the validation references, DistiLLM's schedule signal as the official code
+    computes it: the mean over validation batches (``--batch-size`` each) of each batch's token-mean
+    CE (not the token mean over the whole split: a short batch weighs as much as a long one)."""
     examples = run.examples("valid")
     if not examples:
         raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
@@ -255,15 +383,13 @@ def valid_ce(run) -> float:
     student = run.models.student
     was_training = student.training
     student.eval()
-    total, tokens = 0.0, 0
+    means = []
     for start in range(0, len(examples), run.cfg.batch_size):
         batch = run.to_device(collate(examples[start:start + run.cfg.batch_size], run.pad_id))
         targets, mask = shift_targets(batch["labels"])
-        n = int(mask.sum())
-        total += float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)) * n
-        tokens += n
+        means.append(float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)))
     student.train(was_training)
-    return total / max(tokens, 1)
+    return sum(means) / len(means)
 
 
 @register("distillm")

@@ -7,7 +7,10 @@ Pieces, each a small function tested by hand:
   top-p processing; the next token is drawn from ``p̃ = (1 − α) q + α p``.
 - :func:`token_rewards`: ``r_t = clip((log p(y_t) − log q_old(y_t)) / 0.5, ±100)``.
 - :func:`normalized_returns`: ``Σ_{t'≥t} γ^{t'−t} r_{t'}`` divided by the number of valid tokens in
-  ``[t, end]``; :func:`whiten` then centres and scales them over the rollout round.
+  ``[t, end]``; :func:`whiten_block` then centres and scales them as the official code does: once per
+  PPO minibatch, over the whole padded ``(B × W)`` response block (padding included with R = 0,
+  population variance, moments summed over data-parallel ranks). :func:`whiten` is the option that
+  uses the valid tokens only.
 - :func:`ppo_clipped_loss`: token mean of ``max(−A·ratio, −A·clip(ratio, 1 ± ε))`` with
   ``ratio = exp(log q_θ − log q_old) · w``, ``w = q_old / p̃``.
 - :func:`minillm_loss`: that term plus the single-step term (token-mean full-vocabulary reverse KL
@@ -23,6 +26,7 @@ sampling is truncated but those log-probabilities are not renormalized over the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,8 +164,45 @@ def normalized_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     return torch.where(mask, out, torch.zeros_like(out)).to(rewards.dtype)
 
 
+def block_moments(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """``[Σ R, Σ R², B·W]`` (float64) of the padded response block: each of the ``B`` rows holds its
+    masked-in entries of ``values`` and ``width − #valid`` padding slots with R = 0."""
+    if values.dim() != 2 or values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must be the "
+                         "same (B, L) shape")
+    longest = int(mask.sum(1).max()) if mask.numel() else 0
+    if longest > width:
+        raise ValueError(f"a row has {longest} valid tokens but the response width is {width}; "
+                         "pass the padded response width (--max-new-tokens)")
+    x = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    return torch.stack([x.sum(), (x * x).sum(),
+                        torch.tensor(float(values.shape[0] * width), dtype=torch.float64,
+                                     device=values.device)])
+
+
+def whiten_block(values: torch.Tensor, mask: torch.Tensor, width: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """MiniLLM's official whitening of one PPO minibatch: ``(R − μ) / sqrt(σ² + 1e-8)`` with ``μ``, ``σ²``
+    the mean and population variance over the whole ``(B × width)`` response block, padding
+    included (padded slots count as R = 0), then 0 off ``mask``.
+
+    ``reduce`` sums the three moments of :func:`block_moments` over data-parallel ranks (e.g. an
+    ``all_reduce``); ``None``: this process only."""
+    m = block_moments(values, mask, width)
+    if reduce is not None:
+        m = reduce(m)
+    total, squares, count = (float(v) for v in m)
+    if count == 0:
+        return torch.zeros_like(values)
+    mean = total / count
+    var = max(squares / count - mean * mean, 0.0)
+    out = (values.double() - mean) / math.sqrt(var + WHITEN_EPS)
+    return torch.where(mask, out, torch.zeros_like(out)).to(values.dtype)
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(x − mean) / sqrt(var + 1e-8)`` over the masked-in entries (population variance); 0 elsewhere."""
+    """``(x − mean) / sqrt(var + 1e-8)`` over the masked-in entries (population variance); 0 elsewhere.
+    The ``--minillm-whiten valid`` option (applied to a whole rollout round of one process)."""
     x = values[mask].double()
     if x.numel() == 0:
         return torch.zeros_like(values)
