@@ -13,8 +13,8 @@ import importlib.util
 import sys
 
 EXTRA_HINT = 'pip install "kd_kernels[train]"'
-OPTIONAL = {"tqdm": ("tqdm", "progress bars"), "rouge_score": ("rouge-score", "the Rouge-L metrics"),
-            "matplotlib": ("matplotlib", "the loss plot")}
+OPTIONAL = {"tqdm": ("tqdm", "no progress bars"), "rouge_score": ("rouge-score", "no Rouge-L metrics"),
+            "matplotlib": ("matplotlib", "no loss.png plot")}
 
 
 def available(module: str) -> bool:
@@ -29,7 +29,7 @@ def available(module: str) -> bool:
 
 def missing_message(module: str) -> str:
     dist, what = OPTIONAL[module]
-    return f"{dist} is not installed: no {what} ({EXTRA_HINT}, or pip install {dist})"
+    return f"{dist} is not installed: {what} ({EXTRA_HINT}, or pip install {dist})"
 
 
 def warn_missing(modules: tuple[str, ...] = tuple(OPTIONAL)) -> list[str]:
