@@ -190,7 +190,7 @@ def kl_loss_grad_kernel(
 #     (each product 0 where its weight p or q is 0; v likewise).
 #   pass 3: ∂L/∂a_j = k q_j (v_j − S), 0 where q_j = 0 (MATH.md gradient table, rewritten as k q (v − S)).
 # The row is re-read from memory in passes 2 and 3; on a GPU the per-row footprint decides whether that comes from
-# L2 (see benchmarks/bench_triton_gpu.py for the counted bytes).
+# L2 (see benchmarks/run.py and docs/BENCHMARKS.md for the counted bytes).
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _mix_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
