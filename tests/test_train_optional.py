@@ -80,3 +80,15 @@ def test_summary_table_names_the_numbers_and_files(tmp_path, response_cache):
         assert text in table, text
     student_rouge = table.split("Rouge-L F")[1].splitlines()[0]
     assert "±" in student_rouge
+
+
+def test_minillm_command_line_default_steps():
+    """`kd-train minillm` (make demo) defaults to 40 steps; an explicit --steps always wins."""
+    from kd_kernels.train.config import METHOD_DEFAULTS, parse_args
+
+    cfg, explicit = parse_args(["minillm"], ["kd", "minillm"])
+    assert cfg.steps == METHOD_DEFAULTS["minillm"]["steps"] == 40 and "steps" not in explicit
+    cfg, explicit = parse_args(["minillm", "--steps", "60"], ["kd", "minillm"])
+    assert cfg.steps == 60 and "steps" in explicit
+    cfg, _ = parse_args(["kd"], ["kd", "minillm"])
+    assert cfg.steps == 60
