@@ -106,6 +106,11 @@ SWEEPS: dict[tuple[str, str, bool], Sweep] = {
 }
 
 
+# The N·V ≥ 2^31 case on CUDA (full run, kd_logits reverse_kl bf16, the kd_kernels providers): 64-bit
+# offsets in the kernels, rows past element 2^31 checked against the reference like every other row.
+BIG_CUDA_CASE = (16384, 131072)
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 
@@ -368,6 +373,21 @@ def peak_memory_bytes(fn: Callable[[], object], device: str, inputs_nbytes: int)
     peak = _status_kb("VmHWM") - base
     del out
     return inputs_nbytes + max(0, peak) * 1024
+
+
+# ------------------------------------------------------------------------------------------ bandwidth
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large device-local copy (median of 5): the ceiling that the
+    GB/s column is compared against (``pct_copy_bw``). 2 GiB on CUDA, 256 MiB on CPU."""
+    nbytes = 2**31 if device.startswith("cuda") else 2**28
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    x.fill_(1)
+    y.copy_(x)
+    times = time_fn(lambda: y.copy_(x), device, warmup=1, budget_s=0.2, min_reps=5, max_reps=5)
+    return 2 * nbytes / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------- environment

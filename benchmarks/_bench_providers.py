@@ -11,6 +11,8 @@ Providers:
   ``(N, V)`` logits GEMM for the fused-linear ops).
 - ``torch_compile``: ``torch.compile`` of exactly that code (default mode; the first calls compile and are
   excluded from timing).
+- ``kd_launcher``: one kd_kernels backend's ``loss_grad`` alone (``backend`` column) into a preallocated
+  gradient, logits-level ops only: the kernel without autograd, validation or the custom op.
 - ``liger``: Liger-Kernel's ``LigerKLDIVLoss`` / ``LigerJSD`` (logits level, Triton) and
   ``LigerFusedLinearJSDLoss`` (chunked torch, compiled by default), mapped to our divergences below.
 """
@@ -29,8 +31,10 @@ from _bench_common import ALPHA, BETA, TEMPERATURE, Case, is_fused, is_fwd_only
 Result = tuple[torch.Tensor, list[torch.Tensor]]
 Runner = Callable[[], Result]
 
-PROVIDERS = ("kd_kernels", "torch", "torch_compile", "liger")
+PROVIDERS = ("kd_kernels", "kd_launcher", "torch", "torch_compile", "liger")
 KD_BACKENDS = ("torch", "cpu", "triton", "cuda")
+# "triton_autotune": the triton launcher with its triton.autotune sweep instead of the fixed heuristic
+LAUNCHER_BACKENDS = ("cpu", "triton", "triton_autotune", "cuda")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Provider:
     backend: str = ""  # kd_kernels backend; "" for the others
     # Liger's fused-linear loss runs its chunk loop under torch.compile unless told otherwise.
     liger_compiled: bool = True
+    # torch_compile: dynamic=None is the suite's default (dynamic on CPU, torch's default on CUDA); the
+    # ratio report compiles with dynamic=False (one static graph per shape, compiled before timing).
+    dynamic: bool | None = None
 
     @property
     def label(self) -> str:
@@ -50,6 +57,8 @@ class Provider:
     def applies(self, case: Case) -> bool:
         """Whether this provider has a row for ``case`` at all. ``fused_linear_logprobs`` takes no backend
         argument, so it is run once as ``kd_kernels[auto]``; the KD ops run once per named backend."""
+        if self.name == "kd_launcher":
+            return case.op.startswith("kd_logits")
         if self.name != "kd_kernels":
             return True
         return (self.backend == "auto") == case.op.startswith("fl_logprobs")
@@ -61,6 +70,8 @@ class Provider:
     def note(self) -> str:
         if self.name == "liger":
             return f"fused linear: compiled={self.liger_compiled}"
+        if self.name == "torch_compile" and self.dynamic is not None:
+            return f"fp32 softmax math (inputs upcast), dynamic={self.dynamic}"
         if self.name == "torch" or self.name == "torch_compile":
             return "fp32 softmax math (inputs upcast)"
         return ""
@@ -173,17 +184,20 @@ def _torch_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Ru
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compile(f: Callable, device: str) -> Callable:
+def _compile(f: Callable, device: str, dynamic: bool | None = None) -> Callable:
     # One compiled wrapper per function for the whole process, as a user would hold one. On CUDA, torch's
     # default: the first shape compiles static, the next recompiles with dynamic shapes. On CPU, dynamic from
     # the start: every compilation costs tens of seconds there, and all shapes but the first would run the
-    # dynamic graph anyway.
-    if f.__name__ not in _COMPILED:
+    # dynamic graph anyway. ``dynamic=False`` forces one static graph per shape.
+    if dynamic is None:
+        dynamic = True if device == "cpu" else None
+    key = f"{f.__name__}-{dynamic}"
+    if key not in _COMPILED:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 64)
-        _COMPILED[f.__name__] = torch.compile(f, dynamic=True if device == "cpu" else None)
-    return _COMPILED[f.__name__]
+        _COMPILED[key] = torch.compile(f, dynamic=dynamic)
+    return _COMPILED[key]
 
 
 def _compile_unavailable(p: Provider, case: Case) -> str | None:
@@ -195,7 +209,7 @@ def _compile_unavailable(p: Provider, case: Case) -> str | None:
 
 
 def _compile_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runner:
-    return _eager_runner(case, inputs, lambda f: _compile(f, case.device))
+    return _eager_runner(case, inputs, lambda f: _compile(f, case.device, p.dynamic))
 
 
 # ---------------------------------------------------------------------------------------- kd_kernels
@@ -236,6 +250,37 @@ def _kd_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runne
     return _run(lambda: kd_kernels.fused_linear_logprobs(x["h_s"], x["w_s"], x["tokens"],
                                                          temperature=TEMPERATURE),
                 params, fwd)
+
+
+def _launcher_unavailable(p: Provider, case: Case) -> str | None:
+    if not case.op.startswith("kd_logits"):
+        return "the launcher alone exists for the logits-level ops only"
+    if p.backend == "triton_autotune":
+        return _kd_unavailable(Provider("kd_kernels", "triton"), case)
+    return _kd_unavailable(p, case)
+
+
+def _launcher_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runner:
+    """``get_backend(b).loss_grad`` into a preallocated gradient; the loss is Σ_i c_i L_i with c_i = 1/N."""
+    from kd_kernels._backends import get_backend
+    from kd_kernels._spec import KDSpec
+
+    s, t = inputs["s"].detach(), inputs["t"]
+    spec = KDSpec.make(case.divergence, alpha=ALPHA, beta=BETA, temperature=TEMPERATURE)
+    w = torch.full((case.n,), 1.0 / case.n, device=s.device)
+    if p.backend == "triton_autotune":
+        from kd_kernels._backends.triton_backend import launch
+
+        def loss_grad(s, t, w, spec, grad):
+            return launch(s, t, w, spec, grad, autotune=True)
+    else:
+        loss_grad = get_backend(p.backend).loss_grad
+    grad = None if is_fwd_only(case.op) else torch.empty_like(s)
+
+    def run() -> Result:
+        loss = loss_grad(s, t, w, spec, grad)
+        return (loss * w).sum(), [] if grad is None else [grad]
+    return run
 
 
 # --------------------------------------------------------------------------------------------- liger
@@ -318,13 +363,15 @@ def _liger_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Ru
     return _run(lambda: mod(_log_softmax32(x["s"]), _log_softmax32(x["t"])), params, False)
 
 
-_UNAVAILABLE = {"kd_kernels": _kd_unavailable, "torch": _torch_unavailable,
+_UNAVAILABLE = {"kd_kernels": _kd_unavailable, "kd_launcher": _launcher_unavailable,
+                "torch": _torch_unavailable,
                 "torch_compile": _compile_unavailable, "liger": _liger_unavailable}
-_BUILD = {"kd_kernels": _kd_build, "torch": _torch_build, "torch_compile": _compile_build,
+_BUILD = {"kd_kernels": _kd_build, "kd_launcher": _launcher_build, "torch": _torch_build, "torch_compile": _compile_build,
           "liger": _liger_build}
 
 
 def all_providers(*, liger_compiled: bool = True) -> list[Provider]:
     """Every provider, kd_kernels once per backend plus ``auto`` (used by the log-prob ops only)."""
     kd = [Provider("kd_kernels", b) for b in (*KD_BACKENDS, "auto")]
+    kd += [Provider("kd_launcher", b) for b in LAUNCHER_BACKENDS]
     return [*kd, Provider("torch"), Provider("torch_compile"), Provider("liger", liger_compiled=liger_compiled)]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU session check for kd_kernels (shared/docs/GPU.md): build with the CUDA kernels, run the GPU tests,
-# compute-sanitizer once on a small case, then the benchmark. Logs, CSV and markdown go to $OUT.
+# compute-sanitizer once on a small case, then the benchmark suite (benchmarks/run.py --device cuda, which
+# records a failing provider or case as an error row and carries on). Logs, CSV and markdown go to $OUT.
 #
 #   bash benchmarks/gpu_check.sh [all|build|test|sanitize|bench|quick]     (default: all)
 #
@@ -11,7 +12,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel
 # and carry ".whl"; this script installs any wheels it finds there into /tmp/site.
-# Env: KD_KERNELS_CUDA_ARCHS (default 90), BENCH_ARGS (extra bench_gpu.py arguments).
+# Env: KD_KERNELS_CUDA_ARCHS (default 90), BENCH_ARGS (extra benchmarks/run.py arguments, e.g.
+# "--ops kd_logits --providers kd_kernels kd_launcher torch").
 set -uo pipefail
 
 STAGE="${1:-all}"
@@ -86,9 +88,9 @@ EOF
 }
 
 stage_bench() {
-  note "benchmark (bench_gpu.py ${BENCH_ARGS:-})"
+  note "benchmark suite (benchmarks/run.py --device cuda ${BENCH_ARGS:-})"
   # shellcheck disable=SC2086
-  "$PY" benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  "$PY" benchmarks/run.py --device cuda --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   return "${PIPESTATUS[0]}"
 }
 
@@ -100,7 +102,7 @@ case "$STAGE" in
   bench) stage_bench || status=1 ;;
   quick)
     stage_build || exit 1
-    BENCH_ARGS="--n 1024 --reps 3 ${BENCH_ARGS:-}" stage_bench || status=1
+    BENCH_ARGS="--quick ${BENCH_ARGS:-}" stage_bench || status=1
     ;;
   all)
     stage_build || exit 1

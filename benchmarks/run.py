@@ -1,9 +1,16 @@
 """Benchmark suite: every provider x op x shape x dtype, checked against the float64 reference, then timed.
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--ops OP ...] [--out DIR]
+    python benchmarks/run.py --ratio [--threads 2]      # the CPU ratio report (see below)
 
 Writes ``DIR/results.csv`` (one row per op x shape x dtype x provider), ``DIR/results.md`` (tables) and PNG
 plots (time and peak memory against N and against V). See docs/BENCHMARKS.md for how to read them.
+
+``--ratio``: logits loss + gradient at 1024 x 32000 fp32 for reverse_kl and skew_forward_kl on the CPU,
+kd_kernels[cpu] against torch.compile(dynamic=False, after warm-up) and eager PyTorch (and the torch backend
+and the cpu launcher alone), all timed in one process with the repeats interleaved (so a change of load hits
+every provider alike), on 2 threads by default, with each provider's peak memory from a process of its own.
+Writes ``DIR/ratio.md`` / ``DIR/ratio.csv`` and prints the table.
 
 Each provider runs in a process of its own (forked on CPU, spawned on CUDA), so that peak RSS is that
 provider's and nothing it compiled or cached leaks into another provider's numbers. Rows whose provider cannot
@@ -31,12 +38,14 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from _bench_common import (
+    BIG_CUDA_CASE,
     DIVERGENCES,
     DTYPES,
     OPS,
     SWEEPS,
     Case,
     check,
+    copy_bandwidth,
     counted_bytes,
     counted_flops,
     environment,
@@ -112,6 +121,9 @@ def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] 
                 for n, v, tag in sweep.shapes():
                     d_t = sweep.d_t if op.startswith("fl_kd") else 0
                     cases.append(Case(op, div, n, v, sweep.d_s if fused else 0, d_t, dt, device, tag))
+    if device == "cuda" and not quick and "kd_logits" in ops \
+            and (divergences is None or "reverse_kl" in divergences) and (dtypes is None or "bfloat16" in dtypes):
+        cases.append(Case("kd_logits", "reverse_kl", *BIG_CUDA_CASE, 0, 0, "bfloat16", device, "big"))
     return cases
 
 
@@ -135,6 +147,8 @@ def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool)
     if quick and p.name == "torch_compile" and case.device == "cpu" \
             and (case.op, case.divergence) not in QUICK_COMPILE_CASES:
         return {**row, "status": "skipped", "detail": "--quick on CPU compiles one case only (5-30 s each)"}
+    if case.sweep == "big" and p.name not in ("kd_kernels", "kd_launcher"):
+        return {**row, "status": "skipped", "detail": "the N·V >= 2^31 case runs the kd_kernels providers only"}
     reason = p.unavailable(case)
     if reason:
         return {**row, "status": "not available", "detail": reason}
@@ -216,9 +230,10 @@ def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, q
 
 CSV_COLUMNS = [
     "op", "divergence", "N", "V", "D_s", "D_t", "dtype", "provider", "backend", "status", "median_ms",
-    "p20_ms", "p80_ms", "reps", "peak_mem_mb", "gbps", "tflops", "speedup_vs_torch", "mem_vs_torch",
+    "p20_ms", "p80_ms", "reps", "peak_mem_mb", "gbps", "pct_copy_bw", "tflops", "speedup_vs_torch",
+    "mem_vs_torch",
     "detail", "note", "sweep", "device", "device_name", "torch", "triton", "liger_kernel", "kd_kernels",
-    "kd_kernels_native", "commit", "threads", "loadavg_1m", "date",
+    "kd_kernels_native", "commit", "threads", "loadavg_1m", "copy_gbps", "date",
 ]
 
 
@@ -240,6 +255,8 @@ def finish_rows(raw: list[dict], env: dict[str, str]) -> list[dict]:
                 row["tflops"] = counted_flops(case) / med / 1e12
             else:
                 row["gbps"] = counted_bytes(case) / med / 1e9
+                if env.get("copy_gbps"):
+                    row["pct_copy_bw"] = 100 * row["gbps"] / float(env["copy_gbps"])
         rows.append(row)
     eager = {(r["op"], r["divergence"], r["N"], r["V"], r["dtype"]): r for r in rows
              if r["provider"] == "torch" and r["status"] == "ok"}
@@ -276,7 +293,8 @@ def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespa
          f"Commit {env['commit']}, kd_kernels {env['kd_kernels']} ({env['kd_kernels_native']}), "
          f"torch {env['torch']}, triton {env['triton'] or '-'}, "
          f"liger-kernel {env['liger_kernel'] or '-'}. "
-         f"{env['date']}, 1-minute load average at start {env['loadavg_1m']}."), "",
+         f"{env['date']}, 1-minute load average at start {env['loadavg_1m']}. "
+         f"Copy bandwidth (read + write) {env.get('copy_gbps', '-')} GB/s."), "",
         ("Time: median [p20, p80] over warmed-up repeats. Memory: peak of one call including its inputs "
          "(CPU: peak RSS in the provider's own process; CUDA: allocator peak). GB/s from compulsory bytes "
          "(read student + teacher logits, write the gradient), TFLOP/s from GEMM FLOPs. `x torch`: eager "
@@ -288,7 +306,7 @@ def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespa
         groups[(r["op"], r["divergence"])].append(r)
     for (op, div), grp in groups.items():
         lines += [f"## {op}" + (f" / {div}" if div else ""), "", OPS[op], ""]
-        rate = "TFLOP/s" if is_fused(op) else "GB/s"
+        rate = "TFLOP/s" if is_fused(op) else "GB/s (% copy)"
         dims = "N | V | D_s | D_t" if is_fused(op) else "N | V"
         lines += [f"| {dims} | dtype | provider | median ms [p20, p80] | {rate} | peak MB | x torch | mem |",
                   "|" + "---|" * (len(dims.split("|")) + 7)]
@@ -296,10 +314,11 @@ def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespa
         ok.sort(key=lambda r: (r["dtype"], r["N"], r["V"], r["median_ms"]))
         for r in ok:
             shape = f"{r['N']} | {r['V']}" + (f" | {r['D_s']} | {r['D_t'] or '-'}" if is_fused(op) else "")
-            rate_v = r.get("tflops") if is_fused(op) else r.get("gbps")
+            rate_v = _fmt(r.get("tflops"), ".3g") if is_fused(op) else _fmt(r.get("gbps"), ".3g") + (
+                f" ({r['pct_copy_bw']:.0f}%)" if r.get("pct_copy_bw") is not None else "")
             lines.append(
                 f"| {shape} | {r['dtype']} | {_label(r)} | {r['median_ms']:.3f} [{r['p20_ms']:.3f}, "
-                f"{r['p80_ms']:.3f}] | {_fmt(rate_v, '.3g')} | {r['peak_mem_mb']:.1f} | "
+                f"{r['p80_ms']:.3f}] | {rate_v} | {r['peak_mem_mb']:.1f} | "
                 f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {_fmt(r.get('mem_vs_torch'), '.2f')} |")
         other = defaultdict(list)
         for r in grp:
@@ -360,6 +379,140 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
     return names
 
 
+# ---------------------------------------------------------------------------------------------- ratio
+
+RATIO_SHAPE = (1024, 32000)
+RATIO_DIVERGENCES = ("reverse_kl", "skew_forward_kl")
+RATIO_PROVIDERS = (Provider("kd_kernels", "cpu"), Provider("kd_launcher", "cpu"), Provider("kd_kernels", "torch"),
+                   Provider("torch"), Provider("torch_compile", dynamic=False))
+RATIO_LABELS = {"kd_kernels[cpu]": "kd_kernels[cpu]", "kd_launcher[cpu]": "cpu launcher alone",
+                "kd_kernels[torch]": "kd_kernels[torch]", "torch": "eager",
+                "torch_compile": "torch.compile(dynamic=False)"}
+
+
+def _ratio_memory(p: Provider, case: Case, threads: int, conn) -> None:
+    """Child process: the provider's peak memory on the case (after one warm-up / compiling call)."""
+    try:
+        _malloc_returns_memory()
+        torch.set_num_threads(threads)
+        inputs = make_inputs(case)
+        fn = p.build(case, inputs)
+        fn()
+        conn.send(peak_memory_bytes(fn, "cpu", input_bytes(inputs)))
+    except Exception as e:  # noqa: BLE001
+        conn.send(f"{type(e).__name__}: {e}"[:200])
+
+
+def ratio_report(args: argparse.Namespace, out: Path) -> int:
+    """kd_kernels[cpu] vs torch.compile(dynamic=False) vs eager at 1024 x 32000 fp32 (module docstring)."""
+    threads = args.threads or 2
+    n, v = RATIO_SHAPE
+    divs = args.divergences or list(RATIO_DIVERGENCES)
+    reps, warmup = (3, 1) if args.quick else (7, 2)
+    cases = [Case("kd_logits", d, n, v, 0, 0, "float32", "cpu", "ratio") for d in divs]
+    print(f"ratio report: loss + gradient {n} x {v} fp32, {threads} threads, {reps} interleaved repeats, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    # Memory first, one forked process per provider and case (before this process runs any parallel op).
+    mem: dict[tuple[str, str], int | str] = {}
+    ctx = mp.get_context("fork")
+    for case in cases:
+        for p in RATIO_PROVIDERS:
+            if p.unavailable(case):
+                continue
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_ratio_memory, args=(p, case, threads, child))
+            proc.start()
+            proc.join(1200)
+            mem[(case.divergence, p.label)] = parent.recv() if parent.poll() else \
+                f"memory worker exited with code {proc.exitcode}"
+    torch.set_num_threads(threads)
+    rows = []
+    for case in cases:
+        inputs = make_inputs(case)
+        ref = reference_cached(case, inputs, None)
+        fns = {}
+        for p in RATIO_PROVIDERS:
+            row = {"divergence": case.divergence, "provider": RATIO_LABELS[p.label], "N": n, "V": v,
+                   "threads": threads}
+            reason = p.unavailable(case)
+            if reason:
+                rows.append({**row, "status": "not available", "detail": reason})
+                continue
+            try:
+                fn = p.build(case, inputs)
+                t0 = time.perf_counter()
+                ok, detail = check(case, fn(), ref)
+                first = time.perf_counter() - t0
+                if not ok:
+                    rows.append({**row, "status": "wrong", "detail": detail})
+                    continue
+                for _ in range(warmup):
+                    fn()
+            except Exception as e:  # noqa: BLE001
+                rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            fns[p.label] = (fn, {**row, "status": "ok", "detail": detail, "first_call_s": first})
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for label, (fn, _row) in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - t0)
+        grad_bytes = n * v * 4
+        for label, (_fn, row) in fns.items():
+            p20, med, p80 = quantiles(times[label])
+            m = mem.get((case.divergence, label))
+            row.update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3)
+            if isinstance(m, int):
+                row.update(peak_mem_mb=m / 2**20, extra_mem_x_grad=(m - 2 * grad_bytes) / grad_bytes)
+            else:
+                row["detail"] += f"; memory: {m}"
+            rows.append(row)
+        del inputs, ref, fns
+    by = {(r["divergence"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        for base, col in (("eager", "x_eager"), ("torch.compile(dynamic=False)", "x_compile")):
+            b = by.get((r["divergence"], base))
+            if b:
+                r[col] = b["median_ms"] / r["median_ms"]
+    lines = [
+        "# Ratio report: logits loss + gradient on the CPU", "",
+        (f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`. {environment('cpu')['device_name']}, "
+        f"{threads} torch threads, N = {n}, V = {v}, fp32, T = 1, α = 0.1; commit "
+        f"{environment('cpu')['commit']}; 1-minute load average at the end {os.getloadavg()[0]:.2f}."), "",
+        (f"Median [p20, p80] of {reps} repeats per provider, interleaved (each round calls every provider "
+        "once) after the correctness check against the float64 reference and "
+        f"{warmup} warm-up call(s) (torch.compile's compilation is in the first call, not timed). "
+        "`x eager` / `x compile`: that provider's time / this one's (> 1: this one is faster). Peak "
+        "memory: one call in a process of its own, inputs included; `extra` = (peak − inputs) / gradient "
+        "size. On a shared machine absolute times stretch with the load; the ratios are the figures."), "",
+        "| divergence | provider | median ms [p20, p80] | x eager | x compile | peak MB | extra, x grad |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(
+                f"| {r['divergence']} | {r['provider']} | {r['median_ms']:.1f} [{r['p20_ms']:.1f}, "
+                f"{r['p80_ms']:.1f}] | {_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('x_compile'), '.2f')} | "
+                f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('extra_mem_x_grad'), '.2f')} |")
+        else:
+            lines.append(f"| {r['divergence']} | {r['provider']} | **{r['status']}**: {r['detail']} | | | | |")
+    text = "\n".join(lines) + "\n"
+    (out / "ratio.md").write_text(text)
+    cols = ["divergence", "provider", "N", "V", "threads", "status", "median_ms", "p20_ms", "p80_ms",
+            "x_eager", "x_compile", "peak_mem_mb", "extra_mem_x_grad", "first_call_s", "detail"]
+    with open(out / "ratio.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()})
+    print(text)
+    print(f"-> {out / 'ratio.md'}, {out / 'ratio.csv'}")
+    return 0 if all(r["status"] in ("ok", "not available") for r in rows) else 1
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -378,6 +531,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch CPU threads in every provider process (default: torch's own default, "
                          "or 1 when the CPU's load average is at least its number of cores)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--ratio", action="store_true",
+                    help="only the CPU ratio report: kd_kernels[cpu] vs torch.compile(dynamic=False) vs eager, "
+                         "1024 x 32000 fp32, reverse_kl and skew_forward_kl, 2 threads (--threads to change)")
     return ap.parse_args(argv)
 
 
@@ -393,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path(__file__).resolve().parent.parent / ".bench_out" / args.device
     out.mkdir(parents=True, exist_ok=True)
+    if args.ratio:
+        if args.device != "cpu":
+            print("--ratio is a CPU report; use --device cpu", file=sys.stderr)
+            return 2
+        return ratio_report(args, out)
     default_ops = QUICK_DIVERGENCES if args.quick else FULL_DIVERGENCES
     ops = args.ops or [op for op in default_ops
                        if args.quick or args.device != "cpu" or op in CPU_DEFAULT_OPS]
@@ -408,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     if args.threads:
         env["threads"] = str(args.threads)
+
     print(f"{len(cases)} cases x {len(providers)} providers on {env['device_name']} "
           f"(load average {env['loadavg_1m']}) -> {out}", flush=True)
     try:  # import once here so forked workers inherit it (it pulls in triton)
@@ -422,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
                 raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True)
                 # written after every provider, so an interrupted run still leaves its rows
                 write_csv(finish_rows(raw, env), out / "results.csv")
+    try:  # after the workers: the parent runs no parallel region before forking them
+        env["copy_gbps"] = f"{copy_bandwidth(args.device) / 1e9:.1f}"
+    except Exception as e:  # noqa: BLE001  (no ceiling column rather than no run)
+        print(f"copy bandwidth not measured: {type(e).__name__}: {e}", flush=True)
     rows = finish_rows(raw, env)
     write_csv(rows, out / "results.csv")
     plots = [] if args.no_plots else write_plots(rows, out)

@@ -16,6 +16,8 @@ W_s``, ``∂/∂W_s += Gᵀ h_s``, ``∂/∂b_s += Σ_rows G``. The full ``(N, V
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._autograd import once_differentiable
@@ -463,19 +465,27 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         n, dev = h.shape[0], h.device
         inv_t = 1.0 / temperature
         plan = _Rows(active, n)
-        logp = torch.zeros(n, dtype=torch.float32, device=dev)
-        ent = torch.zeros(n, dtype=torch.float32, device=dev)
+        # every row is written when none is masked (zeros otherwise); no entropy buffer unless asked
+        logp = (torch.empty if plan.idx is None else torch.zeros)(n, dtype=torch.float32, device=dev)
+        ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy
+               else torch.zeros(0, dtype=torch.float32, device=dev))
         lse_all = torch.empty(plan.count, dtype=torch.float32, device=dev)
         pos = 0
         for sel in plan.chunks(rows):
             z = _logits_fp32(plan.take(h, sel), w, b, inv_t, tr)
             y = plan.take(tokens, sel)[:, None]
-            lse = torch.logsumexp(z, -1)
+            # log_softmax is one fused pass (logsumexp is four: max, subtract, exp-sum, log); the
+            # log-sum-exp for backward is then z[y] − log q(y)
+            logq = torch.log_softmax(z, -1)
+            lp = logq.gather(1, y).squeeze(1)
+            lse = z.gather(1, y).squeeze(1) - lp
+            if not math.isfinite(float(lse.sum())):  # z[y] = ±inf / NaN: those rows the long way
+                lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(z, -1))
             lse_all[pos : pos + z.shape[0]] = lse
             pos += z.shape[0]
-            plan.put(logp, sel, z.gather(1, y).squeeze(1) - lse)
+            plan.put(logp, sel, lp)
             if want_entropy:
-                q = z.sub_(lse[:, None]).exp_()  # z is dead after this: reuse it for q
+                q = logq.exp_()  # logq is dead after this: reuse it for q
                 plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
         ctx.save_for_backward(h, w, b, tokens, plan.idx, lse_all, ent)
         ctx.rows, ctx.inv_t, ctx.count, ctx.tr = rows, inv_t, plan.count, tr

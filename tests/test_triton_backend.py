@@ -344,7 +344,7 @@ def test_lazy_import_and_64_bit_offsets():
     """In a fresh process without TRITON_INTERPRET: ``import kd_kernels`` does not import triton, both kernels
     compile for sm_90 (no GPU needed: the interpreter would hide compiler-only errors), and the row offset is
     computed in int64 before it meets a pointer, so N·V ≥ 2^31 does not wrap (the real run at that size is in
-    benchmarks/bench_triton_gpu.py)."""
+    benchmarks/run.py --device cuda)."""
     import json
     import os
 

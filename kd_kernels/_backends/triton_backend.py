@@ -7,7 +7,7 @@ Launch configuration: one program per row, the vocabulary walked in blocks of ``
 
 - On a GPU, by default a fixed heuristic (:func:`_heuristic_config`); with ``KD_TRITON_AUTOTUNE=1`` in the
   environment a ``triton.autotune`` sweep instead, keyed on (divergence, gradient or not, V, dtypes) so it tunes
-  once per vocabulary size, not per batch. Neither has been timed on an H100 yet; ``benchmarks/bench_triton_gpu.py``
+  once per vocabulary size, not per batch. Neither has been timed on an H100 yet; ``benchmarks/run.py --device cuda``
   times both so the default can be chosen from measurements.
 - Under the interpreter, one fixed block (:data:`INTERPRET_BLOCK_V`) so the CPU test suite stays fast.
 """

@@ -5,9 +5,9 @@ flags and seeds and writes one table (see ``kd_kernels/train/compare.py``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from pathlib import Path
 
 from kd_kernels import BackendUnavailableError
 
@@ -55,11 +55,50 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary:
-        final = summary.get("final", {})
-        shown = {k: v for k, v in final.items() if not isinstance(v, list)}
-        print(json.dumps({"method": summary["method"], "steps": summary["steps"],
-                          "wall_time_s": round(summary["wall_time_s"], 1), **shown}, indent=2))
+        print(format_summary(summary))
     return 0
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """The short table printed at the end of a run (every number also in ``summary.json``)."""
+    f = summary.get("final", {})
+    out = Path(summary.get("outputs", {}).get("dir", summary["config"]["out"]))
+    train = summary.get("phases", {}).get("train", {})
+    tok_s = train["tokens"] / train["wall_s"] if train.get("wall_s") and train.get("tokens") else None
+
+    def rouge(who: str) -> str:
+        m = f.get(f"rougeL_{who}")
+        return "-" if m is None else f"{m:.3f} ± {f.get(f'rougeL_{who}_std', 0.0):.3f}"
+
+    lines = [
+        (f"kd-train {summary['method']}: {summary['steps']} steps, wall {summary['wall_time_s']:.0f} s "
+        f"(training {summary['train_time_s']:.0f} s), {summary['device']}"),
+        "",
+        "| metric | student | teacher |",
+        "|---|---|---|",
+        (f"| Rouge-L F vs teacher greedy (test, mean ± sd over seeds) | {rouge('student')} | "
+        f"{rouge('teacher')} |"),
+        f"| forward KL(p‖q), token mean (test) | {_num(f.get('test_forward_kl'))} | |",
+        f"| reverse KL(q‖p), token mean (test) | {_num(f.get('test_reverse_kl'))} | |",
+        f"| cross-entropy on teacher answers (test) | {_num(f.get('test_ce'))} | |",
+        f"| training tokens/s | {_num(tok_s, '.0f')} | |",
+        f"| peak memory (MB) | {_num(summary.get('peak_mem_mb'), '.0f')} | |",
+        "",
+    ]
+    if f.get("rougeL_skipped"):
+        lines.append(f"Rouge-L not computed: {f['rougeL_skipped']}")
+    if not summary.get("evaluated"):
+        lines.append("not evaluated (--skip-eval): the table has no test metrics")
+    files = [name for name in ("summary.json", "metrics.jsonl", "loss.png", "ckpt.pt")
+             if (out / name).is_file()]
+    lines.append(f"outputs in {out}: {', '.join(files)}")
+    if (out / "loss.png").is_file():
+        lines.append(f"plot: {out / 'loss.png'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ from typing import Any
 
 PRESETS = ("smollm2", "tiny")
 
+# Per-method defaults on top of TrainConfig's, used by the command line (a flag given explicitly wins).
+# minillm: 40 steps = 5 rollout rounds, sized from measured phase times so that `kd-train minillm` (what
+# `make demo` runs) finishes in about 13 minutes on 2 idle CPU cores, teacher answers included
+# (docs/TRAINER.md, "MiniLLM demo timing").
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"minillm": {"steps": 40}}
+
 
 @dataclass
 class TrainConfig:
@@ -137,6 +143,8 @@ def parse_args(argv: list[str] | None, methods: list[str]) -> tuple[TrainConfig,
     Unknown flags exit with argparse's usage error (status 2), naming the flag.
     """
     parser = build_parser(methods)
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**METHOD_DEFAULTS.get(known.method, {}))
     ns = parser.parse_args(argv)
     # "Given on the command line" means given, even with the default's value (--resume --kd-ratio 0.5
     # on a 0.3 run must train with 0.5): a second parse without defaults lists exactly the flags given.

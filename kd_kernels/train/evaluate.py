@@ -12,8 +12,8 @@ from __future__ import annotations
 import statistics
 
 import torch
-from tqdm.auto import tqdm
 
+from ._optional import available, missing_message, progress_bar
 from .data import collate, shift_targets
 from .generate import generate
 from .losses import token_divergences
@@ -48,7 +48,7 @@ def token_metrics(run: Run, split: str, batch_size: int, progress: bool) -> dict
     student.eval()
     sums = {"forward_kl": 0.0, "reverse_kl": 0.0, "ce": 0.0}
     tokens = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"eval kl {split}", leave=False,
+    for start in progress_bar(range(0, len(examples), batch_size), desc=f"eval kl {split}", leave=False,
                       disable=not progress):
         batch = run.to_device(collate(examples[start:start + batch_size], run.pad_id))
         targets, mask = shift_targets(batch["labels"])
@@ -65,6 +65,8 @@ def token_metrics(run: Run, split: str, batch_size: int, progress: bool) -> dict
 def rouge_eval(run: Run, progress: bool) -> dict[str, float]:
     """Rouge-L of student (and teacher) samples against the references, per seed, then mean and spread."""
     cfg = run.cfg
+    if not available("rouge_score"):  # the samples would only feed Rouge-L: skip them too
+        return {"rougeL_skipped": missing_message("rouge_score")}
     prompts = run.split_prompts("test")
     if cfg.eval_prompts > 0:
         prompts = prompts[:cfg.eval_prompts]

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from ._optional import progress_bar
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
         kwargs |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     else:
         kwargs |= {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=len(prompts), desc=desc, disable=not progress, leave=False)
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import torch
 
@@ -158,6 +159,7 @@ class MiniLLM(Method):
                             run.world)
         prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
         gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank))
+        t_rollout = time.perf_counter()
         rollouts = []
         for start in range(0, len(prompts), cfg.gen_batch_size):
             rollouts += mixed_rollouts(
@@ -202,7 +204,8 @@ class MiniLLM(Method):
                 "teacher_hidden": t_hidden}
         n = int(mask.sum())
         stats = {"reward": float(rewards.sum()) / max(n, 1),
-                 "response_len": n / max(len(examples), 1)}
+                 "response_len": n / max(len(examples), 1),
+                 "round_s": time.perf_counter() - t_rollout}  # sampling + scoring this round
         order: list[int] = []
         for epoch in range(cfg.minillm_ppo_epochs):
             g = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank, epoch + 7))

@@ -14,12 +14,13 @@ import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ._optional import missing_message, progress_bar, warn_missing
 from .config import TrainConfig, config_from_dict, validate
 from .evaluate import evaluate, token_metrics
 from .methods import Method, get_method
@@ -227,6 +228,7 @@ def _json_rows(path: Path, keep) -> list[str]:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """``loss.png`` from ``metrics.jsonl``. Needs matplotlib (ImportError without it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,6 +250,38 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+@contextmanager
+def phase(phases: dict[str, dict[str, float]], name: str):
+    """Adds the wall and CPU seconds (all threads of this process) of the block to ``phases[name]``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        p = phases.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        p["wall_s"] += time.perf_counter() - w0
+        p["cpu_s"] += time.process_time() - c0
+
+
+def make_summary(cfg: TrainConfig, run: Run, step: int, world: int, device: torch.device, t_start: float,
+                 train_time: float, peak_mem: float, final: dict, phases: dict) -> dict:
+    student, teacher = run.models.student, run.models.teacher
+    return {
+        "method": cfg.method, "steps": step, "world_size": world, "device": str(device),
+        "wall_time_s": time.time() - t_start, "train_time_s": train_time,
+        "peak_mem_mb": peak_mem,
+        "teacher_params": count_params(teacher), "student_params": count_params(student),
+        "train_examples": len(run.train_examples), "final": final,
+        "evaluated": bool(final), "phases": {k: dict(v) for k, v in phases.items()},
+        "outputs": {"dir": str(Path(cfg.out).resolve())},
+        "config": cfg.to_dict(),
+    }
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    text = json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n"
+    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -275,12 +309,17 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     rank, world, device = init_distributed(cfg.device)
     is_main = rank == 0
     method = get_method(cfg.method)
-    run = Run(cfg, rank, world, device)
+    if is_main:
+        warn_missing()
+    phases: dict[str, dict[str, float]] = {}
+    with phase(phases, "load"):
+        run = Run(cfg, rank, world, device)
     student, teacher = run.models.student, run.models.teacher
-    run.train_examples = run.examples("train", method.train_responses(run))
-    _ = run.references("test")  # generate / load the evaluation references up front
-    if cfg.eval_every > 0:
-        _ = run.references("valid")
+    with phase(phases, "teacher_references"):
+        run.train_examples = run.examples("train", method.train_responses(run))
+        _ = run.references("test")  # generate / load the evaluation references up front
+        if cfg.eval_every > 0:
+            _ = run.references("valid")
 
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -324,8 +363,10 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     previous = signal.signal(signal.SIGINT, on_sigint)
     interrupted = False
     step = start_step
+    loop_wall0, loop_cpu0 = time.perf_counter(), time.process_time()
+    phases_tokens = 0
     try:
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.method}",
+        bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"train {cfg.method}",
                    disable=not run.progress, dynamic_ncols=True)
         while step < cfg.steps:
             t0 = time.time()
@@ -342,6 +383,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             dt = time.time() - t0
             train_time += dt
             tokens = int(batch["attention_mask"].sum()) * world
+            phases_tokens += tokens
             row = {"step": step, "loss": float(loss.detach()), **parts, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens / dt, "step_s": dt, "mem_mb": memory_mb(device)}
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -375,23 +417,31 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
                   f"kd-train {cfg.method} --out {cfg.out} --resume", file=sys.stderr)
         raise Interrupted(step)
 
-    if not cfg.skip_eval and cfg.eval_teacher:
-        # collective (every rank): fetching teacher samples has a barrier, evaluation runs on rank 0 only
-        for seed in cfg.seeds():
-            run.teacher_samples("test", temperature=1.0, seed=seed)
+    phases["train"] = {"wall_s": time.perf_counter() - loop_wall0,
+                       "cpu_s": time.process_time() - loop_cpu0, "tokens": phases_tokens}
     summary: dict = {}
     if is_main:
-        final = {} if cfg.skip_eval else evaluate(run, run.progress)
-        summary = {
-            "method": cfg.method, "steps": step, "world_size": world, "device": str(device),
-            "wall_time_s": time.time() - t_start, "train_time_s": train_time,
-            "peak_mem_mb": peak_mem,
-            "teacher_params": count_params(teacher), "student_params": count_params(student),
-            "train_examples": len(run.train_examples), "final": final, "config": cfg.to_dict(),
-        }
-        text = json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n"
-        write_atomic(out / "summary.json", lambda tmp: tmp.write_text(text))
+        # what training produced is on disk before the evaluation and anything needing an optional library
+        summary = make_summary(cfg, run, step, world, device, t_start, train_time, peak_mem, {}, phases)
+        write_summary(out, summary)
+    if not cfg.skip_eval and cfg.eval_teacher:
+        # collective (every rank): fetching teacher samples has a barrier, evaluation runs on rank 0 only
+        with phase(phases, "teacher_samples"):
+            for seed in cfg.seeds():
+                run.teacher_samples("test", temperature=1.0, seed=seed)
+    if is_main:
+        final: dict = {}
+        if not cfg.skip_eval:
+            with phase(phases, "evaluation"):
+                final = evaluate(run, run.progress)
+        summary = make_summary(cfg, run, step, world, device, t_start, train_time, peak_mem, final,
+                               phases)
+        write_summary(out, summary)
         if metrics_path.is_file():
-            plot_losses(metrics_path, out / "loss.png")
+            try:
+                plot_losses(metrics_path, out / "loss.png")
+            except ImportError:
+                print(f"[kd-train] no loss.png: {missing_message('matplotlib')}; the numbers are in "
+                      f"{metrics_path}", file=sys.stderr)
     barrier(world)
     return summary

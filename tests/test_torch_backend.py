@@ -1,0 +1,109 @@
+"""The "torch" backend's two paths: the in-place fast path (finite rows) and the guarded redo of a chunk
+with a non-finite counted row; several chunks per call, masked rows, in-place gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _common import DIVERGENCES
+
+import kd_kernels
+from kd_kernels import reference as R
+from kd_kernels._backends import torch_backend as TB
+
+COEF = {"skew_forward_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.3}, "jsd": {"beta": 0.4}}
+
+
+def _inputs(n: int, v: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * 3, torch.randn(n, v, generator=g) * 3
+
+
+def _reference(divergence, s, t, mask, temperature):
+    # −inf → −1e4: the same distributions in float64 (e^−1e4 = 0), and an autograd gradient without the
+    # NaN that differentiating through −inf gives
+    s64 = s.double().clamp_min(-1e4).requires_grad_()
+    ref = R.kd_loss(divergence, s64, t.double().clamp_min(-1e4), mask=mask, reduction="none", temperature=temperature,
+                    **COEF.get(divergence, {}))
+    up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    (g,) = torch.autograd.grad(ref, s64, up)
+    return ref, g, up
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", (1.0, 1.7))
+def test_chunks_fast_path_and_guarded_chunk(divergence, temperature, monkeypatch):
+    """Six chunks of 4 rows: one chunk with a padded (−inf in both) column takes the guarded formulas, the
+    others the fast path; masked rows hold NaN. Values and gradients match the float64 reference."""
+    monkeypatch.setattr(TB, "_CPU_BUFFER_BYTES", 4 * 4 * 257)  # 4 rows of V = 257 per chunk
+    n, v = 24, 257
+    s, t = _inputs(n, v)
+    s[5, 7] = t[5, 7] = -math.inf  # chunk 1: guarded
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[[2, 13, 14]] = False
+    s[13], t[14] = math.nan, math.nan  # masked rows are never counted
+    ref, g_ref, up = _reference(divergence, s, t, mask, temperature)
+    s_k = s.clone().requires_grad_()
+    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, mask=mask, reduction="none",
+                              temperature=temperature, backend="torch", **COEF.get(divergence, {}))
+    (g,) = torch.autograd.grad(loss, s_k, up.float())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[mask].double(), g_ref[mask], rtol=1e-4, atol=1e-6)
+    assert torch.all(g[~mask] == 0) and torch.all(loss[~mask] == 0)
+    assert torch.all(g[5, 7] == 0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_inplace_gradient_when_a_chunk_is_redone(divergence, monkeypatch):
+    """With inplace_grad the gradient overwrites the student logits; a chunk redone with the guarded
+    formulas must still read the original logits (the fast path writes nothing before its check)."""
+    monkeypatch.setattr(TB, "_CPU_BUFFER_BYTES", 4 * 4 * 129)
+    n, v = 12, 129
+    s, t = _inputs(n, v, seed=1)
+    s[6, :3] = t[6, :3] = -math.inf  # three absent tokens in one row: its chunk is redone, guarded
+    ref, g_ref, up = _reference(divergence, s, t, None, 1.0)
+    x = s.clone().requires_grad_()
+    y = x * 1.0  # a non-leaf the gradient may overwrite
+    loss = kd_kernels.kd_loss(y, t, divergence=divergence, reduction="none", backend="torch",
+                              inplace_grad=True, **COEF.get(divergence, {}))
+    (g,) = torch.autograd.grad(loss, x, up.float())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_nan_row_leaves_other_rows_exact(divergence):
+    """A NaN in one counted row sends its chunk to the guarded formulas; the other rows stay exact (what
+    the NaN row itself gives is the guarded formulas' business, tested with the NaN semantics)."""
+    n, v = 6, 300
+    s, t = _inputs(n, v, seed=2)
+    s[3, 10] = math.nan
+    s_k = s.clone().requires_grad_()
+    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, reduction="none", backend="torch",
+                              **COEF.get(divergence, {}))
+    keep = torch.arange(n) != 3
+    ref, g_ref, up = _reference(divergence, s[keep], t[keep], None, 1.0)
+    up_all = torch.ones(n)
+    up_all[keep] = up.float()
+    (g,) = torch.autograd.grad(loss, s_k, up_all)
+    torch.testing.assert_close(loss[keep].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[keep].double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_finite_inputs_take_the_fast_path(divergence, monkeypatch):
+    """Finite logits (masked rows included) never reach the guarded formulas."""
+    def guarded(*args, **kwargs):
+        raise AssertionError("guarded formulas called on finite inputs")
+
+    monkeypatch.setattr(TB, "rows_loss_and_dlogits", guarded)
+    s, t = _inputs(10, 500, seed=3)
+    mask = torch.arange(10) % 3 != 0
+    s_k = s.clone().requires_grad_()
+    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, mask=mask, backend="torch",
+                              **COEF.get(divergence, {}))
+    loss.backward()
+    ref = R.kd_loss(divergence, s.double(), t.double(), mask=mask, **COEF.get(divergence, {}))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
