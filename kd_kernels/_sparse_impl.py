@@ -146,7 +146,8 @@ def _torch_rows(s, ids, lp, spec: KDSpec, tail: Tail, want_grad: bool):
     if want_grad:
         A = a.sum(-1, keepdim=True)
         q = lq.exp_()
-        off = u[:, -1:] - A  # multiplies q_j, which is 0 wherever the tail is empty
+        # multiplies q_j, which is 0 wherever the tail is empty (u_tail may then be infinite)
+        off = torch.where(lq_c[:, -1:] == _NEG_INF, 0.0, u[:, -1:] - A)
         g = torch.where(in_support, 0.0, q * off)
         vals = _zero_where_not(valid, a[:, :-1] - lq_k.exp() * A)
         g.scatter_add_(1, ids, vals)
