@@ -101,13 +101,14 @@ def category_terms(
     return D, _zero_where_not(qpos, q * u), u
 
 
-def _torch_rows(s, ids, lp, spec: KDSpec, tail: Tail, want_grad: bool):
-    """Loss (rows,) and ∂L/∂s̃ (rows, V) fp32 (or None) of one chunk of rows."""
+def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
+    """Loss (rows,) and ∂L/∂s̃ (rows, V) fp32 (or None) of one chunk of rows; the ids of inactive
+    rows and padded entries are not used (they may be anything)."""
     z = s.float() * (1.0 / spec.temperature)
     lse = z.logsumexp(-1, keepdim=True)
     lq = z - lse
     valid = lp != _NEG_INF
-    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    ids = torch.where(valid & active[:, None], ids, torch.zeros_like(ids))
     lq_k = lq.gather(1, ids)
     g = None
     if tail == Tail.IGNORE:
@@ -121,8 +122,9 @@ def _torch_rows(s, ids, lp, spec: KDSpec, tail: Tail, want_grad: bool):
     lq_v = torch.where(valid, lq_k, _NEG_INF)
     n_valid = valid.sum(-1)
     if tail == Tail.RENORMALIZE:
-        lp_c = lp_v - _safe_lse(lp_v)
-        lq_c = lq_v - _safe_lse(lq_v)
+        # an all-padding row stays all −inf (no categories: loss 0, gradient 0), never −inf − −inf
+        lp_c = torch.where(valid, lp_v - _safe_lse(lp_v), _NEG_INF)
+        lq_c = torch.where(valid, lq_v - _safe_lse(lq_v), _NEG_INF)
         loss, a, _ = category_terms(lq_c, lp_c, spec)
         if want_grad:
             A = a.sum(-1, keepdim=True)
@@ -161,6 +163,18 @@ def _safe_lse(x: torch.Tensor) -> torch.Tensor:
     return m0 + (x - m0).exp().sum(-1, keepdim=True).log()
 
 
+def _torch_rows_checked(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
+    """_torch_rows, with the lead's semantics made explicit: a row that is not a distribution
+    (student NaN, +inf, all −inf; a NaN teacher log-prob) has loss NaN and a NaN gradient row."""
+    loss, g = _torch_rows(s, ids, lp, active, spec, tail, want_grad)
+    z = s.float()
+    bad = ~torch.isfinite(z.amax(-1)) | torch.isnan(z).any(-1) | torch.isnan(lp).any(-1)
+    loss = torch.where(bad, math.nan, loss)
+    if g is not None:
+        g = torch.where(bad[:, None], math.nan, g)
+    return loss, g
+
+
 def torch_sparse_loss_grad(s, ids, lp, row_weight, spec: KDSpec, tail: Tail, grad):
     n, v = s.shape
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -170,7 +184,8 @@ def torch_sparse_loss_grad(s, ids, lp, row_weight, spec: KDSpec, tail: Tail, gra
         hi = min(n, lo + rows)
         w = row_weight[lo:hi]
         active = w != 0
-        L, g = _torch_rows(s[lo:hi], ids[lo:hi], lp[lo:hi], spec, tail, grad is not None)
+        L, g = _torch_rows_checked(s[lo:hi], ids[lo:hi], lp[lo:hi], active, spec, tail,
+                                   grad is not None)
         loss[lo:hi] = _zero_where_not(active, L)
         if grad is not None:
             grad[lo:hi] = _zero_where_not(active[:, None], g * (w * inv_t)[:, None])
