@@ -238,6 +238,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             "peak_mem_mb": peak_mem,
             "teacher_params": count_params(teacher), "student_params": count_params(student),
             "train_examples": len(run.train_examples), "final": final, "config": cfg.to_dict(),
+            "teacher_cache": getattr(run, "teacher_cache_info", None),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if metrics_path.is_file():
