@@ -278,7 +278,10 @@ def fused_linear_sparse_kd(
     b = resolve_sparse_backend(backend, dev)
     ids2, lp2 = _check_teacher(teacher_ids, teacher_logprobs, lead, vocab, dev, mask, t)
     kd_weight = V.row_weights(mask, token_weights, n, reduction, dev)
-    entry = h.element_size() + (4 if labels is not None else 0)
+    # The rows per chunk of fused_linear_kd with a teacher of the student's dtype: the peak is then the
+    # dense form's minus the teacher's chunk (twice the rows measured a higher peak on CPU: the GEMM and
+    # gradient temporaries scale with the rows).
+    entry = 2 * h.element_size() + (4 if labels is not None else 0)
     rows = chunk_rows(n, vocab, entry, chunk_size, dev)
     h2 = h.reshape(n, h.shape[-1])
     args = (h2, w, bias, ids2, lp2, kd_weight, labels2, ce_scale, ce_weight, spec, t, b, rows)
