@@ -3,7 +3,9 @@
 Providers (loss + every gradient of the student's hidden states and lm_head weight):
   naive      materialized logits, log_softmax, F.kl_div, autograd (what a script writes first);
   logits_kd  materialized logits + kd_kernels.kd_loss (fused row kernel, inplace_grad=True);
-  fused      kd_kernels.fused_linear_kd (chunks over tokens, the logits never exist).
+  fused      kd_kernels.fused_linear_kd (chunks over tokens, the logits never exist);
+  fused_sparse  kd_kernels.fused_linear_sparse_kd against the teacher's top-K (--k, computed with
+             teacher_topk before the measurement: what an offline cache holds; no teacher head at all).
 
 Memory is the peak resident set (``ru_maxrss``) of the worker process minus its resident set once
 the inputs exist, so each provider is measured from a clean process. CPU only (RSS).
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import time
 
-PROVIDERS = ("naive", "logits_kd", "fused")
+PROVIDERS = ("naive", "logits_kd", "fused", "fused_sparse")
 
 
 def rss_mib() -> float:
@@ -50,6 +52,13 @@ def worker(args: argparse.Namespace) -> dict:
     w_s = (torch.randn(args.v, args.d, generator=g) / args.d**0.5).to(dtype).requires_grad_()
     h_t = torch.randn(args.n, args.d, generator=g).to(dtype)
     w_t = (torch.randn(args.v, args.d, generator=g) / args.d**0.5).to(dtype)
+    if args.provider == "fused_sparse":  # the cache's content; the teacher is then dropped
+        top_ids, top_lp = kd_kernels.teacher_topk(h_t, w_t, args.k)
+        del h_t, w_t
+        # Forget the peak of writing the cache (a separate job in practice): reset the high-water mark
+        # (Linux clear_refs 5), so ru_maxrss below is this provider's training step alone.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
     def step() -> float:
         h_s.grad = w_s.grad = None
@@ -74,6 +83,11 @@ def worker(args: argparse.Namespace) -> dict:
                 t = h_t @ w_t.T
             loss = kd_kernels.kd_loss(
                 s, t, divergence=args.divergence, backend=args.backend, inplace_grad=True
+            )
+        elif args.provider == "fused_sparse":
+            loss = kd_kernels.fused_linear_sparse_kd(
+                h_s, w_s, top_ids, top_lp, divergence=args.divergence, backend=args.backend,
+                chunk_size=args.chunk_size,
             )
         else:
             loss = kd_kernels.fused_linear_kd(
@@ -115,6 +129,7 @@ def worker(args: argparse.Namespace) -> dict:
         "p80_s": q[3],
         "backend": "-"
         if args.provider == "naive"
+        else args.backend if args.provider == "fused_sparse"
         else resolve_backend(args.backend, torch.device("cpu")).name,
         "threads": torch.get_num_threads(),
     }
@@ -131,6 +146,7 @@ def main() -> None:
     ap.add_argument("--divergence", default="reverse_kl")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--k", type=int, default=64, help="teacher top-k of fused_sparse")
     ap.add_argument(
         "--reps", type=int, default=3, help="timed repetitions after the measured first step"
     )
@@ -168,6 +184,8 @@ def main() -> None:
             args.backend,
             "--reps",
             str(args.reps),
+            "--k",
+            str(args.k),
         ]
         if args.chunk_size is not None:
             cmd += ["--chunk-size", str(args.chunk_size)]

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--ops OP ...] [--out DIR]
     python benchmarks/run.py --ratio [--threads 2]      # the CPU ratio report (see below)
+    python benchmarks/run.py --sparse [--n N --v V --k K --dtype fp32|bf16]   (benchmarks/bench_sparse.py)
 
 Writes ``DIR/results.csv`` (one row per op x shape x dtype x provider), ``DIR/results.md`` (tables) and PNG
 plots (time and peak memory against N and against V). See docs/BENCHMARKS.md for how to read them.
@@ -538,6 +539,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sparse" in argv:  # sparse-teacher KD: its own providers and options (bench_sparse.py)
+        from bench_sparse import main as sparse_main
+
+        return sparse_main([a for a in argv if a != "--sparse"])
     args = parse_args(argv)
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -12,6 +12,7 @@
 
 #include "kd_cpu.h"
 #include "kd_kernels/kd_args.h"
+#include "kd_sparse.h"
 
 #ifdef KD_KERNELS_WITH_CUDA
 #include "kd_kernels/kd_cuda_api.h"
@@ -123,6 +124,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("temperature"),
       py::arg("num_threads"),
       "Fused per-row loss + gradient on host memory (kd::RowArgs). grad = 0: loss only; grad may equal s.");
+
+  m.def(
+      "cpu_sparse_loss_grad",
+      [](std::uintptr_t s, std::uintptr_t ids, std::uintptr_t logprobs, std::uintptr_t grad,
+         std::uintptr_t row_weight, std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t k,
+         int64_t stride_s, int64_t stride_g, int s_dtype, int divergence, int tail, double coef,
+         double temperature, double tail_floor, int num_threads) {
+        kd::cpu::SparseArgs a;
+        a.s = reinterpret_cast<const void*>(s);
+        a.ids = reinterpret_cast<const int64_t*>(ids);
+        a.logprobs = reinterpret_cast<const float*>(logprobs);
+        a.grad = reinterpret_cast<void*>(grad);
+        a.row_weight = reinterpret_cast<const float*>(row_weight);
+        a.loss = reinterpret_cast<float*>(loss);
+        a.n_rows = n_rows;
+        a.vocab = vocab;
+        a.k = k;
+        a.stride_s = stride_s;
+        a.stride_g = stride_g;
+        a.s_dtype = s_dtype;
+        a.divergence = divergence;
+        a.tail = tail;
+        a.coef = coef;
+        a.temperature = temperature;
+        a.tail_floor = tail_floor;
+        py::gil_scoped_release nogil;
+        kd::cpu::sparse_loss_grad(a, num_threads);
+      },
+      py::arg("s"), py::arg("ids"), py::arg("logprobs"), py::arg("grad"), py::arg("row_weight"),
+      py::arg("loss"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),
+      py::arg("stride_g"), py::arg("s_dtype"), py::arg("divergence"), py::arg("tail"), py::arg("coef"),
+      py::arg("temperature"), py::arg("tail_floor"), py::arg("num_threads"),
+      "Sparse-teacher loss + gradient on host memory (kd::cpu::SparseArgs, csrc/cpu/kd_sparse.h).");
 
   m.def(
       "_set_cpu_isa", [](const std::string& name) { kd::cpu::set_isa(name.c_str()); }, py::arg("name"),

@@ -2,7 +2,8 @@
 
 Public surface: the nine divergences and the generic ``kd_loss`` at the logits level with their module
 ``KDLoss``; the fused-linear forms (``fused_linear_kd``, the named ``fused_linear_*``, ``FusedLinearKDLoss``,
-``fused_linear_logprobs``) that never build the logits; and two introspection calls, ``build_info()`` and
+``fused_linear_logprobs``) that never build the logits; the sparse-teacher forms (``sparse_kd``,
+``fused_linear_sparse_kd``, ``SparseKDLoss``, ``teacher_topk``); and two introspection calls, ``build_info()`` and
 ``available_backends()``.
 """
 
@@ -43,12 +44,14 @@ from .losses import (
     tvd,
 )
 from .modules import KDLoss
+from .sparse import SparseKDLoss, fused_linear_sparse_kd, sparse_kd, teacher_topk
 
 __all__ = [
     "BackendUnavailableError",
     "FusedLinearKDLoss",
     "KDComponents",
     "KDLoss",
+    "SparseKDLoss",
     "__version__",
     "alpha_beta",
     "available_backends",
@@ -64,6 +67,7 @@ __all__ = [
     "fused_linear_reverse_kl",
     "fused_linear_skew_forward_kl",
     "fused_linear_skew_reverse_kl",
+    "fused_linear_sparse_kd",
     "fused_linear_tvd",
     "jeffreys",
     "jsd",
@@ -72,6 +76,8 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_kd",
+    "teacher_topk",
     "tvd",
 ]
 

@@ -28,6 +28,8 @@ __all__ = [
     "reverse_kl_per_token",
     "skew_forward_kl_per_token",
     "skew_reverse_kl_per_token",
+    "sparse_kd_loss",
+    "sparse_per_token",
     "tvd_per_token",
 ]
 
@@ -176,3 +178,105 @@ def cross_entropy_per_token(s: torch.Tensor, labels: torch.Tensor, ignore_index:
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     nll = -s.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, nll, torch.zeros_like(nll))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse teachers (MATH.md, "Sparse teachers"): the teacher is K ids and their log-probs per token.
+# ------------------------------------------------------------------------------------------------
+
+# The teacher's tail 1 − P is clamped to this floor (after rounding it can be ≤ 0), so that
+# reverse-type divergences stay finite; the K+1 teacher categories are then renormalized.
+SPARSE_TAIL_FLOOR = 1e-6
+
+
+def _sparse_row(
+    divergence: str, s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, tail: str,
+    alpha: float, beta: float,
+) -> torch.Tensor:
+    """One row: s (V,) student logits (already divided by T), ids (K,), lp (K,) teacher log-probs."""
+    valid = lp != -math.inf
+    ids_v, lp_v = ids[valid].long(), lp[valid].to(s.dtype)
+    lq = s.log_softmax(-1)
+    if tail == "ignore":  # forward KL on the given ids only: Σ_k p_k (ℓ_k − log q_{i_k})
+        return (lp_v.exp() * (lp_v - lq[ids_v])).sum()
+    if tail == "renormalize":  # p̂ = p/P, q̂ = q/Q on S: log_softmax over the support does both
+        return per_token(divergence, lq[ids_v], lp_v, alpha=alpha, beta=beta)
+    if tail != "bucket":
+        raise ValueError(f"unknown tail {tail!r}")
+    in_support = torch.zeros_like(lq, dtype=torch.bool)
+    in_support[ids_v] = True
+    lq_cat, lp_cat = lq[ids_v], lp_v
+    if not bool(in_support.all()):  # a tail category exists: "everything else"
+        lq_tail = lq[~in_support].logsumexp(-1)
+        p_tail = (-torch.expm1(lp_v.logsumexp(-1))).clamp_min(SPARSE_TAIL_FLOOR)
+        lq_cat = torch.cat([lq_cat, lq_tail[None]])
+        lp_cat = torch.cat([lp_cat, p_tail.log()[None]])
+    # per_token applies log_softmax: a no-op on the student's categories (they sum to 1), the
+    # renormalization of the teacher's when its tail was clamped.
+    return per_token(divergence, lq_cat, lp_cat, alpha=alpha, beta=beta)
+
+
+def sparse_per_token(
+    divergence: str,
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    *,
+    tail: str = "bucket",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token divergence against a sparse teacher, one row at a time (readable, slow).
+
+    ``s`` (..., V) student logits (temperature already applied), ``ids`` (..., K), ``lp`` (..., K)
+    teacher log-probs with −inf = padding. ``tail``: "bucket" compares the K+1 categories (the ids
+    and everything else; teacher tail max(1 − P, SPARSE_TAIL_FLOOR), renormalized), "renormalize"
+    the K ids renormalized on both sides, "ignore" is Σ_k p_k (ℓ_k − log q_{i_k}).
+    """
+    v = s.shape[-1]
+    s2, ids2, lp2 = s.reshape(-1, v), ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1])
+    rows = [_sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta)
+            for i in range(s2.shape[0])]
+    out = torch.stack(rows) if rows else s2.new_zeros(0)
+    return out.reshape(s.shape[:-1])
+
+
+def sparse_kd_loss(
+    divergence: str,
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    *,
+    tail: str = "bucket",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``kd_kernels.sparse_kd`` written out plainly: the temperature divides the student only.
+
+    Masked rows are not evaluated (their ids may be anything); reductions as in ``kd_loss``.
+    """
+    lead = s.shape[:-1]
+    k = torch.ones(lead, dtype=s.dtype) if mask is None else mask.to(s.dtype)
+    n, v = lead.numel(), s.shape[-1]
+    s2, kk = (s / temperature).reshape(n, v), k.reshape(n)
+    ids2, lp2 = ids.reshape(n, -1), lp.reshape(n, -1)
+    rows = [
+        _sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta) if kk[i] != 0
+        else s2.new_zeros(())
+        for i in range(n)
+    ]
+    L = (torch.stack(rows) if rows else s2.new_zeros(0)).reshape(lead)
+    w = k if token_weights is None else k * token_weights.to(L.dtype)
+    weighted = torch.where(w != 0, w * L, torch.zeros_like(L))
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / k.sum().clamp_min(1)
+    raise ValueError(f"unknown reduction {reduction!r}")

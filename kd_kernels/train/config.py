@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PRESETS = ("smollm2", "tiny")
+CACHE_METHODS = ("kd", "seqkd", "distillm")  # methods that can train from --teacher-cache
 
 # Per-method defaults on top of TrainConfig's, used by the command line (a flag given explicitly wins).
 # minillm: 40 steps = 5 rollout rounds, sized from measured phase times so that `kd-train minillm` (what
@@ -55,6 +57,10 @@ class TrainConfig:
     temperature: float = 1.0  # KD temperature
     chunk_size: int = 0  # fused-linear tokens per chunk (0: the library's memory-budget default)
     backend: str = "auto"  # kd_kernels backend
+    # sparse teacher (kd, seqkd, distillm): train from an offline top-K cache (kd-train cache-teacher)
+    teacher_cache: str = ""  # cache folder; empty: the teacher's full logits every step
+    sparse_tail: str = "bucket"  # "bucket", "renormalize" or "ignore" (forward KL only)
+    sparse_top_k: int = 0  # ids per token used from the cache (0: all it holds)
     # minillm (paper values; rollouts scaled from 256 to the CPU)
     minillm_alpha: float = 0.2  # teacher mix-in of the sampling distribution p~ = (1-a) q + a p
     minillm_gamma: float = 0.95  # discount of the returns
@@ -250,6 +256,21 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.gkd_estimator == "sampled" and cfg.gkd_beta != 1.0:
         raise ValueError(f"--gkd-estimator sampled estimates reverse KL: use it with --gkd-beta 1 "
                          f"(got {cfg.gkd_beta})")
+    if cfg.teacher_cache:
+        if cfg.method not in CACHE_METHODS:
+            raise ValueError(f"--teacher-cache works with {', '.join(CACHE_METHODS)}, not "
+                             f"{cfg.method!r} (its teacher terms need the full distribution)")
+        if not (Path(cfg.teacher_cache) / "manifest.json").is_file():  # before any model loads
+            raise ValueError(f"--teacher-cache {cfg.teacher_cache!r} has no manifest.json; write "
+                             "one with `kd-train cache-teacher --out DIR`")
+    if cfg.sparse_tail not in ("bucket", "renormalize", "ignore"):
+        raise ValueError(f"--sparse-tail={cfg.sparse_tail!r} must be 'bucket', 'renormalize' or "
+                         "'ignore'")
+    if cfg.sparse_tail == "ignore" and cfg.method == "distillm":
+        raise ValueError("--sparse-tail ignore is defined for forward KL only; distillm's skew KL "
+                         "needs 'bucket' or 'renormalize'")
+    if cfg.sparse_top_k < 0:
+        raise ValueError(f"--sparse-top-k={cfg.sparse_top_k} must be >= 0 (0: all the cache holds)")
     try:
         cfg.seeds()
     except ValueError:

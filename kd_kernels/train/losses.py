@@ -61,6 +61,26 @@ def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch
     return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
 
 
+def sparse_mix_loss(student: Head, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    targets: torch.Tensor, mask: torch.Tensor, *, ratio: float, tail: str = "bucket",
+                    temperature: float = 1.0, chunk_size: int = 0, backend: str = "auto",
+                    divergence: str = "forward_kl", alpha: float = 0.1
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_mix_loss`` against a sparse teacher (its top-K ids and log-probs per token, −inf where
+    ``mask`` is False) through ``fused_linear_sparse_kd``: ``(1 − r)·CE + r·KD``, no teacher forward."""
+    if ratio == 0.0:
+        ce = ce_loss(student, targets, mask, chunk_size=chunk_size)
+        return ce, {"ce": float(ce.detach()), "kd": float("nan")}
+    labels = torch.where(mask, targets, torch.full_like(targets, -100))
+    loss, parts = kd_kernels.fused_linear_sparse_kd(
+        student.hidden, student.weight, teacher_ids, teacher_logprobs, divergence=divergence,
+        alpha=alpha, tail=tail, student_bias=student.bias, temperature=temperature, mask=mask,
+        labels=labels, ce_weight=(1.0 - ratio) / ratio, reduction="mean",
+        chunk_size=_chunk(chunk_size), backend=backend, return_components=True,
+    )
+    return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
+
+
 @torch.no_grad()
 def token_divergences(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
                       chunk_size: int = 0, backend: str = "auto") -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
 from .gkd import full_loss, sampled_token_loss
-from .losses import Head, ce_loss, kd_mix_loss
+from .losses import Head, ce_loss, kd_mix_loss, sparse_mix_loss
 from .minillm import (
     importance_log_weights,
     minillm_loss,
@@ -87,9 +87,11 @@ class WordKD(Method):
     def loss(self, student, teacher, batch, run):
         targets, mask = shift_targets(batch["labels"])
         s = head(student, batch)
+        cfg = run.cfg
+        if cfg.teacher_cache:  # every step's batch is from the cached responses: no teacher forward
+            return _cached_teacher_loss(s, batch, targets, mask, run)
         with torch.no_grad():
             t = head(teacher, batch)
-        cfg = run.cfg
         return kd_mix_loss(s, t, targets, mask, ratio=cfg.kd_ratio, temperature=cfg.temperature,
                            chunk_size=cfg.chunk_size, backend=cfg.backend)
 
@@ -101,6 +103,19 @@ class SeqKD(WordKD):
 
     def train_responses(self, run):
         return run.teacher_samples("train", temperature=run.cfg.seqkd_temperature, seed=run.cfg.seed)
+
+
+def _cached_teacher_loss(s: Head, batch, targets, mask, run, *, ratio: float | None = None,
+                         divergence: str = "forward_kl", alpha: float = 0.1):
+    """The KD mix against the run's offline teacher cache (``--teacher-cache``)."""
+    from .teacher_cache import cache_for
+
+    cfg = run.cfg
+    ids, lps = cache_for(run).lookup(batch["example_index"], targets, mask)
+    return sparse_mix_loss(s, ids, lps, targets, mask, ratio=cfg.kd_ratio if ratio is None else ratio,
+                           tail=cfg.sparse_tail, temperature=cfg.temperature,
+                           chunk_size=cfg.chunk_size, backend=cfg.backend, divergence=divergence,
+                           alpha=alpha)
 
 
 # ------------------------------------------------------------------------------------------- MiniLLM
@@ -453,9 +468,15 @@ class DistiLLM(Method):
         cfg = run.cfg
         targets, mask = shift_targets(batch["labels"])
         s = head(student, batch)
+        div = "skew_reverse_kl" if cfg.distillm_loss == "srkl" else "skew_forward_kl"
+        if cfg.teacher_cache and "example_index" in batch:
+            # a batch of references comes from the cache; fresh / replayed student samples are not
+            # in it and still take the teacher's forward pass below
+            loss, parts = _cached_teacher_loss(s, batch, targets, mask, run, ratio=1.0 - cfg.distillm_ce,
+                                               divergence=div, alpha=cfg.distillm_alpha)
+            return loss, parts | self._info
         with torch.no_grad():
             t = head(teacher, batch)
-        div = "skew_reverse_kl" if cfg.distillm_loss == "srkl" else "skew_forward_kl"
         loss, parts = kd_mix_loss(s, t, targets, mask, ratio=1.0 - cfg.distillm_ce,
                                   temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                                   backend=cfg.backend, divergence=div, alpha=cfg.distillm_alpha)

@@ -143,7 +143,9 @@ class Run:
     def offline_batch(self, step: int) -> dict[str, torch.Tensor]:
         idx = batch_indices(len(self.train_examples), step, self.cfg.batch_size, self.cfg.seed,
                             self.rank, self.world)
-        return self.to_device(collate([self.train_examples[i] for i in idx], self.pad_id))
+        batch = collate([self.train_examples[i] for i in idx], self.pad_id)
+        batch["example_index"] = torch.tensor(idx)  # which training examples (teacher caches)
+        return self.to_device(batch)
 
 
 def head(model, batch: dict[str, torch.Tensor]) -> Head:

@@ -275,6 +275,7 @@ def make_summary(cfg: TrainConfig, run: Run, step: int, world: int, device: torc
         "train_examples": len(run.train_examples), "final": final,
         "evaluated": bool(final), "phases": {k: dict(v) for k, v in phases.items()},
         "outputs": {"dir": str(Path(cfg.out).resolve())},
+        "teacher_cache": getattr(run, "teacher_cache_info", None),
         "config": cfg.to_dict(),
     }
 
