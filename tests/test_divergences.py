@@ -4,8 +4,7 @@ edge cases, validation and the public forms (named functions, modules, fused lin
 
 Backends as in test_losses.py (``available_backends("cpu")``: cpu, torch and the Triton interpreter). The Triton
 interpreter is slow, so it gets smaller matrices (a covering set of reduction × temperature × mask per divergence
-and dtype). The cpu kernels for the new options land in a separate change: until then its cases are xfail
-(non-strict) here, to be flipped when they do.
+and dtype).
 """
 
 from __future__ import annotations
@@ -30,12 +29,11 @@ COEF = {"skew_forward_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.3}, "j
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-CPU_PENDING = pytest.mark.xfail(strict=False, reason="cpu kernel lands with kcpu")
 
 
 def backends(new_option: bool = True):
-    """The backends to run; the cpu one marked pending when the case uses a new divergence or option."""
-    return [pytest.param(b, marks=CPU_PENDING) if b == "cpu" and new_option else b for b in CPU_BACKENDS]
+    """The backends to run (every CPU-usable one, for every divergence and option)."""
+    return list(CPU_BACKENDS)
 
 
 def logits(shape, dtype=torch.float32, scale=2.0):

@@ -2,8 +2,7 @@
 
 The random cases are fixed seeds (each failure names the call that reproduces it); ``benchmarks/fuzz.py``
 runs the same generators for as long as you like. The NaN / inf tests check the semantics decided for all
-backends (README, "NaN and inf"); the ones that depend on kernel changes of issue [K] are marked xfail
-(strict=False) per backend until those land.
+backends (README, "NaN and inf").
 """
 
 from __future__ import annotations
@@ -248,29 +247,6 @@ def test_expanded_teacher_on_every_backend(backend):
 # Which (backend, case, divergence) combinations still disagree with the decided semantics on this branch
 # (measured): the kernels of issue [K] make them hold, and the lead removes these marks after merging it.
 _ALL = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
-_KERNEL_PENDING = {
-    "cpu": {"nan_student": ("forward_kl", "skew_forward_kl"),
-            "nan_teacher": ("forward_kl", "jsd", "skew_forward_kl"),
-            "neginf_student": _ALL,
-            "neginf_teacher": ("forward_kl", "jsd", "skew_forward_kl"),
-            "posinf_student": _ALL,
-            "posinf_teacher": ("forward_kl", "jsd", "skew_forward_kl"),
-            "overflow": _ALL},
-    "torch": {"nan_student": ("reverse_kl", "skew_reverse_kl"),
-              "nan_teacher": ("forward_kl", "skew_forward_kl"),
-              "neginf_student": ("reverse_kl", "skew_reverse_kl"),
-              "neginf_teacher": ("forward_kl", "skew_forward_kl"),
-              "posinf_student": ("reverse_kl", "skew_reverse_kl"),
-              "posinf_teacher": ("forward_kl", "skew_forward_kl"),
-              "overflow": _ALL},
-    "triton": {"nan_student": ("skew_forward_kl",),
-               "nan_teacher": ("jsd", "skew_reverse_kl"),
-               "neginf_student": ("skew_forward_kl",),
-               "neginf_teacher": ("jsd", "skew_reverse_kl"),
-               "posinf_student": ("skew_forward_kl",),
-               "posinf_teacher": ("jsd", "skew_reverse_kl"),
-               "overflow": _ALL},
-}
 _CASES = ("nan_student", "nan_teacher", "neginf_student", "neginf_teacher", "posinf_student",
           "posinf_teacher", "overflow")
 
@@ -280,10 +256,7 @@ def _nan_params():
     for backend in CPU_BACKENDS:
         for case in _CASES:
             for divergence in DIVERGENCES:
-                marks = []
-                if divergence in _KERNEL_PENDING.get(backend, {}).get(case, ()):
-                    marks = [pytest.mark.xfail(strict=False, reason="backend NaN semantics land with [K]")]
-                out.append(pytest.param(backend, case, divergence, marks=marks,
+                out.append(pytest.param(backend, case, divergence,
                                         id=f"{backend}-{case}-{divergence}"))
     return out
 
