@@ -453,3 +453,20 @@ def test_bad_input_fused_linear():
     ids[0, 0] = 17
     with pytest.raises(ValueError, match="outside"):
         kd_kernels.fused_linear_sparse_kd(h, w, ids, lp)
+
+
+@pytest.mark.skipif(not _has_cpu_kernel(), reason="compiled cpu kernel not built")
+@pytest.mark.parametrize("level", ["x86-64", "x86-64-v3", "x86-64-v4"])
+def test_cpu_kernel_every_isa_level(level):
+    from kd_kernels import _ext
+
+    try:
+        _ext._C._set_cpu_isa(level)
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        for divergence, tail in DIV_TAILS:
+            test_matches_reference((divergence, tail), CONFIGS[3], torch.float32, "cpu")
+        test_support_holds_almost_all_student_mass(("reverse_kl", "bucket"), "cpu")
+    finally:
+        _ext._C._set_cpu_isa("auto")
