@@ -33,7 +33,7 @@ install-test: torch
 # MiniLLM with its defaults (sized for <= 20 minutes on 2 idle CPU cores, teacher answers included;
 # docs/TRAINER.md has the measured phase times). Prints the summary table and the output paths.
 demo: install-train
-	$(PYTHON) -m kd_kernels.train.cli minillm --out $(DEMO_OUT) $(DEMO_FLAGS)
+	$(PYTHON) -m kd_kernels.train.cli minillm --out $(DEMO_OUT) --overwrite $(DEMO_FLAGS)
 
 test: install-test
 	$(PYTHON) -c "import kd_kernels, json; print(json.dumps(kd_kernels.build_info()))"
