@@ -39,7 +39,8 @@ import torch
 from . import _ext
 from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
-from ._fused_linear_impl import _accumulate_wgrad, _linear, _Rows
+from ._fused_linear_impl import _accumulate_wgrad, _Rows
+from ._head import linear as _linear
 from ._spec import Divergence, KDSpec
 
 TAIL_FLOOR = 1e-6
