@@ -349,10 +349,13 @@ def _sparse(hs, ws, st: HeadInputs, teacher_ids, teacher_logprobs, common):
                 f"{name} must be a (batch, seq_len, K) tensor aligned with input_ids "
                 f"({hs.shape[0]}, {hs.shape[1] + 1}, K)"
             )
-    extra = {}
-    if st.logit_scale != 1.0 or st.softcap is not None:  # only passed when needed
-        extra = {"student_logit_scale": st.logit_scale, "student_softcap": st.softcap}
-    return fn(hs, ws, teacher_ids[:, :-1], teacher_logprobs[:, :-1], **common, **extra)
+    if st.logit_scale != 1.0 or st.softcap is not None:
+        raise NotImplementedError(
+            f"this student's logits are scaled ({st.logit_scale}) or soft-capped ({st.softcap}), and "
+            "kd_kernels.fused_linear_sparse_kd has no logit scale / softcap yet; distill from a teacher "
+            "model, or call kd_kernels.sparse_kd on the student's .logits"
+        )
+    return fn(hs, ws, teacher_ids[:, :-1], teacher_logprobs[:, :-1], **common)
 
 
 def _single_process(model: nn.Module) -> None:

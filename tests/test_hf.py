@@ -244,6 +244,43 @@ def test_sparse_teacher_needs_the_sparse_forms():
         )
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_sparse_teacher_equals_sparse_kd_on_the_logits(ce_weight):
+    """distill_loss with cached top-k teacher log-probs = kd_kernels.sparse_kd on the student's own logits
+    (+ HF's CE), loss and every student gradient."""
+    student, teacher = make_model("llama", seed=0), make_model("llama", seed=3)
+    ids, am, labels = batch()
+    with torch.no_grad():
+        lp = teacher(input_ids=ids, attention_mask=am).logits.float().log_softmax(-1)
+    t_lp, t_ids = lp.topk(8, dim=-1)
+    loss = hf.distill_loss(student, None, input_ids=ids, attention_mask=am, labels=labels,
+                           teacher_ids=t_ids, teacher_logprobs=t_lp, ce_weight=ce_weight)
+    grads = torch.autograd.grad(loss, [p for p in student.parameters()], allow_unused=True)
+
+    logits = student(input_ids=ids, attention_mask=am).logits[:, :-1]
+    shifted = labels[:, 1:]
+    ref = kd_kernels.sparse_kd(logits, t_ids[:, :-1], t_lp[:, :-1], mask=shifted != -100)
+    if ce_weight:
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), shifted.reshape(-1))
+        ref = ref + ce_weight * ce
+    ref_grads = torch.autograd.grad(ref, [p for p in student.parameters()], allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or float(g.abs().max()) == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_teacher_with_a_soft_capped_student_is_a_clear_error():
+    student = make_model("gemma2")
+    ids, _, labels = batch()
+    with pytest.raises(NotImplementedError, match="soft-capped"):
+        hf.distill_loss(student, None, input_ids=ids, labels=labels,
+                        teacher_ids=torch.randint(0, V, (3, 9, 4)),
+                        teacher_logprobs=torch.full((3, 9, 4), -2.0))
+
+
 # ------------------------------------------------------------------------------------- KDTrainer
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, n=8, t=10, seed=5):
