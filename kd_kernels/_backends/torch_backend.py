@@ -164,16 +164,15 @@ def _finite_on(loss: torch.Tensor, active: torch.Tensor) -> tuple[bool, bool]:
     return not bad, masked
 
 
-# Rows per chunk. CPU: each (rows, V) fp32 temporary about 1 MiB, so a chunk's few temporaries stay in the
-# caches (measured fastest at 1 MiB against 0.25 / 4 / 16 MiB, see docs/BENCHMARKS.md); other devices:
-# ~10 live buffers within _CHUNK_BYTES.
-_CPU_BUFFER_BYTES = 2**20
+# Rows per chunk: the fast path keeps about six (rows, V) fp32 buffers live, within the same _CHUNK_BYTES
+# of scratch as before. Smaller, cache-sized chunks were as fast on one thread but several times slower on two
+# threads of a loaded machine (every op is a parallel region; see docs/BENCHMARKS.md). The guarded redo of a
+# chunk (about ten buffers) goes through it in sub-chunks of _CHUNK_BYTES / ten buffers.
+_FAST_LIVE_BUFFERS = 6
 
 
-def _chunk_rows(v: int, device: torch.device) -> int:
-    if device.type == "cpu":
-        return max(1, _CPU_BUFFER_BYTES // (4 * max(v, 1)))
-    return max(1, _CHUNK_BYTES // (_LIVE_BUFFERS * 4 * max(v, 1)))
+def _chunk_rows(v: int, live_buffers: int) -> int:
+    return max(1, _CHUNK_BYTES // (live_buffers * 4 * max(v, 1)))
 
 
 def _log_probs(x: torch.Tensor, inv_t: float) -> torch.Tensor:
@@ -193,7 +192,8 @@ class TorchBackend(Backend):
     def loss_grad(self, s, t, row_weight, spec, grad):
         n, v = s.shape
         loss = torch.empty(n, dtype=torch.float32, device=s.device)
-        rows = _chunk_rows(v, s.device)
+        rows = _chunk_rows(v, _FAST_LIVE_BUFFERS)
+        sub = _chunk_rows(v, _LIVE_BUFFERS)
         inv_t = 1.0 / spec.temperature
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
@@ -211,12 +211,15 @@ class TorchBackend(Backend):
                         g_out[~active[:, 0]] = 0
                 loss[lo:hi] = L
                 continue
-            lq = _log_probs(s[lo:hi], inv_t)
-            lp = _log_probs(t[lo:hi], inv_t)
-            L, g = rows_loss_and_dlogits(lq, lp, spec, grad is not None)
-            loss[lo:hi] = _where_pos(active[:, 0], L)
-            if grad is not None:
-                grad[lo:hi] = _where_pos(active, g * (w * inv_t)[:, None])
+            for a in range(lo, hi, sub):
+                b = min(hi, a + sub)
+                lq = _log_probs(s[a:b], inv_t)
+                lp = _log_probs(t[a:b], inv_t)
+                L, g = rows_loss_and_dlogits(lq, lp, spec, grad is not None)
+                on = active[a - lo:b - lo]
+                loss[a:b] = _where_pos(on[:, 0], L)
+                if grad is not None:
+                    grad[a:b] = _where_pos(on, g * (row_weight[a:b] * inv_t)[:, None])
         return loss
 
 
