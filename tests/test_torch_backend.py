@@ -37,7 +37,7 @@ def _reference(divergence, s, t, mask, temperature):
 def test_chunks_fast_path_and_guarded_chunk(divergence, temperature, monkeypatch):
     """Six chunks of 4 rows: one chunk with a padded (−inf in both) column takes the guarded formulas, the
     others the fast path; masked rows hold NaN. Values and gradients match the float64 reference."""
-    monkeypatch.setattr(TB, "_CPU_BUFFER_BYTES", 4 * 4 * 257)  # 4 rows of V = 257 per chunk
+    monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 257)  # chunks of 4 rows (guarded: 2)
     n, v = 24, 257
     s, t = _inputs(n, v)
     s[5, 7] = t[5, 7] = -math.inf  # chunk 1: guarded
@@ -59,7 +59,7 @@ def test_chunks_fast_path_and_guarded_chunk(divergence, temperature, monkeypatch
 def test_inplace_gradient_when_a_chunk_is_redone(divergence, monkeypatch):
     """With inplace_grad the gradient overwrites the student logits; a chunk redone with the guarded
     formulas must still read the original logits (the fast path writes nothing before its check)."""
-    monkeypatch.setattr(TB, "_CPU_BUFFER_BYTES", 4 * 4 * 129)
+    monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 129)
     n, v = 12, 129
     s, t = _inputs(n, v, seed=1)
     s[6, :3] = t[6, :3] = -math.inf  # three absent tokens in one row: its chunk is redone, guarded
