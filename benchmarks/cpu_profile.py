@@ -13,7 +13,9 @@ Providers, each loss + gradient of ``(s, t) ↦ mean_i L_i`` (the bench_cpu.py e
 
 Every round runs every provider once per divergence, in a fresh order, in one process per build; with
 ``--before`` the rounds alternate between the two builds' processes (same inputs, same machine load), so the
-before / after ratios are measured side by side. Reports medians over rounds and the load average.
+before / after ratios are measured side by side. Reports medians over rounds and the load average, in wall
+time and in process CPU time (summed over threads; on a shared machine it says what the work costs, where wall
+time says how much of a core the process got; torch's OpenMP spin-waits count in its CPU time).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DIVERGENCES = ("reverse_kl", "skew_forward_kl")
+EAGER = ("reverse_kl", "skew_forward_kl")  # the divergences with an eager / torch.compile definition here
 PROVIDERS = ("kernel", "cpu", "compile", "eager")
 ALPHA = 0.1
 
 
-def _child(rows: int, vocab: int, threads: int, reps: int, providers: list[str], seed: int) -> None:
+def _child(rows: int, vocab: int, threads: int, reps: int, providers: list[str], divs: list[str],
+           seed: int) -> None:
     import torch
 
     import kd_kernels
@@ -56,7 +59,7 @@ def _child(rows: int, vocab: int, threads: int, reps: int, providers: list[str],
         lm = torch.logaddexp(lp + math.log(ALPHA), lq + math.log1p(-ALPHA))
         return (lp.exp() * (lp - lm)).sum(-1).mean()
 
-    compiled = {d: torch.compile(lambda s, t, d=d: eager_loss(d, s, t), dynamic=False) for d in DIVERGENCES}
+    compiled = {d: torch.compile(lambda s, t, d=d: eager_loss(d, s, t), dynamic=False) for d in EAGER}
     w = torch.full((rows,), 1.0 / rows)
     grad = torch.empty_like(s)
     leaf = s.clone().requires_grad_()
@@ -75,19 +78,20 @@ def _child(rows: int, vocab: int, threads: int, reps: int, providers: list[str],
             loss = eager_loss(div, leaf, t)
         loss.backward()
 
-    for div in DIVERGENCES:  # warm-up: compilation and first-call costs, at the timed shape
-        for p in providers:
-            step(p, div)
-            step(p, div)
+    cases = [(p, d) for p in providers for d in divs if p in ("kernel", "cpu") or d in EAGER]
+    for p, d in cases:  # warm-up: compilation and first-call costs, at the timed shape
+        step(p, d)
+        step(p, d)
     rng = random.Random(seed)
     out: dict[str, list[float]] = {}
     for _ in range(reps):
-        order = [(p, d) for p in providers for d in DIVERGENCES]
+        order = list(cases)
         rng.shuffle(order)
         for p, d in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(p, d)
             out.setdefault(f"{p}/{d}", []).append(time.perf_counter() - t0)
+            out.setdefault(f"cpu:{p}/{d}", []).append(time.process_time() - c0)
     print(json.dumps(out))
 
 
@@ -95,8 +99,8 @@ def _run_child(pythonpath: str, a: argparse.Namespace, providers: list[str], see
     env = dict(os.environ, PYTHONPATH=pythonpath)
     cmd = [sys.executable, __file__, "--child", "--rows", str(a.rows), "--vocab", str(a.vocab),
            "--threads", str(a.threads), "--reps", "1", "--providers", ",".join(providers),
-           "--seed", str(seed)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=pythonpath)
+           "--divergences", a.divergences, "--seed", str(seed)]
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=pythonpath)
     if res.returncode != 0:
         raise RuntimeError(f"child for {pythonpath} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -122,13 +126,15 @@ def main() -> None:
     ap.add_argument("--before", help="a checkout (with its built kd_kernels/_C*.so) to compare with")
     ap.add_argument("--limits", action="store_true", help="also time the exp / log / memory floors")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--divergences", default=",".join(EAGER),
+                    help="kernel / cpu providers run any; compile / eager only reverse_kl, skew_forward_kl")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     providers = a.providers.split(",")
     if a.child:
-        _child(a.rows, a.vocab, a.threads, a.reps, providers, a.seed)
+        _child(a.rows, a.vocab, a.threads, a.reps, providers, a.divergences.split(","), a.seed)
         return
 
     builds = {"after": str(ROOT)}
@@ -138,7 +144,8 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
         for b, path in (builds.items() if r % 2 == 0 else reversed(list(builds.items()))):
-            res = _run_child(path, a, providers if b == "after" else ["kernel", "cpu"], seed=r)
+            old = [p for p in providers if p in ("kernel", "cpu")]  # the baselines need no second run
+            res = _run_child(path, a, providers if b == "after" else old, seed=r)
             for k, v in res.items():
                 times[b].setdefault(k, []).extend(v)
         load.append(os.getloadavg()[0])
@@ -146,16 +153,19 @@ def main() -> None:
           f"per round, rounds alternate the builds), load average (1 min) during the run: "
           f"median {statistics.median(load):.1f}, max {max(load):.1f} on {os.cpu_count()} CPUs")
     print(f"{'divergence':<16} {'build':<7} {'provider':<8} {'median ms':>10} {'min ms':>8} "
-          f"{'compile / this':>15}")
-    for d in DIVERGENCES:
+          f"{'compile / this':>15} {'CPU-time ms':>12} {'compile / this':>15}")
+    for d in a.divergences.split(","):
         comp = statistics.median(times["after"].get(f"compile/{d}", [math.nan]))
+        comp_cpu = statistics.median(times["after"].get(f"cpu:compile/{d}", [math.nan]))
         for b in builds:
             for p in providers:
                 ts = times[b].get(f"{p}/{d}")
                 if not ts:
                     continue
                 med = statistics.median(ts)
-                print(f"{d:<16} {b:<7} {p:<8} {med * 1e3:10.1f} {min(ts) * 1e3:8.1f} {comp / med:14.2f}x")
+                cpu = statistics.median(times[b][f"cpu:{p}/{d}"])
+                print(f"{d:<16} {b:<7} {p:<8} {med * 1e3:10.1f} {min(ts) * 1e3:8.1f} {comp / med:14.2f}x "
+                      f"{cpu * 1e3:12.1f} {comp_cpu / cpu:14.2f}x")
     if a.limits:
         lim = limits(a)
         n = a.rows * a.vocab
@@ -163,7 +173,8 @@ def main() -> None:
               f"kd_exp {lim['exp_ns']:.3f} ns, kd_log {lim['log_ns']:.3f} ns, read s,t + write g "
               f"{lim['mem_ns']:.3f} ns ({lim['mem_GBps']:.1f} GB/s of the 12 counted bytes); "
               f"whole problem: one exp per element {lim['exp_ns'] * n / 1e6:.1f} ms, memory "
-              f"{lim['mem_ns'] * n / 1e6:.1f} ms")
+              f"{lim['mem_ns'] * n / 1e6:.1f} ms; as CPU time (all threads): exp {lim['exp_cpu_ns']:.3f} ns, "
+              f"log {lim['log_cpu_ns']:.3f} ns, memory {lim['mem_cpu_ns']:.3f} ns per element")
 
 
 if __name__ == "__main__":

@@ -112,5 +112,12 @@ class KDLossFunction(torch.autograd.Function):
         else:
             # In place: the saved gradient is used once. A second backward (retain_graph=True) makes autograd
             # raise a version error rather than return a doubly scaled gradient.
-            ds = grad.mul_(scale)
+            if not ctx.per_token and grad_out.device.type == "cpu" and grad_out.item() == 1.0:
+                # loss.backward() on a reduced loss: the scale is exactly 1, skip a full pass over the
+                # (N, V) gradient (reading a CPU scalar costs no device synchronisation). The version bump
+                # keeps the retain_graph guard of the in-place multiply.
+                torch.autograd.graph.increment_version(grad)
+                ds = grad
+            else:
+                ds = grad.mul_(scale)
         return ds, None, None, None, None, None, None
