@@ -276,14 +276,15 @@ def _poison(s: torch.Tensor, t: torch.Tensor, case: str, row: int) -> tuple[torc
         s[row, 2] = math.inf
     elif case == "posinf_teacher":
         t[row, 2] = math.inf
-    elif case == "overflow":  # 3e36 / 0.01 is past the largest fp32 (defect 12, kernel side)
-        s[row, 1], temperature = 3e36, 0.01
+    elif case == "overflow":  # 1e38 / 0.1 = 1e39 is past the largest fp32, 3.4e38 (defect 12, kernel side)
+        s[row, 1], temperature = 1e38, 0.1
     return s, t, temperature
 
 
 @pytest.mark.parametrize("backend, case, divergence", _nan_params())
 def test_non_distribution_row_is_nan_on_that_row_only(backend, case, divergence):
     n, v, bad = 4, 23, 2
+    torch.manual_seed(11)  # fixed inputs: the other rows are compared with the float64 reference
     s, t, temperature = _poison(torch.randn(n, v), torch.randn(n, v), case, bad)
     x = s.clone().requires_grad_()
     loss = kd_kernels.kd_loss(x, t, divergence=divergence, temperature=temperature, reduction="none",
@@ -295,7 +296,9 @@ def test_non_distribution_row_is_nan_on_that_row_only(backend, case, divergence)
                     **COEF.get(divergence, {}))
     ref.sum().backward()
     assert torch.allclose(loss[good].double(), ref, rtol=1e-4, atol=1e-5)  # other rows exact
-    assert torch.allclose(x.grad[good].double(), s64.grad, rtol=1e-3, atol=1e-5)
+    # fp32 gradient error scales with the gradient (× 1/T): absolute tolerance relative to its largest entry
+    scale = max(1.0, float(s64.grad.abs().max()))
+    assert torch.allclose(x.grad[good].double(), s64.grad, rtol=1e-3, atol=1e-5 * scale)
     assert loss[bad].isnan(), f"{case}: loss {loss[bad].item()} instead of NaN"
     assert x.grad[bad].isnan().all(), f"{case}: gradient row {x.grad[bad]} instead of all NaN"
     # mean / sum over a NaN row are NaN too
