@@ -35,12 +35,12 @@ def _reference(divergence, s, t, mask, temperature):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", (1.0, 1.7))
 def test_several_chunks_with_padded_columns_and_masked_nan_rows(divergence, temperature, monkeypatch):
-    """Six chunks of 4 rows: one chunk with a padded (−inf in both) column takes the guarded formulas, the
-    others the fast path; masked rows hold NaN. Values and gradients match the float64 reference."""
-    monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 257)  # chunks of 4 rows (guarded: 2)
+    """Chunks of a few rows: one with a padded (−inf in both) column; masked rows hold NaN. Values and
+    gradients match the float64 reference."""
+    monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 257)  # a few rows per chunk
     n, v = 24, 257
     s, t = _inputs(n, v)
-    s[5, 7] = t[5, 7] = -math.inf  # chunk 1: guarded
+    s[5, 7] = t[5, 7] = -math.inf
     mask = torch.ones(n, dtype=torch.bool)
     mask[[2, 13, 14]] = False
     s[13], t[14] = math.nan, math.nan  # masked rows are never counted
@@ -57,12 +57,12 @@ def test_several_chunks_with_padded_columns_and_masked_nan_rows(divergence, temp
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_inplace_gradient_over_several_chunks(divergence, monkeypatch):
-    """With inplace_grad the gradient overwrites the student logits; a chunk redone with the guarded
-    formulas must still read the original logits (the fast path writes nothing before its check)."""
+    """With inplace_grad the gradient overwrites the student logits chunk by chunk; every chunk still reads
+    the original logits."""
     monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 129)
     n, v = 12, 129
     s, t = _inputs(n, v, seed=1)
-    s[6, :3] = t[6, :3] = -math.inf  # three absent tokens in one row: its chunk is redone, guarded
+    s[6, :3] = t[6, :3] = -math.inf  # three absent tokens in one row
     ref, g_ref, up = _reference(divergence, s, t, None, 1.0)
     x = s.clone().requires_grad_()
     y = x * 1.0  # a non-leaf the gradient may overwrite
@@ -75,8 +75,7 @@ def test_inplace_gradient_over_several_chunks(divergence, monkeypatch):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_nan_row_leaves_other_rows_exact(divergence):
-    """A NaN in one counted row sends its chunk to the guarded formulas; the other rows stay exact (what
-    the NaN row itself gives is the guarded formulas' business, tested with the NaN semantics)."""
+    """A NaN in one counted row leaves the other rows exact (the NaN row itself: tests/test_fuzz.py)."""
     n, v = 6, 300
     s, t = _inputs(n, v, seed=2)
     s[3, 10] = math.nan
