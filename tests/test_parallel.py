@@ -576,3 +576,22 @@ def test_parallel_matches_unsharded(world, tmp_path):
         assert not failures, f"rank {rank}: " + "\n".join(
             f"{r['case']}: {r['bad']}" for r in failures
         )
+
+
+def test_divergences_without_a_vocab_parallel_form_are_a_clear_error(tmp_path):
+    """tvd / jeffreys / alpha_beta / renyi have no vocabulary-parallel statistics yet: a clear error, raised on
+    every rank (here a group of one, in process), not a wrong number."""
+    import torch.distributed as dist
+
+    import kd_kernels.parallel as P
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        s, t = torch.randn(3, 11), torch.randn(3, 11)
+        for divergence in ("tvd", "jeffreys", "alpha_beta", "renyi"):
+            with pytest.raises(NotImplementedError, match="no vocabulary-parallel form"):
+                P.kd_loss(s, t, group=group, divergence=divergence)
+    finally:
+        dist.destroy_process_group()

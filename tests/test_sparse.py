@@ -470,3 +470,15 @@ def test_cpu_kernel_every_isa_level(level):
         test_support_holds_almost_all_student_mass(("reverse_kl", "bucket"), "cpu")
     finally:
         _ext._C._set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("divergence", ["tvd", "jeffreys", "alpha_beta", "renyi"])
+def test_divergences_without_a_sparse_form_are_a_clear_error(divergence):
+    s = torch.randn(3, 40)
+    ids = torch.stack([torch.randperm(40)[:4] for _ in range(3)])
+    lp = torch.full((3, 4), -2.0)
+    with pytest.raises(NotImplementedError, match="no sparse-teacher form"):
+        kd_kernels.sparse_kd(s, ids, lp, divergence=divergence)
+    with pytest.raises(NotImplementedError, match="no sparse-teacher form"):
+        kd_kernels.fused_linear_sparse_kd(torch.randn(3, 8), torch.randn(40, 8), ids, lp,
+                                          divergence=divergence)
