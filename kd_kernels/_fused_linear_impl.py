@@ -62,6 +62,27 @@ def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> No
         acc.add_(g.t() @ h)
 
 
+
+def save_head_grads(ctx, grads, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Forward side of every fused-linear autograd Function: keep the (∂h, ∂W, ∂b) computed in forward."""
+    ctx.save_for_backward(*grads)
+    ctx.param_dtypes = (w.dtype, b.dtype if b is not None else None)
+
+
+def scale_head_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """Backward side: the saved (∂h, ∂W, ∂b) times the upstream scalar, in the parameters' dtypes. In place:
+    each saved gradient is used once; a second backward (retain_graph=True) makes autograd raise a version
+    error rather than return a doubly scaled gradient."""
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.param_dtypes
+    if grad_h is not None:
+        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+    if grad_w is not None:
+        grad_w = grad_w.mul_(grad_loss).to(w_dtype)
+    if grad_b is not None:
+        grad_b = grad_b.mul_(grad_loss).to(b_dtype)
+    return grad_h, grad_w, grad_b
+
 class _Rows:
     """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active
     rows."""
@@ -274,25 +295,14 @@ class FusedLinearKDFunction(torch.autograd.Function):
             t_tr,
         )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
-        ctx.save_for_backward(*grads)
-        ctx.param_dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
+        save_head_grads(ctx, grads, w_s, b_s)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        # In place: each saved gradient is used once; a second backward (retain_graph=True) makes
-        # autograd raise a version error rather than return a doubly scaled gradient.
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 12
+        return scale_head_grads(ctx, grad_loss) + (None,) * 12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,6 +394,7 @@ class FusedLinearKDRowsFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         none = (None,) * 12
         if grad_loss is None:

@@ -37,9 +37,10 @@ import math
 import torch
 
 from . import _ext
+from ._autograd import once_differentiable
 from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
-from ._fused_linear_impl import _accumulate_wgrad, _Rows
+from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
 from ._head import linear as _linear
 from ._spec import Divergence, KDSpec
 
@@ -300,6 +301,7 @@ class SparseKDFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out[:, None] if ctx.per_token else grad_out
@@ -374,19 +376,11 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         kd, ce, grads = sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale,
                                           ce_weight, spec, tail, backend, rows, need)
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
-        ctx.save_for_backward(*grads)
-        ctx.param_dtypes = (w.dtype, b.dtype if b is not None else None)
+        save_head_grads(ctx, grads, w, b)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 10
+        return scale_head_grads(ctx, grad_loss) + (None,) * 10

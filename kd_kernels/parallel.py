@@ -45,8 +45,10 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as V
+from ._autograd import once_differentiable
 from ._backends import BACKEND_NAMES, BackendUnavailableError
 from ._backends import _vocab_parallel as vp
+from ._fused_linear_impl import save_head_grads, scale_head_grads
 from ._spec import KDSpec
 from .fused_linear import (
     IGNORE_INDEX,
@@ -418,23 +420,14 @@ class _FusedFunction(torch.autograd.Function):
             need,
         )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = (w_s.dtype, b_s.dtype if b_s is not None else None)
+        save_head_grads(ctx, grads, w_s, b_s)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        # In place: a second backward makes autograd raise instead of scaling twice.
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 14
+        return scale_head_grads(ctx, grad_loss) + (None,) * 14
 
 
 def _float_option(value: object, name: str) -> float:
@@ -746,6 +739,7 @@ class _LogitsFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out[:, None] if ctx.per_token else grad_out

@@ -482,3 +482,19 @@ def test_divergences_without_a_sparse_form_are_a_clear_error(divergence):
     with pytest.raises(NotImplementedError, match="no sparse-teacher form"):
         kd_kernels.fused_linear_sparse_kd(torch.randn(3, 8), torch.randn(40, 8), ids, lp,
                                           divergence=divergence)
+
+
+def test_second_derivative_raises():
+    """Like the dense losses: the gradient is computed in forward, so create_graph=True must not silently drop
+    the second-order term."""
+    s = torch.randn(3, 40, requires_grad=True)
+    ids = torch.stack([torch.randperm(40)[:4] for _ in range(3)])
+    lp = torch.full((3, 4), -2.0)
+    (g,) = torch.autograd.grad(kd_kernels.sparse_kd(s, ids, lp, backend="torch"), s, create_graph=True)
+    with pytest.raises(RuntimeError):
+        (g.square().sum() + (s**3).sum()).backward()
+    h = torch.randn(3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(kd_kernels.fused_linear_sparse_kd(h, torch.randn(40, 8), ids, lp), h,
+                               create_graph=True)
+    with pytest.raises(RuntimeError):
+        (g.square().sum() + (h**3).sum()).backward()
