@@ -130,7 +130,7 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t s, std::uintptr_t ids, std::uintptr_t logprobs, std::uintptr_t grad,
          std::uintptr_t row_weight, std::uintptr_t loss, int64_t n_rows, int64_t vocab, int64_t k,
          int64_t stride_s, int64_t stride_g, int s_dtype, int divergence, int tail, double coef,
-         double temperature, double tail_floor, int num_threads) {
+         double coef2, double temperature, double tail_floor, int num_threads) {
         kd::cpu::SparseArgs a;
         a.s = reinterpret_cast<const void*>(s);
         a.ids = reinterpret_cast<const int64_t*>(ids);
@@ -147,6 +147,7 @@ PYBIND11_MODULE(_C, m) {
         a.divergence = divergence;
         a.tail = tail;
         a.coef = coef;
+        a.coef2 = coef2;
         a.temperature = temperature;
         a.tail_floor = tail_floor;
         py::gil_scoped_release nogil;
@@ -155,7 +156,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("s"), py::arg("ids"), py::arg("logprobs"), py::arg("grad"), py::arg("row_weight"),
       py::arg("loss"), py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("stride_s"),
       py::arg("stride_g"), py::arg("s_dtype"), py::arg("divergence"), py::arg("tail"), py::arg("coef"),
-      py::arg("temperature"), py::arg("tail_floor"), py::arg("num_threads"),
+      py::arg("coef2"), py::arg("temperature"), py::arg("tail_floor"), py::arg("num_threads"),
       "Sparse-teacher loss + gradient on host memory (kd::cpu::SparseArgs, csrc/cpu/kd_sparse.h).");
 
   m.def(

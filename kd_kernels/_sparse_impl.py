@@ -17,6 +17,13 @@ losses; m = α p + (1−α) q, m' = (1−α) p + α q, M = β p + (1−β) q):
     skew_forward_kl  u = −(1−α) p/m
     skew_reverse_kl  u = log q − log m' + 1 − α q/m'
     jsd              u = (1−β) (log q − log M)
+    tvd              u = ½ sign(q − p)
+    jeffreys         u = log q − log p − p/q
+    alpha_beta       u = (q^(α+β−1) − p^α q^(β−1)) / α
+    renyi            u = 1 − r/q,  r = p^α q^(1−α) / Σ_c p^α q^(1−α)
+
+(these are the dense definitions on the categories: the torch path calls ``_TERMS`` of the torch
+backend; the compiled kernels write them as scalar branches, ``category_terms`` / ``_cat_terms``).
 
 The teacher's tail ``1 − P`` is formed as ``−expm1(logsumexp ℓ)`` (exact when P ≈ 1) and clamped to
 ``TAIL_FLOOR`` (1e−6), then the K+1 teacher categories are renormalized; when the support covers the
@@ -42,6 +49,7 @@ from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
 from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
 from ._head import linear as _linear
+from ._backends.torch_backend import _TERMS
 from ._spec import Divergence, KDSpec
 
 TAIL_FLOOR = 1e-6
@@ -72,35 +80,20 @@ def category_terms(
     lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(D, a, u) for categories with log-probs ``lq`` (student), ``lp`` (teacher), (rows, C), −inf =
-    empty category: D (rows,), ``a = ∂D/∂ log q̄`` and ``u = a / q̄`` (rows, C), 0 where empty."""
+    empty category: D (rows,), ``a = ∂D/∂ log q̄`` (up to a multiple of q̄, which cancels in every
+    gradient formula above) and ``u = a / q̄`` (rows, C), 0 where empty.
+
+    The divergence itself is the dense torch backend's definition (``_TERMS``), applied to the
+    coarse-grained distributions: there is no second copy of the math here. A row without any
+    category (all padding) gets D = 0 and a = u = 0.
+    """
     q, p = lq.exp(), lp.exp()
-    qpos, ppos = q > 0, p > 0
-    d, c = spec.divergence, spec.coef
-    if d == Divergence.FORWARD_KL:
-        D = _zero_where_not(ppos, p * (lp - lq)).sum(-1)
-        a = -p
-        u = _zero_where_not(ppos, -(lp - lq).exp())
-        return D, a, u
-    if d == Divergence.REVERSE_KL:
-        D = _zero_where_not(qpos, q * (lq - lp)).sum(-1)
-        u = _zero_where_not(qpos, lq - lp + 1)
-    elif d == Divergence.SKEW_FORWARD_KL:
-        lm = torch.logaddexp(lp + math.log(c), lq + math.log1p(-c))
-        D = _zero_where_not(ppos, p * (lp - lm)).sum(-1)
-        u = _zero_where_not(ppos, -(1 - c) * (lp - lm).exp())
-    elif d == Divergence.SKEW_REVERSE_KL:
-        lm = torch.logaddexp(lq + math.log(c), lp + math.log1p(-c))
-        D = _zero_where_not(qpos, q * (lq - lm)).sum(-1)
-        u = _zero_where_not(qpos, lq - lm + 1 - c * (lq - lm).exp())
-    elif d == Divergence.JSD:
-        lm = torch.logaddexp(lp + math.log(c), lq + math.log1p(-c))
-        D = c * _zero_where_not(ppos, p * (lp - lm)).sum(-1) + (1 - c) * _zero_where_not(
-            qpos, q * (lq - lm)
-        ).sum(-1)
-        u = _zero_where_not(qpos, (1 - c) * (lq - lm))
-    else:
-        raise ValueError(f"sparse KD does not support divergence {d.label!r}")
-    return D, _zero_where_not(qpos, q * u), u
+    D, a, _ = _TERMS[spec.divergence](lq, lp, q, p, spec)
+    qpos = q > 0  # a stays as defined where q̄ underflows to 0 (forward-type gradients −p are real)
+    u = _zero_where_not(qpos, a / torch.where(qpos, q, 1.0))
+    empty = (lq == _NEG_INF).all(-1) & (lp == _NEG_INF).all(-1)
+    D = _zero_where_not(~empty, D)
+    return D, _zero_where_not(~empty[:, None], a), _zero_where_not(~empty[:, None], u)
 
 
 def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
@@ -219,7 +212,8 @@ def cpu_sparse_loss_grad(s, ids, lp, row_weight, spec: KDSpec, tail: Tail, grad)
     _ext._C.cpu_sparse_loss_grad(
         s.data_ptr(), ids.data_ptr(), lp.data_ptr(), grad_ptr, row_weight.data_ptr(),
         loss.data_ptr(), n, v, k, max(s.stride(0), v), max(stride_g, v), DTYPE_CODES[s.dtype],
-        int(spec.divergence), int(tail), float(spec.coef), float(spec.temperature), TAIL_FLOOR,
+        int(spec.divergence), int(tail), float(spec.coef), float(spec.coef2), float(spec.temperature),
+            TAIL_FLOOR,
         torch.get_num_threads(),
     )
     return loss

@@ -16,7 +16,9 @@ be added to it) and the row sum ``A = Σ_v a_v``, ``∂L/∂s̃_j = a_j − q_j 
 
 Adding the next divergence therefore touches: a number in :class:`Divergence` (and in kd_math.h), an entry of
 :data:`DIVERGENCES`, the four definitions above, a named function in ``losses.py`` / ``fused_linear.py`` (exported
-from ``__init__.py``), and the name in the test lists (``tests/test_divergences.py``).
+from ``__init__.py``), the name in the test lists (``tests/test_divergences.py``), and one scalar branch each in
+the sparse kernels (``csrc/cpu/kd_sparse_kernels.cpp`` ``category_terms``, ``kd_kernels/_triton_sparse.py``
+``_cat_terms``); the sparse and vocabulary-parallel torch paths reuse the torch definition (docs/DIVERGENCES.md).
 """
 
 from __future__ import annotations

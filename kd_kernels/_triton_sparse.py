@@ -32,15 +32,26 @@ FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
 SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(2)
 SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(3)
+JSD: tl.constexpr = tl.constexpr(4)
+TVD: tl.constexpr = tl.constexpr(5)
+JEFFREYS: tl.constexpr = tl.constexpr(6)
+ALPHA_BETA: tl.constexpr = tl.constexpr(7)
+RENYI: tl.constexpr = tl.constexpr(8)
 BUCKET: tl.constexpr = tl.constexpr(0)
 RENORMALIZE: tl.constexpr = tl.constexpr(1)
 IGNORE: tl.constexpr = tl.constexpr(2)
 _BIG_ID = 1 << 62  # sorts after every id; also the "no more ids" value of the column walk
+# the same value for the kernels (a compiled kernel may only read constexpr globals; the interpreter
+# reads any, which is how a plain int here went unnoticed)
+BIG_ID: tl.constexpr = tl.constexpr(_BIG_ID)
 
 
 @triton.jit
-def _cat_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
-    """Per category (elementwise): the divergence term d, a = ∂D/∂ log q̄ and u = a / q̄ (0 where empty)."""
+def _cat_terms(lq, lp, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
+    """Per category (elementwise): the divergence term d, a = ∂D/∂ log q̄ and u = a / q̄ (0 where empty).
+
+    Rényi is not a sum of per-category terms: for it d = p^α q^(1−α) (R = Σ d), a = −d and u = −d/q̄,
+    all still to be divided by R (``_renyi_finish``); the multiple of q̄ dropped from a cancels."""
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == FORWARD_KL:
@@ -61,6 +72,28 @@ def _cat_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
         d = tl.where(q > 0.0, q * (lq - lm), 0.0)
         u = tl.where(q > 0.0, lq - lm + 1.0 - coef * tl.exp(lq - lm), 0.0)
         a = tl.where(q > 0.0, q * u, 0.0)
+    elif DIV == TVD:  # ½ Σ |q − p|
+        d = 0.5 * tl.abs(q - p)
+        u = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        a = q * u
+    elif DIV == JEFFREYS:  # KL(p‖q) + KL(q‖p): a = q (log q − log p) − p
+        rev = tl.where(q > 0.0, q * (lq - lp), 0.0)
+        d = tl.where(p > 0.0, p * (lp - lq), 0.0) + rev
+        u = tl.where(q > 0.0, (lq - lp) - tl.exp(lp - lq), 0.0)
+        a = rev - p
+    elif DIV == ALPHA_BETA:  # α = coef, β = coef2; d still to be divided by −αβ
+        ab = coef + coef2
+        pq = tl.exp(coef * lp + coef2 * lq)
+        qq = tl.exp(ab * lq)
+        d = (pq - (coef / ab) * tl.exp(ab * lp) - (coef2 / ab) * qq) / -(coef * coef2)
+        a = (qq - pq) / coef
+        u = tl.where(q > 0.0, (tl.exp((ab - 1.0) * lq) - tl.exp(coef * lp + (coef2 - 1.0) * lq)) / coef,
+                     0.0)
+    elif DIV == RENYI:
+        mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
+        d = tl.exp(mix)
+        a = -d
+        u = tl.where(q > 0.0, -tl.exp(mix - lq), 0.0)
     else:  # JSD, M = β p + (1−β) q
         lm = _log_mix(lp, lq, log_c, log_1mc)
         d = coef * tl.where(p > 0.0, p * (lp - lm), 0.0) + (1.0 - coef) * tl.where(
@@ -68,6 +101,14 @@ def _cat_terms(lq, lp, coef, log_c, log_1mc, DIV: tl.constexpr):
         u = tl.where(q > 0.0, (1.0 - coef) * (lq - lm), 0.0)
         a = tl.where(q > 0.0, q * u, 0.0)
     return d, a, u
+
+
+@triton.jit
+def _renyi_finish(r_sum, coef, empty):
+    """Rényi's loss 1/(α−1) log R and the factor 1/R for a, A and u (0 and 0 for a row without
+    categories)."""
+    loss = tl.where(empty, 0.0, tl.log(r_sum) / (coef - 1.0))
+    return loss, tl.where(empty, 0.0, 1.0 / r_sum)
 
 
 @triton.jit
@@ -88,11 +129,11 @@ def _neg_expm1(x):
 def _support_in_block(ids_row, kp, nv, start, cols, BLOCK_V: tl.constexpr):
     """The block's support mask (columns among the sorted ids), advancing the id cursor kp."""
     sup = cols < 0  # all False
-    nxt = tl.load(ids_row + kp, mask=kp < nv, other=_BIG_ID)
+    nxt = tl.load(ids_row + kp, mask=kp < nv, other=BIG_ID)
     while nxt < start + BLOCK_V:
         sup = sup | (cols == nxt)
         kp += 1
-        nxt = tl.load(ids_row + kp, mask=kp < nv, other=_BIG_ID)
+        nxt = tl.load(ids_row + kp, mask=kp < nv, other=BIG_ID)
     return sup, kp
 
 
@@ -111,6 +152,7 @@ def sparse_loss_grad_kernel(
     K,
     inv_t,
     coef,
+    coef2,
     log_c,
     log_1mc,
     floor_,  # the teacher tail's floor
@@ -163,9 +205,13 @@ def sparse_loss_grad_kernel(
             if TAIL == RENORMALIZE:
                 lq_c = tl.where(valid, sk - m - tl.log(zs), float("-inf"))
                 lp_c = tl.where(valid, lpk - log_p, float("-inf"))
-                d, a, _ = _cat_terms(lq_c, lp_c, coef, log_c, log_1mc, DIV)
+                d, a, _ = _cat_terms(lq_c, lp_c, coef, coef2, log_c, log_1mc, DIV)
                 loss = tl.sum(d, axis=0)
                 big_a = tl.sum(a, axis=0)
+                if DIV == RENYI:
+                    loss, inv_r = _renyi_finish(loss, coef, nv == 0)
+                    a = a * inv_r
+                    big_a = big_a * inv_r
                 gk = tl.where(valid, a - tl.exp(lq_c) * big_a, 0.0)
                 c_off = 0.0 * big_a  # 0 off the support (NaN only if A is)
                 inv_z = 0.0
@@ -220,15 +266,22 @@ def sparse_loss_grad_kernel(
                     lp_c = tl.where(valid, lpk - log_zp, float("-inf"))
                     lq_t = tl.where(has_tail, log_zt - log_z, float("-inf"))
                     lp_t = tl.where(has_tail, tl.log(p_tail) - log_zp, float("-inf"))
-                    d, a, _ = _cat_terms(lq_c, lp_c, coef, log_c, log_1mc, DIV)
+                    d, a, _ = _cat_terms(lq_c, lp_c, coef, coef2, log_c, log_1mc, DIV)
                     # the tail as a one-element category (a BLOCK_K vector, entry 0)
                     tail0 = ok == 0
                     d_t, a_t, u_t = _cat_terms(tl.where(tail0, lq_t, float("-inf")) + zero_k,
                                                tl.where(tail0, lp_t, float("-inf")) + zero_k,
-                                               coef, log_c, log_1mc, DIV)
+                                               coef, coef2, log_c, log_1mc, DIV)
+                    d_t = tl.where(tail0, d_t, 0.0)
+                    a_t = tl.where(tail0, a_t, 0.0)
                     loss = tl.sum(d, axis=0) + tl.sum(d_t, axis=0)
                     big_a = tl.sum(a, axis=0) + tl.sum(a_t, axis=0)
                     u_tail = tl.sum(tl.where(tail0, u_t, 0.0), axis=0)
+                    if DIV == RENYI:
+                        loss, inv_r = _renyi_finish(loss, coef, nv < 0)
+                        a = a * inv_r
+                        big_a = big_a * inv_r
+                        u_tail = u_tail * inv_r
                     c_off = tl.where(lq_t == float("-inf"), 0.0, u_tail - big_a)
                     inv_z = 1.0 / big_z
                     gk = tl.where(valid, a - tl.exp(lq_c) * big_a, 0.0)
@@ -246,7 +299,7 @@ def sparse_loss_grad_kernel(
                         g = tl.zeros([BLOCK_V], dtype=tl.float32) + c_off
                     else:
                         g = tl.exp(x * inv_t - m) * (inv_z * c_off)
-                    nxt = tl.load(ids_row + kp, mask=kp < nv, other=_BIG_ID)
+                    nxt = tl.load(ids_row + kp, mask=kp < nv, other=BIG_ID)
                     while nxt < start + BLOCK_V:
                         val = tl.sum(tl.where(ok == kp, gk, 0.0), axis=0)
                         if TAIL == IGNORE:
@@ -254,7 +307,7 @@ def sparse_loss_grad_kernel(
                         else:
                             g = tl.where(cols == nxt, val, g)
                         kp += 1
-                        nxt = tl.load(ids_row + kp, mask=kp < nv, other=_BIG_ID)
+                        nxt = tl.load(ids_row + kp, mask=kp < nv, other=BIG_ID)
                     gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
                     tl.store(g_row + cols, gout, mask=in_v)
     else:
@@ -291,7 +344,8 @@ def triton_sparse_loss_grad(s, ids, lp, row_weight, spec, tail, grad, *, block_v
     if block_v is None:
         block_v = INTERPRET_BLOCK_V if interpreting else max(128, min(4096, triton.next_power_of_2(v)))
     args = (s, key, lp_sorted, nv, row_weight, loss, g, s.stride(0), g.stride(0), v, k,
-            1.0 / spec.temperature, float(spec.coef), math.log(c), math.log1p(-c), 1e-6)
+            1.0 / spec.temperature, float(spec.coef), float(spec.coef2), math.log(c), math.log1p(-c),
+            1e-6)
     meta = {"DIV": int(spec.divergence), "TAIL": int(tail), "HAS_GRAD": grad is not None,
             "BF16_BY_BITS": interpreting, "BLOCK_V": block_v, "BLOCK_K": block_k,
             "num_warps": 8 if block_v >= 2048 else 4}

@@ -197,6 +197,8 @@ def _sparse_row(
     valid = lp != -math.inf
     ids_v, lp_v = ids[valid].long(), lp[valid].to(s.dtype)
     lq = s.log_softmax(-1)
+    if not bool(valid.any()):  # all padding: no teacher information, the row contributes 0
+        return (lq * 0.0).sum()
     if tail == "ignore":  # forward KL on the given ids only: Σ_k p_k (ℓ_k − log q_{i_k})
         return (lp_v.exp() * (lp_v - lq[ids_v])).sum()
     if tail == "renormalize":  # p̂ = p/P, q̂ = q/Q on S: log_softmax over the support does both
@@ -223,8 +225,8 @@ def sparse_per_token(
     lp: torch.Tensor,
     *,
     tail: str = "bucket",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> torch.Tensor:
     """Per-token divergence against a sparse teacher, one row at a time (readable, slow).
 
@@ -248,8 +250,8 @@ def sparse_kd_loss(
     lp: torch.Tensor,
     *,
     tail: str = "bucket",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,

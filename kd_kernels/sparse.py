@@ -40,8 +40,10 @@ _SPARSE_DOC = """
             estimator). Ids of padded entries and of masked rows are never read.
         teacher_logprobs: ``(..., K)`` float32 / bfloat16 / float16, the teacher's log-probs of those
             ids under its full softmax (≤ 0); ``-inf`` marks padding (a row may carry fewer than K).
-        divergence: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (``alpha``),
-            ``skew_reverse_kl`` (``alpha``) or ``jsd`` (``beta``).
+        divergence: any of :func:`kd_kernels.kd_loss`'s (``forward_kl``, ``reverse_kl``,
+            ``skew_forward_kl`` / ``skew_reverse_kl`` (``alpha``, 0.1), ``jsd`` (``beta``, 0.5),
+            ``tvd``, ``jeffreys``, ``alpha_beta`` (``alpha``, ``beta``, 0.5 each), ``renyi``
+            (``alpha``, 0.5)), computed on the coarse-grained distributions of ``tail``.
         tail: ``"bucket"`` (default): the divergence between the K+1 categories "each id" and
             "everything else" on both sides, never above the full-vocabulary divergence. The
             teacher's tail ``1 − Σ p_k`` is clamped to 1e-6 (rounding of near-deterministic
@@ -65,8 +67,9 @@ _SPARSE_DOC = """
 
 
 
-# The divergences the sparse kernels compute today (issue [K]'s tvd, jeffreys, alpha_beta, renyi not yet).
-SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+# Every divergence has a sparse form (on the coarse-grained distributions, MATH.md "Sparse teachers").
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd",
+                      "tvd", "jeffreys", "alpha_beta", "renyi")
 
 
 def _sparse_spec(divergence, alpha, beta, temperature) -> KDSpec:
@@ -178,8 +181,8 @@ def sparse_kd(
     teacher_logprobs: torch.Tensor,
     *,
     divergence: str = "forward_kl",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     tail: str = "bucket",
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -236,8 +239,8 @@ def fused_linear_sparse_kd(
     teacher_logprobs: torch.Tensor,
     *,
     divergence: str = "forward_kl",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     tail: str = "bucket",
     student_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -368,7 +371,8 @@ class SparseKDLoss(nn.Module):
     mask=None, token_weights=None)``: :func:`sparse_kd` with the options fixed at construction
     (invalid options fail there)."""
 
-    def __init__(self, divergence: str = "forward_kl", *, alpha: float = 0.1, beta: float = 0.5,
+    def __init__(self, divergence: str = "forward_kl", *, alpha: float | None = None,
+                 beta: float | None = None,
                  tail: str = "bucket", temperature: float = 1.0, reduction: str = "mean",
                  backend: str = "auto") -> None:
         super().__init__()

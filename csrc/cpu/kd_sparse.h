@@ -27,9 +27,10 @@ struct SparseArgs {
   int64_t stride_s;
   int64_t stride_g;
   int s_dtype;        // kd::DType
-  int divergence;     // kd::Divergence (0..4)
+  int divergence;     // kd::Divergence (0..8)
   int tail;           // SparseTail
-  double coef;        // α (skew) or β (jsd)
+  double coef;        // α (skew, alpha_beta, renyi) or β (jsd)
+  double coef2;       // β (alpha_beta); unused otherwise
   double temperature; // divides the student logits only
   double tail_floor;  // the teacher's tail 1 − P is clamped to this (> 0)
 };

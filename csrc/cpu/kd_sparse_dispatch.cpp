@@ -33,16 +33,20 @@ void sparse_loss_grad(const SparseArgs& a, int num_threads) {
           "stride_g must be >= vocab, got " + std::to_string(a.stride_g));
   require(a.s_dtype >= F32 && a.s_dtype <= F16,
           "s_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.s_dtype));
-  require(a.divergence >= FORWARD_KL && a.divergence <= JSD,
-          "divergence must be 0..4, got " + std::to_string(a.divergence));
+  require(a.divergence >= FORWARD_KL && a.divergence <= RENYI,
+          "divergence must be 0..8, got " + std::to_string(a.divergence));
   require(a.tail >= TAIL_BUCKET && a.tail <= TAIL_IGNORE,
           "tail must be 0 (bucket), 1 (renormalize) or 2 (ignore), got " + std::to_string(a.tail));
   require(a.tail != TAIL_IGNORE || a.divergence == FORWARD_KL, "tail=ignore needs divergence forward_kl");
   require(std::isfinite(a.temperature) && a.temperature > 0,
           "temperature must be a finite number > 0, got " + std::to_string(a.temperature));
   require(a.tail_floor > 0 && a.tail_floor < 1, "tail_floor must lie in (0, 1)");
-  if (a.divergence != FORWARD_KL && a.divergence != REVERSE_KL) {
+  if (a.divergence == SKEW_FORWARD_KL || a.divergence == SKEW_REVERSE_KL || a.divergence == JSD) {
     require(a.coef > 0 && a.coef < 1, "coef (alpha / beta) must lie in (0, 1), got " + std::to_string(a.coef));
+  } else if (a.divergence == ALPHA_BETA) {
+    require(a.coef > 0 && a.coef2 > 0, "alpha_beta needs coef (alpha) > 0 and coef2 (beta) > 0");
+  } else if (a.divergence == RENYI) {
+    require(a.coef > 0 && a.coef != 1, "renyi needs coef (alpha) > 0 and != 1, got " + std::to_string(a.coef));
   }
   const char* isa = active_isa();
 #ifdef KD_CPU_HAVE_V4

@@ -77,8 +77,11 @@ struct Scratch {
 
 // D and (a, u) for C categories (MATH.md "Sparse teachers"; a_c = ∂D/∂ log q̄_c, u_c = a_c / q̄_c).
 // Empty categories (both log-probs −inf) contribute 0. Returns D.
-double category_terms(int div, double c, const double* lq, const double* lp, int64_t C, double* a,
-                      double* u) {
+double renyi_terms(double al, const double* lq, const double* lp, int64_t C, double* a, double* u);
+
+double category_terms(int div, double c, double c2, const double* lq, const double* lp, int64_t C,
+                      double* a, double* u) {
+  if (div == RENYI) return renyi_terms(c, lq, lp, C, a, u);
   double D = 0.0;
   const double lc = std::log(c), l1c = std::log1p(-c);
   for (int64_t i = 0; i < C; ++i) {
@@ -119,6 +122,27 @@ double category_terms(int div, double c, const double* lq, const double* lp, int
         ai = q > 0 ? q * ui : 0.0;
         break;
       }
+      case TVD:  // ½ Σ |q − p|
+        D += 0.5 * std::fabs(q - p);
+        ui = q > p ? 0.5 : (q < p ? -0.5 : 0.0);
+        ai = q * ui;
+        break;
+      case JEFFREYS:  // KL(p‖q) + KL(q‖p): a = q (log q − log p) − p
+        if (p > 0) D += p * (lp[i] - lq[i]);
+        if (q > 0) {
+          D += q * (lq[i] - lp[i]);
+          ui = (lq[i] - lp[i]) - std::exp(lp[i] - lq[i]);
+        }
+        ai = (q > 0 ? q * (lq[i] - lp[i]) : 0.0) - p;
+        break;
+      case ALPHA_BETA: {  // −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]; α = c, β = c2
+        const double ab = c + c2;
+        const double pq = std::exp(c * lp[i] + c2 * lq[i]), qq = std::exp(ab * lq[i]);
+        D += pq - (c / ab) * std::exp(ab * lp[i]) - (c2 / ab) * qq;
+        ai = (qq - pq) / c;  // (1/α) q^β (q^α − p^α)
+        if (q > 0) ui = (std::exp((ab - 1.0) * lq[i]) - std::exp(c * lp[i] + (c2 - 1.0) * lq[i])) / c;
+        break;
+      }
       default: {  // JSD, M = β p + (1−β) q
         const double lm = std::max(lc + lp[i], l1c + lq[i]) +
                           std::log1p(std::exp(-std::fabs((lc + lp[i]) - (l1c + lq[i]))));
@@ -136,7 +160,37 @@ double category_terms(int div, double c, const double* lq, const double* lp, int
     a[i] = ai;
     u[i] = ui;
   }
-  return D;
+  return div == ALPHA_BETA ? D / -(c * c2) : D;
+}
+
+// Rényi, 1/(α−1) log Σ p^α q^(1−α): not a sum of per-category terms, so two passes over the categories.
+// a_c = q_c − r_c with r = p^α q^(1−α) / Σ (the multiple of q makes Σ a = 0), u_c = 1 − r_c / q_c.
+double renyi_terms(double al, const double* lq, const double* lp, int64_t C, double* a, double* u) {
+  double mx = -kInf;
+  bool nan = false;
+  for (int64_t i = 0; i < C; ++i) {
+    nan = nan || std::isnan(lq[i]) || std::isnan(lp[i]);
+    const double mix = lp[i] == -kInf ? -kInf : al * lp[i] + (1.0 - al) * lq[i];
+    a[i] = mix;  // stash
+    mx = std::max(mx, mix);
+  }
+  if (nan) {
+    for (int64_t i = 0; i < C; ++i) a[i] = u[i] = kNaN;
+    return kNaN;
+  }
+  if (C == 0) return 0.0;
+  double R = 0.0;
+  if (mx != -kInf && mx != kInf) {
+    for (int64_t i = 0; i < C; ++i) R += std::exp(a[i] - mx);
+  }
+  const double lse = mx == -kInf || mx == kInf ? mx : mx + std::log(R);
+  for (int64_t i = 0; i < C; ++i) {
+    const double q = std::exp(lq[i]);
+    const double lr = mx == -kInf ? -kInf : a[i] - lse;  // log r_c (a[i] holds the mix)
+    a[i] = q - std::exp(lr);
+    u[i] = q > 0 ? 1.0 - std::exp(lr - lq[i]) : 0.0;
+  }
+  return lse / (al - 1.0);
 }
 
 template <int SDT>
@@ -150,7 +204,7 @@ KD_SPARSE_FLATTEN float sparse_row(const void* s,       // (V,) student logits, 
                                    const float* lpk,    // (K,) teacher log-probs
                                    void* g,             // (V,) gradient or nullptr; may equal s
                                    float gscale,        // row_weight / T
-                                   int64_t V, int64_t K, float inv_t, int div, int tail, double coef,
+                                   int64_t V, int64_t K, float inv_t, int div, int tail, double coef, double coef2,
                                    double floor_, Scratch sc) {
   const bool bucket = tail == TAIL_BUCKET;
   if (bucket) {  // mark the support (ids of padded entries are not read)
@@ -213,7 +267,7 @@ KD_SPARSE_FLATTEN float sparse_row(const void* s,       // (V,) student logits, 
       sc.lq[c] = sc.sk[c] - md - log_zs;
       sc.lp[c] = lpk[sc.pos[c]] - logP;
     }
-    const double D = category_terms(div, coef, sc.lq, sc.lp, nv, sc.a, sc.u);
+    const double D = category_terms(div, coef, coef2, sc.lq, sc.lp, nv, sc.a, sc.u);
     if (g != nullptr) {
       double A = 0.0;
       for (int64_t c = 0; c < nv; ++c) A += sc.a[c];
@@ -309,7 +363,7 @@ KD_SPARSE_FLATTEN float sparse_row(const void* s,       // (V,) student logits, 
     sc.lp[C] = std::log(p_tail) - logZp;
     ++C;
   }
-  const double D = category_terms(div, coef, sc.lq, sc.lp, C, sc.a, sc.u);
+  const double D = category_terms(div, coef, coef2, sc.lq, sc.lp, C, sc.a, sc.u);
   if (g != nullptr) {
     double A = 0.0;
     for (int64_t c = 0; c < C; ++c) A += sc.a[c];
@@ -370,7 +424,7 @@ void run(const SparseArgs& a, int num_threads) {
       }
       const void* s = static_cast<const char*>(a.s) + i * a.stride_s * esize<SDT>();
       a.loss[i] = sparse_row<SDT>(s, a.ids + i * K, a.logprobs + i * K, g, w * inv_t, V, K, inv_t,
-                                  a.divergence, a.tail, a.coef, a.tail_floor, sc);
+                                  a.divergence, a.tail, a.coef, a.coef2, a.tail_floor, sc);
     }
   }
 }
