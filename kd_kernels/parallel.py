@@ -4,9 +4,14 @@
 ``import kd_kernels.parallel``; two calls:
 
 - ``fused_linear_kd(h_s, W_s_shard, h_t, W_t_shard, *, group, ...)``: every option of
-  :func:`kd_kernels.fused_linear_kd`;
+  :func:`kd_kernels.fused_linear_kd` but ``interpolation`` (TAID);
 - ``kd_loss(s_shard, t_shard, *, group, ...)``: every option of :func:`kd_kernels.kd_loss` but
-  ``inplace_grad``, on logits sharded along their last dim.
+  ``inplace_grad`` and ``interpolation``, on logits sharded along their last dim.
+
+Every divergence of :func:`kd_kernels.kd_loss` has its vocabulary-parallel form (forward / reverse
+KL, skew forward / reverse KL, JSD, TVD, Jeffreys, alpha-beta, Rényi). ``interpolation`` is not a
+parameter here (passing it is a ``TypeError``): TAID needs the interpolated teacher in every
+statistic, which this module does not form yet.
 
 Layout: rank ``r`` of ``group`` (``P`` ranks) holds the vocabulary rows ``[o_r, o_r + V_r)`` of
 both heads, in rank order (``o_0 = 0``, ``o_{r+1} = o_r + V_r``; uneven ``V_r`` allowed; the same
@@ -24,10 +29,11 @@ computed in the forward call and ``backward()`` only scales them.
 Communication (MATH.md, "Vocabulary-parallel"), per token and rank, fp32:
 
 - one all-gather of ``K`` row statistics: ``K = 5`` for forward / reverse KL (max and Z of both
-  logits, A or B), ``K = 4`` for skew / JSD; with ``labels`` +1 (the label logit, from the rank that
-  owns it), and +2 more when ``temperature != 1`` (max and Z of the untempered student logits for the
-  CE): ``4·K`` bytes sent, ``4·K·P`` received;
-- skew / JSD only: one all-reduce of 2 row sums (8 bytes);
+  logits, A or B), ``K = 6`` for renyi (also max and Z of the mixed logits α t̃ + (1−α) s̃),
+  ``K = 4`` for skew / JSD / tvd / jeffreys / alpha_beta; with ``labels`` +1 (the label logit, from
+  the rank that owns it), and +2 more when ``temperature != 1`` (max and Z of the untempered student
+  logits for the CE): ``4·K`` bytes sent, ``4·K·P`` received;
+- skew / JSD / tvd / jeffreys / alpha_beta only: one all-reduce of 2 row sums (8 bytes);
 - with gradients, once per call: one all-reduce of ``∂/∂h_s``, ``D_s`` elements of the hidden
   dtype per counted token (``2·D_s`` bytes in bf16) — the dominant term;
 - per call, not per token: one ``all_gather_object`` of the argument summary (the consistency check).
@@ -72,15 +78,25 @@ _LIVE_FP32_BUFFERS = 10  # about this many fp32 (rows, V_r) temporaries live at 
 
 
 
-# The divergences whose row statistics the vocabulary-parallel contract combines today.
-_VP_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+# The divergences whose row statistics the vocabulary-parallel contract combines (all of them).
+_VP_DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 
 
 def _vocab_parallel_spec(divergence, alpha, beta, temperature) -> KDSpec:
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     if spec.divergence.label not in _VP_DIVERGENCES:
         raise NotImplementedError(
-            f"divergence={spec.divergence.label!r} has no vocabulary-parallel form yet; use one of "
+            f"divergence={spec.divergence.label!r} has no vocabulary-parallel form; use one of "
             f"{', '.join(map(repr, _VP_DIVERGENCES))}, or gather the shards and call kd_kernels.kd_loss"
         )
     return spec
@@ -655,7 +671,7 @@ def _prepare_fused(
         "student_hidden": _fingerprint(h_s),
         "teacher_hidden": _fingerprint(h_t),
         "biases": (b_s is not None, b_t is not None),
-        "spec": (spec.divergence.label, spec.coef, spec.temperature),
+        "spec": (spec.divergence.label, spec.coef, spec.coef2, spec.temperature),
         "reduction": reduction,
         "ce_weight": ce_weight,
         "chunk_size": chunk_size,
@@ -786,7 +802,7 @@ def kd_loss(
             "teacher_vocab": t.shape[-1],
             "lead": tuple(lead),  # the logits differ between ranks by design: shapes only
             "dtypes": (str(s.dtype), str(t.dtype)),
-            "spec": (spec.divergence.label, spec.coef, spec.temperature),
+            "spec": (spec.divergence.label, spec.coef, spec.coef2, spec.temperature),
             "reduction": reduction,
             "backend": impl.name,
             "grad": need_grad,

@@ -18,8 +18,24 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
-COEF = {"skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.3}, "jsd": {"beta": 0.4}}
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
+COEF = {
+    "skew_forward_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.3},
+    "jsd": {"beta": 0.4},
+    "alpha_beta": {"alpha": 0.6, "beta": 0.8},
+    "renyi": {"alpha": 1.5},  # α > 1: the p^α q^(1−α) terms grow where q ≪ p
+}
 SPLITS = {2: [600, 431], 3: [300, 400, 331]}  # V = 1031, uneven
 RTOL = 1e-5  # fp32 against the float64 reference, relative (norm-wise)
 TIMEOUT_S = 240
@@ -255,8 +271,8 @@ def _bf16_case(world: int, rank: int, group, out: list) -> None:
 
 def _traffic_case(world: int, rank: int, group, out: list) -> None:
     """The bytes each rank sends per call match the documented count (module doc of
-    kd_kernels.parallel): 4·K per counted token for the statistics, 8 for skew / JSD's row sums,
-    N·D_s elements for the hidden-state gradient."""
+    kd_kernels.parallel): 4·K per counted token for the statistics, 8 for the row sums of skew /
+    JSD / tvd / jeffreys / alpha_beta, N·D_s elements for the hidden-state gradient."""
     import torch.distributed as dist
 
     import kd_kernels.parallel as P
@@ -283,6 +299,8 @@ def _traffic_case(world: int, rank: int, group, out: list) -> None:
     for div, kw, k_stats, sums in (
         ("forward_kl", {"labels": labels, "ce_weight": 1.0, "temperature": 2.0}, 5 + 1 + 2, 0),
         ("jsd", {}, 4, 8),
+        ("alpha_beta", {}, 4, 8),
+        ("renyi", {"labels": labels}, 6 + 1, 0),
     ):
         name = f"traffic {div}"
         sent.update(all_gather=0, all_reduce=0)
@@ -400,6 +418,16 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
         ValueError,
         ("disagree", "spec"),
         lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, temperature=1.0 + rank),
+    )
+    _expect_error(
+        out,
+        "ranks disagree on alpha_beta's beta",
+        ValueError,
+        ("disagree", "spec"),
+        lambda: P.kd_loss(
+            ws.T[:2].contiguous(), wt.T[:2].contiguous(), group=group, divergence="alpha_beta",
+            beta=0.5 + 0.1 * rank,
+        ),
     )
     bad_dtype = ws.double() if rank == world - 1 else ws
     _expect_error(
@@ -570,7 +598,8 @@ def test_parallel_matches_unsharded(world, tmp_path):
                 p.kill()
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = 2 * 5 + 2 + 1 + 2 + 15 + 10 + (3 if world == 2 else 0)
+        n_div = 9
+        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + (3 if world == 2 else 0)
         assert len(results) == expected, [r["case"] for r in results]
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
@@ -578,20 +607,35 @@ def test_parallel_matches_unsharded(world, tmp_path):
         )
 
 
-def test_divergences_without_a_vocab_parallel_form_are_a_clear_error(tmp_path):
-    """tvd / jeffreys / alpha_beta / renyi have no vocabulary-parallel statistics yet: a clear error, raised on
-    every rank (here a group of one, in process), not a wrong number."""
+def test_every_divergence_has_a_vocab_parallel_form(tmp_path):
+    """Every divergence of kd_kernels is accepted by kd_kernels.parallel (the spawned tests above
+    check each against the unsharded call); here, in process on a group of one, each equals the
+    single-process kd_loss, loss and gradient."""
     import torch.distributed as dist
 
+    import kd_kernels
     import kd_kernels.parallel as P
+    from kd_kernels._spec import Divergence
 
+    assert DIVERGENCES == tuple(d.label for d in Divergence)
+    assert P._VP_DIVERGENCES == DIVERGENCES
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         group = dist.new_group([0])
-        s, t = torch.randn(3, 11), torch.randn(3, 11)
-        for divergence in ("tvd", "jeffreys", "alpha_beta", "renyi"):
-            with pytest.raises(NotImplementedError, match="no vocabulary-parallel form"):
-                P.kd_loss(s, t, group=group, divergence=divergence)
+        g = torch.Generator().manual_seed(0)
+        s0, t = torch.randn(3, 11, generator=g) * 2, torch.randn(3, 11, generator=g) * 2
+        for divergence in DIVERGENCES:
+            kw = COEF.get(divergence, {})
+            s = s0.clone().requires_grad_()
+            P.kd_loss(s, t, group=group, divergence=divergence, temperature=0.8, **kw).backward()
+            one = s0.clone().requires_grad_()
+            ref = kd_kernels.kd_loss(
+                one, t, divergence=divergence, temperature=0.8, backend="torch", **kw
+            )
+            ref.backward()
+            again = P.kd_loss(s0, t, group=group, divergence=divergence, temperature=0.8, **kw)
+            assert _rel(again, ref) <= RTOL, divergence
+            assert _rel(s.grad, one.grad) <= RTOL, divergence
     finally:
         dist.destroy_process_group()

@@ -6,11 +6,15 @@ divergence is computed in three steps, with an exchange between them that the ca
 
 1. ``row_stats(s, t, spec)`` on the local shard → ``(rows, K)`` fp32 local statistics
    (layout below); the caller all-gathers them and ``combine_row_stats`` (shared math, same on
-   every rank) turns the ``(P, rows, K)`` gathered values into the global ``(rows, 4)`` statistics
-   ``[LSE_s, LSE_t, L, C]``. Forward / reverse KL have their loss ``L`` from this step already.
-2. Only for skew / JSD (``needs_row_sums(spec)``): ``row_sums(s, t, stats, spec)`` → ``(rows, 2)``
-   local partial sums ``[Σ loss terms, Σ centering terms]``; the caller all-reduces (SUM) them and
-   ``with_row_sums`` writes them into ``L`` and ``C``.
+   every rank) turns the ``(P, rows, K)`` gathered values into the global ``(rows, 9)``
+   statistics ``[LSE_s, LSE_t, L, C, M_s, log Z_s, M_t, log Z_t, M_u]`` (``M_u``: Rényi only).
+   Forward / reverse KL and Rényi have their loss ``L`` from this step already.
+2. For skew / JSD / TVD / Jeffreys / alpha-beta (``needs_row_sums(spec)``):
+   ``row_sums(s, t, stats, spec)`` → ``(rows, 2)`` local partial sums
+   ``[Σ loss terms, Σ centering terms]``; the caller all-reduces (SUM) them and ``with_row_sums``
+   writes them into ``L`` and ``C``. TVD / Jeffreys / alpha-beta take their per-element terms
+   from the dense torch backend's ``_TERMS`` (the math defined once): with the shard's *global*
+   log-probabilities their loss and ``A = Σ_v a_v`` are sums over the vocabulary.
 3. ``loss_grad_given_stats(s, t, stats, row_weight, spec, grad)`` writes the shard's gradient
    ``row_weight[i] · ∂L_i/∂s`` (temperature included) into ``grad`` (may be ``s`` itself) and
    returns the per-row loss ``L_i`` (0 where ``row_weight`` is 0).
@@ -21,6 +25,17 @@ Local statistics, per row, of the tempered shard logits ``s̃ = s/T``, ``t̃ = t
 forward_kl or ``B = Σ e^{s̃−m_s}(s̃ − t̃)`` for reverse_kl. Combined with ``M = max_r m_r``:
 ``Z = Σ_r Z_r e^{m_r − M}`` (same rescaling for A, B), ``LSE = M + log Z``,
 ``FKL = A/Z_t − LSE_t + LSE_s``, ``RKL = B/Z_s − LSE_s + LSE_t``.
+
+Rényi (not a sum of per-element terms: ``L = log R/(α−1)``, ``R = Σ_v p^α q^{1−α}``) adds the
+shard max ``m_u`` and ``Z_u`` of the mixed logits ``u = α t̃ + (1−α) s̃`` (−inf where ``t̃`` is,
+as in the dense form) to the first exchange (K = 6), so
+``LSE_u = M_u + log Σ_r Z_{u,r} e^{m_{u,r} − M_u}`` and ``log R = LSE_u − α LSE_t − (1−α) LSE_s``
+come out of it in fp32 without overflow (an all-reduced ``Σ p^α q^{1−α}`` overflows fp32 for α > 1
+where q ≪ p) and without a second exchange; ``C = log Z_u`` (with ``M_u`` in its own column) and
+the gradient is ``q − e^{(u − M_u) − log Z_u}``.
+
+The log-probabilities of the second and third steps are ``(x̃ − M) − log Z`` with the global max
+``M`` and ``log Z`` (kept in the global statistics), exact at the max as in ``log_softmax``.
 
 A backend implements :class:`VocabParallelRows` (three calls); this round only the ``torch`` one
 exists (plain torch ops, fp32 math, chunked by the caller). The ``cpu`` / ``triton`` backends can
@@ -35,20 +50,40 @@ import math
 import torch
 
 from .._spec import Divergence, KDSpec
+from .torch_backend import _TERMS
 
-# Columns of the global statistics.
-LSE_S, LSE_T, LOSS, CENTER = 0, 1, 2, 3
-N_GLOBAL = 4
+# Columns of the global statistics; the global max M and log Z of each side are kept too, so that
+# the log-probabilities are formed as (x̃ − M) − log Z, exact at the max, like log_softmax (x̃ − LSE
+# would round LSE at the magnitude of M: a relative error of q of eps·|M| instead of eps·|log Z|).
+# Rényi also keeps the global max of its mixed logits in MAX_U (its log Z in CENTER).
+LSE_S, LSE_T, LOSS, CENTER, MAX_S, LOGZ_S, MAX_T, LOGZ_T, MAX_U = range(9)
+N_GLOBAL = 9
 
 
 def n_local_stats(spec: KDSpec) -> int:
     """K, the number of local statistics per row that ``row_stats`` returns for this divergence."""
+    if spec.divergence == Divergence.RENYI:
+        return 6
     return 5 if spec.divergence in (Divergence.FORWARD_KL, Divergence.REVERSE_KL) else 4
 
 
+# The divergences whose loss comes out of the first exchange (no row sums).
+_ONE_EXCHANGE = (Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.RENYI)
+# Those whose loss and A are sums of the dense backend's per-element terms (torch_backend._TERMS).
+_ADDITIVE_TERMS = (Divergence.TVD, Divergence.JEFFREYS, Divergence.ALPHA_BETA)
+
+
 def needs_row_sums(spec: KDSpec) -> bool:
-    """True when the divergence needs the second exchange (skew / JSD: sums over normalized p, q)."""
-    return spec.divergence not in (Divergence.FORWARD_KL, Divergence.REVERSE_KL)
+    """True when the divergence needs the second exchange (skew / JSD / TVD / Jeffreys / alpha-beta:
+    sums over the normalized p, q)."""
+    return spec.divergence not in _ONE_EXCHANGE
+
+
+def _mixed_logits(zs: torch.Tensor, zt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Rényi's α t̃ + (1−α) s̃ (or the same of ℓp, ℓq), −inf where the teacher's is: a p = 0 term
+    is 0 even when α > 1 and q = 0 (as in torch_backend._renyi)."""
+    u = zt * alpha + zs * (1 - alpha)
+    return torch.where(zt == -math.inf, -math.inf, u)
 
 
 def _combine_max_sum(m: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,18 +92,35 @@ def _combine_max_sum(m: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, to
     return big, (m - big).exp()
 
 
+def _log_sum_scaled(m: torch.Tensor, z: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """log Σ_r z_r e^{m_r − big} over the (P, rows) shard values, in float64, as fp32 (rows,)."""
+    acc = _acc_dtype(z.device)
+    w = (m.to(acc) - big.to(acc)[None]).exp()
+    return (z.to(acc) * w).sum(0).log().float()
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 def combine_row_stats(gathered: torch.Tensor, spec: KDSpec) -> torch.Tensor:
-    """``(P, rows, K)`` local statistics of every shard (rank order) → global ``(rows, 4)``.
+    """``(P, rows, K)`` local statistics of every shard (rank order) → global ``(rows, N_GLOBAL)``.
 
     Same computation on every rank from the same gathered values, so the result is identical
-    (bitwise) everywhere. ``L`` is set for forward / reverse KL, ``C`` is 0 until ``with_row_sums``.
+    (bitwise) everywhere. ``L`` is set for forward / reverse KL and Rényi (and Rényi's ``C``);
+    otherwise ``L`` and ``C`` are 0 until ``with_row_sums``.
     """
     ms, ws = _combine_max_sum(gathered[..., 0], gathered[..., 1])
     mt, wt = _combine_max_sum(gathered[..., 2], gathered[..., 3])
     zs, zt = (gathered[..., 1] * ws).sum(0), (gathered[..., 3] * wt).sum(0)
     out = torch.zeros(gathered.shape[1], N_GLOBAL, dtype=torch.float32, device=gathered.device)
-    out[:, LSE_S] = ms + zs.log()
-    out[:, LSE_T] = mt + zt.log()
+    # log Z in float64 from the shards' Z (P values a row: cheap), rounded once: q = e^{ℓq} then
+    # sums to 1 as closely as log_softmax's (a few fp32 roundings of Z would show up where a
+    # peaked q makes the gradient a small difference, e.g. JSD's w − Σ q w).
+    out[:, MAX_S], out[:, LOGZ_S] = ms, _log_sum_scaled(gathered[..., 0], gathered[..., 1], ms)
+    out[:, MAX_T], out[:, LOGZ_T] = mt, _log_sum_scaled(gathered[..., 2], gathered[..., 3], mt)
+    out[:, LSE_S] = ms + out[:, LOGZ_S]
+    out[:, LSE_T] = mt + out[:, LOGZ_T]
     d = spec.divergence
     if d == Divergence.FORWARD_KL:
         a = (gathered[..., 4] * wt).sum(0)
@@ -76,6 +128,13 @@ def combine_row_stats(gathered: torch.Tensor, spec: KDSpec) -> torch.Tensor:
     elif d == Divergence.REVERSE_KL:
         b = (gathered[..., 4] * ws).sum(0)
         out[:, LOSS] = b / zs - out[:, LSE_S] + out[:, LSE_T]
+    elif d == Divergence.RENYI:
+        mu, wu = _combine_max_sum(gathered[..., 4], gathered[..., 5])
+        log_zu = (gathered[..., 5] * wu).sum(0).log()
+        a = spec.coef
+        log_r = mu + log_zu - a * out[:, LSE_T] - (1 - a) * out[:, LSE_S]
+        out[:, LOSS] = log_r / (a - 1)
+        out[:, CENTER], out[:, MAX_U] = log_zu, mu
     return out
 
 
@@ -102,7 +161,7 @@ class VocabParallelRows(abc.ABC):
         self, s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, spec: KDSpec
     ) -> torch.Tensor:
         """``(rows, 2)`` shard partial sums ``[loss terms, centering terms]`` given the global
-        LSEs (skew / JSD only)."""
+        LSEs (only where ``needs_row_sums(spec)``)."""
 
     @abc.abstractmethod
     def loss_grad_given_stats(
@@ -146,16 +205,21 @@ class TorchVocabParallel(VocabParallelRows):
         zs, zt = self._tempered(s, spec), self._tempered(t, spec)
         ms, mt = self._shift(zs), self._shift(zt)
         es, et = (zs - ms[:, None]).exp(), (zt - mt[:, None]).exp()
-        cols = [ms, es.sum(-1), mt, et.sum(-1)]
+        acc = _acc_dtype(es.device)  # Z accumulated in float64, rounded once (combine_row_stats)
+        cols = [ms, es.sum(-1, dtype=acc).float(), mt, et.sum(-1, dtype=acc).float()]
         if spec.divergence == Divergence.FORWARD_KL:
             cols.append(_where_pos(et > 0, et * (zt - zs)).sum(-1))
         elif spec.divergence == Divergence.REVERSE_KL:
             cols.append(_where_pos(es > 0, es * (zs - zt)).sum(-1))
+        elif spec.divergence == Divergence.RENYI:
+            u = _mixed_logits(zs, zt, spec.coef)
+            mu = self._shift(u)
+            cols += [mu, (u - mu[:, None]).exp().sum(-1)]
         return torch.stack(cols, 1)
 
     def _logprobs(self, s, t, stats, spec):
-        lq = self._tempered(s, spec).sub_(stats[:, LSE_S, None])
-        lp = self._tempered(t, spec).sub_(stats[:, LSE_T, None])
+        lq = self._tempered(s, spec).sub_(stats[:, MAX_S, None]).sub_(stats[:, LOGZ_S, None])
+        lp = self._tempered(t, spec).sub_(stats[:, MAX_T, None]).sub_(stats[:, LOGZ_T, None])
         return lq, lp, lq.exp(), lp.exp()
 
     def row_sums(self, s, t, stats, spec):
@@ -173,6 +237,11 @@ class TorchVocabParallel(VocabParallelRows):
             lm = _log_mix(lp, lq, a)  # M = β p + (1−β) q
             loss = a * _where_pos(p > 0, p * (lp - lm)) + (1 - a) * _where_pos(q > 0, q * (lq - lm))
             center = q * _where_pos(q > 0, lq - lm)  # q · w
+        elif d in _ADDITIVE_TERMS:
+            # The dense per-element terms on the shard; their third value (A) is not used: it may
+            # rest on global identities (Jeffreys: Σ p = 1).
+            loss, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
+            return torch.stack([loss, a_terms.sum(-1)], 1)
         else:
             raise AssertionError(f"{d.label} needs no row sums")
         return torch.stack([loss.sum(-1), center.sum(-1)], 1)
@@ -199,6 +268,13 @@ class TorchVocabParallel(VocabParallelRows):
         elif d == Divergence.JSD:
             w = _where_pos(q > 0, lq - _log_mix(lp, lq, a))
             g = (1 - a) * q * (w - C)
+        elif d in _ADDITIVE_TERMS:
+            _, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
+            g = a_terms.addcmul_(q, C, value=-1.0)  # a − q A, A = C (all-reduced Σ_v a_v)
+        elif d == Divergence.RENYI:
+            # q − r, r = p^α q^{1−α} / R = e^{(u − M_u) − log Z_u} (C = log Z_u)
+            u = _mixed_logits(self._tempered(s, spec), self._tempered(t, spec), a)
+            g = q - u.sub_(stats[:, MAX_U, None]).sub_(C).exp_()
         else:  # pragma: no cover - Divergence is closed
             raise AssertionError(d)
         scale = (row_weight / spec.temperature)[:, None]
