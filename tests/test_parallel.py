@@ -551,6 +551,37 @@ def _fsdp_cases(world: int, rank: int, group, out: list) -> None:
             out.append({"case": name, "bad": traceback.format_exc()})
 
 
+def _whitening_case(world, rank, group, out) -> None:
+    """MiniLLM's official whitening summed over real data-parallel ranks (issue 16): each rank's
+    block whitened with the trainer's all-reduce equals the whole (all ranks') block whitened in
+    one process, on this rank's rows."""
+    try:
+        from kd_kernels.train.methods import _sum_over_ranks
+        from kd_kernels.train.minillm import whiten_block
+
+        width, blocks = 6, []
+        for r in range(world):  # every rank builds every block (same seeds), uses its own
+            g = torch.Generator().manual_seed(100 + r)
+            vals = torch.randn(2 + r, width, generator=g, dtype=torch.float64) * (1 + r)
+            mask = torch.rand(2 + r, width, generator=g) < 0.7
+            blocks.append((vals, mask))
+        vals, mask = blocks[rank]
+        got = whiten_block(vals, mask, width, _sum_over_ranks(world))
+        whole = whiten_block(torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]),
+                             width)
+        lo = sum(2 + r for r in range(rank))
+        want = whole[lo:lo + vals.shape[0]]
+        alone = whiten_block(vals, mask, width)
+        bad = None
+        if not torch.allclose(got, want, rtol=1e-12, atol=1e-12):
+            bad = f"cross-rank whitening differs: {(got - want).abs().max().item()}"
+        elif torch.allclose(alone, want):
+            bad = "the per-rank whitening equals the global one: the case cannot tell them apart"
+        out.append({"case": "minillm_whiten_block_over_ranks", "bad": bad})
+    except Exception:  # noqa: BLE001
+        out.append({"case": "minillm_whiten_block_over_ranks", "bad": traceback.format_exc()})
+
+
 def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -567,6 +598,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         _traffic_case(world, rank, group, out)
         _logits_cases(world, rank, group, out)
         _error_cases(world, rank, group, out)
+        _whitening_case(world, rank, group, out)
         if world == 2:  # FSDP2 needs no more ranks to show its reduce-scatter; keeps CI short
             _fsdp_cases(world, rank, group, out)
     finally:
@@ -599,7 +631,7 @@ def test_parallel_matches_unsharded(world, tmp_path):
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         n_div = 9
-        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + (3 if world == 2 else 0)
+        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + (3 if world == 2 else 0)  # 1: whitening
         assert len(results) == expected, [r["case"] for r in results]
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
