@@ -41,7 +41,8 @@ Terms = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | float"]
 
 
 def _forward_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
-    return _where_pos(p > 0, p * (lp - lq)).sum(-1), q - p, 0.0  # a = −p + q
+    d = torch.sub(lp, lq).mul_(p).masked_fill_(p == 0, 0.0)  # p (ℓp − ℓq), 0 where p = 0
+    return d.sum(-1), q.sub_(p), 0.0  # a = −p + q, in q's storage (A = 0: q is not needed after)
 
 
 def _reverse_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
@@ -158,17 +159,22 @@ class TorchBackend(Backend):
             hi = min(n, lo + rows)
             w = row_weight[lo:hi]
             active = (w != 0)[:, None]
-            xs = s[lo:hi].float() * inv_t
-            xt = t[lo:hi].float() * inv_t
+            # fp32 at T = 1 needs no tempered copy: log_softmax does not write its input
+            xs = s[lo:hi].float() if inv_t == 1.0 else s[lo:hi].float() * inv_t
             if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
-                xt = xt.mul_(lam).add_(xs, alpha=1.0 - lam)
+                xt = (t[lo:hi].float() * inv_t).mul_(lam).add_(xs, alpha=1.0 - lam)
+            else:
+                xt = t[lo:hi].float() if inv_t == 1.0 else t[lo:hi].float() * inv_t
             lq = xs.log_softmax(-1)
             lp = xt.log_softmax(-1)
             del xs, xt  # two (rows, V) buffers fewer while the terms are live
             L, g = rows_loss_and_dlogits(lq, lp, spec, grad is not None)
             loss[lo:hi] = _where_pos(active[:, 0], L)
             if grad is not None:
-                grad[lo:hi] = _where_pos(active, g * (w * inv_t)[:, None])
+                # written straight into the gradient (any float dtype); masked rows exactly 0, even if NaN
+                out = grad[lo:hi]
+                torch.mul(g, (w * inv_t)[:, None], out=out)
+                out.masked_fill_(~active, 0.0)
         return loss
 
 
