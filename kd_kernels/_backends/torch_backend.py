@@ -30,7 +30,8 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------------------
 # The divergence family, one definition each (MATH.md tables; kd_kernels/_spec.py lists the other places).
-# Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp to
+# Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp (read only: the sparse categories and
+# the vocabulary-parallel shards call the same functions and use q, p afterwards) to
 #   L  (rows,)    the per-token loss,
 #   a  (rows, V)  ∂L/∂ℓq_v, up to any multiple of q (it cancels below); a new tensor (it is overwritten),
 #   A             Σ_v a_v as a (rows,) tensor, or 0.0 when a multiple of q was added to make it 0 (then a is the
@@ -42,7 +43,7 @@ Terms = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | float"]
 
 def _forward_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
     d = torch.sub(lp, lq).mul_(p).masked_fill_(p == 0, 0.0)  # p (ℓp − ℓq), 0 where p = 0
-    return d.sum(-1), q.sub_(p), 0.0  # a = −p + q, in q's storage (A = 0: q is not needed after)
+    return d.sum(-1), q - p, 0.0  # a = −p + q (a new tensor: the inputs are shared, never written)
 
 
 def _reverse_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
