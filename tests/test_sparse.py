@@ -559,3 +559,20 @@ def test_triton_sparse_kernel_compiles_for_sm90():
     if "skip" in res:
         pytest.skip(res["skip"])
     assert len(res["compiled"]) == 12
+
+
+def test_torch_terms_do_not_write_their_inputs():
+    """The sparse categories (and the vocabulary-parallel shards) call the dense torch definitions and
+    use q, p afterwards: no _TERMS entry may write ℓq, ℓp, q or p."""
+    from kd_kernels._backends.torch_backend import _TERMS
+    from kd_kernels._spec import KDSpec
+
+    gen = torch.Generator().manual_seed(0)
+    lq = torch.randn(3, 11, generator=gen).log_softmax(-1)
+    lp = torch.randn(3, 11, generator=gen).log_softmax(-1)
+    for d in DIVERGENCES:
+        args = [lq.clone(), lp.clone(), lq.exp(), lp.exp()]
+        before = [a.clone() for a in args]
+        _TERMS[KDSpec.make(d).divergence](*args, KDSpec.make(d))
+        for name, a, b in zip(("lq", "lp", "q", "p"), args, before):
+            assert torch.equal(a, b), f"{d} wrote {name}"
