@@ -50,7 +50,7 @@ from ._backends._raw import DTYPE_CODES
 from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
 from ._head import linear as _linear
 from ._backends.torch_backend import _TERMS
-from ._spec import Divergence, KDSpec
+from ._spec import KDSpec
 
 TAIL_FLOOR = 1e-6
 

@@ -78,29 +78,6 @@ _LIVE_FP32_BUFFERS = 10  # about this many fp32 (rows, V_r) temporaries live at 
 
 
 
-# The divergences whose row statistics the vocabulary-parallel contract combines (all of them).
-_VP_DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "tvd",
-    "jeffreys",
-    "alpha_beta",
-    "renyi",
-)
-
-
-def _vocab_parallel_spec(divergence, alpha, beta, temperature) -> KDSpec:
-    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
-    if spec.divergence.label not in _VP_DIVERGENCES:
-        raise NotImplementedError(
-            f"divergence={spec.divergence.label!r} has no vocabulary-parallel form; use one of "
-            f"{', '.join(map(repr, _VP_DIVERGENCES))}, or gather the shards and call kd_kernels.kd_loss"
-        )
-    return spec
-
 def _check_group(group: object) -> tuple[Any, int, int]:
     """(process group, this rank in it, its size)."""
     if group is None:
@@ -598,7 +575,7 @@ def _prepare_fused(
 ) -> dict:
     """Every check that needs no other rank; returns the flattened tensors and the summary that
     ``_agree`` compares across ranks."""
-    spec = _vocab_parallel_spec(divergence, alpha, beta, temperature)
+    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
     ce_weight = _float_option(ce_weight, "ce_weight")
@@ -787,7 +764,7 @@ def kd_loss(
     group, rank, world = _check_group(group)
     error = summary = None
     try:
-        spec = _vocab_parallel_spec(divergence, alpha, beta, temperature)
+        spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         s, t = V.check_logit_pair(student_logits, teacher_logits)
         reduction = V.check_reduction(reduction)
         impl = _check_backend(backend)

@@ -68,18 +68,7 @@ _SPARSE_DOC = """
 
 
 # Every divergence has a sparse form (on the coarse-grained distributions, MATH.md "Sparse teachers").
-SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd",
-                      "tvd", "jeffreys", "alpha_beta", "renyi")
 
-
-def _sparse_spec(divergence, alpha, beta, temperature) -> KDSpec:
-    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
-    if spec.divergence.label not in SPARSE_DIVERGENCES:
-        raise NotImplementedError(
-            f"divergence={spec.divergence.label!r} has no sparse-teacher form yet; use one of "
-            f"{', '.join(map(repr, SPARSE_DIVERGENCES))}"
-        )
-    return spec
 
 def _check_tail(tail: object, divergence: Divergence) -> Tail:
     if tail not in TAILS:
@@ -197,7 +186,7 @@ def sparse_kd(
     the other conventions. Reductions as in ``kd_kernels.kd_loss``: ``"mean"`` (over counted
     tokens), ``"sum"``, ``"none"`` (``(...)``, 0 where masked). Returns float32.
     """
-    spec = _sparse_spec(divergence, alpha, beta, temperature)
+    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     t = _check_tail(tail, spec.divergence)
     s = V.check_float_tensor(student_logits, "student_logits")
     V.check_reduction(reduction)
@@ -261,7 +250,7 @@ def fused_linear_sparse_kd(
     ignore; without a ``mask``, the KD mask is ``labels != -100``; ``reduction`` "mean" or "sum").
     Gradients are computed in this call; ``backward()`` only scales them.
     """
-    spec = _sparse_spec(divergence, alpha, beta, temperature)
+    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     t = _check_tail(tail, spec.divergence)
     if reduction == "none":
         raise NotImplementedError(
@@ -376,7 +365,7 @@ class SparseKDLoss(nn.Module):
                  tail: str = "bucket", temperature: float = 1.0, reduction: str = "mean",
                  backend: str = "auto") -> None:
         super().__init__()
-        self.spec = _sparse_spec(divergence, alpha, beta, temperature)
+        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         _check_tail(tail, self.spec.divergence)
         self.alpha, self.beta, self.tail = alpha, beta, tail
         self.reduction = V.check_reduction(reduction)
