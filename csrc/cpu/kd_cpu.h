@@ -34,6 +34,9 @@ void loss_grad(const RowArgs& args, int num_threads);
 // Names of the levels compiled in (e.g. "x86-64,x86-64-v3,x86-64-v4"), the one loss_grad runs now,
 // and a way to force one ("auto" = best the CPU supports). set_isa throws std::invalid_argument for a
 // name that is not compiled in or that this CPU cannot run.
+// Asks the OS for transparent huge pages on the 2 MiB-aligned interior of a buffer about to be written for the
+// first time (no-op below 8 MiB, off Linux, or where THP is disabled). Only a hint: contents are unaffected.
+void advise_huge_pages(void* p, int64_t bytes);
 const char* compiled_isas();
 const char* active_isa();
 void set_isa(const char* name);

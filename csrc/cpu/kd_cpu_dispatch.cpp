@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -15,6 +16,10 @@
 
 #include "kd_cpu.h"
 #include "kd_kernels/kd_math.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace kd {
 namespace cpu {
@@ -102,6 +107,25 @@ void require(bool ok, const std::string& msg) {
 
 }  // namespace
 
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // A fresh (N, V) gradient of a large vocabulary comes from mmap (glibc serves blocks over its mmap threshold
+  // that way, and torch frees them back), so its first write takes one page fault per 4 KiB page: measured
+  // 20 ms of a 52 ms loss + gradient at 1024 x 32000 fp32 on 2 cores. Asking for transparent huge pages on the
+  // 2 MiB-aligned interior makes that 64 faults. A hint only: where THP is "never", or the range is already
+  // resident, or madvise fails, nothing changes (its result is ignored on purpose).
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  if (p == nullptr || bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const std::uintptr_t lo = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t hi = (reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes)) &
+                            ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 const char* compiled_isas() {
   static const std::string names = [] {
     std::string out;
@@ -158,6 +182,9 @@ void loss_grad(const RowArgs& a, int num_threads) {
                                                    std::to_string(a.interpolation) + ")");
   require(std::isfinite(a.temperature) && a.temperature > 0,
           "temperature must be a finite number > 0, got " + std::to_string(a.temperature));
+  if (a.grad != nullptr && a.grad != a.s) {
+    advise_huge_pages(a.grad, ((a.n_rows - 1) * a.stride_g + a.vocab) * (a.s_dtype == F32 ? 4 : 2));
+  }
   kLevels[level().load()].fn(a, num_threads);
 }
 

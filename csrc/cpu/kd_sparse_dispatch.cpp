@@ -48,6 +48,9 @@ void sparse_loss_grad(const SparseArgs& a, int num_threads) {
   } else if (a.divergence == RENYI) {
     require(a.coef > 0 && a.coef != 1, "renyi needs coef (alpha) > 0 and != 1, got " + std::to_string(a.coef));
   }
+  if (a.grad != nullptr && a.grad != a.s) {
+    advise_huge_pages(a.grad, ((a.n_rows - 1) * a.stride_g + a.vocab) * (a.s_dtype == F32 ? 4 : 2));
+  }
   const char* isa = active_isa();
 #ifdef KD_CPU_HAVE_V4
   if (std::strcmp(isa, "x86-64-v4") == 0) return x86_64_v4::sparse_loss_grad(a, num_threads);
