@@ -457,6 +457,40 @@ def _logits_fp32(h, w, b, inv_t: float, tr: HeadTransform = _IDENTITY, *, want_d
     return (z, d) if want_deriv else z
 
 
+def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy: bool,
+                  tr: HeadTransform, want_lse: bool):
+    """The chunked forward of ``fused_linear_logprobs``: ``(logp, ent, lse, plan)``; ``logp``, ``ent``,
+    ``lse`` fp32, ``ent`` empty unless ``want_entropy``, ``lse`` (per active row, for backward) empty unless
+    ``want_lse``; ``plan`` the rows visited. Without gradients it is called directly (``want_lse=False``):
+    no autograd node, no log-sum-exp kept."""
+    n, dev = h.shape[0], h.device
+    plan = _Rows(active, n)
+    # every row is written when none is masked (zeros otherwise); no entropy buffer unless asked
+    logp = (torch.empty if plan.idx is None else torch.zeros)(n, dtype=torch.float32, device=dev)
+    ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy
+           else torch.zeros(0, dtype=torch.float32, device=dev))
+    lse_all = torch.empty(plan.count if want_lse else 0, dtype=torch.float32, device=dev)
+    pos = 0
+    for sel in plan.chunks(rows):
+        z = _logits_fp32(plan.take(h, sel), w, b, inv_t, tr)
+        y = plan.take(tokens, sel)[:, None]
+        # log_softmax is one fused pass (logsumexp is four: max, subtract, exp-sum, log); the
+        # log-sum-exp for backward is then z[y] − log q(y)
+        logq = torch.log_softmax(z, -1)
+        lp = logq.gather(1, y).squeeze(1)
+        if want_lse:
+            lse = z.gather(1, y).squeeze(1) - lp
+            if not math.isfinite(float(lse.sum())):  # z[y] = ±inf / NaN: those rows the long way
+                lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(z, -1))
+            lse_all[pos : pos + z.shape[0]] = lse
+        pos += z.shape[0]
+        plan.put(logp, sel, lp)
+        if want_entropy:
+            q = logq.exp_()  # logq is dead after this: reuse it for q
+            plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
+    return logp, ent, lse_all, plan
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """(h, W, b) ↦ (log q(y) per token, entropy per token), both (N,) fp32, 0 on inactive rows."""
 
@@ -473,31 +507,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         want_entropy: bool,
         tr: HeadTransform = _IDENTITY,
     ):
-        n, dev = h.shape[0], h.device
         inv_t = 1.0 / temperature
-        plan = _Rows(active, n)
-        # every row is written when none is masked (zeros otherwise); no entropy buffer unless asked
-        logp = (torch.empty if plan.idx is None else torch.zeros)(n, dtype=torch.float32, device=dev)
-        ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy
-               else torch.zeros(0, dtype=torch.float32, device=dev))
-        lse_all = torch.empty(plan.count, dtype=torch.float32, device=dev)
-        pos = 0
-        for sel in plan.chunks(rows):
-            z = _logits_fp32(plan.take(h, sel), w, b, inv_t, tr)
-            y = plan.take(tokens, sel)[:, None]
-            # log_softmax is one fused pass (logsumexp is four: max, subtract, exp-sum, log); the
-            # log-sum-exp for backward is then z[y] − log q(y)
-            logq = torch.log_softmax(z, -1)
-            lp = logq.gather(1, y).squeeze(1)
-            lse = z.gather(1, y).squeeze(1) - lp
-            if not math.isfinite(float(lse.sum())):  # z[y] = ±inf / NaN: those rows the long way
-                lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(z, -1))
-            lse_all[pos : pos + z.shape[0]] = lse
-            pos += z.shape[0]
-            plan.put(logp, sel, lp)
-            if want_entropy:
-                q = logq.exp_()  # logq is dead after this: reuse it for q
-                plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
+        logp, ent, lse_all, plan = logprobs_pass(h, w, b, tokens, active, inv_t, rows, want_entropy, tr, True)
         ctx.save_for_backward(h, w, b, tokens, plan.idx, lse_all, ent)
         ctx.rows, ctx.inv_t, ctx.count, ctx.tr = rows, inv_t, plan.count, tr
         ctx.set_materialize_grads(False)

@@ -28,6 +28,7 @@ from ._fused_linear_impl import (
     chunk_rows,
     kd_ce_loss_only,
     kd_ce_rows,
+    logprobs_pass,
 )
 from ._head import HeadTransform
 from ._spec import FP32_MAX, KDSpec
@@ -209,6 +210,10 @@ def _check_labels(
         )
     # Compared in int64: in uint8, -100 wraps to 156 and a valid id can look out of range.
     labels = labels.long()
+    if ignore_index is None and free is None and labels.numel() > 0:
+        lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
+        if 0 <= int(lo) and int(hi) < vocab:
+            return labels
     bad = (labels < 0) | (labels >= vocab)
     if ignore_index is not None:
         bad &= labels != ignore_index
@@ -531,17 +536,15 @@ def fused_linear_logprobs(
     if active is not None:
         safe = torch.where(active, safe, torch.zeros_like(safe))
     rows = chunk_rows(n, w.shape[0], 3 * 4 + tr.extra_bytes_per_entry, chunk_size, h.device)
-    logp, ent = FusedLinearLogprobsFunction.apply(
-        h.reshape(n, h.shape[-1]),
-        w,
-        b,
-        safe,
-        active,
-        float(temperature),
-        rows,
-        return_entropy,
-        tr,
-    )
+    h2 = h.reshape(n, h.shape[-1])
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h2, w, b)):
+        logp, ent = FusedLinearLogprobsFunction.apply(
+            h2, w, b, safe, active, float(temperature), rows, return_entropy, tr
+        )
+    else:  # nothing to differentiate (e.g. the teacher's log-probs, or under no_grad): no autograd node
+        logp, ent, _, _ = logprobs_pass(
+            h2, w, b, safe, active, 1.0 / float(temperature), rows, return_entropy, tr, False
+        )
     if return_entropy:
         return logp.reshape(lead), ent.reshape(lead)
     return logp.reshape(lead)

@@ -513,6 +513,25 @@ def test_logprobs_match_reference(dtype, lead, entropy, masked):
         assert torch.all(lp[~mask] == 0) and torch.all(grads[0][~mask] == 0)
 
 
+@pytest.mark.parametrize("masked", (False, True))
+@pytest.mark.parametrize("entropy", (False, True))
+def test_logprobs_without_grad_match_the_grad_path(masked, entropy):
+    """With nothing to differentiate the forward runs without an autograd node (and keeps no log-sum-exp);
+    it gives the same values as the differentiable path, under no_grad and for plain (teacher) inputs."""
+    h, w, b = torch.randn(2, 7, D_S), torch.randn(VOCAB, D_S) / D_S**0.5 * 3, torch.randn(VOCAB)
+    tokens = torch.randint(0, VOCAB, (2, 7))
+    mask = torch.rand(2, 7) > 0.4 if masked else None
+    kw = dict(bias=b, temperature=1.3, mask=mask, return_entropy=entropy, chunk_size=3)
+    with_grad = kd_kernels.fused_linear_logprobs(h.clone().requires_grad_(), w, tokens, **kw)
+    plain = kd_kernels.fused_linear_logprobs(h, w, tokens, **kw)
+    with torch.no_grad():
+        no_grad = kd_kernels.fused_linear_logprobs(h.clone().requires_grad_(), w, tokens, **kw)
+    for out in (plain, no_grad):
+        for x, y in zip(*((o,) if not entropy else o for o in (out, with_grad))):
+            assert x.grad_fn is None and y.grad_fn is not None
+            torch.testing.assert_close(x, y.detach(), rtol=0, atol=0)
+
+
 def test_logprobs_bad_inputs():
     h, w = torch.randn(4, D_S), torch.randn(VOCAB, D_S)
     with pytest.raises(ValueError, match="mask=..."):
