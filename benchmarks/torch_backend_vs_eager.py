@@ -1,27 +1,64 @@
-"""torch backend vs eager PyTorch, loss + backward, interleaved medians on 1 thread:
-    python benchmarks/torch_backend_vs_eager.py forward_kl,reverse_kl,jsd
-(the small-shape check of docs/BENCHMARKS.md, "The torch backend")."""
-import sys, time, torch
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _bench_providers import eager_kd_loss
-import kd_kernels
-torch.set_num_threads(1)
-def bench(f, reps):
-    ts=[]
-    for _ in range(reps):
-        t0=time.perf_counter(); f(); ts.append(time.perf_counter()-t0)
-    ts.sort(); return ts[len(ts)//2]*1e3
-for div in sys.argv[1].split(","):
-  for dt in (torch.float32, torch.bfloat16):
-    for n,v in ((16,32000),(256,32000),(16,8000)):
-        s=torch.randn(n,v).to(dt); t=torch.randn(n,v).to(dt)
-        def e():
-            x=s.clone().requires_grad_(); eager_kd_loss(x,t,div).backward()
-        def k():
-            x=s.clone().requires_grad_(); kd_kernels.kd_loss(x,t,divergence=div,backend="torch").backward()
-        e();k()
-        te=[];tk=[]
-        for r in range(5):
-            te.append(bench(e,5)); tk.append(bench(k,5))
-        te=sorted(te)[2]; tk=sorted(tk)[2]
-        print(f"{div:16s} {str(dt):15s} {n:4d}x{v:6d} eager {te:7.2f} torch {tk:7.2f} ratio {te/tk:.2f}", flush=True)
+"""torch backend vs eager PyTorch at the benchmark suite's small logits shapes, interleaved medians on 1 thread:
+
+    python benchmarks/torch_backend_vs_eager.py forward_kl,reverse_kl,jsd [--fwd-only]
+
+Loss + backward by default (the suite's ``kd_logits`` op), the loss alone under no_grad with ``--fwd-only``
+(``kd_logits_fwd``). The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick
+check of docs/BENCHMARKS.md, "The torch backend"; `benchmarks/run.py` has the full table.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _bench_providers import eager_kd_loss  # noqa: E402
+
+import kd_kernels  # noqa: E402
+
+SHAPES = ((16, 8000), (16, 32000), (64, 32000), (256, 32000), (16, 128256))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("divergences")
+    ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    for div in a.divergences.split(","):
+        for dt in (getattr(torch, d) for d in a.dtypes.split(",")):
+            for n, v in SHAPES:
+                s, t = torch.randn(n, v).to(dt), torch.randn(n, v).to(dt)
+
+                def call(f):
+                    if a.fwd_only:
+                        with torch.no_grad():
+                            f(s)
+                    else:
+                        x = s.clone().requires_grad_()
+                        f(x).backward()
+
+                fs = {"eager": lambda x: eager_kd_loss(x, t, div),
+                      "torch": lambda x: kd_kernels.kd_loss(x, t, divergence=div, backend="torch")}
+                for f in fs.values():
+                    call(f)
+                ts = {k: [] for k in fs}
+                reps = max(3, min(30, int(2e7 // (n * v))))
+                for r in range(a.rounds):
+                    for k in (("eager", "torch") if r % 2 else ("torch", "eager")):
+                        for _ in range(reps):
+                            t0 = time.perf_counter()
+                            call(fs[k])
+                            ts[k].append(time.perf_counter() - t0)
+                te, tk = (statistics.median(ts[k]) * 1e3 for k in ("eager", "torch"))
+                print(f"{div:16s} {str(dt)[6:]:9s} {n:4d}x{v:6d} {'fwd' if a.fwd_only else 'fwd+bwd'} "
+                      f"eager {te:8.3f} ms  torch {tk:8.3f} ms  eager/torch {te / tk:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -89,3 +89,31 @@ def test_nan_row_leaves_other_rows_exact(divergence):
     (g,) = torch.autograd.grad(loss, s_k, up_all)
     torch.testing.assert_close(loss[keep].double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[keep].double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_unguarded_first_pass_with_guarded_redo_equals_the_guarded_rows(divergence):
+    """The CPU runs every row unguarded and redoes the rows whose loss is not finite: −inf columns in the
+    teacher, the student or both, an infinite divergence (q = 0 where p > 0), a NaN row, next to plain rows.
+    Each row must come out exactly as the guarded definition gives it, the loss alone too."""
+    from kd_kernels._spec import KDSpec
+
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(7, 13, generator=gen) * 3, torch.randn(7, 13, generator=gen) * 3
+    t[1, :4] = -math.inf
+    s[2, 5:7] = -math.inf
+    s[3, :3] = t[3, :3] = -math.inf
+    s[4, 0] = math.nan
+    s[5, 8] = -1e4  # q underflows to 0 without being −inf
+    lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+    spec = KDSpec.make(divergence)
+    for want_grad in (True, False):
+        ref_loss, ref_g = TB.rows_loss_and_dlogits(lq, lp, spec, want_grad, redo_rows=False)
+        loss, g = TB.rows_loss_and_dlogits(lq, lp, spec, want_grad, redo_rows=True)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0, equal_nan=True)
+        assert torch.isnan(loss[4]) and torch.isfinite(loss[[0, 5, 6]]).all()
+        if want_grad:
+            torch.testing.assert_close(g, ref_g, rtol=1e-6, atol=1e-7, equal_nan=True)
+            assert torch.isnan(g[4]).all() and not torch.isnan(g[torch.isfinite(loss)]).any()
+        else:
+            assert g is None and ref_g is None

@@ -30,79 +30,125 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------------------
 # The divergence family, one definition each (MATH.md tables; kd_kernels/_spec.py lists the other places).
-# Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp (read only: the sparse categories and
-# the vocabulary-parallel shards call the same functions and use q, p afterwards) to
+# Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp (None: formed here if needed; read
+# only: the sparse categories and the vocabulary-parallel shards call the same functions and use q, p afterwards)
+# to
 #   L  (rows,)    the per-token loss,
 #   a  (rows, V)  ∂L/∂ℓq_v, up to any multiple of q (it cancels below); a new tensor (it is overwritten),
 #   A             Σ_v a_v as a (rows,) tensor, or 0.0 when a multiple of q was added to make it 0 (then a is the
 #                 gradient itself, and must be NaN wherever ℓq or ℓp is),
-# and rows_loss_and_dlogits forms the gradient ∂L/∂s̃_j = a_j − q_j A for all of them.
+# and rows_loss_and_dlogits forms the gradient ∂L/∂s̃_j = a_j − q_j A for all of them. want_grad=False: (L, None,
+# None), the loss alone.
+#
+# guard: the 0·log 0 = 0 convention where q or p is 0 (a −inf log-probability), through `pos`. guard=False leaves
+# those products as they come (0·(−inf) = NaN): rows_loss_and_dlogits runs that cheaper form first and redoes,
+# guarded, only the rows whose loss is not finite; a row with a zero probability always has one (the NaN product
+# sits in L's sum), and every other row is the same either way.
 # ----------------------------------------------------------------------------------------------------------------
-Terms = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | float"]
+Terms = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | float | None"]
 
 
-def _forward_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
-    d = torch.sub(lp, lq).mul_(p).masked_fill_(p == 0, 0.0)  # p (ℓp − ℓq), 0 where p = 0
-    return d.sum(-1), q - p, 0.0  # a = −p + q (a new tensor: the inputs are shared, never written)
+def _pos(guard: bool, prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x where prob > 0 else 0 (guard), or x itself."""
+    return _where_pos(prob > 0, x) if guard else x
 
 
-def _reverse_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
-    a = _where_pos(q > 0, q * (lq - lp))
+def _exp(lx: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    return lx.exp() if x is None else x
+
+
+def _xlog(prob: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """prob · (log_a − log_b), a new tensor (0·(−inf) = NaN where prob = 0: the callers guard it)."""
+    return torch.sub(log_a, log_b).mul_(prob)
+
+
+def _forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    p_ = _exp(lp, p)
+    loss = _pos(guard, p_, _xlog(p_, lp, lq)).sum(-1)
+    if not want_grad:
+        return loss, None, None
+    return loss, _exp(lq, q) - p_, 0.0  # a = −p + q (a new tensor: the inputs are shared, never written)
+
+
+def _reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    q_ = _exp(lq, q)
+    a = _pos(guard, q_, _xlog(q_, lq, lp))
     loss = a.sum(-1)
-    return loss, a, loss
+    return (loss, a, loss) if want_grad else (loss, None, None)
 
 
-def _skew_forward_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
+def _skew_forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     d = lp - _log_mix(lp, lq, spec.coef)  # log(p / m), m = α p + (1−α) q
-    r = _where_pos(p > 0, d.exp())
-    a = -(1 - spec.coef) * q * r
-    return _where_pos(p > 0, p * d).sum(-1), a, a.sum(-1)
-
-
-def _skew_reverse_kl(lq, lp, q, p, spec: KDSpec) -> Terms:
-    d = lq - _log_mix(lq, lp, spec.coef)  # log(q / m'), m' = α q + (1−α) p
-    a = q * _where_pos(q > 0, d - spec.coef * d.exp())
-    return _where_pos(q > 0, q * d).sum(-1), a, a.sum(-1)
-
-
-def _jsd(lq, lp, q, p, spec: KDSpec) -> Terms:
-    b = spec.coef
-    lm = _log_mix(lp, lq, b)  # M = β p + (1−β) q
-    wq = _where_pos(q > 0, lq - lm)
-    loss = b * _where_pos(p > 0, p * (lp - lm)).sum(-1) + (1 - b) * (q * wq).sum(-1)
-    a = (1 - b) * q * wq
+    p_ = _exp(lp, p)
+    loss = _pos(guard, p_, p_ * d).sum(-1)
+    if not want_grad:
+        return loss, None, None
+    a = _pos(guard, p_, d.exp_()).mul_(_exp(lq, q)).mul_(-(1 - spec.coef))  # −(1−α) q p / m
     return loss, a, a.sum(-1)
 
 
-def _tvd(lq, lp, q, p, spec: KDSpec) -> Terms:
-    diff = q - p
-    a = 0.5 * q * diff.sign()
-    return 0.5 * diff.abs().sum(-1), a, a.sum(-1)
+def _skew_reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    d = lq - _log_mix(lq, lp, spec.coef)  # log(q / m'), m' = α q + (1−α) p
+    q_ = _exp(lq, q)
+    loss = _pos(guard, q_, q_ * d).sum(-1)
+    if not want_grad:
+        return loss, None, None
+    a = q_ * _pos(guard, q_, d - spec.coef * d.exp())
+    return loss, a, a.sum(-1)
 
 
-def _jeffreys(lq, lp, q, p, spec: KDSpec) -> Terms:
-    rev = _where_pos(q > 0, q * (lq - lp))
+def _jsd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    b = spec.coef
+    lm = _log_mix(lp, lq, b)  # M = β p + (1−β) q
+    q_, p_ = _exp(lq, q), _exp(lp, p)
+    wq = _pos(guard, q_, lq - lm)
+    loss = b * _pos(guard, p_, _xlog(p_, lp, lm)).sum(-1) + (1 - b) * (q_ * wq).sum(-1)
+    if not want_grad:
+        return loss, None, None
+    a = wq.mul_(q_).mul_(1 - b)
+    return loss, a, a.sum(-1)
+
+
+def _tvd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    diff = _exp(lq, q) - _exp(lp, p)
+    loss = 0.5 * diff.abs().sum(-1)
+    if not want_grad:
+        return loss, None, None
+    a = diff.sign_().mul_(_exp(lq, q)).mul_(0.5)
+    return loss, a, a.sum(-1)
+
+
+def _jeffreys(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
+    q_, p_ = _exp(lq, q), _exp(lp, p)
+    rev = _pos(guard, q_, _xlog(q_, lq, lp))
     rkl = rev.sum(-1)
-    loss = _where_pos(p > 0, p * (lp - lq)).sum(-1) + rkl
-    return loss, rev - p, rkl - 1.0  # Σ (−p) = −1
+    loss = _pos(guard, p_, _xlog(p_, lp, lq)).sum(-1) + rkl
+    if not want_grad:
+        return loss, None, None
+    return loss, rev.sub_(p_), rkl - 1.0  # a = rev − p, Σ (−p) = −1
 
 
-def _alpha_beta(lq, lp, q, p, spec: KDSpec) -> Terms:
+def _alpha_beta(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     al, be = spec.coef, spec.coef2
     ab = al + be
     pq = (al * lp + be * lq).exp()  # p^α q^β; exp of −inf is 0, so zero probabilities need no guard
     qq = (ab * lq).exp()
     terms = pq - (al / ab) * (ab * lp).exp() - (be / ab) * qq
-    a = (qq - pq) / al  # (1/α) q^β (q^α − p^α)
-    return terms.sum(-1) / -(al * be), a, a.sum(-1)
+    loss = terms.sum(-1) / -(al * be)
+    if not want_grad:
+        return loss, None, None
+    a = qq.sub_(pq).div_(al)  # (1/α) q^β (q^α − p^α)
+    return loss, a, a.sum(-1)
 
 
-def _renyi(lq, lp, q, p, spec: KDSpec) -> Terms:
+def _renyi(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     al = spec.coef
     mix = al * lp + (1 - al) * lq  # log(p^α q^(1−α)); a p = 0 term is 0 even when α > 1 and q = 0
     mix = torch.where(lp == -math.inf, -math.inf, mix)
     lse = torch.logsumexp(mix, -1, keepdim=True)
-    return lse[:, 0] / (al - 1), q - (mix - lse).exp(), 0.0  # a = −r + q
+    if not want_grad:
+        return lse[:, 0] / (al - 1), None, None
+    return lse[:, 0] / (al - 1), _exp(lq, q) - (mix - lse).exp(), 0.0  # a = −r + q
 
 
 _TERMS = {
@@ -118,18 +164,12 @@ _TERMS = {
 }
 
 
-def rows_loss_and_dlogits(
+def _guarded_rows(
     lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss L and ∂L/∂s̃ = a − q A from fp32 log-probabilities (MATH.md, the two tables).
-
-    A row that is not a distribution (a NaN, a +inf, all −inf, or overflow after 1/T) reaches here as a row of
-    NaN: log_softmax's sum of exponentials is NaN for it (NaN − max, inf − inf, −inf − (−inf)). Such a row gets
-    loss NaN and an all-NaN gradient row (the decided semantics, the same on every backend); checking column 0
-    finds it. Valid rows never hold a NaN log-probability.
-    """
-    q, p = lq.exp(), lp.exp()
-    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec)
+    """Per-row L and ∂L/∂s̃ with every 0·log 0 guarded and the NaN-row rule applied (see below)."""
+    q = lq.exp()
+    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, None, spec, guard=True, want_grad=want_grad)
     bad = lq[:, 0].isnan() | lp[:, 0].isnan()
     loss = torch.where(bad, math.nan, loss)
     g = None
@@ -143,6 +183,37 @@ def rows_loss_and_dlogits(
     return loss, g
 
 
+def rows_loss_and_dlogits(
+    lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool, *, redo_rows: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss L and ∂L/∂s̃ = a − q A from fp32 log-probabilities (MATH.md, the two tables).
+
+    A row that is not a distribution (a NaN, a +inf, all −inf, or overflow after 1/T) reaches here as a row of
+    NaN: log_softmax's sum of exponentials is NaN for it (NaN − max, inf − inf, −inf − (−inf)). Such a row gets
+    loss NaN and an all-NaN gradient row (the decided semantics, the same on every backend); checking column 0
+    finds it. Valid rows never hold a NaN log-probability.
+
+    ``redo_rows``: compute every row unguarded first, then redo the rows whose loss is not finite (zero
+    probabilities, the NaN rows above, an infinite divergence) guarded. It needs to know on the host whether
+    there are such rows, so the caller sets it where that costs no device synchronisation (the CPU).
+    """
+    if not redo_rows:
+        return _guarded_rows(lq, lp, spec, want_grad)
+    q = lq.exp() if want_grad else None  # every gradient needs q; the loss alone mostly does not
+    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, None, spec, guard=False, want_grad=want_grad)
+    g = None
+    if want_grad:
+        g = a if isinstance(big_a, float) else a.addcmul_(q, big_a[:, None], value=-1.0)
+    redo = ~torch.isfinite(loss)
+    if bool(redo.any()):
+        idx = redo.nonzero()[:, 0]
+        loss_r, g_r = _guarded_rows(lq[idx], lp[idx], spec, want_grad)
+        loss[idx] = loss_r
+        if want_grad:
+            g[idx] = g_r
+    return loss, g
+
+
 class TorchBackend(Backend):
     name = "torch"
     device_types = ("cpu", "cuda", "mps", "xpu")
@@ -152,30 +223,44 @@ class TorchBackend(Backend):
 
     def loss_grad(self, s, t, row_weight, spec, grad):
         n, v = s.shape
-        loss = torch.empty(n, dtype=torch.float32, device=s.device)
         rows = max(1, _CHUNK_BYTES // (_LIVE_BUFFERS * 4 * max(v, 1)))
-        inv_t = 1.0 / spec.temperature
-        lam = spec.interpolation
+        if n <= rows:  # one chunk: no slicing, no copy of the loss (small calls are overhead-bound)
+            return self._chunk(s, t, row_weight, spec, grad)
+        loss = torch.empty(n, dtype=torch.float32, device=s.device)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
-            w = row_weight[lo:hi]
-            active = (w != 0)[:, None]
-            # fp32 at T = 1 needs no tempered copy: log_softmax does not write its input
-            xs = s[lo:hi].float() if inv_t == 1.0 else s[lo:hi].float() * inv_t
-            if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
-                xt = (t[lo:hi].float() * inv_t).mul_(lam).add_(xs, alpha=1.0 - lam)
-            else:
-                xt = t[lo:hi].float() if inv_t == 1.0 else t[lo:hi].float() * inv_t
-            lq = xs.log_softmax(-1)
-            lp = xt.log_softmax(-1)
-            del xs, xt  # two (rows, V) buffers fewer while the terms are live
-            L, g = rows_loss_and_dlogits(lq, lp, spec, grad is not None)
-            loss[lo:hi] = _where_pos(active[:, 0], L)
-            if grad is not None:
-                # written straight into the gradient (any float dtype); masked rows exactly 0, even if NaN
-                out = grad[lo:hi]
-                torch.mul(g, (w * inv_t)[:, None], out=out)
-                out.masked_fill_(~active, 0.0)
+            loss[lo:hi] = self._chunk(
+                s[lo:hi], t[lo:hi], row_weight[lo:hi], spec, None if grad is None else grad[lo:hi]
+            )
+        return loss
+
+    @staticmethod
+    def _chunk(s, t, w, spec, out):
+        """One chunk's per-row loss; its scaled gradient written into ``out`` (None: loss only)."""
+        inv_t = 1.0 / spec.temperature
+        lam = spec.interpolation
+        # fp32 at T = 1 needs no tempered copy: log_softmax does not write its input
+        xs = s.float() if inv_t == 1.0 else s.float() * inv_t
+        if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
+            xt = (t.float() * inv_t).mul_(lam).add_(xs, alpha=1.0 - lam)
+        else:
+            xt = t.float() if inv_t == 1.0 else t.float() * inv_t
+        lq = xs.log_softmax(-1)
+        lp = xt.log_softmax(-1)
+        del xs, xt  # two (rows, V) buffers fewer while the terms are live
+        # on the CPU, asking whether a row needs the guarded redo (or is masked) costs no device sync
+        on_host = s.device.type == "cpu"
+        loss, g = rows_loss_and_dlogits(lq, lp, spec, out is not None, redo_rows=on_host)
+        del lq, lp
+        active = w != 0
+        some_masked = not on_host or not bool(active.all())
+        if some_masked:
+            loss = _where_pos(active, loss)
+        if out is not None:
+            # written straight into the gradient (any float dtype); masked rows exactly 0, even if NaN
+            torch.mul(g, (w * inv_t)[:, None], out=out)
+            if some_masked:
+                out.masked_fill_(~active[:, None], 0.0)
         return loss
 
 
