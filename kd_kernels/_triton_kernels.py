@@ -38,8 +38,11 @@ backend.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Divergence numbering of kd_kernels._spec.Divergence / kd_math.h.
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -52,33 +55,63 @@ JEFFREYS: tl.constexpr = tl.constexpr(6)
 ALPHA_BETA: tl.constexpr = tl.constexpr(7)
 RENYI: tl.constexpr = tl.constexpr(8)
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
+# The per-lane running max starts at −FLT_MAX, not −inf: x − m is then never −inf − (−inf), so the fold needs
+# no −inf guard per element (a column −inf in a lane that has seen nothing else gets weight 2^(−inf) = 0).
+NEG_BIG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+# Workaround: the interpreter (TRITON_INTERPRET=1) cannot run libdevice calls (nor inline PTX), so it takes
+# tl.log2 (numpy). Compiled kernels take lg2.approx.ftz.f32 (one MUFU.LG2); tl.log2 would lower to the
+# libdevice polynomial (about 20 instructions). Both compute log2; chosen when the kernel is traced.
+HW_LOG2: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
 
 @triton.jit
-def _lse_fold(m, z, x):
-    """Fold a block x into a running (max m, z = Σ e^(x − m)).
+def _lg2(x):
+    """log2 x: MUFU.LG2 when compiled, numpy's log2 under the interpreter (see HW_LOG2)."""
+    if HW_LOG2:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
 
-    Returns the new (m, z), the block's e^(x − m_new) and the factor e^(m_old − m_new) that running sums kept
-    relative to the old max must be multiplied by. While the row has seen only −inf, 0 is subtracted instead of
-    m_new = −inf, so e^(−inf − 0) = 0 rather than NaN.
+
+@triton.jit
+def _lane_fold(m, z, x, scale2):
+    """Fold one block x (raw fp32 logits) into per-lane running (max m, z = Σ 2^((x − m)·scale2)), scale2 =
+    log2(e)/T; no cross-lane work.
+
+    One ex2 per element: with d = x − m, the smaller of the two terms is 2^(−|d|·scale2) relative to the larger,
+    so the new element weighs w = 2^(−|d|·scale2) and the old sum is kept (f = 1) when x ≤ m, and the old sum is
+    scaled by f = 2^(−d·scale2) while the new element weighs 1 when x > m. m starts at NEG_BIG, so d is never NaN
+    for −inf columns; a NaN column makes z NaN (and the row a NaN row); a +inf column makes the LSE +inf.
+    Returns the new (m, z) and (f, w) for running sums kept relative to the same max.
     """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - shift)
-    scale = tl.exp(m - shift)  # ≤ 1; 0 when m was −inf (then z was 0 as well)
-    z = z * scale + tl.sum(e, axis=0)
-    return m_new, z, e, scale
+    d = x - m
+    e = tl.exp2(-tl.abs(d) * scale2)
+    up = x > m
+    f = tl.where(up, e, 1.0)
+    w = tl.where(up, 1.0, e)
+    return tl.maximum(m, x), z * f + w, f, w
+
+
+@triton.jit
+def _lane_max(m, scale2):
+    """The row max of per-lane maxima and each lane's factor 2^((m_lane − max)·scale2) (1 in an all −inf
+    row)."""
+    mx = tl.max(m, axis=0)
+    return mx, tl.exp2((m - mx) * scale2)
 
 
 @triton.jit
 def _log_mix(lx, ly, log_w, log_1mw):
-    """log(w·e^lx + (1−w)·e^ly) in log space (MATH.md: never in probability space, which underflows)."""
+    """log2(w·2^lx + (1−w)·2^ly) in log space (MATH.md: never in probability space, which underflows); all
+    base 2. Where both are −inf the result is NaN: every caller selects it away by its weight p or q (0 there),
+    so the per-element guard of hi = −inf is not needed."""
     xa = lx + log_w
     yb = ly + log_1mw
     hi = tl.maximum(xa, yb)
     lo = tl.minimum(xa, yb)
-    # Both −inf: subtract 0 instead of −inf (no NaN), and hi + log(1 + 0) is then −inf as it should be.
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return hi + tl.log(1.0 + tl.exp(lo - hi_safe))
+    return hi + _lg2(1.0 + tl.exp2(lo - hi))
 
 
 @triton.jit
@@ -107,13 +140,26 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
-    """Tempered fp32 student a = s/T and teacher b = t/T of one block (columns past V are −inf in both).
+def _fill_row(g_row, V, value, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    fill = tl.full([BLOCK_V], value, dtype=tl.float32).to(g_row.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        tl.store(g_row + cols, fill, mask=cols < V)
 
-    With INTERP (TAID, interpolation λ < 1) the teacher becomes λ b + (1 − λ) a; a column −inf in both stays −inf.
+
+@triton.jit
+def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
+    """Untempered fp32 student s and teacher t of one block (columns past V are −inf in both).
+
+    The temperature and the change to base 2 are applied to differences, never to a logit: every exponential
+    is 2^((x − m)·scale2) with scale2 = log2(e)/T, one multiply and one ex2, and x − m is exact near the max
+    (scaling x first would round it to an ulp of |x|·log2(e)/T, ~2e-4 at logits of 3e3, which p and q would
+    inherit as a relative error).
+    With INTERP (TAID, interpolation λ < 1) the teacher becomes λ t + (1 − λ) s; a column −inf in both stays −inf.
     """
-    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
+    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
     if INTERP:
         b = lam * b + (1.0 - lam) * a
     return a, b
@@ -122,7 +168,8 @@ def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
 # -------------------------------------------------------------------------------------------------------------
 # The divergence family, one definition each (MATH.md tables; see kd_kernels/_spec.py).
 #
-# _elem_terms(ℓq, ℓp, L): the per-element loss term (summed by the second pass of a non-online divergence) and
+# _elem_terms(λq, λp, L) takes base-2 log-probabilities λ = ℓ / ln 2 (q = 2^λq, p = 2^λp) and returns, in
+# natural units, the per-element loss term (summed by the second pass of a non-online divergence) and
 # a = ∂L/∂ℓq (up to a multiple of q); L is the row's loss, known by the time a is needed.
 #   forward_kl       p (ℓp − ℓq)                                  a = −p                       A = −1
 #   reverse_kl       q (ℓq − ℓp)                                  a = q (ℓq − ℓp)              A = L
@@ -138,84 +185,88 @@ def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
-    """(q, loss term, a) of one block for divergence DIV; see the table above."""
-    q = tl.exp(lq)
-    p = tl.exp(lp)
+    """(q, loss term, a) of one block for divergence DIV from base-2 log-probs; see the table above.
+    log_c, log_1mc are log2 coef and log2(1 − coef)."""
+    q = tl.exp2(lq)
+    p = tl.exp2(lp)
     if DIV == FORWARD_KL:
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq))
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2
         a = -p
     elif DIV == REVERSE_KL:
-        loss = tl.where(q == 0.0, 0.0, q * (lq - lp))
+        loss = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
         a = loss
     elif DIV == SKEW_FORWARD_KL:
         d = lp - _log_mix(lp, lq, log_c, log_1mc)
-        loss = tl.where(p == 0.0, 0.0, p * d)
-        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp(d))
+        loss = tl.where(p == 0.0, 0.0, p * d) * LN2
+        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp2(d))
     elif DIV == SKEW_REVERSE_KL:
         d = lq - _log_mix(lq, lp, log_c, log_1mc)
-        loss = tl.where(q == 0.0, 0.0, q * d)
-        a = q * tl.where(q == 0.0, 0.0, d - coef * tl.exp(d))
+        loss = tl.where(q == 0.0, 0.0, q * d) * LN2
+        a = q * tl.where(q == 0.0, 0.0, d * LN2 - coef * tl.exp2(d))
     elif DIV == JSD:
         lm = _log_mix(lp, lq, log_c, log_1mc)
         wq = tl.where(q == 0.0, 0.0, lq - lm)
-        loss = coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq
-        a = (1.0 - coef) * q * wq
+        loss = (coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq) * LN2
+        a = ((1.0 - coef) * LN2) * q * wq
     elif DIV == TVD:
         loss = 0.5 * tl.abs(q - p)
         a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
     elif DIV == JEFFREYS:
-        rev = tl.where(q == 0.0, 0.0, q * (lq - lp))
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) + rev
+        rev = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2 + rev
         a = rev - p
     elif DIV == ALPHA_BETA:
         ab = coef + coef2
-        pq = tl.exp(coef * lp + coef2 * lq)  # p^α q^β; exp(−inf) = 0 covers zero probabilities
-        qq = tl.exp(ab * lq)
-        loss = -(pq - (coef / ab) * tl.exp(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
+        pq = tl.exp2(coef * lp + coef2 * lq)  # p^α q^β; 2^(−inf) = 0 covers zero probabilities
+        qq = tl.exp2(ab * lq)
+        loss = -(pq - (coef / ab) * tl.exp2(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
         a = (qq - pq) / coef
     else:  # RENYI: r = p^α q^(1−α) / Σ p^α q^(1−α), and log Σ = (α − 1) L
         mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
         loss = tl.zeros_like(lq)  # the loss comes from the streaming pass
-        a = -tl.exp(mix - (coef - 1.0) * row_loss)
+        a = -tl.exp2(mix - ((coef - 1.0) * LOG2E) * row_loss)
     return q, loss, a
 
 
 @triton.jit
-def _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef, DIV: tl.constexpr):
-    """Fold one block into an online divergence's running sums (MATH.md "How many passes"):
-    x_t = Σ e^(b − m_t)(b − a) (forward KL, Jeffreys), x_s = Σ e^(a − m_s)(a − b) (reverse KL, Jeffreys), and
-    for Rényi the running (max, sum) of log(p^α q^(1−α)) + const = α b + (1−α) a (−inf where b is −inf)."""
+def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, w_s, f_t, w_t, coef, scale2, DIV: tl.constexpr):
+    """Fold one block into an online divergence's per-lane running sums (MATH.md "How many passes"), kept
+    relative to the lanes' running maxima (f, w from _lane_fold); raw logits a = s, b = t, weights in base 2:
+    x_t = Σ 2^((b − m_t)·scale2)(b − a) (forward KL, Jeffreys), x_s = Σ 2^((a − m_s)·scale2)(a − b) (reverse KL,
+    Jeffreys), and for Rényi the running (max, sum) of α b + (1−α) a (−inf where b is −inf).
+    A difference that is −inf or NaN (a −inf column) has weight 0: it is raised to NEG_BIG (max ignores NaN), so
+    the product is 0 without a select; a +inf difference (p > 0 where q = 0) stays +inf, an infinite divergence."""
     if DIV == FORWARD_KL or DIV == JEFFREYS:
-        term = tl.where(e_t == 0.0, 0.0, e_t * (b - a))  # 0·log 0 = 0, also when a = b = −inf
-        x_t = x_t * scale_t + tl.sum(term, axis=0)
+        x_t = x_t * f_t + w_t * tl.maximum(b - a, NEG_BIG)
     if DIV == REVERSE_KL or DIV == JEFFREYS:
-        term = tl.where(e_s == 0.0, 0.0, e_s * (a - b))
-        x_s = x_s * scale_s + tl.sum(term, axis=0)
+        x_s = x_s * f_s + w_s * tl.maximum(a - b, NEG_BIG)
     if DIV == RENYI:
         mix = tl.where(b == float("-inf"), float("-inf"), coef * b + (1.0 - coef) * a)
-        m_r, z_r, _, _ = _lse_fold(m_r, z_r, mix)
+        m_r, z_r, _, _ = _lane_fold(m_r, z_r, mix, scale2)
     return x_t, x_s, m_r, z_r
 
 
 @triton.jit
-def _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV: tl.constexpr):
-    """(L, A) of an online divergence from the first pass's sums; LSE differences are formed as
-    (max difference) + (log-sum difference) so large maxima do not cancel."""
-    dlse = (m_s - m_t) + (lz_s - lz_t)  # LSE_s − LSE_t
+def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, scale2, DIV: tl.constexpr):
+    """(L, A) of an online divergence from the first pass's reduced sums (raw maxima and x sums, base-2 log
+    sums in; natural units out); LSE differences are formed as (max difference) + (log-sum difference) so large
+    maxima do not cancel."""
+    dlse = (m_s - m_t) * scale2 + (lz_s - lz_t)  # (LSE_s − LSE_t) / ln 2
     if DIV == FORWARD_KL:
-        loss = x_t / z_t + dlse
+        loss = (scale2 * x_t / z_t + dlse) * LN2
         big_a = -1.0
     elif DIV == REVERSE_KL:
-        loss = x_s / z_s - dlse
+        loss = (scale2 * x_s / z_s - dlse) * LN2
         big_a = loss
     elif DIV == JEFFREYS:
-        rkl = x_s / z_s - dlse
-        loss = x_t / z_t + dlse + rkl
+        rkl = (scale2 * x_s / z_s - dlse) * LN2
+        loss = (scale2 * x_t / z_t + dlse) * LN2 + rkl
         big_a = rkl - 1.0
     else:  # RENYI: log Σ p^α q^(1−α) = LSE_mix − α LSE_t − (1−α) LSE_s
-        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) + (tl.log(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
+        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) * scale2 + (
+            _lg2(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
         # A +inf term (α > 1, q = 0 where p > 0) is an infinite divergence, as in float64, not a NaN.
-        loss = tl.where(m_r == float("inf"), float("inf"), log_sum / (coef - 1.0))
+        loss = tl.where(m_r == float("inf"), float("inf"), log_sum * LN2 / (coef - 1.0))
         big_a = -1.0
     return loss, big_a
 
@@ -250,66 +301,84 @@ def kd_loss_grad_kernel(
     g_row = g_ptr + row * stride_g
     w = tl.load(w_ptr + row)
     offs = tl.arange(0, BLOCK_V)
+    scale2 = inv_temp * LOG2E  # one multiply per element turns logits into base-2 tempered logits
+    log2_c = log_c * LOG2E
+    log2_1mc = log_1mc * LOG2E
 
     if w != 0.0:
-        # Pass 1: LSE_s, LSE_t (online max) and, for an online divergence, its running sums.
-        m_s = -float("inf")
-        z_s = 0.0
-        m_t = -float("inf")
-        z_t = 0.0
-        x_t = 0.0
-        x_s = 0.0
-        m_r = -float("inf")
-        z_r = 0.0
+        # Pass 1: per-lane running (max, sum) of both tensors and, for an online divergence, its running sums;
+        # no cross-lane reduction (no barrier) inside the loop, one of each after it.
+        m_s = tl.full([BLOCK_V], NEG_BIG, tl.float32)
+        z_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        m_t = tl.full([BLOCK_V], NEG_BIG, tl.float32)
+        z_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+        x_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        m_r = tl.full([BLOCK_V], NEG_BIG, tl.float32)
+        z_r = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-            m_s, z_s, e_s, scale_s = _lse_fold(m_s, z_s, a)
-            m_t, z_t, e_t, scale_t = _lse_fold(m_t, z_t, b)
+            a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+            m_s, z_s, f_s, w_s = _lane_fold(m_s, z_s, a, scale2)
+            m_t, z_t, f_t, w_t = _lane_fold(m_t, z_t, b, scale2)
             if ONLINE:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef,
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, w_s, f_t, w_t, coef, scale2,
                                                   DIV)
-        lz_s = tl.log(z_s)
-        lz_t = tl.log(z_t)
-        lse_s = m_s + lz_s
-        lse_t = m_t + lz_t
+        ms, ls = _lane_max(m_s, scale2)
+        mt, lt = _lane_max(m_t, scale2)
+        zs = tl.sum(z_s * ls, axis=0)
+        zt = tl.sum(z_t * lt, axis=0)
+        lz_s = _lg2(zs)
+        lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
-        # is false) its loss and its whole gradient row are NaN.
-        ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+        # is false) its loss and its whole gradient row are NaN. One test per row: the passes below need no
+        # per-element guard for such rows.
+        # The max is tested after 1/T (ms·(1/T) overflowing is "overflow after 1/T"), the log-sum for NaN / all −inf.
+        ok = ((tl.abs(ms * inv_temp) < float("inf")) & (tl.abs(lz_s) < float("inf"))
+              & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
+        if ok:
+            if ONLINE:
+                xt = tl.sum(x_t * lt, axis=0)
+                xs = tl.sum(x_s * ls, axis=0)
+                mr, lr = _lane_max(m_r, scale2)
+                zr = tl.sum(z_r * lr, axis=0)
+                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, xt, xs, mr, zr, coef, scale2,
+                                              DIV)
+            else:
+                # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
+                # after the loop.
+                loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+                    # λ = (x − m)·log2(e)/T − log2 Z, never x̃ − LSE: see "Precision" at the top.
+                    _, el, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2,
+                                            log2_c, log2_1mc, DIV)
+                    loss_acc += el
+                    a_acc += ga
+                loss = tl.sum(loss_acc, axis=0)
+                big_a = tl.sum(a_acc, axis=0)
+            tl.store(loss_ptr + row, loss)
 
-        if ONLINE:
-            loss, big_a = _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV)
+            if HAS_GRAD:
+                # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
+                gscale = w * inv_temp
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+                    q, _, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, loss, coef, coef2,
+                                           log2_c, log2_1mc, DIV)
+                    # Every element of this block was read above before it is overwritten: in place is safe.
+                    gout = _to_grad_dtype((ga - q * big_a) * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    tl.store(g_row + cols, gout, mask=in_v)
         else:
-            # Pass 2: the loss and A = Σ a over the normalized ℓq, ℓp. Per-lane partial sums, reduced once after
-            # the loop (one reduction instead of one per block).
-            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-                # ℓ = (x − m) − log Z, never x − LSE: see "Precision" at the top.
-                _, lt, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, 0.0, coef, coef2, log_c, log_1mc, DIV)
-                loss_acc += lt
-                a_acc += ga
-            loss = tl.sum(loss_acc, axis=0)
-            big_a = tl.sum(a_acc, axis=0)
-        loss = tl.where(ok, loss, float("nan"))
-        tl.store(loss_ptr + row, loss)
-
-        if HAS_GRAD:
-            # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
-            gscale = w * inv_temp
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-                q, _, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, loss, coef, coef2, log_c, log_1mc, DIV)
-                g = tl.where(ok, ga - q * big_a, float("nan"))
-                # Every element of this block was read above before it is overwritten: in place is safe.
-                gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
-                tl.store(g_row + cols, gout, mask=in_v)
+            tl.store(loss_ptr + row, float("nan"))
+            if HAS_GRAD:
+                _fill_row(g_row, V, float("nan"), BLOCK_V)
     else:
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:

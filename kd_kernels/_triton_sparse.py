@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_kernels import _log_mix, _to_grad_dtype, _zero_row
+from ._triton_kernels import LN2, LOG2E, _to_grad_dtype, _zero_row
+from ._triton_kernels import _log_mix as _log_mix2
 
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
@@ -44,6 +45,13 @@ _BIG_ID = 1 << 62  # sorts after every id; also the "no more ids" value of the c
 # the same value for the kernels (a compiled kernel may only read constexpr globals; the interpreter
 # reads any, which is how a plain int here went unnoticed)
 BIG_ID: tl.constexpr = tl.constexpr(_BIG_ID)
+
+
+@triton.jit
+def _log_mix(lx, ly, log_w, log_1mw):
+    """Natural-log form of the dense kernel's base-2 ``_log_mix`` (O(K) work per row, so the two scalings
+    cost nothing that matters); NaN where both are −inf, selected away by every caller."""
+    return _log_mix2(lx * LOG2E, ly * LOG2E, log_w * LOG2E, log_1mw * LOG2E) * LN2
 
 
 @triton.jit
