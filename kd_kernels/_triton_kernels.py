@@ -76,30 +76,29 @@ def _lg2(x):
 
 
 @triton.jit
-def _lane_fold(m, z, x, scale2):
-    """Fold one block x (raw fp32 logits) into per-lane running (max m, z = Σ 2^((x − m)·scale2)), scale2 =
-    log2(e)/T; no cross-lane work.
+def _group_fold(m, z, x, scale2):
+    """Fold one block x (raw fp32 logits, shape [G, R]: R neighbouring columns per group, all held by one
+    thread) into per-group running (max m, z = Σ 2^((x − m)·scale2)), shape [G], scale2 = log2(e)/T.
 
-    One ex2 per element: with d = x − m, the smaller of the two terms is 2^(−|d|·scale2) relative to the larger,
-    so the new element weighs w = 2^(−|d|·scale2) and the old sum is kept (f = 1) when x ≤ m, and the old sum is
-    scaled by f = 2^(−d·scale2) while the new element weighs 1 when x > m. m starts at NEG_BIG, so d is never NaN
-    for −inf columns; a NaN column makes z NaN (and the row a NaN row); a +inf column makes the LSE +inf.
-    Returns the new (m, z) and (f, w) for running sums kept relative to the same max.
+    The group max and sum stay inside a thread (no shuffle, no barrier in the loop); per element one subtract,
+    one multiply, one ex2 and one add. m starts at NEG_BIG, so m − m_new is never −inf − (−inf) and a −inf
+    column gets 2^(−inf) = 0 without a guard; a NaN column makes z NaN, a +inf column makes the LSE +inf (both a
+    NaN row). Returns the new (m, z), the factor f = 2^((m_old − m_new)·scale2) for running sums kept relative
+    to the same max, and the elements' weights e = 2^((x − m_new)·scale2).
     """
-    d = x - m
-    e = tl.exp2(-tl.abs(d) * scale2)
-    up = x > m
-    f = tl.where(up, e, 1.0)
-    w = tl.where(up, 1.0, e)
-    return tl.maximum(m, x), z * f + w, f, w
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    f = tl.exp2((m - m_new) * scale2)
+    e = tl.exp2((x - m_new[:, None]) * scale2)
+    return m_new, z * f + tl.sum(e, axis=1), f, e
 
 
 @triton.jit
-def _lane_max(m, scale2):
-    """The row max of per-lane maxima and each lane's factor 2^((m_lane − max)·scale2) (1 in an all −inf
-    row)."""
+def _groups_lse(m, z, scale2):
+    """(max, Σ 2^((x − max)·scale2)) of the row from the per-group (m, z), and each group's factor
+    2^((m − max)·scale2) (1 in an all −inf row, whose z are 0)."""
     mx = tl.max(m, axis=0)
-    return mx, tl.exp2((m - mx) * scale2)
+    f = tl.exp2((m - mx) * scale2)
+    return mx, tl.sum(z * f, axis=0), f
 
 
 @triton.jit
@@ -229,20 +228,20 @@ def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr
 
 
 @triton.jit
-def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, w_s, f_t, w_t, coef, scale2, DIV: tl.constexpr):
-    """Fold one block into an online divergence's per-lane running sums (MATH.md "How many passes"), kept
-    relative to the lanes' running maxima (f, w from _lane_fold); raw logits a = s, b = t, weights in base 2:
+def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV: tl.constexpr):
+    """Fold one [G, R] block into an online divergence's per-group running sums (MATH.md "How many passes"),
+    kept relative to the groups' running maxima (f, e from _group_fold); raw logits a = s, b = t, weights base 2:
     x_t = Σ 2^((b − m_t)·scale2)(b − a) (forward KL, Jeffreys), x_s = Σ 2^((a − m_s)·scale2)(a − b) (reverse KL,
     Jeffreys), and for Rényi the running (max, sum) of α b + (1−α) a (−inf where b is −inf).
     A difference that is −inf or NaN (a −inf column) has weight 0: it is raised to NEG_BIG (max ignores NaN), so
     the product is 0 without a select; a +inf difference (p > 0 where q = 0) stays +inf, an infinite divergence."""
     if DIV == FORWARD_KL or DIV == JEFFREYS:
-        x_t = x_t * f_t + w_t * tl.maximum(b - a, NEG_BIG)
+        x_t = x_t * f_t + tl.sum(e_t * tl.maximum(b - a, NEG_BIG), axis=1)
     if DIV == REVERSE_KL or DIV == JEFFREYS:
-        x_s = x_s * f_s + w_s * tl.maximum(a - b, NEG_BIG)
+        x_s = x_s * f_s + tl.sum(e_s * tl.maximum(a - b, NEG_BIG), axis=1)
     if DIV == RENYI:
         mix = tl.where(b == float("-inf"), float("-inf"), coef * b + (1.0 - coef) * a)
-        m_r, z_r, _, _ = _lane_fold(m_r, z_r, mix, scale2)
+        m_r, z_r, _, _ = _group_fold(m_r, z_r, mix, scale2)
     return x_t, x_s, m_r, z_r
 
 
@@ -301,48 +300,47 @@ def kd_loss_grad_kernel(
     g_row = g_ptr + row * stride_g
     w = tl.load(w_ptr + row)
     offs = tl.arange(0, BLOCK_V)
-    scale2 = inv_temp * LOG2E  # one multiply per element turns logits into base-2 tempered logits
+    GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth  # columns in 16 bytes of s
+    scale2 = inv_temp * LOG2E  # 2^((x − m)·scale2) = e^((x − m)/T): one multiply per element
     log2_c = log_c * LOG2E
     log2_1mc = log_1mc * LOG2E
 
     if w != 0.0:
-        # Pass 1: per-lane running (max, sum) of both tensors and, for an online divergence, its running sums;
-        # no cross-lane reduction (no barrier) inside the loop, one of each after it.
-        m_s = tl.full([BLOCK_V], NEG_BIG, tl.float32)
-        z_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-        m_t = tl.full([BLOCK_V], NEG_BIG, tl.float32)
-        z_t = tl.zeros([BLOCK_V], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_V], dtype=tl.float32)
-        x_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-        m_r = tl.full([BLOCK_V], NEG_BIG, tl.float32)
-        z_r = tl.zeros([BLOCK_V], dtype=tl.float32)
+        # Pass 1: per-group running (max, sum) of both tensors and, for an online divergence, its running sums.
+        # A group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the loop has no
+        # cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it.
+        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         for start in range(0, V, BLOCK_V):
-            cols = start + offs
+            cols = start + offs2
             in_v = cols < V
             a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
-            m_s, z_s, f_s, w_s = _lane_fold(m_s, z_s, a, scale2)
-            m_t, z_t, f_t, w_t = _lane_fold(m_t, z_t, b, scale2)
+            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
+            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
             if ONLINE:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, w_s, f_t, w_t, coef, scale2,
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
                                                   DIV)
-        ms, ls = _lane_max(m_s, scale2)
-        mt, lt = _lane_max(m_t, scale2)
-        zs = tl.sum(z_s * ls, axis=0)
-        zt = tl.sum(z_t * lt, axis=0)
+        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
+        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
         lz_s = _lg2(zs)
         lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
         # is false) its loss and its whole gradient row are NaN. One test per row: the passes below need no
-        # per-element guard for such rows.
-        # The max is tested after 1/T (ms·(1/T) overflowing is "overflow after 1/T"), the log-sum for NaN / all −inf.
+        # per-element guard for such rows. The max is tested after 1/T ("overflow after 1/T").
         ok = ((tl.abs(ms * inv_temp) < float("inf")) & (tl.abs(lz_s) < float("inf"))
               & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
         if ok:
             if ONLINE:
                 xt = tl.sum(x_t * lt, axis=0)
                 xs = tl.sum(x_s * ls, axis=0)
-                mr, lr = _lane_max(m_r, scale2)
-                zr = tl.sum(z_r * lr, axis=0)
+                mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
                 loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, xt, xs, mr, zr, coef, scale2,
                                               DIV)
             else:
