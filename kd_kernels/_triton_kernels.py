@@ -381,3 +381,51 @@ def kd_loss_grad_kernel(
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
             _zero_row(g_row, V, BLOCK_V)
+
+
+@triton.jit
+def scale_by_device_scalar_kernel(
+    g_ptr,  # (n,) contiguous gradient, fp32/bf16/fp16, scaled in place
+    c_ptr,  # () the upstream gradient of a reduced loss, on the device (any float dtype)
+    n,  # number of elements of g
+    BF16_BY_BITS: tl.constexpr,  # round bf16 on the bits (interpreter only, see _to_grad_dtype)
+    BLOCK: tl.constexpr,
+):
+    """g *= c, with c read on the device: no host synchronisation, and when c is exactly 1 (``loss.backward()``
+    on a reduced loss, the common case) every program returns after one scalar load, so the saved gradient is
+    not read or written (x·1 = x exactly, so skipping is the same result). The product is formed in fp32 and
+    rounded once to g's dtype. A persistent grid walks the array with a grid-sized stride; offsets are 64-bit.
+    """
+    c = tl.load(c_ptr).to(tl.float32)
+    if c != 1.0:
+        offs = tl.arange(0, BLOCK)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            idx = start + offs
+            m = idx < n
+            x = tl.load(g_ptr + idx, mask=m)
+            tl.store(g_ptr + idx, _to_grad_dtype(x.to(tl.float32) * c, g_ptr.dtype.element_ty, BF16_BY_BITS),
+                     mask=m)
+
+
+def scale_by_device_scalar(g, c) -> None:
+    """Launcher of :func:`scale_by_device_scalar_kernel`: ``g`` contiguous, ``c`` a one-element tensor on g's
+    device. Under TRITON_INTERPRET=1 it runs on CPU tensors (tests)."""
+    n = g.numel()
+    if n == 0:
+        return
+    block = 4096
+    programs = triton.cdiv(n, block)
+    if g.device.type == "cuda":
+        import torch
+
+        with torch.cuda.device(g.device):
+            sms = torch.cuda.get_device_properties(g.device).multi_processor_count
+            scale_by_device_scalar_kernel[(min(programs, 8 * sms),)](g, c, n, BF16_BY_BITS=False, BLOCK=block,
+                                                                      num_warps=8)
+    else:
+        import numpy as np
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale_by_device_scalar_kernel[(min(programs, 4),)](g, c, n, BF16_BY_BITS=True, BLOCK=block,
+                                                                num_warps=8)

@@ -363,3 +363,49 @@ def test_lazy_import_and_64_bit_offsets():
         for p in ("s", "t", "g"):
             assert re.search(rf"%{p}_row_\w+ = arith\.muli %row_\w+, %{p}_row\w* : i64", ttir), (name, p)
             assert re.search(rf"tt\.addptr %{p}_ptr, %{p}_row_\w+ : !tt\.ptr<bf16>, i64", ttir), (name, p)
+
+
+# ------------------------------------------------------------------------- the backward's scale by a device scalar
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [1.0, 0.3710938, -2.5, 0.0, math.nan])
+def test_scale_by_device_scalar(dtype, c):
+    """g ← g·c in place with c read by the kernel: the fp32 product rounded once; c = 1 leaves g as it was.
+    4096·3 + 17 elements over at most 4 programs: the grid-stride loop and the ragged tail both run."""
+    from kd_kernels._triton_kernels import scale_by_device_scalar
+
+    g0 = torch.randn(4096 * 3 + 17, dtype=torch.float32).to(dtype)
+    g = g0.clone()
+    scale_by_device_scalar(g, torch.tensor(c, dtype=torch.float32))
+    want = g0.float() * c
+    want = want.to(dtype)  # torch rounds fp32 → bf16 to nearest even, as the GPU's cast does
+    assert torch.equal(g.isnan(), want.isnan())
+    assert torch.equal(g[~g.isnan()], want[~want.isnan()])
+
+
+def test_autograd_scales_through_the_device_kernel(monkeypatch):
+    """The autograd glue's device path (a CUDA scalar upstream gradient) run on CPU tensors: a random scalar
+    upstream gradient gives c × the gradient of loss.backward(), and a second backward still raises."""
+    from kd_kernels import _autograd
+    from kd_kernels._triton_kernels import scale_by_device_scalar
+
+    used = []
+
+    def scaler(grad, grad_out):
+        if grad.is_contiguous() and grad_out.numel() == 1:
+            used.append(grad.shape)
+            return scale_by_device_scalar
+        return None
+
+    s0, t = torch.randn(5, 300), torch.randn(5, 300)
+    s = s0.clone().requires_grad_()
+    kd_kernels.reverse_kl(s, t, backend="torch").backward()
+    base = s.grad.clone()
+    monkeypatch.setattr(_autograd, "_device_scaler", scaler)
+    c = torch.rand(()).item() * 3.0 - 1.5
+    s = s0.clone().requires_grad_()
+    loss = kd_kernels.reverse_kl(s * 1.0, t, backend="torch")
+    (loss * c).backward(retain_graph=True)
+    assert used == [(5, 300)]
+    torch.testing.assert_close(s.grad, base * c, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError):
+        loss.backward()
