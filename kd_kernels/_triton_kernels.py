@@ -6,17 +6,26 @@ works (262144 and beyond) with a fixed register footprint.
 
 Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
 ``q = e^ℓq``, ``p = e^ℓp``, ``0·log 0 = 0``. The per-element formulas mirror ``csrc/include/kd_kernels/kd_math.h``
-(same guards, same branch structure) so the three compiled backends agree on every edge case:
+(same edge cases) so the compiled backends agree on every edge case:
 
 - columns past V are loaded as −inf in both tensors, which is exactly "a column −inf in both tensors": it adds 0 to
   every sum and gets gradient 0;
-- every weight-times-log product is selected away (``tl.where``) where its weight is 0, so 0·(−inf) never turns
-  into a NaN;
-- a running max that is still −inf is replaced by 0 before it is subtracted, so −inf − (−inf) never happens.
+- every weight-times-log product is selected away (``tl.where``) or clamped where its weight is 0, so 0·(−inf)
+  never turns into a NaN;
+- running maxima start at −FLT_MAX (``NEG_BIG``), so −inf − (−inf) never happens and the first pass needs no
+  −inf guard per element; a row that is not a distribution is detected once per row (below).
 
-Precision: log-probabilities are formed as ``ℓq = (a − m_s) − log Z_s``, never as ``a − LSE_s``. With logits of
-magnitude ~3e3 the fp32 value of ``LSE_s = m_s + log Z_s`` is off by up to half an ulp of 3e3 (1.2e-4), which
-would become a 1e-4 relative error in every q; ``a − m_s`` is exact near the max, as in eager ``log_softmax``.
+Base 2 (the hardware's exponential and logarithm): every exponential is ``2^((x − m)·scale2)`` with
+``scale2 = log2(e)/T`` one scalar, every log a log2; the kernel works with base-2 log-probabilities
+``λ = ℓ / ln 2`` and converts losses and gradient coefficients to natural units with scalar factors ``ln 2``.
+Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2) and ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2); under
+the interpreter ``_lg2`` is numpy's log2 (see ``HW_LOG2``). Counts per element before and after:
+docs/BENCHMARKS.md "Triton instruction counts".
+
+Precision: log-probabilities are formed as ``λq = (x − m_s)·scale2 − log2 Z_s``, never as ``x̃ − LSE_s``, and
+the scale is applied to the difference ``x − m``, never to a logit. With logits of magnitude ~3e3 the fp32 value
+of ``LSE_s`` (or of a scaled logit ``x·log2(e)/T``) is off by up to half an ulp of 3e3 (1.2e-4), which would become
+a 1e-4 relative error in every q; ``x − m`` is exact near the max, as in eager ``log_softmax``.
 
 One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come from the divergence's definition
 (``kd_kernels/_spec.py`` says which other places define it):
@@ -24,6 +33,9 @@ One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come fr
 - ``_elem_terms``: per element, the loss term and ``a = ∂L/∂ℓq`` (up to a multiple of q);
 - for a streaming ("online", ``_spec.DIVERGENCES[d].online``) divergence, ``_online_fold`` / ``_online_finish``:
   the running sums of the first pass and the row's loss and ``A = Σ a`` from them.
+The first pass keeps per-group running sums (a group = the columns of one 16-byte load, held by one thread) and
+reduces them once after the loop, so its loop has no cross-thread reduction; the second pass of a non-online
+divergence keeps per-lane partial sums, also reduced once.
 Every divergence's gradient is then ``a_j − q_j A`` (MATH.md "More divergences").
 
 Bytes moved per row (``e_s``, ``e_t``, ``e_g`` bytes per element of s, t, grad; rows with weight 0 only write):
@@ -32,8 +44,8 @@ the online divergences (forward / reverse KL, Jeffreys, Rényi) read s and t twi
 (``V·(3 e_s + 3 e_t + e_g)``). Loss only (``HAS_GRAD=False``): one read (online) or two.
 
 Rows that are not distributions (a NaN, a +inf, all −inf, or overflow after 1/T in either tensor) are found from
-the first pass (a log-sum-exp that is not finite) and get loss NaN and an all-NaN gradient row, as on every
-backend.
+the first pass (a log-sum-exp that is not finite; one test per row) and get loss NaN and an all-NaN gradient row
+(their own loop: the loss and gradient passes carry no per-element select for them), as on every backend.
 """
 
 from __future__ import annotations
