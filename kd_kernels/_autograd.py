@@ -104,20 +104,41 @@ class KDLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        # In the gradient's dtype: an fp32 (N, 1) scale would promote a bf16 / fp16 in-place multiply
-        # through a full-size fp32 temporary.
-        scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
         if torch.compiler.is_compiling():
-            ds = (grad * scale).to(grad.dtype)
-        else:
-            # In place: the saved gradient is used once. A second backward (retain_graph=True) makes autograd
-            # raise a version error rather than return a doubly scaled gradient.
-            if not ctx.per_token and grad_out.device.type == "cpu" and grad_out.item() == 1.0:
-                # loss.backward() on a reduced loss: the scale is exactly 1, skip a full pass over the
-                # (N, V) gradient (reading a CPU scalar costs no device synchronisation). The version bump
-                # keeps the retain_graph guard of the in-place multiply.
+            scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
+            return (grad * scale).to(grad.dtype), None, None, None, None, None, None
+        # In place: the saved gradient is used once. A second backward (retain_graph=True) makes autograd raise
+        # a version error rather than return a doubly scaled gradient (the version bumps below keep that guard
+        # where no in-place torch op runs).
+        if not ctx.per_token:
+            if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
+                # loss.backward() on a reduced loss: the scale is exactly 1, skip a full pass over the (N, V)
+                # gradient (reading a CPU scalar costs no device synchronisation).
                 torch.autograd.graph.increment_version(grad)
-                ds = grad
-            else:
-                ds = grad.mul_(scale)
-        return ds, None, None, None, None, None, None
+                return grad, None, None, None, None, None, None
+            scaler = _device_scaler(grad, grad_out)
+            if scaler is not None:
+                # On a GPU the scalar lives on the device: reading it would synchronise. The kernel reads it
+                # there and returns at once when it is 1 (no pass over the gradient); otherwise one in-place
+                # pass, the product rounded once from fp32.
+                scaler(grad, grad_out)
+                torch.autograd.graph.increment_version(grad)
+                return grad, None, None, None, None, None, None
+        # In the gradient's dtype: an fp32 (N, 1) scale would promote a bf16 / fp16 in-place multiply through a
+        # full-size fp32 temporary.
+        scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
+        return grad.mul_(scale), None, None, None, None, None, None
+
+
+def _device_scaler(grad: torch.Tensor, grad_out: torch.Tensor):
+    """The Triton in-place scale by a device scalar (``_triton_kernels.scale_by_device_scalar``) when it
+    applies: a contiguous CUDA gradient, a one-element upstream gradient on the same device, triton importable.
+    None otherwise (the caller multiplies with torch)."""
+    if (grad.device.type != "cuda" or not grad.is_contiguous() or grad_out.numel() != 1
+            or grad_out.device != grad.device):
+        return None
+    try:
+        from ._triton_kernels import scale_by_device_scalar
+    except ImportError:  # triton not installed: the CUDA backend works without it
+        return None
+    return scale_by_device_scalar

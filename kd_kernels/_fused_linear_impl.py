@@ -51,16 +51,29 @@ def chunk_rows(
 def _accumulate_wgrad(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     """acc (fp32, (V, D)) += gᵀ h.
 
-    fp32 inputs accumulate straight into ``acc``. For bf16 / fp16 the chunk's product comes out of a
-    half-precision GEMM (fp32 accumulation inside the GEMM, one rounding of its result) and the sum
-    over chunks is kept in fp32; upcasting ``g`` would cost an fp32 copy of the chunk and a much
-    slower GEMM.
+    fp32 inputs accumulate straight into ``acc``. bf16 / fp16 inputs on a GPU accumulate into ``acc`` inside
+    the GEMM as well: ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` (PyTorch ≥ 2.8 on CUDA: half
+    inputs, fp32 C and result, beta = 1), so no (V, D) half-precision product is written, read back and added
+    (≈ 3 GB of traffic per chunk at V = 128256, D = 4096), and the chunk's product is not rounded to bf16
+    before it is summed. Where that overload is missing (CPU kernels, older PyTorch) the chunk's product comes
+    out of a half-precision GEMM (fp32 accumulation inside it, one rounding of its result) and the sum over
+    chunks is kept in fp32; upcasting ``g`` would cost an fp32 copy of the chunk and a much slower GEMM.
     """
     if acc.dtype == g.dtype:
         acc.addmm_(g.t(), h)
-    else:
-        acc.add_(g.t() @ h)
+        return
+    if acc.device.type == "cuda" and _MIXED_ADDMM.get(acc.device.type, True):
+        try:
+            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            # This PyTorch has no fp32-output GEMM for half inputs: remember, and use the fallback from now on.
+            _MIXED_ADDMM[acc.device.type] = False
+    acc.add_(g.t() @ h)
 
+
+# device type → whether torch.addmm(..., out_dtype=torch.float32) works there (learnt on first use)
+_MIXED_ADDMM: dict[str, bool] = {}
 
 
 def save_head_grads(ctx, grads, w: torch.Tensor, b: torch.Tensor | None) -> None:

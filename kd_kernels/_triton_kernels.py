@@ -6,17 +6,26 @@ works (262144 and beyond) with a fixed register footprint.
 
 Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
 ``q = e^ℓq``, ``p = e^ℓp``, ``0·log 0 = 0``. The per-element formulas mirror ``csrc/include/kd_kernels/kd_math.h``
-(same guards, same branch structure) so the three compiled backends agree on every edge case:
+(same edge cases) so the compiled backends agree on every edge case:
 
 - columns past V are loaded as −inf in both tensors, which is exactly "a column −inf in both tensors": it adds 0 to
   every sum and gets gradient 0;
-- every weight-times-log product is selected away (``tl.where``) where its weight is 0, so 0·(−inf) never turns
-  into a NaN;
-- a running max that is still −inf is replaced by 0 before it is subtracted, so −inf − (−inf) never happens.
+- every weight-times-log product is selected away (``tl.where``) or clamped where its weight is 0, so 0·(−inf)
+  never turns into a NaN;
+- running maxima start at −FLT_MAX (``NEG_BIG``), so −inf − (−inf) never happens and the first pass needs no
+  −inf guard per element; a row that is not a distribution is detected once per row (below).
 
-Precision: log-probabilities are formed as ``ℓq = (a − m_s) − log Z_s``, never as ``a − LSE_s``. With logits of
-magnitude ~3e3 the fp32 value of ``LSE_s = m_s + log Z_s`` is off by up to half an ulp of 3e3 (1.2e-4), which
-would become a 1e-4 relative error in every q; ``a − m_s`` is exact near the max, as in eager ``log_softmax``.
+Base 2 (the hardware's exponential and logarithm): every exponential is ``2^((x − m)·scale2)`` with
+``scale2 = log2(e)/T`` one scalar, every log a log2; the kernel works with base-2 log-probabilities
+``λ = ℓ / ln 2`` and converts losses and gradient coefficients to natural units with scalar factors ``ln 2``.
+Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2) and ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2); under
+the interpreter ``_lg2`` is numpy's log2 (see ``HW_LOG2``). Counts per element before and after:
+docs/BENCHMARKS.md "Triton instruction counts".
+
+Precision: log-probabilities are formed as ``λq = (x − m_s)·scale2 − log2 Z_s``, never as ``x̃ − LSE_s``, and
+the scale is applied to the difference ``x − m``, never to a logit. With logits of magnitude ~3e3 the fp32 value
+of ``LSE_s`` (or of a scaled logit ``x·log2(e)/T``) is off by up to half an ulp of 3e3 (1.2e-4), which would become
+a 1e-4 relative error in every q; ``x − m`` is exact near the max, as in eager ``log_softmax``.
 
 One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come from the divergence's definition
 (``kd_kernels/_spec.py`` says which other places define it):
@@ -24,6 +33,9 @@ One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come fr
 - ``_elem_terms``: per element, the loss term and ``a = ∂L/∂ℓq`` (up to a multiple of q);
 - for a streaming ("online", ``_spec.DIVERGENCES[d].online``) divergence, ``_online_fold`` / ``_online_finish``:
   the running sums of the first pass and the row's loss and ``A = Σ a`` from them.
+The first pass keeps per-group running sums (a group = the columns of one 16-byte load, held by one thread) and
+reduces them once after the loop, so its loop has no cross-thread reduction; the second pass of a non-online
+divergence keeps per-lane partial sums, also reduced once.
 Every divergence's gradient is then ``a_j − q_j A`` (MATH.md "More divergences").
 
 Bytes moved per row (``e_s``, ``e_t``, ``e_g`` bytes per element of s, t, grad; rows with weight 0 only write):
@@ -32,14 +44,17 @@ the online divergences (forward / reverse KL, Jeffreys, Rényi) read s and t twi
 (``V·(3 e_s + 3 e_t + e_g)``). Loss only (``HAS_GRAD=False``): one read (online) or two.
 
 Rows that are not distributions (a NaN, a +inf, all −inf, or overflow after 1/T in either tensor) are found from
-the first pass (a log-sum-exp that is not finite) and get loss NaN and an all-NaN gradient row, as on every
-backend.
+the first pass (a log-sum-exp that is not finite; one test per row) and get loss NaN and an all-NaN gradient row
+(their own loop: the loss and gradient passes carry no per-element select for them), as on every backend.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Divergence numbering of kd_kernels._spec.Divergence / kd_math.h.
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -52,33 +67,62 @@ JEFFREYS: tl.constexpr = tl.constexpr(6)
 ALPHA_BETA: tl.constexpr = tl.constexpr(7)
 RENYI: tl.constexpr = tl.constexpr(8)
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
+# The per-lane running max starts at −FLT_MAX, not −inf: x − m is then never −inf − (−inf), so the fold needs
+# no −inf guard per element (a column −inf in a lane that has seen nothing else gets weight 2^(−inf) = 0).
+NEG_BIG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+# Workaround: the interpreter (TRITON_INTERPRET=1) cannot run libdevice calls (nor inline PTX), so it takes
+# tl.log2 (numpy). Compiled kernels take lg2.approx.ftz.f32 (one MUFU.LG2); tl.log2 would lower to the
+# libdevice polynomial (about 20 instructions). Both compute log2; chosen when the kernel is traced.
+HW_LOG2: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
 
 @triton.jit
-def _lse_fold(m, z, x):
-    """Fold a block x into a running (max m, z = Σ e^(x − m)).
+def _lg2(x):
+    """log2 x: MUFU.LG2 when compiled, numpy's log2 under the interpreter (see HW_LOG2)."""
+    if HW_LOG2:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
 
-    Returns the new (m, z), the block's e^(x − m_new) and the factor e^(m_old − m_new) that running sums kept
-    relative to the old max must be multiplied by. While the row has seen only −inf, 0 is subtracted instead of
-    m_new = −inf, so e^(−inf − 0) = 0 rather than NaN.
+
+@triton.jit
+def _group_fold(m, z, x, scale2):
+    """Fold one block x (raw fp32 logits, shape [G, R]: R neighbouring columns per group, all held by one
+    thread) into per-group running (max m, z = Σ 2^((x − m)·scale2)), shape [G], scale2 = log2(e)/T.
+
+    The group max and sum stay inside a thread (no shuffle, no barrier in the loop); per element one subtract,
+    one multiply, one ex2 and one add. m starts at NEG_BIG, so m − m_new is never −inf − (−inf) and a −inf
+    column gets 2^(−inf) = 0 without a guard; a NaN column makes z NaN, a +inf column makes the LSE +inf (both a
+    NaN row). Returns the new (m, z), the factor f = 2^((m_old − m_new)·scale2) for running sums kept relative
+    to the same max, and the elements' weights e = 2^((x − m_new)·scale2).
     """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - shift)
-    scale = tl.exp(m - shift)  # ≤ 1; 0 when m was −inf (then z was 0 as well)
-    z = z * scale + tl.sum(e, axis=0)
-    return m_new, z, e, scale
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    f = tl.exp2((m - m_new) * scale2)
+    e = tl.exp2((x - m_new[:, None]) * scale2)
+    return m_new, z * f + tl.sum(e, axis=1), f, e
+
+
+@triton.jit
+def _groups_lse(m, z, scale2):
+    """(max, Σ 2^((x − max)·scale2)) of the row from the per-group (m, z), and each group's factor
+    2^((m − max)·scale2) (1 in an all −inf row, whose z are 0)."""
+    mx = tl.max(m, axis=0)
+    f = tl.exp2((m - mx) * scale2)
+    return mx, tl.sum(z * f, axis=0), f
 
 
 @triton.jit
 def _log_mix(lx, ly, log_w, log_1mw):
-    """log(w·e^lx + (1−w)·e^ly) in log space (MATH.md: never in probability space, which underflows)."""
+    """log2(w·2^lx + (1−w)·2^ly) in log space (MATH.md: never in probability space, which underflows); all
+    base 2. Where both are −inf the result is NaN: every caller selects it away by its weight p or q (0 there),
+    so the per-element guard of hi = −inf is not needed."""
     xa = lx + log_w
     yb = ly + log_1mw
     hi = tl.maximum(xa, yb)
     lo = tl.minimum(xa, yb)
-    # Both −inf: subtract 0 instead of −inf (no NaN), and hi + log(1 + 0) is then −inf as it should be.
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return hi + tl.log(1.0 + tl.exp(lo - hi_safe))
+    return hi + _lg2(1.0 + tl.exp2(lo - hi))
 
 
 @triton.jit
@@ -107,13 +151,26 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
-    """Tempered fp32 student a = s/T and teacher b = t/T of one block (columns past V are −inf in both).
+def _fill_row(g_row, V, value, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    fill = tl.full([BLOCK_V], value, dtype=tl.float32).to(g_row.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        tl.store(g_row + cols, fill, mask=cols < V)
 
-    With INTERP (TAID, interpolation λ < 1) the teacher becomes λ b + (1 − λ) a; a column −inf in both stays −inf.
+
+@triton.jit
+def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
+    """Untempered fp32 student s and teacher t of one block (columns past V are −inf in both).
+
+    The temperature and the change to base 2 are applied to differences, never to a logit: every exponential
+    is 2^((x − m)·scale2) with scale2 = log2(e)/T, one multiply and one ex2, and x − m is exact near the max
+    (scaling x first would round it to an ulp of |x|·log2(e)/T, ~2e-4 at logits of 3e3, which p and q would
+    inherit as a relative error).
+    With INTERP (TAID, interpolation λ < 1) the teacher becomes λ t + (1 − λ) s; a column −inf in both stays −inf.
     """
-    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
-    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_temp
+    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
     if INTERP:
         b = lam * b + (1.0 - lam) * a
     return a, b
@@ -122,7 +179,8 @@ def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
 # -------------------------------------------------------------------------------------------------------------
 # The divergence family, one definition each (MATH.md tables; see kd_kernels/_spec.py).
 #
-# _elem_terms(ℓq, ℓp, L): the per-element loss term (summed by the second pass of a non-online divergence) and
+# _elem_terms(λq, λp, L) takes base-2 log-probabilities λ = ℓ / ln 2 (q = 2^λq, p = 2^λp) and returns, in
+# natural units, the per-element loss term (summed by the second pass of a non-online divergence) and
 # a = ∂L/∂ℓq (up to a multiple of q); L is the row's loss, known by the time a is needed.
 #   forward_kl       p (ℓp − ℓq)                                  a = −p                       A = −1
 #   reverse_kl       q (ℓq − ℓp)                                  a = q (ℓq − ℓp)              A = L
@@ -138,84 +196,88 @@ def _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP: tl.constexpr):
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
-    """(q, loss term, a) of one block for divergence DIV; see the table above."""
-    q = tl.exp(lq)
-    p = tl.exp(lp)
+    """(q, loss term, a) of one block for divergence DIV from base-2 log-probs; see the table above.
+    log_c, log_1mc are log2 coef and log2(1 − coef)."""
+    q = tl.exp2(lq)
+    p = tl.exp2(lp)
     if DIV == FORWARD_KL:
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq))
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2
         a = -p
     elif DIV == REVERSE_KL:
-        loss = tl.where(q == 0.0, 0.0, q * (lq - lp))
+        loss = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
         a = loss
     elif DIV == SKEW_FORWARD_KL:
         d = lp - _log_mix(lp, lq, log_c, log_1mc)
-        loss = tl.where(p == 0.0, 0.0, p * d)
-        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp(d))
+        loss = tl.where(p == 0.0, 0.0, p * d) * LN2
+        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp2(d))
     elif DIV == SKEW_REVERSE_KL:
         d = lq - _log_mix(lq, lp, log_c, log_1mc)
-        loss = tl.where(q == 0.0, 0.0, q * d)
-        a = q * tl.where(q == 0.0, 0.0, d - coef * tl.exp(d))
+        loss = tl.where(q == 0.0, 0.0, q * d) * LN2
+        a = q * tl.where(q == 0.0, 0.0, d * LN2 - coef * tl.exp2(d))
     elif DIV == JSD:
         lm = _log_mix(lp, lq, log_c, log_1mc)
         wq = tl.where(q == 0.0, 0.0, lq - lm)
-        loss = coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq
-        a = (1.0 - coef) * q * wq
+        loss = (coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq) * LN2
+        a = ((1.0 - coef) * LN2) * q * wq
     elif DIV == TVD:
         loss = 0.5 * tl.abs(q - p)
         a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
     elif DIV == JEFFREYS:
-        rev = tl.where(q == 0.0, 0.0, q * (lq - lp))
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) + rev
+        rev = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
+        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2 + rev
         a = rev - p
     elif DIV == ALPHA_BETA:
         ab = coef + coef2
-        pq = tl.exp(coef * lp + coef2 * lq)  # p^α q^β; exp(−inf) = 0 covers zero probabilities
-        qq = tl.exp(ab * lq)
-        loss = -(pq - (coef / ab) * tl.exp(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
+        pq = tl.exp2(coef * lp + coef2 * lq)  # p^α q^β; 2^(−inf) = 0 covers zero probabilities
+        qq = tl.exp2(ab * lq)
+        loss = -(pq - (coef / ab) * tl.exp2(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
         a = (qq - pq) / coef
     else:  # RENYI: r = p^α q^(1−α) / Σ p^α q^(1−α), and log Σ = (α − 1) L
         mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
         loss = tl.zeros_like(lq)  # the loss comes from the streaming pass
-        a = -tl.exp(mix - (coef - 1.0) * row_loss)
+        a = -tl.exp2(mix - ((coef - 1.0) * LOG2E) * row_loss)
     return q, loss, a
 
 
 @triton.jit
-def _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef, DIV: tl.constexpr):
-    """Fold one block into an online divergence's running sums (MATH.md "How many passes"):
-    x_t = Σ e^(b − m_t)(b − a) (forward KL, Jeffreys), x_s = Σ e^(a − m_s)(a − b) (reverse KL, Jeffreys), and
-    for Rényi the running (max, sum) of log(p^α q^(1−α)) + const = α b + (1−α) a (−inf where b is −inf)."""
+def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV: tl.constexpr):
+    """Fold one [G, R] block into an online divergence's per-group running sums (MATH.md "How many passes"),
+    kept relative to the groups' running maxima (f, e from _group_fold); raw logits a = s, b = t, weights base 2:
+    x_t = Σ 2^((b − m_t)·scale2)(b − a) (forward KL, Jeffreys), x_s = Σ 2^((a − m_s)·scale2)(a − b) (reverse KL,
+    Jeffreys), and for Rényi the running (max, sum) of α b + (1−α) a (−inf where b is −inf).
+    A difference that is −inf or NaN (a −inf column) has weight 0: it is raised to NEG_BIG (max ignores NaN), so
+    the product is 0 without a select; a +inf difference (p > 0 where q = 0) stays +inf, an infinite divergence."""
     if DIV == FORWARD_KL or DIV == JEFFREYS:
-        term = tl.where(e_t == 0.0, 0.0, e_t * (b - a))  # 0·log 0 = 0, also when a = b = −inf
-        x_t = x_t * scale_t + tl.sum(term, axis=0)
+        x_t = x_t * f_t + tl.sum(e_t * tl.maximum(b - a, NEG_BIG), axis=1)
     if DIV == REVERSE_KL or DIV == JEFFREYS:
-        term = tl.where(e_s == 0.0, 0.0, e_s * (a - b))
-        x_s = x_s * scale_s + tl.sum(term, axis=0)
+        x_s = x_s * f_s + tl.sum(e_s * tl.maximum(a - b, NEG_BIG), axis=1)
     if DIV == RENYI:
         mix = tl.where(b == float("-inf"), float("-inf"), coef * b + (1.0 - coef) * a)
-        m_r, z_r, _, _ = _lse_fold(m_r, z_r, mix)
+        m_r, z_r, _, _ = _group_fold(m_r, z_r, mix, scale2)
     return x_t, x_s, m_r, z_r
 
 
 @triton.jit
-def _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV: tl.constexpr):
-    """(L, A) of an online divergence from the first pass's sums; LSE differences are formed as
-    (max difference) + (log-sum difference) so large maxima do not cancel."""
-    dlse = (m_s - m_t) + (lz_s - lz_t)  # LSE_s − LSE_t
+def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, scale2, DIV: tl.constexpr):
+    """(L, A) of an online divergence from the first pass's reduced sums (raw maxima and x sums, base-2 log
+    sums in; natural units out); LSE differences are formed as (max difference) + (log-sum difference) so large
+    maxima do not cancel."""
+    dlse = (m_s - m_t) * scale2 + (lz_s - lz_t)  # (LSE_s − LSE_t) / ln 2
     if DIV == FORWARD_KL:
-        loss = x_t / z_t + dlse
+        loss = (scale2 * x_t / z_t + dlse) * LN2
         big_a = -1.0
     elif DIV == REVERSE_KL:
-        loss = x_s / z_s - dlse
+        loss = (scale2 * x_s / z_s - dlse) * LN2
         big_a = loss
     elif DIV == JEFFREYS:
-        rkl = x_s / z_s - dlse
-        loss = x_t / z_t + dlse + rkl
+        rkl = (scale2 * x_s / z_s - dlse) * LN2
+        loss = (scale2 * x_t / z_t + dlse) * LN2 + rkl
         big_a = rkl - 1.0
     else:  # RENYI: log Σ p^α q^(1−α) = LSE_mix − α LSE_t − (1−α) LSE_s
-        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) + (tl.log(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
+        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) * scale2 + (
+            _lg2(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
         # A +inf term (α > 1, q = 0 where p > 0) is an infinite divergence, as in float64, not a NaN.
-        loss = tl.where(m_r == float("inf"), float("inf"), log_sum / (coef - 1.0))
+        loss = tl.where(m_r == float("inf"), float("inf"), log_sum * LN2 / (coef - 1.0))
         big_a = -1.0
     return loss, big_a
 
@@ -250,67 +312,132 @@ def kd_loss_grad_kernel(
     g_row = g_ptr + row * stride_g
     w = tl.load(w_ptr + row)
     offs = tl.arange(0, BLOCK_V)
+    GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth  # columns in 16 bytes of s
+    scale2 = inv_temp * LOG2E  # 2^((x − m)·scale2) = e^((x − m)/T): one multiply per element
+    log2_c = log_c * LOG2E
+    log2_1mc = log_1mc * LOG2E
 
     if w != 0.0:
-        # Pass 1: LSE_s, LSE_t (online max) and, for an online divergence, its running sums.
-        m_s = -float("inf")
-        z_s = 0.0
-        m_t = -float("inf")
-        z_t = 0.0
-        x_t = 0.0
-        x_s = 0.0
-        m_r = -float("inf")
-        z_r = 0.0
+        # Pass 1: per-group running (max, sum) of both tensors and, for an online divergence, its running sums.
+        # A group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the loop has no
+        # cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it.
+        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         for start in range(0, V, BLOCK_V):
-            cols = start + offs
+            cols = start + offs2
             in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-            m_s, z_s, e_s, scale_s = _lse_fold(m_s, z_s, a)
-            m_t, z_t, e_t, scale_t = _lse_fold(m_t, z_t, b)
+            a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
+            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
             if ONLINE:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef,
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
                                                   DIV)
-        lz_s = tl.log(z_s)
-        lz_t = tl.log(z_t)
-        lse_s = m_s + lz_s
-        lse_t = m_t + lz_t
+        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
+        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        lz_s = _lg2(zs)
+        lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
-        # is false) its loss and its whole gradient row are NaN.
-        ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+        # is false) its loss and its whole gradient row are NaN. One test per row: the passes below need no
+        # per-element guard for such rows. The max is tested after 1/T ("overflow after 1/T").
+        ok = ((tl.abs(ms * inv_temp) < float("inf")) & (tl.abs(lz_s) < float("inf"))
+              & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
+        if ok:
+            if ONLINE:
+                xt = tl.sum(x_t * lt, axis=0)
+                xs = tl.sum(x_s * ls, axis=0)
+                mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
+                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, xt, xs, mr, zr, coef, scale2,
+                                              DIV)
+            else:
+                # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
+                # after the loop.
+                loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+                    # λ = (x − m)·log2(e)/T − log2 Z, never x̃ − LSE: see "Precision" at the top.
+                    _, el, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2,
+                                            log2_c, log2_1mc, DIV)
+                    loss_acc += el
+                    a_acc += ga
+                loss = tl.sum(loss_acc, axis=0)
+                big_a = tl.sum(a_acc, axis=0)
+            tl.store(loss_ptr + row, loss)
 
-        if ONLINE:
-            loss, big_a = _online_finish(m_s, z_s, lz_s, m_t, z_t, lz_t, x_t, x_s, m_r, z_r, coef, DIV)
+            if HAS_GRAD:
+                # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
+                gscale = w * inv_temp
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+                    q, _, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, loss, coef, coef2,
+                                           log2_c, log2_1mc, DIV)
+                    # Every element of this block was read above before it is overwritten: in place is safe.
+                    gout = _to_grad_dtype((ga - q * big_a) * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    tl.store(g_row + cols, gout, mask=in_v)
         else:
-            # Pass 2: the loss and A = Σ a over the normalized ℓq, ℓp. Per-lane partial sums, reduced once after
-            # the loop (one reduction instead of one per block).
-            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-                # ℓ = (x − m) − log Z, never x − LSE: see "Precision" at the top.
-                _, lt, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, 0.0, coef, coef2, log_c, log_1mc, DIV)
-                loss_acc += lt
-                a_acc += ga
-            loss = tl.sum(loss_acc, axis=0)
-            big_a = tl.sum(a_acc, axis=0)
-        loss = tl.where(ok, loss, float("nan"))
-        tl.store(loss_ptr + row, loss)
-
-        if HAS_GRAD:
-            # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
-            gscale = w * inv_temp
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, lam, INTERP)
-                q, _, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, loss, coef, coef2, log_c, log_1mc, DIV)
-                g = tl.where(ok, ga - q * big_a, float("nan"))
-                # Every element of this block was read above before it is overwritten: in place is safe.
-                gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
-                tl.store(g_row + cols, gout, mask=in_v)
+            tl.store(loss_ptr + row, float("nan"))
+            if HAS_GRAD:
+                _fill_row(g_row, V, float("nan"), BLOCK_V)
     else:
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
             _zero_row(g_row, V, BLOCK_V)
+
+
+@triton.jit
+def scale_by_device_scalar_kernel(
+    g_ptr,  # (n,) contiguous gradient, fp32/bf16/fp16, scaled in place
+    c_ptr,  # () the upstream gradient of a reduced loss, on the device (any float dtype)
+    n,  # number of elements of g
+    BF16_BY_BITS: tl.constexpr,  # round bf16 on the bits (interpreter only, see _to_grad_dtype)
+    BLOCK: tl.constexpr,
+):
+    """g *= c, with c read on the device: no host synchronisation, and when c is exactly 1 (``loss.backward()``
+    on a reduced loss, the common case) every program returns after one scalar load, so the saved gradient is
+    not read or written (x·1 = x exactly, so skipping is the same result). The product is formed in fp32 and
+    rounded once to g's dtype. A persistent grid walks the array with a grid-sized stride; offsets are 64-bit.
+    """
+    c = tl.load(c_ptr).to(tl.float32)
+    if c != 1.0:
+        offs = tl.arange(0, BLOCK)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            idx = start + offs
+            m = idx < n
+            x = tl.load(g_ptr + idx, mask=m)
+            tl.store(g_ptr + idx, _to_grad_dtype(x.to(tl.float32) * c, g_ptr.dtype.element_ty, BF16_BY_BITS),
+                     mask=m)
+
+
+def scale_by_device_scalar(g, c) -> None:
+    """Launcher of :func:`scale_by_device_scalar_kernel`: ``g`` contiguous, ``c`` a one-element tensor on g's
+    device. Under TRITON_INTERPRET=1 it runs on CPU tensors (tests)."""
+    n = g.numel()
+    if n == 0:
+        return
+    block = 4096
+    programs = triton.cdiv(n, block)
+    if g.device.type == "cuda":
+        import torch
+
+        with torch.cuda.device(g.device):
+            sms = torch.cuda.get_device_properties(g.device).multi_processor_count
+            scale_by_device_scalar_kernel[(min(programs, 8 * sms),)](g, c, n, BF16_BY_BITS=False, BLOCK=block,
+                                                                      num_warps=8)
+    else:
+        import numpy as np
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale_by_device_scalar_kernel[(min(programs, 4),)](g, c, n, BF16_BY_BITS=True, BLOCK=block,
+                                                                num_warps=8)

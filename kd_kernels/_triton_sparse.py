@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_kernels import _log_mix, _to_grad_dtype, _zero_row
+from ._triton_kernels import LN2, LOG2E, _to_grad_dtype, _zero_row
+from ._triton_kernels import _log_mix as _log_mix2
 
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
@@ -44,6 +45,13 @@ _BIG_ID = 1 << 62  # sorts after every id; also the "no more ids" value of the c
 # the same value for the kernels (a compiled kernel may only read constexpr globals; the interpreter
 # reads any, which is how a plain int here went unnoticed)
 BIG_ID: tl.constexpr = tl.constexpr(_BIG_ID)
+
+
+@triton.jit
+def _log_mix(lx, ly, log_w, log_1mw):
+    """Natural-log form of the dense kernel's base-2 ``_log_mix`` (O(K) work per row, so the two scalings
+    cost nothing that matters); NaN where both are −inf, selected away by every caller."""
+    return _log_mix2(lx * LOG2E, ly * LOG2E, log_w * LOG2E, log_1mw * LOG2E) * LN2
 
 
 @triton.jit
@@ -177,13 +185,17 @@ def sparse_loss_grad_kernel(
         lpk = tl.load(lp_ptr + row * K + ok, mask=valid, other=float("-inf"))
         sk = tl.load(s_row + idk, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
         # pass A: max, and NaN anywhere (student, or a teacher log-prob)
-        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
-        bad = tl.sum((lpk != lpk).to(tl.int32), axis=0)  # noqa: PLR0124  (x != x: NaN)
+        # Per-lane max and NaN count, reduced once after the loop (no cross-thread reduction per block). The
+        # max is taken of the raw logits and scaled after: fl(x·(1/T)) is monotone in x, so it is the same m.
+        m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        bad_lane = tl.zeros([BLOCK_V], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            x = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-            m = tl.maximum(m, tl.max(x, axis=0))
-            bad += tl.sum((x != x).to(tl.int32), axis=0)  # noqa: PLR0124
+            x = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_lane = tl.maximum(m_lane, x)
+            bad_lane += (x != x).to(tl.int32)  # noqa: PLR0124  (x != x: NaN)
+        m = tl.max(m_lane, axis=0) * inv_t
+        bad = tl.sum(bad_lane, axis=0) + tl.sum((lpk != lpk).to(tl.int32), axis=0)  # noqa: PLR0124
         if (bad > 0) | (m == float("inf")) | (m == float("-inf")):
             tl.store(loss_ptr + row, float("nan"))
             if HAS_GRAD:
@@ -217,16 +229,17 @@ def sparse_loss_grad_kernel(
                 inv_z = 0.0
             else:
                 # pass B: Z over all (ignore) or over the columns off the support (bucket)
-                z = 0.0
+                z_lane = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, reduced once
                 kp = 0
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     x = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                    e = tl.exp(x * inv_t - m)
+                    e = tl.exp2((x * inv_t - m) * LOG2E)  # one MUFU.EX2 (tl.exp adds denormal fix-ups)
                     if TAIL == BUCKET:
                         sup, kp = _support_in_block(ids_row, kp, nv, start, cols, BLOCK_V)
                         e = tl.where(sup, 0.0, e)
-                    z += tl.sum(e, axis=0)
+                    z_lane += e
+                z = tl.sum(z_lane, axis=0)
                 if TAIL == IGNORE:
                     log_z = tl.log(z)
                     lq_k = sk - m - log_z
@@ -298,7 +311,7 @@ def sparse_loss_grad_kernel(
                     if TAIL == RENORMALIZE:
                         g = tl.zeros([BLOCK_V], dtype=tl.float32) + c_off
                     else:
-                        g = tl.exp(x * inv_t - m) * (inv_z * c_off)
+                        g = tl.exp2((x * inv_t - m) * LOG2E) * (inv_z * c_off)
                     nxt = tl.load(ids_row + kp, mask=kp < nv, other=BIG_ID)
                     while nxt < start + BLOCK_V:
                         val = tl.sum(tl.where(ok == kp, gk, 0.0), axis=0)

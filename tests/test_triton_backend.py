@@ -363,3 +363,151 @@ def test_lazy_import_and_64_bit_offsets():
         for p in ("s", "t", "g"):
             assert re.search(rf"%{p}_row_\w+ = arith\.muli %row_\w+, %{p}_row\w* : i64", ttir), (name, p)
             assert re.search(rf"tt\.addptr %{p}_ptr, %{p}_row_\w+ : !tt\.ptr<bf16>, i64", ttir), (name, p)
+
+
+# ------------------------------------------------------------------------- the backward's scale by a device scalar
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [1.0, 0.3710938, -2.5, 0.0, math.nan])
+def test_scale_by_device_scalar(dtype, c):
+    """g ← g·c in place with c read by the kernel: the fp32 product rounded once; c = 1 leaves g as it was.
+    4096·3 + 17 elements over at most 4 programs: the grid-stride loop and the ragged tail both run."""
+    from kd_kernels._triton_kernels import scale_by_device_scalar
+
+    g0 = torch.randn(4096 * 3 + 17, dtype=torch.float32).to(dtype)
+    g = g0.clone()
+    scale_by_device_scalar(g, torch.tensor(c, dtype=torch.float32))
+    want = g0.float() * c
+    want = want.to(dtype)  # torch rounds fp32 → bf16 to nearest even, as the GPU's cast does
+    assert torch.equal(g.isnan(), want.isnan())
+    assert torch.equal(g[~g.isnan()], want[~want.isnan()])
+
+
+def test_autograd_scales_through_the_device_kernel(monkeypatch):
+    """The autograd glue's device path (a CUDA scalar upstream gradient) run on CPU tensors: a random scalar
+    upstream gradient gives c × the gradient of loss.backward(), and a second backward still raises."""
+    from kd_kernels import _autograd
+    from kd_kernels._triton_kernels import scale_by_device_scalar
+
+    used = []
+
+    def scaler(grad, grad_out):
+        if grad.is_contiguous() and grad_out.numel() == 1:
+            used.append(grad.shape)
+            return scale_by_device_scalar
+        return None
+
+    s0, t = torch.randn(5, 300), torch.randn(5, 300)
+    s = s0.clone().requires_grad_()
+    kd_kernels.reverse_kl(s, t, backend="torch").backward()
+    base = s.grad.clone()
+    monkeypatch.setattr(_autograd, "_device_scaler", scaler)
+    c = torch.rand(()).item() * 3.0 - 1.5
+    s = s0.clone().requires_grad_()
+    loss = kd_kernels.reverse_kl(s * 1.0, t, backend="torch")
+    (loss * c).backward(retain_graph=True)
+    assert used == [(5, 300)]
+    torch.testing.assert_close(s.grad, base * c, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+_DENSE_SASS = r"""
+import json, os, re, struct, subprocess, sys, tempfile
+try:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.language.extra import libdevice
+except Exception as e:  # pragma: no cover - triton without its NVIDIA backend
+    print(json.dumps({"skip": str(e)[:300]}))
+    sys.exit(0)
+from kd_kernels import _triton_kernels as K
+from kd_kernels._spec import Divergence
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if not os.path.exists(cuobjdump):
+    print(json.dumps({"skip": "no cuobjdump next to triton's ptxas"}))
+    sys.exit(0)
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, sig, consts, divisible=()):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
+    return triton.compile(src, target=target, options={"num_warps": 8})
+
+
+def sass(kernel):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def consts(ptx):
+    return set(re.findall(r"0f[0-9A-F]{8}", ptx))
+
+
+def coefficient(c):  # a polynomial coefficient: 0 < |value| < 0.5 (not 0, 1, log2(e), ln 2, inf, ...)
+    v = abs(struct.unpack(">f", bytes.fromhex(c[2:]))[0])
+    return 0.0 < v < 0.5
+
+
+@triton.jit
+def log_poly(x_ptr, LIB: tl.constexpr):
+    o = tl.arange(0, 256)
+    x = tl.load(x_ptr + o)
+    tl.store(x_ptr + o, tl.log2(x) if LIB else libdevice.fast_log2f(x))
+
+
+# Calibration: the coefficients of libdevice's log2 polynomial are the small constants tl.log2 adds to a kernel.
+poly = {c for c in consts(build(log_poly, {"x_ptr": "*fp32"}, {"LIB": True}).asm["ptx"])
+        - consts(build(log_poly, {"x_ptr": "*fp32"}, {"LIB": False}).asm["ptx"]) if coefficient(c)}
+out = {"poly": sorted(poly), "kernels": {}}
+for d in Divergence:
+    for interp in (False, True) if d.name == "ALPHA_BETA" else (False,):
+        sig = {"s_ptr": "*bf16", "t_ptr": "*bf16", "w_ptr": "*fp32", "loss_ptr": "*fp32", "g_ptr": "*bf16",
+               "stride_s": "i32", "stride_t": "i32", "stride_g": "i32", "V": "i32", "inv_temp": "fp32",
+               "lam": "fp32", "coef": "fp32", "coef2": "fp32", "log_c": "fp32", "log_1mc": "fp32"}
+        c = {"DIV": int(d), "ONLINE": d.info.online, "INTERP": interp, "HAS_GRAD": True, "BF16_BY_BITS": False,
+             "BLOCK_V": 4096}
+        k = build(K.kd_loss_grad_kernel, sig, c, divisible=("s_ptr", "t_ptr", "g_ptr", "stride_s", "stride_t",
+                                                              "stride_g", "V"))
+        text = sass(k)
+        out["kernels"][f"{d.name.lower()}{'+interp' if interp else ''}"] = {
+            "ex2": len(re.findall(r"MUFU\.EX2", text)), "lg2": len(re.findall(r"MUFU\.LG2", text)),
+            "poly": sorted(consts(k.asm["ptx"]) & poly), "bar": len(re.findall(r"\bBAR\.", text))}
+k = build(K.scale_by_device_scalar_kernel, {"g_ptr": "*bf16", "c_ptr": "*fp32", "n": "i64"},
+          {"BF16_BY_BITS": False, "BLOCK": 4096})
+out["scale_compiled"] = "ptx" in k.asm
+print(json.dumps(out))
+"""
+
+
+def test_dense_kernel_sass_for_sm90(tmp_path):
+    """Every divergence's dense kernel compiled for sm_90 (a fresh process, no interpreter): the exponentials
+    and logarithms are the hardware ones (MUFU.EX2 / MUFU.LG2 in the SASS) and none of the float constants of
+    libdevice's log polynomial is in the PTX (calibrated in the same process against tl.log2, which is what the
+    kernel used before). The in-place scale kernel of the backward compiles too."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(kd_kernels.__file__)),
+                                         env.get("PYTHONPATH", "")])
+    script = tmp_path / "dense_sass.py"  # a file, not -c: triton.jit reads the source of the probe kernel
+    script.write_text(_DENSE_SASS)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    assert res["poly"], "calibration found no polynomial constants"
+    assert len(res["kernels"]) == len(Divergence) + 1
+    for name, k in res["kernels"].items():
+        assert k["ex2"] > 0 and k["lg2"] > 0, (name, k)
+        assert not k["poly"], (name, k["poly"])
+    assert res["scale_compiled"]
