@@ -89,10 +89,12 @@ def _consolidate(run: Run, copies: dict) -> None:
 
     models = run.models
     student_state = full_state_dict(models.student)
-    teacher_state = full_state_dict(models.teacher) if "models" not in copies else None
+    first = not copies.get("gathered")  # the same on every rank (only rank 0 holds the copies)
+    teacher_state = full_state_dict(models.teacher) if first else None
+    copies["gathered"] = True
     if not run.is_main:
         return
-    if "models" not in copies:
+    if first:
         copies["models"] = Models(plain_copy(models.teacher, teacher_state, run.device).eval(),
                                   plain_copy(models.student, student_state, run.device), models.tokenizer,
                                   models.teacher_id)
