@@ -93,3 +93,24 @@ def test_fsdp_follows_ddp_resumes_exactly_and_saves_a_consolidated_student(tmp_p
     assert ddp_state["student"].keys() == state["student"].keys()
     for k, v in ddp_state["student"].items():  # the same training, sharded or replicated
         assert torch.allclose(state["student"][k], v, rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_layouts(tmp_path, response_cache):
+    """A DDP checkpoint (index-numbered optimizer state) resumes under FSDP2 exactly, and an FSDP2
+    checkpoint (by-name optimizer state) resumes on one process."""
+    skip = ("--skip-eval",)
+    _torchrun(response_cache, tmp_path / "ddp", "--dist", "ddp", "--steps", "4", *skip)
+    _torchrun(response_cache, tmp_path / "moved", "--dist", "ddp", "--steps", "2", *skip)
+    _torchrun(response_cache, tmp_path / "moved", "--dist", "fsdp", "--steps", "4", "--resume", *skip)
+    ddp, moved = _losses(tmp_path / "ddp"), _losses(tmp_path / "moved")
+    for step in (3, 4):
+        assert abs(moved[step] - ddp[step]) <= 1e-3 * max(1.0, abs(ddp[step])), (step, moved, ddp)
+
+    from kd_kernels.train.cli import main
+
+    rc = main(["kd", "--out", str(tmp_path / "moved"), "--resume", "--steps", "5", "--no-progress"])
+    assert rc == 0
+    state = torch.load(tmp_path / "moved" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 5 and state["optimizer_format"] == "index"  # one process: the plain format
+    assert sorted(_losses(tmp_path / "moved")) == [1, 2, 3, 4, 5]

@@ -554,7 +554,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     phases["train"] = {"wall_s": time.perf_counter() - loop_wall0,
                        "cpu_s": time.process_time() - loop_cpu0, "tokens": phases_tokens}
     summary: dict = {}
-    if fsdp:  # rank 0 evaluates (and samples the teacher) on consolidated, unsharded copies
+    if fsdp and not cfg.skip_eval:  # rank 0 evaluates (and samples the teacher) on consolidated copies
         _consolidate(run, eval_copies)
         run.models = eval_copies["models"] if is_main else run.models
     if is_main:
