@@ -2,7 +2,8 @@
 
 ``train(cfg)`` is the loop (``run.Run`` holds the models, the data and the distributed context). Under
 ``torchrun`` every process trains on its own slice of each step's batch through DistributedDataParallel
-(gloo on CPU, NCCL on GPU); rank 0 generates the cached teacher responses, logs, checkpoints and evaluates.
+(``--dist ddp``) or FSDP2 (``--dist fsdp``: ``run.shard_fsdp``), gloo on CPU, NCCL on GPU; rank 0
+generates the cached teacher responses, logs, checkpoints and evaluates.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class Interrupted(Exception):
 
 
 class DistillModule(nn.Module):
-    """The student plus the method's loss, so DistributedDataParallel sees one forward per step.
+    """The student plus the method's loss, so DistributedDataParallel sees one forward per step, and so
+    that under FSDP2 (this module is the student's root) the lm_head is gathered where the loss uses it.
 
-    The teacher is held outside the module tree (no DDP broadcast of frozen weights, not in state_dict).
+    The teacher is held outside the module tree (no DDP broadcast of frozen weights, not in state_dict;
+    under FSDP2 it is sharded on its own).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, method: Method, run: Run):
@@ -479,7 +482,8 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
                       f"sharded over {world} ranks)")
         print(f"[kd-train] {cfg.method}: teacher {count_params(teacher) / 1e6:.1f}M params, student "
               f"{count_params(student) / 1e6:.1f}M, {len(run.train_examples)} train examples, "
-              f"world {world}, {layout}, device {device}, steps {start_step}→{cfg.steps}", file=sys.stderr)
+              f"world {world}, {layout}, device {device}, steps {start_step}→{cfg.steps}",
+              file=sys.stderr)
 
     eval_copies: dict = {}  # FSDP2: rank 0's unsharded teacher and student for evaluation
     stop = {"flag": False}
