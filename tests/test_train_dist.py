@@ -114,3 +114,36 @@ def test_checkpoints_move_between_layouts(tmp_path, response_cache):
     state = torch.load(tmp_path / "moved" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 5 and state["optimizer_format"] == "index"  # one process: the plain format
     assert sorted(_losses(tmp_path / "moved")) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
+    """--teacher PATH with an untied lm_head: the teacher's head is its own FSDP2 group, gathered for the
+    loss; the student's untied head is in its root. Losses follow DDP; the evaluation runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kd_kernels.train.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "untied")
+    tok.save_pretrained(tmp_path / "untied")
+    flags = ("--teacher", str(tmp_path / "untied"), "--steps", "3", "--eval-prompts", "2",
+             "--eval-seeds", "1")
+    _torchrun(response_cache, tmp_path / "ddp", "--dist", "ddp", *flags)
+    log = _torchrun(response_cache, tmp_path / "fsdp", "--dist", "fsdp", *flags)
+    assert "FSDP2 (" in log
+    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3]
+    for step in ddp:
+        assert abs(fsdp[step] - ddp[step]) <= 1e-3 * max(1.0, abs(ddp[step])), (step, fsdp, ddp)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["evaluated"] and summary["final"]["test_forward_kl"] >= 0
+    state = torch.load(tmp_path / "fsdp" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert not torch.equal(state["student"]["lm_head.weight"], state["student"]["model.embed_tokens.weight"])
