@@ -63,12 +63,23 @@ def one_clean_line(err: str) -> str:
     (["--device", "tpu"], "--device='tpu'"),
     (["--device", "banana"], "--device='banana' is not a device"),
     (["--resume", "--overwrite"], "pass one"),
+    (["--dist", "fsdp1"], "--dist='fsdp1' is unknown"),
 ])
 def test_flag_domains_checked_at_parse_time(flags, match, capsys):
     with pytest.raises(ValueError, match=match):
         C.parse_args(["kd", *flags], ["kd"])
     rc, err = run_cli(["kd", *flags], capsys)
     assert rc == 2 and match.split("=")[0] in one_clean_line(err)
+
+
+@pytest.mark.parametrize("method", ["minillm", "gkd", "distillm"])
+def test_dist_fsdp_refuses_methods_that_sample_from_the_student(method, capsys):
+    """Under FSDP2 every forward is a collective: per-rank generation of different lengths would hang."""
+    with pytest.raises(ValueError, match=f"--dist fsdp supports sft, kd, seqkd, not '{method}'"):
+        C.parse_args([method, "--dist", "fsdp"], [method])
+    rc, err = run_cli([method, "--dist", "fsdp"], capsys)
+    assert rc == 2 and "--dist ddp" in one_clean_line(err)
+    C.parse_args([method, "--dist", "ddp"], [method])  # the default layout takes every method
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -15,6 +15,10 @@ from typing import Any
 
 PRESETS = ("smollm2", "tiny")
 CACHE_METHODS = ("kd", "seqkd", "distillm")  # methods that can train from --teacher-cache
+DIST_MODES = ("ddp", "fsdp")
+# --dist fsdp: the methods whose training steps never sample from the models (under FSDP2 every forward is
+# a collective, and per-rank generation of different lengths would leave the ranks waiting on each other)
+FSDP_METHODS = ("sft", "kd", "seqkd")
 
 # Per-method defaults on top of TrainConfig's, used by the command line (a flag given explicitly wins).
 # minillm: 40 steps = 5 rollout rounds, sized from measured phase times so that `kd-train minillm` (what
@@ -33,6 +37,7 @@ class TrainConfig:
     student_layers: str = ""  # teacher layers kept in the student: "start:stop:step", "0,3,6"; "": every 3rd
     dtype: str = "float32"  # model dtype: float32 or bfloat16
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    dist: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, sharded models)
     seed: int = 1337
     # data
     prompts: str = ""  # a prompts .jsonl (default: the one shipped with kd_kernels.train)
@@ -215,6 +220,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.backend not in BACKEND_NAMES:
         raise ValueError(f"--backend={cfg.backend!r} is unknown; use one of {', '.join(BACKEND_NAMES)}")
     _check_device(cfg.device)
+    if cfg.dist not in DIST_MODES:
+        raise ValueError(f"--dist={cfg.dist!r} is unknown; use 'ddp' or 'fsdp' (they differ only under "
+                         "torchrun)")
+    if cfg.dist == "fsdp" and cfg.method not in FSDP_METHODS:
+        raise ValueError(f"--dist fsdp supports {', '.join(FSDP_METHODS)}, not {cfg.method!r} (it samples "
+                         "from the student during training, which FSDP2's collective forwards do not "
+                         "allow per rank); use --dist ddp")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one")
     if not 0.0 <= cfg.kd_ratio <= 1.0:

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .config import TrainConfig
 from .data import (
@@ -26,7 +28,7 @@ from .data import (
 )
 from .generate import cached_responses
 from .losses import Head
-from .models import Models, final_hidden, load_models, output_head
+from .models import Models, decoder_layers, final_hidden, load_models, output_head
 
 # ------------------------------------------------------------------------------------------ distributed
 
@@ -61,6 +63,72 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+
+class HiddenStates(nn.Module):
+    """``forward(input_ids, attention_mask)`` → the model's final hidden states: the FSDP2 root of the
+    sharded teacher (``head`` calls it, so its embeddings and final norm are gathered by FSDP2 there)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return final_hidden(self.model, input_ids, attention_mask)
+
+
+def _tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def shard_fsdp(root: nn.Module, student: nn.Module, teacher: nn.Module, world: int, device: torch.device
+               ) -> HiddenStates:
+    """FSDP2 over all ``world`` processes (a 1-D DeviceMesh): ``fully_shard`` on each of the student's
+    decoder layers, then on ``root`` (which holds the student and computes the loss in its forward, so the
+    student's embeddings, final norm and lm_head are plain gathered tensors there and their gradients are
+    reduce-scattered); the frozen teacher's layers, an untied teacher lm_head, then the teacher's root
+    (a ``HiddenStates``, returned). The teacher's head stays a sharded DTensor outside that forward: the
+    fused losses gather it (``kd_kernels/_dtensor.py``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in decoder_layers(student):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, mesh=mesh)
+    if not _tied(teacher):  # used by the loss only, not in the teacher's forward: its own group
+        fully_shard(teacher.get_output_embeddings(), mesh=mesh)
+    teacher_root = HiddenStates(teacher)
+    # a frozen model has no backward to reshard its root after: reshard right after the forward
+    fully_shard(teacher_root, mesh=mesh, reshard_after_forward=True)
+    return teacher_root
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective under FSDP2 (every rank calls it): ``model``'s full state dict as plain CPU tensors on
+    rank 0 (empty on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A new, unsharded model of ``model``'s architecture (from its config) holding ``state``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    dtype = next(iter(state.values())).dtype
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; keep the run's RNG stream
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    plain.load_state_dict(state)
+    plain.requires_grad_(False)
+    return plain.to(device)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -150,7 +218,11 @@ class Run:
 
 def head(model, batch: dict[str, torch.Tensor]) -> Head:
     """The model's final hidden states for positions 0 … T−2 (each predicts the next token) and its
-    lm_head."""
-    h = final_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    w, b = output_head(model)
+    lm_head. ``model`` may be a ``HiddenStates`` (the FSDP2-sharded teacher)."""
+    if isinstance(model, HiddenStates):
+        h = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
+        w, b = output_head(model.model)
+    else:
+        h = final_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        w, b = output_head(model)
     return Head(h, w, b)

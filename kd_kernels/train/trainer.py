@@ -2,7 +2,8 @@
 
 ``train(cfg)`` is the loop (``run.Run`` holds the models, the data and the distributed context). Under
 ``torchrun`` every process trains on its own slice of each step's batch through DistributedDataParallel
-(gloo on CPU, NCCL on GPU); rank 0 generates the cached teacher responses, logs, checkpoints and evaluates.
+(``--dist ddp``) or FSDP2 (``--dist fsdp``: ``run.shard_fsdp``), gloo on CPU, NCCL on GPU; rank 0
+generates the cached teacher responses, logs, checkpoints and evaluates.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .config import TrainConfig, config_from_dict, validate
 from .evaluate import evaluate, token_metrics
 from .methods import Method, get_method
 from .models import count_params
-from .run import Run, any_rank, barrier, init_distributed
+from .run import Run, any_rank, barrier, init_distributed, shard_fsdp
 
 CKPT_NAME = "ckpt.pt"
 
@@ -35,9 +36,11 @@ class Interrupted(Exception):
 
 
 class DistillModule(nn.Module):
-    """The student plus the method's loss, so DistributedDataParallel sees one forward per step.
+    """The student plus the method's loss, so DistributedDataParallel sees one forward per step, and so
+    that under FSDP2 (this module is the student's root) the lm_head is gathered where the loss uses it.
 
-    The teacher is held outside the module tree (no DDP broadcast of frozen weights, not in state_dict).
+    The teacher is held outside the module tree (no DDP broadcast of frozen weights, not in state_dict;
+    under FSDP2 it is sharded on its own).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, method: Method, run: Run):
@@ -68,6 +71,56 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (peak RSS)
 
 
+def _as_float(x) -> float:
+    """A scalar tensor (or DTensor, e.g. clip_grad_norm_'s total norm over FSDP2 shards) as a float."""
+    full = getattr(x, "full_tensor", None)
+    return float(full() if callable(full) else x)
+
+
+def _sharded(model: nn.Module) -> int:
+    """How many of ``model``'s parameters are DTensors (sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _consolidate(run: Run, copies: dict) -> None:
+    """Collective under FSDP2: the student's full weights gathered into rank 0's unsharded copy (built on
+    first use, with the teacher's, which is gathered once: it does not change)."""
+    from .models import Models
+    from .run import full_state_dict, plain_copy
+
+    models = run.models
+    student_state = full_state_dict(models.student)
+    first = not copies.get("gathered")  # the same on every rank (only rank 0 holds the copies)
+    teacher_state = full_state_dict(models.teacher) if first else None
+    copies["gathered"] = True
+    if not run.is_main:
+        return
+    if first:
+        copies["models"] = Models(plain_copy(models.teacher, teacher_state, run.device).eval(),
+                                  plain_copy(models.student, student_state, run.device), models.tokenizer,
+                                  models.teacher_id)
+    else:
+        copies["models"].student.load_state_dict(student_state)
+
+
+@contextmanager
+def plain_models(run: Run, fsdp: bool, copies: dict):
+    """Under FSDP2, ``run.models`` on rank 0 are consolidated unsharded copies inside the block."""
+    if not fsdp:
+        yield
+        return
+    _consolidate(run, copies)
+    sharded = run.models
+    if run.is_main:
+        run.models = copies["models"]
+    try:
+        yield
+    finally:
+        run.models = sharded
+
+
 class TrainError(Exception):
     """A failure with a one-line message for the user (what, where, the fix); the CLI prints it and exits 1."""
 
@@ -93,12 +146,65 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+# The optimizer state is saved as ``opt.state_dict()`` (parameters numbered in order: one process, DDP)
+# or, under FSDP2, as torch.distributed.checkpoint's full state dict keyed by parameter name
+# (``optimizer_format`` "fqn"); either loads into either layout (``load_optimizer_state``).
+OPT_BY_INDEX, OPT_BY_NAME = "index", "fqn"
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def save_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int, elapsed: float, method_state: dict | None = None) -> None:
-    state = {"config": cfg.to_dict(), "step": step, "student": student.state_dict(),
-             "optimizer": opt.state_dict(), "train_time_s": elapsed,
+                    step: int, elapsed: float, method_state: dict | None = None, *, fsdp: bool = False,
+                    is_main: bool = True) -> None:
+    """Write ``ckpt.pt`` (rank 0). Under FSDP2 every rank must call it: the consolidated (full, plain CPU
+    tensor) student and optimizer states are gathered to rank 0, which writes them."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from .run import full_state_dict
+
+        weights = full_state_dict(student)
+        optim = get_optimizer_state_dict(student, opt, options=_full_options())
+        fmt = OPT_BY_NAME
+    else:
+        weights, optim, fmt = student.state_dict(), opt.state_dict(), OPT_BY_INDEX
+    if not is_main:
+        return
+    state = {"config": cfg.to_dict(), "step": step, "student": weights,
+             "optimizer": optim, "optimizer_format": fmt, "train_time_s": elapsed,
              "torch_rng": torch.get_rng_state(), "method_state": method_state or {}}
     write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _adamw(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+def optimizer_state_by_name(student: nn.Module, saved: dict, fmt: str, cfg: TrainConfig) -> dict:
+    """A saved optimizer state as a by-name full state dict; an index-numbered one is converted on the
+    (still unsharded) ``student`` through a temporary optimizer. Call before sharding."""
+    if fmt == OPT_BY_NAME:
+        return saved
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    tmp = _adamw([p for p in student.parameters() if p.requires_grad], cfg)
+    tmp.load_state_dict(saved)
+    return get_optimizer_state_dict(student, tmp, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(student: nn.Module, opt: torch.optim.Optimizer, saved: dict, fmt: str) -> None:
+    """Load a saved optimizer state (either format) into ``opt`` of ``student`` (plain or sharded)."""
+    if fmt == OPT_BY_INDEX:
+        opt.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(student, opt, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -269,6 +375,7 @@ def make_summary(cfg: TrainConfig, run: Run, step: int, world: int, device: torc
     student, teacher = run.models.student, run.models.teacher
     return {
         "method": cfg.method, "steps": step, "world_size": world, "device": str(device),
+        "dist": cfg.dist if world > 1 else "none",  # the layout used: "ddp", "fsdp", "none" (one process)
         "wall_time_s": time.time() - t_start, "train_time_s": train_time,
         "peak_mem_mb": peak_mem,
         "teacher_params": count_params(teacher), "student_params": count_params(student),
@@ -322,15 +429,22 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         if cfg.eval_every > 0:
             _ = run.references("valid")
 
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # --dist fsdp on one process: nothing to shard, a plain run (documented in docs/TRAINER.md)
+    fsdp = cfg.dist == "fsdp" and world > 1
+    if cfg.dist == "fsdp" and world == 1 and is_main:
+        print("[kd-train] --dist fsdp on one process: nothing to shard, training without FSDP2 "
+              "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
     start_step, train_time = 0, 0.0
     ckpt_path, metrics_path = out / CKPT_NAME, out / "metrics.jsonl"
+    saved_opt = None
     if cfg.resume:
         state = load_checkpoint(ckpt_path, map_location=device)
+        fmt = state.get("optimizer_format", OPT_BY_INDEX)
         try:
+            # the saved student is a full state dict in every layout: load it before any sharding
             student.load_state_dict(state["student"])
-            opt.load_state_dict(state["optimizer"])
+            saved_opt = (optimizer_state_by_name(student, state["optimizer"], fmt, cfg) if fsdp
+                         else state["optimizer"], OPT_BY_NAME if fsdp else fmt)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TrainError(f"--resume: {ckpt_path} does not fit this run's student ({first}); resume "
@@ -341,16 +455,37 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         if is_main and metrics_path.is_file():  # drop rows logged after the checkpoint
             keep = _json_rows(metrics_path, lambda r: r.get("step", 0) <= start_step)
             write_atomic(metrics_path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
+        del state
 
     model: nn.Module = DistillModule(student, teacher, method, run)
-    if world > 1:
+    if fsdp:
+        # FSDP2: the student's layers and root (this module: the loss is computed inside its forward),
+        # and the frozen teacher, sharded over the ranks; the teacher's forwards go through its root
+        model._outside = (shard_fsdp(model, student, teacher, world, device), method, run)
+    elif world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # after sharding: under FSDP2 the optimizer holds the DTensor shards
+    opt = _adamw([p for p in student.parameters() if p.requires_grad], cfg)
+    if saved_opt is not None:
+        try:
+            load_optimizer_state(student, opt, *saved_opt)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainError(f"--resume: {ckpt_path}'s optimizer state does not fit this run's student "
+                             f"({first}); resume with the model flags it was trained with") from None
+        saved_opt = None
     if is_main:
+        layout = "one process" if world == 1 else "DDP"
+        if fsdp:
+            layout = (f"FSDP2 ({_sharded(student)} student and {_sharded(teacher)} teacher parameters "
+                      f"sharded over {world} ranks)")
         print(f"[kd-train] {cfg.method}: teacher {count_params(teacher) / 1e6:.1f}M params, student "
               f"{count_params(student) / 1e6:.1f}M, {len(run.train_examples)} train examples, "
-              f"world {world}, device {device}, steps {start_step}→{cfg.steps}", file=sys.stderr)
+              f"world {world}, {layout}, device {device}, steps {start_step}→{cfg.steps}",
+              file=sys.stderr)
 
+    eval_copies: dict = {}  # FSDP2: rank 0's unsharded teacher and student for evaluation
     stop = {"flag": False}
 
     def on_sigint(signum, frame):
@@ -378,7 +513,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             loss, parts = model(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+            gnorm = _as_float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
             opt.step()
             step += 1
             dt = time.time() - t0
@@ -388,9 +523,10 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             row = {"step": step, "loss": float(loss.detach()), **parts, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tokens / dt, "step_s": dt, "mem_mb": memory_mb(device)}
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
-                if is_main:
-                    v = token_metrics(run, "valid", cfg.batch_size, run.progress)
-                    row |= {k: v[k] for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")}
+                with plain_models(run, fsdp, eval_copies):  # FSDP2: consolidated copies on rank 0
+                    if is_main:
+                        v = token_metrics(run, "valid", cfg.batch_size, run.progress)
+                        row |= {k: v[k] for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")}
                 barrier(world)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 line = json.dumps(_finite_or_none(row), allow_nan=False) + "\n"
@@ -403,8 +539,9 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             interrupted = any_rank(stop["flag"], world, device)
-            if is_main and (interrupted or step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt_path, student, opt, cfg, step, train_time, method.state_dict())
+            if (fsdp or is_main) and (interrupted or step % cfg.ckpt_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt_path, student, opt, cfg, step, train_time, method.state_dict(),
+                                fsdp=fsdp, is_main=is_main)
             if interrupted:
                 break
         bar.close()
@@ -421,6 +558,9 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     phases["train"] = {"wall_s": time.perf_counter() - loop_wall0,
                        "cpu_s": time.process_time() - loop_cpu0, "tokens": phases_tokens}
     summary: dict = {}
+    if fsdp and not cfg.skip_eval:  # rank 0 evaluates (and samples the teacher) on consolidated copies
+        _consolidate(run, eval_copies)
+        run.models = eval_copies["models"] if is_main else run.models
     if is_main:
         # what training produced is on disk before the evaluation and anything needing an optional library
         summary = make_summary(cfg, run, step, world, device, t_start, train_time, peak_mem, {}, phases)
