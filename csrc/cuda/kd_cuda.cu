@@ -92,7 +92,9 @@ cudaError_t try_resident(const void* kernel, const DeviceInfo& dev, int cluster,
   const size_t smem = static_cast<size_t>(gpb) * kGroup * static_cast<size_t>(bytes_pair);
   if (smem + static_smem > smem_cap) return cudaSuccess;
   if (cluster > 1 && (dev.cc_major < 9 || !dev.cluster_launch)) return cudaSuccess;
-  const int threads = threads_for(gpb);
+  // The resident kernel's launch bounds allow kResidentThreads (kd_rows.cuh); gpb ≤ 7100 groups (the opt-in
+  // limit at 32 bytes a group) keeps threads_for() at or under it anyway.
+  const int threads = threads_for(gpb) < kResidentThreads ? threads_for(gpb) : kResidentThreads;
   // The permission is set to the device's limit, not to this plan's size: plans for other vocabularies
   // share the kernel and stay cached.
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -180,9 +182,11 @@ cudaError_t plan_uncached(const void* resident_kernel, int bytes_s, int bytes_t,
       return cudaErrorInvalidConfiguration;
     }
   } else {
-    // The smallest cluster (portable sizes first, then a 16-block non-portable one) whose slice fits the
-    // preferred budget; failing that, the smallest that fits the opt-in limit; failing that, stream.
-    const int order[] = {1, 2, 3, 4, 5, 6, 7, 8, 16};
+    // The smallest portable cluster (≤ 8 blocks) whose slice fits the preferred budget; failing that, the
+    // smallest that fits the opt-in limit; failing that, stream. No non-portable 16-block cluster in automatic
+    // choice: V = 151936 in bf16 (76 KB a block at 8) then takes 8 blocks at 2 per SM rather than 16 blocks
+    // that not every part can co-schedule. KD_KERNELS_CUDA_PATH=cluster:16 still asks for one explicitly.
+    const int order[] = {1, 2, 3, 4, 5, 6, 7, 8};
     for (size_t cap : {kPreferredSmem, optin}) {
       for (int c : order) {
         e = try_resident(resident_kernel, dev, c, p.ngroups, pair, attrs.sharedSizeBytes, cap, false, plan,

@@ -70,9 +70,10 @@ KD_UNROLL
 
 // ---------------------------------------------------------------------------------------------------------
 // Online accumulation of one group into a RowStats (kd_math.h): the running maxima grow, the sums kept so
-// far are rescaled, then each element adds its weights e^(x − m) (kd_math's rescale(): 0 for x = −inf, so an
-// all −inf prefix, m = −inf, never forms −inf − (−inf)) and the X terms DivDef<DIV> asks for. One exponential
-// per element and sum (plus one rescale per group). Centered kinds keep only Z_s, Z_t here.
+// far are rescaled (kd_math's rescale(): 0 for an empty −inf prefix), then each element adds its weight
+// e^(x − base), base = exp_base(max), and the X terms DivDef<DIV> asks for. One exponential per element and
+// sum (plus one rescale per group and sum); the −inf guard is paid once per group (exp_base), not per element.
+// Centered kinds keep only Z_s, Z_t here.
 // ---------------------------------------------------------------------------------------------------------
 
 KD_HD float group_max(const float x[kGroup]) {
@@ -98,14 +99,18 @@ KD_UNROLL
     mr = fmaxf(st.r.m, group_max(rv));
     zr = st.r.z * rescale(st.r.m, mr);
   }
+  // One −inf guard per group, not per element: against exp_base(m) (0 when the max is −inf, i.e. the group
+  // and everything before it is −inf) every element's e^(x − base) is 0 for x = −inf and never −inf − (−inf).
+  // A NaN or +inf element makes its sum NaN either way (+inf: base = +inf, +inf − +inf), as rescale() did.
+  const float bs = exp_base(ms), bt = exp_base(mt), br = exp_base(mr);
 KD_UNROLL
   for (int j = 0; j < kGroup; ++j) {
-    const float es = rescale(sv[j], ms), et = rescale(tv[j], mt);
+    const float es = kd_exp(sv[j] - bs), et = kd_exp(tv[j] - bt);
     zs += es;
     zt += et;
     xs += stats_xs<DIV>(es, sv[j], tv[j]);
     xt += stats_xt<DIV>(et, sv[j], tv[j]);
-    if (D::kR) zr += rescale(rv[j], mr);
+    if (D::kR) zr += kd_exp(rv[j] - br);
   }
   st.s = {ms, zs};
   st.t = {mt, zt};

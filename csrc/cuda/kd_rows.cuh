@@ -38,6 +38,12 @@ namespace cg = cooperative_groups;
 
 constexpr int kMaxThreads = 512;  // block size upper bound (launch bounds; reduction scratch is sized by it)
 constexpr int kMaxWarps = kMaxThreads / 32;
+// The resident kernel: at most 256 threads (kd_cuda.cu clamps its plans to it), and registers for 3 blocks per
+// SM (65536 / (3 · 256) → ≤ 85, ptxas rounds to 80), the occupancy the 72 KB shared-memory slice budget
+// (kPreferredSmem: 3 × 72 KB of an SM's 228 KB) is sized for. The streaming kernel runs up to 512 threads, 1
+// block per SM at that size.
+constexpr int kResidentThreads = 256;
+constexpr int kResidentBlocksPerSM = 3;
 
 // Everything a kernel needs, passed by value. Strides are in elements of the tensor they belong to.
 struct KernelParams {
@@ -128,13 +134,22 @@ __device__ __forceinline__ void store_group(char* row, int64_t g, int64_t vocab,
   const int64_t c0 = g * kGroup;
   if (vec && c0 + kGroup <= vocab) {
     uint32_t w[4 * DTypeInfo<DT>::kPlanes];
+    if (DT == F32) {
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      if (DT == F32) {
-        w[j] = __float_as_uint(v[j]);
-      } else {
-        uint32_t h = DT == BF16 ? float_to_bf16(v[j]) : float_to_f16(v[j]);
-        w[j >> 1] = (j & 1) ? (w[j >> 1] | (h << 16)) : h;
+      for (int j = 0; j < kGroup; ++j) w[j] = __float_as_uint(v[j]);
+    } else {
+      // Two columns per hardware conversion (F2FP ... PACK_AB: round to nearest even, NaN stays NaN, the
+      // values float_to_bf16 / float_to_f16 give up to the NaN payload) instead of the bit-level rounding,
+      // ~6 integer instructions a column.
+#pragma unroll
+      for (int j = 0; j < kGroup; j += 2) {
+        if (DT == BF16) {
+          const __nv_bfloat162 h = __floats2bfloat162_rn(v[j], v[j + 1]);
+          w[j >> 1] = *reinterpret_cast<const uint32_t*>(&h);
+        } else {
+          const __half2 h = __floats2half2_rn(v[j], v[j + 1]);
+          w[j >> 1] = *reinterpret_cast<const uint32_t*>(&h);
+        }
       }
     }
     uint4* p = reinterpret_cast<uint4*>(row + c0 * kB);
@@ -253,7 +268,8 @@ __device__ __forceinline__ void for_groups(int64_t g0, int64_t g1, Load load, Bo
 // ---------------------------------------------------------------------------------------------------------
 
 template <int DIV, int SD, int TD, bool RESIDENT>
-__global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RESIDENT ? kResidentBlocksPerSM : 1)
+    kd_rows_kernel(const KernelParams p) {
   using D = DivDef<DIV>;
   // Groups in flight per thread: 4 × 32 bytes for 16-bit pairs, 2 × 48-64 bytes when one side is fp32.
   constexpr int U = (SD == F32 || TD == F32 || RESIDENT) ? 2 : 4;
@@ -337,6 +353,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
       continue;
     }
 
+    // ℓq = (s̃ − m_s) − log Z_s, ℓp = (t̃ − m_t) − log Z_t (the Triton kernel's form), not s̃ − LSE_s: LSE_s
+    // = m_s + log Z_s is rounded at the size of m_s, so at logits ~1e3 s̃ − LSE_s is off by ~1e-4 relative;
+    // s̃ − m_s is exact (Sterbenz) for the elements that carry weight and log Z_s is small. The row is valid
+    // here, so m_s, m_t (and m_r) are finite.
+    const float ms = st.s.m, mt = st.t.m, lzs = kd_log(st.s.z), lzt = kd_log(st.t.z);
+    const float mr = st.r.m, lzr = D::kR ? kd_log(st.r.z) : 0.f;
+
     if constexpr (D::kStreaming) {
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = f.loss;
       if (grow == nullptr) continue;
@@ -346,19 +369,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
         pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const float q = kd_exp(sv[j] - f.lse_s);
+          const float q = kd_exp((sv[j] - ms) - lzs);
           float w2 = 0.f;
           if (D::kR) {
-            w2 = kd_exp(renyi_logit(sv[j], tv[j], c) - f.lse_r);
+            w2 = kd_exp((renyi_logit(sv[j], tv[j], c) - mr) - lzr);
           } else if (D::kGradW2) {
-            w2 = kd_exp(tv[j] - f.lse_t);
+            w2 = kd_exp((tv[j] - mt) - lzt);
           }
           out[j] = stream_grad<DIV>(q, w2, sv[j], tv[j], f) * scale;
         }
         store_group<SD>(grow, g, V, p.vec_g, out);
       });
     } else {
-      const float lse_s = f.lse_s, lse_t = f.lse_t;
       // Pass B: loss and A = Σ a_v.
       Sum2 acc = {0.f, 0.f};
       for_groups<U2>(g0, g1, load_again, [&](int64_t, const RawPair<SD, TD>& r) {
@@ -366,7 +388,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
         pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const float lq = sv[j] - lse_s, lp = tv[j] - lse_t;
+          const float lq = (sv[j] - ms) - lzs, lp = (tv[j] - mt) - lzt;
           const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
           acc.a += e.loss;
           acc.b += e.a;
@@ -382,7 +404,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) kd_rows_kernel(const KernelPar
         pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const float lq = sv[j] - lse_s, lp = tv[j] - lse_t;
+          const float lq = (sv[j] - ms) - lzs, lp = (tv[j] - mt) - lzt;
           const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
           out[j] = center_grad(e.q, e.a, A) * scale;
         }

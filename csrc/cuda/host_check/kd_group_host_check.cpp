@@ -90,6 +90,9 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
   for (int r = 1; r < C; ++r) st = merge(st, blocks[r]);
   const RowFinal f = stats_finish<DIV>(st, dc);
   if (!row_valid(f)) return false;
+  // What kd_rows_kernel forms the normalized logs from: ℓ = (x − m) − log Z, not x − LSE.
+  const float gms = st.s.m, gmt = st.t.m, lzs = kd_log(st.s.z), lzt = kd_log(st.t.z);
+  const float gmr = st.r.m, lzr = D::kR ? kd_log(st.r.z) : 0.f;
   float loss = f.loss, A = 0.f;
   if (!D::kStreaming) {
     std::vector<Sum2> blk;
@@ -101,7 +104,7 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
           float sv[kGroup], tv[kGroup];
           floats(g, sv, tv);
           for (int j = 0; j < kGroup; ++j) {
-            const float lq = sv[j] - f.lse_s, lp = tv[j] - f.lse_t;
+            const float lq = (sv[j] - gms) - lzs, lp = (tv[j] - gmt) - lzt;
             CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), dc);
             th[x].a += e.loss;
             th[x].b += e.a;
@@ -122,12 +125,12 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
     for (int j = 0; j < kGroup && g * kGroup + j < V; ++j) {
       float d;
       if (D::kStreaming) {
-        const float q = kd_exp(sv[j] - f.lse_s);
-        const float w2 = D::kR ? kd_exp(renyi_logit(sv[j], tv[j], dc) - f.lse_r)
-                               : (D::kGradW2 ? kd_exp(tv[j] - f.lse_t) : 0.f);
+        const float q = kd_exp((sv[j] - gms) - lzs);
+        const float w2 = D::kR ? kd_exp((renyi_logit(sv[j], tv[j], dc) - gmr) - lzr)
+                               : (D::kGradW2 ? kd_exp((tv[j] - gmt) - lzt) : 0.f);
         d = stream_grad<DIV>(q, w2, sv[j], tv[j], f);
       } else {
-        const float lq = sv[j] - f.lse_s, lp = tv[j] - f.lse_t;
+        const float lq = (sv[j] - gms) - lzs, lp = (tv[j] - gmt) - lzt;
         const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), dc);
         d = center_grad(e.q, e.a, A);
       }
