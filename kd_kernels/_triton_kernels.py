@@ -314,3 +314,124 @@ def kd_loss_grad_kernel(
         tl.store(loss_ptr + row, 0.0)
         if HAS_GRAD:
             _zero_row(g_row, V, BLOCK_V)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel shard passes (kd_kernels/_backends/_vocab_parallel.py; kd_kernels.parallel exchanges the
+# results between ranks). The divergence math above, split at the row-statistics boundary: MODE 0 is the first
+# pass of kd_loss_grad_kernel on the shard (_lse_fold, _online_fold), MODES 1 and 2 are its second and last
+# passes (_elem_terms) with ℓq = (a − M_s) − log Z_s, ℓp = (b − M_t) − log Z_t from the global statistics.
+# Global statistics columns: [LSE_s, LSE_t, L, C, M_s, log Z_s, M_t, log Z_t, M_u]; C = A = Σ_v a_v for the
+# divergences with row sums (every one but forward / reverse KL and Rényi, whose A is −1, L and −1).
+# -------------------------------------------------------------------------------------------------------------
+VP_STATS: tl.constexpr = tl.constexpr(0)
+VP_SUMS: tl.constexpr = tl.constexpr(1)
+VP_GRAD: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def kd_vp_rows_kernel(
+    s_ptr,  # (N, V) student shard logits, fp32/bf16/fp16, unit column stride, row stride stride_s
+    t_ptr,  # (N, V) teacher shard logits, unit column stride, row stride stride_t
+    st_ptr,  # (N, 9) fp32 global statistics, contiguous (MODE 1, 2)
+    out_ptr,  # MODE 0: (N, K) fp32 local statistics; MODE 1: (N, 2) fp32 row sums; contiguous
+    w_ptr,  # (N,) fp32 row weights (MODE 2): a row with weight 0 is not read, its gradient row is 0
+    g_ptr,  # (N, V) out (MODE 2): w_i ∂L_i/∂s_i in the student dtype, row stride stride_g; may alias s_ptr
+    stride_s,
+    stride_t,
+    stride_g,
+    V,
+    inv_temp,  # 1/T, fp32
+    coef,  # α (skew, alpha_beta, renyi) or β (JSD), fp32; unused otherwise
+    coef2,  # β of alpha_beta
+    log_c,  # log coef (skew, JSD)
+    log_1mc,  # log(1 − coef) (skew, JSD)
+    DIV: tl.constexpr,
+    MODE: tl.constexpr,  # VP_STATS, VP_SUMS or VP_GRAD
+    K: tl.constexpr,  # local statistics per row (MODE 0): 5 forward / reverse KL, 6 Rényi, else 4
+    BF16_BY_BITS: tl.constexpr,  # round bf16 gradients on the bits (interpreter only, see _to_grad_dtype)
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+    if MODE == VP_STATS:
+        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_r, Z_r)], maxima 0 where the shard row is all −inf (as the
+        # running shift of _lse_fold), so that the sums kept relative to them are 0 and no −inf − (−inf) appears.
+        m_s = -float("inf")
+        z_s = 0.0
+        m_t = -float("inf")
+        z_t = 0.0
+        x_t = 0.0
+        x_s = 0.0
+        m_r = -float("inf")
+        z_r = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            in_v = cols < V
+            a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, 1.0, False)
+            m_s, z_s, e_s, scale_s = _lse_fold(m_s, z_s, a)
+            m_t, z_t, e_t, scale_t = _lse_fold(m_t, z_t, b)
+            if DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI:
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, e_s, e_t, scale_s, scale_t, coef,
+                                                  DIV)
+        o = out_ptr + row * K
+        tl.store(o, tl.where(m_s == -float("inf"), 0.0, m_s))
+        tl.store(o + 1, z_s)
+        tl.store(o + 2, tl.where(m_t == -float("inf"), 0.0, m_t))
+        tl.store(o + 3, z_t)
+        if DIV == FORWARD_KL:
+            tl.store(o + 4, x_t)
+        if DIV == REVERSE_KL:
+            tl.store(o + 4, x_s)
+        if DIV == RENYI:
+            tl.store(o + 4, tl.where(m_r == -float("inf"), 0.0, m_r))
+            tl.store(o + 5, z_r)
+    else:
+        st = st_ptr + row * 9
+        lse_s = tl.load(st)
+        lse_t = tl.load(st + 1)
+        row_loss = tl.load(st + 2)
+        center = tl.load(st + 3)
+        m_s = tl.load(st + 4)
+        lz_s = tl.load(st + 5)
+        m_t = tl.load(st + 6)
+        lz_t = tl.load(st + 7)
+        # Global LSEs that are not finite (a NaN, a +inf, an all −inf row on some rank): NaN sums / gradient.
+        ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+        if MODE == VP_SUMS:
+            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                in_v = cols < V
+                a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, 1.0, False)
+                _, lt, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, 0.0, coef, coef2, log_c, log_1mc, DIV)
+                loss_acc += lt
+                a_acc += ga
+            tl.store(out_ptr + row * 2, tl.where(ok, tl.sum(loss_acc, axis=0), float("nan")))
+            tl.store(out_ptr + row * 2 + 1, tl.where(ok, tl.sum(a_acc, axis=0), float("nan")))
+        else:
+            g_row = g_ptr + row * stride_g
+            w = tl.load(w_ptr + row)
+            if w != 0.0:
+                if DIV == FORWARD_KL or DIV == RENYI:
+                    big_a = -1.0
+                elif DIV == REVERSE_KL:
+                    big_a = row_loss
+                else:
+                    big_a = center
+                gscale = w * inv_temp
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, inv_temp, 1.0, False)
+                    q, _, ga = _elem_terms((a - m_s) - lz_s, (b - m_t) - lz_t, row_loss, coef, coef2, log_c,
+                                           log_1mc, DIV)
+                    g = tl.where(ok, ga - q * big_a, float("nan"))
+                    # Every element of this block was read above before it is overwritten: in place is safe.
+                    gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    tl.store(g_row + cols, gout, mask=in_v)
+            else:
+                _zero_row(g_row, V, BLOCK_V)

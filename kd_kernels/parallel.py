@@ -204,12 +204,12 @@ def _row_weights(mask, token_weights, n: int, reduction: str, device) -> torch.T
     return c.contiguous()
 
 
-def _check_backend(backend: object) -> vp.VocabParallelRows:
+def _check_backend(backend: object, device: torch.device) -> vp.VocabParallelRows:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(
             f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
         )
-    return vp.resolve(backend)
+    return vp.resolve(backend, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +585,6 @@ def _prepare_fused(
         )
     if not isinstance(truncate_teacher_vocab, bool):
         raise TypeError("truncate_teacher_vocab must be True or False")
-    impl = _check_backend(backend)
     h_s, w_s, b_s = _check_head(
         student_hidden,
         student_weight,
@@ -610,6 +609,7 @@ def _prepare_fused(
             "their leading (token) dims; they must be (..., D_s) and (..., D_t) with the same (...)"
         )
     dev = h_s.device
+    impl = _check_backend(backend, dev)
     mask = V.check_token_tensor(mask, "mask", lead, dev, boolean=True)
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
@@ -767,7 +767,7 @@ def kd_loss(
         spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         s, t = V.check_logit_pair(student_logits, teacher_logits)
         reduction = V.check_reduction(reduction)
-        impl = _check_backend(backend)
+        impl = _check_backend(backend, s.device)
         lead, vocab = s.shape[:-1], s.shape[-1]
         mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
         token_weights = V.check_token_tensor(
