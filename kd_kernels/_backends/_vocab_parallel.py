@@ -11,10 +11,10 @@ divergence is computed in three steps, with an exchange between them that the ca
    Forward / reverse KL and Rényi have their loss ``L`` from this step already.
 2. For skew / JSD / TVD / Jeffreys / alpha-beta (``needs_row_sums(spec)``):
    ``row_sums(s, t, stats, spec)`` → ``(rows, 2)`` local partial sums
-   ``[Σ loss terms, Σ centering terms]``; the caller all-reduces (SUM) them and ``with_row_sums``
-   writes them into ``L`` and ``C``. TVD / Jeffreys / alpha-beta take their per-element terms
-   from the dense torch backend's ``_TERMS`` (the math defined once): with the shard's *global*
-   log-probabilities their loss and ``A = Σ_v a_v`` are sums over the vocabulary.
+   ``[Σ loss terms, A = Σ a_v]`` with ``a_v = ∂L/∂ℓq_v`` (MATH.md "More divergences"), so that
+   the gradient is ``a_j − q_j A`` for all five and every backend means the same by ``C``; the
+   caller all-reduces (SUM) them and ``with_row_sums`` writes them into ``L`` and ``C = A``.
+   With the shard's *global* log-probabilities the loss and ``A`` are sums over the vocabulary.
 3. ``loss_grad_given_stats(s, t, stats, row_weight, spec, grad)`` writes the shard's gradient
    ``row_weight[i] · ∂L_i/∂s`` (temperature included) into ``grad`` (may be ``s`` itself) and
    returns the per-row loss ``L_i`` (0 where ``row_weight`` is 0).
@@ -37,9 +37,19 @@ the gradient is ``q − e^{(u − M_u) − log Z_u}``.
 The log-probabilities of the second and third steps are ``(x̃ − M) − log Z`` with the global max
 ``M`` and ``log Z`` (kept in the global statistics), exact at the max as in ``log_softmax``.
 
-A backend implements :class:`VocabParallelRows` (three calls); this round only the ``torch`` one
-exists (plain torch ops, fp32 math, chunked by the caller). The ``cpu`` / ``triton`` backends can
-add theirs here with ``register`` without touching the callers.
+A backend implements :class:`VocabParallelRows` (three calls) with the per-element math it already
+has for the dense loss, and ``register``s it; the callers do not change:
+
+- ``torch`` (:class:`TorchVocabParallel`, here): plain torch ops, the dense backend's ``_TERMS``;
+- ``cpu`` (``cpu.CpuVocabParallel``): the compiled kernel (``vp_*`` in csrc/cpu/kd_cpu_kernels.cpp;
+  pass 1 of the streaming rows for the statistics, kd_math.h's ``stream_grad`` / ``center_terms``
+  given the global statistics), every divergence natively, at every compiled x86-64 level;
+- ``triton`` (``triton_backend.TritonVocabParallel``): ``kd_vp_rows_kernel``, a ``MODE`` flag over
+  the dense kernel's jitted helpers (``_lse_fold``, ``_online_fold``, ``_elem_terms``).
+
+All compute in fp32 from float32 / bfloat16 / float16 shards (the caller chunks the rows). ``resolve``
+picks one for ``backend=`` and the tensors' device: "auto" = ``cpu`` for CPU tensors when the
+extension is built, ``triton`` for CUDA tensors, else ``torch``; the ``cuda`` backend has none.
 """
 
 from __future__ import annotations
