@@ -273,3 +273,34 @@ def test_triton_vp_kernel_compiles_for_sm90():
     if "skip" in res:
         pytest.skip(res["skip"])
     assert len(res["compiled"]) == 9 * 3 - 3
+
+
+@needs_cpu
+def test_cpu_rows_bad_arguments():
+    """Typed errors naming the argument, not a crash in the kernel."""
+    impl = vp.resolve("cpu", "cpu")
+    s, t, w = _inputs(n=5)
+    v = s.shape[1]
+    spec = _spec("jsd")
+    stats = vp.combine_row_stats(impl.row_stats(s, t, spec)[None], spec)
+    with pytest.raises(ValueError, match="one shape"):
+        impl.row_stats(s, t[:, :30].contiguous(), spec)
+    with pytest.raises(ValueError, match="stats"):
+        impl.row_sums(s, t, stats[:, :4], spec)
+    with pytest.raises(ValueError, match="row_weight"):
+        impl.loss_grad_given_stats(s, t, stats, w.double(), spec, torch.empty_like(s))
+    with pytest.raises(TypeError, match="grad"):
+        impl.loss_grad_given_stats(s, t, stats, w, spec, torch.empty_like(s).bfloat16())
+    with pytest.raises(TypeError, match="student_logits"):
+        impl.row_stats(s.double(), t.double(), spec)
+    with pytest.raises(ValueError, match="no row sums"):  # the kernel's own guard (forward_kl)
+        _ext._C.cpu_vp_rows(1, s.data_ptr(), t.data_ptr(), stats.data_ptr(), s.data_ptr(), 0, 0, 5, v, v,
+                            v, v, 0, 0, 0, 0.0, 0.0, 1.0, 1)
+
+
+def test_resolve_by_device():
+    """A named backend that cannot run on the tensors' device says why; "auto" on a GPU prefers triton."""
+    with pytest.raises(BackendUnavailableError, match="cpu"):
+        vp.resolve("cpu", torch.device("cuda"))
+    want = "triton" if "triton" in available_backends("cuda") else "torch"
+    assert vp.resolve("auto", torch.device("cuda")).name == want
