@@ -160,6 +160,41 @@ PYBIND11_MODULE(_C, m) {
       "Sparse-teacher loss + gradient on host memory (kd::cpu::SparseArgs, csrc/cpu/kd_sparse.h).");
 
   m.def(
+      "cpu_vp_rows",
+      [](int mode, std::uintptr_t s, std::uintptr_t t, std::uintptr_t stats, std::uintptr_t out,
+         std::uintptr_t grad, std::uintptr_t row_weight, int64_t n_rows, int64_t vocab, int64_t stride_s,
+         int64_t stride_t, int64_t stride_g, int s_dtype, int t_dtype, int divergence, double coef, double coef2,
+         double temperature, int num_threads) {
+        kd::cpu::VpArgs a;
+        a.mode = mode;
+        a.s = reinterpret_cast<const void*>(s);
+        a.t = reinterpret_cast<const void*>(t);
+        a.stats = reinterpret_cast<const float*>(stats);
+        a.out = reinterpret_cast<float*>(out);
+        a.grad = reinterpret_cast<void*>(grad);
+        a.row_weight = reinterpret_cast<const float*>(row_weight);
+        a.n_rows = n_rows;
+        a.vocab = vocab;
+        a.stride_s = stride_s;
+        a.stride_t = stride_t;
+        a.stride_g = stride_g;
+        a.s_dtype = s_dtype;
+        a.t_dtype = t_dtype;
+        a.divergence = divergence;
+        a.coef = coef;
+        a.coef2 = coef2;
+        a.temperature = temperature;
+        py::gil_scoped_release nogil;
+        kd::cpu::vp_rows(a, num_threads);
+      },
+      py::arg("mode"), py::arg("s"), py::arg("t"), py::arg("stats"), py::arg("out"), py::arg("grad"),
+      py::arg("row_weight"), py::arg("n_rows"), py::arg("vocab"), py::arg("stride_s"), py::arg("stride_t"),
+      py::arg("stride_g"), py::arg("s_dtype"), py::arg("t_dtype"), py::arg("divergence"), py::arg("coef"),
+      py::arg("coef2"), py::arg("temperature"), py::arg("num_threads"),
+      "Vocabulary-parallel shard passes on host memory (kd::cpu::VpArgs, csrc/cpu/kd_cpu.h): 0 local "
+      "statistics, 1 row sums, 2 gradient given the global statistics.");
+
+  m.def(
       "_set_cpu_isa", [](const std::string& name) { kd::cpu::set_isa(name.c_str()); }, py::arg("name"),
       "Force one compiled x86-64 level ('auto' = the best this CPU runs); for tests and benchmarks.");
   m.def("_cpu_isa", []() { return std::string(kd::cpu::active_isa()); }, "The level cpu_loss_grad runs now.");

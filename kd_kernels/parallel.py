@@ -40,6 +40,10 @@ Communication (MATH.md, "Vocabulary-parallel"), per token and rank, fp32:
 
 The per-row math sits in ``kd_kernels._backends._vocab_parallel`` (local statistics → exchange →
 loss / gradient given the global statistics); this module chunks, multiplies and communicates.
+``backend=`` picks the implementation of those shard passes: ``"cpu"`` (the compiled C++ kernel) or
+``"torch"`` (any device), every divergence in each; ``"auto"`` = ``"cpu"`` for CPU tensors when
+``kd_kernels._C`` is built, else ``"torch"``. ``"cuda"`` and ``"triton"`` (no shard passes yet), or a
+backend that cannot run on the tensors' device, raise ``BackendUnavailableError``. Every rank must pass the same ``backend`` (checked).
 """
 
 from __future__ import annotations
@@ -204,12 +208,12 @@ def _row_weights(mask, token_weights, n: int, reduction: str, device) -> torch.T
     return c.contiguous()
 
 
-def _check_backend(backend: object) -> vp.VocabParallelRows:
+def _check_backend(backend: object, device: torch.device) -> vp.VocabParallelRows:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(
             f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
         )
-    return vp.resolve(backend)
+    return vp.resolve(backend, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +471,9 @@ def fused_linear_kd(
         labels: global token ids in ``[0, Σ_r V_r)`` or -100, the same on every rank.
         truncate_teacher_vocab: the teacher head may have extra rows past the student's vocabulary
             on the last rank only (its shard's first ``V_r`` rows are used).
-        backend: ``"auto"`` or ``"torch"`` (the implementations of the vocabulary-parallel row
-            math; others raise ``BackendUnavailableError``).
+        backend: ``"auto"``, ``"cpu"`` or ``"torch"``: the implementation of the
+            vocabulary-parallel row passes (module doc); ``"cuda"`` / ``"triton"`` raise
+            ``BackendUnavailableError``.
 
     Returns:
         The same fp32 scalar on every rank (or ``(loss, KDComponents)``). ``∂/∂student_hidden`` is
@@ -585,7 +590,6 @@ def _prepare_fused(
         )
     if not isinstance(truncate_teacher_vocab, bool):
         raise TypeError("truncate_teacher_vocab must be True or False")
-    impl = _check_backend(backend)
     h_s, w_s, b_s = _check_head(
         student_hidden,
         student_weight,
@@ -610,6 +614,7 @@ def _prepare_fused(
             "their leading (token) dims; they must be (..., D_s) and (..., D_t) with the same (...)"
         )
     dev = h_s.device
+    impl = _check_backend(backend, dev)
     mask = V.check_token_tensor(mask, "mask", lead, dev, boolean=True)
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
@@ -767,7 +772,7 @@ def kd_loss(
         spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         s, t = V.check_logit_pair(student_logits, teacher_logits)
         reduction = V.check_reduction(reduction)
-        impl = _check_backend(backend)
+        impl = _check_backend(backend, s.device)
         lead, vocab = s.shape[:-1], s.shape[-1]
         mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
         token_weights = V.check_token_tensor(

@@ -33,6 +33,17 @@ RTOL = 1e-5  # fp32 against the float64 reference, relative (norm-wise)
 TIMEOUT_S = 240
 
 
+def _vp_backends() -> tuple[str, str, str]:
+    """(the compiled cpu one, torch, triton) where they run here; the cases spread over them (one spawn
+    for all: process start-up dominates), "torch" standing in for one that cannot run."""
+    from kd_kernels._backends import _vocab_parallel as vp
+    from kd_kernels._backends import available_backends
+
+    vp.resolve("torch")  # loads the backends, which register their implementations
+    have = [b for b in available_backends("cpu") if b in vp._REGISTRY]
+    return tuple(b if b in have else "torch" for b in ("cpu", "torch", "triton"))
+
+
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().double(), ref.detach().double()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -122,8 +133,9 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
     labels[2, 1] = v - 1
     mask = torch.rand(lead, generator=g) > 0.25
     token_weights = torch.rand(lead, generator=g) + 0.5
+    cpu, _, triton = _vp_backends()
     configs = []
-    for div in DIVERGENCES:
+    for i, div in enumerate(DIVERGENCES):
         configs.append(
             (
                 div,
@@ -134,10 +146,21 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
                     "token_weights": token_weights,
                     "chunk_size": 5,
                     "bias": True,
+                    "backend": "auto",  # the compiled cpu implementation where it is built
                 },
             )
         )
-        configs.append((div, {"temperature": 2.0, "reduction": "sum", "bias": False}))
+        configs.append(
+            (
+                div,
+                {
+                    "temperature": 2.0,
+                    "reduction": "sum",
+                    "bias": False,
+                    "backend": "torch" if i % 2 else triton,
+                },
+            )
+        )
     configs.append(
         ("forward_kl", {"labels": labels, "ce_weight": 1.5, "temperature": 2.0, "bias": True})
     )
@@ -146,6 +169,8 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
         name = f"fused {div} {sorted(k for k in cfg)} T={cfg.get('temperature', 1.0)}"
         try:
             bias = cfg.pop("bias")
+            backend = cfg.pop("backend", "auto")
+            name += f" {backend}"
             kw = {**COEF.get(div, {}), **cfg}
             ref = _reference(
                 div,
@@ -170,6 +195,7 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
                 student_bias=b,
                 teacher_bias=bt[lo:hi] if bias else None,
                 return_components=True,
+                backend=backend,
                 **kw,
             )
             loss.backward()
@@ -205,6 +231,7 @@ def _fused_cases(world: int, rank: int, group, out: list) -> None:
                     divergence=div,
                     student_bias=bs[lo:hi] if bias else None,
                     teacher_bias=bt[lo:hi] if bias else None,
+                    backend=backend,
                     **kw,
                 )
             if again.item() != loss.item():
@@ -325,21 +352,25 @@ def _logits_cases(world: int, rank: int, group, out: list) -> None:
     mask = torch.rand(lead, generator=g) > 0.3
     token_weights = torch.rand(lead, generator=g) + 0.5
     upstream = torch.randn(lead, generator=g)
+    cpu, torch_, triton = _vp_backends()
     for div in DIVERGENCES:
         for cfg in (
-            {"mask": mask, "token_weights": token_weights},
-            {"reduction": "none", "temperature": 0.7},
-            {"reduction": "sum", "temperature": 2.0},
+            {"mask": mask, "token_weights": token_weights, "backend": cpu},
+            {"reduction": "none", "temperature": 0.7, "backend": torch_},
+            {"reduction": "sum", "temperature": 2.0, "backend": triton},
         ):
-            name = f"kd_loss {div} {sorted(cfg)}"
+            name = f"kd_loss {div} {sorted(cfg)} {cfg['backend']}"
             try:
                 kw = {**COEF.get(div, {}), **cfg}
                 # −1e4 for −inf in float64: the same loss (e^{−1e4} = 0), and autograd through
                 # the reference gives 0 rather than NaN at those columns.
                 S = s_full.double().clamp_min(-1e4).requires_grad_()
+                backend = kw.pop("backend")
                 ref = R.kd_loss(div, S, t_full.double().clamp_min(-1e4), **kw)
                 s = s_full[..., lo:hi].clone().requires_grad_()
-                loss = P.kd_loss(s, t_full[..., lo:hi], group=group, divergence=div, **kw)
+                loss = P.kd_loss(
+                    s, t_full[..., lo:hi], group=group, divergence=div, backend=backend, **kw
+                )
                 if kw.get("reduction") == "none":
                     (ref * upstream.double()).sum().backward()
                     (loss * upstream).sum().backward()
@@ -442,7 +473,7 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
         "explicit backend without vp",
         Exception,
         ("vocabulary-parallel",),
-        lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, backend="cpu"),
+        lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, backend="cuda"),
     )
     h_drop = h + 0.01 * rank  # e.g. dropout with a different seed per rank
     _expect_error(
@@ -625,6 +656,9 @@ def test_parallel_matches_unsharded(world, tmp_path):
         n_div = 9
         expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + (3 if world == 2 else 0)  # 1: whitening
         assert len(results) == expected, [r["case"] for r in results]
+        names = " ".join(r["case"] for r in results)
+        for backend in set(_vp_backends()):  # every implementation that runs here took part
+            assert f" {backend}" in names, backend
         failures = [r for r in results if r["bad"]]
         assert not failures, f"rank {rank}: " + "\n".join(
             f"{r['case']}: {r['bad']}" for r in failures

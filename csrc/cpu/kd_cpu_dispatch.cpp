@@ -26,10 +26,12 @@ namespace cpu {
 namespace {
 
 using Fn = void (*)(const RowArgs&, int);
+using VpFn = void (*)(const VpArgs&, int);
 
 struct Level {
   const char* name;
   Fn fn;
+  VpFn vp;
   bool (*supported)();
 };
 
@@ -55,12 +57,12 @@ bool cpu_has_v4() {
 // Best first.
 const Level kLevels[] = {
 #ifdef KD_CPU_HAVE_V4
-    {"x86-64-v4", &x86_64_v4::loss_grad, &cpu_has_v4},
+    {"x86-64-v4", &x86_64_v4::loss_grad, &x86_64_v4::vp_rows, &cpu_has_v4},
 #endif
 #ifdef KD_CPU_HAVE_V3
-    {"x86-64-v3", &x86_64_v3::loss_grad, &cpu_has_v3},
+    {"x86-64-v3", &x86_64_v3::loss_grad, &x86_64_v3::vp_rows, &cpu_has_v3},
 #endif
-    {KD_BASELINE_NAME, &generic::loss_grad, &always},
+    {KD_BASELINE_NAME, &generic::loss_grad, &generic::vp_rows, &always},
 };
 constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
 
@@ -186,6 +188,40 @@ void loss_grad(const RowArgs& a, int num_threads) {
     advise_huge_pages(a.grad, ((a.n_rows - 1) * a.stride_g + a.vocab) * (a.s_dtype == F32 ? 4 : 2));
   }
   kLevels[level().load()].fn(a, num_threads);
+}
+
+void vp_rows(const VpArgs& a, int num_threads) {
+  require(a.mode >= VP_STATS && a.mode <= VP_GRAD,
+          "mode must be 0 (stats), 1 (row sums) or 2 (gradient), got " + std::to_string(a.mode));
+  require(a.n_rows >= 0, "n_rows must be >= 0, got " + std::to_string(a.n_rows));
+  if (a.n_rows == 0) return;
+  require(a.vocab > 0, "vocab must be > 0, got " + std::to_string(a.vocab));
+  require(a.s != nullptr && a.t != nullptr, "s and t must be non-null data pointers");
+  require(a.stride_s >= a.vocab && a.stride_t >= a.vocab,
+          "row strides stride_s and stride_t must be >= vocab; got " + std::to_string(a.stride_s) + ", " +
+              std::to_string(a.stride_t) + " for vocab " + std::to_string(a.vocab));
+  require(a.s_dtype >= F32 && a.s_dtype <= F16,
+          "s_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(a.s_dtype));
+  require(a.t_dtype == a.s_dtype || a.t_dtype == F32,
+          "t_dtype must equal s_dtype or be 0 (float32), got " + std::to_string(a.t_dtype));
+  const char* why = divergence_args_error(a.divergence, a.coef, a.coef2, 1.0);
+  require(why == nullptr, why == nullptr ? "" : std::string(why));
+  require(std::isfinite(a.temperature) && a.temperature > 0,
+          "temperature must be a finite number > 0, got " + std::to_string(a.temperature));
+  const bool one_exchange = a.divergence == FORWARD_KL || a.divergence == REVERSE_KL || a.divergence == RENYI;
+  if (a.mode == VP_STATS) {
+    require(a.out != nullptr, "out must be a non-null pointer");
+  } else {
+    require(a.stats != nullptr, "stats must be a non-null pointer");
+    if (a.mode == VP_SUMS) {
+      require(a.out != nullptr, "out must be a non-null pointer");
+      require(!one_exchange, "forward_kl, reverse_kl and renyi have no row sums (their loss is in the statistics)");
+    } else {
+      require(a.grad != nullptr && a.row_weight != nullptr, "grad and row_weight must be non-null pointers");
+      require(a.stride_g >= a.vocab, "stride_g must be >= vocab, got " + std::to_string(a.stride_g));
+    }
+  }
+  kLevels[level().load()].vp(a, num_threads);
 }
 
 }  // namespace cpu

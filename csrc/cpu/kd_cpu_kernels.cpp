@@ -172,13 +172,12 @@ struct RowCache {
 // ---------------------------------------------------------------------------------------------------------
 // Streaming kinds (forward_kl, reverse_kl, jeffreys, renyi): one streaming pass + one gradient pass.
 // ---------------------------------------------------------------------------------------------------------
+// Pass 1 of a streaming row (also the vocabulary-parallel local statistics, vp_stats_row): the row's RowStats
+// (maxima, Z_s, Z_t and the sums DivDef<DIV> asks for), block by block. With a cache, the weights and block
+// maxima are kept for the gradient pass.
 template <int DIV, int SDT, int TDT>
-KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row, dtype SDT
-                            const void* t,    // (V,) teacher logits, dtype TDT
-                            void* g,          // (V,) gradient, dtype SDT, or nullptr (loss only); may equal s
-                            RowCache cache,   // used only when g != nullptr
-                            float gscale,     // row_weight / T
-                            int64_t V, float inv_t, const DivCoef& c) {
+inline RowStats stream_stats(const void* s, const void* t, const RowCache* cache, int64_t V, float inv_t,
+                             const DivCoef& c) {
   using D = DivDef<DIV>;
   alignas(64) float sb[kBlock];
   alignas(64) float tb[kBlock];
@@ -196,11 +195,11 @@ KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row
     }
     const float ms = exp_base(bs.s.m), mt = exp_base(bs.t.m), mr = exp_base(bs.r.m);
     float zs = 0.f, zt = 0.f, zr = 0.f, xs = 0.f, xt = 0.f;
-    if (g != nullptr) {
-      float* __restrict es = cache.es + j0;
-      float* __restrict e2 = cache.e2 + j0;
-      cache.ms[b] = bs.s.m;
-      cache.m2[b] = D::kR ? bs.r.m : bs.t.m;
+    if (cache != nullptr) {
+      float* __restrict es = cache->es + j0;
+      float* __restrict e2 = cache->e2 + j0;
+      cache->ms[b] = bs.s.m;
+      cache->m2[b] = D::kR ? bs.r.m : bs.t.m;
 #pragma omp simd reduction(+ : zs, zt, zr, xs, xt)
       for (int64_t j = 0; j < n; ++j) {
         const float ws = kd_exp(sb[j] - ms), wt = kd_exp(tb[j] - mt);
@@ -235,6 +234,20 @@ KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row
     bs.xt = xt;
     st = stats_merge<DIV>(st, bs);
   }
+  return st;
+}
+
+template <int DIV, int SDT, int TDT>
+KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row, dtype SDT
+                            const void* t,    // (V,) teacher logits, dtype TDT
+                            void* g,          // (V,) gradient, dtype SDT, or nullptr (loss only); may equal s
+                            RowCache cache,   // used only when g != nullptr
+                            float gscale,     // row_weight / T
+                            int64_t V, float inv_t, const DivCoef& c) {
+  using D = DivDef<DIV>;
+  alignas(64) float sb[kBlock];
+  alignas(64) float tb[kBlock];
+  const RowStats st = stream_stats<DIV, SDT, TDT>(s, t, g != nullptr ? &cache : nullptr, V, inv_t, c);
   const RowFinal f = stats_finish<DIV>(st, c);
   if (!row_valid(f)) {
     if (g != nullptr) fill_nan<SDT>(g, V);
@@ -424,6 +437,150 @@ void run_s(const RowArgs& a, int nt) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Vocabulary-parallel shard passes (kd_cpu.h, VpArgs; the protocol is kd_kernels/_backends/_vocab_parallel.py).
+// The same row functions' math on one rank's shard of a row: the local statistics are pass 1 of a streaming
+// row (stream_stats), and the other two passes take ℓq = (s̃ − M_s) − log Z_s, ℓp = (t̃ − M_t) − log Z_t from
+// the global statistics (global max and log Z: exact at the max, like log_softmax) and apply the divergence's
+// one definition: stream_grad for forward_kl / reverse_kl / renyi, center_terms + center_grad for the others
+// (jeffreys included: its loss is a sum over the shards here).
+// ---------------------------------------------------------------------------------------------------------
+
+// The statistics kind of a divergence: its own streaming sums for forward_kl, reverse_kl and renyi, the
+// plain (max, Z) pair of both sides (TVD's DivDef asks for nothing else) for the others.
+template <int DIV>
+constexpr int vp_stats_kind() {
+  return DIV == FORWARD_KL || DIV == REVERSE_KL || DIV == RENYI ? DIV : TVD;
+}
+
+// out[0..K) = [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_r, Z_r)], each max 0 where the shard row is all −inf (its
+// sums are 0 there), so that no −inf − (−inf) reaches the exchange.
+template <int DIV, int SDT, int TDT>
+KD_FLATTEN void vp_stats_row(const void* s, const void* t, float* out, int64_t V, float inv_t,
+                             const DivCoef& c) {
+  constexpr int K = vp_stats_kind<DIV>();
+  const RowStats st = stream_stats<K, SDT, TDT>(s, t, nullptr, V, inv_t, c);
+  out[0] = exp_base(st.s.m);
+  out[1] = st.s.z;
+  out[2] = exp_base(st.t.m);
+  out[3] = st.t.z;
+  if (K == FORWARD_KL) out[4] = st.xt;
+  if (K == REVERSE_KL) out[4] = st.xs;
+  if (K == RENYI) {
+    out[4] = exp_base(st.r.m);
+    out[5] = st.r.z;
+  }
+}
+
+inline bool vp_finite(float x) { return x - x == 0.f; }
+
+// kGrad = false: sums[0..2) = [Σ loss terms, A = Σ a_v] over the shard (centered kinds; block partials added
+// in double as in center_row). kGrad = true: g = gscale · ∂L/∂s̃ over the shard. A row whose global LSEs
+// are not finite (a NaN, a +inf or an all −inf row on some rank) gets NaN sums / a NaN gradient row.
+template <int DIV, int SDT, int TDT, bool kGrad>
+KD_FLATTEN void vp_given_row(const void* s, const void* t, const float* st, float* sums, void* g, float gscale,
+                             int64_t V, float inv_t, const DivCoef& c) {
+  constexpr bool kStream = DIV == FORWARD_KL || DIV == REVERSE_KL || DIV == RENYI;
+  if (!(vp_finite(st[VP_LSE_S]) && vp_finite(st[VP_LSE_T]))) {
+    if (kGrad) {
+      fill_nan<SDT>(g, V);
+    } else {
+      sums[0] = sums[1] = std::numeric_limits<float>::quiet_NaN();
+    }
+    return;
+  }
+  alignas(64) float sb[kBlock];
+  alignas(64) float tb[kBlock];
+  const float ms = st[VP_MAX_S], lzs = st[VP_LOGZ_S], mt = st[VP_MAX_T], lzt = st[VP_LOGZ_T];
+  const float A = st[VP_CENTER];                    // centered kinds: A = Σ_v a_v over the whole row
+  const float mu = st[VP_MAX_U], lzu = st[VP_CENTER];  // renyi: max and log Z of the mixed logits
+  // stream_grad's view of the row: it is handed ℓq, ℓp for s̃, t̃ and LSEs of 0, so ℓq − ℓp comes out exact.
+  RowFinal f = {};
+  f.loss = st[VP_LOSS];
+  double loss = 0.0, asum = 0.0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - j0);
+    load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);  // read before written: g == s is safe
+    if constexpr (kGrad) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float lq = (sb[j] - ms) - lzs, lp = (tb[j] - mt) - lzt;
+        const float q = kd_exp(lq), p = kd_exp(lp);
+        float gj;
+        if constexpr (kStream) {
+          // renyi's second weight ρ = e^((r̃ − M_r) − log Z_r); p for forward_kl; unused by reverse_kl
+          const float w2 = DIV == RENYI ? kd_exp((renyi_logit(sb[j], tb[j], c) - mu) - lzu) : p;
+          gj = stream_grad<DIV>(q, w2, lq, lp, f);
+        } else {
+          gj = center_grad(q, center_terms<DIV>(lq, lp, q, p, c).a, A);
+        }
+        store_from_float<SDT>(g, j0 + j, gscale * gj);
+      }
+    } else {
+      float bl = 0.f, bA = 0.f;
+#pragma omp simd reduction(+ : bl, bA)
+      for (int64_t j = 0; j < n; ++j) {
+        const float lq = (sb[j] - ms) - lzs, lp = (tb[j] - mt) - lzt;
+        const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
+        bl += e.loss;
+        bA += e.a;
+      }
+      loss += bl;
+      asum += bA;
+    }
+  }
+  if (!kGrad) {
+    sums[0] = static_cast<float>(loss);
+    sums[1] = static_cast<float>(asum);
+  }
+}
+
+template <int DIV, int SDT, int TDT>
+void vp_run(const VpArgs& a, int num_threads) {
+  constexpr bool kStream = DIV == FORWARD_KL || DIV == REVERSE_KL || DIV == RENYI;
+  const int64_t N = a.n_rows, V = a.vocab;
+  const float inv_t = static_cast<float>(1.0 / a.temperature);
+  const DivCoef c = make_div_coef(DIV, a.coef, a.coef2, 1.0);
+  const int K = vp_local_stats(DIV);
+  int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (N * V < kMinParallelElems) nt = 1;
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
+  const int chunk = static_cast<int>(std::max<int64_t>(1, (1 << 14) / V));
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, chunk)
+  for (int64_t i = 0; i < N; ++i) {
+    const void* s = row_ptr<SDT>(a.s, i, a.stride_s);
+    const void* t = row_ptr<TDT>(a.t, i, a.stride_t);
+    if (a.mode == VP_STATS) {
+      vp_stats_row<DIV, SDT, TDT>(s, t, a.out + i * K, V, inv_t, c);
+    } else if (a.mode == VP_SUMS) {
+      if constexpr (!kStream) {
+        vp_given_row<DIV, SDT, TDT, false>(s, t, a.stats + i * kVpGlobal, a.out + i * 2, nullptr, 0.f, V,
+                                           inv_t, c);
+      }
+    } else {
+      const float w = a.row_weight[i];
+      void* g = row_ptr<SDT>(a.grad, i, a.stride_g);
+      if (w == 0.f) {  // not read
+        memset(g, 0, static_cast<size_t>(V) * elem_size<SDT>());
+        continue;
+      }
+      vp_given_row<DIV, SDT, TDT, true>(s, t, a.stats + i * kVpGlobal, nullptr, g, w * inv_t, V, inv_t, c);
+    }
+  }
+}
+
+// Student dtype × (teacher of the same dtype, or float32): the launcher upcasts any other teacher dtype to
+// float32 (exact), which keeps the instantiations to five pairs.
+template <int DIV>
+void vp_run_s(const VpArgs& a, int nt) {
+  const bool t32 = a.t_dtype == F32;
+  switch (a.s_dtype) {
+    case F32: return vp_run<DIV, F32, F32>(a, nt);
+    case BF16: return t32 ? vp_run<DIV, BF16, F32>(a, nt) : vp_run<DIV, BF16, BF16>(a, nt);
+    default: return t32 ? vp_run<DIV, F16, F32>(a, nt) : vp_run<DIV, F16, F16>(a, nt);
+  }
+}
+
 }  // namespace
 
 void loss_grad(const RowArgs& a, int num_threads) {
@@ -437,6 +594,20 @@ void loss_grad(const RowArgs& a, int num_threads) {
     case JEFFREYS: return run_s<JEFFREYS>(a, num_threads);
     case ALPHA_BETA: return run_s<ALPHA_BETA>(a, num_threads);
     default: return run_s<RENYI>(a, num_threads);
+  }
+}
+
+void vp_rows(const VpArgs& a, int num_threads) {
+  switch (a.divergence) {
+    case FORWARD_KL: return vp_run_s<FORWARD_KL>(a, num_threads);
+    case REVERSE_KL: return vp_run_s<REVERSE_KL>(a, num_threads);
+    case SKEW_FORWARD_KL: return vp_run_s<SKEW_FORWARD_KL>(a, num_threads);
+    case SKEW_REVERSE_KL: return vp_run_s<SKEW_REVERSE_KL>(a, num_threads);
+    case JSD: return vp_run_s<JSD>(a, num_threads);
+    case TVD: return vp_run_s<TVD>(a, num_threads);
+    case JEFFREYS: return vp_run_s<JEFFREYS>(a, num_threads);
+    case ALPHA_BETA: return vp_run_s<ALPHA_BETA>(a, num_threads);
+    default: return vp_run_s<RENYI>(a, num_threads);
   }
 }
 

@@ -11,10 +11,10 @@ divergence is computed in three steps, with an exchange between them that the ca
    Forward / reverse KL and Rényi have their loss ``L`` from this step already.
 2. For skew / JSD / TVD / Jeffreys / alpha-beta (``needs_row_sums(spec)``):
    ``row_sums(s, t, stats, spec)`` → ``(rows, 2)`` local partial sums
-   ``[Σ loss terms, Σ centering terms]``; the caller all-reduces (SUM) them and ``with_row_sums``
-   writes them into ``L`` and ``C``. TVD / Jeffreys / alpha-beta take their per-element terms
-   from the dense torch backend's ``_TERMS`` (the math defined once): with the shard's *global*
-   log-probabilities their loss and ``A = Σ_v a_v`` are sums over the vocabulary.
+   ``[Σ loss terms, A = Σ a_v]`` with ``a_v = ∂L/∂ℓq_v`` (MATH.md "More divergences"), so that
+   the gradient is ``a_j − q_j A`` for all five and every backend means the same by ``C``; the
+   caller all-reduces (SUM) them and ``with_row_sums`` writes them into ``L`` and ``C = A``.
+   With the shard's *global* log-probabilities the loss and ``A`` are sums over the vocabulary.
 3. ``loss_grad_given_stats(s, t, stats, row_weight, spec, grad)`` writes the shard's gradient
    ``row_weight[i] · ∂L_i/∂s`` (temperature included) into ``grad`` (may be ``s`` itself) and
    returns the per-row loss ``L_i`` (0 where ``row_weight`` is 0).
@@ -37,9 +37,20 @@ the gradient is ``q − e^{(u − M_u) − log Z_u}``.
 The log-probabilities of the second and third steps are ``(x̃ − M) − log Z`` with the global max
 ``M`` and ``log Z`` (kept in the global statistics), exact at the max as in ``log_softmax``.
 
-A backend implements :class:`VocabParallelRows` (three calls); this round only the ``torch`` one
-exists (plain torch ops, fp32 math, chunked by the caller). The ``cpu`` / ``triton`` backends can
-add theirs here with ``register`` without touching the callers.
+A backend implements :class:`VocabParallelRows` (three calls) with the per-element math it already
+has for the dense loss, and ``register``s it; the callers do not change:
+
+- ``torch`` (:class:`TorchVocabParallel`, here): plain torch ops, the dense backend's ``_TERMS``;
+- ``cpu`` (``cpu.CpuVocabParallel``): the compiled kernel (``vp_*`` in csrc/cpu/kd_cpu_kernels.cpp;
+  pass 1 of the streaming rows for the statistics, kd_math.h's ``stream_grad`` / ``center_terms``
+  given the global statistics), every divergence natively, at every compiled x86-64 level;
+- ``triton``: none yet. One was written against the dense kernel's natural-log helpers (branch wt-j2,
+  commit 2d33950) and not merged, because the dense kernel moved to base 2 at the same time; on a GPU the
+  ``torch`` implementation runs (CUDA tensors, plain torch ops).
+
+All compute in fp32 from float32 / bfloat16 / float16 shards (the caller chunks the rows). ``resolve``
+picks one for ``backend=`` and the tensors' device: "auto" = ``cpu`` for CPU tensors when the
+extension is built, else ``torch``; the ``cuda`` and ``triton`` backends have none (a clear error).
 """
 
 from __future__ import annotations
@@ -228,15 +239,15 @@ class TorchVocabParallel(VocabParallelRows):
         if d == Divergence.SKEW_FORWARD_KL:
             lm = _log_mix(lp, lq, a)  # m = α p + (1−α) q
             loss = _where_pos(p > 0, p * (lp - lm))
-            center = q * _where_pos(p > 0, (lp - lm).exp())  # q · r, r = p / m
+            center = q * _where_pos(p > 0, (lp - lm).exp()) * -(1 - a)  # a_v = −(1−α) q r, r = p / m
         elif d == Divergence.SKEW_REVERSE_KL:
             lm = _log_mix(lq, lp, a)  # m' = α q + (1−α) p
             loss = _where_pos(q > 0, q * (lq - lm))
-            center = q * _where_pos(q > 0, lq - lm - a * (lq - lm).exp())  # q · u
+            center = q * _where_pos(q > 0, lq - lm - a * (lq - lm).exp())  # a_v = q u
         elif d == Divergence.JSD:
             lm = _log_mix(lp, lq, a)  # M = β p + (1−β) q
             loss = a * _where_pos(p > 0, p * (lp - lm)) + (1 - a) * _where_pos(q > 0, q * (lq - lm))
-            center = q * _where_pos(q > 0, lq - lm)  # q · w
+            center = q * _where_pos(q > 0, lq - lm) * (1 - a)  # a_v = (1−β) q w
         elif d in _ADDITIVE_TERMS:
             # The dense per-element terms on the shard; their third value (A) is not used: it may
             # rest on global identities (Jeffreys: Σ p = 1).
@@ -260,14 +271,14 @@ class TorchVocabParallel(VocabParallelRows):
             g = _where_pos(q > 0, q * (lq - lp - L))
         elif d == Divergence.SKEW_FORWARD_KL:
             r = _where_pos(p > 0, (lp - _log_mix(lp, lq, a)).exp())
-            g = (1 - a) * q * (C - r)
+            g = -(1 - a) * q * r - q * C
         elif d == Divergence.SKEW_REVERSE_KL:
             lm = _log_mix(lq, lp, a)
             u = _where_pos(q > 0, lq - lm - a * (lq - lm).exp())
             g = q * (u - C)
         elif d == Divergence.JSD:
             w = _where_pos(q > 0, lq - _log_mix(lp, lq, a))
-            g = (1 - a) * q * (w - C)
+            g = (1 - a) * q * w - q * C
         elif d in _ADDITIVE_TERMS:
             _, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
             g = a_terms.addcmul_(q, C, value=-1.0)  # a − q A, A = C (all-reduced Σ_v a_v)
@@ -283,8 +294,9 @@ class TorchVocabParallel(VocabParallelRows):
 
 
 _REGISTRY: dict[str, VocabParallelRows] = {}
-# "auto" picks the first registered of these; only "torch" exists this round.
-_AUTO_ORDER = ("cpu", "triton", "torch")
+# "auto" picks the first of these whose dense backend of the same name can run on the tensors' device
+# (the compiled kernel on the CPU when kd_kernels._C loads), else "torch".
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("torch",)}
 
 
 def register(impl: VocabParallelRows) -> VocabParallelRows:
@@ -295,19 +307,41 @@ def register(impl: VocabParallelRows) -> VocabParallelRows:
 register(TorchVocabParallel())
 
 
-def resolve(name: str) -> VocabParallelRows:
-    """The implementation for ``backend=name`` ("auto" → the first available)."""
-    if name == "auto":
-        return next(_REGISTRY[n] for n in _AUTO_ORDER if n in _REGISTRY)
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    from . import BACKEND_NAMES, BackendUnavailableError
+def _reasons(name: str, device: torch.device) -> list[str]:
+    """Why the implementation ``name`` cannot run on ``device``: those of the dense backend of the
+    same name (the same kernels, the same requirements: the compiled extension, TRITON_INTERPRET=1
+    for CPU tensors under Triton, ...)."""
+    from . import get_backend
 
+    return get_backend(name).unsupported_reasons(device)
+
+
+def resolve(name: str, device: torch.device | str = "cpu") -> VocabParallelRows:
+    """The implementation for ``backend=name`` on tensors of ``device`` ("auto" → the first usable
+    of ``_AUTO_ORDER``); an explicit name that cannot run here raises ``BackendUnavailableError``."""
+    from . import BACKEND_NAMES, BackendUnavailableError, _load_all
+
+    _load_all()  # the cpu / triton backend modules register their implementations on import
+    device = torch.device(device)
+    if name == "auto":
+        for n in _AUTO_ORDER.get(device.type, ("torch",)):
+            if n in _REGISTRY and not _reasons(n, device):
+                return _REGISTRY[n]
+        return _REGISTRY["torch"]
     if name not in BACKEND_NAMES:
         raise ValueError(
             f"backend={name!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
         )
-    have = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
-    raise BackendUnavailableError(
-        f"backend={name!r} has no vocabulary-parallel implementation yet; use one of {have}"
-    )
+    if name not in _REGISTRY:
+        have = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
+        raise BackendUnavailableError(
+            f"backend={name!r} has no vocabulary-parallel implementation yet; use one of {have}"
+        )
+    reasons = _reasons(name, device)
+    if reasons:
+        usable = [n for n in _REGISTRY if not _reasons(n, device)]
+        raise BackendUnavailableError(
+            f"backend={name!r} cannot run the vocabulary-parallel passes here: {'; '.join(reasons)}. "
+            f"Usable here: {', '.join(map(repr, usable))} (or backend='auto')"
+        )
+    return _REGISTRY[name]

@@ -493,7 +493,10 @@ struct CenterTerms {
 //   jsd   β p (ℓp − log M) + (1−β) q (ℓq − log M), M = β p + (1−β) q      a = (1−β) q (ℓq − log M)
 //   tvd   ½ |p − q|                                          a = ½ q sign(q − p), sign(0) = 0
 //   alpha_beta  −1/(αβ) [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]    a = (1/α) q^β (q^α − p^α)
-// with 0·log 0 = 0 (p = 0 or q = 0 terms are 0).
+//   jeffreys    (p − q)(ℓp − ℓq)                                 a = q (ℓq − ℓp) − p
+// with 0·log 0 = 0 (p = 0 or q = 0 terms are 0). jeffreys is streaming in the dense kernels (its loss comes
+// from the row sums X_s, X_t); its per-element form here serves the vocabulary-parallel shard passes
+// (csrc/cpu/kd_cpu_kernels.cpp, vp_*), where the loss and A are sums over the shards.
 template <int DIV>
 KD_HD CenterTerms center_terms(float lq, float lp, float q, float p, const DivCoef& c) {
   CenterTerms out;
@@ -515,6 +518,10 @@ KD_HD CenterTerms center_terms(float lq, float lp, float q, float p, const DivCo
   } else if (DIV == TVD) {
     out.loss = 0.5f * (p > q ? p - q : q - p);
     out.a = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.f);
+  } else if (DIV == JEFFREYS) {
+    const float rev = x_term(q, lq, lp);  // q (ℓq − ℓp), 0 where q = 0
+    out.loss = x_term(p, lp, lq) + rev;
+    out.a = rev - p;
   } else {  // ALPHA_BETA
     const float pa = kd_exp(c.a * lp), pb = kd_exp(c.b * lp);
     const float qa = kd_exp(c.a * lq), qb = kd_exp(c.b * lq);

@@ -1,0 +1,238 @@
+"""The vocabulary-parallel row passes of each backend (``kd_kernels._backends._vocab_parallel``), in one
+process: a vocabulary split into uneven shards, the three local steps of every shard with the exchanges
+done by hand (stack + ``combine_row_stats``, sum + ``with_row_sums``), against the float64 reference on
+the whole row and against the torch implementation shard by shard. Fast; the spawned gloo runs of
+tests/test_parallel.py then check the same implementations through ``kd_kernels.parallel``.
+
+The compiled ``cpu`` implementation runs at every x86-64 level this CPU executes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from kd_kernels import _ext
+from kd_kernels import reference as R
+from kd_kernels._backends import BackendUnavailableError
+from kd_kernels._backends import _vocab_parallel as vp
+from kd_kernels._spec import Divergence, KDSpec
+
+DIVERGENCES = tuple(d.label for d in Divergence)
+
+COEF = {
+    "skew_forward_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.3},
+    "jsd": {"beta": 0.4},
+    "alpha_beta": {"alpha": 0.6, "beta": 0.8},
+    "renyi": {"alpha": 1.5},
+}
+SPLIT = (300, 1, 400, 330)  # V = 1031, a one-column shard among them
+RTOL = 1e-5  # relative, norm-wise, on top of the single-process call's own rounding error
+
+
+def _levels() -> list[str]:
+    if _ext._C is None:
+        return []
+    out = []
+    for name in _ext._C.build_info()["cpu_targets"]:
+        try:
+            _ext._C._set_cpu_isa(name)
+        except ValueError:
+            continue
+        out.append(name)
+    _ext._C._set_cpu_isa("auto")
+    return out
+
+
+LEVELS = _levels()
+
+
+def _spec(div: str, temperature: float = 1.0) -> KDSpec:
+    return KDSpec.make(div, temperature=temperature, **COEF.get(div, {}))
+
+
+def _sharded(impl, s, t, spec, row_weight, split, in_place=False):
+    """(per-row loss, gradient, global stats) of ``impl`` over the shards of ``split``, exchanging by hand."""
+    bounds = [sum(split[:i]) for i in range(len(split) + 1)]
+    shards = [(s[:, lo:hi], t[:, lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    stats = vp.combine_row_stats(torch.stack([impl.row_stats(a, b, spec) for a, b in shards]), spec)
+    if vp.needs_row_sums(spec):
+        sums = sum(impl.row_sums(a, b, stats, spec) for a, b in shards)
+        stats = vp.with_row_sums(stats, sums)
+    grads, losses = [], []
+    for a, b in shards:
+        if in_place:
+            a = a.clone()
+            g = a
+        else:
+            g = torch.empty_like(a)
+        losses.append(impl.loss_grad_given_stats(a, b, stats, row_weight, spec, g))
+        grads.append(g)
+    for other in losses[1:]:
+        assert torch.allclose(other, losses[0], rtol=0, atol=0, equal_nan=True)  # the same on every rank
+    return losses[0], torch.cat(grads, 1), stats
+
+
+def _inputs(n=6, v=sum(SPLIT), dtype=torch.float32, seed=0, shift=2000.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    t = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    s[1, 2:40] = -math.inf  # −inf columns in both, and the whole one-column shard of row 2
+    t[1, 2:40] = -math.inf
+    s[2, SPLIT[0]] = t[2, SPLIT[0]] = -math.inf
+    # Large logits: log-probabilities formed relative to the global max (ℓ = (x − M) − log Z). Only at
+    # T = 1: s/T itself rounds at the magnitude of the logits in fp32.
+    s[3] += shift
+    t[3] += shift
+    w = torch.rand(n, generator=g) + 0.5
+    w[4] = 0.0  # a skipped row
+    return s, t, w
+
+
+def _reference(div, s, t, w, temperature):
+    S = s.double().clamp_min(-1e4).requires_grad_()
+    per = R.kd_loss(div, S, t.double().clamp_min(-1e4), temperature=temperature, reduction="none",
+                    **COEF.get(div, {}))
+    (per * w.double()).sum().backward()
+    return per.detach(), S.grad
+
+
+def _rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _single_error(backend, div, s, t, w, temperature, ref_loss, ref_grad):
+    """The single-process kd_loss's (loss, gradient) errors against float64 on these inputs with
+    ``backend``: the fp32 (or bf16) rounding of the unsharded computation."""
+    import kd_kernels
+
+    S = s.clone().requires_grad_()
+    per = kd_kernels.kd_loss(S, t, divergence=div, temperature=temperature, reduction="none",
+                             backend=backend, **COEF.get(div, {}))
+    (per * w).sum().backward()
+    active = w != 0
+    return _rel(per.detach()[active], ref_loss[active]), _rel(S.grad.float(), ref_grad)
+
+
+def _check(impl, div, dtype=torch.float32, temperature=1.0, split=SPLIT, in_place=False, n=6):
+    """Sharded loss and gradient within RTOL (+ twice the single-process call's own error, the rule of
+    tests/test_parallel.py; for the compiled kernels the larger of the torch backend's and the dense kernel's
+    own at this ISA level) of float64, and the same statistics as the torch implementation."""
+    s, t, w = _inputs(n=n, v=sum(split), dtype=dtype, shift=2000.0 if temperature == 1.0 else 20.0)
+    spec = _spec(div, temperature)
+    loss, grad, stats = _sharded(impl, s, t, spec, w, split, in_place=in_place)
+    ref_loss, ref_grad = _reference(div, s, t, w, temperature)
+    own_loss, own_grad = _single_error("torch", div, s, t, w, temperature, ref_loss, ref_grad)
+    if impl.name == "cpu":  # the dense compiled kernel's polynomial exp / log (no FMA at x86-64)
+        dense = _single_error("cpu", div, s, t, w, temperature, ref_loss, ref_grad)
+        own_loss, own_grad = max(own_loss, dense[0]), max(own_grad, dense[1])
+    active = w != 0
+    assert (loss[~active] == 0).all() and (grad[~active] == 0).all()
+    assert grad.dtype == dtype
+    assert _rel(loss[active], ref_loss[active]) <= RTOL + 2 * own_loss, div
+    assert _rel(grad.float(), ref_grad) <= RTOL + 2 * own_grad, div
+    # Shard by shard the same statistics as the torch implementation (up to fp32 rounding).
+    t_loss, t_grad, t_stats = _sharded(vp.TorchVocabParallel(), s, t, spec, w, split)
+    finite = torch.isfinite(t_stats)
+    assert torch.equal(finite, torch.isfinite(stats))
+    # L of forward / reverse KL is A/Z − LSE_t + LSE_s: its fp32 rounding is that of the LSEs.
+    atol = 1e-5 + 4e-7 * t_stats[:, :2].abs().amax(1, keepdim=True).nan_to_num()
+    atol = atol.expand_as(stats)[finite]
+    assert ((stats[finite] - t_stats[finite]).abs() <= atol + 1e-5 * t_stats[finite].abs()).all()
+    assert _rel(grad.float(), t_grad.float()) <= RTOL + 4 * own_grad
+
+
+@pytest.fixture
+def level(request):
+    _ext._C._set_cpu_isa(request.param)
+    yield request.param
+    _ext._C._set_cpu_isa("auto")
+
+
+needs_cpu = pytest.mark.skipif(_ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_cpu_rows_every_level(level, div):
+    impl = vp.resolve("cpu", "cpu")
+    assert impl.name == "cpu"
+    _check(impl, div, temperature=1.0)
+    _check(impl, div, temperature=0.7)
+
+
+@needs_cpu
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_cpu_rows_bf16_in_place_long_shards(div):
+    """bf16 shards, gradient written over the student shard, shards of several 512-entry blocks."""
+    impl = vp.resolve("cpu", "cpu")
+    _check(impl, div, dtype=torch.bfloat16, split=(1500, 700, 1103), in_place=True, n=5)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_torch_rows(div):
+    _check(vp.TorchVocabParallel(), div, temperature=2.0)
+
+
+@needs_cpu
+def test_cpu_rows_mixed_dtypes_and_nan():
+    """A float32 teacher with a bf16 student; a NaN on one shard makes that row NaN everywhere."""
+    impl = vp.resolve("cpu", "cpu")
+    s, t, w = _inputs()
+    s = s.bfloat16()
+    s[0, 700] = float("nan")
+    for div in ("forward_kl", "jsd", "renyi"):
+        spec = _spec(div)
+        loss, grad, _ = _sharded(impl, s, t, spec, w, SPLIT)
+        t_loss, t_grad, _ = _sharded(vp.TorchVocabParallel(), s, t, spec, w, SPLIT)
+        assert loss[0].isnan() and grad[0].isnan().all()
+        assert torch.isfinite(loss[1:]).all() and torch.isfinite(grad[1:]).all()
+        assert _rel(grad[1:].float(), t_grad[1:].float()) <= 1e-2  # both rounded to bf16
+
+
+def test_resolve_auto_and_explicit():
+    cpu = torch.device("cpu")
+    want = "cpu" if _ext.has_cpu() else "torch"
+    assert vp.resolve("auto", cpu).name == want
+    assert vp.resolve("torch", cpu).name == "torch"
+    with pytest.raises(BackendUnavailableError, match="vocabulary-parallel"):
+        vp.resolve("cuda", cpu)
+    with pytest.raises(ValueError, match="unknown"):
+        vp.resolve("tpu", cpu)
+    with pytest.raises(BackendUnavailableError, match="vocabulary-parallel"):
+        vp.resolve("triton", cpu)  # not merged yet (see _vocab_parallel's docstring)
+
+
+@needs_cpu
+def test_cpu_rows_bad_arguments():
+    """Typed errors naming the argument, not a crash in the kernel."""
+    impl = vp.resolve("cpu", "cpu")
+    s, t, w = _inputs(n=5)
+    v = s.shape[1]
+    spec = _spec("jsd")
+    stats = vp.combine_row_stats(impl.row_stats(s, t, spec)[None], spec)
+    with pytest.raises(ValueError, match="one shape"):
+        impl.row_stats(s, t[:, :30].contiguous(), spec)
+    with pytest.raises(ValueError, match="stats"):
+        impl.row_sums(s, t, stats[:, :4], spec)
+    with pytest.raises(ValueError, match="row_weight"):
+        impl.loss_grad_given_stats(s, t, stats, w.double(), spec, torch.empty_like(s))
+    with pytest.raises(TypeError, match="grad"):
+        impl.loss_grad_given_stats(s, t, stats, w, spec, torch.empty_like(s).bfloat16())
+    with pytest.raises(TypeError, match="student_logits"):
+        impl.row_stats(s.double(), t.double(), spec)
+    with pytest.raises(ValueError, match="no row sums"):  # the kernel's own guard (forward_kl)
+        _ext._C.cpu_vp_rows(1, s.data_ptr(), t.data_ptr(), stats.data_ptr(), s.data_ptr(), 0, 0, 5, v, v,
+                            v, v, 0, 0, 0, 0.0, 0.0, 1.0, 1)
+
+
+def test_resolve_by_device():
+    """A named backend that cannot run on the tensors' device says why; "auto" on a GPU is torch."""
+    with pytest.raises(BackendUnavailableError, match="cpu"):
+        vp.resolve("cpu", torch.device("cuda"))
+    assert vp.resolve("auto", torch.device("cuda")).name == "torch"
