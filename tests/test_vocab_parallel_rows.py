@@ -267,7 +267,7 @@ def test_triton_vp_kernel_compiles_for_sm90():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE_VP_SM90], env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if "skip" in res:
