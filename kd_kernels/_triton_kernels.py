@@ -441,3 +441,150 @@ def scale_by_device_scalar(g, c) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
             scale_by_device_scalar_kernel[(min(programs, 4),)](g, c, n, BF16_BY_BITS=True, BLOCK=block,
                                                                 num_warps=8)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel shard passes (kd_kernels/_backends/_vocab_parallel.py; kd_kernels.parallel exchanges the
+# results between ranks). The divergence math above, split at the row-statistics boundary: MODE 0 is the first
+# pass of kd_loss_grad_kernel on the shard (_group_fold, _online_fold, _groups_lse), MODES 1 and 2 are its
+# second and last passes (_elem_terms) with the global statistics in place of the row's own.
+# The exchanged values are in natural units of the tempered logits (the layout _vocab_parallel.py documents, the
+# same for every backend): the helpers' raw maxima and raw logit differences are scaled by 1/T on the way out
+# (their sums Σ 2^((x − m)·scale2) = Σ e^(x̃ − m̃) need no conversion), and the global max and log Z are turned
+# into base-2 log-probabilities λ = ((x̃ − M)·log2 e − log Z·log2 e) on the way in.
+# Global statistics columns: [LSE_s, LSE_t, L, C, M_s, log Z_s, M_t, log Z_t, M_u]; C = A = Σ_v a_v for the
+# divergences with row sums (every one but forward / reverse KL and Rényi, whose A is −1, L and −1).
+# -------------------------------------------------------------------------------------------------------------
+VP_STATS: tl.constexpr = tl.constexpr(0)
+VP_SUMS: tl.constexpr = tl.constexpr(1)
+VP_GRAD: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def _vp_shift(m, inv_temp):
+    """A shard's raw max → the tempered max of the local statistics, 0 where the shard row is all −inf (the
+    fold's max stayed NEG_BIG), so that the sums kept relative to it are 0 and no −inf − (−inf) appears."""
+    return tl.where(m == NEG_BIG, 0.0, m * inv_temp)
+
+
+@triton.jit
+def kd_vp_rows_kernel(
+    s_ptr,  # (N, V) student shard logits, fp32/bf16/fp16, unit column stride, row stride stride_s
+    t_ptr,  # (N, V) teacher shard logits, unit column stride, row stride stride_t
+    st_ptr,  # (N, 9) fp32 global statistics, contiguous (MODE 1, 2)
+    out_ptr,  # MODE 0: (N, K) fp32 local statistics; MODE 1: (N, 2) fp32 row sums; contiguous
+    w_ptr,  # (N,) fp32 row weights (MODE 2): a row with weight 0 is not read, its gradient row is 0
+    g_ptr,  # (N, V) out (MODE 2): w_i ∂L_i/∂s_i in the student dtype, row stride stride_g; may alias s_ptr
+    stride_s,
+    stride_t,
+    stride_g,
+    V,
+    inv_temp,  # 1/T, fp32
+    coef,  # α (skew, alpha_beta, renyi) or β (JSD), fp32; unused otherwise
+    coef2,  # β of alpha_beta
+    log_c,  # ln coef (skew, JSD)
+    log_1mc,  # ln(1 − coef) (skew, JSD)
+    DIV: tl.constexpr,
+    MODE: tl.constexpr,  # VP_STATS, VP_SUMS or VP_GRAD
+    K: tl.constexpr,  # local statistics per row (MODE 0): 5 forward / reverse KL, 6 Rényi, else 4
+    BF16_BY_BITS: tl.constexpr,  # round bf16 gradients on the bits (interpreter only, see _to_grad_dtype)
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    scale2 = inv_temp * LOG2E
+    if MODE == VP_STATS:
+        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_u, Z_u)]: pass 1 of kd_loss_grad_kernel on the shard, per-group
+        # running sums reduced once after the loop; a NaN or +inf column leaves a NaN Z (or an infinite max),
+        # which combine_row_stats turns into a NaN row on every rank.
+        GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
+        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs2
+            in_v = cols < V
+            a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
+            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
+            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
+            if DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI:
+                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
+                                                  DIV)
+        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
+        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        o = out_ptr + row * K
+        tl.store(o, _vp_shift(ms, inv_temp))
+        tl.store(o + 1, zs)
+        tl.store(o + 2, _vp_shift(mt, inv_temp))
+        tl.store(o + 3, zt)
+        # X sums of raw differences → of tempered ones (Σ e^(t̃ − m̃_t)(t̃ − s̃) = (1/T) Σ e^(...)(t − s)).
+        if DIV == FORWARD_KL:
+            tl.store(o + 4, tl.sum(x_t * lt, axis=0) * inv_temp)
+        if DIV == REVERSE_KL:
+            tl.store(o + 4, tl.sum(x_s * ls, axis=0) * inv_temp)
+        if DIV == RENYI:
+            mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
+            tl.store(o + 4, _vp_shift(mr, inv_temp))
+            tl.store(o + 5, zr)
+    else:
+        offs = tl.arange(0, BLOCK_V)
+        st = st_ptr + row * 9
+        lse_s = tl.load(st)
+        lse_t = tl.load(st + 1)
+        row_loss = tl.load(st + 2)
+        center = tl.load(st + 3)
+        m_s = tl.load(st + 4)
+        lz2_s = tl.load(st + 5) * LOG2E
+        m_t = tl.load(st + 6)
+        lz2_t = tl.load(st + 7) * LOG2E
+        log2_c = log_c * LOG2E
+        log2_1mc = log_1mc * LOG2E
+        # Global LSEs that are not finite (a NaN, a +inf, an all −inf row on some rank): NaN sums / gradient.
+        ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+        if MODE == VP_SUMS:
+            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                in_v = cols < V
+                a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
+                # λ = (x̃ − M)·log2 e − log2 Z with the global M, log Z (tempered x̃ = x/T, as the torch
+                # implementation forms it, so the max column is exactly 0 before the log Z).
+                lq = (a * inv_temp - m_s) * LOG2E - lz2_s
+                lp = (b * inv_temp - m_t) * LOG2E - lz2_t
+                _, el, ga = _elem_terms(lq, lp, 0.0, coef, coef2, log2_c, log2_1mc, DIV)
+                loss_acc += el
+                a_acc += ga
+            tl.store(out_ptr + row * 2, tl.where(ok, tl.sum(loss_acc, axis=0), float("nan")))
+            tl.store(out_ptr + row * 2 + 1, tl.where(ok, tl.sum(a_acc, axis=0), float("nan")))
+        else:
+            g_row = g_ptr + row * stride_g
+            w = tl.load(w_ptr + row)
+            if w != 0.0:
+                if DIV == FORWARD_KL or DIV == RENYI:
+                    big_a = -1.0
+                elif DIV == REVERSE_KL:
+                    big_a = row_loss
+                else:
+                    big_a = center
+                gscale = w * inv_temp
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_v = cols < V
+                    a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
+                    lq = (a * inv_temp - m_s) * LOG2E - lz2_s
+                    lp = (b * inv_temp - m_t) * LOG2E - lz2_t
+                    q, _, ga = _elem_terms(lq, lp, row_loss, coef, coef2, log2_c, log2_1mc, DIV)
+                    g = tl.where(ok, ga - q * big_a, float("nan"))
+                    # Every element of this block was read above before it is overwritten: in place is safe.
+                    gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    tl.store(g_row + cols, gout, mask=in_v)
+            else:
+                _zero_row(g_row, V, BLOCK_V)

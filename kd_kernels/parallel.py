@@ -40,10 +40,11 @@ Communication (MATH.md, "Vocabulary-parallel"), per token and rank, fp32:
 
 The per-row math sits in ``kd_kernels._backends._vocab_parallel`` (local statistics → exchange →
 loss / gradient given the global statistics); this module chunks, multiplies and communicates.
-``backend=`` picks the implementation of those shard passes: ``"cpu"`` (the compiled C++ kernel) or
-``"torch"`` (any device), every divergence in each; ``"auto"`` = ``"cpu"`` for CPU tensors when
-``kd_kernels._C`` is built, else ``"torch"``. ``"cuda"`` and ``"triton"`` (no shard passes yet), or a
-backend that cannot run on the tensors' device, raise ``BackendUnavailableError``. Every rank must pass the same ``backend`` (checked).
+``backend=`` picks the implementation of those shard passes: ``"cpu"`` (the compiled C++ kernel),
+``"triton"`` (GPU, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``, every divergence in
+each; ``"auto"`` = ``"cpu"`` for CPU tensors when ``kd_kernels._C`` is built, ``"triton"`` for CUDA
+tensors, else ``"torch"``. ``"cuda"``, or a backend that cannot run on the tensors' device, raises
+``BackendUnavailableError``. Every rank must pass the same ``backend`` (checked).
 """
 
 from __future__ import annotations
@@ -471,8 +472,8 @@ def fused_linear_kd(
         labels: global token ids in ``[0, Σ_r V_r)`` or -100, the same on every rank.
         truncate_teacher_vocab: the teacher head may have extra rows past the student's vocabulary
             on the last rank only (its shard's first ``V_r`` rows are used).
-        backend: ``"auto"``, ``"cpu"`` or ``"torch"``: the implementation of the
-            vocabulary-parallel row passes (module doc); ``"cuda"`` / ``"triton"`` raise
+        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"``: the implementation of the
+            vocabulary-parallel row passes (module doc); ``"cuda"`` raises
             ``BackendUnavailableError``.
 
     Returns:

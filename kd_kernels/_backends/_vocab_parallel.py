@@ -44,13 +44,15 @@ has for the dense loss, and ``register``s it; the callers do not change:
 - ``cpu`` (``cpu.CpuVocabParallel``): the compiled kernel (``vp_*`` in csrc/cpu/kd_cpu_kernels.cpp;
   pass 1 of the streaming rows for the statistics, kd_math.h's ``stream_grad`` / ``center_terms``
   given the global statistics), every divergence natively, at every compiled x86-64 level;
-- ``triton``: none yet. One was written against the dense kernel's natural-log helpers (branch wt-j2,
-  commit 2d33950) and not merged, because the dense kernel moved to base 2 at the same time; on a GPU the
-  ``torch`` implementation runs (CUDA tensors, plain torch ops).
+- ``triton`` (``triton_backend.TritonVocabParallel``): ``kd_vp_rows_kernel``, a ``MODE`` flag over
+  the dense kernel's jitted base-2 helpers (``_group_fold`` / ``_groups_lse``, ``_online_fold``,
+  ``_elem_terms``); it converts at the boundary (raw maxima and differences scaled by 1/T on the way
+  out, the global max and log Z turned into base-2 log-probabilities on the way in), so the
+  statistics it exchanges are the natural-log ones of the layout above, as for every backend.
 
 All compute in fp32 from float32 / bfloat16 / float16 shards (the caller chunks the rows). ``resolve``
 picks one for ``backend=`` and the tensors' device: "auto" = ``cpu`` for CPU tensors when the
-extension is built, else ``torch``; the ``cuda`` and ``triton`` backends have none (a clear error).
+extension is built, ``triton`` for CUDA tensors, else ``torch``; the ``cuda`` backend has none.
 """
 
 from __future__ import annotations
@@ -295,8 +297,8 @@ class TorchVocabParallel(VocabParallelRows):
 
 _REGISTRY: dict[str, VocabParallelRows] = {}
 # "auto" picks the first of these whose dense backend of the same name can run on the tensors' device
-# (the compiled kernel on the CPU when kd_kernels._C loads), else "torch".
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("torch",)}
+# (the compiled kernel on the CPU when kd_kernels._C loads, Triton on a GPU), else "torch".
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 
 
 def register(impl: VocabParallelRows) -> VocabParallelRows:

@@ -23,6 +23,7 @@ import torch
 
 from .._spec import KDSpec
 from . import Backend, register
+from . import _vocab_parallel as vp
 
 # Under TRITON_INTERPRET=1 every block operation is one numpy call with a fixed Python overhead, so a larger block
 # only means fewer loop trips (V = 32003 takes 16). tests/test_triton_backend.py passes small blocks explicitly to
@@ -209,3 +210,97 @@ class TritonBackend(Backend):
 
 
 register(TritonBackend())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel shard passes (kd_kernels.parallel): _triton_kernels.kd_vp_rows_kernel, the same jitted
+# divergence helpers split at the row-statistics boundary (protocol in _vocab_parallel.py).
+# -------------------------------------------------------------------------------------------------------------
+
+
+class TritonVocabParallel(vp.VocabParallelRows):
+    """``row_stats`` / ``row_sums`` / ``loss_grad_given_stats`` as one Triton kernel with a ``MODE`` flag
+    (one program per row; fp32 math; float32 / bfloat16 / float16 shards). ``block_v`` / ``num_warps``
+    override the launch configuration (tests use small blocks to cover many blocks per shard)."""
+
+    name = "triton"
+
+    def __init__(self, block_v: int | None = None, num_warps: int | None = None) -> None:
+        self.block_v = block_v
+        self.num_warps = num_warps
+
+    def _launch(self, mode, s, t, spec, stats=None, out=None, grad=None, row_weight=None):
+        from .. import _triton_kernels as K
+
+        if s.dim() != 2 or t.shape != s.shape or t.device != s.device:
+            raise ValueError(
+                f"triton vocabulary-parallel rows: s and t must be (rows, V_r) of one shape on one device, "
+                f"got {tuple(s.shape)} on {s.device} and {tuple(t.shape)} on {t.device}"
+            )
+        for name, x in (("s", s), ("t", t)):
+            if x.dtype not in _KERNEL_DTYPES:
+                raise ValueError(f"triton backend: {name} must be float32/bfloat16/float16, got {x.dtype}")
+            if x.shape[1] > 1 and x.stride(1) != 1:
+                raise ValueError(f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()")
+        n, v = s.shape
+        if n == 0:
+            return
+        if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (n, vp.N_GLOBAL)):
+            raise ValueError(f"stats must be float32 ({n}, {vp.N_GLOBAL}), got {stats.dtype} {tuple(stats.shape)}")
+        stats = stats.contiguous() if stats is not None else out
+        c = spec.coef
+        log_c = math.log(c) if 0.0 < c < 1.0 else 0.0
+        log_1mc = math.log1p(-c) if 0.0 < c < 1.0 else 0.0
+        g = grad if grad is not None else s  # never written outside MODE 2
+        w = row_weight if row_weight is not None else stats
+        o = out if out is not None else stats
+        if _interpreting():
+            default_block, default_warps = INTERPRET_BLOCK_V, 4
+        else:
+            default_block, default_warps = _heuristic_config(v)
+        meta = {"DIV": int(spec.divergence), "MODE": mode, "K": vp.n_local_stats(spec),
+                "BF16_BY_BITS": _interpreting(), "BLOCK_V": self.block_v or default_block,
+                "num_warps": self.num_warps or default_warps}
+        args = (s, t, stats, o, w, g, s.stride(0), t.stride(0), g.stride(0), v, 1.0 / spec.temperature, c,
+                spec.coef2, log_c, log_1mc)
+        if s.device.type == "cuda":
+            with torch.cuda.device(s.device):
+                K.kd_vp_rows_kernel[(n,)](*args, **meta)
+        else:  # the interpreter: see launch() for why numpy is hushed
+            import numpy as np
+
+            with np.errstate(invalid="ignore", over="ignore"):
+                K.kd_vp_rows_kernel[(n,)](*args, **meta)
+
+    def row_stats(self, s, t, spec):
+        out = torch.empty(s.shape[0], vp.n_local_stats(spec), dtype=torch.float32, device=s.device)
+        self._launch(0, s, t, spec, out=out)
+        return out
+
+    def row_sums(self, s, t, stats, spec):
+        if not vp.needs_row_sums(spec):
+            raise AssertionError(f"{spec.divergence.label} needs no row sums")
+        out = torch.empty(s.shape[0], 2, dtype=torch.float32, device=s.device)
+        self._launch(1, s, t, spec, stats=stats, out=out)
+        return out
+
+    def loss_grad_given_stats(self, s, t, stats, row_weight, spec, grad):
+        n = s.shape[0]
+        if row_weight.dtype != torch.float32 or tuple(row_weight.shape) != (n,):
+            raise ValueError(
+                f"row_weight must be float32 of shape ({n},), got {row_weight.dtype} {tuple(row_weight.shape)}"
+            )
+        loss = torch.where(row_weight != 0, stats[:, vp.LOSS], torch.zeros((), dtype=torch.float32,
+                                                                             device=stats.device))
+        if grad is None:
+            return loss
+        if grad.shape != s.shape or grad.dtype != s.dtype or grad.device != s.device:
+            raise ValueError(f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
+                             f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
+        if s.shape[1] > 1 and grad.stride(1) != 1:
+            raise ValueError("triton backend: grad needs a unit stride along V")
+        self._launch(2, s, t, spec, stats=stats, grad=grad, row_weight=row_weight.contiguous())
+        return loss
+
+
+vp.register(TritonVocabParallel())
