@@ -17,3 +17,20 @@ def tiny_train_config(method: str, response_cache, **overrides):
             "warmup_steps": 1, "min_lr": 3e-3, "ckpt_every": 100}
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def cpu_levels() -> list[str]:
+    """The compiled x86-64 levels of the cpu kernel that this CPU can execute (empty without the extension)."""
+    from kd_kernels import _ext
+
+    if _ext._C is None:
+        return []
+    out = []
+    for name in _ext._C.build_info()["cpu_targets"]:
+        try:
+            _ext._C._set_cpu_isa(name)
+        except ValueError:
+            continue
+        out.append(name)
+    _ext._C._set_cpu_isa("auto")
+    return out

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _common import cpu_levels
 
 from kd_kernels import _ext
 from kd_kernels._spec import Divergence, KDSpec
@@ -37,21 +38,7 @@ NEW = ("tvd", "jeffreys", "alpha_beta", "renyi")
 INF_WITHOUT_SUPPORT = ("reverse_kl", "jeffreys")
 
 
-def _levels() -> list[str]:
-    if _ext._C is None:
-        return []
-    out = []
-    for name in _ext._C.build_info()["cpu_targets"]:
-        try:
-            _ext._C._set_cpu_isa(name)
-        except ValueError:
-            continue
-        out.append(name)
-    _ext._C._set_cpu_isa("auto")
-    return out
-
-
-LEVELS = _levels()
+LEVELS = cpu_levels()
 
 
 @pytest.fixture

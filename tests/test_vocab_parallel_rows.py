@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from _common import cpu_levels
 from kd_kernels import _ext
 from kd_kernels import reference as R
 from kd_kernels._backends import BackendUnavailableError, available_backends
@@ -35,21 +36,7 @@ SPLIT = (300, 1, 400, 330)  # V = 1031, a one-column shard among them
 RTOL = 1e-5  # relative, norm-wise, on top of the single-process call's own rounding error
 
 
-def _levels() -> list[str]:
-    if _ext._C is None:
-        return []
-    out = []
-    for name in _ext._C.build_info()["cpu_targets"]:
-        try:
-            _ext._C._set_cpu_isa(name)
-        except ValueError:
-            continue
-        out.append(name)
-    _ext._C._set_cpu_isa("auto")
-    return out
-
-
-LEVELS = _levels()
+LEVELS = cpu_levels()
 HAVE_TRITON = "triton" in available_backends("cpu")
 
 
