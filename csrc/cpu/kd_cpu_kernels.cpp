@@ -269,12 +269,12 @@ KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float w2 = D::kGradW2 ? e2[j] * f2 : 0.f;
-        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, w2, sb[j], tb[j], f));
+        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, w2, (sb[j] - tb[j]) - f.gshift));
       }
     } else {  // s and t are not read again
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, e2[j] * f2, 0.f, 0.f, f));
+        store_from_float<SDT>(g, j0 + j, gscale * stream_grad<DIV>(es[j] * fs, e2[j] * f2, 0.f));
       }
     }
   }
@@ -494,9 +494,10 @@ KD_FLATTEN void vp_given_row(const void* s, const void* t, const float* st, floa
   const float ms = st[VP_MAX_S], lzs = st[VP_LOGZ_S], mt = st[VP_MAX_T], lzt = st[VP_LOGZ_T];
   const float A = st[VP_CENTER];                    // centered kinds: A = Σ_v a_v over the whole row
   const float mu = st[VP_MAX_U], lzu = st[VP_CENTER];  // renyi: max and log Z of the mixed logits
-  // stream_grad's view of the row: it is handed ℓq, ℓp for s̃, t̃ and LSEs of 0, so ℓq − ℓp comes out exact.
+  // stream_grad's ℓq − ℓp − L from ℓq, ℓp directly (exact ℓq − ℓp): the gradient shift is the reverse KL alone.
   RowFinal f = {};
   f.loss = st[VP_LOSS];
+  f.gshift = st[VP_LOSS] * kUnitsPerNat;
   double loss = 0.0, asum = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t n = std::min(kBlock, V - j0);
@@ -510,7 +511,7 @@ KD_FLATTEN void vp_given_row(const void* s, const void* t, const float* st, floa
         if constexpr (kStream) {
           // renyi's second weight ρ = e^((r̃ − M_r) − log Z_r); p for forward_kl; unused by reverse_kl
           const float w2 = DIV == RENYI ? kd_exp((renyi_logit(sb[j], tb[j], c) - mu) - lzu) : p;
-          gj = stream_grad<DIV>(q, w2, lq, lp, f);
+          gj = stream_grad<DIV>(q, w2, (lq - lp) - f.gshift);
         } else {
           gj = center_grad(q, center_terms<DIV>(lq, lp, q, p, c).a, A);
         }

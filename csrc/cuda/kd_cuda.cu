@@ -302,6 +302,8 @@ int cuda_loss_grad(const RowArgs& a, void* stream, char* err, int err_len) {
   };
   if (a.n_rows < 0) return bad("n_rows must be >= 0");
   if (a.vocab < 1) return bad("vocab must be >= 1");
+  // The kernels index columns and groups within a row in 32 bits (rows themselves in 64).
+  if (a.vocab > INT32_MAX - 64) return bad("vocab must be < 2^31 - 64 (column indices are 32-bit)");
   if (a.s_dtype < F32 || a.s_dtype > F16 || a.t_dtype < F32 || a.t_dtype > F16) {
     return bad("dtype codes must be 0 (float32), 1 (bfloat16) or 2 (float16)");
   }

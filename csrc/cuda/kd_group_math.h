@@ -1,9 +1,9 @@
 // kd_group_math.h — per-group (8 columns) helpers of the CUDA row kernels, host-device like kd_math.h.
 //
 // Kept apart from kd_rows.cuh (which needs the CUDA runtime and cooperative groups) so that a host program,
-// host_check/kd_group_host_check.cpp, can run the kernels' accumulation and merge logic on the CPU against
-// float64 (no GPU here). Only kd_math.h definitions are used (one per divergence: DivDef, stats_*,
-// stream_grad, center_terms).
+// host_check/kd_group_host_check.cpp, can run the kernels' per-group passes and merge logic on the CPU against
+// float64 (no GPU here), in the kernels' log units (bits: it is built with KD_LOG2_UNITS). Only kd_math.h
+// definitions are used (one per divergence: DivDef, stats_*, stream_grad, center_terms).
 #pragma once
 
 #include <stdint.h>
@@ -51,17 +51,21 @@ KD_HD float group_elem(const RawGroup<DT>& r, int j) {
 }
 
 template <int DT>
-KD_HD void group_to_float(const RawGroup<DT>& r, float inv_t, float out[kGroup]) {
+KD_HD void group_to_float(const RawGroup<DT>& r, float out[kGroup]) {
 KD_UNROLL
-  for (int j = 0; j < kGroup; ++j) out[j] = group_elem<DT>(r, j) * inv_t;
+  for (int j = 0; j < kGroup; ++j) out[j] = group_elem<DT>(r, j);
 }
 
-// s̃ and the teacher logit (kd_math.h teacher_logit: the interpolation fused into the load) of one group.
+// The student logits and the teacher logits the divergence sees (kd_math.h teacher_logit: the interpolation,
+// linear, fused into the load) of one group, unscaled. Every pass scales them into log units inside the
+// subtraction that uses them, x · k − m as one FMA with k = kUnitsPerNat / T (log2 e / T in the kernels):
+// no separate multiply, and each pass forms the very same (exactly rounded) values, so the sums of pass A
+// and the terms of the later passes agree.
 template <int SD, int TD>
-KD_HD void pair_to_float(const RawGroup<SD>& rs, const RawGroup<TD>& rt, float inv_t, const DivCoef& c,
-                         float sv[kGroup], float tv[kGroup]) {
-  group_to_float<SD>(rs, inv_t, sv);
-  group_to_float<TD>(rt, inv_t, tv);
+KD_HD void pair_to_float(const RawGroup<SD>& rs, const RawGroup<TD>& rt, const DivCoef& c, float sv[kGroup],
+                         float tv[kGroup]) {
+  group_to_float<SD>(rs, sv);
+  group_to_float<TD>(rt, tv);
   if (c.interp) {
 KD_UNROLL
     for (int j = 0; j < kGroup; ++j) tv[j] = teacher_logit(tv[j], sv[j], c);
@@ -83,11 +87,15 @@ KD_UNROLL
   return m;
 }
 
+// sv, tv unscaled (pair_to_float), k = kUnitsPerNat / T > 0: the group max in log units is group_max(x) · k
+// (rounding is monotonic, so it is the max of the rounded x · k). The X terms are summed over the group
+// unscaled and scaled once.
 template <int DIV>
-KD_HD void stats_push_group(RowStats& st, const float sv[kGroup], const float tv[kGroup], const DivCoef& c) {
+KD_HD void stats_push_group(RowStats& st, const float sv[kGroup], const float tv[kGroup], float k,
+                            const DivCoef& c) {
   using D = DivDef<DIV>;
-  const float ms = fmaxf(st.s.m, group_max(sv));
-  const float mt = fmaxf(st.t.m, group_max(tv));
+  const float ms = fmaxf(st.s.m, group_max(sv) * k);
+  const float mt = fmaxf(st.t.m, group_max(tv) * k);
   const float ks = rescale(st.s.m, ms), kt = rescale(st.t.m, mt);
   float zs = st.s.z * ks, zt = st.t.z * kt;
   float xs = D::kXs ? st.xs * ks : 0.f, xt = D::kXt ? st.xt * kt : 0.f;
@@ -96,27 +104,93 @@ KD_HD void stats_push_group(RowStats& st, const float sv[kGroup], const float tv
   if (D::kR) {
 KD_UNROLL
     for (int j = 0; j < kGroup; ++j) rv[j] = renyi_logit(sv[j], tv[j], c);
-    mr = fmaxf(st.r.m, group_max(rv));
+    mr = fmaxf(st.r.m, group_max(rv) * k);
     zr = st.r.z * rescale(st.r.m, mr);
   }
   // One −inf guard per group, not per element: against exp_base(m) (0 when the max is −inf, i.e. the group
   // and everything before it is −inf) every element's e^(x − base) is 0 for x = −inf and never −inf − (−inf).
   // A NaN or +inf element makes its sum NaN either way (+inf: base = +inf, +inf − +inf), as rescale() did.
   const float bs = exp_base(ms), bt = exp_base(mt), br = exp_base(mr);
+  float gxs = 0.f, gxt = 0.f;
 KD_UNROLL
   for (int j = 0; j < kGroup; ++j) {
-    const float es = kd_exp(sv[j] - bs), et = kd_exp(tv[j] - bt);
+    const float es = kd_expu(fmaf(sv[j], k, -bs)), et = kd_expu(fmaf(tv[j], k, -bt));
     zs += es;
     zt += et;
-    xs += stats_xs<DIV>(es, sv[j], tv[j]);
-    xt += stats_xt<DIV>(et, sv[j], tv[j]);
-    if (D::kR) zr += kd_exp(rv[j] - br);
+    gxs += stats_xs<DIV>(es, sv[j], tv[j]);
+    gxt += stats_xt<DIV>(et, sv[j], tv[j]);
+    if (D::kR) zr += kd_expu(fmaf(rv[j], k, -br));
   }
   st.s = {ms, zs};
   st.t = {mt, zt};
   st.r = {mr, zr};
-  st.xs = xs;
-  st.xt = xt;
+  st.xs = D::kXs ? fmaf(gxs, k, xs) : 0.f;
+  st.xt = D::kXt ? fmaf(gxt, k, xt) : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The passes after A, one group at a time. Logs are in log units (kd_math.h: bits in the kernels, and in the
+// host replay built with KD_LOG2_UNITS), ℓq = (s̃ − m_s) − log Z_s and ℓp = (t̃ − m_t) − log Z_t from the merged
+// row statistics: not s̃ − LSE_s, which is rounded at the size of m_s (at logits ~1e3, ~1e-4 relative);
+// s̃ − m_s (one FMA from the unscaled logit) is exact to rounding, and log Z is small.
+// ---------------------------------------------------------------------------------------------------------
+
+struct RowLogs {
+  float ms, lzs;  // m_s, log Z_s
+  float mt, lzt;
+  float mr, lzr;  // renyi's mixed logits
+};
+
+template <int DIV>
+KD_HD RowLogs row_logs(const RowStats& st) {
+  return {st.s.m, kd_logu(st.s.z), st.t.m, kd_logu(st.t.z), st.r.m, DivDef<DIV>::kR ? kd_logu(st.r.z) : 0.f};
+}
+
+// Streaming kinds, pass B: out = scale · ∂L/∂s̃ (stream_grad). sv, tv unscaled, k as in stats_push_group.
+template <int DIV>
+KD_HD void group_stream_grad(const float sv[kGroup], const float tv[kGroup], float k, const RowLogs& l,
+                             const RowFinal& f, const DivCoef& c, float scale, float out[kGroup]) {
+  using D = DivDef<DIV>;
+KD_UNROLL
+  for (int j = 0; j < kGroup; ++j) {
+    float w2 = 0.f;
+    if (D::kR) {
+      w2 = kd_expu(fmaf(renyi_logit(sv[j], tv[j], c), k, -l.mr) - l.lzr);
+    } else if (D::kGradW2) {
+      w2 = kd_expu(fmaf(tv[j], k, -l.mt) - l.lzt);
+    }
+    const float dqp = D::kGradLogits ? fmaf(sv[j] - tv[j], k, -f.gshift) : 0.f;  // ℓq − ℓp − KL(q‖p)
+    out[j] = stream_grad<DIV>(kd_expu(fmaf(sv[j], k, -l.ms) - l.lzs), w2, dqp) * scale;
+  }
+}
+
+// ℓq, ℓp of one element from its unscaled logits.
+KD_HD float group_lq(float sv, float k, const RowLogs& l) { return fmaf(sv, k, -l.ms) - l.lzs; }
+KD_HD float group_lp(float tv, float k, const RowLogs& l) { return fmaf(tv, k, -l.mt) - l.lzt; }
+
+// Centered kinds, pass B: adds the group's loss terms and a_j to loss, asum.
+template <int DIV>
+KD_HD void group_center_sums(const float sv[kGroup], const float tv[kGroup], float k, const RowLogs& l,
+                             const DivCoef& c, float& loss, float& asum) {
+KD_UNROLL
+  for (int j = 0; j < kGroup; ++j) {
+    const float lq = group_lq(sv[j], k, l), lp = group_lp(tv[j], k, l);
+    const CenterTerms e = center_terms<DIV>(lq, lp, kd_expu(lq), kd_expu(lp), c);
+    loss += e.loss;
+    asum += e.a;
+  }
+}
+
+// Centered kinds, pass C: out = scale · (a_j − q_j A).
+template <int DIV>
+KD_HD void group_center_grad(const float sv[kGroup], const float tv[kGroup], float k, const RowLogs& l,
+                             const DivCoef& c, float A, float scale, float out[kGroup]) {
+KD_UNROLL
+  for (int j = 0; j < kGroup; ++j) {
+    const float lq = group_lq(sv[j], k, l), lp = group_lp(tv[j], k, l);
+    const CenterTerms e = center_terms<DIV>(lq, lp, kd_expu(lq), kd_expu(lp), c);
+    out[j] = center_grad(e.q, e.a, A) * scale;
+  }
 }
 
 }  // namespace cuda_detail

@@ -65,14 +65,14 @@ struct KernelParams {
   bool vec_s, vec_t, vec_g;  // every row of that tensor is 16-byte aligned: vector loads / stores allowed
 };
 
-// Group g of a row (row points at column 0), from global memory.
+// Group g of a row (row points at column 0), from global memory: one 16-byte vector per plane for the groups
+// below vec_end (the full groups of a 16-byte aligned row, or 0), else column by column. Group and column
+// indices within a row are 32-bit (V < 2^31, checked by the host), so the address of a group is one IMAD.
 template <int DT>
-__device__ __forceinline__ RawGroup<DT> load_group(const char* row, int64_t g, int64_t vocab, bool vec) {
-  constexpr int kB = DTypeInfo<DT>::kBytes;
+__device__ __forceinline__ RawGroup<DT> load_group(const char* row, int g, int vec_end, int vocab) {
   RawGroup<DT> r;
-  const int64_t c0 = g * kGroup;
-  if (vec && c0 + kGroup <= vocab) {
-    const uint4* p = reinterpret_cast<const uint4*>(row + c0 * kB);
+  if (g < vec_end) {
+    const uint4* p = reinterpret_cast<const uint4*>(row) + g * DTypeInfo<DT>::kPlanes;
 #pragma unroll
     for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
       uint4 v = p[k];
@@ -85,7 +85,7 @@ __device__ __forceinline__ RawGroup<DT> load_group(const char* row, int64_t g, i
   }
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    const int64_t c = c0 + j;
+    const int c = g * kGroup + j;
     uint32_t bits = DTypeInfo<DT>::kNegInfBits;
     if (c < vocab) {
       bits = DT == F32 ? reinterpret_cast<const uint32_t*>(row)[c]
@@ -105,7 +105,7 @@ __device__ __forceinline__ RawGroup<DT> load_group(const char* row, int64_t g, i
 // Shared memory holds a slice plane by plane (plane k of local group l at [k·G + l]): a warp reading 32
 // consecutive groups touches 32 consecutive 16-byte vectors, free of bank conflicts for fp32 too.
 template <int DT>
-__device__ __forceinline__ void put_smem(uint4* base, int64_t G, int64_t l, const RawGroup<DT>& r) {
+__device__ __forceinline__ void put_smem(uint4* base, int G, int l, const RawGroup<DT>& r) {
 #pragma unroll
   for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
     base[k * G + l] = make_uint4(r.w[4 * k], r.w[4 * k + 1], r.w[4 * k + 2], r.w[4 * k + 3]);
@@ -113,7 +113,7 @@ __device__ __forceinline__ void put_smem(uint4* base, int64_t G, int64_t l, cons
 }
 
 template <int DT>
-__device__ __forceinline__ RawGroup<DT> get_smem(const uint4* base, int64_t G, int64_t l) {
+__device__ __forceinline__ RawGroup<DT> get_smem(const uint4* base, int G, int l) {
   RawGroup<DT> r;
 #pragma unroll
   for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
@@ -126,13 +126,10 @@ __device__ __forceinline__ RawGroup<DT> get_smem(const uint4* base, int64_t G, i
   return r;
 }
 
-// Writes the columns of group g that lie inside the row.
+// Writes the columns of group g that lie inside the row (vectors below vec_end, as load_group).
 template <int DT>
-__device__ __forceinline__ void store_group(char* row, int64_t g, int64_t vocab, bool vec,
-                                            const float v[kGroup]) {
-  constexpr int kB = DTypeInfo<DT>::kBytes;
-  const int64_t c0 = g * kGroup;
-  if (vec && c0 + kGroup <= vocab) {
+__device__ __forceinline__ void store_group(char* row, int g, int vec_end, int vocab, const float v[kGroup]) {
+  if (g < vec_end) {
     uint32_t w[4 * DTypeInfo<DT>::kPlanes];
     if (DT == F32) {
 #pragma unroll
@@ -152,7 +149,7 @@ __device__ __forceinline__ void store_group(char* row, int64_t g, int64_t vocab,
         }
       }
     }
-    uint4* p = reinterpret_cast<uint4*>(row + c0 * kB);
+    uint4* p = reinterpret_cast<uint4*>(row) + g * DTypeInfo<DT>::kPlanes;
 #pragma unroll
     for (int k = 0; k < DTypeInfo<DT>::kPlanes; ++k) {
       p[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
@@ -161,7 +158,19 @@ __device__ __forceinline__ void store_group(char* row, int64_t g, int64_t vocab,
   }
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
-    if (c0 + j < vocab) store_from_float<DT>(row, c0 + j, v[j]);
+    if (g * kGroup + j < vocab) store_from_float<DT>(row, g * kGroup + j, v[j]);
+  }
+}
+
+// Writes v into every column of this thread's groups of [g0, g1) (masked rows: 0; invalid rows: NaN). Out of
+// line: rare rows, and kept apart from the vocabulary passes so that their stores are not merged with these.
+template <int DT>
+__device__ __noinline__ void fill_groups(char* row, int g0, int g1, int vec_end, int vocab, float v) {
+  float vals[kGroup];
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) vals[j] = v;
+  for (int g = g0 + static_cast<int>(threadIdx.x); g < g1; g += blockDim.x) {
+    store_group<DT>(row, g, vec_end, vocab, vals);
   }
 }
 
@@ -248,9 +257,9 @@ __device__ __forceinline__ T row_allreduce(T v, ReduceScratch& sc, int C, Merge 
 // Runs body(g, raw) over groups g in [g0, g1) owned by this thread (stride blockDim), with U groups loaded
 // before the first is used (independent loads in flight).
 template <int U, class Load, class Body>
-__device__ __forceinline__ void for_groups(int64_t g0, int64_t g1, Load load, Body body) {
-  const int64_t step = blockDim.x;
-  for (int64_t base = g0 + threadIdx.x; base < g1; base += U * step) {
+__device__ __forceinline__ void for_groups(int g0, int g1, Load load, Body body) {
+  const int step = blockDim.x;
+  for (int base = g0 + static_cast<int>(threadIdx.x); base < g1; base += U * step) {
     decltype(load(base)) raw[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -271,8 +280,10 @@ template <int DIV, int SD, int TD, bool RESIDENT>
 __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RESIDENT ? kResidentBlocksPerSM : 1)
     kd_rows_kernel(const KernelParams p) {
   using D = DivDef<DIV>;
-  // Groups in flight per thread: 4 × 32 bytes for 16-bit pairs, 2 × 48-64 bytes when one side is fp32.
-  constexpr int U = (SD == F32 || TD == F32 || RESIDENT) ? 2 : 4;
+  // Groups in flight per thread: 4 × 32 bytes for 16-bit pairs, 2 × 48-64 bytes when one side is fp32. The
+  // resident kernel loads one: with 24 warps per SM (3 blocks) there is latency hiding enough, and with two
+  // ptxas ran out of its 80 registers and recomputed the row addresses inside the loop (~6 instructions a load).
+  constexpr int U = RESIDENT ? 1 : ((SD == F32 || TD == F32) ? 2 : 4);
   // Shared-memory rereads have short latency: one group at a time keeps the register count down.
   constexpr int U2 = RESIDENT ? 1 : U;
   constexpr int kBS = DTypeInfo<SD>::kBytes, kBT = DTypeInfo<TD>::kBytes;
@@ -285,13 +296,17 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RES
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (RESIDENT && C > 1) rank = static_cast<int>(cg::this_cluster().block_rank());
 #endif
-  const int64_t G = p.groups_per_block;
-  const int64_t g0 = min(p.ngroups, static_cast<int64_t>(rank) * G);
-  const int64_t g1 = min(p.ngroups, g0 + G);
+  const int G = static_cast<int>(p.groups_per_block);
+  const int ngroups = static_cast<int>(p.ngroups);
+  const int g0 = min(ngroups, rank * G);
+  const int g1 = min(ngroups, g0 + G);
   uint4* sm_s = smem;
   uint4* sm_t = smem + DTypeInfo<SD>::kPlanes * G;
-  const int64_t V = p.vocab;
+  const int V = static_cast<int>(p.vocab);
+  const int full = V / kGroup;  // groups with all 8 columns inside the row
+  const int vec_s = p.vec_s ? full : 0, vec_t = p.vec_t ? full : 0, vec_g = p.vec_g ? full : 0;
   const float inv_t = p.inv_t;
+  const float uscale = inv_t * kUnitsPerNat;  // logits → log units (bits): log2 e / T
   const DivCoef c = p.coef;
 
   for (int64_t row = blockIdx.x / C; row < p.n_rows; row += gridDim.x / C) {
@@ -299,26 +314,19 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RES
     char* grow = p.grad == nullptr ? nullptr : p.grad + row * p.stride_g * kBS;
 
     if (w == 0.f) {  // masked: s and t are not read (same branch in every block of the cluster)
-      if (grow != nullptr) {
-        float zero[kGroup];
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) zero[j] = 0.f;
-        for (int64_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
-          store_group<SD>(grow, g, V, p.vec_g, zero);
-        }
-      }
+      if (grow != nullptr) fill_groups<SD>(grow, g0, g1, vec_g, V, 0.f);
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = 0.f;
       continue;
     }
 
     const char* srow = p.s + row * p.stride_s * kBS;
     const char* trow = p.t + row * p.stride_t * kBT;
-    auto load_global = [&](int64_t g) {
-      return RawPair<SD, TD>{load_group<SD>(srow, g, V, p.vec_s), load_group<TD>(trow, g, V, p.vec_t)};
+    auto load_global = [&](int g) {
+      return RawPair<SD, TD>{load_group<SD>(srow, g, vec_s, V), load_group<TD>(trow, g, vec_t, V)};
     };
     // Later passes read what pass A read: from shared memory (RESIDENT) or again from global memory.
     // Each thread reads back exactly the groups it stored itself, so no barrier is needed in between.
-    auto load_again = [&](int64_t g) {
+    auto load_again = [&](int g) {
       if constexpr (RESIDENT) {
         return RawPair<SD, TD>{get_smem<SD>(sm_s, G, g - g0), get_smem<TD>(sm_t, G, g - g0)};
       } else {
@@ -330,85 +338,54 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RES
     // Pass A: the row statistics (streaming kinds: everything the loss needs), staging the slice in shared
     // memory.
     RowStats st = stats_empty();
-    for_groups<U>(g0, g1, load_global, [&](int64_t g, const RawPair<SD, TD>& r) {
+    for_groups<U>(g0, g1, load_global, [&](int g, const RawPair<SD, TD>& r) {
       if constexpr (RESIDENT) {
         put_smem<SD>(sm_s, G, g - g0, r.s);
         put_smem<TD>(sm_t, G, g - g0, r.t);
       }
       float sv[kGroup], tv[kGroup];
-      pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
-      stats_push_group<DIV>(st, sv, tv, c);
+      pair_to_float<SD, TD>(r.s, r.t, c, sv, tv);
+      stats_push_group<DIV>(st, sv, tv, uscale, c);
     });
     st = row_allreduce(st, sc, C, MergeStats<DIV>());
     const RowFinal f = stats_finish<DIV>(st, c);
 
     if (!row_valid(f)) {  // the same in every block of the cluster (merged values agree bit for bit)
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = __int_as_float(0x7fc00000);
-      if (grow != nullptr) {
-        float nanv[kGroup];
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) nanv[j] = __int_as_float(0x7fc00000);
-        for (int64_t g = g0 + threadIdx.x; g < g1; g += blockDim.x) store_group<SD>(grow, g, V, p.vec_g, nanv);
-      }
+      if (grow != nullptr) fill_groups<SD>(grow, g0, g1, vec_g, V, __int_as_float(0x7fc00000));
       continue;
     }
 
-    // ℓq = (s̃ − m_s) − log Z_s, ℓp = (t̃ − m_t) − log Z_t (the Triton kernel's form), not s̃ − LSE_s: LSE_s
-    // = m_s + log Z_s is rounded at the size of m_s, so at logits ~1e3 s̃ − LSE_s is off by ~1e-4 relative;
-    // s̃ − m_s is exact (Sterbenz) for the elements that carry weight and log Z_s is small. The row is valid
-    // here, so m_s, m_t (and m_r) are finite.
-    const float ms = st.s.m, mt = st.t.m, lzs = kd_log(st.s.z), lzt = kd_log(st.t.z);
-    const float mr = st.r.m, lzr = D::kR ? kd_log(st.r.z) : 0.f;
+    const RowLogs lg = row_logs<DIV>(st);  // the row is valid here, so m_s, m_t (and m_r) are finite
 
     if constexpr (D::kStreaming) {
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = f.loss;
       if (grow == nullptr) continue;
       // Pass B: gradient.
-      for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
+      for_groups<U2>(g0, g1, load_again, [&](int g, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup], out[kGroup];
-        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          const float q = kd_exp((sv[j] - ms) - lzs);
-          float w2 = 0.f;
-          if (D::kR) {
-            w2 = kd_exp((renyi_logit(sv[j], tv[j], c) - mr) - lzr);
-          } else if (D::kGradW2) {
-            w2 = kd_exp((tv[j] - mt) - lzt);
-          }
-          out[j] = stream_grad<DIV>(q, w2, sv[j], tv[j], f) * scale;
-        }
-        store_group<SD>(grow, g, V, p.vec_g, out);
+        pair_to_float<SD, TD>(r.s, r.t, c, sv, tv);
+        group_stream_grad<DIV>(sv, tv, uscale, lg, f, c, scale, out);
+        store_group<SD>(grow, g, vec_g, V, out);
       });
     } else {
       // Pass B: loss and A = Σ a_v.
       Sum2 acc = {0.f, 0.f};
-      for_groups<U2>(g0, g1, load_again, [&](int64_t, const RawPair<SD, TD>& r) {
+      for_groups<U2>(g0, g1, load_again, [&](int, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup];
-        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          const float lq = (sv[j] - ms) - lzs, lp = (tv[j] - mt) - lzt;
-          const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
-          acc.a += e.loss;
-          acc.b += e.a;
-        }
+        pair_to_float<SD, TD>(r.s, r.t, c, sv, tv);
+        group_center_sums<DIV>(sv, tv, uscale, lg, c, acc.a, acc.b);
       });
       acc = row_allreduce(acc, sc, C, MergeSum2());
       if (rank == 0 && threadIdx.x == 0) p.loss[row] = acc.a;
       if (grow == nullptr) continue;
       const float A = acc.b;
       // Pass C: gradient.
-      for_groups<U2>(g0, g1, load_again, [&](int64_t g, const RawPair<SD, TD>& r) {
+      for_groups<U2>(g0, g1, load_again, [&](int g, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup], out[kGroup];
-        pair_to_float<SD, TD>(r.s, r.t, inv_t, c, sv, tv);
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          const float lq = (sv[j] - ms) - lzs, lp = (tv[j] - mt) - lzt;
-          const CenterTerms e = center_terms<DIV>(lq, lp, kd_exp(lq), kd_exp(lp), c);
-          out[j] = center_grad(e.q, e.a, A) * scale;
-        }
-        store_group<SD>(grow, g, V, p.vec_g, out);
+        pair_to_float<SD, TD>(r.s, r.t, c, sv, tv);
+        group_center_grad<DIV>(sv, tv, uscale, lg, c, A, scale, out);
+        store_group<SD>(grow, g, vec_g, V, out);
       });
     }
   }

@@ -157,6 +157,44 @@ KD_HD float kd_log(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Log units. Everything below keeps its logarithms (s̃, t̃, ℓq, ℓp, the maxima, LSEs, log α, the mixture
+// logs) in one unit per build: nats on the CPU, whose polynomials are e^x and ln x, and bits in the CUDA
+// kernels, whose hardware computes 2^x and log2 x, so that no exponential there pays a multiplication by
+// log2 e (the logits are scaled by log2 e / T once, where they are converted). Probabilities, ratios and the
+// Z sums are the same numbers in both. A loss or gradient term that is a logarithm (every KL-type term) is
+// converted to nats with kNatsPerUnit where it leaves the log domain; on the CPU that factor is 1 and folds
+// away. KD_LOG2_UNITS selects bits in a host build (csrc/cuda/host_check, the host replay of the kernels).
+// ---------------------------------------------------------------------------------------------------------
+
+#if defined(__CUDA_ARCH__) || defined(KD_LOG2_UNITS)
+#define KD_UNITS_ARE_BITS 1
+#else
+#define KD_UNITS_ARE_BITS 0
+#endif
+constexpr float kNatsPerUnit = KD_UNITS_ARE_BITS ? kLn2 : 1.f;
+constexpr float kUnitsPerNat = KD_UNITS_ARE_BITS ? kLog2e : 1.f;
+
+// e^(x nats) / 2^(x bits) and ln x / log2 x: the exponential and logarithm of the build's unit.
+KD_HD float kd_expu(float x) {
+#if defined(__CUDA_ARCH__)
+  return kd_ex2_approx(x);
+#elif KD_UNITS_ARE_BITS
+  return std::exp2(x);
+#else
+  return kd_exp(x);
+#endif
+}
+KD_HD float kd_logu(float x) {
+#if defined(__CUDA_ARCH__)
+  return kd_lg2_approx(x);
+#elif KD_UNITS_ARE_BITS
+  return std::log2(x);
+#else
+  return kd_log(x);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Storage dtypes → fp32 and back (round to nearest even).
 // ---------------------------------------------------------------------------------------------------------
 
@@ -231,7 +269,7 @@ KD_HD void store_from_float(void* base, int64_t i, float v) {
 
 // e^(from − to) for rescaling a partial sum kept relative to max `from` onto max `to` ≥ from;
 // 0 when `from` is −inf (an empty partial sum), so −inf − (−inf) never makes a NaN.
-KD_HD float rescale(float from, float to) { return from == -kInf ? 0.f : kd_exp(from - to); }
+KD_HD float rescale(float from, float to) { return from == -kInf ? 0.f : kd_expu(from - to); }
 
 // Σ_j e^(x_j − m) together with its max m. Empty state: m = −inf, z = 0.
 struct LSEState {
@@ -246,7 +284,7 @@ KD_HD LSEState lse_merge(LSEState a, LSEState b) {
   return {m, a.z * rescale(a.m, m) + b.z * rescale(b.m, m)};
 }
 
-KD_HD float lse_value(LSEState st) { return st.m == -kInf ? -kInf : st.m + kd_log(st.z); }
+KD_HD float lse_value(LSEState st) { return st.m == -kInf ? -kInf : st.m + kd_logu(st.z); }
 
 // The base a block's (CPU) or group's (CUDA) exponentials are taken against: its max, or 0 for an all −inf
 // block, so that e^(x − base) is exactly 0 there instead of e^(−inf − (−inf)) = e^NaN.
@@ -272,8 +310,7 @@ KD_HD float exp_base(float m) { return m == -kInf ? 0.f : m; }
 // Parameters of one launch with their derived constants (make_div_coef, once per launch on the host).
 struct DivCoef {
   float a;        // α (skew_*, alpha_beta, renyi) or β (jsd)
-  float log_a;    // log a and log(1 − a): the mixture weights in log space (skew_*, jsd)
-  float log_1ma;
+  float oma;      // 1 − a, rounded once
   float b;                // β of alpha_beta
   float k0, k1, k2, k3;   // alpha_beta: −1/(αβ), α/(α+β), β/(α+β), 1/α;   renyi: 1/(α−1), 1 − α
   float lam, oml;         // interpolation λ and 1 − λ
@@ -284,10 +321,8 @@ inline DivCoef make_div_coef(int div, double coef, double coef2, double interpol
   DivCoef c = {};
   c.a = static_cast<float>(coef);
   c.b = static_cast<float>(coef2);
-  if (div == SKEW_FORWARD_KL || div == SKEW_REVERSE_KL || div == JSD) {
-    c.log_a = static_cast<float>(std::log(coef));
-    c.log_1ma = static_cast<float>(std::log1p(-coef));
-  } else if (div == ALPHA_BETA) {
+  c.oma = static_cast<float>(1.0 - coef);
+  if (div == ALPHA_BETA) {
     c.k0 = static_cast<float>(-1.0 / (coef * coef2));
     c.k1 = static_cast<float>(coef / (coef + coef2));
     c.k2 = static_cast<float>(coef2 / (coef + coef2));
@@ -365,6 +400,11 @@ KD_HD RowStats stats_empty() { return {lse_empty(), lse_empty(), lse_empty(), 0.
 // b = −inf too (where a − b would be NaN).
 KD_HD float x_term(float w, float a, float b) { return w == 0.f ? 0.f : w * (a - b); }
 
+// x capped above at `hi` / below at `lo`; a NaN becomes the cap (compares, not fminf / fmaxf: GCC vectorizes
+// these; nvcc makes them one FMNMX, whose NaN rule is the same).
+KD_HD float cap_above(float x, float hi) { return x < hi ? x : hi; }
+KD_HD float cap_below(float x, float lo) { return x > lo ? x : lo; }
+
 // One element's contributions to X_s, X_t given its weights ws = e^(s̃ − m_s), wt = e^(t̃ − m_t).
 template <int DIV>
 KD_HD float stats_xs(float ws, float st, float tt) {
@@ -395,9 +435,11 @@ KD_HD RowStats stats_merge(RowStats a, RowStats b) {
 
 // What the gradient passes need from the first pass.
 struct RowFinal {
-  float lse_s, lse_t, lse_r;
-  float loss;  // L of a streaming kind (centered kinds sum theirs in pass 2)
-  float rkl;   // jeffreys: its KL(q‖p) part
+  float lse_s, lse_t, lse_r;  // in log units
+  float loss;  // L of a streaming kind, in nats (centered kinds sum theirs in pass 2)
+  float rkl;   // jeffreys: its KL(q‖p) part, in nats
+  // reverse_kl, jeffreys: ℓq − ℓp − KL(q‖p) = (s̃ − t̃) − gshift, in log units (one subtraction per element)
+  float gshift;
 };
 
 // The row's LSEs and (streaming kinds) its loss:
@@ -413,18 +455,20 @@ KD_HD RowFinal stats_finish(RowStats st, const DivCoef& c) {
   f.lse_r = DivDef<DIV>::kR ? lse_value(st.r) : 0.f;
   f.loss = 0.f;
   f.rkl = 0.f;
+  f.gshift = 0.f;
   if (DivDef<DIV>::kXt || DivDef<DIV>::kXs) {
     const float dm = st.s.m - st.t.m;
-    const float dlz = kd_log(st.s.z) - kd_log(st.t.z);
+    const float dlz = kd_logu(st.s.z) - kd_logu(st.t.z);
     const float fkl = DivDef<DIV>::kXt ? st.xt / st.t.z + dm + dlz : 0.f;
     const float rkl = DivDef<DIV>::kXs ? st.xs / st.s.z - dm - dlz : 0.f;
-    f.rkl = rkl;
-    f.loss = DIV == FORWARD_KL ? fkl : (DIV == REVERSE_KL ? rkl : st.xt / st.t.z + st.xs / st.s.z);
+    f.rkl = rkl * kNatsPerUnit;
+    f.gshift = (dm + dlz) + rkl;  // LSE_s − LSE_t + KL(q‖p)
+    f.loss = (DIV == FORWARD_KL ? fkl : (DIV == REVERSE_KL ? rkl : st.xt / st.t.z + st.xs / st.s.z)) * kNatsPerUnit;
   } else if (DIV == RENYI) {
     const float dm = st.r.m - c.a * st.t.m - c.k1 * st.s.m;
-    const float dlz = kd_log(st.r.z) - c.a * kd_log(st.t.z) - c.k1 * kd_log(st.s.z);
+    const float dlz = kd_logu(st.r.z) - c.a * kd_logu(st.t.z) - c.k1 * kd_logu(st.s.z);
     // r̃ = +inf (α > 1, q = 0 where p > 0): the divergence is +inf.
-    f.loss = st.r.m == kInf ? kInf : c.k0 * (dm + dlz);
+    f.loss = st.r.m == kInf ? kInf : c.k0 * (dm + dlz) * kNatsPerUnit;
   }
   return f;
 }
@@ -434,15 +478,17 @@ KD_HD RowFinal stats_finish(RowStats st, const DivCoef& c) {
 // LSE −inf. Every backend then writes loss NaN and a NaN gradient row (the semantics decided for all).
 KD_HD bool row_valid(const RowFinal& f) { return f.lse_s - f.lse_s == 0.f && f.lse_t - f.lse_t == 0.f; }
 
-// ∂L/∂s̃_j of a streaming kind, from q_j, w2 (p_j; renyi ρ_j) and, for reverse_kl / jeffreys, the logits:
+// ∂L/∂s̃_j of a streaming kind, from q_j, w2 (p_j; renyi ρ_j) and, for reverse_kl / jeffreys,
+// dqp = ℓq_j − ℓp_j − KL(q‖p) in log units (the caller's (s̃ − t̃) − f.gshift; unused by the others):
 //   forward_kl q − p      reverse_kl q (ℓq − ℓp − L)      jeffreys (q − p) + q (ℓq − ℓp − KL(q‖p))
 //   renyi q − ρ,  ρ = p^α q^(1−α) / Σ p^α q^(1−α)
-// with ℓq − ℓp = (s̃ − t̃) − (LSE_s − LSE_t), and 0 for the q-weighted part where q_j = 0.
+// and 0 for the q-weighted part where q_j = 0: there s̃ = −inf or ℓq underflowed, and dqp is −inf (NaN when
+// t̃ = −inf too), capped at −FLT_MAX so that q · it is 0.
 template <int DIV>
-KD_HD float stream_grad(float q, float w2, float st, float tt, const RowFinal& f) {
+KD_HD float stream_grad(float q, float w2, float dqp) {
   if (DIV == FORWARD_KL || DIV == RENYI) return q - w2;
-  const float g = q * (((st - tt) - (f.lse_s - f.lse_t)) - (DIV == REVERSE_KL ? f.loss : f.rkl));
-  const float gq = q == 0.f ? 0.f : g;
+  const float d = cap_below(dqp, -3.4028234663852886e38f);
+  const float gq = (q * d) * kNatsPerUnit;
   return DIV == REVERSE_KL ? gq : (q - w2) + gq;
 }
 
@@ -450,44 +496,54 @@ KD_HD float stream_grad(float q, float w2, float st, float tt, const RowFinal& f
 // Centered kinds.
 // ---------------------------------------------------------------------------------------------------------
 
-// log(w·x + (1−w)·y) from log x, log y in log space (MATH.md: never in probability space).
-KD_HD float log_mix(float lx, float ly, float log_w, float log_1mw) {
-  float a = lx + log_w, b = ly + log_1mw;
-  // Compares, not fmaxf / fminf: those calls keep GCC from vectorizing the CPU loops (equal for non-NaN).
-  float hi = a > b ? a : b, lo = a > b ? b : a;
-  float out = hi + kd_log(1.f + kd_exp(lo - hi));
-  return hi == -kInf ? -kInf : out;
+// The mixtures of the skew and JS divergences in log space (MATH.md: never α p + (1−α) q from probabilities
+// that may have underflowed). m = α p + (1−α) q is m = p · (α + (1−α) e^(ℓq − ℓp)), so
+//   ℓp − log m = −log d,   p / m = 1 / d,   d = α + (1−α) e^(ℓq − ℓp) ≥ α,
+// one exponential and one logarithm of a number ≥ α: logaddexp taken against ℓp (skew_forward_kl; ℓq for
+// skew_reverse_kl's m' = α q + (1−α) p, where only q-weighted terms appear), and no cancellation in what is
+// used. The exponent is capped at kMaxLogGap, where e^x is still finite: beyond it the reference probability
+// is below the smallest normal float, so the terms it weights are 0 (flushed) or under 1e-37, and a
+// NaN gap (both −inf, e.g. padding) becomes the cap instead of spreading. jsd needs both ℓp − log M and
+// ℓq − log M, so it takes the larger side as the reference (log_mix_gaps).
+constexpr float kMaxLogGap = KD_UNITS_ARE_BITS ? 126.f : 87.f;
+
+// 1 / x: the GPU's reciprocal unit (rcp.approx.ftz, 1 ulp), no IEEE division with its slow-path check.
+KD_HD float kd_rcp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.f / x;
+#endif
 }
 
-// log_mix and, with no second exp, the ratio x / (w·x + (1−w)·y) = e^(lx − log_mix): with hi, lo the larger
-// and smaller of log w + lx, log(1−w) + ly and u = e^(lo − hi), the mixture is e^hi (1 + u), so the ratio is
-// 1 / (w (1 + u)) when the x side is the larger, u / (w (1 + u)) otherwise. (NaN when both are −inf: callers
-// select 0 there, where x = 0.)
-struct MixRatio {
-  float lm;
-  float ratio;
+// M = w·x + (1−w)·y from ℓx, ℓy: returns (ℓx − log M, ℓy − log M) against the larger of the two, so that
+// each comes out without cancellation (w1 = 1 − w, rounded once by the caller).
+struct MixGaps {
+  float dx, dy;
 };
-
-KD_HD MixRatio log_mix_ratio(float lx, float ly, float log_w, float log_1mw, float w) {
-  const float a = lx + log_w, b = ly + log_1mw;
-  const float hi = a > b ? a : b, lo = a > b ? b : a;
-  const float u = kd_exp(lo - hi);
-  const float opu = 1.f + u;
-  MixRatio out;
-  out.lm = hi == -kInf ? -kInf : hi + kd_log(opu);
-  out.ratio = (a > b ? 1.f : u) / (w * opu);
+KD_HD MixGaps log_mix_gaps(float lx, float ly, float w, float w1) {
+  const float g = cap_below(cap_above(lx - ly, kMaxLogGap), -kMaxLogGap);  // NaN → the cap
+  const bool xbig = g > 0.f;
+  const float e = kd_expu(-fabsf(g));                  // e^(−|g|)
+  const float d = xbig ? w + w1 * e : w1 + w * e;      // M / max(x, y) ∈ [min(w, 1−w), 1]
+  const float ld = kd_logu(d);
+  MixGaps out;
+  out.dx = (g < 0.f ? g : 0.f) - ld;  // ℓx − log M
+  out.dy = (g > 0.f ? -g : 0.f) - ld;  // ℓy − log M
   return out;
 }
 
 // The per-element pieces of a centered divergence at one vocabulary entry: q_j, a_j = ∂L/∂ℓq_j and the
-// loss term.
+// loss term, both in nats.
 struct CenterTerms {
   float q;
   float a;
   float loss;
 };
 
-// From ℓq_j, ℓp_j and q_j = e^ℓq_j, p_j = e^ℓp_j (already computed by the caller). Loss term / a_j:
+// From ℓq_j, ℓp_j (log units) and q_j = e^ℓq_j, p_j = e^ℓp_j (already computed by the caller). Loss term / a_j:
 //   skew_forward_kl  p (ℓp − log m),  m = α p + (1−α) q      a = −(1−α) q p/m
 //   skew_reverse_kl  q (ℓq − log m'), m' = α q + (1−α) p     a = q (ℓq − log m' − α q/m')
 //   jsd   β p (ℓp − log M) + (1−β) q (ℓq − log M), M = β p + (1−β) q      a = (1−β) q (ℓq − log M)
@@ -502,29 +558,31 @@ KD_HD CenterTerms center_terms(float lq, float lp, float q, float p, const DivCo
   CenterTerms out;
   out.q = q;
   if (DIV == SKEW_FORWARD_KL) {
-    const MixRatio mr = log_mix_ratio(lp, lq, c.log_a, c.log_1ma, c.a);  // p / m = e^(ℓp − log m)
-    out.loss = p == 0.f ? 0.f : p * (lp - mr.lm);
-    out.a = p == 0.f ? 0.f : -(1.f - c.a) * q * mr.ratio;
+    const float gap = cap_above(lq - lp, kMaxLogGap);
+    const float d = c.a + c.oma * kd_expu(gap);  // m / p
+    out.loss = -(p * kd_logu(d)) * kNatsPerUnit;  // 0 where p = 0: d is finite
+    // a = −(1−α) q p/m, 0 at the cap (p = 0 or below the smallest normal), decided without p itself so
+    // that the gradient pass needs no e^ℓp.
+    out.a = gap == kMaxLogGap ? 0.f : -(c.oma * q) * kd_rcp(d);
   } else if (DIV == SKEW_REVERSE_KL) {
-    const MixRatio mr = log_mix_ratio(lq, lp, c.log_a, c.log_1ma, c.a);  // q / m' = e^(ℓq − log m')
-    const float d = lq - mr.lm;
-    out.loss = q == 0.f ? 0.f : q * d;
-    out.a = q == 0.f ? 0.f : q * (d - c.a * mr.ratio);
+    const float d = c.a + c.oma * kd_expu(cap_above(lp - lq, kMaxLogGap));  // m' / q
+    const float ld = kd_logu(d) * kNatsPerUnit;                            // log m' − ℓq, in nats
+    out.loss = -(q * ld);
+    out.a = -(q * (ld + c.a * kd_rcp(d)));
   } else if (DIV == JSD) {
-    const float lm = log_mix(lp, lq, c.log_a, c.log_1ma);
-    const float dp = lp - lm, dq = lq - lm;
-    out.loss = c.a * (p == 0.f ? 0.f : p * dp) + (1.f - c.a) * (q == 0.f ? 0.f : q * dq);
-    out.a = q == 0.f ? 0.f : (1.f - c.a) * q * dq;
+    const MixGaps m = log_mix_gaps(lp, lq, c.a, c.oma);
+    out.a = q * (m.dy * (c.oma * kNatsPerUnit));                      // (1−β) q (ℓq − log M)
+    out.loss = (c.a * kNatsPerUnit) * (p * m.dx) + out.a;             // + β p (ℓp − log M)
   } else if (DIV == TVD) {
     out.loss = 0.5f * (p > q ? p - q : q - p);
     out.a = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.f);
   } else if (DIV == JEFFREYS) {
-    const float rev = x_term(q, lq, lp);  // q (ℓq − ℓp), 0 where q = 0
-    out.loss = x_term(p, lp, lq) + rev;
+    const float rev = x_term(q, lq, lp) * kNatsPerUnit;  // q (ℓq − ℓp), 0 where q = 0
+    out.loss = x_term(p, lp, lq) * kNatsPerUnit + rev;
     out.a = rev - p;
   } else {  // ALPHA_BETA
-    const float pa = kd_exp(c.a * lp), pb = kd_exp(c.b * lp);
-    const float qa = kd_exp(c.a * lq), qb = kd_exp(c.b * lq);
+    const float pa = kd_expu(c.a * lp), pb = kd_expu(c.b * lp);
+    const float qa = kd_expu(c.a * lq), qb = kd_expu(c.b * lq);
     out.loss = c.k0 * (pa * qb - c.k1 * (pa * pb) - c.k2 * (qa * qb));
     out.a = c.k3 * qb * (qa - pa);
   }
