@@ -71,6 +71,18 @@ def _poisoned(g: torch.Tensor) -> torch.Tensor:
     return torch._C._functions.DelayedError(_TWICE, 1)(g)
 
 
+def reduce_rows(loss: torch.Tensor, row_weight: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Σ_i c_i L_i, or the vector c_i L_i when ``per_token``; skipped rows have L_i = 0 and c_i = 0."""
+    weighted = loss * row_weight
+    return weighted if per_token else weighted.sum()
+
+
+def loss_only(s, t, row_weight, spec: KDSpec, backend, per_token: bool) -> torch.Tensor:
+    """What :class:`KDLossFunction` returns when nothing needs a gradient, without an autograd node: the
+    launcher computes the loss alone. Eager only (a compiled graph needs the custom op)."""
+    return reduce_rows(backend.loss_grad(s, t, row_weight, spec, None), row_weight, per_token)
+
+
 class KDLossFunction(torch.autograd.Function):
     """(s, t, c) ↦ Σ_i c_i L_i  (or the vector c_i L_i when ``per_token``); gradient to ``s`` only."""
 
@@ -94,11 +106,10 @@ class KDLossFunction(torch.autograd.Function):
                 # The kernel overwrote s with its gradient, each block read before written. Bump the version
                 # so autograd raises if anything saved s for its own backward (see inplace_grad's docs).
                 torch.autograd.graph.increment_version(s)
-        weighted = loss * row_weight  # skipped rows: L_i = 0 and c_i = 0
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.per_token = per_token
-        return weighted if per_token else weighted.sum()
+        return reduce_rows(loss, row_weight, per_token)
 
     @staticmethod
     @once_differentiable

@@ -111,22 +111,38 @@ class _Rows:
         self.count = n if self.idx is None else self.idx.numel()
 
     def chunks(self, rows: int):
+        """Each chunk's selection: None for a single chunk of every row (the tensors themselves), else a
+        slice, or an index of active rows."""
+        if self.idx is None and self.count <= rows:
+            yield None
+            return
         for lo in range(0, self.count, rows):
             hi = min(self.count, lo + rows)
             yield (slice(lo, hi) if self.idx is None else self.idx[lo:hi])
 
     @staticmethod
     def take(x: torch.Tensor | None, sel) -> torch.Tensor | None:
-        if x is None:
-            return None
+        if x is None or sel is None:
+            return x
         return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
 
     @staticmethod
     def put(dst: torch.Tensor, sel, value: torch.Tensor) -> None:
-        if isinstance(sel, slice):
+        if sel is None:
+            dst.copy_(value)
+        elif isinstance(sel, slice):
             dst[sel] = value
         else:
             dst.index_copy_(0, sel, value)
+
+    @staticmethod
+    def store(dst: torch.Tensor | None, sel, value: torch.Tensor) -> torch.Tensor:
+        """``put`` for a per-row output: ``dst`` holding ``value`` in its selected rows, or, for the single
+        chunk (``sel`` None), ``value`` itself (no buffer, no copy)."""
+        if sel is None:
+            return value
+        _Rows.put(dst, sel, value)
+        return dst
 
 
 def kd_chunk_loop(
@@ -478,29 +494,34 @@ def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy
     no autograd node, no log-sum-exp kept."""
     n, dev = h.shape[0], h.device
     plan = _Rows(active, n)
+    single = plan.idx is None and plan.count <= rows  # one chunk of every row: its results are the outputs
     # every row is written when none is masked (zeros otherwise); no entropy buffer unless asked
-    logp = (torch.empty if plan.idx is None else torch.zeros)(n, dtype=torch.float32, device=dev)
-    ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy
+    logp = None if single else (torch.empty if plan.idx is None else torch.zeros)(
+        n, dtype=torch.float32, device=dev)
+    ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy and not single
            else torch.zeros(0, dtype=torch.float32, device=dev))
-    lse_all = torch.empty(plan.count if want_lse else 0, dtype=torch.float32, device=dev)
+    lse_all = torch.empty(plan.count if want_lse and not single else 0, dtype=torch.float32, device=dev)
+    # Without a log-sum-exp to keep, z is not read after log_softmax: on the CPU it writes its output over z
+    # (the same values bit for bit: its kernel reads a row fully before writing it), one (rows, V) buffer fewer.
+    over_z = not want_lse and dev.type == "cpu"
     pos = 0
     for sel in plan.chunks(rows):
         z = _logits_fp32(plan.take(h, sel), w, b, inv_t, tr)
         y = plan.take(tokens, sel)[:, None]
         # log_softmax is one fused pass (logsumexp is four: max, subtract, exp-sum, log); the
         # log-sum-exp for backward is then z[y] − log q(y)
-        logq = torch.log_softmax(z, -1)
+        logq = torch.log_softmax(z, -1, out=z) if over_z else torch.log_softmax(z, -1)
         lp = logq.gather(1, y).squeeze(1)
         if want_lse:
             lse = z.gather(1, y).squeeze(1) - lp
             if not math.isfinite(float(lse.sum())):  # z[y] = ±inf / NaN: those rows the long way
                 lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(z, -1))
-            lse_all[pos : pos + z.shape[0]] = lse
+            lse_all = plan.store(lse_all, None if sel is None else slice(pos, pos + z.shape[0]), lse)
         pos += z.shape[0]
-        plan.put(logp, sel, lp)
+        logp = plan.store(logp, sel, lp)
         if want_entropy:
             q = logq.exp_()  # logq is dead after this: reuse it for q
-            plan.put(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
+            ent = plan.store(ent, sel, torch.special.entr(q).sum(-1))  # entr(0) = 0: no 0·log 0 NaN
     return logp, ent, lse_all, plan
 
 

@@ -98,6 +98,9 @@ def row_weights(
     c_i = w_i where k_i else 0 (so a NaN / inf weight on a masked row adds exactly 0), divided by
     max(1, Σ k_i) for 'mean' (MATH.md, Reductions). Stays on device: no host sync.
     """
+    if mask is None and token_weights is None:
+        # one fill instead of ones / count (the same fp32 value: 1/n rounded once)
+        return torch.full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0, device=device)
     k = mask.reshape(n).to(torch.float32) if mask is not None else None
     c = k if k is not None else torch.ones(n, dtype=torch.float32, device=device)
     if token_weights is not None:

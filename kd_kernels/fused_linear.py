@@ -31,7 +31,7 @@ from ._fused_linear_impl import (
     logprobs_pass,
 )
 from ._head import HeadTransform
-from ._spec import FP32_MAX, KDSpec
+from ._spec import FP32_MAX, KDSpec, check_temperature
 
 IGNORE_INDEX = -100
 
@@ -514,7 +514,7 @@ def fused_linear_logprobs(
       ``fused_linear_kd(h_s, W_s, h_t, W_t, divergence="reverse_kl", mask=mask,
       reduction="none")``, which accepts any upstream gradient (``(kl * weights).sum()``...).
     """
-    KDSpec.make("forward_kl", alpha=0.1, beta=0.5, temperature=temperature)  # validates temperature
+    check_temperature(temperature)
     V.check_bool(return_entropy, "return_entropy")
     tr = HeadTransform.make(logit_scale, softcap, names=("logit_scale", "softcap"))
     chunk_size = _check_chunk_size(chunk_size)

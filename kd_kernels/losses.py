@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._autograd import KDLossFunction
+from ._autograd import KDLossFunction, loss_only
 from ._backends import resolve_backend
 from ._spec import KDSpec
 
@@ -64,8 +64,9 @@ def kd_loss(
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, s.device, boolean=False)
     b = resolve_backend(backend, s.device)
     V.check_bool(inplace_grad, "inplace_grad")
+    compiling = torch.compiler.is_compiling()
     # Under torch.compile the graph calls a custom op that never aliases s: inplace_grad does not apply.
-    inplace = inplace_grad and s.requires_grad and not torch.compiler.is_compiling()
+    inplace = inplace_grad and s.requires_grad and not compiling
     # A view shares its base's memory: writing into a view of a Parameter overwrites the Parameter.
     base = s if not inplace or s._base is None else s._base
     if inplace and base.is_leaf and base.requires_grad:
@@ -76,8 +77,8 @@ def kd_loss(
         )
 
     n = lead.numel()
-    s2 = s.reshape(n, vocab)
-    t2 = t.detach().reshape(n, vocab)
+    s2 = s if s.dim() == 2 else s.reshape(n, vocab)
+    t2 = t.detach() if t.dim() == 2 else t.detach().reshape(n, vocab)
     # Kernels need a unit stride along the vocabulary; any row stride is fine.
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
@@ -92,7 +93,11 @@ def kd_loss(
             # one buffer): read the teacher from a copy.
             t2 = t2.clone()
     c = V.row_weights(mask, token_weights, n, reduction, s.device)
-    out = KDLossFunction.apply(s2, t2, c, spec, b.name, reduction == "none", inplace)
+    if not (s.requires_grad and torch.is_grad_enabled()) and not compiling:
+        # nothing to differentiate (evaluation, a teacher-side call): no autograd node, no gradient buffer
+        out = loss_only(s2, t2, c, spec, b, reduction == "none")
+    else:
+        out = KDLossFunction.apply(s2, t2, c, spec, b.name, reduction == "none", inplace)
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from _common import DIVERGENCES
+from _common import CPU_BACKENDS, DIVERGENCES
 
 import kd_kernels
 from kd_kernels import reference as R
 from kd_kernels._backends import torch_backend as TB
+from kd_kernels._spec import Divergence
 
 COEF = {"skew_forward_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.3}, "jsd": {"beta": 0.4}}
 
@@ -117,3 +118,41 @@ def test_unguarded_first_pass_with_guarded_redo_equals_the_guarded_rows(divergen
             assert torch.isnan(g[4]).all() and not torch.isnan(g[torch.isfinite(loss)]).any()
         else:
             assert g is None and ref_g is None
+
+
+@pytest.mark.parametrize("divergence", [d.label for d in Divergence])
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+@pytest.mark.parametrize("weighted", (False, True))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loss_without_grad_equals_the_grad_path_without_an_autograd_node(divergence, reduction, weighted, backend,
+                                                                          monkeypatch):
+    """Nothing to differentiate (no_grad, or a student that does not require grad): the launcher runs
+    directly, without the autograd Function, and the loss equals the differentiable call's bit for bit (and the
+    float64 reference)."""
+    from kd_kernels import losses
+
+    s, t = _inputs(9, 131, seed=4)
+    s[2, :5] = t[2, :5] = -math.inf
+    kw = dict(divergence=divergence, reduction=reduction, backend=backend, temperature=1.3,
+              **COEF.get(divergence, {}))
+    if weighted:
+        kw["mask"] = torch.arange(9) % 4 != 1
+        kw["token_weights"] = torch.linspace(0.5, 2.0, 9)
+    with_grad = kd_kernels.kd_loss(s.clone().requires_grad_(), t, **kw)
+    assert with_grad.grad_fn is not None
+    mask = kw.get("mask")
+    ref = R.kd_loss(divergence, s.double().clamp_min(-1e4), t.double().clamp_min(-1e4), mask=mask,
+                    token_weights=kw.get("token_weights"), reduction=reduction, temperature=1.3,
+                    **COEF.get(divergence, {}))
+    torch.testing.assert_close(with_grad.detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+    def no_function(*args):
+        raise AssertionError("KDLossFunction.apply ran although nothing needs a gradient")
+
+    monkeypatch.setattr(losses.KDLossFunction, "apply", no_function)
+    with torch.no_grad():
+        under_no_grad = kd_kernels.kd_loss(s.clone().requires_grad_(), t, **kw)
+    plain = kd_kernels.kd_loss(s, t, **kw)
+    for out in (under_no_grad, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, with_grad.detach())

@@ -25,7 +25,9 @@ def _where_pos(cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    """log(w a + (1 − w) b), a new tensor (written over its first term: one (rows, V) buffer fewer)."""
+    x = log_a + math.log(w)
+    return torch.logaddexp(x, log_b + math.log1p(-w), out=x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,10 +66,12 @@ def _xlog(prob: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch
 
 def _forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     p_ = _exp(lp, p)
-    loss = _pos(guard, p_, _xlog(p_, lp, lq)).sum(-1)
+    d = _xlog(p_, lp, lq)
+    loss = _pos(guard, p_, d).sum(-1)
     if not want_grad:
         return loss, None, None
-    return loss, _exp(lq, q) - p_, 0.0  # a = −p + q (a new tensor: the inputs are shared, never written)
+    # a = −p + q, into d's buffer (dead once summed; the inputs are shared and never written)
+    return loss, torch.sub(_exp(lq, q), p_, out=d), 0.0
 
 
 def _reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
@@ -78,7 +82,8 @@ def _reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Te
 
 
 def _skew_forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    d = lp - _log_mix(lp, lq, spec.coef)  # log(p / m), m = α p + (1−α) q
+    m = _log_mix(lp, lq, spec.coef)
+    d = torch.sub(lp, m, out=m)  # log(p / m), m = α p + (1−α) q
     p_ = _exp(lp, p)
     loss = _pos(guard, p_, p_ * d).sum(-1)
     if not want_grad:
@@ -88,7 +93,8 @@ def _skew_forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) 
 
 
 def _skew_reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    d = lq - _log_mix(lq, lp, spec.coef)  # log(q / m'), m' = α q + (1−α) p
+    m = _log_mix(lq, lp, spec.coef)
+    d = torch.sub(lq, m, out=m)  # log(q / m'), m' = α q + (1−α) p
     q_ = _exp(lq, q)
     loss = _pos(guard, q_, q_ * d).sum(-1)
     if not want_grad:
@@ -101,19 +107,20 @@ def _jsd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     b = spec.coef
     lm = _log_mix(lp, lq, b)  # M = β p + (1−β) q
     q_, p_ = _exp(lq, q), _exp(lp, p)
-    wq = _pos(guard, q_, lq - lm)
-    loss = b * _pos(guard, p_, _xlog(p_, lp, lm)).sum(-1) + (1 - b) * (q_ * wq).sum(-1)
+    wq = _pos(guard, q_, lq - lm).mul_(q_)  # q log(q / M)
+    lpm = _pos(guard, p_, torch.sub(lp, lm, out=lm).mul_(p_))  # p log(p / M), over lm (dead now)
+    loss = b * lpm.sum(-1) + (1 - b) * wq.sum(-1)
     if not want_grad:
         return loss, None, None
-    a = wq.mul_(q_).mul_(1 - b)
+    a = wq.mul_(1 - b)
     return loss, a, a.sum(-1)
 
 
 def _tvd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    diff = _exp(lq, q) - _exp(lp, p)
-    loss = 0.5 * diff.abs().sum(-1)
+    diff = lq.exp().sub_(_exp(lp, p)) if q is None else q - _exp(lp, p)  # q − p, a new tensor
     if not want_grad:
-        return loss, None, None
+        return 0.5 * diff.abs_().sum(-1), None, None
+    loss = 0.5 * diff.abs().sum(-1)
     a = diff.sign_().mul_(_exp(lq, q)).mul_(0.5)
     return loss, a, a.sum(-1)
 
@@ -204,14 +211,20 @@ def rows_loss_and_dlogits(
     g = None
     if want_grad:
         g = a if isinstance(big_a, float) else a.addcmul_(q, big_a[:, None], value=-1.0)
-    redo = ~torch.isfinite(loss)
-    if bool(redo.any()):
-        idx = redo.nonzero()[:, 0]
+    # One reduction asks whether any row is not finite (a NaN or ±inf row makes the sum so; a sum that merely
+    # overflows finds no row below and redoes nothing); isfinite(loss).all() would be several ops.
+    if not math.isfinite(float(loss.sum())):
+        idx = (~torch.isfinite(loss)).nonzero()[:, 0]
         loss_r, g_r = _guarded_rows(lq[idx], lp[idx], spec, want_grad)
         loss[idx] = loss_r
         if want_grad:
             g[idx] = g_r
     return loss, g
+
+
+def _scaled_fp32(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """x / T as a new fp32 buffer: one pass for fp32, the upcast copy scaled in place otherwise."""
+    return x * inv_t if x.dtype == torch.float32 else x.float().mul_(inv_t)
 
 
 class TorchBackend(Backend):
@@ -239,26 +252,29 @@ class TorchBackend(Backend):
         """One chunk's per-row loss; its scaled gradient written into ``out`` (None: loss only)."""
         inv_t = 1.0 / spec.temperature
         lam = spec.interpolation
-        # fp32 at T = 1 needs no tempered copy: log_softmax does not write its input
-        xs = s.float() if inv_t == 1.0 else s.float() * inv_t
-        if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
-            xt = (t.float() * inv_t).mul_(lam).add_(xs, alpha=1.0 - lam)
+        if inv_t == 1.0 and lam == 1.0:
+            # no tempered copy: log_softmax reads the inputs as they are and upcasts bf16 / fp16 itself
+            lq = s.log_softmax(-1, dtype=torch.float32)
+            lp = t.log_softmax(-1, dtype=torch.float32)
         else:
-            xt = t.float() if inv_t == 1.0 else t.float() * inv_t
-        lq = xs.log_softmax(-1)
-        lp = xt.log_softmax(-1)
-        del xs, xt  # two (rows, V) buffers fewer while the terms are live
+            xs = s.float() if inv_t == 1.0 else _scaled_fp32(s, inv_t)  # read only
+            xt = _scaled_fp32(t, inv_t)
+            if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
+                xt.mul_(lam).add_(xs, alpha=1.0 - lam)
+            lq = xs.log_softmax(-1)
+            lp = xt.log_softmax(-1)
+            del xs, xt  # two (rows, V) buffers fewer while the terms are live
         # on the CPU, asking whether a row needs the guarded redo (or is masked) costs no device sync
         on_host = s.device.type == "cpu"
         loss, g = rows_loss_and_dlogits(lq, lp, spec, out is not None, redo_rows=on_host)
         del lq, lp
-        active = w != 0
-        some_masked = not on_host or not bool(active.all())
+        some_masked = not on_host or not bool(w.all())  # a NaN weight counts as nonzero, as in w != 0
         if some_masked:
+            active = w != 0
             loss = _where_pos(active, loss)
         if out is not None:
             # written straight into the gradient (any float dtype); masked rows exactly 0, even if NaN
-            torch.mul(g, (w * inv_t)[:, None], out=out)
+            torch.mul(g, (w if inv_t == 1.0 else w * inv_t)[:, None], out=out)
             if some_masked:
                 out.masked_fill_(~active[:, None], 0.0)
         return loss
