@@ -341,6 +341,39 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, sca
 
 
 @triton.jit
+def _row_stats(s_row, t_row, V, lam, coef, scale2, DIV: tl.constexpr, ONLINE: tl.constexpr, INTERP: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1 over one row (kd_loss_grad_kernel, and kd_vp_rows_kernel on a shard): the max and
+    Z = Σ 2^((x − max)·scale2) of s (ms, zs) and of t (mt, zt), and with ONLINE the divergence's running sums
+    (_online_fold) still per group: x_t, x_s relative to the row's maxima (to be summed) and Rényi's (max, sum)
+    m_r, z_r (to be reduced by _groups_lse). The caller reduces those where it uses them: reduced here, before
+    the row's branch, they cost the loops of forward KL 0.6 instructions an element (fp32 SASS).
+
+    Per-group running sums: a group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the
+    loop has no cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it."""
+    m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs2
+        in_v = cols < V
+        a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
+        m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
+        m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
+        if ONLINE:
+            x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV)
+    ms, zs, ls = _groups_lse(m_s, z_s, scale2)
+    mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+    return ms, zs, mt, zt, x_t * lt, x_s * ls, m_r, z_r
+
+
+@triton.jit
 def kd_loss_grad_kernel(
     s_ptr,  # (N, V) student logits, fp32/bf16/fp16, unit column stride, row stride stride_s
     t_ptr,  # (N, V) teacher logits, fp32/bf16/fp16, unit column stride, row stride stride_t
@@ -376,29 +409,9 @@ def kd_loss_grad_kernel(
     log2_1mc = log_1mc * LOG2E
 
     if w != 0.0:
-        # Pass 1: per-group running (max, sum) of both tensors and, for an online divergence, its running sums.
-        # A group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the loop has no
-        # cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it.
-        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs2
-            in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
-            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
-            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
-            if ONLINE:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
-                                                  DIV)
-        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
-        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        # Pass 1: the row's maxima and sums and, for an online divergence, its running sums.
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, lam, coef, scale2, DIV, ONLINE, INTERP,
+                                                        GROUP, BLOCK_V)
         lz_s = _lg2(zs)
         lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
@@ -408,11 +421,9 @@ def kd_loss_grad_kernel(
               & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
         if ok:
             if ONLINE:
-                xt = tl.sum(x_t * lt, axis=0)
-                xs = tl.sum(x_s * ls, axis=0)
                 mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
-                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, xt, xs, mr, zr, coef, scale2,
-                                              DIV)
+                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, tl.sum(x_t, axis=0), tl.sum(x_s, axis=0),
+                                              mr, zr, coef, scale2, DIV)
             else:
                 # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
                 # after the loop.
@@ -503,7 +514,7 @@ def scale_by_device_scalar(g, c) -> None:
 # -------------------------------------------------------------------------------------------------------------
 # Vocabulary-parallel shard passes (kd_kernels/_backends/_vocab_parallel.py; kd_kernels.parallel exchanges the
 # results between ranks). The divergence math above, split at the row-statistics boundary: MODE 0 is the first
-# pass of kd_loss_grad_kernel on the shard (_group_fold, _online_fold, _groups_lse), MODES 1 and 2 are its
+# pass of kd_loss_grad_kernel on the shard (_row_stats), MODES 1 and 2 are its
 # second and last passes (_elem_terms / _sums_finish, _elem_grad) with the global statistics in place of the
 # row's own.
 # The exchanged values are in natural units of the tempered logits (the layout _vocab_parallel.py documents, the
@@ -553,30 +564,13 @@ def kd_vp_rows_kernel(
     t_row = t_ptr + row * stride_t
     scale2 = inv_temp * LOG2E
     if MODE == VP_STATS:
-        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_u, Z_u)]: pass 1 of kd_loss_grad_kernel on the shard, per-group
-        # running sums reduced once after the loop; a NaN or +inf column leaves a NaN Z (or an infinite max),
-        # which combine_row_stats turns into a NaN row on every rank.
+        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_u, Z_u)]: pass 1 of kd_loss_grad_kernel on the shard (the
+        # divergences whose loss comes from it: forward / reverse KL, Rényi); a NaN or +inf column leaves a NaN Z
+        # (or an infinite max), which combine_row_stats turns into a NaN row on every rank.
         GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
-        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs2
-            in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
-            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
-            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
-            if DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
-                                                  DIV)
-        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
-        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, DIV,
+                                                        DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
+                                                        False, GROUP, BLOCK_V)
         o = out_ptr + row * K
         tl.store(o, _vp_shift(ms, inv_temp))
         tl.store(o + 1, zs)
@@ -584,9 +578,9 @@ def kd_vp_rows_kernel(
         tl.store(o + 3, zt)
         # X sums of raw differences → of tempered ones (Σ e^(t̃ − m̃_t)(t̃ − s̃) = (1/T) Σ e^(...)(t − s)).
         if DIV == FORWARD_KL:
-            tl.store(o + 4, tl.sum(x_t * lt, axis=0) * inv_temp)
+            tl.store(o + 4, tl.sum(x_t, axis=0) * inv_temp)
         if DIV == REVERSE_KL:
-            tl.store(o + 4, tl.sum(x_s * ls, axis=0) * inv_temp)
+            tl.store(o + 4, tl.sum(x_s, axis=0) * inv_temp)
         if DIV == RENYI:
             mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
             tl.store(o + 4, _vp_shift(mr, inv_temp))
