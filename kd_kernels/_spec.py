@@ -7,8 +7,9 @@ in one definition per kernel language, from which every backend derives its pass
 
 - ``kd_kernels/reference.py``: ``<name>_per_token`` (float64 ground truth, differentiated by autograd in tests);
 - ``kd_kernels/_backends/torch_backend.py``: one entry of ``_TERMS``: ``(ℓq, ℓp, q, p, spec) → (L, a, A)``;
-- ``kd_kernels/_triton_kernels.py``: one branch of ``_elem_terms`` (the per-element loss term and ``a``), plus,
-  for a streaming ("online") divergence, one branch each of ``_online_fold`` and ``_online_finish``;
+- ``kd_kernels/_triton_kernels.py``: one branch of ``_elem_terms`` (the per-element loss term and ``a``; the
+  mixtures write them as two sums finished per row in ``_sums_finish`` and ``_elem_grad``), plus, for a streaming
+  ("online") divergence, one branch each of ``_online_fold`` and ``_online_finish``;
 - ``csrc/include/kd_kernels/kd_math.h``: the same per-element terms in C++, shared by the CPU and CUDA kernels.
 
 Every backend computes the gradient the same way from those terms: with ``a_v = ∂L/∂ℓq_v`` (any multiple of q may

@@ -18,9 +18,9 @@ Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq 
 Base 2 (the hardware's exponential and logarithm): every exponential is ``2^((x − m)·scale2)`` with
 ``scale2 = log2(e)/T`` one scalar, every log a log2; the kernel works with base-2 log-probabilities
 ``λ = ℓ / ln 2`` and converts losses and gradient coefficients to natural units with scalar factors ``ln 2``.
-Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2) and ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2); under
-the interpreter ``_lg2`` is numpy's log2 (see ``HW_LOG2``). Counts per element before and after:
-docs/BENCHMARKS.md "Triton instruction counts".
+Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2), ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2) and
+``_fast_div`` is ``div.approx.f32`` (MUFU.RCP and a multiply); under the interpreter they are numpy's (see
+``HW_MUFU``). Counts per element before and after: docs/BENCHMARKS.md "Triton instruction counts".
 
 Precision: log-probabilities are formed as ``λq = (x − m_s)·scale2 − log2 Z_s``, never as ``x̃ − LSE_s``, and
 the scale is applied to the difference ``x − m``, never to a logit. With logits of magnitude ~3e3 the fp32 value
@@ -30,7 +30,9 @@ a 1e-4 relative error in every q; ``x − m`` is exact near the max, as in eager
 One kernel, ``kd_loss_grad_kernel``, serves every divergence; its passes come from the divergence's definition
 (``kd_kernels/_spec.py`` says which other places define it):
 
-- ``_elem_terms``: per element, the loss term and ``a = ∂L/∂ℓq`` (up to a multiple of q);
+- ``_elem_terms`` / ``_sums_finish``: per element, two terms whose row sums give the loss and ``A = Σ a``
+  (``a = ∂L/∂ℓq``, up to a multiple of q), for the second pass of a non-online divergence;
+- ``_elem_grad``: per element, the last pass's ``a_j − q_j A``;
 - for a streaming ("online", ``_spec.DIVERGENCES[d].online``) divergence, ``_online_fold`` / ``_online_finish``:
   the running sums of the first pass and the row's loss and ``A = Σ a`` from them.
 The first pass keeps per-group running sums (a group = the columns of one 16-byte load, held by one thread) and
@@ -72,19 +74,34 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2)
 # The per-lane running max starts at −FLT_MAX, not −inf: x − m is then never −inf − (−inf), so the fold needs
 # no −inf guard per element (a column −inf in a lane that has seen nothing else gets weight 2^(−inf) = 0).
 NEG_BIG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+# The floor of a base-2 log ratio whose weight may be 0 (a mixture's log(p/m), log(q/m'), ...): where the weight
+# is not 0 the ratio is above −2^10 (a nonzero fp32 weight is above 2^−150), and the floor stays finite when the
+# last pass multiplies it by a row constant (ln 2·w/T) before its weight; −FLT_MAX would overflow there.
+LOG_FLOOR: tl.constexpr = tl.constexpr(-18446744073709551616.0)  # −2^64
 # Workaround: the interpreter (TRITON_INTERPRET=1) cannot run libdevice calls (nor inline PTX), so it takes
-# tl.log2 (numpy). Compiled kernels take lg2.approx.ftz.f32 (one MUFU.LG2); tl.log2 would lower to the
-# libdevice polynomial (about 20 instructions). Both compute log2; chosen when the kernel is traced.
-HW_LOG2: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# numpy's log2 and division. Compiled kernels take lg2.approx.ftz.f32 (one MUFU.LG2; tl.log2 would lower to the
+# libdevice polynomial, about 20 instructions) and div.approx.f32 (MUFU.RCP and a multiply; `/` is the IEEE
+# division, a Newton sequence with a slow-path branch). Chosen when the kernel is traced.
+HW_MUFU: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
 def _lg2(x):
-    """log2 x: MUFU.LG2 when compiled, numpy's log2 under the interpreter (see HW_LOG2)."""
-    if HW_LOG2:
+    """log2 x: MUFU.LG2 when compiled, numpy's log2 under the interpreter (see HW_MUFU)."""
+    if HW_MUFU:
         return libdevice.fast_log2f(x)
     else:
         return tl.log2(x)
+
+
+@triton.jit
+def _fast_div(x, y):
+    """x / y to ~2 ulp for |y| < 2^126 (0 beyond, +inf included): MUFU.RCP and a multiply when compiled, the
+    exact division under the interpreter (see HW_MUFU)."""
+    if HW_MUFU:
+        return libdevice.fast_dividef(x, y)
+    else:
+        return x / y
 
 
 @triton.jit
@@ -120,9 +137,8 @@ def _log_mix(lx, ly, log_w, log_1mw):
     so the per-element guard of hi = −inf is not needed."""
     xa = lx + log_w
     yb = ly + log_1mw
-    hi = tl.maximum(xa, yb)
-    lo = tl.minimum(xa, yb)
-    return hi + _lg2(1.0 + tl.exp2(lo - hi))
+    # lo − hi = −|xa − yb|: the sign and the absolute value are free operand modifiers of MUFU.EX2.
+    return tl.maximum(xa, yb) + _lg2(1.0 + tl.exp2(-tl.abs(xa - yb)))
 
 
 @triton.jit
@@ -160,8 +176,10 @@ def _fill_row(g_row, V, value, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
-    """Untempered fp32 student s and teacher t of one block (columns past V are −inf in both).
+def _load_pair(s_row, t_row, cols, V, lam, INTERP: tl.constexpr, MASKED: tl.constexpr):
+    """Untempered fp32 student s and teacher t of one block; with MASKED, columns past V are −inf in both.
+    Without it (a block wholly inside the row) the loads carry no predicate and no −inf fill: two to four fewer
+    instructions a column in every pass (8 bf16 or 4 fp32 columns per register fill of a 16-byte load).
 
     The temperature and the change to base 2 are applied to differences, never to a logit: every exponential
     is 2^((x − m)·scale2) with scale2 = log2(e)/T, one multiply and one ex2, and x − m is exact near the max
@@ -169,8 +187,12 @@ def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
     inherit as a relative error).
     With INTERP (TAID, interpolation λ < 1) the teacher becomes λ t + (1 − λ) s; a column −inf in both stays −inf.
     """
-    a = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-    b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+    if MASKED:
+        a = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        b = tl.load(t_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    else:
+        a = tl.load(s_row + cols).to(tl.float32)
+        b = tl.load(t_row + cols).to(tl.float32)
     if INTERP:
         b = lam * b + (1.0 - lam) * a
     return a, b
@@ -179,9 +201,7 @@ def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
 # -------------------------------------------------------------------------------------------------------------
 # The divergence family, one definition each (MATH.md tables; see kd_kernels/_spec.py).
 #
-# _elem_terms(λq, λp, L) takes base-2 log-probabilities λ = ℓ / ln 2 (q = 2^λq, p = 2^λp) and returns, in
-# natural units, the per-element loss term (summed by the second pass of a non-online divergence) and
-# a = ∂L/∂ℓq (up to a multiple of q); L is the row's loss, known by the time a is needed.
+# Per element, in natural units, the loss term and a = ∂L/∂ℓq (up to a multiple of q); L is the row's loss:
 #   forward_kl       p (ℓp − ℓq)                                  a = −p                       A = −1
 #   reverse_kl       q (ℓq − ℓp)                                  a = q (ℓq − ℓp)              A = L
 #   skew_forward_kl  p (ℓp − log m),  m  = α p + (1−α) q          a = −(1−α) q p/m             A = Σ a
@@ -192,51 +212,95 @@ def _load_pair(s_row, t_row, cols, in_v, lam, INTERP: tl.constexpr):
 #   alpha_beta       −[p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]/(αβ)
 #                                                                 a = (q^(α+β) − p^α q^β)/α    A = Σ a
 #   renyi            (row only: 1/(α−1) log Σ p^α q^(1−α))        a = −p^α q^(1−α)/e^((α−1)L)  A = −1
-# Each product is 0 where its weight p or q is 0 (0·log 0 = 0), selected so 0·(−inf) never becomes NaN.
+# written twice, once per pass, from base-2 log-probabilities λ = ℓ / ln 2 (q = 2^λq, p = 2^λp):
+# - _elem_terms: two terms x, y whose row sums X, Y give (L, A) = _sums_finish(X, Y) (the second pass of a
+#   non-online divergence); the row's constant factors (ln 2, α, β) are applied once there, not per element;
+# - _elem_grad: the last pass's gscale·(a_j − q_j A), with the row's constants folded into it.
+# Each product is 0 where its weight p or q is 0 (0·log 0 = 0). For the mixtures the log ratio is raised to
+# LOG_FLOOR (max ignores NaN: a −inf or NaN ratio appears only where its weight is 0), so the product is
+# 0·(−2^64) = 0 with one max and no select; the other divergences select.
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
-    """(q, loss term, a) of one block for divergence DIV from base-2 log-probs; see the table above.
-    log_c, log_1mc are log2 coef and log2(1 − coef)."""
+    """(q, x, y) of one block for divergence DIV from base-2 log-probs (see the table above and _sums_finish);
+    x, y are the loss term and a, except for the mixtures. log_c, log_1mc are log2 coef and log2(1 − coef)."""
     q = tl.exp2(lq)
     p = tl.exp2(lp)
     if DIV == FORWARD_KL:
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2
-        a = -p
+        x = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2
+        y = -p
     elif DIV == REVERSE_KL:
-        loss = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
-        a = loss
-    elif DIV == SKEW_FORWARD_KL:
-        d = lp - _log_mix(lp, lq, log_c, log_1mc)
-        loss = tl.where(p == 0.0, 0.0, p * d) * LN2
-        a = -(1.0 - coef) * q * tl.where(p == 0.0, 0.0, tl.exp2(d))
-    elif DIV == SKEW_REVERSE_KL:
-        d = lq - _log_mix(lq, lp, log_c, log_1mc)
-        loss = tl.where(q == 0.0, 0.0, q * d) * LN2
-        a = q * tl.where(q == 0.0, 0.0, d * LN2 - coef * tl.exp2(d))
-    elif DIV == JSD:
+        x = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
+        y = x
+    elif DIV == SKEW_FORWARD_KL:  # x = p log2(p/m), y = a = −p (1−α)q/m = −p 2^(λq + log2(1−α) − λm)
         lm = _log_mix(lp, lq, log_c, log_1mc)
-        wq = tl.where(q == 0.0, 0.0, lq - lm)
-        loss = (coef * tl.where(p == 0.0, 0.0, p * (lp - lm)) + (1.0 - coef) * q * wq) * LN2
-        a = ((1.0 - coef) * LN2) * q * wq
+        x = p * tl.maximum(lp - lm, LOG_FLOOR)
+        y = -p * tl.exp2(tl.maximum(lq + log_1mc - lm, LOG_FLOOR))
+    elif DIV == SKEW_REVERSE_KL:  # x = q log2(q/m'), y = q q/m'
+        d = tl.maximum(lq - _log_mix(lq, lp, log_c, log_1mc), LOG_FLOOR)
+        x = q * d
+        y = q * tl.exp2(d)
+    elif DIV == JSD:  # x = p log2(p/M), y = q log2(q/M)
+        lm = _log_mix(lp, lq, log_c, log_1mc)
+        x = p * tl.maximum(lp - lm, LOG_FLOOR)
+        y = q * tl.maximum(lq - lm, LOG_FLOOR)
     elif DIV == TVD:
-        loss = 0.5 * tl.abs(q - p)
-        a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+        x = 0.5 * tl.abs(q - p)
+        y = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
     elif DIV == JEFFREYS:
         rev = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
-        loss = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2 + rev
-        a = rev - p
+        x = tl.where(p == 0.0, 0.0, p * (lp - lq)) * LN2 + rev
+        y = rev - p
     elif DIV == ALPHA_BETA:
         ab = coef + coef2
         pq = tl.exp2(coef * lp + coef2 * lq)  # p^α q^β; 2^(−inf) = 0 covers zero probabilities
         qq = tl.exp2(ab * lq)
-        loss = -(pq - (coef / ab) * tl.exp2(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
-        a = (qq - pq) / coef
+        x = -(pq - (coef / ab) * tl.exp2(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
+        y = (qq - pq) / coef
     else:  # RENYI: r = p^α q^(1−α) / Σ p^α q^(1−α), and log Σ = (α − 1) L
         mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
-        loss = tl.zeros_like(lq)  # the loss comes from the streaming pass
-        a = -tl.exp2(mix - ((coef - 1.0) * LOG2E) * row_loss)
-    return q, loss, a
+        x = tl.zeros_like(lq)  # the loss comes from the streaming pass
+        y = -tl.exp2(mix - ((coef - 1.0) * LOG2E) * row_loss)
+    return q, x, y
+
+
+@triton.jit
+def _sums_finish(x_sum, y_sum, coef, DIV: tl.constexpr):
+    """(L, A) from the row sums of _elem_terms' x and y. Linear in them, so the shards of a vocabulary-parallel
+    row may be finished before they are added."""
+    if DIV == SKEW_FORWARD_KL:
+        return x_sum * LN2, y_sum
+    elif DIV == SKEW_REVERSE_KL:  # A = Σ q (ℓq − log m') − α Σ q q/m'
+        return x_sum * LN2, x_sum * LN2 - coef * y_sum
+    elif DIV == JSD:
+        return (coef * x_sum + (1.0 - coef) * y_sum) * LN2, ((1.0 - coef) * LN2) * y_sum
+    else:
+        return x_sum, y_sum
+
+
+@triton.jit
+def _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
+    """gscale · (a_j − q_j A) of one block (see the table above); the mixtures fold the row's constants into
+    it, the other divergences take a from _elem_terms."""
+    if DIV == SKEW_FORWARD_KL:
+        # (1−α)q/m = 1/(1 + 2^δ), δ = λp − λq + log2(α/(1−α)): no log needed. δ is −inf or NaN only where p = 0
+        # (raised to LOG_FLOOR: the quotient is then finite); +inf (q = 0) gives p/(1 + inf) = 0.
+        q = tl.exp2(lq)
+        p = tl.exp2(lp)
+        delta = tl.maximum(lp - lq + (log_c - log_1mc), LOG_FLOOR)
+        g = -(_fast_div(p, 1.0 + tl.exp2(delta)) + q * big_a) * gscale
+    elif DIV == SKEW_REVERSE_KL:
+        q = tl.exp2(lq)
+        d = tl.maximum(lq - _log_mix(lq, lp, log_c, log_1mc), LOG_FLOOR)  # log2(q/m')
+        g = q * ((d * (LN2 * gscale) - big_a * gscale) - (coef * gscale) * tl.exp2(d))
+    elif DIV == JSD:
+        q = tl.exp2(lq)
+        dq = tl.maximum(lq - _log_mix(lp, lq, log_c, log_1mc), LOG_FLOOR)  # log2(q/M)
+        g = q * (dq * ((1.0 - coef) * LN2 * gscale) - big_a * gscale)
+    else:
+        q, _, a = _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV)
+        g = (a - q * big_a) * gscale
+    return g
 
 
 @triton.jit
@@ -283,6 +347,79 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, sca
 
 
 @triton.jit
+def _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row, cols, V, lam, coef, scale2, DIV: tl.constexpr,
+                 ONLINE: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of _row_stats: its running sums with the [G, R] columns cols folded in."""
+    a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
+    m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
+    m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
+    if ONLINE:
+        x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV)
+    return m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r
+
+
+@triton.jit
+def _sums_block(x_acc, y_acc, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, coef, coef2, log2_c, log2_1mc,
+                DIV: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the second pass: the per-lane sums of _elem_terms' x, y with the columns cols added."""
+    a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
+    # λ = (x − m)·log2(e)/T − log2 Z, never x̃ − LSE: see "Precision" at the top.
+    _, x, y = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2, log2_c, log2_1mc,
+                          DIV)
+    return x_acc + x, y_acc + y
+
+
+@triton.jit
+def _grad_block(g_row, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a, gscale, coef, coef2,
+                log2_c, log2_1mc, DIV: tl.constexpr, INTERP: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One block of the last pass: the gradient of the columns cols, written to g_row."""
+    a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
+    g = _elem_grad((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, loss, big_a, gscale, coef, coef2, log2_c,
+                   log2_1mc, DIV)
+    # Every element of this block was read above before it is overwritten: in place is safe.
+    gout = _to_grad_dtype(g, g_row.dtype.element_ty, BF16_BY_BITS)
+    if MASKED:
+        tl.store(g_row + cols, gout, mask=cols < V)
+    else:
+        tl.store(g_row + cols, gout)
+
+
+@triton.jit
+def _row_stats(s_row, t_row, V, lam, coef, scale2, DIV: tl.constexpr, ONLINE: tl.constexpr, INTERP: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1 over one row (kd_loss_grad_kernel, and kd_vp_rows_kernel on a shard): the max and
+    Z = Σ 2^((x − max)·scale2) of s (ms, zs) and of t (mt, zt), and with ONLINE the divergence's running sums
+    (_online_fold) still per group: x_t, x_s relative to the row's maxima (to be summed) and Rényi's (max, sum)
+    m_r, z_r (to be reduced by _groups_lse). The caller reduces those where it uses them: reduced here, before
+    the row's branch, they cost the loops of forward KL 0.6 instructions an element (fp32 SASS).
+
+    Per-group running sums: a group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the
+    loop has no cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it."""
+    m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
+    z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
+    offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    v_full = V - V % BLOCK_V  # whole blocks unmasked, then the partial one masked (see _load_pair)
+    for start in range(0, v_full, BLOCK_V):
+        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
+                                                              start + offs2, V, lam, coef, scale2, DIV, ONLINE,
+                                                              INTERP, False)
+    if v_full < V:
+        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
+                                                              v_full + offs2, V, lam, coef, scale2, DIV, ONLINE,
+                                                              INTERP, True)
+    ms, zs, ls = _groups_lse(m_s, z_s, scale2)
+    mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+    return ms, zs, mt, zt, x_t * lt, x_s * ls, m_r, z_r
+
+
+@triton.jit
 def kd_loss_grad_kernel(
     s_ptr,  # (N, V) student logits, fp32/bf16/fp16, unit column stride, row stride stride_s
     t_ptr,  # (N, V) teacher logits, fp32/bf16/fp16, unit column stride, row stride stride_t
@@ -316,31 +453,12 @@ def kd_loss_grad_kernel(
     scale2 = inv_temp * LOG2E  # 2^((x − m)·scale2) = e^((x − m)/T): one multiply per element
     log2_c = log_c * LOG2E
     log2_1mc = log_1mc * LOG2E
+    v_full = V - V % BLOCK_V  # the passes take whole blocks unmasked, then the partial one masked (_load_pair)
 
     if w != 0.0:
-        # Pass 1: per-group running (max, sum) of both tensors and, for an online divergence, its running sums.
-        # A group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the loop has no
-        # cross-thread reduction (no shuffle, no barrier); the groups are reduced once after it.
-        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs2
-            in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
-            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
-            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
-            if ONLINE:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
-                                                  DIV)
-        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
-        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        # Pass 1: the row's maxima and sums and, for an online divergence, its running sums.
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, lam, coef, scale2, DIV, ONLINE, INTERP,
+                                                        GROUP, BLOCK_V)
         lz_s = _lg2(zs)
         lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
@@ -350,41 +468,32 @@ def kd_loss_grad_kernel(
               & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
         if ok:
             if ONLINE:
-                xt = tl.sum(x_t * lt, axis=0)
-                xs = tl.sum(x_s * ls, axis=0)
                 mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
-                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, xt, xs, mr, zr, coef, scale2,
-                                              DIV)
+                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, tl.sum(x_t, axis=0), tl.sum(x_s, axis=0),
+                                              mr, zr, coef, scale2, DIV)
             else:
                 # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
                 # after the loop.
-                loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-                a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for start in range(0, V, BLOCK_V):
-                    cols = start + offs
-                    in_v = cols < V
-                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
-                    # λ = (x − m)·log2(e)/T − log2 Z, never x̃ − LSE: see "Precision" at the top.
-                    _, el, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2,
-                                            log2_c, log2_1mc, DIV)
-                    loss_acc += el
-                    a_acc += ga
-                loss = tl.sum(loss_acc, axis=0)
-                big_a = tl.sum(a_acc, axis=0)
+                x_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                y_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for start in range(0, v_full, BLOCK_V):
+                    x_acc, y_acc = _sums_block(x_acc, y_acc, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t,
+                                               scale2, coef, coef2, log2_c, log2_1mc, DIV, INTERP, False)
+                if v_full < V:
+                    x_acc, y_acc = _sums_block(x_acc, y_acc, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t,
+                                               scale2, coef, coef2, log2_c, log2_1mc, DIV, INTERP, True)
+                loss, big_a = _sums_finish(tl.sum(x_acc, axis=0), tl.sum(y_acc, axis=0), coef, DIV)
             tl.store(loss_ptr + row, loss)
 
             if HAS_GRAD:
                 # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
                 gscale = w * inv_temp
-                for start in range(0, V, BLOCK_V):
-                    cols = start + offs
-                    in_v = cols < V
-                    a, b = _load_pair(s_row, t_row, cols, in_v, lam, INTERP)
-                    q, _, ga = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, loss, coef, coef2,
-                                           log2_c, log2_1mc, DIV)
-                    # Every element of this block was read above before it is overwritten: in place is safe.
-                    gout = _to_grad_dtype((ga - q * big_a) * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
-                    tl.store(g_row + cols, gout, mask=in_v)
+                for start in range(0, v_full, BLOCK_V):
+                    _grad_block(g_row, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a,
+                                gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS, False)
+                if v_full < V:
+                    _grad_block(g_row, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a,
+                                gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS, True)
         else:
             tl.store(loss_ptr + row, float("nan"))
             if HAS_GRAD:
@@ -446,8 +555,9 @@ def scale_by_device_scalar(g, c) -> None:
 # -------------------------------------------------------------------------------------------------------------
 # Vocabulary-parallel shard passes (kd_kernels/_backends/_vocab_parallel.py; kd_kernels.parallel exchanges the
 # results between ranks). The divergence math above, split at the row-statistics boundary: MODE 0 is the first
-# pass of kd_loss_grad_kernel on the shard (_group_fold, _online_fold, _groups_lse), MODES 1 and 2 are its
-# second and last passes (_elem_terms) with the global statistics in place of the row's own.
+# pass of kd_loss_grad_kernel on the shard (_row_stats), MODES 1 and 2 are its
+# second and last passes (_elem_terms / _sums_finish, _elem_grad) with the global statistics in place of the
+# row's own.
 # The exchanged values are in natural units of the tempered logits (the layout _vocab_parallel.py documents, the
 # same for every backend): the helpers' raw maxima and raw logit differences are scaled by 1/T on the way out
 # (their sums Σ 2^((x − m)·scale2) = Σ e^(x̃ − m̃) need no conversion), and the global max and log Z are turned
@@ -495,30 +605,13 @@ def kd_vp_rows_kernel(
     t_row = t_ptr + row * stride_t
     scale2 = inv_temp * LOG2E
     if MODE == VP_STATS:
-        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_u, Z_u)]: pass 1 of kd_loss_grad_kernel on the shard, per-group
-        # running sums reduced once after the loop; a NaN or +inf column leaves a NaN Z (or an infinite max),
-        # which combine_row_stats turns into a NaN row on every rank.
+        # [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_u, Z_u)]: pass 1 of kd_loss_grad_kernel on the shard (the
+        # divergences whose loss comes from it: forward / reverse KL, Rényi); a NaN or +inf column leaves a NaN Z
+        # (or an infinite max), which combine_row_stats turns into a NaN row on every rank.
         GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
-        m_s = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_t = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        x_s = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        m_r = tl.full([BLOCK_V // GROUP], NEG_BIG, tl.float32)
-        z_r = tl.zeros([BLOCK_V // GROUP], dtype=tl.float32)
-        offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs2
-            in_v = cols < V
-            a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
-            m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
-            m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
-            if DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI:
-                x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2,
-                                                  DIV)
-        ms, zs, ls = _groups_lse(m_s, z_s, scale2)
-        mt, zt, lt = _groups_lse(m_t, z_t, scale2)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, DIV,
+                                                        DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
+                                                        False, GROUP, BLOCK_V)
         o = out_ptr + row * K
         tl.store(o, _vp_shift(ms, inv_temp))
         tl.store(o + 1, zs)
@@ -526,9 +619,9 @@ def kd_vp_rows_kernel(
         tl.store(o + 3, zt)
         # X sums of raw differences → of tempered ones (Σ e^(t̃ − m̃_t)(t̃ − s̃) = (1/T) Σ e^(...)(t − s)).
         if DIV == FORWARD_KL:
-            tl.store(o + 4, tl.sum(x_t * lt, axis=0) * inv_temp)
+            tl.store(o + 4, tl.sum(x_t, axis=0) * inv_temp)
         if DIV == REVERSE_KL:
-            tl.store(o + 4, tl.sum(x_s * ls, axis=0) * inv_temp)
+            tl.store(o + 4, tl.sum(x_s, axis=0) * inv_temp)
         if DIV == RENYI:
             mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
             tl.store(o + 4, _vp_shift(mr, inv_temp))
@@ -549,21 +642,23 @@ def kd_vp_rows_kernel(
         # Global LSEs that are not finite (a NaN, a +inf, an all −inf row on some rank): NaN sums / gradient.
         ok = (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
         if MODE == VP_SUMS:
-            loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            a_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            x_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            y_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 in_v = cols < V
-                a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
+                a, b = _load_pair(s_row, t_row, cols, V, 1.0, False, True)
                 # λ = (x̃ − M)·log2 e − log2 Z with the global M, log Z (tempered x̃ = x/T, as the torch
                 # implementation forms it, so the max column is exactly 0 before the log Z).
                 lq = (a * inv_temp - m_s) * LOG2E - lz2_s
                 lp = (b * inv_temp - m_t) * LOG2E - lz2_t
-                _, el, ga = _elem_terms(lq, lp, 0.0, coef, coef2, log2_c, log2_1mc, DIV)
-                loss_acc += el
-                a_acc += ga
-            tl.store(out_ptr + row * 2, tl.where(ok, tl.sum(loss_acc, axis=0), float("nan")))
-            tl.store(out_ptr + row * 2 + 1, tl.where(ok, tl.sum(a_acc, axis=0), float("nan")))
+                _, x, y = _elem_terms(lq, lp, 0.0, coef, coef2, log2_c, log2_1mc, DIV)
+                x_acc += x
+                y_acc += y
+            # _sums_finish is linear: the shard's (L, A) parts add up to the row's across ranks.
+            loss, big_a = _sums_finish(tl.sum(x_acc, axis=0), tl.sum(y_acc, axis=0), coef, DIV)
+            tl.store(out_ptr + row * 2, tl.where(ok, loss, float("nan")))
+            tl.store(out_ptr + row * 2 + 1, tl.where(ok, big_a, float("nan")))
         else:
             g_row = g_ptr + row * stride_g
             w = tl.load(w_ptr + row)
@@ -578,13 +673,12 @@ def kd_vp_rows_kernel(
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     in_v = cols < V
-                    a, b = _load_pair(s_row, t_row, cols, in_v, 1.0, False)
+                    a, b = _load_pair(s_row, t_row, cols, V, 1.0, False, True)
                     lq = (a * inv_temp - m_s) * LOG2E - lz2_s
                     lp = (b * inv_temp - m_t) * LOG2E - lz2_t
-                    q, _, ga = _elem_terms(lq, lp, row_loss, coef, coef2, log2_c, log2_1mc, DIV)
-                    g = tl.where(ok, ga - q * big_a, float("nan"))
+                    g = _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV)
                     # Every element of this block was read above before it is overwritten: in place is safe.
-                    gout = _to_grad_dtype(g * gscale, g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    gout = _to_grad_dtype(tl.where(ok, g, float("nan")), g_ptr.dtype.element_ty, BF16_BY_BITS)
                     tl.store(g_row + cols, gout, mask=in_v)
             else:
                 _zero_row(g_row, V, BLOCK_V)

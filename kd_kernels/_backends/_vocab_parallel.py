@@ -45,10 +45,11 @@ has for the dense loss, and ``register``s it; the callers do not change:
   pass 1 of the streaming rows for the statistics, kd_math.h's ``stream_grad`` / ``center_terms``
   given the global statistics), every divergence natively, at every compiled x86-64 level;
 - ``triton`` (``triton_backend.TritonVocabParallel``): ``kd_vp_rows_kernel``, a ``MODE`` flag over
-  the dense kernel's jitted base-2 helpers (``_group_fold`` / ``_groups_lse``, ``_online_fold``,
-  ``_elem_terms``); it converts at the boundary (raw maxima and differences scaled by 1/T on the way
-  out, the global max and log Z turned into base-2 log-probabilities on the way in), so the
-  statistics it exchanges are the natural-log ones of the layout above, as for every backend.
+  the dense kernel's jitted base-2 helpers (``_row_stats``,
+  ``_elem_terms`` / ``_sums_finish``, ``_elem_grad``); it converts at the boundary (raw maxima and
+  differences scaled by 1/T on the way out, the global max and log Z turned into base-2
+  log-probabilities on the way in), so the statistics it exchanges are the natural-log ones of the
+  layout above, as for every backend.
 
 All compute in fp32 from float32 / bfloat16 / float16 shards (the caller chunks the rows). ``resolve``
 picks one for ``backend=`` and the tensors' device: "auto" = ``cpu`` for CPU tensors when the
