@@ -155,4 +155,6 @@ def test_loss_without_grad_equals_the_grad_path_without_an_autograd_node(diverge
     plain = kd_kernels.kd_loss(s, t, **kw)
     for out in (under_no_grad, plain):
         assert out.grad_fn is None and not out.requires_grad
-        assert torch.equal(out, with_grad.detach())
+        # The compiled cpu kernel's loss-only and loss + gradient loops may contract the mixtures' terms into
+        # FMAs differently (an ulp apart); the torch backend's paths are the same ops.
+        torch.testing.assert_close(out, with_grad.detach(), rtol=2e-6, atol=1e-7)
