@@ -158,6 +158,14 @@ def _renyi(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
     return lse[:, 0] / (al - 1), _exp(lq, q) - (mix - lse).exp(), 0.0  # a = −r + q
 
 
+# The divergences whose terms use q (besides the gradient, which always does) and those that use p.
+_USES_Q = frozenset(
+    {Divergence.REVERSE_KL, Divergence.SKEW_REVERSE_KL, Divergence.JSD, Divergence.TVD, Divergence.JEFFREYS}
+)
+_USES_P = frozenset(
+    {Divergence.FORWARD_KL, Divergence.SKEW_FORWARD_KL, Divergence.JSD, Divergence.TVD, Divergence.JEFFREYS}
+)
+
 _TERMS = {
     Divergence.FORWARD_KL: _forward_kl,
     Divergence.REVERSE_KL: _reverse_kl,
@@ -172,11 +180,11 @@ _TERMS = {
 
 
 def _guarded_rows(
-    lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool
+    lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool, q: torch.Tensor | None, p: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row L and ∂L/∂s̃ with every 0·log 0 guarded and the NaN-row rule applied (see below)."""
-    q = lq.exp()
-    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, None, spec, guard=True, want_grad=want_grad)
+    q = lq.exp() if q is None else q
+    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec, guard=True, want_grad=want_grad)
     bad = lq[:, 0].isnan() | lp[:, 0].isnan()
     loss = torch.where(bad, math.nan, loss)
     g = None
@@ -191,9 +199,17 @@ def _guarded_rows(
 
 
 def rows_loss_and_dlogits(
-    lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool, *, redo_rows: bool = False
+    lq: torch.Tensor,
+    lp: torch.Tensor,
+    spec: KDSpec,
+    want_grad: bool,
+    *,
+    redo_rows: bool = False,
+    q: torch.Tensor | None = None,
+    p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss L and ∂L/∂s̃ = a − q A from fp32 log-probabilities (MATH.md, the two tables).
+    """Per-row loss L and ∂L/∂s̃ = a − q A from fp32 log-probabilities (MATH.md, the two tables); ``q``, ``p``:
+    the probabilities e^ℓq, e^ℓp where the caller has them (None: formed here where needed).
 
     A row that is not a distribution (a NaN, a +inf, all −inf, or overflow after 1/T) reaches here as a row of
     NaN: log_softmax's sum of exponentials is NaN for it (NaN − max, inf − inf, −inf − (−inf)). Such a row gets
@@ -205,9 +221,10 @@ def rows_loss_and_dlogits(
     there are such rows, so the caller sets it where that costs no device synchronisation (the CPU).
     """
     if not redo_rows:
-        return _guarded_rows(lq, lp, spec, want_grad)
-    q = lq.exp() if want_grad else None  # every gradient needs q; the loss alone mostly does not
-    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, None, spec, guard=False, want_grad=want_grad)
+        return _guarded_rows(lq, lp, spec, want_grad, q, p)
+    if q is None and want_grad:
+        q = lq.exp()  # every gradient needs q; the loss alone mostly does not
+    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec, guard=False, want_grad=want_grad)
     g = None
     if want_grad:
         g = a if isinstance(big_a, float) else a.addcmul_(q, big_a[:, None], value=-1.0)
@@ -215,16 +232,38 @@ def rows_loss_and_dlogits(
     # overflows finds no row below and redoes nothing); isfinite(loss).all() would be several ops.
     if not math.isfinite(float(loss.sum())):
         idx = (~torch.isfinite(loss)).nonzero()[:, 0]
-        loss_r, g_r = _guarded_rows(lq[idx], lp[idx], spec, want_grad)
+        loss_r, g_r = _guarded_rows(lq[idx], lp[idx], spec, want_grad, _rows(q, idx), _rows(p, idx))
         loss[idx] = loss_r
         if want_grad:
             g[idx] = g_r
     return loss, g
 
 
+def _rows(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x[idx]
+
+
 def _scaled_fp32(x: torch.Tensor, inv_t: float) -> torch.Tensor:
     """x / T as a new fp32 buffer: one pass for fp32, the upcast copy scaled in place otherwise."""
     return x * inv_t if x.dtype == torch.float32 else x.float().mul_(inv_t)
+
+
+def _log_probs(x: torch.Tensor, fresh: bool, want_prob: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ℓ = log_softmax(x) of (rows, V) logits and, if ``want_prob``, e^ℓ as well (else None). ``fresh``: x is an
+    fp32 buffer of the caller's that ℓ may overwrite.
+
+    Both from one pass of exponentials (torch's softmax) where both are needed: LSE = max x − log max e^ℓ (the
+    largest probability is 1/Z, so this is max + log Z), then ℓ = x − LSE, one subtraction instead of a second
+    pass of exp over the row (measured: 1.4x faster than log_softmax then exp at 16 x 8000 on one thread). A row
+    that is not a distribution gives NaN probabilities, hence a NaN LSE and a row of NaN ℓ, as log_softmax does.
+    """
+    if not want_prob:
+        return x.log_softmax(-1, dtype=torch.float32), None
+    if x.dtype != torch.float32:
+        x, fresh = x.float(), True  # one upcast shared by the softmax, the max and ℓ
+    prob = x.softmax(-1)
+    lse = x.amax(-1, keepdim=True).sub_(prob.amax(-1, keepdim=True).log_())
+    return (x.sub_(lse) if fresh else x - lse), prob
 
 
 class TorchBackend(Backend):
@@ -252,22 +291,26 @@ class TorchBackend(Backend):
         """One chunk's per-row loss; its scaled gradient written into ``out`` (None: loss only)."""
         inv_t = 1.0 / spec.temperature
         lam = spec.interpolation
+        want_grad = out is not None
+        want_q = want_grad or spec.divergence in _USES_Q
+        want_p = spec.divergence in _USES_P
         if inv_t == 1.0 and lam == 1.0:
-            # no tempered copy: log_softmax reads the inputs as they are and upcasts bf16 / fp16 itself
-            lq = s.log_softmax(-1, dtype=torch.float32)
-            lp = t.log_softmax(-1, dtype=torch.float32)
+            # no tempered copy: the inputs as they are (bf16 / fp16 upcast once where read)
+            lq, q = _log_probs(s, False, want_q)
+            lp, p = _log_probs(t, False, want_p)
         else:
-            xs = s.float() if inv_t == 1.0 else _scaled_fp32(s, inv_t)  # read only
+            xs = s.float() if inv_t == 1.0 else _scaled_fp32(s, inv_t)
             xt = _scaled_fp32(t, inv_t)
             if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
                 xt.mul_(lam).add_(xs, alpha=1.0 - lam)
-            lq = xs.log_softmax(-1)
-            lp = xt.log_softmax(-1)
-            del xs, xt  # two (rows, V) buffers fewer while the terms are live
+            # ℓ over the scaled copies (xs is s itself when s is fp32 and T = 1: read only then)
+            lq, q = _log_probs(xs, xs is not s, want_q)
+            lp, p = _log_probs(xt, True, want_p)
+            del xs, xt
         # on the CPU, asking whether a row needs the guarded redo (or is masked) costs no device sync
         on_host = s.device.type == "cpu"
-        loss, g = rows_loss_and_dlogits(lq, lp, spec, out is not None, redo_rows=on_host)
-        del lq, lp
+        loss, g = rows_loss_and_dlogits(lq, lp, spec, want_grad, redo_rows=on_host, q=q, p=p)
+        del lq, lp, q, p
         some_masked = not on_host or not bool(w.all())  # a NaN weight counts as nonzero, as in w != 0
         if some_masked:
             active = w != 0

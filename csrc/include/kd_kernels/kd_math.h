@@ -100,12 +100,10 @@ __device__ __forceinline__ float kd_lg2_approx(float x) {
 }
 #endif
 
-// e^x for any float x: 0 for x < −87.3 (including −inf), +inf above 88.7, NaN for NaN (a NaN logit must reach
-// the row sums: that is how a row with a NaN is recognised, see row_valid), < 1 ulp elsewhere on the CPU.
+// The CPU's e^x and ln x (the CUDA kernels work in bits and call the hardware's 2^x and log2 x through kd_expu
+// and kd_logu below). e^x for any float x: 0 for x < −87.3 (including −inf), +inf above 88.7, NaN for NaN (a NaN
+// logit must reach the row sums: that is how a row with a NaN is recognised, see row_valid), < 1 ulp elsewhere.
 KD_HD float kd_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return kd_ex2_approx(x * kLog2e);
-#else
   // x = n ln2 + r, |r| ≤ ln2/2; e^r by a degree-6 polynomial fitted for least maximum relative error
   // (approximation error 1.9e-9; ~1 ulp after fp32 evaluation), one FMA fewer than the degree-7 Taylor series.
   // Clamp with compares and round with the 1.5·2^23 trick (exact round-to-nearest for |v| < 2^22) rather
@@ -128,14 +126,10 @@ KD_HD float kd_exp(float x) {
   float y = p * scale;
   y = x < -87.3f ? 0.f : y;
   return x > 88.7f ? kInf : y;
-#endif
 }
 
-// log(x) for x ≥ 0 (−inf at 0, +inf at +inf, NaN for NaN); ~1 ulp on the CPU for normal x.
+// log(x) for x ≥ 0 (−inf at 0, +inf at +inf, NaN for NaN); ~1 ulp for normal x.
 KD_HD float kd_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return kd_lg2_approx(x) * kLn2;
-#else
   // x = 2^e · m with m in [√½, √2); log m = 2·atanh(f), f = (m−1)/(m+1), |f| ≤ 0.172, series to f^9.
   uint32_t u = float_to_bits(x);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xff) - 127;
@@ -153,7 +147,6 @@ KD_HD float kd_log(float x) {
   float y = kd_fmaf(static_cast<float>(e), kLn2, 2.f * f * p);
   y = x == 0.f ? -kInf : y;
   return x < kInf ? y : x;  // +inf and NaN pass through; subnormal x is not needed (callers pass x ≥ 1 or sums)
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------
