@@ -1,9 +1,10 @@
 """torch backend vs eager PyTorch at the benchmark suite's small logits shapes, interleaved medians on 1 thread:
 
-    python benchmarks/torch_backend_vs_eager.py forward_kl,reverse_kl,jsd [--fwd-only]
+    python benchmarks/torch_backend_vs_eager.py forward_kl,reverse_kl,jsd [--fwd-only] [--suite-malloc]
 
 Loss + backward by default (the suite's ``kd_logits`` op), the loss alone under no_grad with ``--fwd-only``
-(``kd_logits_fwd``). The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick
+(``kd_logits_fwd``). ``--suite-malloc``: glibc set as in the suite's CPU workers (freed buffers of 64 KiB and more
+go back to the OS, so every temporary is page-faulted afresh), the regime of `benchmarks/run.py`'s small shapes. The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick
 check of docs/BENCHMARKS.md, "The torch backend"; `benchmarks/run.py` has the full table.
 """
 import argparse
@@ -15,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _bench_common import ALPHA, BETA  # noqa: E402
 from _bench_providers import eager_kd_loss  # noqa: E402
 
 import kd_kernels  # noqa: E402
@@ -28,7 +30,11 @@ def main() -> None:
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--suite-malloc", action="store_true")
     a = ap.parse_args()
+    if a.suite_malloc:
+        from run import _malloc_returns_memory
+        _malloc_returns_memory()
     torch.set_num_threads(1)
     for div in a.divergences.split(","):
         for dt in (getattr(torch, d) for d in a.dtypes.split(",")):
@@ -44,7 +50,8 @@ def main() -> None:
                         f(x).backward()
 
                 fs = {"eager": lambda x: eager_kd_loss(x, t, div),
-                      "torch": lambda x: kd_kernels.kd_loss(x, t, divergence=div, backend="torch")}
+                      "torch": lambda x: kd_kernels.kd_loss(x, t, divergence=div, backend="torch",
+                                                       alpha=ALPHA, beta=BETA)}
                 for f in fs.values():
                     call(f)
                 ts = {k: [] for k in fs}
