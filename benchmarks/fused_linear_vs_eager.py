@@ -42,8 +42,8 @@ def logprobs() -> None:
     for n, v in ((16, 8000), (16, 32000), (64, 32000)):
         h, w, y = torch.randn(n, 256), torch.randn(v, 256) * 0.05, torch.randint(0, v, (n,))
         with torch.no_grad():
-            t = _interleaved({"eager": lambda: eager_fl_logprobs(h, w, y),
-                              "kd": lambda: kd_kernels.fused_linear_logprobs(h, w, y)}, 400)
+            t = _interleaved({"eager": lambda h=h, w=w, y=y: eager_fl_logprobs(h, w, y),
+                              "kd": lambda h=h, w=w, y=y: kd_kernels.fused_linear_logprobs(h, w, y)}, 400)
         print(f"logprobs {n:3d} x {v:6d}  eager {t['eager']:.3f} ms  kd_kernels {t['kd']:.3f} ms  "
               f"eager / kd_kernels {t['eager'] / t['kd']:.3f}", flush=True)
 
@@ -54,18 +54,18 @@ def kd() -> None:
             hs, ws = torch.randn(n, 256), torch.randn(v, 256) / 8
             ht, wt = torch.randn(n, 512), torch.randn(v, 512) * (2 / 512 ** 0.5)
 
-            def step(f):
+            def step(f, hs=hs, ws=ws):
                 a, b = hs.clone().requires_grad_(), ws.clone().requires_grad_()
                 f(a, b).backward()
 
-            def eager(a, b):
-                return eager_fl_kd(a, b, ht, wt, div)  # noqa: B023 (called within this iteration)
+            def eager(a, b, ht=ht, wt=wt, div=div):
+                return eager_fl_kd(a, b, ht, wt, div)
 
-            def fused(a, b):
-                return kd_kernels.fused_linear_kd(a, b, ht, wt, divergence=div,  # noqa: B023
-                                                  backend="torch", alpha=ALPHA, beta=BETA)
+            def fused(a, b, ht=ht, wt=wt, div=div):
+                return kd_kernels.fused_linear_kd(a, b, ht, wt, divergence=div, backend="torch", alpha=ALPHA,
+                                                  beta=BETA)
 
-            t = _interleaved({"eager": lambda: step(eager), "kd": lambda: step(fused)}, 40)
+            t = _interleaved({"eager": lambda: step(eager), "kd": lambda: step(fused)}, 40)  # noqa: B023
             print(f"fl_kd {div:10s} {n:3d} x {v:6d}  eager {t['eager']:.2f} ms  kd_kernels[torch] "
                   f"{t['kd']:.2f} ms  eager / kd_kernels {t['eager'] / t['kd']:.3f}", flush=True)
 
