@@ -5,6 +5,7 @@ Nothing here knows about providers (``_bench_providers.py``) or the command line
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import importlib.metadata
@@ -329,6 +330,22 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int, budget_s: flo
     return times
 
 
+def interleaved_medians(fs: dict[str, Callable[[], object]], rounds: int, reps: int = 1) -> dict[str, float]:
+    """Median ms of each CPU function after one warm-up call each, timed ``reps`` calls at a time over ``rounds``
+    rounds whose order alternates (so a change of load or allocator state hits every function alike)."""
+    for f in fs.values():
+        f()
+    names = list(fs)
+    ts: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 else names[::-1]):
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fs[k]()
+                ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+
+
 def quantiles(times: list[float]) -> tuple[float, float, float]:
     """(p20, median, p80) of ``times``."""
     if len(times) == 1:
@@ -338,6 +355,19 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- memory
+
+
+def malloc_returns_memory() -> None:
+    """Make glibc hand freed buffers of 64 KiB and more back to the OS, so RSS falls when tensors are freed
+    and VmHWM measures one call's peak rather than what earlier calls left in the heap (the suite's CPU workers;
+    every such temporary is then page-faulted afresh on its next allocation)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+    except OSError:
+        pass
 
 
 def _status_kb(field: str) -> int:

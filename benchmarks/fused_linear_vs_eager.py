@@ -11,38 +11,22 @@ the suite's CPU workers (every freed buffer of 64 KiB or more goes back to the O
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _bench_common import ALPHA, BETA  # noqa: E402
+from _bench_common import ALPHA, BETA, interleaved_medians, malloc_returns_memory  # noqa: E402
 from _bench_providers import eager_fl_kd, eager_fl_logprobs  # noqa: E402
 
 import kd_kernels  # noqa: E402
-
-
-def _interleaved(fs: dict, calls: int) -> dict[str, float]:
-    """Median ms of each function, alternating which goes first."""
-    for f in fs.values():
-        f()
-    names = list(fs)
-    ts = {k: [] for k in names}
-    for i in range(calls):
-        for k in (names if i % 2 else names[::-1]):
-            t0 = time.perf_counter()
-            fs[k]()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
 
 def logprobs() -> None:
     for n, v in ((16, 8000), (16, 32000), (64, 32000)):
         h, w, y = torch.randn(n, 256), torch.randn(v, 256) * 0.05, torch.randint(0, v, (n,))
         with torch.no_grad():
-            t = _interleaved({"eager": lambda h=h, w=w, y=y: eager_fl_logprobs(h, w, y),
+            t = interleaved_medians({"eager": lambda h=h, w=w, y=y: eager_fl_logprobs(h, w, y),
                               "kd": lambda h=h, w=w, y=y: kd_kernels.fused_linear_logprobs(h, w, y)}, 400)
         print(f"logprobs {n:3d} x {v:6d}  eager {t['eager']:.3f} ms  kd_kernels {t['kd']:.3f} ms  "
               f"eager / kd_kernels {t['eager'] / t['kd']:.3f}", flush=True)
@@ -65,7 +49,7 @@ def kd() -> None:
                 return kd_kernels.fused_linear_kd(a, b, ht, wt, divergence=div, backend="torch", alpha=ALPHA,
                                                   beta=BETA)
 
-            t = _interleaved({"eager": lambda: step(eager), "kd": lambda: step(fused)}, 40)  # noqa: B023
+            t = interleaved_medians({"eager": lambda: step(eager), "kd": lambda: step(fused)}, 40)  # noqa: B023
             print(f"fl_kd {div:10s} {n:3d} x {v:6d}  eager {t['eager']:.2f} ms  kd_kernels[torch] "
                   f"{t['kd']:.2f} ms  eager / kd_kernels {t['eager'] / t['kd']:.3f}", flush=True)
 
@@ -76,8 +60,7 @@ def main() -> None:
     ap.add_argument("--suite-malloc", action="store_true")
     a = ap.parse_args()
     if a.suite_malloc:
-        from run import _malloc_returns_memory
-        _malloc_returns_memory()
+        malloc_returns_memory()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     (logprobs if a.what == "logprobs" else kd)()

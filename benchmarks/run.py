@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -53,6 +52,7 @@ from _bench_common import (
     input_bytes,
     is_fused,
     make_inputs,
+    malloc_returns_memory,
     peak_memory_bytes,
     quantiles,
     reference_cached,
@@ -131,18 +131,6 @@ def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] 
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def _malloc_returns_memory() -> None:
-    """Make glibc hand freed buffers of 64 KiB and more back to the OS, so RSS falls when tensors are freed
-    and VmHWM measures one call's peak rather than what earlier calls left in the heap."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold, m_trim_threshold = -3, -1
-        libc.mallopt(m_mmap_threshold, 64 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-    except OSError:
-        pass
-
-
 def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool) -> dict:
     row = {**case.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note}
     if quick and p.name == "torch_compile" and case.device == "cpu" \
@@ -179,7 +167,7 @@ def worker(p: Provider, cases: list[Case], st: Settings, cache_dir: str, out_pat
            threads: int | None) -> None:
     """Runs every case of one provider, appending one JSON line per case to ``out_path``."""
     if cases and cases[0].device == "cpu":
-        _malloc_returns_memory()
+        malloc_returns_memory()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -416,7 +404,7 @@ RATIO_LABELS = {"kd_kernels[cpu]": "kd_kernels[cpu]", "kd_launcher[cpu]": "cpu l
 def _ratio_memory(p: Provider, case: Case, threads: int, conn) -> None:
     """Child process: the provider's peak memory on the case (after one warm-up / compiling call)."""
     try:
-        _malloc_returns_memory()
+        malloc_returns_memory()
         torch.set_num_threads(threads)
         inputs = make_inputs(case)
         fn = p.build(case, inputs)

@@ -4,19 +4,18 @@
 
 Loss + backward by default (the suite's ``kd_logits`` op), the loss alone under no_grad with ``--fwd-only``
 (``kd_logits_fwd``). ``--suite-malloc``: glibc set as in the suite's CPU workers (freed buffers of 64 KiB and more
-go back to the OS, so every temporary is page-faulted afresh), the regime of `benchmarks/run.py`'s small shapes. The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick
-check of docs/BENCHMARKS.md, "The torch backend"; `benchmarks/run.py` has the full table.
+go back to the OS, so every temporary is page-faulted afresh), the regime of `benchmarks/run.py`'s small shapes.
+The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick check of
+docs/BENCHMARKS.md, "The torch backend"; `benchmarks/run.py` has the full table.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _bench_common import ALPHA, BETA  # noqa: E402
+from _bench_common import ALPHA, BETA, interleaved_medians, malloc_returns_memory  # noqa: E402
 from _bench_providers import eager_kd_loss  # noqa: E402
 
 import kd_kernels  # noqa: E402
@@ -33,8 +32,7 @@ def main() -> None:
     ap.add_argument("--suite-malloc", action="store_true")
     a = ap.parse_args()
     if a.suite_malloc:
-        from run import _malloc_returns_memory
-        _malloc_returns_memory()
+        malloc_returns_memory()
     torch.set_num_threads(1)
     for div in a.divergences.split(","):
         for dt in (getattr(torch, d) for d in a.dtypes.split(",")):
@@ -52,17 +50,9 @@ def main() -> None:
                 fs = {"eager": lambda x: eager_kd_loss(x, t, div),
                       "torch": lambda x: kd_kernels.kd_loss(x, t, divergence=div, backend="torch",
                                                        alpha=ALPHA, beta=BETA)}
-                for f in fs.values():
-                    call(f)
-                ts = {k: [] for k in fs}
                 reps = max(3, min(30, int(2e7 // (n * v))))
-                for r in range(a.rounds):
-                    for k in (("eager", "torch") if r % 2 else ("torch", "eager")):
-                        for _ in range(reps):
-                            t0 = time.perf_counter()
-                            call(fs[k])
-                            ts[k].append(time.perf_counter() - t0)
-                te, tk = (statistics.median(ts[k]) * 1e3 for k in ("eager", "torch"))
+                ms = interleaved_medians({k: (lambda f=f: call(f)) for k, f in fs.items()}, a.rounds, reps)
+                te, tk = ms["eager"], ms["torch"]
                 print(f"{div:16s} {str(dt)[6:]:9s} {n:4d}x{v:6d} {'fwd' if a.fwd_only else 'fwd+bwd'} "
                       f"eager {te:8.3f} ms  torch {tk:8.3f} ms  eager/torch {te / tk:.2f}", flush=True)
 
