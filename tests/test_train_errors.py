@@ -73,7 +73,7 @@ def test_flag_domains_checked_at_parse_time(flags, match, capsys):
 
 @pytest.mark.parametrize("method, flags, match", [
     ("minillm", ["--minillm-clip", "inf"], "--minillm-clip"),
-    ("gkd", ["--gkd-temperature", "inf"], "--gkd-temperature=inf"),  # was accepted (uniform sampling)
+    ("gkd", ["--gkd-temperature", "inf"], "--gkd-temperature=inf"),  # was accepted (uniform)
     ("gkd", ["--gkd-temperature", "nan"], "--gkd-temperature=nan"),  # failed late, in transformers
     ("gkd", ["--gkd-temperature", "1e-320"], "--gkd-temperature=1e-320"),
     ("kd", ["--kd-ratio", "1e-320"], "--kd-ratio=1e-320"),  # was the library's "ce_weight=inf"
@@ -322,8 +322,8 @@ def test_unexpected_failure_is_still_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("first", [T.Interrupted(3), KeyboardInterrupt()])
 def test_ctrl_c_during_shutdown_prints_no_traceback(first, monkeypatch, capsys):
-    """Issue #26: a Ctrl-C while kd-train shuts down after the first one (here: while the CLI releases
-    the process group) exits 130 with one line, not a KeyboardInterrupt traceback."""
+    """Issue #26: a Ctrl-C while kd-train shuts down after the first one (here: while the CLI
+    releases the process group) exits 130 with one line, not a KeyboardInterrupt traceback."""
     import signal
 
     import torch.distributed as dist

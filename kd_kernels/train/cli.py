@@ -1,5 +1,6 @@
-"""``kd-train METHOD [--flags]``: the console script. ``kd-train METHOD --help`` lists METHOD's flags
-(the common ones and its own), each with its help and default; ``--config FILE`` reads them from a file.
+"""``kd-train METHOD [--flags]``: the console script. ``kd-train METHOD --help`` lists METHOD's
+flags (the common ones and its own), each with its help and default; ``--config FILE`` reads them
+from a file.
 
 ``kd-train compare [--methods ...] [--seeds ...] [--out DIR] [flags]`` runs several methods with the same
 flags and seeds and writes one table (see ``kd_kernels/train/compare.py``).

@@ -27,13 +27,14 @@ FSDP_METHODS = ("sft", "kd", "seqkd")
 # `make demo` runs) finishes in about 13 minutes on 2 idle CPU cores, teacher answers included
 # (docs/TRAINER.md, "MiniLLM demo timing").
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"minillm": {"steps": 40}}
-# the smallest nonzero --kd-ratio r: float32's unit roundoff. Below it r·KD is lost next to (1 − r)·CE in the
-# float32 loss, and the fused call's CE weight (1 − r)/r (up to 2**24 here) would overflow for denormal r.
+# the smallest nonzero --kd-ratio r: float32's unit roundoff. Below it r·KD is lost next to
+# (1 − r)·CE in the float32 loss, and the fused call's CE weight (1 − r)/r (up to 2**24 here)
+# would overflow for a denormal r.
 KD_RATIO_MIN = 2.0**-24
 
 
 def _opt(default: Any, help: str, methods: tuple[str, ...] | None = None) -> Any:
-    """A config field: its default, its one-line ``--help`` text and the methods that use it (None: all)."""
+    """A config field: its default, its one-line ``--help``, the methods using it (None: all)."""
     return field(default=default, metadata={"help": help, "methods": methods})
 
 
@@ -41,12 +42,13 @@ def _opt(default: Any, help: str, methods: tuple[str, ...] | None = None) -> Any
 class TrainConfig:
     # what to run (``method`` is the subcommand, not a flag)
     method: str = "kd"
-    preset: str = _opt("smollm2", "model pair: 'smollm2' (SmolLM2-135M-Instruct) or 'tiny' (a random "
-                       "4-layer Llama for smoke runs); ignored with --teacher")
-    teacher: str = _opt("", "local path of any Hugging Face causal LM (overrides the preset's teacher)")
+    preset: str = _opt("smollm2", "model pair: 'smollm2' (SmolLM2-135M-Instruct) or 'tiny' (a "
+                       "random 4-layer Llama for smoke runs); ignored with --teacher")
+    teacher: str = _opt("", "local path of any Hugging Face causal LM (overrides the preset's "
+                        "teacher)")
     student: str = _opt("", "local path of the student; empty: the teacher with --student-layers")
-    student_layers: str = _opt("", "teacher layers kept in the student: 'start:stop:step' or '0,3,6'; "
-                               "empty: every 3rd")
+    student_layers: str = _opt("", "teacher layers kept in the student: 'start:stop:step' or "
+                               "'0,3,6'; empty: every 3rd")
     dtype: str = _opt("float32", "model dtype: 'float32' or 'bfloat16'")
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     dist: str = _opt("ddp", "under torchrun: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2, "
@@ -61,7 +63,8 @@ class TrainConfig:
     cache_dir: str = _opt("", "where teacher responses are cached; empty: "
                           "~/.cache/kd_kernels/responses")
     # generation (teacher references, seqkd samples, evaluation)
-    max_new_tokens: int = _opt(48, "length of teacher references, samples and evaluation generations")
+    max_new_tokens: int = _opt(48, "length of teacher references, samples and evaluation "
+                               "generations")
     gen_batch_size: int = _opt(16, "prompts per generate call")
     seqkd_temperature: float = _opt(1.0, "temperature of the teacher samples trained on",
                                     ("seqkd",))
@@ -77,17 +80,19 @@ class TrainConfig:
                            ("kd", "seqkd"))
     temperature: float = _opt(1.0, "KD temperature of the distillation loss",
                               ("kd", "seqkd", "minillm", "distillm", "gkd"))
-    chunk_size: int = _opt(0, "fused-linear tokens per chunk (0: the library's memory-budget default)")
+    chunk_size: int = _opt(0, "fused-linear tokens per chunk (0: the library's memory-budget "
+                           "default)")
     backend: str = _opt("auto", "kd_kernels backend: auto, torch, cpu, triton or cuda")
     # sparse teacher: train from an offline top-K cache (kd-train cache-teacher)
-    teacher_cache: str = _opt("", "folder written by kd-train cache-teacher; empty: the teacher's full "
-                              "logits every step", CACHE_METHODS)
+    teacher_cache: str = _opt("", "folder written by kd-train cache-teacher; empty: the teacher's "
+                              "full logits every step", CACHE_METHODS)
     sparse_tail: str = _opt("bucket", "mass outside the cached top-K: 'bucket', 'renormalize' or "
                             "'ignore' (forward KL only)", CACHE_METHODS)
-    sparse_top_k: int = _opt(0, "ids per token used from the cache (0: all it holds)", CACHE_METHODS)
+    sparse_top_k: int = _opt(0, "ids per token used from the cache (0: all it holds)",
+                             CACHE_METHODS)
     # minillm (paper values; rollouts scaled from 256 to the CPU)
-    minillm_alpha: float = _opt(0.2, "teacher mix-in a of the sampling distribution (1 - a) q + a p",
-                                ("minillm",))
+    minillm_alpha: float = _opt(0.2, "teacher mix-in a of the sampling distribution "
+                                "(1 - a) q + a p", ("minillm",))
     minillm_gamma: float = _opt(0.95, "discount of the returns", ("minillm",))
     minillm_clip: float = _opt(0.2, "PPO ratio clip", ("minillm",))
     minillm_rollouts: int = _opt(16, "sampled responses per rollout round (per process)",
@@ -103,8 +108,8 @@ class TrainConfig:
                                "padded B x W block) or 'valid' (valid tokens, per round)",
                                ("minillm",))
     # distillm
-    distillm_loss: str = _opt("srkl", "'srkl' (skew reverse KL) or 'skl' (skew forward KL; the 0.1B "
-                              "recipe)", ("distillm",))
+    distillm_loss: str = _opt("srkl", "'srkl' (skew reverse KL) or 'skl' (skew forward KL; the "
+                              "0.1B recipe)", ("distillm",))
     distillm_alpha: float = _opt(0.1, "skew alpha, in (0, 1)", ("distillm",))
     distillm_ce: float = _opt(0.0, "weight c of the CE mix (1 - c) skew + c CE", ("distillm",))
     distillm_capacity: int = _opt(1000, "replay buffer capacity", ("distillm",))
@@ -128,8 +133,8 @@ class TrainConfig:
     eval_teacher: bool = _opt(True, "also score the teacher's own samples, for scale")
     skip_eval: bool = _opt(False, "skip the final evaluation")
     # outputs
-    out: str = _opt("", "run directory (config.json, metrics.jsonl, summary.json, loss.png, ckpt.pt); "
-                    "empty: out/METHOD")
+    out: str = _opt("", "run directory (config.json, metrics.jsonl, summary.json, loss.png, "
+                    "ckpt.pt); empty: out/METHOD")
     ckpt_every: int = _opt(20, "checkpoint every N steps (also at the end and on Ctrl-C)")
     resume: bool = _opt(False, "continue the run in --out from its checkpoint")
     overwrite: bool = _opt(False, "a fresh run into an --out that holds a run replaces it")
@@ -162,7 +167,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "metho
 BUILTIN_METHODS = ("sft", "kd", "seqkd", "minillm", "distillm", "gkd")
 # per-invocation actions, not part of a run's description: never written to config.json
 NOT_SAVED = ("resume", "overwrite")
-CONFIG_NAME = "config.json"  # the resolved config written to every run directory (loadable with --config)
+CONFIG_NAME = "config.json"  # the resolved config in every run directory (loadable with --config)
 
 
 def owners(name: str) -> tuple[str, ...] | None:
@@ -208,8 +213,8 @@ def _method_parser(sub, method: str, summary: str) -> argparse.ArgumentParser:
     sp = sub.add_parser(method, help=summary, description=f"kd-train {method}: {summary}",
                         usage=f"kd-train {method} [-h] [--config FILE] [flags]",
                         argument_default=argparse.SUPPRESS)
-    sp.add_argument("--config", metavar="FILE", help="a .json, .yaml or .yml file of flag values (keys "
-                    "as in config.json: kd_ratio, steps ...); flags on the command line win")
+    sp.add_argument("--config", metavar="FILE", help="a .json, .yaml or .yml file of flag values "
+                    "(keys as in config.json: kd_ratio, steps ...); flags on the command line win")
     defaults = method_defaults(method)
     names = method_fields(method)
     groups = {None: sp.add_argument_group("common flags"),
@@ -221,19 +226,35 @@ def _method_parser(sub, method: str, summary: str) -> argparse.ArgumentParser:
 
 def build_parser(methods: list[str] | dict[str, str]
                  ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """``kd-train METHOD [flags]``: one subcommand per method, each taking the common flags and its own
-    (``methods``: names, or names and their one-line descriptions). Returns the parser and the
+    """``kd-train METHOD [flags]``: one subcommand per method, each taking the common flags and its
+    own (``methods``: names, or names and their one-line descriptions). Returns the parser and the
     subcommands' parsers."""
     summaries = methods if isinstance(methods, dict) else dict.fromkeys(methods, "")
     p = argparse.ArgumentParser(
         prog="kd-train",
         description="Distill a causal LM with kd_kernels' fused-linear losses. "
                     "`kd-train METHOD --help` lists the flags of METHOD.",
-        epilog="also: `kd-train compare [--methods ...] [--seeds ...] [flags]` (several methods, one "
-               "table) and `kd-train cache-teacher --top-k K --out DIR [flags]` (an offline teacher "
-               "cache); see docs/TRAINER.md")
+        epilog="also: `kd-train compare [--methods ...] [--seeds ...] [flags]` (several methods, "
+               "one table) and `kd-train cache-teacher --top-k K --out DIR [flags]` (an offline "
+               "teacher cache); see docs/TRAINER.md")
     sub = p.add_subparsers(dest="method", metavar="METHOD", required=True, title="methods")
-    return p, {method: _method_parser(sub, method, summary) for method, summary in summaries.items()}
+    return p, {method: _method_parser(sub, method, text) for method, text in summaries.items()}
+
+
+def flags_markdown() -> str:
+    """The flags reference in docs/TRAINER.md, from the fields' metadata (a test compares)."""
+    lines = ["| flag | default | methods | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        flag = f"`{_flag(name)}`"
+        if type(f.default) is bool:
+            flag += f" / `--no-{_flag(name)[2:]}`"
+        default = f"`{_show(f.default)}`"
+        lines.append(f"| {flag} | {default} | {', '.join(owners(name) or ('all',))} | "
+                     f"{f.metadata['help']} |")
+    for method, values in METHOD_DEFAULTS.items():
+        shown = ", ".join(f"`{_flag(k)} {v}`" for k, v in values.items())
+        lines.append(f"\n`kd-train {method}` defaults to {shown}.")
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_flags_message(extra: list[str], method: str) -> str:
@@ -249,17 +270,18 @@ def _unknown_flags_message(extra: list[str], method: str) -> str:
             hints.append(f"{name} is a flag of {', '.join(owners(key))}, not of {method}")
         elif close := difflib.get_close_matches(name, mine, n=1):
             hints.append(f"{name}: did you mean {close[0]}?")
-    return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else "")
+    text = f"unrecognized arguments: {' '.join(extra)}"
+    return text + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def parse_args(argv: list[str] | None, methods: list[str] | dict[str, str]
                ) -> tuple[TrainConfig, set[str]]:
-    """Parse the command line. Returns the config and the names of the fields given explicitly (on the
-    command line or in the ``--config`` file, even at their default values).
+    """Parse the command line. Returns the config and the names of the fields given explicitly (on
+    the command line or in the ``--config`` file, even at their default values).
 
     Precedence: TrainConfig's defaults < METHOD_DEFAULTS < the ``--config`` file < the command line.
-    Unknown flags exit with argparse's usage error (status 2), naming the flag; a bad value or config
-    file is a ValueError naming the flag or key.
+    Unknown flags exit with argparse's usage error (status 2), naming the flag; a bad value or
+    config file is a ValueError naming the flag or key.
     """
     parser, subcommands = build_parser(methods)
     ns, extra = parser.parse_known_args(argv)
@@ -271,6 +293,40 @@ def parse_args(argv: list[str] | None, methods: list[str] | dict[str, str]
     cfg = TrainConfig(method=ns.method, **values)
     validate(cfg)
     return cfg, set(from_file) | set(given)
+
+
+def shared_run_values(argv: list[str], methods: list[str]) -> dict[str, Any]:
+    """``kd-train compare``'s run flags (and ``--config`` file), given once for several methods: the
+    values given, by field name. A flag that none of ``methods`` takes, or that no method knows, is
+    a ValueError; ``method_argv`` hands each run the ones it takes."""
+    p = argparse.ArgumentParser(prog="kd-train compare", add_help=False, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config")
+    for name in FIELDS:
+        _add_flag(p, name, None)
+    ns, extra = p.parse_known_args(argv)
+    if extra:
+        raise ValueError(f"unrecognized arguments: {' '.join(extra)} (see kd-train METHOD --help)")
+    given = {k: v for k, v in vars(ns).items() if k != "config"}
+    values = (load_config_file(ns.config, None) if getattr(ns, "config", None) else {}) | given
+    for name in values:
+        if owners(name) and not set(owners(name)) & set(methods):
+            raise ValueError(f"{_flag(name)} is a flag of {', '.join(owners(name))}; none of the "
+                             f"methods {', '.join(methods)} takes it")
+    return values
+
+
+def method_argv(method: str, values: dict[str, Any]) -> list[str]:
+    """The command-line flags of the ``values`` that ``method`` takes."""
+    argv = []
+    for name in method_fields(method):
+        if name in values:
+            value = values[name]
+            if isinstance(value, bool):
+                argv.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+            else:
+                argv += [_flag(name), str(value)]
+    return argv
 
 
 # ------------------------------------------------------------------------------------ config files
@@ -297,7 +353,8 @@ def _read_config_file(path: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not valid YAML ({' '.join(str(e).split())})") from None
+        why = " ".join(str(e).split())
+        raise ValueError(f"--config {path} is not valid YAML ({why})") from None
 
 
 def _coerce(path: str, key: str, value: Any) -> Any:
@@ -318,9 +375,10 @@ def _coerce(path: str, key: str, value: Any) -> Any:
 
 
 def load_config_file(path: str, method: str | None) -> dict[str, Any]:
-    """The field values in a config file (keys as in ``config.json``; ``kd-ratio`` spelled with dashes
-    works too). Unknown keys, keys of other methods than ``method`` (None: any method) and values of the
-    wrong type are a ValueError naming the key (and the closest key for an unknown one)."""
+    """The field values in a config file (keys as in ``config.json``; ``kd-ratio`` spelled with
+    dashes works too). Unknown keys, keys of other methods than ``method`` (None: any method) and
+    values of the wrong type are a ValueError naming the key (and the closest key for an unknown
+    one)."""
     data = _read_config_file(path)
     if data is None:
         return {}
@@ -338,12 +396,13 @@ def load_config_file(path: str, method: str | None) -> dict[str, Any]:
             continue
         if key not in FIELDS:
             known = method_fields(method) if method else list(FIELDS)
-            close = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(key, FIELDS, n=1)
+            close = (difflib.get_close_matches(key, known, n=1)
+                     or difflib.get_close_matches(key, FIELDS, n=1))
             raise ValueError(f"--config {path}: unknown key {raw!r}"
                              + (f"; did you mean {close[0]!r}?" if close else ""))
         if method is not None and key not in method_fields(method):
-            raise ValueError(f"--config {path}: {key} is a flag of {', '.join(owners(key))}, not of "
-                             f"{method}; remove it or run kd-train {owners(key)[0]}")
+            raise ValueError(f"--config {path}: {key} is a flag of {', '.join(owners(key))}, not "
+                             f"of {method}; remove it or run kd-train {owners(key)[0]}")
         values[key] = _coerce(path, key, value)
     return values
 
@@ -408,8 +467,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.weight_decay < math.inf:
         raise ValueError(f"--weight-decay={cfg.weight_decay} must be a finite number >= 0")
     if not (FP32_TINY <= cfg.lr < math.inf and 0 <= cfg.min_lr <= cfg.lr):
-        raise ValueError(f"--lr={cfg.lr} must be a finite number >= 1.2e-38 (smaller is 0 in float32: "
-                         f"no training) and --min-lr={cfg.min_lr} in [0, --lr]")
+        raise ValueError(f"--lr={cfg.lr} must be a finite number >= 1.2e-38 (smaller is 0 in "
+                         f"float32: no training) and --min-lr={cfg.min_lr} in [0, --lr]")
     for name in ("temperature", "seqkd_temperature", "minillm_temperature", "gkd_temperature"):
         value = getattr(cfg, name)
         if not FP32_TINY <= value < math.inf:
@@ -427,8 +486,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one")
     if not (cfg.kd_ratio == 0.0 or KD_RATIO_MIN <= cfg.kd_ratio <= 1.0):
-        raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be 0 (pure CE) or in [2**-24, 1] (1: pure KD); "
-                         "a smaller r·KD vanishes next to (1 - r)·CE in float32: use 0")
+        raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be 0 (pure CE) or in [2**-24, 1] (1: "
+                         "pure KD); a smaller r·KD vanishes next to (1 - r)·CE in float32: use 0")
     if not (0 <= cfg.valid_frac < 1 and 0 < cfg.test_frac < 1 and cfg.valid_frac + cfg.test_frac < 1):
         raise ValueError(
             f"--valid-frac={cfg.valid_frac} and --test-frac={cfg.test_frac} must be fractions summing "

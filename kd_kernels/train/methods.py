@@ -49,7 +49,7 @@ def get_method(name: str) -> Method:
 
 
 def method_summaries() -> dict[str, str]:
-    """Each registered method's one-line description (its docstring's first sentence), for --help."""
+    """Each registered method's one-line description (its docstring's first sentence)."""
     out = {}
     for name in sorted(METHODS):
         text = " ".join((METHODS[name].__doc__ or "").split("\n\n")[0].split()).replace("``", "")

@@ -418,7 +418,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     is_main = rank == 0
     method = get_method(cfg.method)
     if is_main:
-        # the resolved config (a resumed run's merged one): `kd-train METHOD --config out/config.json`
+        # the resolved config (a resumed run's merged one), for `kd-train METHOD --config FILE`
         text = config_text(cfg)
         write_atomic(out / CONFIG_NAME, lambda tmp: tmp.write_text(text))
         warn_missing()
