@@ -127,6 +127,7 @@ def test_config_file_under_the_command_line(tmp_path):
     ("a.yaml", "skip_eval: 1\n", "skip_eval: 1 is not a bool"),
     ("a.yaml", "lr: fast\n", "lr: 'fast' is not a float"),
     ("a.yaml", "eval_seeds: 10\n", "eval_seeds: 10 is not a str"),
+    ("a.yaml", "student_layers: 3:30\n", r"student_layers: 210 is not a str .*; quote it"),
     ("a.yaml", "kd_ratio: 7\n", "--kd-ratio=7.0"),  # values are checked as flags are
     ("a.yaml", "- steps\n", "expected a mapping"),
     ("a.yaml", "steps: [1\n", "is not valid YAML"),

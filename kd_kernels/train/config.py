@@ -358,20 +358,22 @@ def _read_config_file(path: str) -> Any:
 
 
 def _coerce(path: str, key: str, value: Any) -> Any:
-    """``value`` as the type of field ``key`` (a float also from a string such as YAML's "1e-4")."""
+    """``value`` as the type of field ``key`` (a float also from an int, or from a string such as
+    YAML's "1e-4"); any other type is a ValueError naming the key."""
     kind = type(FIELDS[key].default)
-    if kind is float and isinstance(value, str):
-        try:
+    if isinstance(value, bool) == (kind is bool):  # True is an int to Python, not to a config
+        if isinstance(value, kind):
+            return value
+        if kind is float and isinstance(value, int):
             return float(value)
-        except ValueError:
-            pass
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        raise ValueError(f"--config {path}: {key}: {value!r} is not a{'n' if kind is int else ''} "
-                         f"{kind.__name__} (the type {_flag(key)} takes)")
-    return value
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    hint = "; quote it" if kind is str else ""
+    raise ValueError(f"--config {path}: {key}: {value!r} is not a{'n' if kind is int else ''} "
+                     f"{kind.__name__} (the type {_flag(key)} takes){hint}")
 
 
 def load_config_file(path: str, method: str | None) -> dict[str, Any]:
