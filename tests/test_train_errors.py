@@ -56,7 +56,6 @@ def one_clean_line(err: str) -> str:
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--kd-ratio", "nan"], "--kd-ratio"),
     (["--valid-frac", "nan"], "--valid-frac"),
-    (["--minillm-clip", "inf"], "--minillm-clip"),
     (["--warmup-steps", "-1"], "--warmup-steps"),
     (["--chunk-size", "-8"], "--chunk-size"),
     (["--backend", "tpu"], "--backend='tpu' is unknown"),
@@ -70,6 +69,31 @@ def test_flag_domains_checked_at_parse_time(flags, match, capsys):
         C.parse_args(["kd", *flags], ["kd"])
     rc, err = run_cli(["kd", *flags], capsys)
     assert rc == 2 and match.split("=")[0] in one_clean_line(err)
+
+
+@pytest.mark.parametrize("method, flags, match", [
+    ("minillm", ["--minillm-clip", "inf"], "--minillm-clip"),
+    ("gkd", ["--gkd-temperature", "inf"], "--gkd-temperature=inf"),  # was accepted (uniform)
+    ("gkd", ["--gkd-temperature", "nan"], "--gkd-temperature=nan"),  # failed late, in transformers
+    ("gkd", ["--gkd-temperature", "1e-320"], "--gkd-temperature=1e-320"),
+    ("kd", ["--kd-ratio", "1e-320"], "--kd-ratio=1e-320"),  # was the library's "ce_weight=inf"
+    ("seqkd", ["--kd-ratio", "1e-9"], "--kd-ratio=1e-09"),
+    ("kd", ["--lr", "1e-320", "--min-lr", "0"], "--lr=1e-320"),  # 0 in float32: no training
+    ("kd", ["--grad-clip", "1e-320"], "--grad-clip=1e-320"),  # 0 in float32: frozen weights
+])
+def test_method_flag_domains_checked_at_parse_time(method, flags, match, capsys):
+    """Issue #26: every numeric flag is checked up front, and the message names the flag."""
+    with pytest.raises(ValueError, match=match):
+        C.parse_args([method, *flags], [method])
+    rc, err = run_cli([method, *flags], capsys)
+    assert rc == 2 and match.split("=")[0] in one_clean_line(err)
+
+
+def test_smallest_accepted_kd_ratio_is_used_as_given():
+    """The float32 floor of --kd-ratio: at 2**-24 the KD term still counts; 0 is pure CE."""
+    cfg, _ = C.parse_args(["kd", "--kd-ratio", str(2.0**-24)], ["kd"])
+    assert cfg.kd_ratio == 2.0**-24
+    assert C.parse_args(["kd", "--kd-ratio", "0"], ["kd"])[0].kd_ratio == 0.0
 
 
 @pytest.mark.parametrize("method", ["minillm", "gkd", "distillm"])
@@ -291,3 +315,35 @@ def test_unexpected_failure_is_still_one_line(tmp_path, capsys, monkeypatch):
     rc, err = run_cli(["kd", "--out", str(tmp_path / "run")], capsys)
     line = one_clean_line(err)
     assert rc == 1 and "KeyError" in line and "KD_TRAIN_TRACEBACK=1" in line
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+
+
+@pytest.mark.parametrize("first", [T.Interrupted(3), KeyboardInterrupt()])
+def test_ctrl_c_during_shutdown_prints_no_traceback(first, monkeypatch, capsys):
+    """Issue #26: a Ctrl-C while kd-train shuts down after the first one (here: while the CLI
+    releases the process group) exits 130 with one line, not a KeyboardInterrupt traceback."""
+    import signal
+
+    import torch.distributed as dist
+
+    def interrupted_run(cfg, explicit):
+        raise first
+
+    def ctrl_c_during_shutdown():
+        signal.raise_signal(signal.SIGINT)  # the user's next Ctrl-C
+        return False
+
+    monkeypatch.setattr(cli, "train", interrupted_run)
+    monkeypatch.setattr(dist, "is_initialized", ctrl_c_during_shutdown)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        rc = cli.main(["kd", *TINY])
+    except KeyboardInterrupt:  # what the console script would print as a traceback
+        pytest.fail("a Ctrl-C during shutdown escaped kd-train's main")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is before

@@ -1,4 +1,6 @@
-"""``kd-train METHOD [--flags]``: the console script. ``kd-train --help`` lists every flag.
+"""``kd-train METHOD [--flags]``: the console script. ``kd-train METHOD --help`` lists METHOD's
+flags (the common ones and its own), each with its help and default; ``--config FILE`` reads them
+from a file.
 
 ``kd-train compare [--methods ...] [--seeds ...] [--out DIR] [flags]`` runs several methods with the same
 flags and seeds and writes one table (see ``kd_kernels/train/compare.py``).
@@ -8,13 +10,14 @@ teacher cache for ``--teacher-cache DIR`` (see ``kd_kernels/train/teacher_cache.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 from kd_kernels import BackendUnavailableError
 
 from .config import parse_args
-from .methods import METHODS
+from .methods import method_summaries
 from .trainer import Interrupted, TrainError, train
 
 
@@ -24,9 +27,29 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. A Ctrl-C once kd-train is already on its way out (after the first one, or
+    while it reports an error) is ignored: shutting down prints one line, never a traceback."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # a Ctrl-C in the moment before the handlers below ignore it
+        _ignore_ctrl_c()
+        print(ABORTED, file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+ABORTED = "kd-train: aborted (Ctrl-C); the last checkpoint written, if any, is kept in --out"
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(args: list[str]) -> int:
     import torch.distributed as dist
 
-    args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "cache-teacher":
         from .cache_cli import main as cache_main
 
@@ -36,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return compare_main(args[1:])
     try:
-        cfg, explicit = parse_args(args, sorted(METHODS))
+        cfg, explicit = parse_args(args, method_summaries())
     except ValueError as e:
         print(f"kd-train: error: {e}", file=sys.stderr)
         return 2
@@ -45,18 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg, explicit)
     except Interrupted:
+        _ignore_ctrl_c()  # the checkpoint is written: nothing left to interrupt
         return 130
     except TeacherCacheError as e:  # a cache that does not match the run: one line, no traceback
+        _ignore_ctrl_c()
         print(f"kd-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kd-train: aborted (second Ctrl-C); the last checkpoint written is kept", file=sys.stderr)
+        _ignore_ctrl_c()
+        print(ABORTED, file=sys.stderr)
         return 130
     except (TrainError, ValueError, OSError, BackendUnavailableError) as e:
         # failures after parsing: one line (what, where, the fix), no traceback
+        _ignore_ctrl_c()
         print(f"kd-train: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # anything else still exits cleanly, with a way to see more
+        _ignore_ctrl_c()
         if os.environ.get("KD_TRAIN_TRACEBACK"):
             raise
         print(f"kd-train: error: {type(e).__name__}: {_one_line(e)} (set KD_TRAIN_TRACEBACK=1 for the "

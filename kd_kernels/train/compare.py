@@ -1,7 +1,8 @@
 """``kd-train compare``: SFT, KD, SeqKD, MiniLLM, DistiLLM and GKD with one budget, one table, one plot.
 
-Every method runs with the same flags (whatever follows the compare options is passed to each run
-unchanged: ``--steps``, ``--batch-size``, ``--lr`` ...) and the same training seeds, each run in its own
+Every method runs with the same flags (whatever follows the compare options, ``--config FILE``
+included, goes to each run that takes it: ``--steps``, ``--lr`` to all, ``--kd-ratio`` to kd and
+seqkd, ``--gkd-beta`` to gkd ...) and the same training seeds, each run in its own
 process (so peak memory and wall time are per run). Finished runs (with a ``summary.json``) are kept
 and skipped on a re-run, and the table is rewritten after every run, so an interrupted comparison
 still leaves a table of what finished.
@@ -112,13 +113,14 @@ def write_outputs(out: Path, methods: list[str], seeds: list[int], header: str) 
 
 
 def main(argv: list[str]) -> int:
-    from .config import parse_args
+    from .config import method_argv, parse_args, shared_run_values
     from .methods import METHODS
 
     p = argparse.ArgumentParser(
         prog="kd-train compare", allow_abbrev=False,
         description="Run several methods with the same flags and seeds; write one table and plot. "
-                    "Flags after the compare options go to every run (see kd-train --help).")
+                    "Flags after the compare options go to every run that takes them "
+                    "(see kd-train METHOD --help).")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
     p.add_argument("--seeds", default="1,2", help="training seeds (comma-separated)")
     p.add_argument("--out", default="out/compare", help="output folder")
@@ -136,13 +138,14 @@ def main(argv: list[str]) -> int:
         print(f"kd-train compare: error: --seeds={args.seeds!r} must be comma-separated integers",
               file=sys.stderr)
         return 2
-    for bad in ("--seed", "--out", "--resume", "--overwrite"):
-        if bad in rest:
-            print(f"kd-train compare: error: {bad} is set per run by compare; use --seeds / --out",
-                  file=sys.stderr)
-            return 2
     try:
-        parse_args(["kd", *rest], sorted(METHODS))  # fail before the first run on a bad flag
+        values = shared_run_values(rest, methods)
+        for name in ("seed", "out", "resume", "overwrite"):
+            if name in values:
+                raise ValueError(f"--{name} is set per run by compare; use --seeds / --out")
+        runs = {m: method_argv(m, values) for m in methods}
+        for m in methods:  # fail before the first run on a bad value
+            parse_args([m, *runs[m]], [m])
     except ValueError as e:
         print(f"kd-train compare: error: {e}", file=sys.stderr)
         return 2
@@ -158,8 +161,8 @@ def main(argv: list[str]) -> int:
                 if (run_dir / "summary.json").is_file():
                     continue
                 # no summary.json: a run that never finished; start it again from scratch
-                cmd = [sys.executable, "-m", "kd_kernels.train.cli", method, *rest, "--seed", str(seed),
-                       "--out", str(run_dir), "--no-progress", "--overwrite"]
+                cmd = [sys.executable, "-m", "kd_kernels.train.cli", method, *runs[method],
+                       "--seed", str(seed), "--out", str(run_dir), "--no-progress", "--overwrite"]
                 print(f"[compare] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
                 t0 = time.time()
                 rc = subprocess.run(cmd, env=env, check=False).returncode

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,83 +27,119 @@ FSDP_METHODS = ("sft", "kd", "seqkd")
 # `make demo` runs) finishes in about 13 minutes on 2 idle CPU cores, teacher answers included
 # (docs/TRAINER.md, "MiniLLM demo timing").
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"minillm": {"steps": 40}}
+# the smallest nonzero --kd-ratio r: float32's unit roundoff. Below it r·KD is lost next to
+# (1 − r)·CE in the float32 loss, and the fused call's CE weight (1 − r)/r (up to 2**24 here)
+# would overflow for a denormal r.
+KD_RATIO_MIN = 2.0**-24
+
+
+def _opt(default: Any, help: str, methods: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, its one-line ``--help``, the methods using it (None: all)."""
+    return field(default=default, metadata={"help": help, "methods": methods})
 
 
 @dataclass
 class TrainConfig:
-    # what to run
+    # what to run (``method`` is the subcommand, not a flag)
     method: str = "kd"
-    preset: str = "smollm2"  # "smollm2", "tiny", or ignored when --teacher is given
-    teacher: str = ""  # local path of any Hugging Face causal LM (overrides the preset's teacher)
-    student: str = ""  # local path of the student; empty: the teacher with fewer layers
-    student_layers: str = ""  # teacher layers kept in the student: "start:stop:step", "0,3,6"; "": every 3rd
-    dtype: str = "float32"  # model dtype: float32 or bfloat16
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
-    dist: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, sharded models)
-    seed: int = 1337
+    preset: str = _opt("smollm2", "model pair: 'smollm2' (SmolLM2-135M-Instruct) or 'tiny' (a "
+                       "random 4-layer Llama for smoke runs); ignored with --teacher")
+    teacher: str = _opt("", "local path of any Hugging Face causal LM (overrides the preset's "
+                        "teacher)")
+    student: str = _opt("", "local path of the student; empty: the teacher with --student-layers")
+    student_layers: str = _opt("", "teacher layers kept in the student: 'start:stop:step' or "
+                               "'0,3,6'; empty: every 3rd")
+    dtype: str = _opt("float32", "model dtype: 'float32' or 'bfloat16'")
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dist: str = _opt("ddp", "under torchrun: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2, "
+                     "sharded models; sft, kd, seqkd)")
+    seed: int = _opt(1337, "data order, sampling seeds (and the tiny preset's weights)")
     # data
-    prompts: str = ""  # a prompts .jsonl (default: the one shipped with kd_kernels.train)
-    max_prompts: int = 0  # use only the first N prompts of the file (0: all)
-    valid_frac: float = 0.1
-    test_frac: float = 0.1
-    max_prompt_tokens: int = 96
-    cache_dir: str = ""  # where teacher responses are cached (default: ~/.cache/kd_kernels/responses)
+    prompts: str = _opt("", "a prompts .jsonl; empty: the one shipped with kd_kernels.train")
+    max_prompts: int = _opt(0, "use only the first N prompts of the file (0: all)")
+    valid_frac: float = _opt(0.1, "fraction of the prompts in the validation split")
+    test_frac: float = _opt(0.1, "fraction of the prompts in the test split")
+    max_prompt_tokens: int = _opt(96, "prompts are cut to this many tokens")
+    cache_dir: str = _opt("", "where teacher responses are cached; empty: "
+                          "~/.cache/kd_kernels/responses")
     # generation (teacher references, seqkd samples, evaluation)
-    max_new_tokens: int = 48
-    gen_batch_size: int = 16
-    seqkd_temperature: float = 1.0
+    max_new_tokens: int = _opt(48, "length of teacher references, samples and evaluation "
+                               "generations")
+    gen_batch_size: int = _opt(16, "prompts per generate call")
+    seqkd_temperature: float = _opt(1.0, "temperature of the teacher samples trained on",
+                                    ("seqkd",))
     # training
-    steps: int = 60
-    batch_size: int = 8  # sequences per process per step
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kd_ratio: float = 0.5  # r in (1 - r) CE + r forward_kl (kd, seqkd)
-    temperature: float = 1.0  # KD temperature
-    chunk_size: int = 0  # fused-linear tokens per chunk (0: the library's memory-budget default)
-    backend: str = "auto"  # kd_kernels backend
-    # sparse teacher (kd, seqkd, distillm): train from an offline top-K cache (kd-train cache-teacher)
-    teacher_cache: str = ""  # cache folder; empty: the teacher's full logits every step
-    sparse_tail: str = "bucket"  # "bucket", "renormalize" or "ignore" (forward KL only)
-    sparse_top_k: int = 0  # ids per token used from the cache (0: all it holds)
+    steps: int = _opt(60, "optimizer steps")
+    batch_size: int = _opt(8, "sequences per process per step")
+    lr: float = _opt(1e-4, "AdamW learning rate (betas 0.9, 0.95) after the linear warmup")
+    min_lr: float = _opt(1e-5, "learning rate the cosine decay ends at")
+    warmup_steps: int = _opt(5, "linear warmup steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "largest gradient norm kept (inf: no clipping)")
+    kd_ratio: float = _opt(0.5, "r of the mix (1 - r) CE + r forward KL (0: pure CE, 1: pure KD)",
+                           ("kd", "seqkd"))
+    temperature: float = _opt(1.0, "KD temperature of the distillation loss",
+                              ("kd", "seqkd", "minillm", "distillm", "gkd"))
+    chunk_size: int = _opt(0, "fused-linear tokens per chunk (0: the library's memory-budget "
+                           "default)")
+    backend: str = _opt("auto", "kd_kernels backend: auto, torch, cpu, triton or cuda")
+    # sparse teacher: train from an offline top-K cache (kd-train cache-teacher)
+    teacher_cache: str = _opt("", "folder written by kd-train cache-teacher; empty: the teacher's "
+                              "full logits every step", CACHE_METHODS)
+    sparse_tail: str = _opt("bucket", "mass outside the cached top-K: 'bucket', 'renormalize' or "
+                            "'ignore' (forward KL only)", CACHE_METHODS)
+    sparse_top_k: int = _opt(0, "ids per token used from the cache (0: all it holds)",
+                             CACHE_METHODS)
     # minillm (paper values; rollouts scaled from 256 to the CPU)
-    minillm_alpha: float = 0.2  # teacher mix-in of the sampling distribution p~ = (1-a) q + a p
-    minillm_gamma: float = 0.95  # discount of the returns
-    minillm_clip: float = 0.2  # PPO ratio clip
-    minillm_rollouts: int = 16  # sampled responses per rollout round (per process)
-    minillm_ppo_epochs: int = 4  # passes over each round's rollouts (minibatches of --batch-size)
-    minillm_temperature: float = 1.0  # rollout sampling temperature
-    minillm_top_k: int = 0  # rollout top-k (0: off)
-    minillm_top_p: float = 1.0  # rollout top-p (1: off)
-    minillm_pt: bool = True  # add 0.5 CE + 0.5 forward KD on the teacher's references
-    minillm_whiten: str = "block"  # "block" (official: per minibatch, padded B x W block) or "valid"
+    minillm_alpha: float = _opt(0.2, "teacher mix-in a of the sampling distribution "
+                                "(1 - a) q + a p", ("minillm",))
+    minillm_gamma: float = _opt(0.95, "discount of the returns", ("minillm",))
+    minillm_clip: float = _opt(0.2, "PPO ratio clip", ("minillm",))
+    minillm_rollouts: int = _opt(16, "sampled responses per rollout round (per process)",
+                                 ("minillm",))
+    minillm_ppo_epochs: int = _opt(4, "passes over each round's rollouts (minibatches of "
+                                   "--batch-size)", ("minillm",))
+    minillm_temperature: float = _opt(1.0, "rollout sampling temperature", ("minillm",))
+    minillm_top_k: int = _opt(0, "rollout top-k (0: off)", ("minillm",))
+    minillm_top_p: float = _opt(1.0, "rollout top-p (1: off)", ("minillm",))
+    minillm_pt: bool = _opt(True, "add 0.5 CE + 0.5 forward KD on the teacher's references",
+                            ("minillm",))
+    minillm_whiten: str = _opt("block", "advantage whitening: 'block' (official: per minibatch, "
+                               "padded B x W block) or 'valid' (valid tokens, per round)",
+                               ("minillm",))
     # distillm
-    distillm_loss: str = "srkl"  # "srkl" (skew reverse KL) or "skl" (skew forward KL; 0.1B recipe)
-    distillm_alpha: float = 0.1  # skew
-    distillm_ce: float = 0.0  # weight c of the CE mix: (1 - c) skew + c CE
-    distillm_capacity: int = 1000  # replay buffer capacity
-    distillm_check_every: int = 0  # validation CE check every N steps (0: once per epoch)
+    distillm_loss: str = _opt("srkl", "'srkl' (skew reverse KL) or 'skl' (skew forward KL; the "
+                              "0.1B recipe)", ("distillm",))
+    distillm_alpha: float = _opt(0.1, "skew alpha, in (0, 1)", ("distillm",))
+    distillm_ce: float = _opt(0.0, "weight c of the CE mix (1 - c) skew + c CE", ("distillm",))
+    distillm_capacity: int = _opt(1000, "replay buffer capacity", ("distillm",))
+    distillm_check_every: int = _opt(0, "validation CE check every N steps (0: once per epoch)",
+                                     ("distillm",))
     # gkd (TRL's GKDConfig defaults)
-    gkd_lambda: float = 0.5  # probability that a step trains on the student's own samples
-    gkd_beta: float = 0.5  # TRL's generalized JSD: 0 forward KL, 1 reverse KL, in between jsd(beta)
-    gkd_temperature: float = 0.9  # student (and --gkd-seq-kd teacher) sampling temperature
-    gkd_seq_kd: bool = False  # off-policy steps train on teacher samples, not its greedy references
-    gkd_estimator: str = "full"  # "full" (exact per-token divergence) or "sampled" (sampled-token RKL)
+    gkd_lambda: float = _opt(0.5, "probability that a step trains on the student's own samples",
+                             ("gkd",))
+    gkd_beta: float = _opt(0.5, "TRL's generalized JSD: 0 forward KL, 1 reverse KL, in between "
+                           "jsd(beta)", ("gkd",))
+    gkd_temperature: float = _opt(0.9, "student (and --gkd-seq-kd teacher) sampling temperature",
+                                  ("gkd",))
+    gkd_seq_kd: bool = _opt(False, "off-policy steps train on teacher samples, not its greedy "
+                            "references", ("gkd",))
+    gkd_estimator: str = _opt("full", "'full' (exact per-token divergence) or 'sampled' "
+                              "(sampled-token reverse KL; needs --gkd-beta 1)", ("gkd",))
     # evaluation
-    eval_every: int = 0  # validation loss every N steps (0: never during training)
-    eval_seeds: str = "10,20,30"
-    eval_prompts: int = 0  # evaluate on the first N test prompts (0: all)
-    eval_teacher: bool = True  # also score the teacher's own samples, for scale
-    skip_eval: bool = False
+    eval_every: int = _opt(0, "validation CE / KL every N steps (0: never during training)")
+    eval_seeds: str = _opt("10,20,30", "comma-separated sampling seeds of the Rouge-L evaluation")
+    eval_prompts: int = _opt(0, "evaluate on the first N test prompts (0: all)")
+    eval_teacher: bool = _opt(True, "also score the teacher's own samples, for scale")
+    skip_eval: bool = _opt(False, "skip the final evaluation")
     # outputs
-    out: str = ""  # run directory (metrics.jsonl, summary.json, loss.png, ckpt.pt); empty: out/<method>
-    ckpt_every: int = 20
-    resume: bool = False
-    overwrite: bool = False  # a fresh run into a run directory that already holds one replaces it
-    log_every: int = 1
-    progress: bool = True
+    out: str = _opt("", "run directory (config.json, metrics.jsonl, summary.json, loss.png, "
+                    "ckpt.pt); empty: out/METHOD")
+    ckpt_every: int = _opt(20, "checkpoint every N steps (also at the end and on Ctrl-C)")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = _opt(False, "a fresh run into an --out that holds a run replaces it")
+    log_every: int = _opt(1, "append a metrics.jsonl row every N steps")
+    progress: bool = _opt(True, "progress bars")
 
     def seeds(self) -> list[int]:
         return [int(s) for s in self.eval_seeds.split(",") if s.strip()]
@@ -123,47 +161,267 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(methods: list[str], *, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The parser; with ``suppress_defaults`` a flag not given is absent from the namespace (so the names
-    present are exactly the flags given, whatever their values)."""
+# ---------------------------------------------------------------------------------------- flags
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "method"}
+BUILTIN_METHODS = ("sft", "kd", "seqkd", "minillm", "distillm", "gkd")
+# per-invocation actions, not part of a run's description: never written to config.json
+NOT_SAVED = ("resume", "overwrite")
+CONFIG_NAME = "config.json"  # the resolved config in every run directory (loadable with --config)
+
+
+def owners(name: str) -> tuple[str, ...] | None:
+    """The methods that use field ``name`` (None: every method)."""
+    return FIELDS[name].metadata["methods"]
+
+
+def method_fields(method: str) -> list[str]:
+    """The fields (flags) ``method`` takes: the common ones and its own. A method registered outside
+    kd_kernels.train (not in BUILTIN_METHODS) takes every flag."""
+    return [n for n in FIELDS if method not in BUILTIN_METHODS or owners(n) is None
+            or method in owners(n)]
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """Every field's default for ``method``: TrainConfig's, with METHOD_DEFAULTS on top."""
+    d = TrainConfig()
+    return {n: getattr(d, n) for n in FIELDS} | METHOD_DEFAULTS.get(method, {})
+
+
+def _show(value: Any) -> str:
+    return repr(value) if value == "" else str(value)
+
+
+def _add_flag(group, name: str, default: Any | None) -> None:
+    """``--name`` on ``group``; ``default`` (None: not shown) goes into the help text. The parser's
+    namespace holds only the flags given (argparse.SUPPRESS): defaults are applied by parse_args."""
+    f = FIELDS[name]
+    text = f.metadata["help"].replace("%", "%%")
+    if default is not None:
+        text += f" (default: {_show(default)})"
+    kind = type(f.default)
+    if kind is bool:
+        group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=text)
+    else:
+        group.add_argument(_flag(name), dest=name, type=kind, default=argparse.SUPPRESS,
+                           metavar=kind.__name__.upper(), help=text)
+
+
+def _method_parser(sub, method: str, summary: str) -> argparse.ArgumentParser:
+    summary = summary.rstrip(".")
+    sp = sub.add_parser(method, help=summary, description=f"kd-train {method}: {summary}",
+                        usage=f"kd-train {method} [-h] [--config FILE] [flags]",
+                        argument_default=argparse.SUPPRESS)
+    sp.add_argument("--config", metavar="FILE", help="a .json, .yaml or .yml file of flag values "
+                    "(keys as in config.json: kd_ratio, steps ...); flags on the command line win")
+    defaults = method_defaults(method)
+    names = method_fields(method)
+    groups = {None: sp.add_argument_group("common flags"),
+              method: sp.add_argument_group(f"{method} flags")}
+    for name in names:
+        _add_flag(groups[method if owners(name) else None], name, defaults[name])
+    return sp
+
+
+def build_parser(methods: list[str] | dict[str, str]
+                 ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """``kd-train METHOD [flags]``: one subcommand per method, each taking the common flags and its
+    own (``methods``: names, or names and their one-line descriptions). Returns the parser and the
+    subcommands' parsers."""
+    summaries = methods if isinstance(methods, dict) else dict.fromkeys(methods, "")
     p = argparse.ArgumentParser(
         prog="kd-train",
-        description="Distill a causal LM with kd_kernels' fused-linear losses.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        **({"argument_default": argparse.SUPPRESS} if suppress_defaults else {}),
-    )
-    p.add_argument("method", choices=methods, help="training method")
-    default = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "method":
+        description="Distill a causal LM with kd_kernels' fused-linear losses. "
+                    "`kd-train METHOD --help` lists the flags of METHOD.",
+        epilog="also: `kd-train compare [--methods ...] [--seeds ...] [flags]` (several methods, "
+               "one table) and `kd-train cache-teacher --top-k K --out DIR [flags]` (an offline "
+               "teacher cache); see docs/TRAINER.md")
+    sub = p.add_subparsers(dest="method", metavar="METHOD", required=True, title="methods")
+    return p, {method: _method_parser(sub, method, text) for method, text in summaries.items()}
+
+
+def flags_markdown() -> str:
+    """The flags reference in docs/TRAINER.md, from the fields' metadata (a test compares)."""
+    lines = ["| flag | default | methods | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        flag = f"`{_flag(name)}`"
+        if type(f.default) is bool:
+            flag += f" / `--no-{_flag(name)[2:]}`"
+        default = f"`{_show(f.default)}`"
+        lines.append(f"| {flag} | {default} | {', '.join(owners(name) or ('all',))} | "
+                     f"{f.metadata['help']} |")
+    for method, values in METHOD_DEFAULTS.items():
+        shown = ", ".join(f"`{_flag(k)} {v}`" for k, v in values.items())
+        lines.append(f"\n`kd-train {method}` defaults to {shown}.")
+    return "\n".join(lines) + "\n"
+
+
+def _unknown_flags_message(extra: list[str], method: str) -> str:
+    """argparse's "unrecognized arguments", with each flag's owner or the closest flag name."""
+    hints = []
+    mine = [_flag(n) for n in method_fields(method)] + ["--config"]
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--"):
             continue
-        value = getattr(default, f.name)
-        default_kw = {} if suppress_defaults else {"default": value}
-        if isinstance(value, bool):
-            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                           **default_kw)
-        else:
-            p.add_argument(_flag(f.name), dest=f.name, type=type(value),
-                           metavar=type(value).__name__.upper(), **default_kw)
-    return p
+        key = name[2:].removeprefix("no-").replace("-", "_")
+        if key in FIELDS and owners(key):
+            hints.append(f"{name} is a flag of {', '.join(owners(key))}, not of {method}")
+        elif close := difflib.get_close_matches(name, mine, n=1):
+            hints.append(f"{name}: did you mean {close[0]}?")
+    text = f"unrecognized arguments: {' '.join(extra)}"
+    return text + (f" ({'; '.join(hints)})" if hints else "")
 
 
-def parse_args(argv: list[str] | None, methods: list[str]) -> tuple[TrainConfig, set[str]]:
-    """Parse the command line. Returns the config and the names of the fields given explicitly.
+def parse_args(argv: list[str] | None, methods: list[str] | dict[str, str]
+               ) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line. Returns the config and the names of the fields given explicitly (on
+    the command line or in the ``--config`` file, even at their default values).
 
-    Unknown flags exit with argparse's usage error (status 2), naming the flag.
+    Precedence: TrainConfig's defaults < METHOD_DEFAULTS < the ``--config`` file < the command line.
+    Unknown flags exit with argparse's usage error (status 2), naming the flag; a bad value or
+    config file is a ValueError naming the flag or key.
     """
-    parser = build_parser(methods)
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**METHOD_DEFAULTS.get(known.method, {}))
-    ns = parser.parse_args(argv)
-    # "Given on the command line" means given, even with the default's value (--resume --kd-ratio 0.5
-    # on a 0.3 run must train with 0.5): a second parse without defaults lists exactly the flags given.
-    given = build_parser(methods, suppress_defaults=True).parse_args(argv)
-    explicit = set(vars(given)) - {"method"}
-    cfg = TrainConfig(**vars(ns))
+    parser, subcommands = build_parser(methods)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        subcommands[ns.method].error(_unknown_flags_message(extra, ns.method))
+    given = {k: v for k, v in vars(ns).items() if k not in ("method", "config")}
+    from_file = load_config_file(ns.config, ns.method) if getattr(ns, "config", None) else {}
+    values = method_defaults(ns.method) | from_file | given
+    cfg = TrainConfig(method=ns.method, **values)
     validate(cfg)
-    return cfg, explicit
+    return cfg, set(from_file) | set(given)
+
+
+def shared_run_values(argv: list[str], methods: list[str]) -> dict[str, Any]:
+    """``kd-train compare``'s run flags (and ``--config`` file), given once for several methods: the
+    values given, by field name. A flag that none of ``methods`` takes, or that no method knows, is
+    a ValueError; ``method_argv`` hands each run the ones it takes."""
+    p = argparse.ArgumentParser(prog="kd-train compare", add_help=False, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config")
+    for name in FIELDS:
+        _add_flag(p, name, None)
+    ns, extra = p.parse_known_args(argv)
+    if extra:
+        raise ValueError(f"unrecognized arguments: {' '.join(extra)} (see kd-train METHOD --help)")
+    given = {k: v for k, v in vars(ns).items() if k != "config"}
+    values = (load_config_file(ns.config, None) if getattr(ns, "config", None) else {}) | given
+    for name in values:
+        if owners(name) and not set(owners(name)) & set(methods):
+            raise ValueError(f"{_flag(name)} is a flag of {', '.join(owners(name))}; none of the "
+                             f"methods {', '.join(methods)} takes it")
+    return values
+
+
+def method_argv(method: str, values: dict[str, Any]) -> list[str]:
+    """The command-line flags of the ``values`` that ``method`` takes."""
+    argv = []
+    for name in method_fields(method):
+        if name in values:
+            value = values[name]
+            if isinstance(value, bool):
+                argv.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+            else:
+                argv += [_flag(name), str(value)]
+    return argv
+
+
+# ------------------------------------------------------------------------------------ config files
+
+
+def _read_config_file(path: str) -> Any:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"--config {path}: use a .json, .yaml or .yml file")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--config {path} is not valid JSON ({e})") from None
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml, or "
+                         '"kd_kernels[train]"), or use a .json file') from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())
+        raise ValueError(f"--config {path} is not valid YAML ({why})") from None
+
+
+def _coerce(path: str, key: str, value: Any) -> Any:
+    """``value`` as the type of field ``key`` (a float also from an int, or from a string such as
+    YAML's "1e-4"); any other type is a ValueError naming the key."""
+    kind = type(FIELDS[key].default)
+    if isinstance(value, bool) == (kind is bool):  # True is an int to Python, not to a config
+        if isinstance(value, kind):
+            return value
+        if kind is float and isinstance(value, int):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    hint = "; quote it" if kind is str else ""
+    raise ValueError(f"--config {path}: {key}: {value!r} is not a{'n' if kind is int else ''} "
+                     f"{kind.__name__} (the type {_flag(key)} takes){hint}")
+
+
+def load_config_file(path: str, method: str | None) -> dict[str, Any]:
+    """The field values in a config file (keys as in ``config.json``; ``kd-ratio`` spelled with
+    dashes works too). Unknown keys, keys of other methods than ``method`` (None: any method) and
+    values of the wrong type are a ValueError naming the key (and the closest key for an unknown
+    one)."""
+    data = _read_config_file(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of keys to values, got "
+                         f"{type(data).__name__}")
+    values = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
+        if key == "method":
+            if method is None or value != method:
+                raise ValueError(f"--config {path} is for method {value!r}" + (
+                    "; remove the method key to use it with kd-train compare" if method is None
+                    else f", not {method!r}; run kd-train {value} --config {path}"))
+            continue
+        if key not in FIELDS:
+            known = method_fields(method) if method else list(FIELDS)
+            close = (difflib.get_close_matches(key, known, n=1)
+                     or difflib.get_close_matches(key, FIELDS, n=1))
+            raise ValueError(f"--config {path}: unknown key {raw!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        if method is not None and key not in method_fields(method):
+            raise ValueError(f"--config {path}: {key} is a flag of {', '.join(owners(key))}, not "
+                             f"of {method}; remove it or run kd-train {owners(key)[0]}")
+        values[key] = _coerce(path, key, value)
+    return values
+
+
+def config_file_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """What ``config.json`` holds: the method and the value of every flag it takes (but --resume and
+    --overwrite, which are actions of one invocation); non-finite floats as strings ("inf")."""
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+    return {"method": cfg.method} | {n: plain(getattr(cfg, n)) for n in method_fields(cfg.method)
+                                     if n not in NOT_SAVED}
+
+
+def config_text(cfg: TrainConfig) -> str:
+    """The text of ``config.json`` for ``cfg`` (loadable with ``kd-train METHOD --config PATH``)."""
+    return json.dumps(config_file_dict(cfg), indent=2, allow_nan=False) + "\n"
 
 
 def _check_device(device: str) -> None:
@@ -204,16 +462,16 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_prompts", "warmup_steps", "chunk_size", "eval_every", "eval_prompts", "seed"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be >= 0")
-    if not 0 < cfg.grad_clip <= math.inf:
+    if not FP32_TINY <= cfg.grad_clip <= math.inf:
         raise ValueError(f"--grad-clip={cfg.grad_clip} must be > 0 (the largest gradient norm kept; "
-                         "inf: no clipping). 0 would freeze the weights and a negative value flip the "
-                         "gradient")
+                         "inf: no clipping) and a normal float32 (>= 1.2e-38). 0 would freeze the "
+                         "weights and a negative value flip the gradient")
     if not 0 <= cfg.weight_decay < math.inf:
         raise ValueError(f"--weight-decay={cfg.weight_decay} must be a finite number >= 0")
-    if not (0 < cfg.lr < math.inf and 0 <= cfg.min_lr <= cfg.lr):
-        raise ValueError(f"--lr={cfg.lr} must be a finite number > 0 and --min-lr={cfg.min_lr} in "
-                         "[0, --lr]")
-    for name in ("temperature", "seqkd_temperature", "minillm_temperature"):
+    if not (FP32_TINY <= cfg.lr < math.inf and 0 <= cfg.min_lr <= cfg.lr):
+        raise ValueError(f"--lr={cfg.lr} must be a finite number >= 1.2e-38 (smaller is 0 in "
+                         f"float32: no training) and --min-lr={cfg.min_lr} in [0, --lr]")
+    for name in ("temperature", "seqkd_temperature", "minillm_temperature", "gkd_temperature"):
         value = getattr(cfg, name)
         if not FP32_TINY <= value < math.inf:
             raise ValueError(f"{_flag(name)}={value} must be a finite number > 0 (1.0: unscaled)")
@@ -229,8 +487,9 @@ def validate(cfg: TrainConfig) -> None:
                          "allow per rank); use --dist ddp")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one")
-    if not 0.0 <= cfg.kd_ratio <= 1.0:
-        raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be in [0, 1] (0: pure CE, 1: pure KD)")
+    if not (cfg.kd_ratio == 0.0 or KD_RATIO_MIN <= cfg.kd_ratio <= 1.0):
+        raise ValueError(f"--kd-ratio={cfg.kd_ratio} must be 0 (pure CE) or in [2**-24, 1] (1: "
+                         "pure KD); a smaller r·KD vanishes next to (1 - r)·CE in float32: use 0")
     if not (0 <= cfg.valid_frac < 1 and 0 < cfg.test_frac < 1 and cfg.valid_frac + cfg.test_frac < 1):
         raise ValueError(
             f"--valid-frac={cfg.valid_frac} and --test-frac={cfg.test_frac} must be fractions summing "
@@ -261,8 +520,6 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("gkd_lambda", "gkd_beta"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be in [0, 1]")
-    if cfg.gkd_temperature <= 0:
-        raise ValueError(f"--gkd-temperature={cfg.gkd_temperature} must be > 0")
     if cfg.gkd_estimator not in ("full", "sampled"):
         raise ValueError(f"--gkd-estimator={cfg.gkd_estimator!r} must be 'full' or 'sampled'")
     if cfg.gkd_estimator == "sampled" and cfg.gkd_beta != 1.0:

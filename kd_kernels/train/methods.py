@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 
 import torch
@@ -45,6 +46,15 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method {name!r} is unknown; use one of {sorted(METHODS)}")
     return METHODS[name]()
+
+
+def method_summaries() -> dict[str, str]:
+    """Each registered method's one-line description (its docstring's first sentence)."""
+    out = {}
+    for name in sorted(METHODS):
+        text = " ".join((METHODS[name].__doc__ or "").split("\n\n")[0].split()).replace("``", "")
+        out[name] = re.split(r"(?<=\.) |; ", text, maxsplit=1)[0]
+    return out
 
 
 class Method:

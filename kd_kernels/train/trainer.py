@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._optional import missing_message, progress_bar, warn_missing
-from .config import TrainConfig, config_from_dict, validate
+from .config import CONFIG_NAME, TrainConfig, config_from_dict, config_text, validate
 from .evaluate import evaluate, token_metrics
 from .methods import Method, get_method
 from .models import count_params
@@ -418,6 +418,9 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     is_main = rank == 0
     method = get_method(cfg.method)
     if is_main:
+        # the resolved config (a resumed run's merged one), for `kd-train METHOD --config FILE`
+        text = config_text(cfg)
+        write_atomic(out / CONFIG_NAME, lambda tmp: tmp.write_text(text))
         warn_missing()
     phases: dict[str, dict[str, float]] = {}
     with phase(phases, "load"):
