@@ -74,6 +74,47 @@ def _coef(rng: random.Random) -> dict:
     return {"alpha": rng.uniform(0.02, 0.98), "beta": rng.uniform(0.02, 0.98)}
 
 
+def coef_for(divergence: str, rng: random.Random) -> dict:
+    """Random valid parameters of ``divergence``, always given explicitly (so no case depends on an
+    entry point's defaults)."""
+    if divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        return {"alpha": rng.uniform(0.02, 0.98)}
+    if divergence == "jsd":
+        return {"beta": rng.uniform(0.02, 0.98)}
+    if divergence == "alpha_beta":
+        return {"alpha": rng.uniform(0.2, 1.5), "beta": rng.uniform(0.2, 1.5)}
+    if divergence == "renyi":
+        return {"alpha": rng.choice([rng.uniform(0.3, 0.9), rng.uniform(1.1, 2.0)])}
+    return {}
+
+
+def row_coefficients(lead: tuple, mask, weights, reduction: str) -> torch.Tensor:
+    """c_i: what row i's loss is multiplied by (0 on masked rows, / count for "mean"), float64."""
+    k = torch.ones(lead, dtype=torch.float64) if mask is None else mask.double()
+    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
+    return c / k.sum().clamp_min(1) if reduction == "mean" else c
+
+
+def check_loss_and_grad(report: Report, case: str, loss: torch.Tensor, ref: torch.Tensor,
+                        grad: torch.Tensor, g_ref: torch.Tensor, *, c: torch.Tensor,
+                        upstream: torch.Tensor, z_scale: float, temperature: float) -> None:
+    """Loss and logit gradient against float64. Error bounds: relative, plus an absolute floor at
+    fp32 resolution of the terms involved. Row i of the gradient is c_i / T · ∂L_i/∂z (‖∂L/∂z‖ =
+    O(1)), and the fp32 terms inside grow with z_scale = |logits| / T; a half-precision gradient can
+    at best be the reference rounded to its dtype (small entries underflow)."""
+    c_norm = (c * upstream.double()).norm().item()
+    err = (loss.double() - ref).norm().item()
+    report.check(err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(), case,
+                 f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})")
+    g = grad.reshape(g_ref.shape).double()
+    rounding = (g_ref.to(grad.dtype).double() - g_ref).norm().item()
+    err = (g - g_ref).norm().item()
+    bound = (GRAD_RTOL[grad.dtype] * g_ref.norm().item() + 2 * rounding
+             + 1e-5 * z_scale * c_norm / temperature)
+    report.check(err <= bound, case, f"grad error {err:.3g} > {bound:.3g} (reference norm "
+                 f"{g_ref.norm().item():.3g})")
+
+
 def _temperature(rng: random.Random) -> float:
     return rng.choice([1.0, 1.0, 2.0, rng.uniform(0.3, 4.0), 0.5, 0.05, 30.0])
 
@@ -184,24 +225,9 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
         return
     report.check(bool(torch.isfinite(loss).all()), case, f"non-finite loss {loss}")
     report.check(bool(torch.isfinite(grad).all()), case, "non-finite gradient")
-    # Error bounds: relative, plus an absolute floor at fp32 resolution of the terms involved. Row i of the
-    # gradient is c_i / T · ∂L_i/∂z (‖∂L/∂z‖ = O(1)) with c_i = upstream · weight / count, and the fp32
-    # terms inside grow with |z| = |logits| / T; a half-precision gradient can at best be the reference
-    # rounded to its dtype (small entries underflow).
-    k = torch.ones(lead) if mask is None else mask.double()
-    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
-    c = c / k.sum().clamp_min(1) if reduction == "mean" else c
-    c_norm = (c * upstream.double()).norm().item()
-    z_scale = max(1.0, scale / temperature)
-    err = (loss.double() - ref).norm().item()
-    report.check(err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(), case,
-                 f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})")
-    g = grad.reshape(n, vocab).double()
-    rounding = (g_ref.to(s_dtype).double() - g_ref).norm().item()
-    err = (g - g_ref).norm().item()
-    bound = GRAD_RTOL[s_dtype] * g_ref.norm().item() + 2 * rounding + 1e-5 * z_scale * c_norm / temperature
-    report.check(err <= bound, case, f"grad error {err:.3g} > {bound:.3g} (reference norm "
-                 f"{g_ref.norm().item():.3g})")
+    check_loss_and_grad(report, case, loss, ref, grad, g_ref,
+                        c=row_coefficients(lead, mask, weights, reduction), upstream=upstream,
+                        z_scale=max(1.0, scale / temperature), temperature=temperature)
     report.check(bool((grad.reshape(n, vocab)[:, cols] == 0).all()), case, "gradient on a -inf column")
     if mask is not None:
         rows = ~mask.reshape(n)
@@ -313,9 +339,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     tol = FUSED_RTOL[dtype] if dtype != torch.float32 else FUSED_RTOL[t_dtype]
     report.check(bool(torch.isfinite(loss)), case, f"non-finite loss {loss}")
     z_scale = max(1.0, 3 / temperature)  # |logits| / T, roughly: the size of the fp32 terms inside
-    k = torch.ones(lead) if kd_mask is None else kd_mask.double()
-    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
-    c = c / k.sum().clamp_min(1) if reduction == "mean" else c
+    c = row_coefficients(lead, kd_mask, weights, reduction)
     c_norm = (c.norm().item() + ce_weight) * abs(upstream.item())
     # fp32 terms of size |z| + log V per row: an absolute floor for losses near 0 (V = 1, large T)
     err = abs(loss.item() - total.item())
