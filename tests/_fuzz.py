@@ -504,10 +504,10 @@ def _bad_fused_calls(rng: random.Random):
     yield "logprobs temperature", lambda: lp(hs, ws, torch.tensor([0, 1, 2]), temperature=0.0), ValueError
 
 
-def invalid_cases(seed: int, report: Report) -> None:
-    rng = random.Random(seed)
-    for desc, thunk, exc in list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)):
-        case = f"invalid_cases(seed={seed}) [{desc}]"
+def expect_errors(report: Report, prefix: str, calls) -> None:
+    """Each ``(description, thunk, exception type)`` of ``calls`` must raise that type with a message."""
+    for desc, thunk, exc in calls:
+        case = f"{prefix} [{desc}]"
         try:
             thunk()
         except exc as e:
@@ -516,3 +516,9 @@ def invalid_cases(seed: int, report: Report) -> None:
             report.check(False, case, f"raised {type(e).__name__} instead of {exc.__name__}: {e}")
         else:
             report.check(False, case, f"accepted; expected {exc.__name__}")
+
+
+def invalid_cases(seed: int, report: Report) -> None:
+    rng = random.Random(seed)
+    expect_errors(report, f"invalid_cases(seed={seed})",
+                  list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)))
