@@ -352,3 +352,35 @@ def test_sparse_reference_takes_no_rows():
         assert out.shape == shape and (out == 0).all()
         ours = kd_kernels.sparse_kd(s.float(), ids, lp.float(), reduction=reduction)
         assert ours.shape == shape and (ours == 0).all()
+
+
+def test_vocab_parallel_torch_rows_non_distribution_row_is_nan(tmp_path):
+    """Found by the parallel hostile_case (seed=107): the torch shard passes of kd_kernels.parallel
+    gave loss 0 (skew KL) or a partly finite gradient row (reverse KL, TVD) for a row with a +inf
+    logit; every row that is not a distribution must be NaN, loss and whole gradient row."""
+    import torch.distributed as dist
+
+    import kd_kernels.parallel as P
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for divergence, kw in (("skew_reverse_kl", {"alpha": 0.6}), ("skew_forward_kl", {"alpha": 0.6}),
+                               ("tvd", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.4})):
+            for side in (0, 1):
+                for bad in (math.inf, math.nan, "all -inf"):
+                    st = [torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)]
+                    if bad == "all -inf":
+                        st[side][1] = -math.inf
+                    else:
+                        st[side][1, 3] = bad
+                    x = st[0].clone().requires_grad_()
+                    loss = P.kd_loss(x, st[1], group=dist.group.WORLD, divergence=divergence,
+                                     reduction="none", backend="torch", **kw)
+                    loss.sum().backward()
+                    what = f"{divergence} side {side} {bad}"
+                    assert loss[1].isnan() and x.grad[1].isnan().all(), what
+                    assert loss[[0, 2]].isfinite().all() and x.grad[[0, 2]].isfinite().all(), what
+    finally:
+        dist.destroy_process_group()
