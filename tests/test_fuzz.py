@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import _fuzz as F
+import _fuzz_parallel as FP
+import _fuzz_sparse as FS
 import pytest
 import torch
 from _common import CPU_BACKENDS, DIVERGENCES
@@ -59,6 +61,59 @@ def test_fuzz_invalid_inputs_raise_the_promised_error():
     for seed in range(3):
         F.invalid_cases(seed, report)
     _assert_clean(report, 200)
+
+
+SPARSE_BACKENDS = tuple(b for b in CPU_BACKENDS if b != "cuda")
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_fuzz_sparse_kd(backend):
+    report = F.Report()
+    seeds = range(4000, 4006) if backend == "triton" else range(4000, 4060)
+    for seed in seeds:
+        FS.sparse_case(seed, backend, report)
+        FS.sparse_hostile_case(seed, backend, report)
+    _assert_clean(report, 8 * len(seeds))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_fuzz_fused_linear_sparse_kd(backend):
+    report = F.Report()
+    seeds = range(5000, 5003) if backend == "triton" else range(5000, 5030)
+    for seed in seeds:
+        FS.fused_sparse_case(seed, backend, report)
+    _assert_clean(report, 4 * len(seeds))
+
+
+def test_fuzz_teacher_topk_and_invalid_sparse_inputs():
+    report = F.Report()
+    for seed in range(6000, 6040):
+        FS.topk_case(seed, report)
+    for seed in range(3):
+        FS.invalid_sparse_cases(seed, report)
+    _assert_clean(report, 7 * 40 + 3 * 50)
+
+
+def test_fuzz_vocab_parallel_two_gloo_ranks():
+    """kd_kernels.parallel on 2 spawned gloo processes: each seed runs kd_loss, fused_linear_kd and
+    a hostile-row case on uneven shards, plus one round of invalid calls (the same error on every
+    rank, the group still usable afterwards)."""
+    report = FP.run(list(range(7000, 7010)), world=2)
+    _assert_clean(report, 2 * 10 * 8)
+
+
+def test_fuzz_hf():
+    pytest.importorskip("transformers")
+    import _fuzz_hf as FH
+
+    report = F.Report()
+    for seed in range(8000, 8012):
+        FH.distill_case(seed, report)
+        FH.trl_case(seed, report)
+    for seed in range(8000, 8004):
+        FH.head_case(seed, report)
+    FH.invalid_cases(0, report)
+    _assert_clean(report, 12 * 7 + 4 + 25)
 
 
 # ----------------------------------------------------------------------------- one test per defect
