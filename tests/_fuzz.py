@@ -17,13 +17,18 @@ import torch
 import kd_kernels
 from kd_kernels import reference as R
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
+               "jeffreys", "alpha_beta", "renyi")
 NAMED = {
     "forward_kl": kd_kernels.forward_kl,
     "reverse_kl": kd_kernels.reverse_kl,
     "skew_forward_kl": kd_kernels.skew_forward_kl,
     "skew_reverse_kl": kd_kernels.skew_reverse_kl,
     "jsd": kd_kernels.jsd,
+    "tvd": kd_kernels.tvd,
+    "jeffreys": kd_kernels.jeffreys,
+    "alpha_beta": kd_kernels.alpha_beta,
+    "renyi": kd_kernels.renyi,
 }
 FUSED_NAMED = {
     "forward_kl": kd_kernels.fused_linear_forward_kl,
@@ -31,6 +36,10 @@ FUSED_NAMED = {
     "skew_forward_kl": kd_kernels.fused_linear_skew_forward_kl,
     "skew_reverse_kl": kd_kernels.fused_linear_skew_reverse_kl,
     "jsd": kd_kernels.fused_linear_jsd,
+    "tvd": kd_kernels.fused_linear_tvd,
+    "jeffreys": kd_kernels.fused_linear_jeffreys,
+    "alpha_beta": kd_kernels.fused_linear_alpha_beta,
+    "renyi": kd_kernels.fused_linear_renyi,
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Norm-wise relative error bounds against float64 on the same rounded inputs. The loss is formed in fp32
@@ -68,10 +77,6 @@ class Report:
         self.checks += 1
         if not ok:
             self.failures.append(Failure(case, what))
-
-
-def _coef(rng: random.Random) -> dict:
-    return {"alpha": rng.uniform(0.02, 0.98), "beta": rng.uniform(0.02, 0.98)}
 
 
 def coef_for(divergence: str, rng: random.Random) -> dict:
@@ -134,7 +139,7 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     layout = rng.choice(LAYOUTS)
     reduction = rng.choice(("mean", "sum", "none"))
     temperature = _temperature(rng)
-    coef = _coef(rng)
+    coef = coef_for(divergence, rng)
     scale = rng.choice([1.0, 3.0, 10.0, 100.0])
     identical = rng.random() < 0.05  # teacher = student: loss and gradient 0
     pad = rng.random() < 0.25 and vocab > 2  # some columns -inf in both: as if absent
@@ -194,9 +199,7 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
                                     inplace_grad=inplace, **coef)
             loss = mod(s_in, t_in, mask=mask, token_weights=weights)
         elif api == "named":
-            extra = {"alpha": coef["alpha"]} if "skew" in divergence else (
-                {"beta": coef["beta"]} if divergence == "jsd" else {})
-            loss = NAMED[divergence](s_in, t_in, **extra, **options)
+            loss = NAMED[divergence](s_in, t_in, **coef, **options)
         else:
             loss = kd_kernels.kd_loss(s_in, t_in, divergence=divergence, **coef, **options)
         loss.backward(upstream)
@@ -253,7 +256,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     t_dtype = rng.choice((dtype, torch.float32, torch.bfloat16))
     reduction = rng.choice(("mean", "sum"))
     temperature = _temperature(rng)
-    coef = _coef(rng)
+    coef = coef_for(divergence, rng)
     bias = rng.random() < 0.5
     use_labels = rng.random() < 0.5
     label_dtype = rng.choice((torch.int64, torch.int32, torch.int16, torch.uint8))
@@ -312,9 +315,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
         else:
             fn = (lambda *a, **k: kd_kernels.fused_linear_kd(*a, divergence=divergence, **k)) \
                 if api == "fused_linear_kd" else FUSED_NAMED[divergence]
-            extra = {"alpha": coef["alpha"]} if "skew" in divergence else (
-                {"beta": coef["beta"]} if divergence == "jsd" else {})
-            loss = fn(h_in, leaves[1], ht.reshape(*lead, d_t), wt, **extra, **options)
+            loss = fn(h_in, leaves[1], ht.reshape(*lead, d_t), wt, **coef, **options)
         upstream = torch.randn((), generator=gen)
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
