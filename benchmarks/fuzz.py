@@ -1,4 +1,4 @@
-"""Long fuzzing run: the generators of ``tests/_fuzz*.py`` with fresh seeds for as long as you allow.
+"""Long fuzzing run: the generators of ``tests/_fuzz*.py`` with fresh seeds, as long as you allow.
 
     python benchmarks/fuzz.py --minutes 10                      # every family, every usable backend
     python benchmarks/fuzz.py --minutes 2 --backends cpu torch --seed 5000
@@ -13,10 +13,11 @@ random models: distill_loss, trl_chunked_divergence_loss, head_inputs, invalid c
 ``--minutes`` the families take turns seed by seed (the slower ones on every few seeds); with
 ``--cases N`` each family runs N seeds from ``--seed`` (per backend where it has backends).
 
-Each random case is a function of (seed, backend): a failure prints the call that reproduces it, e.g.
-``logits_case(seed=123, backend='cpu')``, which you can run from ``tests/`` with ``import _fuzz``
-(``_fuzz_sparse``, ``_fuzz_parallel``, ``_fuzz_hf`` for the other families). Exits 1 when any check
-failed. The CI suite (``tests/test_fuzz.py``) runs a few hundred fixed seeds of the same generators.
+Each random case is a function of (seed, backend): a failure prints the call that reproduces it,
+e.g. ``logits_case(seed=123, backend='cpu')``, which you can run from ``tests/`` with
+``import _fuzz`` (``_fuzz_sparse``, ``_fuzz_parallel``, ``_fuzz_hf`` for the other families).
+Exits 1 when any check failed. The CI suite (``tests/test_fuzz.py``) runs a few hundred fixed seeds
+of the same generators.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter on a CPU-only machine
+if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter on a CPU machine
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -101,9 +102,7 @@ FAMILIES = {
 
 
 def _parallel(seeds: list[int], report: F.Report) -> int:
-    part = FP.run(seeds, world=2, timeout_s=60 + 20 * len(seeds))
-    report.checks += part.checks
-    report.failures += part.failures
+    report.merge(FP.run(seeds, world=2, timeout_s=60 + 20 * len(seeds)))
     return len(seeds)
 
 
@@ -114,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run this many seeds per family instead of a time budget")
     p.add_argument("--family", nargs="*", default=None, choices=sorted(FAMILIES),
                    help="families to fuzz (default: all)")
-    p.add_argument("--seed", type=int, default=10_000, help="first seed (cases use seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=10_000,
+                   help="first seed (cases use seed, seed+1, ...)")
     p.add_argument("--backends", nargs="*", default=None,
-                   help="backends to fuzz (default: every one usable on CPU, plus CUDA's if present)")
-    p.add_argument("--max-failures", type=int, default=50, help="stop after this many failed checks")
+                   help="backends (default: every one usable on CPU, and CUDA's if present)")
+    p.add_argument("--max-failures", type=int, default=50,
+                   help="stop after this many failed checks")
     args = p.parse_args(argv)
     if args.cases is not None and args.cases < 1:
         p.error(f"--cases {args.cases}: pass a positive number of seeds")
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(failure)
     counts = ", ".join(f"{name} {n}" for name, n in cases.items())
     print(f"fuzz: {sum(cases.values())} cases ({counts}), {report.checks} checks, "
-          f"{len(report.failures)} failed; seeds {args.seed}..{seed - 1}; backends {', '.join(backends)}")
+          f"{len(report.failures)} failed; seeds {args.seed}..{seed - 1}; "
+          f"backends {', '.join(backends)}")
     return 1 if report.failures else 0
 
 

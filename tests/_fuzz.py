@@ -73,6 +73,11 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
     checks: int = 0
 
+    def merge(self, other: Report) -> Report:
+        self.failures += other.failures
+        self.checks += other.checks
+        return self
+
     def check(self, ok: bool, case: str, what: str) -> None:
         self.checks += 1
         if not ok:
@@ -122,6 +127,30 @@ def check_loss_and_grad(report: Report, case: str, loss: torch.Tensor, ref: torc
 
 def _temperature(rng: random.Random) -> float:
     return rng.choice([1.0, 1.0, 2.0, rng.uniform(0.3, 4.0), 0.5, 0.05, 30.0])
+
+
+def check_masked_rows(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor,
+                      mask: torch.Tensor | None, reduction: str) -> None:
+    """Masked rows: gradient row exactly 0 (and per-token loss exactly 0)."""
+    if mask is None or mask.numel() == 0:
+        return
+    rows = ~mask.reshape(-1)
+    grad = grad.reshape(rows.numel(), -1)
+    report.check(bool((grad[rows] == 0).all()), case, "masked row has a gradient")
+    if reduction == "none":
+        report.check(bool((loss.reshape(-1)[rows] == 0).all()), case, "masked row has a loss")
+
+
+def check_bad_row(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor, bad: int,
+                  masked: bool) -> None:
+    """README "NaN and inf": a row that is not a distribution is NaN (loss and whole gradient row)
+    when counted, exactly 0 when masked (per-token loss ``loss``)."""
+    if masked:
+        report.check(loss[bad].item() == 0 and bool((grad[bad] == 0).all()), case,
+                     f"masked bad row: loss {loss[bad].item()}, gradient not 0")
+    else:
+        report.check(bool(loss[bad].isnan()), case, f"loss {loss[bad].item()} instead of NaN")
+        report.check(bool(grad[bad].isnan().all()), case, "gradient row not all NaN")
 
 
 # ------------------------------------------------------------------------------------ logits level
@@ -232,14 +261,36 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
                         c=row_coefficients(lead, mask, weights, reduction), upstream=upstream,
                         z_scale=max(1.0, scale / temperature), temperature=temperature)
     report.check(bool((grad.reshape(n, vocab)[:, cols] == 0).all()), case, "gradient on a -inf column")
-    if mask is not None:
-        rows = ~mask.reshape(n)
-        report.check(bool((grad.reshape(n, vocab)[rows] == 0).all()), case, "masked row has a gradient")
-        if reduction == "none":
-            report.check(bool((loss.reshape(n)[rows] == 0).all()), case, "masked row has a loss")
+    check_masked_rows(report, case, loss, grad, mask, reduction)
 
 
 # ------------------------------------------------------------------------------------ fused linear
+
+
+def token_options(gen: torch.Generator, lead: tuple, vocab: int, use_mask: bool, use_labels: bool,
+                  use_weights: bool, ignore: bool = True):
+    """(mask, labels int64 with -100 where ignored, the KD mask, token weights) of a fused call;
+    the weights are NaN on rows outside the KD mask (they must add exactly 0)."""
+    mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
+    labels = None
+    if use_labels:
+        labels = torch.randint(0, vocab, lead, generator=gen)
+        if ignore:
+            labels = labels.masked_fill(torch.rand(lead, generator=gen) < 0.3, -100)
+    kd_mask = mask if mask is not None or labels is None else labels != -100
+    weights = None
+    if use_weights:
+        weights = torch.rand(lead, generator=gen) * 2
+        if kd_mask is not None:
+            weights = weights.masked_fill(~kd_mask, math.nan)
+    return mask, labels, kd_mask, weights
+
+
+def student_logits64(leaves: list, lead: tuple) -> tuple[list, torch.Tensor]:
+    """float64 leaves (h, W[, b]) that take gradients, and the student logits h Wᵀ + b (lead, V)."""
+    L64 = [x.detach().double().requires_grad_() for x in leaves]
+    s = L64[0] @ L64[1].T + (L64[2] if len(L64) > 2 else 0)
+    return L64, s.reshape(*lead, s.shape[-1])
 
 
 def fused_case(seed: int, backend: str, report: Report) -> None:
@@ -282,18 +333,9 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     ht = randn(n, d_t).to(t_dtype)
     wt = (randn(v_teacher, d_t) * 2 / d_t**0.5).to(t_dtype)
     bt = randn(v_teacher).to(t_dtype) if bias else None
-    mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
-    labels = None
-    if use_labels:
-        labels = torch.randint(0, vocab, lead, generator=gen)
-        if label_dtype != torch.uint8:
-            labels = labels.masked_fill(torch.rand(lead, generator=gen) < 0.3, -100)
-        labels = labels.to(label_dtype)
-    weights = None
-    if use_weights:
-        weights = torch.rand(lead, generator=gen) * 2
-        if mask is not None:
-            weights = weights.masked_fill(~mask, math.nan)  # masked rows must add exactly 0
+    mask, labels, _, weights = token_options(gen, lead, vocab, use_mask, use_labels, use_weights,
+                                             ignore=label_dtype != torch.uint8)
+    labels = labels.to(label_dtype) if labels is not None else None
     leaves = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
     h_in = leaves[0]
     if hidden_view == "transposed":
@@ -323,8 +365,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
         return
 
     # Reference: logits from the GEMM in the input dtype (as the fused path forms them), then float64.
-    L64 = [x.detach().double().requires_grad_() for x in leaves]
-    s = (L64[0] @ L64[1].T + (L64[2] if bias else 0)).reshape(*lead, vocab)
+    L64, s = student_logits64(leaves, lead)
     t = (ht.double() @ wt[:vocab].double().T + (bt[:vocab].double() if bias else 0)).reshape(*lead, vocab)
     lab = labels.long() if labels is not None else None
     kd_mask = mask if mask is not None or lab is None else lab != -100
@@ -506,7 +547,7 @@ def _bad_fused_calls(rng: random.Random):
 
 
 def expect_errors(report: Report, prefix: str, calls) -> None:
-    """Each ``(description, thunk, exception type)`` of ``calls`` must raise that type with a message."""
+    """Each ``(description, thunk, exception type)`` of ``calls`` raises that type (a message)."""
     for desc, thunk, exc in calls:
         case = f"{prefix} [{desc}]"
         try:

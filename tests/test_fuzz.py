@@ -66,31 +66,31 @@ def test_fuzz_invalid_inputs_raise_the_promised_error():
 SPARSE_BACKENDS = tuple(b for b in CPU_BACKENDS if b != "cuda")
 
 
+def _run(seeds, *cases) -> F.Report:
+    """Every ``(function, extra args)`` of ``cases`` on every seed, into one report."""
+    report = F.Report()
+    for seed in seeds:
+        for fn, *args in cases:
+            fn(seed, *args, report)
+    return report
+
+
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_fuzz_sparse_kd(backend):
-    report = F.Report()
     seeds = range(4000, 4006) if backend == "triton" else range(4000, 4060)
-    for seed in seeds:
-        FS.sparse_case(seed, backend, report)
-        FS.sparse_hostile_case(seed, backend, report)
+    report = _run(seeds, (FS.sparse_case, backend), (FS.sparse_hostile_case, backend))
     _assert_clean(report, 8 * len(seeds))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_fuzz_fused_linear_sparse_kd(backend):
-    report = F.Report()
     seeds = range(5000, 5003) if backend == "triton" else range(5000, 5030)
-    for seed in seeds:
-        FS.fused_sparse_case(seed, backend, report)
-    _assert_clean(report, 4 * len(seeds))
+    _assert_clean(_run(seeds, (FS.fused_sparse_case, backend)), 4 * len(seeds))
 
 
 def test_fuzz_teacher_topk_and_invalid_sparse_inputs():
-    report = F.Report()
-    for seed in range(6000, 6040):
-        FS.topk_case(seed, report)
-    for seed in range(3):
-        FS.invalid_sparse_cases(seed, report)
+    report = _run(range(6000, 6040), (FS.topk_case,))
+    report.merge(_run(range(3), (FS.invalid_sparse_cases,)))
     _assert_clean(report, 7 * 40 + 3 * 50)
 
 
@@ -106,14 +106,10 @@ def test_fuzz_hf():
     pytest.importorskip("transformers")
     import _fuzz_hf as FH
 
-    report = F.Report()
-    for seed in range(8000, 8012):
-        FH.distill_case(seed, report)
-        FH.trl_case(seed, report)
-    for seed in range(8000, 8004):
-        FH.head_case(seed, report)
-    FH.invalid_cases(0, report)
-    _assert_clean(report, 12 * 7 + 4 + 25)
+    report = _run(range(8000, 8008), (FH.distill_case,), (FH.trl_case,))
+    report.merge(_run(range(8000, 8003), (FH.head_case,)))
+    report.merge(_run(range(1), (FH.invalid_cases,)))
+    _assert_clean(report, 8 * 7 + 3 + 25)
 
 
 # ----------------------------------------------------------------------------- one test per defect
@@ -421,8 +417,8 @@ def test_vocab_parallel_torch_rows_non_distribution_row_is_nan(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         g = torch.Generator().manual_seed(0)
-        for divergence, kw in (("skew_reverse_kl", {"alpha": 0.6}), ("skew_forward_kl", {"alpha": 0.6}),
-                               ("tvd", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.4})):
+        for divergence, kw in (("skew_reverse_kl", {"alpha": 0.6}), ("tvd", {}), ("reverse_kl", {}),
+                               ("skew_forward_kl", {"alpha": 0.6}), ("jsd", {"beta": 0.4})):
             for side in (0, 1):
                 for bad in (math.inf, math.nan, "all -inf"):
                     st = [torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)]
