@@ -133,11 +133,14 @@ def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
     in_support = torch.zeros_like(z).scatter_add_(1, ids, valid.float()) > 0
     lq_tail = torch.where(in_support, _NEG_INF, z).logsumexp(-1) - lse[:, 0]
     has_tail = n_valid < z.shape[1]
-    p_tail = (-torch.expm1(_safe_lse(lp_v)[:, 0])).clamp_min(TAIL_FLOOR)
+    # The teacher's categories in float64 (K + 1 per row): 1 − P from an fp32 log P is off by
+    # eps32 / (1 − P) relatively, 5 % of a 1e-6 tail, which the reverse-type gradients then carry.
+    lp64 = lp_v.double()
+    p_tail = (-torch.expm1(_safe_lse(lp64)[:, 0])).clamp_min(TAIL_FLOOR)
     lp_tail = torch.where(has_tail, p_tail.log(), _NEG_INF)
     lq_tail = torch.where(has_tail, lq_tail, _NEG_INF)
-    lp_c = torch.cat([lp_v, lp_tail[:, None]], 1)
-    lp_c = lp_c - _safe_lse(lp_c)  # renormalizes only when the floor (or no tail) applied
+    lp_c = torch.cat([lp64, lp_tail[:, None]], 1)
+    lp_c = (lp_c - _safe_lse(lp_c)).float()  # renormalizes only when the floor (or no tail) applied
     lq_c = torch.cat([lq_v, lq_tail[:, None]], 1)
     loss, a, u = category_terms(lq_c, lp_c, spec)
     if want_grad:

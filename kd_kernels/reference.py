@@ -265,7 +265,7 @@ def sparse_kd_loss(
     k = torch.ones(lead, dtype=s.dtype) if mask is None else mask.to(s.dtype)
     n, v = lead.numel(), s.shape[-1]
     s2, kk = (s / temperature).reshape(n, v), k.reshape(n)
-    ids2, lp2 = ids.reshape(n, -1), lp.reshape(n, -1)
+    ids2, lp2 = ids.reshape(n, ids.shape[-1]), lp.reshape(n, lp.shape[-1])
     rows = [
         _sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta) if kk[i] != 0
         else s2.new_zeros(())

@@ -17,13 +17,18 @@ import torch
 import kd_kernels
 from kd_kernels import reference as R
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
+               "jeffreys", "alpha_beta", "renyi")
 NAMED = {
     "forward_kl": kd_kernels.forward_kl,
     "reverse_kl": kd_kernels.reverse_kl,
     "skew_forward_kl": kd_kernels.skew_forward_kl,
     "skew_reverse_kl": kd_kernels.skew_reverse_kl,
     "jsd": kd_kernels.jsd,
+    "tvd": kd_kernels.tvd,
+    "jeffreys": kd_kernels.jeffreys,
+    "alpha_beta": kd_kernels.alpha_beta,
+    "renyi": kd_kernels.renyi,
 }
 FUSED_NAMED = {
     "forward_kl": kd_kernels.fused_linear_forward_kl,
@@ -31,6 +36,10 @@ FUSED_NAMED = {
     "skew_forward_kl": kd_kernels.fused_linear_skew_forward_kl,
     "skew_reverse_kl": kd_kernels.fused_linear_skew_reverse_kl,
     "jsd": kd_kernels.fused_linear_jsd,
+    "tvd": kd_kernels.fused_linear_tvd,
+    "jeffreys": kd_kernels.fused_linear_jeffreys,
+    "alpha_beta": kd_kernels.fused_linear_alpha_beta,
+    "renyi": kd_kernels.fused_linear_renyi,
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Norm-wise relative error bounds against float64 on the same rounded inputs. The loss is formed in fp32
@@ -64,18 +73,84 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
     checks: int = 0
 
+    def merge(self, other: Report) -> Report:
+        self.failures += other.failures
+        self.checks += other.checks
+        return self
+
     def check(self, ok: bool, case: str, what: str) -> None:
         self.checks += 1
         if not ok:
             self.failures.append(Failure(case, what))
 
 
-def _coef(rng: random.Random) -> dict:
-    return {"alpha": rng.uniform(0.02, 0.98), "beta": rng.uniform(0.02, 0.98)}
+def coef_for(divergence: str, rng: random.Random) -> dict:
+    """Random valid parameters of ``divergence``, always given explicitly (so no case depends on an
+    entry point's defaults)."""
+    if divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        return {"alpha": rng.uniform(0.02, 0.98)}
+    if divergence == "jsd":
+        return {"beta": rng.uniform(0.02, 0.98)}
+    if divergence == "alpha_beta":
+        return {"alpha": rng.uniform(0.2, 1.5), "beta": rng.uniform(0.2, 1.5)}
+    if divergence == "renyi":
+        return {"alpha": rng.choice([rng.uniform(0.3, 0.9), rng.uniform(1.1, 2.0)])}
+    return {}
+
+
+def row_coefficients(lead: tuple, mask, weights, reduction: str) -> torch.Tensor:
+    """c_i: what row i's loss is multiplied by (0 on masked rows, / count for "mean"), float64."""
+    k = torch.ones(lead, dtype=torch.float64) if mask is None else mask.double()
+    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
+    return c / k.sum().clamp_min(1) if reduction == "mean" else c
+
+
+def check_loss_and_grad(report: Report, case: str, loss: torch.Tensor, ref: torch.Tensor,
+                        grad: torch.Tensor, g_ref: torch.Tensor, *, c: torch.Tensor,
+                        upstream: torch.Tensor, z_scale: float, temperature: float) -> None:
+    """Loss and logit gradient against float64. Error bounds: relative, plus an absolute floor at
+    fp32 resolution of the terms involved. Row i of the gradient is c_i / T · ∂L_i/∂z (‖∂L/∂z‖ =
+    O(1)), and the fp32 terms inside grow with z_scale = |logits| / T; a half-precision gradient can
+    at best be the reference rounded to its dtype (small entries underflow)."""
+    c_norm = (c * upstream.double()).norm().item()
+    err = (loss.double() - ref).norm().item()
+    report.check(err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(), case,
+                 f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})")
+    g = grad.reshape(g_ref.shape).double()
+    rounding = (g_ref.to(grad.dtype).double() - g_ref).norm().item()
+    err = (g - g_ref).norm().item()
+    bound = (GRAD_RTOL[grad.dtype] * g_ref.norm().item() + 2 * rounding
+             + 1e-5 * z_scale * c_norm / temperature)
+    report.check(err <= bound, case, f"grad error {err:.3g} > {bound:.3g} (reference norm "
+                 f"{g_ref.norm().item():.3g})")
 
 
 def _temperature(rng: random.Random) -> float:
     return rng.choice([1.0, 1.0, 2.0, rng.uniform(0.3, 4.0), 0.5, 0.05, 30.0])
+
+
+def check_masked_rows(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor,
+                      mask: torch.Tensor | None, reduction: str) -> None:
+    """Masked rows: gradient row exactly 0 (and per-token loss exactly 0)."""
+    if mask is None or mask.numel() == 0:
+        return
+    rows = ~mask.reshape(-1)
+    grad = grad.reshape(rows.numel(), -1)
+    report.check(bool((grad[rows] == 0).all()), case, "masked row has a gradient")
+    if reduction == "none":
+        report.check(bool((loss.reshape(-1)[rows] == 0).all()), case, "masked row has a loss")
+
+
+def check_bad_row(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor, bad: int,
+                  masked: bool) -> None:
+    """README "NaN and inf": a row that is not a distribution is NaN (loss and whole gradient row)
+    when counted, exactly 0 when masked (per-token loss ``loss``)."""
+    if masked:
+        report.check(loss[bad].item() == 0 and bool((grad[bad] == 0).all()), case,
+                     f"masked bad row: loss {loss[bad].item()}, gradient not 0")
+    else:
+        report.check(bool(loss[bad].isnan()), case, f"loss {loss[bad].item()} instead of NaN")
+        report.check(bool(grad[bad].isnan().all()), case, "gradient row not all NaN")
 
 
 # ------------------------------------------------------------------------------------ logits level
@@ -93,7 +168,7 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     layout = rng.choice(LAYOUTS)
     reduction = rng.choice(("mean", "sum", "none"))
     temperature = _temperature(rng)
-    coef = _coef(rng)
+    coef = coef_for(divergence, rng)
     scale = rng.choice([1.0, 3.0, 10.0, 100.0])
     identical = rng.random() < 0.05  # teacher = student: loss and gradient 0
     pad = rng.random() < 0.25 and vocab > 2  # some columns -inf in both: as if absent
@@ -153,9 +228,7 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
                                     inplace_grad=inplace, **coef)
             loss = mod(s_in, t_in, mask=mask, token_weights=weights)
         elif api == "named":
-            extra = {"alpha": coef["alpha"]} if "skew" in divergence else (
-                {"beta": coef["beta"]} if divergence == "jsd" else {})
-            loss = NAMED[divergence](s_in, t_in, **extra, **options)
+            loss = NAMED[divergence](s_in, t_in, **coef, **options)
         else:
             loss = kd_kernels.kd_loss(s_in, t_in, divergence=divergence, **coef, **options)
         loss.backward(upstream)
@@ -184,33 +257,40 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
         return
     report.check(bool(torch.isfinite(loss).all()), case, f"non-finite loss {loss}")
     report.check(bool(torch.isfinite(grad).all()), case, "non-finite gradient")
-    # Error bounds: relative, plus an absolute floor at fp32 resolution of the terms involved. Row i of the
-    # gradient is c_i / T · ∂L_i/∂z (‖∂L/∂z‖ = O(1)) with c_i = upstream · weight / count, and the fp32
-    # terms inside grow with |z| = |logits| / T; a half-precision gradient can at best be the reference
-    # rounded to its dtype (small entries underflow).
-    k = torch.ones(lead) if mask is None else mask.double()
-    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
-    c = c / k.sum().clamp_min(1) if reduction == "mean" else c
-    c_norm = (c * upstream.double()).norm().item()
-    z_scale = max(1.0, scale / temperature)
-    err = (loss.double() - ref).norm().item()
-    report.check(err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(), case,
-                 f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})")
-    g = grad.reshape(n, vocab).double()
-    rounding = (g_ref.to(s_dtype).double() - g_ref).norm().item()
-    err = (g - g_ref).norm().item()
-    bound = GRAD_RTOL[s_dtype] * g_ref.norm().item() + 2 * rounding + 1e-5 * z_scale * c_norm / temperature
-    report.check(err <= bound, case, f"grad error {err:.3g} > {bound:.3g} (reference norm "
-                 f"{g_ref.norm().item():.3g})")
+    check_loss_and_grad(report, case, loss, ref, grad, g_ref,
+                        c=row_coefficients(lead, mask, weights, reduction), upstream=upstream,
+                        z_scale=max(1.0, scale / temperature), temperature=temperature)
     report.check(bool((grad.reshape(n, vocab)[:, cols] == 0).all()), case, "gradient on a -inf column")
-    if mask is not None:
-        rows = ~mask.reshape(n)
-        report.check(bool((grad.reshape(n, vocab)[rows] == 0).all()), case, "masked row has a gradient")
-        if reduction == "none":
-            report.check(bool((loss.reshape(n)[rows] == 0).all()), case, "masked row has a loss")
+    check_masked_rows(report, case, loss, grad, mask, reduction)
 
 
 # ------------------------------------------------------------------------------------ fused linear
+
+
+def token_options(gen: torch.Generator, lead: tuple, vocab: int, use_mask: bool, use_labels: bool,
+                  use_weights: bool, ignore: bool = True):
+    """(mask, labels int64 with -100 where ignored, the KD mask, token weights) of a fused call;
+    the weights are NaN on rows outside the KD mask (they must add exactly 0)."""
+    mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
+    labels = None
+    if use_labels:
+        labels = torch.randint(0, vocab, lead, generator=gen)
+        if ignore:
+            labels = labels.masked_fill(torch.rand(lead, generator=gen) < 0.3, -100)
+    kd_mask = mask if mask is not None or labels is None else labels != -100
+    weights = None
+    if use_weights:
+        weights = torch.rand(lead, generator=gen) * 2
+        if kd_mask is not None:
+            weights = weights.masked_fill(~kd_mask, math.nan)
+    return mask, labels, kd_mask, weights
+
+
+def student_logits64(leaves: list, lead: tuple) -> tuple[list, torch.Tensor]:
+    """float64 leaves (h, W[, b]) that take gradients, and the student logits h Wᵀ + b (lead, V)."""
+    L64 = [x.detach().double().requires_grad_() for x in leaves]
+    s = L64[0] @ L64[1].T + (L64[2] if len(L64) > 2 else 0)
+    return L64, s.reshape(*lead, s.shape[-1])
 
 
 def fused_case(seed: int, backend: str, report: Report) -> None:
@@ -227,7 +307,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     t_dtype = rng.choice((dtype, torch.float32, torch.bfloat16))
     reduction = rng.choice(("mean", "sum"))
     temperature = _temperature(rng)
-    coef = _coef(rng)
+    coef = coef_for(divergence, rng)
     bias = rng.random() < 0.5
     use_labels = rng.random() < 0.5
     label_dtype = rng.choice((torch.int64, torch.int32, torch.int16, torch.uint8))
@@ -253,18 +333,9 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     ht = randn(n, d_t).to(t_dtype)
     wt = (randn(v_teacher, d_t) * 2 / d_t**0.5).to(t_dtype)
     bt = randn(v_teacher).to(t_dtype) if bias else None
-    mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
-    labels = None
-    if use_labels:
-        labels = torch.randint(0, vocab, lead, generator=gen)
-        if label_dtype != torch.uint8:
-            labels = labels.masked_fill(torch.rand(lead, generator=gen) < 0.3, -100)
-        labels = labels.to(label_dtype)
-    weights = None
-    if use_weights:
-        weights = torch.rand(lead, generator=gen) * 2
-        if mask is not None:
-            weights = weights.masked_fill(~mask, math.nan)  # masked rows must add exactly 0
+    mask, labels, _, weights = token_options(gen, lead, vocab, use_mask, use_labels, use_weights,
+                                             ignore=label_dtype != torch.uint8)
+    labels = labels.to(label_dtype) if labels is not None else None
     leaves = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
     h_in = leaves[0]
     if hidden_view == "transposed":
@@ -286,9 +357,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
         else:
             fn = (lambda *a, **k: kd_kernels.fused_linear_kd(*a, divergence=divergence, **k)) \
                 if api == "fused_linear_kd" else FUSED_NAMED[divergence]
-            extra = {"alpha": coef["alpha"]} if "skew" in divergence else (
-                {"beta": coef["beta"]} if divergence == "jsd" else {})
-            loss = fn(h_in, leaves[1], ht.reshape(*lead, d_t), wt, **extra, **options)
+            loss = fn(h_in, leaves[1], ht.reshape(*lead, d_t), wt, **coef, **options)
         upstream = torch.randn((), generator=gen)
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
@@ -296,8 +365,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
         return
 
     # Reference: logits from the GEMM in the input dtype (as the fused path forms them), then float64.
-    L64 = [x.detach().double().requires_grad_() for x in leaves]
-    s = (L64[0] @ L64[1].T + (L64[2] if bias else 0)).reshape(*lead, vocab)
+    L64, s = student_logits64(leaves, lead)
     t = (ht.double() @ wt[:vocab].double().T + (bt[:vocab].double() if bias else 0)).reshape(*lead, vocab)
     lab = labels.long() if labels is not None else None
     kd_mask = mask if mask is not None or lab is None else lab != -100
@@ -313,9 +381,7 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     tol = FUSED_RTOL[dtype] if dtype != torch.float32 else FUSED_RTOL[t_dtype]
     report.check(bool(torch.isfinite(loss)), case, f"non-finite loss {loss}")
     z_scale = max(1.0, 3 / temperature)  # |logits| / T, roughly: the size of the fp32 terms inside
-    k = torch.ones(lead) if kd_mask is None else kd_mask.double()
-    c = k if weights is None else torch.where(k != 0, weights.double(), 0.0)
-    c = c / k.sum().clamp_min(1) if reduction == "mean" else c
+    c = row_coefficients(lead, kd_mask, weights, reduction)
     c_norm = (c.norm().item() + ce_weight) * abs(upstream.item())
     # fp32 terms of size |z| + log V per row: an absolute floor for losses near 0 (V = 1, large T)
     err = abs(loss.item() - total.item())
@@ -480,10 +546,10 @@ def _bad_fused_calls(rng: random.Random):
     yield "logprobs temperature", lambda: lp(hs, ws, torch.tensor([0, 1, 2]), temperature=0.0), ValueError
 
 
-def invalid_cases(seed: int, report: Report) -> None:
-    rng = random.Random(seed)
-    for desc, thunk, exc in list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)):
-        case = f"invalid_cases(seed={seed}) [{desc}]"
+def expect_errors(report: Report, prefix: str, calls) -> None:
+    """Each ``(description, thunk, exception type)`` of ``calls`` raises that type (a message)."""
+    for desc, thunk, exc in calls:
+        case = f"{prefix} [{desc}]"
         try:
             thunk()
         except exc as e:
@@ -492,3 +558,9 @@ def invalid_cases(seed: int, report: Report) -> None:
             report.check(False, case, f"raised {type(e).__name__} instead of {exc.__name__}: {e}")
         else:
             report.check(False, case, f"accepted; expected {exc.__name__}")
+
+
+def invalid_cases(seed: int, report: Report) -> None:
+    rng = random.Random(seed)
+    expect_errors(report, f"invalid_cases(seed={seed})",
+                  list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import _fuzz as F
+import _fuzz_parallel as FP
+import _fuzz_sparse as FS
 import pytest
 import torch
 from _common import CPU_BACKENDS, DIVERGENCES
@@ -59,6 +61,55 @@ def test_fuzz_invalid_inputs_raise_the_promised_error():
     for seed in range(3):
         F.invalid_cases(seed, report)
     _assert_clean(report, 200)
+
+
+SPARSE_BACKENDS = tuple(b for b in CPU_BACKENDS if b != "cuda")
+
+
+def _run(seeds, *cases) -> F.Report:
+    """Every ``(function, extra args)`` of ``cases`` on every seed, into one report."""
+    report = F.Report()
+    for seed in seeds:
+        for fn, *args in cases:
+            fn(seed, *args, report)
+    return report
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_fuzz_sparse_kd(backend):
+    seeds = range(4000, 4006) if backend == "triton" else range(4000, 4060)
+    report = _run(seeds, (FS.sparse_case, backend), (FS.sparse_hostile_case, backend))
+    _assert_clean(report, 8 * len(seeds))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_fuzz_fused_linear_sparse_kd(backend):
+    seeds = range(5000, 5003) if backend == "triton" else range(5000, 5030)
+    _assert_clean(_run(seeds, (FS.fused_sparse_case, backend)), 4 * len(seeds))
+
+
+def test_fuzz_teacher_topk_and_invalid_sparse_inputs():
+    report = _run(range(6000, 6040), (FS.topk_case,))
+    report.merge(_run(range(3), (FS.invalid_sparse_cases,)))
+    _assert_clean(report, 7 * 40 + 3 * 50)
+
+
+def test_fuzz_vocab_parallel_two_gloo_ranks():
+    """kd_kernels.parallel on 2 spawned gloo processes: each seed runs kd_loss, fused_linear_kd and
+    a hostile-row case on uneven shards, plus one round of invalid calls (the same error on every
+    rank, the group still usable afterwards)."""
+    report = FP.run(list(range(7000, 7008)), world=2)
+    _assert_clean(report, 2 * 8 * 8)
+
+
+def test_fuzz_hf():
+    pytest.importorskip("transformers")
+    import _fuzz_hf as FH
+
+    report = _run(range(8000, 8008), (FH.distill_case,), (FH.trl_case,))
+    report.merge(_run(range(8000, 8003), (FH.head_case,)))
+    report.merge(_run(range(1), (FH.invalid_cases,)))
+    _assert_clean(report, 8 * 7 + 3 + 25)
 
 
 # ----------------------------------------------------------------------------- one test per defect
@@ -317,3 +368,70 @@ def test_masked_non_distribution_row_is_never_read(backend, case):
     loss.backward(torch.ones(n))
     assert loss[bad] == 0 and (x.grad[bad] == 0).all()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------ defects found by the fuzz suite
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b in ("torch", "cpu")])
+@pytest.mark.parametrize("divergence", ["jeffreys", "reverse_kl", "skew_reverse_kl"])
+def test_sparse_bucket_teacher_tail_near_zero_is_exact(backend, divergence):
+    """Found by sparse_case(seed=1459, backend='torch'): a teacher whose K ids hold all but ~1e-6 of
+    its mass. 1 − P formed in fp32 was off by eps32 / (1 − P), and the reverse-type gradients
+    off the support with it (3.6e-4 .. 5e-4 relative on torch; 3e-8 on cpu)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 17, generator=g, dtype=torch.float64) * 5
+    lp, ids = t.log_softmax(-1).topk(14, -1)
+    lp = lp.float()
+    assert float((-torch.expm1(lp.double().logsumexp(-1))).median()) < 1e-6
+    s = torch.randn(64, 17, generator=g)
+    x = s.clone().requires_grad_()
+    kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, reduction="sum", backend=backend,
+                         **COEF.get(divergence, {})).backward()
+    s64 = s.double().requires_grad_()
+    R.sparse_kd_loss(divergence, s64, ids, lp.double(), reduction="sum",
+                     **COEF.get(divergence, {})).backward()
+    assert F.rel_err(x.grad, s64.grad) < 1e-5
+
+
+def test_sparse_reference_takes_no_rows():
+    """Found by sparse_case (lead (0,)): reference.sparse_kd_loss reshaped (0, K) ids to (0, -1)."""
+    s = torch.randn(0, 5, dtype=torch.float64)
+    ids, lp = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3, dtype=torch.float64)
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
+        out = R.sparse_kd_loss("forward_kl", s, ids, lp, reduction=reduction)
+        assert out.shape == shape and (out == 0).all()
+        ours = kd_kernels.sparse_kd(s.float(), ids, lp.float(), reduction=reduction)
+        assert ours.shape == shape and (ours == 0).all()
+
+
+def test_vocab_parallel_torch_rows_non_distribution_row_is_nan(tmp_path):
+    """Found by the parallel hostile_case (seed=107): the torch shard passes of kd_kernels.parallel
+    gave loss 0 (skew KL) or a partly finite gradient row (reverse KL, TVD) for a row with a +inf
+    logit; every row that is not a distribution must be NaN, loss and whole gradient row."""
+    import torch.distributed as dist
+
+    import kd_kernels.parallel as P
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for divergence, kw in (("skew_reverse_kl", {"alpha": 0.6}), ("tvd", {}), ("reverse_kl", {}),
+                               ("skew_forward_kl", {"alpha": 0.6}), ("jsd", {"beta": 0.4})):
+            for side in (0, 1):
+                for bad in (math.inf, math.nan, "all -inf"):
+                    st = [torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)]
+                    if bad == "all -inf":
+                        st[side][1] = -math.inf
+                    else:
+                        st[side][1, 3] = bad
+                    x = st[0].clone().requires_grad_()
+                    loss = P.kd_loss(x, st[1], group=dist.group.WORLD, divergence=divergence,
+                                     reduction="none", backend="torch", **kw)
+                    loss.sum().backward()
+                    what = f"{divergence} side {side} {bad}"
+                    assert loss[1].isnan() and x.grad[1].isnan().all(), what
+                    assert loss[[0, 2]].isfinite().all() and x.grad[[0, 2]].isfinite().all(), what
+    finally:
+        dist.destroy_process_group()

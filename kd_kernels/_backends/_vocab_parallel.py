@@ -262,7 +262,12 @@ class TorchVocabParallel(VocabParallelRows):
 
     def loss_grad_given_stats(self, s, t, stats, row_weight, spec, grad):
         active = row_weight != 0
-        loss = _where_pos(active, stats[:, LOSS])
+        # README "NaN and inf": a counted row that is not a distribution on the whole vocabulary (a
+        # NaN, a +inf or an overflow after 1/T in any shard, or all −inf) is NaN, its loss and its
+        # whole gradient row; the global statistics show it identically on every rank (the
+        # selections below would otherwise turn some of those NaN into 0).
+        bad = ~(torch.isfinite(stats[:, LSE_S]) & torch.isfinite(stats[:, LSE_T]))
+        loss = _where_pos(active, torch.where(bad, math.nan, stats[:, LOSS]))
         if grad is None:
             return loss
         lq, lp, q, p = self._logprobs(s, t, stats, spec)
@@ -292,7 +297,8 @@ class TorchVocabParallel(VocabParallelRows):
         else:  # pragma: no cover - Divergence is closed
             raise AssertionError(d)
         scale = (row_weight / spec.temperature)[:, None]
-        grad.copy_(_where_pos(active[:, None], g * scale))
+        g = torch.where(bad[:, None], math.nan, g * scale)
+        grad.copy_(_where_pos(active[:, None], g))
         return loss
 
 
