@@ -1,4 +1,5 @@
-"""One objective per divergence name, whatever the entry point (issue #26 item 2, #27).
+"""One objective per divergence name, whatever the entry point (issue #26 item 2, #27), and one
+check of ``ce_weight`` for every entry point that takes it (issue #26).
 
 Every public entry point that takes ``divergence`` defaults it to the library-wide
 ``kd_kernels._spec.DEFAULT_DIVERGENCE`` (forward_kl) and takes ``alpha`` / ``beta`` as None, resolved
@@ -9,6 +10,7 @@ from the divergence table: called with only ``divergence=d`` (or with nothing) e
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -219,3 +221,67 @@ def test_hf_kd_trainer_objective_equals_kd_loss(hf_models, tmp_path):
 
     bad = _check_entry_point(loss, s, t)
     assert not bad, "hf.KDTrainer: " + "; ".join(bad)
+
+
+BAD_CE_WEIGHTS = (1e39, math.inf, -math.inf, math.nan, -0.5, True, "1")
+
+
+def _check_ce_weight_errors(fn) -> list[str]:
+    """The failures of ``fn(ce_weight)`` to raise the shared check's error for each bad weight."""
+    bad = []
+    for x in BAD_CE_WEIGHTS:
+        if isinstance(x, (bool, str)):
+            exc, words = TypeError, f"ce_weight must be a float >= 0, got {type(x).__name__}"
+        else:
+            exc, words = ValueError, f"ce_weight={x} must be a finite number >= 0 that fits in float32"
+        try:
+            fn(x)
+        except exc as e:
+            if words not in str(e):
+                bad.append(f"{x!r}: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"{x!r}: {type(e).__name__}: {e}")
+        else:
+            bad.append(f"{x!r}: accepted")
+    return bad
+
+
+def test_ce_weight_checked_alike(group):
+    """fused_linear_kd, its module, the sparse and vocabulary-parallel forms reject the same
+    ce_weights with the same message (1e39 is finite in float64 but inf in the fp32 loss)."""
+    hs, ws, ht, wt = _inputs()
+    ids, lp = _sparse_teacher(ht @ wt.T)
+    labels = torch.arange(N) % V
+    calls = {
+        "fused_linear_kd": lambda x: kd_kernels.fused_linear_kd(
+            hs, ws, ht, wt, labels=labels, ce_weight=x
+        ),
+        "FusedLinearKDLoss": lambda x: kd_kernels.FusedLinearKDLoss(ce_weight=x),
+        "fused_linear_sparse_kd": lambda x: kd_kernels.fused_linear_sparse_kd(
+            hs, ws, ids, lp, labels=labels, ce_weight=x
+        ),
+        "parallel.fused_linear_kd": lambda x: P.fused_linear_kd(
+            hs, ws, ht, wt, group=group, labels=labels, ce_weight=x
+        ),
+    }
+    bad = {name: _check_ce_weight_errors(fn) for name, fn in calls.items()}
+    assert not any(bad.values()), bad
+
+
+def test_hf_ce_weight_checked_alike(hf_models, tmp_path):
+    import transformers
+
+    from kd_kernels import hf
+
+    student, teacher, ids = hf_models
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no"
+    )
+    calls = {
+        "hf.distill_loss": lambda x: hf.distill_loss(
+            student, teacher, input_ids=ids, labels=ids, ce_weight=x
+        ),
+        "hf.KDTrainer": lambda x: hf.KDTrainer(student, teacher, args=args, ce_weight=x),
+    }
+    bad = {name: _check_ce_weight_errors(fn) for name, fn in calls.items()}
+    assert not any(bad.values()), bad
