@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 from . import _validate as V
@@ -52,7 +54,8 @@ def kd_loss(
     backend: str = "auto",
     inplace_grad: bool = False,
 ) -> torch.Tensor:
-    """Any KD divergence by name (default ``forward_kl``, as in every kd_kernels entry point): {names}.
+    """Any KD divergence by name (default ``forward_kl``, as in every kd_kernels entry point):
+{names}.
     ``alpha`` / ``beta`` None take those defaults (the same in every entry point); a divergence
     ignores the one it does not use. The named functions below call this."""
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation)
@@ -209,7 +212,10 @@ def renyi(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interp
                    backend=backend, inplace_grad=inplace_grad)
 
 
-kd_loss.__doc__ = kd_loss.__doc__.replace("{names}", describe_divergences())
+_INDENT = " " * 4
+kd_loss.__doc__ = kd_loss.__doc__.replace(
+    "{names}", textwrap.fill(describe_divergences(), 100, initial_indent=_INDENT, subsequent_indent=_INDENT)
+)
 for _f in (kd_loss, forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tvd, jeffreys, alpha_beta,
            renyi):
     _f.__doc__ = (_f.__doc__ or "") + _COMMON_DOC

@@ -18,7 +18,8 @@ both heads, in rank order (``o_0 = 0``, ``o_{r+1} = o_r + V_r``; uneven ``V_r`` 
 split for student and teacher), and the full hidden states (replicated, as after a column-parallel
 lm_head with ``gather_output=False``). Everything else — hidden states, mask, token weights, labels
 (global ids in ``[0, Σ V_r)``), options — must be the same on every rank; a first small exchange per
-call checks that and raises the same error on every rank otherwise.
+call checks that (shapes and order-sensitive checksums, so rows permuted between ranks are caught)
+and raises the same error on every rank otherwise.
 
 Result: the loss is the same fp32 number on every rank and equals the unsharded loss (the
 single-process ``kd_kernels`` call on the concatenated heads); ``∂/∂h_s`` is the full one
@@ -37,6 +38,8 @@ Communication (MATH.md, "Vocabulary-parallel"), per token and rank, fp32:
 - with gradients, once per call: one all-reduce of ``∂/∂h_s``, ``D_s`` elements of the hidden
   dtype per counted token (``2·D_s`` bytes in bf16) — the dominant term;
 - per call, not per token: one ``all_gather_object`` of the argument summary (the consistency check).
+- ``fused_linear_kd(..., reduction="none")`` with gradients: the per-row exchanges run again in
+  backward (which recomputes each chunk), and the all-reduce of ``∂/∂h_s`` happens there.
 
 The per-row math sits in ``kd_kernels._backends._vocab_parallel`` (local statistics → exchange →
 loss / gradient given the global statistics); this module chunks, multiplies and communicates.
@@ -563,9 +566,11 @@ def fused_linear_kd(
             ``BackendUnavailableError``.
 
     Returns:
-        The same fp32 scalar on every rank (or ``(loss, KDComponents)``). ``∂/∂student_hidden`` is
-        the full gradient (already all-reduced over ``group``); the weight / bias gradients are the
-        shard's.
+        The same fp32 scalar on every rank, or ``(...)`` per token for ``reduction="none"`` (or
+        ``(loss, KDComponents)``). ``∂/∂student_hidden`` is the full gradient (already all-reduced
+        over ``group``); the weight / bias gradients are the shard's. With ``reduction="none"`` the
+        backward recomputes each chunk and communicates again: every rank must call it with the same
+        upstream gradient (as the loss, it is the same on every rank).
     """
     group, rank, world = _check_group(group)
     error, prepared = None, None

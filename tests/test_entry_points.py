@@ -2,9 +2,9 @@
 check of ``ce_weight`` for every entry point that takes it (issue #26).
 
 Every public entry point that takes ``divergence`` defaults it to the library-wide
-``kd_kernels._spec.DEFAULT_DIVERGENCE`` (forward_kl) and takes ``alpha`` / ``beta`` as None, resolved
-from the divergence table: called with only ``divergence=d`` (or with nothing) each gives the loss
-``kd_loss`` gives on the same logits.
+``kd_kernels._spec.DEFAULT_DIVERGENCE`` (forward_kl) and takes ``alpha`` / ``beta`` as None,
+resolved from the divergence table: called with only ``divergence=d`` (or with nothing) each gives
+the loss ``kd_loss`` gives on the same logits.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def group(tmp_path):
 
 
 def _sparse_teacher(t: torch.Tensor):
-    """Every vocabulary entry as the teacher's "top-K": the sparse forms then see the dense teacher."""
+    """Every vocabulary entry as the teacher's top-K: the sparse forms then see the dense one."""
     ids = torch.arange(V).expand(t.shape[0], V).contiguous()
     return ids, torch.log_softmax(t.float(), -1)
 
@@ -233,7 +233,8 @@ def _check_ce_weight_errors(fn) -> list[str]:
         if isinstance(x, (bool, str)):
             exc, words = TypeError, f"ce_weight must be a float >= 0, got {type(x).__name__}"
         else:
-            exc, words = ValueError, f"ce_weight={x} must be a finite number >= 0 that fits in float32"
+            words = f"ce_weight={x} must be a finite number >= 0 that fits in float32"
+            exc = ValueError
         try:
             fn(x)
         except exc as e:
