@@ -214,7 +214,8 @@ def renyi(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interp
 
 _INDENT = " " * 4
 kd_loss.__doc__ = kd_loss.__doc__.replace(
-    "{names}", textwrap.fill(describe_divergences(), 100, initial_indent=_INDENT, subsequent_indent=_INDENT)
+    "{names}",
+    textwrap.fill(describe_divergences(), 100, initial_indent=_INDENT, subsequent_indent=_INDENT),
 )
 for _f in (kd_loss, forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tvd, jeffreys, alpha_beta,
            renyi):

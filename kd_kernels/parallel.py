@@ -601,19 +601,7 @@ def fused_linear_kd(
     p = prepared
     vocabs = [x["vocab"] for x in summaries]
     teacher_vocabs = [x["teacher_vocab"] for x in summaries]
-    for r, (vs, vt) in enumerate(zip(vocabs, teacher_vocabs)):
-        if vt == vs or (vt > vs and r == world - 1 and truncate_teacher_vocab):
-            continue
-        fix = (
-            "pass truncate_teacher_vocab=True if the extra teacher rows are padding past the "
-            "student's vocabulary"
-            if vt > vs and r == world - 1
-            else "both heads must be split at the same vocabulary offsets"
-        )
-        raise ValueError(
-            f"rank {r} holds {vs} student_weight rows but {vt} teacher_weight rows; {fix} "
-            f"(student rows per rank: {vocabs}, teacher: {teacher_vocabs})"
-        )
+    _check_split(vocabs, teacher_vocabs, truncate_teacher_vocab)
     if p["truncate"] and teacher_vocabs[rank] > vocabs[rank]:
         p["w_t"] = p["w_t"][: vocabs[rank]]
         p["b_t"] = p["b_t"][: vocabs[rank]] if p["b_t"] is not None else None
@@ -639,21 +627,44 @@ def fused_linear_kd(
         group,
         world,
     )
-    if p["reduction"] == "none":
-        if p["summary"]["grad"]:
-            rows_out = _FusedRowsFunction.apply(*args, p["need"])
-        else:
-            rows_out = _fused_rows(*args)
-        loss, kd, ce = (x.reshape(p["lead"]) for x in rows_out)
-    elif p["summary"]["grad"]:
-        loss, kd, ce = _FusedFunction.apply(*args, p["need"])
-    else:
-        with torch.no_grad():
-            kd, ce, _ = _fused_loop(*args, (False, False, False))
-        loss = kd + p["ce_weight"] * ce if ce_scale is not None else kd.clone()
+    loss, kd, ce = _run_fused(p, args)
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
     return loss
+
+
+def _check_split(vocabs: list[int], teacher_vocabs: list[int], truncate: bool) -> None:
+    """Both heads split at the same offsets (the last rank's teacher shard may be longer with
+    ``truncate_teacher_vocab``); the same error on every rank otherwise (the lists are global)."""
+    last = len(vocabs) - 1
+    for r, (vs, vt) in enumerate(zip(vocabs, teacher_vocabs)):
+        if vt == vs or (vt > vs and r == last and truncate):
+            continue
+        fix = (
+            "pass truncate_teacher_vocab=True if the extra teacher rows are padding past the "
+            "student's vocabulary"
+            if vt > vs and r == last
+            else "both heads must be split at the same vocabulary offsets"
+        )
+        raise ValueError(
+            f"rank {r} holds {vs} student_weight rows but {vt} teacher_weight rows; {fix} "
+            f"(student rows per rank: {vocabs}, teacher: {teacher_vocabs})"
+        )
+
+
+def _run_fused(p: dict, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, ce) of the prepared call: per token (``(...)``) for reduction="none", else
+    scalars; an autograd node only when a student tensor needs a gradient."""
+    grad, need = p["summary"]["grad"], p["need"]
+    if p["reduction"] == "none":
+        rows_out = _FusedRowsFunction.apply(*args, need) if grad else _fused_rows(*args)
+        return tuple(x.reshape(p["lead"]) for x in rows_out)
+    if grad:
+        return _FusedFunction.apply(*args, need)
+    with torch.no_grad():
+        kd, ce, _ = _fused_loop(*args, (False, False, False))
+    loss = kd + p["ce_weight"] * ce if args[8] is not None else kd.clone()  # args[8]: ce_scale
+    return loss, kd, ce
 
 
 def _prepare_fused(
@@ -713,25 +724,10 @@ def _prepare_fused(
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
     if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(
-                f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}"
-            )
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise TypeError(
-                f"labels has dtype {labels.dtype}; pass integer token ids (labels.long())"
-            )
-        if labels.shape != lead:
-            raise ValueError(
-                f"labels has shape {tuple(labels.shape)}; it must match the hidden states' "
-                f"leading dims {tuple(lead)}"
-            )
-        if labels.device != dev:
-            raise ValueError(f"labels is on {labels.device} but the hidden states on {dev}")
-        labels = labels.reshape(n).long()
-        valid = labels != IGNORE_INDEX
+        labels = _check_labels_arg(labels, lead, dev)
         if mask is None:
-            mask = valid.reshape(lead)  # tokens without a label drop out of KD too
+            # tokens without a label drop out of KD too
+            mask = (labels != IGNORE_INDEX).reshape(lead)
     c = _row_weights(mask, token_weights, n, reduction, dev)
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h_s, w_s, b_s)
@@ -780,6 +776,23 @@ def _prepare_fused(
         "need": need,
         "truncate": truncate_teacher_vocab,
     }
+
+
+def _check_labels_arg(labels: object, lead: torch.Size, dev: torch.device) -> torch.Tensor:
+    """Flat int64 labels of the hidden states' leading dims (ids checked against the global
+    vocabulary once it is known: :func:`_global_labels`)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels has dtype {labels.dtype}; pass integer token ids (labels.long())")
+    if labels.shape != lead:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}; it must match the hidden states' "
+            f"leading dims {tuple(lead)}"
+        )
+    if labels.device != dev:
+        raise ValueError(f"labels is on {labels.device} but the hidden states on {dev}")
+    return labels.reshape(lead.numel()).long()
 
 
 def _global_labels(p: dict, v_total: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
