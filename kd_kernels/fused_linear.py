@@ -182,19 +182,10 @@ def _check_head(
     return h, w, b
 
 
-def _check_labels(
-    labels: object,
-    name: str,
-    lead: torch.Size,
-    device: torch.device,
-    vocab: int,
-    *,
-    ignore_index: int | None = None,
-    free: torch.Tensor | None = None,
-    hint: str,
+def _check_id_tensor(
+    labels: object, name: str, lead: torch.Size, device: torch.device
 ) -> torch.Tensor:
-    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
-    True may hold anything."""
+    """Integer token ids of shape ``lead`` on ``device``, as int64 (values not checked)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
@@ -210,7 +201,23 @@ def _check_labels(
             "move it with .to()"
         )
     # Compared in int64: in uint8, -100 wraps to 156 and a valid id can look out of range.
-    labels = labels.long()
+    return labels.long()
+
+
+def _check_labels(
+    labels: object,
+    name: str,
+    lead: torch.Size,
+    device: torch.device,
+    vocab: int,
+    *,
+    ignore_index: int | None = None,
+    free: torch.Tensor | None = None,
+    hint: str,
+) -> torch.Tensor:
+    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
+    True may hold anything."""
+    labels = _check_id_tensor(labels, name, lead, device)
     if ignore_index is None and free is None and labels.numel() > 0:
         lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
         if 0 <= int(lo) and int(hi) < vocab:

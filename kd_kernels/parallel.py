@@ -70,6 +70,7 @@ from .fused_linear import (
     _check_chunk_size,
     _check_head,
     _check_reduction,
+    _check_id_tensor,
 )
 
 __all__ = ["fused_linear_kd", "kd_loss"]
@@ -724,7 +725,8 @@ def _prepare_fused(
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
     if labels is not None:
-        labels = _check_labels_arg(labels, lead, dev)
+        # ids are checked against the global vocabulary once it is known (_global_labels)
+        labels = _check_id_tensor(labels, "labels", lead, dev).reshape(n)
         if mask is None:
             # tokens without a label drop out of KD too
             mask = (labels != IGNORE_INDEX).reshape(lead)
@@ -776,23 +778,6 @@ def _prepare_fused(
         "need": need,
         "truncate": truncate_teacher_vocab,
     }
-
-
-def _check_labels_arg(labels: object, lead: torch.Size, dev: torch.device) -> torch.Tensor:
-    """Flat int64 labels of the hidden states' leading dims (ids checked against the global
-    vocabulary once it is known: :func:`_global_labels`)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels has dtype {labels.dtype}; pass integer token ids (labels.long())")
-    if labels.shape != lead:
-        raise ValueError(
-            f"labels has shape {tuple(labels.shape)}; it must match the hidden states' "
-            f"leading dims {tuple(lead)}"
-        )
-    if labels.device != dev:
-        raise ValueError(f"labels is on {labels.device} but the hidden states on {dev}")
-    return labels.reshape(lead.numel()).long()
 
 
 def _global_labels(p: dict, v_total: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
