@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 FP32_TINY = 2.0**-126  # smallest normal float32
 FP32_MAX = float.fromhex("0x1.fffffep+127")  # largest finite float32
 
+# The divergence of every public entry point called without ``divergence=`` (kd_loss, the fused,
+# sparse, vocabulary-parallel and Hugging Face forms, their modules): one objective per call.
+DEFAULT_DIVERGENCE = "forward_kl"
+
 
 class Divergence(enum.IntEnum):
     """The divergences, numbered as the compiled kernels number them (``csrc/include/kd_kernels/kd_math.h``)."""
@@ -202,6 +206,39 @@ class KDSpec:
     def params(self) -> dict[str, float]:
         """The divergence's parameters by keyword, e.g. ``{"alpha": 0.1}``."""
         return {p.keyword: c for p, c in zip(self.divergence.info.params, (self.coef, self.coef2))}
+
+
+def describe_divergences() -> str:
+    """The divergences with their parameters' defaults, for docstrings: ``forward_kl``, …,
+    ``skew_forward_kl`` (``alpha`` = 0.1 by default), …"""
+    parts = []
+    for d, info in DIVERGENCES.items():
+        params = ", ".join(f"``{p.keyword}`` = {p.default:g}" for p in info.params)
+        parts.append(f"``{d.label}``" + (f" ({params} by default)" if params else ""))
+    return ", ".join(parts)
+
+
+CE_LABELS_HINT = "pass the next-token ids (-100 = ignore)"
+
+
+def check_ce_weight(
+    ce_weight: object, *, has_labels: bool | None = None, labels_hint: str = CE_LABELS_HINT
+) -> float:
+    """The hard-label cross-entropy coefficient, checked the same way by every entry point that
+    takes one: a real number, finite, ≥ 0 and at most the largest fp32 (the loss is formed in fp32,
+    a larger weight would make it inf). ``has_labels=False``: a nonzero weight is an error (the CE
+    needs labels; ``labels_hint`` says which); None: not known yet (a module's construction)."""
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
+        raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
+    # Comparisons only: NaN fails them, and so do ±inf and values past fp32.
+    if not (0 <= ce_weight <= FP32_MAX):
+        raise ValueError(
+            f"ce_weight={ce_weight} must be a finite number >= 0 that fits in float32 "
+            "(0 disables the CE term)"
+        )
+    if ce_weight != 0 and has_labels is False:
+        raise ValueError(f"ce_weight={ce_weight} needs labels=...; {labels_hint}")
+    return float(ce_weight)
 
 
 def check_temperature(temperature: float) -> None:

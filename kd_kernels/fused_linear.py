@@ -31,7 +31,7 @@ from ._fused_linear_impl import (
     logprobs_pass,
 )
 from ._head import HeadTransform
-from ._spec import FP32_MAX, KDSpec, check_temperature
+from ._spec import DEFAULT_DIVERGENCE, KDSpec, check_ce_weight, check_temperature
 
 IGNORE_INDEX = -100
 
@@ -75,7 +75,8 @@ _FUSED_DOC = """
             differ). Never receives a gradient (nor does anything of the teacher's).
         teacher_weight: ``(V, D_t)`` teacher lm_head weight, same dtype as ``teacher_hidden`` (which
             may differ from the student's dtype).
-        divergence: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``),
+        divergence: ``forward_kl`` (the default, as everywhere in kd_kernels), ``reverse_kl``,
+            ``skew_forward_kl`` (uses ``alpha``),
             ``skew_reverse_kl`` (``alpha``), ``jsd`` (``beta``), ``tvd``, ``jeffreys``,
             ``alpha_beta`` (``alpha``, ``beta``) or ``renyi`` (``alpha``); ``alpha`` / ``beta`` None
             take the divergence's default; see ``kd_kernels.kd_loss``.
@@ -181,19 +182,10 @@ def _check_head(
     return h, w, b
 
 
-def _check_labels(
-    labels: object,
-    name: str,
-    lead: torch.Size,
-    device: torch.device,
-    vocab: int,
-    *,
-    ignore_index: int | None = None,
-    free: torch.Tensor | None = None,
-    hint: str,
+def _check_id_tensor(
+    labels: object, name: str, lead: torch.Size, device: torch.device
 ) -> torch.Tensor:
-    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
-    True may hold anything."""
+    """Integer token ids of shape ``lead`` on ``device``, as int64 (values not checked)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
@@ -209,7 +201,23 @@ def _check_labels(
             "move it with .to()"
         )
     # Compared in int64: in uint8, -100 wraps to 156 and a valid id can look out of range.
-    labels = labels.long()
+    return labels.long()
+
+
+def _check_labels(
+    labels: object,
+    name: str,
+    lead: torch.Size,
+    device: torch.device,
+    vocab: int,
+    *,
+    ignore_index: int | None = None,
+    free: torch.Tensor | None = None,
+    hint: str,
+) -> torch.Tensor:
+    """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
+    True may hold anything."""
+    labels = _check_id_tensor(labels, name, lead, device)
     if ignore_index is None and free is None and labels.numel() > 0:
         lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
         if 0 <= int(lo) and int(hi) < vocab:
@@ -239,18 +247,6 @@ def _check_chunk_size(chunk_size: object) -> int | None:
     return chunk_size
 
 
-def _check_ce_weight(ce_weight: object) -> float:
-    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
-        raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-    # <= the largest fp32: the loss is formed in fp32, a larger weight would make it inf.
-    if not (0 <= ce_weight <= FP32_MAX):
-        raise ValueError(
-            f"ce_weight={ce_weight} must be a finite number >= 0 that fits in float32 "
-            "(0 disables the CE term)"
-        )
-    return float(ce_weight)
-
-
 def _check_reduction(reduction: object) -> str:
     if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} is unknown; use 'mean', 'sum' or 'none'")
@@ -263,7 +259,7 @@ def fused_linear_kd(
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
     *,
-    divergence: str = "reverse_kl",
+    divergence: str = DEFAULT_DIVERGENCE,
     alpha: float | None = None,
     beta: float | None = None,
     student_bias: torch.Tensor | None = None,
@@ -303,11 +299,7 @@ def fused_linear_kd(
     )
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
-    ce_weight = _check_ce_weight(ce_weight)
-    if ce_weight != 0 and labels is None:
-        raise ValueError(
-            f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)"
-        )
+    ce_weight = check_ce_weight(ce_weight, has_labels=labels is not None)
     V.check_bool(truncate_teacher_vocab, "truncate_teacher_vocab")
     V.check_bool(return_components, "return_components")
 
@@ -562,7 +554,7 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(
         self,
-        divergence: str = "reverse_kl",
+        divergence: str = DEFAULT_DIVERGENCE,
         *,
         alpha: float | None = None,
         beta: float | None = None,
@@ -590,7 +582,7 @@ class FusedLinearKDLoss(nn.Module):
         )
         self.alpha, self.beta = alpha, beta
         self.reduction = _check_reduction(reduction)
-        self.ce_weight = _check_ce_weight(ce_weight)
+        self.ce_weight = check_ce_weight(ce_weight)
         self.truncate_teacher_vocab = V.check_bool(truncate_teacher_vocab, "truncate_teacher_vocab")
         self.chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:

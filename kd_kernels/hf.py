@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from . import fused_linear as FL
+from ._spec import DEFAULT_DIVERGENCE, KDSpec, check_ce_weight
 
 IGNORE_INDEX = -100
 
@@ -204,11 +205,11 @@ def distill_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    divergence: str = "forward_kl",
+    divergence: str = DEFAULT_DIVERGENCE,
     ce_weight: float = 0.0,
     temperature: float = 1.0,
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    alpha: float | None = None,
+    beta: float | None = None,
     teacher_ids: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -267,11 +268,11 @@ def distill_loss(
         raise ValueError(
             "teacher is None: pass a teacher model, or teacher_ids and teacher_logprobs"
         )
-    if ce_weight != 0 and labels is None:
-        raise ValueError(
-            f"ce_weight={ce_weight} needs labels=... (unshifted, -100 = ignore), as the model's "
-            "own loss takes them"
-        )
+    check_ce_weight(
+        ce_weight,
+        has_labels=labels is not None,
+        labels_hint="pass them unshifted (-100 = ignore), as the model's own loss takes them",
+    )
     if num_items_in_batch is not None:
         n_items = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=input_ids.device)
         if n_items.numel() != 1:
@@ -373,7 +374,7 @@ class KDTrainer(transformers.Trainer):
     is :func:`distill_loss` on each batch's ``input_ids`` / ``attention_mask`` / ``labels``.
 
     ``KDTrainer(model, teacher_model, args=TrainingArguments(...), train_dataset=...,
-    divergence="forward_kl", ce_weight=0.0, temperature=1.0, alpha=0.1, beta=0.5,
+    divergence="forward_kl", ce_weight=0.0, temperature=1.0, alpha=None, beta=None,
     chunk_size=None, backend="auto", truncate_teacher_vocab=False, **trainer_kwargs)``.
 
     - The teacher is frozen, put in ``eval()`` and moved to the training device.
@@ -392,24 +393,19 @@ class KDTrainer(transformers.Trainer):
         model: nn.Module | None = None,
         teacher_model: nn.Module | None = None,
         *,
-        divergence: str = "forward_kl",
+        divergence: str = DEFAULT_DIVERGENCE,
         ce_weight: float = 0.0,
         temperature: float = 1.0,
-        alpha: float = 0.1,
-        beta: float = 0.5,
+        alpha: float | None = None,
+        beta: float | None = None,
         chunk_size: int | None = None,
         backend: str = "auto",
         truncate_teacher_vocab: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         # validate the options once, before any work (the same checks the loss runs)
-        from ._spec import KDSpec
-
         KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
-        if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
-            raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-        if not (math.isfinite(ce_weight) and ce_weight >= 0):
-            raise ValueError(f"ce_weight={ce_weight} must be a finite number >= 0")
+        ce_weight = check_ce_weight(ce_weight)
         if teacher_model is not None and not isinstance(teacher_model, nn.Module):
             raise TypeError(
                 f"teacher_model must be a transformers model or None, got "

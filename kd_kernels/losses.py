@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 from . import _validate as V
 from ._autograd import KDLossFunction, loss_only
 from ._backends import resolve_backend
-from ._spec import KDSpec
+from ._spec import DEFAULT_DIVERGENCE, KDSpec, describe_divergences
 
 _COMMON_DOC = """
     Args:
@@ -41,7 +43,7 @@ def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    divergence: str = "forward_kl",
+    divergence: str = DEFAULT_DIVERGENCE,
     alpha: float | None = None,
     beta: float | None = None,
     temperature: float = 1.0,
@@ -52,10 +54,10 @@ def kd_loss(
     backend: str = "auto",
     inplace_grad: bool = False,
 ) -> torch.Tensor:
-    """Any KD divergence by name: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl`` (uses ``alpha``, default
-    0.1), ``skew_reverse_kl`` (``alpha``, 0.1), ``jsd`` (``beta``, 0.5), ``tvd``, ``jeffreys``, ``alpha_beta``
-    (``alpha`` and ``beta``, 0.5 each) or ``renyi`` (``alpha``, 0.5). ``alpha`` / ``beta`` None take those
-    defaults; a divergence ignores the one it does not use. The named functions below call this."""
+    """Any KD divergence by name (default ``forward_kl``, as in every kd_kernels entry point):
+{names}.
+    ``alpha`` / ``beta`` None take those defaults (the same in every entry point); a divergence
+    ignores the one it does not use. The named functions below call this."""
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation)
     s, t = V.check_logit_pair(student_logits, teacher_logits)
     V.check_reduction(reduction)
@@ -138,7 +140,7 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, interpolation
                    backend=backend, inplace_grad=inplace_grad)
 
 
-def skew_forward_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, interpolation=1.0, mask=None,
+def skew_forward_kl(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
                     token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
     """KL(p‖m), m = α p + (1−α) q (DistiLLM's SKL, α = 0.1). ``alpha`` in (0, 1)."""
     return kd_loss(student_logits, teacher_logits, divergence="skew_forward_kl", alpha=alpha,
@@ -146,7 +148,7 @@ def skew_forward_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
                    reduction=reduction, backend=backend, inplace_grad=inplace_grad)
 
 
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, interpolation=1.0, mask=None,
+def skew_reverse_kl(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
                     token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
     """KL(q‖m'), m' = (1−α) p + α q (DistiLLM's SRKL, α = 0.1). ``alpha`` in (0, 1)."""
     return kd_loss(student_logits, teacher_logits, divergence="skew_reverse_kl", alpha=alpha,
@@ -154,7 +156,7 @@ def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.
                    reduction=reduction, backend=backend, inplace_grad=inplace_grad)
 
 
-def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, interpolation=1.0, mask=None,
+def jsd(student_logits, teacher_logits, *, beta=None, temperature=1.0, interpolation=1.0, mask=None,
         token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
     """Generalized JSD: β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q (GKD). ``beta`` in (0, 1)."""
     return kd_loss(student_logits, teacher_logits, divergence="jsd", beta=beta, temperature=temperature,
@@ -184,7 +186,7 @@ def jeffreys(student_logits, teacher_logits, *, temperature=1.0, interpolation=1
                    backend=backend, inplace_grad=inplace_grad)
 
 
-def alpha_beta(student_logits, teacher_logits, *, alpha=0.5, beta=0.5, temperature=1.0, interpolation=1.0,
+def alpha_beta(student_logits, teacher_logits, *, alpha=None, beta=None, temperature=1.0, interpolation=1.0,
                mask=None, token_weights=None, reduction="mean", backend="auto",
                inplace_grad=False) -> torch.Tensor:
     """ABKD's α-β divergence −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)] per token, ``alpha`` > 0,
@@ -198,7 +200,7 @@ def alpha_beta(student_logits, teacher_logits, *, alpha=0.5, beta=0.5, temperatu
                    reduction=reduction, backend=backend, inplace_grad=inplace_grad)
 
 
-def renyi(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0, interpolation=1.0, mask=None,
+def renyi(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
           token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
     """Rényi divergence of order α per token, 1/(α−1) log Σ p^α q^(1−α), ``alpha`` > 0 and ≠ 1 (α → 1 is
     KL(p‖q): call ``forward_kl``; the default α = ½ is twice the Bhattacharyya distance).
@@ -210,6 +212,11 @@ def renyi(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0, interpo
                    backend=backend, inplace_grad=inplace_grad)
 
 
+_INDENT = " " * 4
+kd_loss.__doc__ = kd_loss.__doc__.replace(
+    "{names}",
+    textwrap.fill(describe_divergences(), 100, initial_indent=_INDENT, subsequent_indent=_INDENT),
+)
 for _f in (kd_loss, forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tvd, jeffreys, alpha_beta,
            renyi):
     _f.__doc__ = (_f.__doc__ or "") + _COMMON_DOC

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ._backends import BACKEND_NAMES
-from ._spec import KDSpec
+from ._spec import DEFAULT_DIVERGENCE, KDSpec
 from ._validate import check_bool, check_reduction
 from .losses import kd_loss
 
@@ -17,7 +17,8 @@ class KDLoss(nn.Module):
     Same options and semantics as :func:`kd_kernels.kd_loss`; invalid options fail at construction.
     """
 
-    def __init__(self, divergence: str = "forward_kl", *, alpha: float | None = None, beta: float | None = None,
+    def __init__(self, divergence: str = DEFAULT_DIVERGENCE, *, alpha: float | None = None,
+                 beta: float | None = None,
                  temperature: float = 1.0, interpolation: float = 1.0, reduction: str = "mean",
                  backend: str = "auto", inplace_grad: bool = False) -> None:
         super().__init__()

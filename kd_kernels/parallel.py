@@ -18,7 +18,8 @@ both heads, in rank order (``o_0 = 0``, ``o_{r+1} = o_r + V_r``; uneven ``V_r`` 
 split for student and teacher), and the full hidden states (replicated, as after a column-parallel
 lm_head with ``gather_output=False``). Everything else — hidden states, mask, token weights, labels
 (global ids in ``[0, Σ V_r)``), options — must be the same on every rank; a first small exchange per
-call checks that and raises the same error on every rank otherwise.
+call checks that (shapes and order-sensitive checksums, so rows permuted between ranks are caught)
+and raises the same error on every rank otherwise.
 
 Result: the loss is the same fp32 number on every rank and equals the unsharded loss (the
 single-process ``kd_kernels`` call on the concatenated heads); ``∂/∂h_s`` is the full one
@@ -37,6 +38,8 @@ Communication (MATH.md, "Vocabulary-parallel"), per token and rank, fp32:
 - with gradients, once per call: one all-reduce of ``∂/∂h_s``, ``D_s`` elements of the hidden
   dtype per counted token (``2·D_s`` bytes in bf16) — the dominant term;
 - per call, not per token: one ``all_gather_object`` of the argument summary (the consistency check).
+- ``fused_linear_kd(..., reduction="none")`` with gradients: the per-row exchanges run again in
+  backward (which recomputes each chunk), and the all-reduce of ``∂/∂h_s`` happens there.
 
 The per-row math sits in ``kd_kernels._backends._vocab_parallel`` (local statistics → exchange →
 loss / gradient given the global statistics); this module chunks, multiplies and communicates.
@@ -60,13 +63,14 @@ from ._autograd import once_differentiable
 from ._backends import BACKEND_NAMES, BackendUnavailableError
 from ._backends import _vocab_parallel as vp
 from ._fused_linear_impl import save_head_grads, scale_head_grads
-from ._spec import KDSpec
+from ._spec import DEFAULT_DIVERGENCE, KDSpec, check_ce_weight
 from .fused_linear import (
     IGNORE_INDEX,
     KDComponents,
     _check_chunk_size,
     _check_head,
     _check_reduction,
+    _check_id_tensor,
 )
 
 __all__ = ["fused_linear_kd", "kd_loss"]
@@ -152,20 +156,50 @@ _PER_RANK = ("vocab", "teacher_vocab")
 
 
 def _fingerprint(x: torch.Tensor | None) -> tuple | None:
-    """A cheap summary of a tensor that must be the same on every rank (shape, dtype, sum and sum
-    of squares in float64), compared across ranks: catches hidden states or masks that differ
-    between ranks (e.g. dropout with a different seed per tensor-parallel rank)."""
+    """A cheap summary of a tensor that must be the same on every rank, compared across ranks:
+    shape, dtype and sums that depend on the order of the elements (so rows permuted between
+    ranks are caught, not only different values): for floating-point tensors, in float64, the
+    sum, the sum of squares and a position-weighted sum; for integer and bool tensors (labels,
+    masks) an exact position-weighted checksum. Catches hidden states, masks or labels that
+    differ between ranks (dropout with a different seed per tensor-parallel rank, a batch
+    shuffled per rank)."""
     if x is None:
         return None
     flat = x.detach().reshape(-1)
-    acc = torch.zeros(2, dtype=torch.float64, device=x.device)
-    for lo in range(0, flat.numel(), _FINGERPRINT_BLOCK):  # bounded float64 temporaries
-        block = flat[lo : lo + _FINGERPRINT_BLOCK].to(torch.float64)
-        acc += torch.stack([block.sum(), block.square().sum()])
-    return (tuple(x.shape), str(x.dtype), *acc.tolist())  # one host sync
+    sums = _float_sums(flat) if flat.is_floating_point() else (_int_checksum(flat),)
+    return (tuple(x.shape), str(x.dtype), *sums)
 
 
 _FINGERPRINT_BLOCK = 1 << 20
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+_WEIGHT_MOD = 1048573  # a prime just below 2**20: position weights in [1, 2**20)
+_CHECKSUM_MOD = (1 << 61) - 1  # a Mersenne prime: the running checksum stays below 2**61
+
+
+def _float_sums(flat: torch.Tensor) -> list[float]:
+    """Σ x, Σ x² and Σ (frac(i φ) − ½) x_i in float64 (i the flat index): the weights never repeat
+    and average 0, so a permutation moves the last sum by about the size of the moved values
+    whatever the tensor's mean."""
+    acc = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for lo in range(0, flat.numel(), _FINGERPRINT_BLOCK):  # bounded float64 temporaries
+        block = flat[lo : lo + _FINGERPRINT_BLOCK].to(torch.float64)
+        pos = torch.arange(lo, lo + block.numel(), dtype=torch.float64, device=flat.device)
+        pos = pos * _GOLDEN
+        weighted = (block * (pos - pos.floor() - 0.5)).sum()
+        acc += torch.stack([block.sum(), block.square().sum(), weighted])
+    return acc.tolist()  # one host sync
+
+
+def _int_checksum(flat: torch.Tensor) -> int:
+    """Σ_i w_i (x_i mod 2²⁰) mod (2⁶¹ − 1), w_i = (i · 40503 mod 1048573) + 1, exact in int64: every
+    product is below 2⁴⁰, a block of 2²⁰ of them below 2⁶⁰."""
+    acc = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for lo in range(0, flat.numel(), _FINGERPRINT_BLOCK):
+        block = flat[lo : lo + _FINGERPRINT_BLOCK].to(torch.int64).remainder(1 << 20)
+        pos = torch.arange(lo, lo + block.numel(), dtype=torch.int64, device=flat.device)
+        weight = (pos * 40503).remainder(_WEIGHT_MOD) + 1
+        acc = (acc + (block * weight).sum()).remainder(_CHECKSUM_MOD)
+    return int(acc)  # one host sync
 
 
 def _same(a: object, b: object) -> bool:
@@ -297,8 +331,9 @@ def _chunk(
     return loss, nll, grad
 
 
-def _weighted_sum(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.where(weight != 0, values * weight, torch.zeros_like(values)).sum()
+def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """values · weight, exactly 0 where the weight is 0 (a NaN value there stays out)."""
+    return torch.where(weight != 0, values * weight, torch.zeros_like(values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +363,12 @@ def _fused_loop(
     group,
     world,
     need,
+    active=None,
+    rows_out=None,
 ):
     """(Σ c_i KD_i, Σ ce_scale_i CE_i, (∂h_s full, ∂W_s shard fp32, ∂b_s shard fp32)) over the
-    active rows, a chunk at a time; masked rows are dropped before any matmul."""
+    active rows (default: c_i ≠ 0 or ce_scale_i ≠ 0), a chunk at a time; masked rows are dropped
+    before any matmul. ``rows_out``: two (N,) tensors that receive c_i KD_i and ce_scale_i CE_i."""
     need_h, need_w, need_b = need
     need_grad = any(need)
     dev = h_s.device
@@ -339,9 +377,8 @@ def _fused_loop(
     grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=dev) if need_b else None
     kd_total = torch.zeros((), dtype=torch.float32, device=dev)
     ce_total = torch.zeros((), dtype=torch.float32, device=dev)
-    active = c != 0
-    if ce_scale is not None:
-        active = active | (ce_scale != 0)
+    if active is None:
+        active = _active_rows(c, ce_scale)
     idx = active.nonzero().squeeze(1)  # host sync; the same rows on every rank (checked)
     for lo in range(0, idx.numel(), rows):
         sel = idx[lo : lo + rows]
@@ -354,9 +391,15 @@ def _fused_loop(
             s, t, cc, y, sc, ce_weight, spec, impl, offset, group, world, s if need_grad else None
         )
         del t
-        kd_total += _weighted_sum(loss, cc)
+        kd_rows = _weighted(loss, cc)
+        kd_total += kd_rows.sum()
+        if rows_out is not None:
+            rows_out[0].index_copy_(0, sel, kd_rows)
         if nll is not None:
-            ce_total += _weighted_sum(nll, sc)
+            ce_rows = _weighted(nll, sc)
+            ce_total += ce_rows.sum()
+            if rows_out is not None:
+                rows_out[1].index_copy_(0, sel, ce_rows)
         if not need_grad:
             continue
         if need_h:
@@ -371,6 +414,10 @@ def _fused_loop(
     if need_h and world > 1:
         dist.all_reduce(grad_h, group=group)  # ∂h_s = Σ_r G_r W_{s,r}
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
+
+
+def _active_rows(c: torch.Tensor, ce_scale: torch.Tensor | None) -> torch.Tensor:
+    return c != 0 if ce_scale is None else (c != 0) | (ce_scale != 0)
 
 
 class _FusedFunction(torch.autograd.Function):
@@ -428,12 +475,55 @@ class _FusedFunction(torch.autograd.Function):
         return scale_head_grads(ctx, grad_loss) + (None,) * 14
 
 
-def _float_option(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}={value} must be a finite number >= 0 (0 disables the CE term)")
-    return float(value)
+# reduction="none" (MATH.md, "Fused linear, per-token"), as kd_kernels.fused_linear_kd: forward
+# computes the per-row values c_i KD_i + ce_weight · v_i CE_i without gradient work; backward runs
+# the chunk loop again with the row weights g_i c_i and CE factors g_i v_i (g the upstream
+# gradient), over the rows forward visited, so every rank runs the same collectives.
+
+
+def _fused_rows(*args):
+    """Per-row (loss, kd, ce), each (N,) fp32, without gradient work. ``args``: those of
+    :func:`_fused_loop` before ``need``."""
+    h_s, w_s, b_s, h_t, w_t, b_t, c, labels, ce_scale, ce_weight = args[:10]
+    n, dev = h_s.shape[0], h_s.device
+    kd = torch.zeros(n, dtype=torch.float32, device=dev)
+    ce = torch.zeros(n, dtype=torch.float32, device=dev)
+    plain = (h_s.detach(), w_s.detach(), b_s.detach() if b_s is not None else None)
+    with torch.no_grad():
+        _fused_loop(*plain, *args[3:], (False, False, False), rows_out=(kd, ce))
+    loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
+    return loss, kd, ce
+
+
+class _FusedRowsFunction(torch.autograd.Function):
+    """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ per-row (loss, kd, ce), each (N,); any upstream gradient
+    on ``loss``, the same on every rank (as the loss is)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        loss, kd, ce = _fused_rows(*args[:-1])
+        ctx.save_for_backward(*args[:9])
+        ctx.options, ctx.need = args[9:-1], args[-1]
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        h_s, w_s, b_s, h_t, w_t, b_t, c, labels, ce_scale = ctx.saved_tensors
+        g = grad_loss.float()
+        kd_w = _weighted(g, c).contiguous()
+        ce_s = _weighted(g, ce_scale) if ce_scale is not None else None
+        with torch.no_grad():
+            _, _, (grad_h, grad_w, grad_b) = _fused_loop(
+                h_s, w_s, b_s, h_t, w_t, b_t, kd_w, labels, ce_s, *ctx.options, ctx.need,
+                active=_active_rows(c, ce_scale),
+            )
+        if grad_w is not None:
+            grad_w = grad_w.to(w_s.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(b_s.dtype)
+        return (grad_h, grad_w, grad_b) + (None,) * 14
 
 
 def fused_linear_kd(
@@ -443,9 +533,9 @@ def fused_linear_kd(
     teacher_weight: torch.Tensor,
     *,
     group: Any,
-    divergence: str = "reverse_kl",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    alpha: float | None = None,
+    beta: float | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -477,9 +567,11 @@ def fused_linear_kd(
             ``BackendUnavailableError``.
 
     Returns:
-        The same fp32 scalar on every rank (or ``(loss, KDComponents)``). ``∂/∂student_hidden`` is
-        the full gradient (already all-reduced over ``group``); the weight / bias gradients are the
-        shard's.
+        The same fp32 scalar on every rank, or ``(...)`` per token for ``reduction="none"`` (or
+        ``(loss, KDComponents)``). ``∂/∂student_hidden`` is the full gradient (already all-reduced
+        over ``group``); the weight / bias gradients are the shard's. With ``reduction="none"`` the
+        backward recomputes each chunk and communicates again: every rank must call it with the same
+        upstream gradient (as the loss, it is the same on every rank).
     """
     group, rank, world = _check_group(group)
     error, prepared = None, None
@@ -510,19 +602,7 @@ def fused_linear_kd(
     p = prepared
     vocabs = [x["vocab"] for x in summaries]
     teacher_vocabs = [x["teacher_vocab"] for x in summaries]
-    for r, (vs, vt) in enumerate(zip(vocabs, teacher_vocabs)):
-        if vt == vs or (vt > vs and r == world - 1 and truncate_teacher_vocab):
-            continue
-        fix = (
-            "pass truncate_teacher_vocab=True if the extra teacher rows are padding past the "
-            "student's vocabulary"
-            if vt > vs and r == world - 1
-            else "both heads must be split at the same vocabulary offsets"
-        )
-        raise ValueError(
-            f"rank {r} holds {vs} student_weight rows but {vt} teacher_weight rows; {fix} "
-            f"(student rows per rank: {vocabs}, teacher: {teacher_vocabs})"
-        )
+    _check_split(vocabs, teacher_vocabs, truncate_teacher_vocab)
     if p["truncate"] and teacher_vocabs[rank] > vocabs[rank]:
         p["w_t"] = p["w_t"][: vocabs[rank]]
         p["b_t"] = p["b_t"][: vocabs[rank]] if p["b_t"] is not None else None
@@ -548,15 +628,44 @@ def fused_linear_kd(
         group,
         world,
     )
-    if p["summary"]["grad"]:
-        loss, kd, ce = _FusedFunction.apply(*args, p["need"])
-    else:
-        with torch.no_grad():
-            kd, ce, _ = _fused_loop(*args, (False, False, False))
-        loss = kd + p["ce_weight"] * ce if ce_scale is not None else kd.clone()
+    loss, kd, ce = _run_fused(p, args)
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
     return loss
+
+
+def _check_split(vocabs: list[int], teacher_vocabs: list[int], truncate: bool) -> None:
+    """Both heads split at the same offsets (the last rank's teacher shard may be longer with
+    ``truncate_teacher_vocab``); the same error on every rank otherwise (the lists are global)."""
+    last = len(vocabs) - 1
+    for r, (vs, vt) in enumerate(zip(vocabs, teacher_vocabs)):
+        if vt == vs or (vt > vs and r == last and truncate):
+            continue
+        fix = (
+            "pass truncate_teacher_vocab=True if the extra teacher rows are padding past the "
+            "student's vocabulary"
+            if vt > vs and r == last
+            else "both heads must be split at the same vocabulary offsets"
+        )
+        raise ValueError(
+            f"rank {r} holds {vs} student_weight rows but {vt} teacher_weight rows; {fix} "
+            f"(student rows per rank: {vocabs}, teacher: {teacher_vocabs})"
+        )
+
+
+def _run_fused(p: dict, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, ce) of the prepared call: per token (``(...)``) for reduction="none", else
+    scalars; an autograd node only when a student tensor needs a gradient."""
+    grad, need = p["summary"]["grad"], p["need"]
+    if p["reduction"] == "none":
+        rows_out = _FusedRowsFunction.apply(*args, need) if grad else _fused_rows(*args)
+        return tuple(x.reshape(p["lead"]) for x in rows_out)
+    if grad:
+        return _FusedFunction.apply(*args, need)
+    with torch.no_grad():
+        kd, ce, _ = _fused_loop(*args, (False, False, False))
+    loss = kd + p["ce_weight"] * ce if args[8] is not None else kd.clone()  # args[8]: ce_scale
+    return loss, kd, ce
 
 
 def _prepare_fused(
@@ -584,11 +693,7 @@ def _prepare_fused(
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     reduction = _check_reduction(reduction)
     chunk_size = _check_chunk_size(chunk_size)
-    ce_weight = _float_option(ce_weight, "ce_weight")
-    if ce_weight != 0 and labels is None:
-        raise ValueError(
-            f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)"
-        )
+    ce_weight = check_ce_weight(ce_weight, has_labels=labels is not None)
     if not isinstance(truncate_teacher_vocab, bool):
         raise TypeError("truncate_teacher_vocab must be True or False")
     h_s, w_s, b_s = _check_head(
@@ -620,25 +725,11 @@ def _prepare_fused(
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
     if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(
-                f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}"
-            )
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise TypeError(
-                f"labels has dtype {labels.dtype}; pass integer token ids (labels.long())"
-            )
-        if labels.shape != lead:
-            raise ValueError(
-                f"labels has shape {tuple(labels.shape)}; it must match the hidden states' "
-                f"leading dims {tuple(lead)}"
-            )
-        if labels.device != dev:
-            raise ValueError(f"labels is on {labels.device} but the hidden states on {dev}")
-        labels = labels.reshape(n).long()
-        valid = labels != IGNORE_INDEX
+        # ids are checked against the global vocabulary once it is known (_global_labels)
+        labels = _check_id_tensor(labels, "labels", lead, dev).reshape(n)
         if mask is None:
-            mask = valid.reshape(lead)  # tokens without a label drop out of KD too
+            # tokens without a label drop out of KD too
+            mask = (labels != IGNORE_INDEX).reshape(lead)
     c = _row_weights(mask, token_weights, n, reduction, dev)
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h_s, w_s, b_s)
@@ -668,6 +759,7 @@ def _prepare_fused(
     }
     return {
         "summary": summary,
+        "lead": lead,
         "spec": spec,
         "impl": impl,
         "n": n,
@@ -750,9 +842,9 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     *,
     group: Any,
-    divergence: str = "forward_kl",
-    alpha: float = 0.1,
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    alpha: float | None = None,
+    beta: float | None = None,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from ._sparse_impl import (
     resolve_sparse_backend,
     sparse_chunk_loop,
 )
-from ._spec import Divergence, KDSpec
+from ._spec import DEFAULT_DIVERGENCE, Divergence, KDSpec, check_ce_weight
 from .fused_linear import (
     IGNORE_INDEX,
     KDComponents,
@@ -169,7 +169,7 @@ def sparse_kd(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
-    divergence: str = "forward_kl",
+    divergence: str = DEFAULT_DIVERGENCE,
     alpha: float | None = None,
     beta: float | None = None,
     tail: str = "bucket",
@@ -209,25 +209,13 @@ def sparse_kd(
 sparse_kd.__doc__ = (sparse_kd.__doc__ or "") + _SPARSE_DOC
 
 
-def _check_ce_weight(ce_weight: object, labels: object) -> float:
-    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
-        raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-    if not (math.isfinite(ce_weight) and ce_weight >= 0):
-        raise ValueError(f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE)")
-    if ce_weight != 0 and labels is None:
-        raise ValueError(
-            f"ce_weight={ce_weight} needs labels=...; pass the next-token ids (-100 = ignore)"
-        )
-    return float(ce_weight)
-
-
 def fused_linear_sparse_kd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
-    divergence: str = "forward_kl",
+    divergence: str = DEFAULT_DIVERGENCE,
     alpha: float | None = None,
     beta: float | None = None,
     tail: str = "bucket",
@@ -261,7 +249,7 @@ def fused_linear_sparse_kd(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} is unknown; use 'mean' or 'sum'")
     chunk_size = _check_chunk_size(chunk_size)
-    ce_weight = _check_ce_weight(ce_weight, labels)
+    ce_weight = check_ce_weight(ce_weight, has_labels=labels is not None)
     h, w, bias = _check_head(student_hidden, student_weight, student_bias,
                              ("student_hidden", "student_weight", "student_bias"))
     lead, vocab, dev = h.shape[:-1], w.shape[0], h.device
@@ -360,7 +348,7 @@ class SparseKDLoss(nn.Module):
     mask=None, token_weights=None)``: :func:`sparse_kd` with the options fixed at construction
     (invalid options fail there)."""
 
-    def __init__(self, divergence: str = "forward_kl", *, alpha: float | None = None,
+    def __init__(self, divergence: str = DEFAULT_DIVERGENCE, *, alpha: float | None = None,
                  beta: float | None = None,
                  tail: str = "bucket", temperature: float = 1.0, reduction: str = "mean",
                  backend: str = "auto") -> None:

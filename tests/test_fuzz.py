@@ -137,7 +137,8 @@ def test_defect1_fused_linear_masked_row_weight(backend):
     mask = torch.tensor([True, False, True, True])
     w = torch.tensor([1.0, math.nan, 0.5, 2.0])
     h = hs.clone().requires_grad_()
-    loss = kd_kernels.fused_linear_kd(h, ws, ht, wt, mask=mask, token_weights=w, backend=backend)
+    loss = kd_kernels.fused_linear_kd(h, ws, ht, wt, divergence="reverse_kl", mask=mask, token_weights=w,
+                                      backend=backend)
     loss.backward()
     ref = R.kd_loss("reverse_kl", hs.double() @ ws.double().T, ht.double() @ wt.double().T, mask=mask,
                     token_weights=w.double())

@@ -507,6 +507,103 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
     out.append({"case": "group still usable", "bad": {} if loss.item() == 0.0 else loss.item()})
 
 
+def _fused_none_cases(world: int, rank: int, group, out: list) -> None:
+    """reduction="none" (issue 26): per-token losses, components and, for a random upstream
+    gradient (the same on every rank), the gradients equal the single-process call's."""
+    import kd_kernels
+    import kd_kernels.parallel as P
+
+    split = SPLITS[world]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+    g = torch.Generator().manual_seed(4321)
+    lead, d_s, d_t, v = (2, 5), 8, 6, sum(split)
+    hs, ht = torch.randn(*lead, d_s, generator=g), torch.randn(*lead, d_t, generator=g)
+    ws, wt = torch.randn(v, d_s, generator=g), torch.randn(v, d_t, generator=g)
+    bs = torch.randn(v, generator=g)
+    labels = torch.randint(0, v, lead, generator=g)
+    labels[0, 1] = -100
+    kw = {
+        "labels": labels,
+        "ce_weight": 0.5,
+        "mask": torch.rand(lead, generator=g) > 0.2,
+        "token_weights": torch.rand(lead, generator=g) + 0.5,
+        "reduction": "none",
+        "chunk_size": 4,
+        "return_components": True,
+    }
+    upstream = torch.randn(lead, generator=g)
+    for div, backend in zip(("reverse_kl", "jsd", "renyi"), _vp_backends()):
+        name = f"fused none {div} {backend}"
+        try:
+            h, w, b = (x.clone().requires_grad_() for x in (hs, ws[lo:hi], bs[lo:hi]))
+            loss, parts = P.fused_linear_kd(
+                h, w, ht, wt[lo:hi], group=group, divergence=div, student_bias=b,
+                backend=backend, **kw,
+            )
+            (loss * upstream).sum().backward()
+            H, W, B = (x.clone().requires_grad_() for x in (hs, ws, bs))
+            one, one_parts = kd_kernels.fused_linear_kd(
+                H, W, ht, wt, divergence=div, student_bias=B, backend="torch", **kw
+            )
+            (one * upstream).sum().backward()
+            with torch.no_grad():
+                again = P.fused_linear_kd(
+                    hs, ws[lo:hi], ht, wt[lo:hi], group=group, divergence=div,
+                    student_bias=bs[lo:hi], backend=backend, **kw,
+                )[0]
+            bad = {"shape": tuple(loss.shape)} if loss.shape != lead else {}
+            bad.update(
+                _compare(
+                    {
+                        "loss": (loss, None, one),
+                        "no_grad": (again, None, one),
+                        "kd": (parts.kd, None, one_parts.kd),
+                        "ce": (parts.ce, None, one_parts.ce),
+                        "h": (h.grad, None, H.grad),
+                        "w": (w.grad, None, W.grad[lo:hi]),
+                        "b": (b.grad, None, B.grad[lo:hi]),
+                    }
+                )
+            )
+            out.append({"case": name, "bad": bad})
+        except Exception:  # noqa: BLE001
+            out.append({"case": name, "bad": traceback.format_exc()})
+
+
+def _agreement_cases(world: int, rank: int, group, out: list) -> None:
+    """Inputs whose rows are permuted on one rank (same values, so the same sums) are caught; a
+    ce_weight beyond fp32 is rejected as by the single-process call (issue 26)."""
+    import kd_kernels.parallel as P
+
+    split = SPLITS[world]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+    g = torch.Generator().manual_seed(77)  # the same replicated tensors on every rank
+    h, ht = torch.randn(6, 8, generator=g), torch.randn(6, 5, generator=g)
+    ws, wt = torch.randn(hi - lo, 8, generator=g), torch.randn(hi - lo, 5, generator=g)
+    s, t = torch.randn(6, hi - lo, generator=g), torch.randn(6, hi - lo, generator=g)
+    labels = torch.randint(0, sum(split), (6,), generator=g)
+    mask = torch.tensor([True, True, False, True, False, True])
+    weights = torch.rand(6, generator=g) + 0.5
+    last = rank == world - 1
+
+    def perm(x):  # rows rolled by one on the last rank only
+        return x.roll(1, 0) if last else x
+
+    calls = {
+        "student_hidden": lambda: P.fused_linear_kd(perm(h), ws, ht, wt, group=group),
+        "teacher_hidden": lambda: P.fused_linear_kd(h, ws, perm(ht), wt, group=group),
+        "labels": lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, labels=perm(labels)),
+        "mask": lambda: P.kd_loss(s, t, group=group, mask=perm(mask)),
+        "token_weights": lambda: P.kd_loss(s, t, group=group, token_weights=perm(weights)),
+    }
+    for key, fn in calls.items():
+        _expect_error(out, f"permuted {key}", ValueError, ("disagree", key), fn)
+    _expect_error(
+        out, "ce_weight beyond fp32", ValueError, ("ce_weight=1e+39", "float32"),
+        lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, labels=labels, ce_weight=1e39),
+    )
+
+
 def _fsdp_cases(world: int, rank: int, group, out: list) -> None:
     """kd_kernels.fused_linear_kd (the ordinary one) with an FSDP2-sharded lm_head."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -621,6 +718,8 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         _traffic_case(world, rank, group, out)
         _logits_cases(world, rank, group, out)
         _error_cases(world, rank, group, out)
+        _fused_none_cases(world, rank, group, out)
+        _agreement_cases(world, rank, group, out)
         _whitening_case(world, rank, group, out)
         if world == 2:  # FSDP2 needs no more ranks to show its reduce-scatter; keeps CI short
             _fsdp_cases(world, rank, group, out)
@@ -654,7 +753,9 @@ def test_parallel_matches_unsharded(world, tmp_path):
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         n_div = 9
-        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + (3 if world == 2 else 0)  # 1: whitening
+        fsdp = 3 if world == 2 else 0
+        # fused, bf16, traffic, logits, errors, whitening, fused "none", agreement, fsdp
+        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + 3 + 6 + fsdp
         assert len(results) == expected, [r["case"] for r in results]
         names = " ".join(r["case"] for r in results)
         for backend in set(_vp_backends()):  # every implementation that runs here took part
