@@ -49,15 +49,14 @@ def _close(report: Report, case: str, what: str, ours, single, ref, floor: float
     report.check(err <= bound, case, f"{what} error {err:.3g} > {bound:.3g} (unsharded {own:.3g})")
 
 
-def _options(rng: random.Random, gen: torch.Generator, lead: tuple, fused: bool) -> dict:
+def _options(rng: random.Random, gen: torch.Generator, lead: tuple) -> dict:
     mask = (torch.rand(lead, generator=gen) < 0.6) if rng.random() < 0.5 else None
     weights = None
     if rng.random() < 0.4:
         weights = torch.rand(lead, generator=gen) * 2
         if mask is not None:
             weights = weights.masked_fill(~mask, math.nan)  # masked rows add exactly 0
-    # fused reduction="none": known defect (helper C), parallel.fused_linear_kd returns a scalar
-    reductions = ("mean", "sum") if fused else ("mean", "sum", "none")
+    reductions = ("mean", "sum", "none")
     return {"temperature": rng.choice([1.0, 2.0, 0.5, rng.uniform(0.3, 4.0)]), "mask": mask,
             "token_weights": weights, "reduction": rng.choice(reductions)}
 
@@ -77,7 +76,7 @@ def logits_case(seed: int, rank: int, world: int, group, report: Report) -> None
     lo, hi = sum(split[:rank]), sum(split[: rank + 1])
     lead = rng.choice([(1,), (rng.randint(2, 9),), (2, rng.randint(1, 4))])
     dtype, backend = rng.choice((torch.float32, torch.bfloat16)), rng.choice(_vp_backends())
-    opts = _options(rng, gen, lead, fused=False)
+    opts = _options(rng, gen, lead)
     scale = rng.choice([1.0, 3.0])
     s_full = (torch.randn(*lead, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
     t_full = (torch.randn(*lead, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -126,7 +125,7 @@ def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
     lo, hi = sum(split[:rank]), sum(split[: rank + 1])
     lead = rng.choice([(1,), (rng.randint(2, 12),), (2, rng.randint(1, 5))])
     dtype, backend = rng.choice((torch.float32, torch.bfloat16)), rng.choice(_vp_backends())
-    opts = _options(rng, gen, lead, fused=True)
+    opts = _options(rng, gen, lead)
     bias, chunk = rng.random() < 0.5, rng.choice((None, 1, 3))
     labels, ce_weight = None, 0.0
     if rng.random() < 0.5:
@@ -142,6 +141,8 @@ def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
     hs, ht = rnd(*lead, d_s), rnd(*lead, d_t)
     ws, wt = rnd(vocab, d_s, s=2 / d_s**0.5), rnd(vocab, d_t, s=2 / d_t**0.5)
     bs, bt = (rnd(vocab), rnd(vocab)) if bias else (None, None)
+    # the same upstream gradient on every rank (the seed is shared), as reduction="none" requires
+    upstream = torch.randn(lead if opts["reduction"] == "none" else (), generator=gen)
     case = (f"parallel fused_case(seed={seed}, world={world}) rank {rank} [{divergence} {coef} "
             f"split={split} D={d_s}/{d_t} lead={lead} {dtype} {backend} "
             f"T={opts['temperature']:.3g} {opts['reduction']} mask={opts['mask'] is not None} "
@@ -155,7 +156,7 @@ def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
         loss = P.fused_linear_kd(mine[0], mine[1], ht, wt[lo:hi], group=group, backend=backend,
                                  student_bias=mine[2] if bias else None,
                                  teacher_bias=bt[lo:hi] if bias else None, **common)
-        loss.backward()
+        loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
@@ -163,10 +164,10 @@ def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
     single = kd_kernels.fused_linear_kd(full[0], full[1], ht, wt, backend="torch",
                                         student_bias=full[2] if bias else None,
                                         teacher_bias=bt, **common)
-    single.backward()
+    single.backward(upstream)
     f64 = [x.detach().double().requires_grad_() for x in full]
     ref = _fused_reference(f64, ht, wt, bt, common)
-    ref.backward()
+    ref.backward(upstream.double())
     scale = 1e-6 * (1 + ce_weight) * max(1.0, 3 / opts["temperature"])
     _close(report, case, "loss", loss, single, ref, scale)
     shards = (slice(None), slice(lo, hi), slice(lo, hi))
@@ -190,7 +191,9 @@ def _fused_reference(f64: list, ht, wt, bt, common: dict) -> torch.Tensor:
     if labels is not None:
         valid = labels != -100 if mask is None else (labels != -100) & mask
         nll = R.cross_entropy_per_token(s, torch.where(valid, labels, -100))
-        ce = nll.sum() / valid.sum().clamp_min(1) if common["reduction"] == "mean" else nll.sum()
+        reduce = {"mean": lambda x: x.sum() / valid.sum().clamp_min(1), "sum": torch.sum,
+                  "none": lambda x: x}
+        ce = reduce[common["reduction"]](nll)
         total = total + common["ce_weight"] * ce
     return total
 
