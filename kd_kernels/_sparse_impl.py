@@ -99,11 +99,11 @@ def category_terms(
 def _torch_rows(z, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
     """Loss (rows,) and ∂L/∂s̃ (rows, V) fp32 (or None) of one chunk of rows from the tempered fp32 student
     logits ``z``; the ids of inactive rows and padded entries are not used (they may be anything)."""
-    # ℓq = (z − m) − log Z with the max and log Z apart (z − logsumexp(z) would round the LSE at the size of
-    # the max: at logits near 1e6, an error of 1/16 in every log-probability)
     valid = lp != _NEG_INF
     ids = torch.where(valid & active[:, None], ids, torch.zeros_like(ids))
     z_k = z.gather(1, ids)
+    # ℓq = (z − m) − log Z with the max and log Z apart (z − logsumexp(z) would round the LSE at the size of
+    # the max: at logits near 1e6, an error of 1/16 in every log-probability)
     z = z - z.amax(-1, keepdim=True)  # NaN throughout a row with a NaN, a +inf or only −inf
     lse = z.logsumexp(-1, keepdim=True)  # log Z
     lq = z - lse

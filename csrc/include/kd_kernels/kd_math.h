@@ -385,7 +385,8 @@ struct RowStats {
   LSEState r;  // of r̃ (renyi), taken as α (t̃ − rt0) + (1−α) (s̃ − rs0)
   float xs;    // X_s, relative to s.m
   float xt;    // X_t, relative to t.m
-  // renyi: a reference point of the row (the CPU kernel: its first entry, where finite; else 0). r̃ formed
+  // renyi: a reference point of the row (the CPU kernel: its first entry, where finite; 0 in the CUDA kernels
+  // and the vocabulary-parallel statistics, which still take absolute maxima). r̃ formed
   // from logits near 1e6 would round at that size; from their differences to a point of the row it does not.
   // stats_merge keeps the first operand's.
   float rs0, rt0;
