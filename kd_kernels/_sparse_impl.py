@@ -96,14 +96,17 @@ def category_terms(
     return D, _zero_where_not(~empty[:, None], a), _zero_where_not(~empty[:, None], u)
 
 
-def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
-    """Loss (rows,) and ∂L/∂s̃ (rows, V) fp32 (or None) of one chunk of rows; the ids of inactive
-    rows and padded entries are not used (they may be anything)."""
-    z = s.float() * (1.0 / spec.temperature)
-    lse = z.logsumexp(-1, keepdim=True)
-    lq = z - lse
+def _torch_rows(z, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
+    """Loss (rows,) and ∂L/∂s̃ (rows, V) fp32 (or None) of one chunk of rows from the tempered fp32 student
+    logits ``z``; the ids of inactive rows and padded entries are not used (they may be anything)."""
     valid = lp != _NEG_INF
     ids = torch.where(valid & active[:, None], ids, torch.zeros_like(ids))
+    z_k = z.gather(1, ids)
+    # ℓq = (z − m) − log Z with the max and log Z apart (z − logsumexp(z) would round the LSE at the size of
+    # the max: at logits near 1e6, an error of 1/16 in every log-probability)
+    z = z - z.amax(-1, keepdim=True)  # NaN throughout a row with a NaN, a +inf or only −inf
+    lse = z.logsumexp(-1, keepdim=True)  # log Z
+    lq = z - lse
     lq_k = lq.gather(1, ids)
     g = None
     if tail == Tail.IGNORE:
@@ -118,8 +121,10 @@ def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
     n_valid = valid.sum(-1)
     if tail == Tail.RENORMALIZE:
         # an all-padding row stays all −inf (no categories: loss 0, gradient 0), never −inf − −inf
-        lp_c = torch.where(valid, lp_v - _safe_lse(lp_v), _NEG_INF)
-        lq_c = torch.where(valid, lq_v - _safe_lse(lq_v), _NEG_INF)
+        # log Q̂ from the support's own logits, against their own max: ℓq_k would have lost them where the
+        # support sits far below the row's max (underflow, or the rounding of z − m at that distance)
+        lp_c = torch.where(valid, _log_normalize(lp_v), _NEG_INF)
+        lq_c = torch.where(valid, _log_normalize(torch.where(valid, z_k, _NEG_INF)), _NEG_INF)
         loss, a, _ = category_terms(lq_c, lp_c, spec)
         if want_grad:
             A = a.sum(-1, keepdim=True)
@@ -154,6 +159,13 @@ def _torch_rows(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
     return loss, g
 
 
+def _log_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x − logsumexp(x) over the last dim as (x − m) − log Σ e^(x − m), the max and the log-sum apart (exact
+    at the max wherever the row sits); NaN in an all −inf row (the callers select those entries away)."""
+    xm = x - x.amax(-1, keepdim=True)
+    return xm - xm.exp().sum(-1, keepdim=True).log()
+
+
 def _safe_lse(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim, keepdim; −inf (not NaN) for an all −inf row."""
     m = x.amax(-1, keepdim=True)
@@ -164,8 +176,8 @@ def _safe_lse(x: torch.Tensor) -> torch.Tensor:
 def _torch_rows_checked(s, ids, lp, active, spec: KDSpec, tail: Tail, want_grad: bool):
     """_torch_rows, with the lead's semantics made explicit: a row that is not a distribution
     (student NaN, +inf, all −inf; a NaN teacher log-prob) has loss NaN and a NaN gradient row."""
-    loss, g = _torch_rows(s, ids, lp, active, spec, tail, want_grad)
-    z = s.float()
+    z = s.float() * (1.0 / spec.temperature)  # tempered: s/T may overflow where s does not
+    loss, g = _torch_rows(z, ids, lp, active, spec, tail, want_grad)
     bad = ~torch.isfinite(z.amax(-1)) | torch.isnan(z).any(-1) | torch.isnan(lp).any(-1)
     loss = torch.where(bad, math.nan, loss)
     if g is not None:

@@ -304,11 +304,12 @@ def _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log_c, log_1mc, DIV
 
 
 @triton.jit
-def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV: tl.constexpr):
+def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV: tl.constexpr):
     """Fold one [G, R] block into an online divergence's per-group running sums (MATH.md "How many passes"),
     kept relative to the groups' running maxima (f, e from _group_fold); raw logits a = s, b = t, weights base 2:
     x_t = Σ 2^((b − m_t)·scale2)(b − a) (forward KL, Jeffreys), x_s = Σ 2^((a − m_s)·scale2)(a − b) (reverse KL,
-    Jeffreys), and for Rényi the running (max, sum) of α b + (1−α) a (−inf where b is −inf).
+    Jeffreys), and for Rényi the running (max, sum) of α (b − b0) + (1−α) (a − a0) (−inf where b is −inf): from
+    differences to a point (a0, b0) of the row, not α b + (1−α) a, which rounds at the size of the logits.
     A difference that is −inf or NaN (a −inf column) has weight 0: it is raised to NEG_BIG (max ignores NaN), so
     the product is 0 without a select; a +inf difference (p > 0 where q = 0) stays +inf, an infinite divergence."""
     if DIV == FORWARD_KL or DIV == JEFFREYS:
@@ -316,13 +317,13 @@ def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV
     if DIV == REVERSE_KL or DIV == JEFFREYS:
         x_s = x_s * f_s + tl.sum(e_s * tl.maximum(a - b, NEG_BIG), axis=1)
     if DIV == RENYI:
-        mix = tl.where(b == float("-inf"), float("-inf"), coef * b + (1.0 - coef) * a)
+        mix = tl.where(b == float("-inf"), float("-inf"), coef * (b - b0) + (1.0 - coef) * (a - a0))
         m_r, z_r, _, _ = _group_fold(m_r, z_r, mix, scale2)
     return x_t, x_s, m_r, z_r
 
 
 @triton.jit
-def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, scale2, DIV: tl.constexpr):
+def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, scale2, a0, b0, DIV: tl.constexpr):
     """(L, A) of an online divergence from the first pass's reduced sums (raw maxima and x sums, base-2 log
     sums in; natural units out); LSE differences are formed as (max difference) + (log-sum difference) so large
     maxima do not cancel."""
@@ -338,7 +339,7 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, sca
         loss = (scale2 * x_t / z_t + dlse) * LN2 + rkl
         big_a = rkl - 1.0
     else:  # RENYI: log Σ p^α q^(1−α) = LSE_mix − α LSE_t − (1−α) LSE_s
-        log_sum = (m_r - coef * m_t - (1.0 - coef) * m_s) * scale2 + (
+        log_sum = (m_r - coef * (m_t - b0) - (1.0 - coef) * (m_s - a0)) * scale2 + (
             _lg2(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
         # A +inf term (α > 1, q = 0 where p > 0) is an infinite divergence, as in float64, not a NaN.
         loss = tl.where(m_r == float("inf"), float("inf"), log_sum * LN2 / (coef - 1.0))
@@ -347,14 +348,14 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, sca
 
 
 @triton.jit
-def _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row, cols, V, lam, coef, scale2, DIV: tl.constexpr,
-                 ONLINE: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
+def _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row, cols, V, lam, coef, scale2, a0, b0,
+                 DIV: tl.constexpr, ONLINE: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
     """One block of _row_stats: its running sums with the [G, R] columns cols folded in."""
     a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
     m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
     m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
     if ONLINE:
-        x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, DIV)
+        x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV)
     return m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r
 
 
@@ -386,12 +387,28 @@ def _grad_block(g_row, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, l
 
 
 @triton.jit
-def _row_stats(s_row, t_row, V, lam, coef, scale2, DIV: tl.constexpr, ONLINE: tl.constexpr, INTERP: tl.constexpr,
-               GROUP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _renyi_point(s_row, t_row, lam, INTERP: tl.constexpr, DIV: tl.constexpr):
+    """Rényi's point (a0, b0) of the row (_online_fold): its first column (as _load_pair forms it), each 0 where
+    not finite (such a row is not valid anyway); (0, 0) for the other divergences."""
+    a0 = 0.0
+    b0 = 0.0
+    if DIV == RENYI:
+        a = tl.load(s_row).to(tl.float32)
+        b = tl.load(t_row).to(tl.float32)
+        if INTERP:
+            b = lam * b + (1.0 - lam) * a
+        a0 = tl.where(tl.abs(a) < float("inf"), a, 0.0)
+        b0 = tl.where(tl.abs(b) < float("inf"), b, 0.0)
+    return a0, b0
+
+
+@triton.jit
+def _row_stats(s_row, t_row, V, lam, coef, scale2, a0, b0, DIV: tl.constexpr, ONLINE: tl.constexpr,
+               INTERP: tl.constexpr, GROUP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 1 over one row (kd_loss_grad_kernel, and kd_vp_rows_kernel on a shard): the max and
     Z = Σ 2^((x − max)·scale2) of s (ms, zs) and of t (mt, zt), and with ONLINE the divergence's running sums
     (_online_fold) still per group: x_t, x_s relative to the row's maxima (to be summed) and Rényi's (max, sum)
-    m_r, z_r (to be reduced by _groups_lse). The caller reduces those where it uses them: reduced here, before
+    m_r, z_r (to be reduced by _groups_lse; relative to the point (a0, b0), see _online_fold). The caller reduces those where it uses them: reduced here, before
     the row's branch, they cost the loops of forward KL 0.6 instructions an element (fp32 SASS).
 
     Per-group running sums: a group is GROUP neighbouring columns (one 16-byte load) held by one thread, so the
@@ -408,12 +425,12 @@ def _row_stats(s_row, t_row, V, lam, coef, scale2, DIV: tl.constexpr, ONLINE: tl
     v_full = V - V % BLOCK_V  # whole blocks unmasked, then the partial one masked (see _load_pair)
     for start in range(0, v_full, BLOCK_V):
         m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
-                                                              start + offs2, V, lam, coef, scale2, DIV, ONLINE,
-                                                              INTERP, False)
+                                                              start + offs2, V, lam, coef, scale2, a0, b0, DIV,
+                                                              ONLINE, INTERP, False)
     if v_full < V:
         m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
-                                                              v_full + offs2, V, lam, coef, scale2, DIV, ONLINE,
-                                                              INTERP, True)
+                                                              v_full + offs2, V, lam, coef, scale2, a0, b0, DIV,
+                                                              ONLINE, INTERP, True)
     ms, zs, ls = _groups_lse(m_s, z_s, scale2)
     mt, zt, lt = _groups_lse(m_t, z_t, scale2)
     return ms, zs, mt, zt, x_t * lt, x_s * ls, m_r, z_r
@@ -457,8 +474,9 @@ def kd_loss_grad_kernel(
 
     if w != 0.0:
         # Pass 1: the row's maxima and sums and, for an online divergence, its running sums.
-        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, lam, coef, scale2, DIV, ONLINE, INTERP,
-                                                        GROUP, BLOCK_V)
+        a0, b0 = _renyi_point(s_row, t_row, lam, INTERP, DIV)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, lam, coef, scale2, a0, b0, DIV, ONLINE,
+                                                        INTERP, GROUP, BLOCK_V)
         lz_s = _lg2(zs)
         lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
@@ -470,7 +488,7 @@ def kd_loss_grad_kernel(
             if ONLINE:
                 mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
                 loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, tl.sum(x_t, axis=0), tl.sum(x_s, axis=0),
-                                              mr, zr, coef, scale2, DIV)
+                                              mr, zr, coef, scale2, a0, b0, DIV)
             else:
                 # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
                 # after the loop.
@@ -609,7 +627,8 @@ def kd_vp_rows_kernel(
         # divergences whose loss comes from it: forward / reverse KL, Rényi); a NaN or +inf column leaves a NaN Z
         # (or an infinite max), which combine_row_stats turns into a NaN row on every rank.
         GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
-        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, DIV,
+        # absolute Rényi maxima (the point 0, 0): the ranks exchange them
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, 0.0, 0.0, DIV,
                                                         DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
                                                         False, GROUP, BLOCK_V)
         o = out_ptr + row * K

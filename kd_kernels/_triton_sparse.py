@@ -215,7 +215,12 @@ def sparse_loss_grad_kernel(
             zero_k = tl.zeros([BLOCK_K], dtype=tl.float32)
             c_off = 0.0
             if TAIL == RENORMALIZE:
-                lq_c = tl.where(valid, sk - m - tl.log(zs), float("-inf"))
+                # log Q̂ against the support's own max: e^(s̃_k − m) underflows where the ids sit far below
+                # the row's max (low T, large logits), which made log Σ = −inf
+                sk_v = tl.where(valid, sk, float("-inf"))
+                m_k = tl.max(sk_v, axis=0)
+                lz_k = tl.log(tl.sum(tl.where(valid, tl.exp(sk_v - m_k), 0.0), axis=0))
+                lq_c = tl.where(valid, (sk - m_k) - lz_k, float("-inf"))
                 lp_c = tl.where(valid, lpk - log_p, float("-inf"))
                 d, a, _ = _cat_terms(lq_c, lp_c, coef, coef2, log_c, log_1mc, DIV)
                 loss = tl.sum(d, axis=0)

@@ -243,28 +243,78 @@ def test_support_covering_the_vocabulary_has_no_tail(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
 def test_nan_and_non_distribution_rows(tail, backend):
-    n, v = 5, 131
+    n, v, temp = 6, 131, 0.5
     s = torch.randn(n, v)
     _, ids, lp = make_teacher(n, v, 4)
     s[1, 7] = math.nan  # NaN in a counted row
     s[2] = -INF  # student all −inf
     s[3, 0] = INF  # +inf logit
     lp[4, 1] = math.nan  # NaN teacher log-prob
+    s[5, 3] = 3e38  # finite in fp32, +inf after dividing by T = 0.5
     x = s.clone().requires_grad_()
-    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, reduction="none", backend=backend)
+    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, temperature=temp, reduction="none", backend=backend)
     out.sum().backward()
     assert torch.isfinite(out[0]) and torch.isfinite(x.grad[0]).all()
-    for r in (1, 2, 3, 4):
+    for r in (1, 2, 3, 4, 5):
         assert torch.isnan(out[r]), r
         assert torch.isnan(x.grad[r]).all(), r
-    ref = R.sparse_kd_loss("forward_kl", s[:1].double(), ids[:1], lp[:1].double(), tail=tail)
+    ref = R.sparse_kd_loss("forward_kl", s[:1].double(), ids[:1], lp[:1].double(), tail=tail,
+                           temperature=temp)
     torch.testing.assert_close(out[0].double(), ref, rtol=2e-5, atol=1e-6)
     # The same rows masked: exactly 0, never read.
-    mask = torch.tensor([True, False, False, False, False])
+    mask = torch.tensor([True, False, False, False, False, False])
     x = s.clone().requires_grad_()
-    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, mask=mask, reduction="sum", backend=backend)
+    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, mask=mask, reduction="sum", temperature=temp,
+                               backend=backend)
     out.backward()
     assert torch.isfinite(out) and (x.grad[1:] == 0).all()
+
+
+def _check_against_reference(s, ids, lp, divergence, backend, grad_atol=1e-5, **opts):
+    """Loss and gradient of sparse_kd against float64, at test_matches_reference's fp32 tolerances
+    (``grad_atol``: relative to the largest gradient entry)."""
+    x = s.clone().requires_grad_()
+    out = kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, backend=backend, reduction="none", **opts)
+    s64 = s.double().requires_grad_()
+    ref = R.sparse_kd_loss(divergence, s64, ids, lp.double(), reduction="none", **opts)
+    up = torch.randn(ref.shape, dtype=torch.float64)
+    (ref * up).sum().backward()
+    (out * up.float()).sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=1e-5 * ref.abs().max().item())
+    scale = s64.grad.abs().max().item() + 1e-30
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-4, atol=grad_atol * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["T=1e-4", "logits ±1e4"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_renormalize_support_far_below_the_row_max(divergence, case, backend):
+    """tail="renormalize": the student's mass on the K ids underflows against the row's max (the ids are
+    not the student's top): log Q̂ is formed against the support's own max, finite and exact."""
+    n, v, k = 4, 257, 8
+    _, ids, lp = make_teacher(n, v, k)
+    if case == "T=1e-4":  # multiples of 2^-10, so that s/T = s · 1e4 is exact in fp32 as in float64
+        temp, s = 1e-4, (torch.randn(n, v, dtype=torch.float64) * 1024).round() / 1024
+        sup = -5 + torch.randint(0, 4, (n, k), dtype=torch.float64) / 1024  # gaps of ~10 after 1/T
+    else:
+        temp, s = 1.0, torch.randn(n, v, dtype=torch.float64) * 1e4
+        sup = s.amax(-1, keepdim=True) - 1e3 + torch.randn(n, k, dtype=torch.float64) * 2
+    s = s.scatter(1, ids, sup).float()  # the ids e^-1000 or further below the row's max
+    # gradient: a − q̂ A cancels where q̂ ≈ 1 (fp32 categories on torch / triton), an error of ~1e-7 / T
+    _check_against_reference(s, ids, lp, divergence, backend, grad_atol=1e-3, tail="renormalize",
+                             temperature=temp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div_tail", DIV_TAILS, ids=lambda x: f"{x[0]}-{x[1]}")
+def test_precision_does_not_depend_on_where_the_logits_sit(div_tail, backend):
+    """Student logits shifted by 1e6 (fp32, an ulp of 1/16): the softmax is unchanged, and so is the
+    accuracy against float64 (ℓq = (s̃ − m) − log Z, the max and log Z apart)."""
+    divergence, tail = div_tail
+    _, ids, lp = make_teacher(4, 257, 8)
+    s = (torch.randn(4, 257, dtype=torch.float64) * 2 + 1e6).float()
+    _check_against_reference(s, ids, lp, divergence, backend, tail=tail)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,16 +13,18 @@
 //   pass). Pass 1 walks the row in blocks of kBlock entries held in L1 as fp32 s̃ = s/T and the teacher logit
 //   t̃ (λ t̃ + (1−λ) s̃ with interpolation, fused into the load); renyi adds r̃ = α t̃ + (1−α) s̃. Per block:
 //   the block maxima, then vectorized sums Z_s, Z_t (Z_r) and the X sums DivDef asks for — a RowStats merged
-//   into the running one with stats_merge (which rescales to the new maxima); stats_finish gives L and the
-//   LSEs. Pass 2 writes stream_grad. The weights e^(s̃ − m_s(block)) and the second weight (p or ρ) are
+//   into the running one with stats_merge (which rescales to the new maxima); stats_finish gives L, row_logs
+//   each max and log Z (kept apart: the precision does not depend on where the logits sit). Pass 2 writes
+//   stream_grad. The weights e^(s̃ − m_s(block)) and the second weight (p or ρ) are
 //   cached in a per-thread row buffer, so pass 2 costs no exp; reverse_kl / jeffreys re-read s and t there.
 //   Traffic per row: 1 read of s and t from memory, a second from L2 for reverse_kl / jeffreys (a 32k-entry
 //   fp32 row is 128 KiB), 1 write of the gradient.
 //
 // center_row: skew_forward_kl, skew_reverse_kl, jsd, tvd, alpha_beta (three passes). Pass 1: LSE_s, LSE_t
-//   (block-wise, caching the weights). Pass 2: center_terms gives q_j, a_j and the loss term from ℓq_j, ℓp_j
-//   (s and t re-read, from L2; tvd reads only the cache); L = Σ loss terms and A = Σ a_j. q_j and a_j go to
-//   the row cache so that pass 3, ∂L/∂s̃_j = a_j − q_j A (center_grad), costs no exp or log.
+//   (block-wise, caching the weights). Pass 2: center_terms gives q_j, a_j and the loss term from
+//   ℓq_j = (s̃_j − m_s) − log Z_s, ℓp_j likewise (s and t re-read, from L2; tvd reads only the cache);
+//   L = Σ loss terms and A = Σ a_j. q_j and a_j go to the row cache so that pass 3, ∂L/∂s̃_j = a_j − q_j A
+//   (center_grad), costs no exp or log.
 //
 // A row that is not a pair of distributions (row_valid: a NaN, a +inf, an all −inf side) gets loss NaN and a
 // NaN gradient row. Within a block everything is fp32 (as on the GPU); block partials of L and A are added in
@@ -159,9 +161,9 @@ inline void fill_nan(void* g, int64_t V) {
 
 // Per-thread row cache (see the layout in `run`): the weights of the first pass, e^(s̃_j − m_s(block)) and a
 // second one (e^(t̃_j − m_t(block)), or renyi's e^(r̃_j − m_r(block))), with each block's maxima, so later
-// passes get q_j = es_j · e^(m_s(block) − LSE_s) with one multiply instead of an exp. es_j underflows to 0
-// only where q_j < e^−87 as well (LSE_s ≥ m_s(block)). Centered kinds overwrite es, e2 with q_j, a_j in
-// pass 2.
+// passes get q_j = es_j · e^((m_s(block) − m_s) − log Z_s) with one multiply instead of an exp. es_j
+// underflows to 0 only where q_j < e^−87 as well (LSE_s ≥ m_s(block)). Centered kinds overwrite es, e2 with
+// q_j, a_j in pass 2.
 struct RowCache {
   float* es;  // (V,)
   float* e2;  // (V,)
@@ -174,15 +176,21 @@ struct RowCache {
 // ---------------------------------------------------------------------------------------------------------
 // Pass 1 of a streaming row (also the vocabulary-parallel local statistics, vp_stats_row): the row's RowStats
 // (maxima, Z_s, Z_t and the sums DivDef<DIV> asks for), block by block. With a cache, the weights and block
-// maxima are kept for the gradient pass.
+// maxima are kept for the gradient pass. renyi with `relative`: r̃ against the row's first entry (RowStats
+// rs0, rt0), so that its precision does not depend on where the logits sit.
 template <int DIV, int SDT, int TDT>
 inline RowStats stream_stats(const void* s, const void* t, const RowCache* cache, int64_t V, float inv_t,
-                             const DivCoef& c) {
+                             const DivCoef& c, bool relative) {
   using D = DivDef<DIV>;
   alignas(64) float sb[kBlock];
   alignas(64) float tb[kBlock];
   alignas(64) float rb[D::kR ? kBlock : 1];
   RowStats st = stats_empty();
+  if (D::kR && relative && V > 0) {
+    load_pair<SDT, TDT>(s, t, 0, 1, inv_t, c, sb, tb);
+    st.rs0 = sb[0] - sb[0] == 0.f ? sb[0] : 0.f;  // a NaN or ±inf entry: 0 (the row is not valid anyway)
+    st.rt0 = tb[0] - tb[0] == 0.f ? tb[0] : 0.f;
+  }
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
     load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
@@ -190,7 +198,7 @@ inline RowStats stream_stats(const void* s, const void* t, const RowCache* cache
     block_max2(sb, tb, n, &bs.s.m, &bs.t.m);
     if constexpr (D::kR) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) rb[j] = renyi_logit(sb[j], tb[j], c);
+      for (int64_t j = 0; j < n; ++j) rb[j] = renyi_logit(sb[j] - st.rs0, tb[j] - st.rt0, c);
       bs.r.m = block_max1(rb, n);
     }
     const float ms = exp_base(bs.s.m), mt = exp_base(bs.t.m), mr = exp_base(bs.r.m);
@@ -247,7 +255,7 @@ KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row
   using D = DivDef<DIV>;
   alignas(64) float sb[kBlock];
   alignas(64) float tb[kBlock];
-  const RowStats st = stream_stats<DIV, SDT, TDT>(s, t, g != nullptr ? &cache : nullptr, V, inv_t, c);
+  const RowStats st = stream_stats<DIV, SDT, TDT>(s, t, g != nullptr ? &cache : nullptr, V, inv_t, c, true);
   const RowFinal f = stats_finish<DIV>(st, c);
   if (!row_valid(f)) {
     if (g != nullptr) fill_nan<SDT>(g, V);
@@ -255,12 +263,14 @@ KD_FLATTEN float stream_row(const void* s,    // (V,) student logits of this row
   }
   if (g == nullptr) return f.loss;
 
-  // Pass 2: q_j = es_j · e^(m_s(block) − LSE_s), the second weight likewise; the gradient by stream_grad.
-  const float lse_2 = D::kR ? f.lse_r : f.lse_t;
+  // Pass 2: q_j = es_j · e^((m_s(block) − m_s) − log Z_s), the second weight likewise (rescale_log: the max
+  // and log Z kept apart, so the shift of the logits does not round the probabilities); stream_grad.
+  const RowLogs l = row_logs<DIV>(st);
+  const float m2 = D::kR ? l.mr : l.mt, lz2 = D::kR ? l.lzr : l.lzt;
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    const float fs = rescale(cache.ms[b], f.lse_s);
-    const float f2 = D::kGradW2 ? rescale(cache.m2[b], lse_2) : 0.f;
+    const float fs = rescale_log(cache.ms[b], l.ms, l.lzs);
+    const float f2 = D::kGradW2 ? rescale_log(cache.m2[b], m2, lz2) : 0.f;
     const float* __restrict es = cache.es + j0;
     const float* __restrict e2 = cache.e2 + j0;
     if constexpr (D::kGradLogits) {
@@ -326,13 +336,14 @@ KD_FLATTEN float center_row(const void* s,    // (V,) student logits, dtype SDT
     if (g != nullptr) fill_nan<SDT>(g, V);
     return std::numeric_limits<float>::quiet_NaN();
   }
-  const float lse_s = f.lse_s, lse_t = f.lse_t;
+  // ℓq = (s̃ − m_s) − log Z_s and ℓp likewise, the max and log Z apart (kd_math.h, RowLogs).
+  const RowLogs l = row_logs<DIV>(st);
 
   // Pass 2: L = Σ loss terms, A = Σ a; q and a overwrite the cache (es, e2) for pass 3.
   double loss = 0.0, A = 0.0;
   for (int64_t j0 = 0, b = 0; j0 < V; j0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - j0);
-    const float fs = rescale(cache.ms[b], lse_s), ft = rescale(cache.m2[b], lse_t);
+    const float fs = rescale_log(cache.ms[b], l.ms, l.lzs), ft = rescale_log(cache.m2[b], l.mt, l.lzt);
     if constexpr (D::kCenterLogs) load_pair<SDT, TDT>(s, t, j0, n, inv_t, c, sb, tb);
     float* __restrict es = cache.es + j0;
     float* __restrict et = cache.e2 + j0;
@@ -340,7 +351,8 @@ KD_FLATTEN float center_row(const void* s,    // (V,) student logits, dtype SDT
     if (g != nullptr) {
 #pragma omp simd reduction(+ : bl, bA)
       for (int64_t j = 0; j < n; ++j) {
-        const float lq = D::kCenterLogs ? sb[j] - lse_s : 0.f, lp = D::kCenterLogs ? tb[j] - lse_t : 0.f;
+        const float lq = D::kCenterLogs ? (sb[j] - l.ms) - l.lzs : 0.f;
+        const float lp = D::kCenterLogs ? (tb[j] - l.mt) - l.lzt : 0.f;
         const CenterTerms e = center_terms<DIV>(lq, lp, es[j] * fs, et[j] * ft, c);
         bl += e.loss;
         bA += e.a;
@@ -350,7 +362,8 @@ KD_FLATTEN float center_row(const void* s,    // (V,) student logits, dtype SDT
     } else {
 #pragma omp simd reduction(+ : bl)
       for (int64_t j = 0; j < n; ++j) {
-        const float lq = D::kCenterLogs ? sb[j] - lse_s : 0.f, lp = D::kCenterLogs ? tb[j] - lse_t : 0.f;
+        const float lq = D::kCenterLogs ? (sb[j] - l.ms) - l.lzs : 0.f;
+        const float lp = D::kCenterLogs ? (tb[j] - l.mt) - l.lzt : 0.f;
         bl += center_terms<DIV>(lq, lp, es[j] * fs, et[j] * ft, c).loss;
       }
     }
@@ -459,7 +472,7 @@ template <int DIV, int SDT, int TDT>
 KD_FLATTEN void vp_stats_row(const void* s, const void* t, float* out, int64_t V, float inv_t,
                              const DivCoef& c) {
   constexpr int K = vp_stats_kind<DIV>();
-  const RowStats st = stream_stats<K, SDT, TDT>(s, t, nullptr, V, inv_t, c);
+  const RowStats st = stream_stats<K, SDT, TDT>(s, t, nullptr, V, inv_t, c, false);  // absolute maxima
   out[0] = exp_base(st.s.m);
   out[1] = st.s.z;
   out[2] = exp_base(st.t.m);

@@ -262,9 +262,15 @@ KD_SPARSE_FLATTEN float sparse_row(const void* s,       // (V,) student logits, 
   const double md = m;
 
   if (tail == TAIL_RENORMALIZE) {
-    const double log_zs = std::log(zs);
+    // log Q̂ against the support's own max, not the row's: the support's mass e^(s̃_k − m) underflows (even
+    // in double) when its ids sit far below the row max (low T, large logits), which made log Z_S = −inf.
+    double msup = kNegInf;
+    for (int64_t c = 0; c < nv; ++c) msup = std::max(msup, sc.sk[c]);
+    double zsup = 0.0;
+    for (int64_t c = 0; c < nv; ++c) zsup += std::exp(sc.sk[c] - msup);
+    const double log_zsup = std::log(zsup);  // ≥ 0: the max's own term is 1
     for (int64_t c = 0; c < nv; ++c) {
-      sc.lq[c] = sc.sk[c] - md - log_zs;
+      sc.lq[c] = (sc.sk[c] - msup) - log_zsup;
       sc.lp[c] = lpk[sc.pos[c]] - logP;
     }
     const double D = category_terms(div, coef, coef2, sc.lq, sc.lp, nv, sc.a, sc.u);

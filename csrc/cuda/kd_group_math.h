@@ -135,16 +135,7 @@ KD_UNROLL
 // s̃ − m_s (one FMA from the unscaled logit) is exact to rounding, and log Z is small.
 // ---------------------------------------------------------------------------------------------------------
 
-struct RowLogs {
-  float ms, lzs;  // m_s, log Z_s
-  float mt, lzt;
-  float mr, lzr;  // renyi's mixed logits
-};
-
-template <int DIV>
-KD_HD RowLogs row_logs(const RowStats& st) {
-  return {st.s.m, kd_logu(st.s.z), st.t.m, kd_logu(st.t.z), st.r.m, DivDef<DIV>::kR ? kd_logu(st.r.z) : 0.f};
-}
+// RowLogs, row_logs: kd_math.h (the CPU kernels use the same).
 
 // Streaming kinds, pass B: out = scale · ∂L/∂s̃ (stream_grad). sv, tv unscaled, k as in stats_push_group.
 template <int DIV>

@@ -382,12 +382,17 @@ struct DivDef {
 struct RowStats {
   LSEState s;  // of s̃
   LSEState t;  // of t̃ (after teacher_logit)
-  LSEState r;  // of r̃ (renyi)
+  LSEState r;  // of r̃ (renyi), taken as α (t̃ − rt0) + (1−α) (s̃ − rs0)
   float xs;    // X_s, relative to s.m
   float xt;    // X_t, relative to t.m
+  // renyi: a reference point of the row (the CPU kernel: its first entry, where finite; 0 in the CUDA kernels
+  // and the vocabulary-parallel statistics, which still take absolute maxima). r̃ formed
+  // from logits near 1e6 would round at that size; from their differences to a point of the row it does not.
+  // stats_merge keeps the first operand's.
+  float rs0, rt0;
 };
 
-KD_HD RowStats stats_empty() { return {lse_empty(), lse_empty(), lse_empty(), 0.f, 0.f}; }
+KD_HD RowStats stats_empty() { return {lse_empty(), lse_empty(), lse_empty(), 0.f, 0.f, 0.f, 0.f}; }
 
 // w·(a − b) with w = e^(a − m) and the 0·log 0 convention: a weight of 0 (a = −inf) contributes 0 even when
 // b = −inf too (where a − b would be NaN).
@@ -423,6 +428,8 @@ KD_HD RowStats stats_merge(RowStats a, RowStats b) {
   out.r = DivDef<DIV>::kR ? lse_merge(a.r, b.r) : a.r;
   out.xs = DivDef<DIV>::kXs ? a.xs * rescale(a.s.m, out.s.m) + b.xs * rescale(b.s.m, out.s.m) : 0.f;
   out.xt = DivDef<DIV>::kXt ? a.xt * rescale(a.t.m, out.t.m) + b.xt * rescale(b.t.m, out.t.m) : 0.f;
+  out.rs0 = a.rs0;
+  out.rt0 = a.rt0;
   return out;
 }
 
@@ -458,12 +465,34 @@ KD_HD RowFinal stats_finish(RowStats st, const DivCoef& c) {
     f.gshift = (dm + dlz) + rkl;  // LSE_s − LSE_t + KL(q‖p)
     f.loss = (DIV == FORWARD_KL ? fkl : (DIV == REVERSE_KL ? rkl : st.xt / st.t.z + st.xs / st.s.z)) * kNatsPerUnit;
   } else if (DIV == RENYI) {
-    const float dm = st.r.m - c.a * st.t.m - c.k1 * st.s.m;
+    const float dm = st.r.m - c.a * (st.t.m - st.rt0) - c.k1 * (st.s.m - st.rs0);
     const float dlz = kd_logu(st.r.z) - c.a * kd_logu(st.t.z) - c.k1 * kd_logu(st.s.z);
     // r̃ = +inf (α > 1, q = 0 where p > 0): the divergence is +inf.
     f.loss = st.r.m == kInf ? kInf : c.k0 * (dm + dlz) * kNatsPerUnit;
   }
   return f;
+}
+
+// The row statistics the passes after the first read: each maximum and the log of its scaled sum, kept apart.
+// ℓq = (s̃ − m_s) − log Z_s, and a cached weight e^(x − m(block)) becomes a probability through
+// rescale_log(m(block), m_s, log Z_s): never through s̃ − LSE_s, which rounds LSE_s at the size of m_s (at
+// logits near 1e6 an ulp is 1/16, an error of 3% in every probability); x − m is exact to rounding and log Z
+// is small.
+struct RowLogs {
+  float ms, lzs;  // m_s, log Z_s
+  float mt, lzt;
+  float mr, lzr;  // renyi's mixed logits
+};
+
+template <int DIV>
+KD_HD RowLogs row_logs(const RowStats& st) {
+  return {st.s.m, kd_logu(st.s.z), st.t.m, kd_logu(st.t.z), st.r.m, DivDef<DIV>::kR ? kd_logu(st.r.z) : 0.f};
+}
+
+// e^((from − m) − lz): a weight kept relative to max `from` as a probability of the row (m, lz); 0 when `from`
+// is −inf (an empty block), as rescale().
+KD_HD float rescale_log(float from, float m, float lz) {
+  return from == -kInf ? 0.f : kd_expu((from - m) - lz);
 }
 
 // A counted row is a pair of distributions only if both LSEs are finite: a NaN logit makes its Z NaN (kd_exp
