@@ -46,29 +46,63 @@ _TWICE = (
 )
 
 
-def once_differentiable(backward):
-    """Runs ``backward`` without recording a graph; under ``create_graph=True`` its gradients are tied to a
-    node that raises when differentiated.
+def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator of every kd_kernels ``autograd.Function`` whose backward returns a precomputed
+    gradient: a second derivative through it raises (``_TWICE``) instead of silently dropping the loss's
+    Hessian term.
 
-    ``torch.autograd.function.once_differentiable`` only does that when an upstream gradient requires grad,
-    so a loss added to another differentiable term (whose default upstream gradient does not) would still
-    give a silently wrong second derivative.
+    ``forward`` keeps, per input that requires grad, a 0-element tensor computed from it (``ctx.kd_anchors``:
+    no data, only the graph edge). Under ``create_graph=True``, ``backward`` returns its gradients through one
+    raising node whose edges lead to those anchors (and to any upstream gradient that requires grad), so
+    ``torch.autograd.grad(g, inputs)`` cannot prune that node: differentiating a gradient with respect to
+    anything the loss depends on reaches it. ``torch.autograd.function.once_differentiable`` ties its node to
+    the upstream gradients only, which a loss added to another term receives without a graph.
+
+    Under ``torch.compile`` neither applies (AOTAutograd traces both methods): see ``compiled_guard``.
     """
+    forward, backward = cls.forward, cls.backward
+
+    @functools.wraps(forward)
+    def forward_keeping_anchors(ctx, *args):
+        if not torch.compiler.is_compiling():
+            ctx.kd_anchors = _anchors(args)
+        return forward(ctx, *args)
 
     @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
+    def backward_once(ctx, *grad_outputs):
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return grads
-        return tuple(_poisoned(g) if isinstance(g, torch.Tensor) else g for g in grads)
+        links = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+        return _poisoned(grads, [*getattr(ctx, "kd_anchors", ()), *links])
 
-    return wrapper
+    cls.forward = staticmethod(forward_keeping_anchors)
+    cls.backward = staticmethod(backward_once)
+    return cls
 
 
-def _poisoned(g: torch.Tensor) -> torch.Tensor:
-    g = g.detach().requires_grad_(True)
-    return torch._C._functions.DelayedError(_TWICE, 1)(g)
+def _anchors(args: tuple) -> tuple[torch.Tensor, ...]:
+    """A 0-element clone of each tensor argument that requires grad, recorded in the graph (forward runs
+    with grad mode off): its node holds no tensor, so nothing stays alive that would not anyway."""
+    with torch.enable_grad():
+        return tuple(
+            x.narrow(0, 0, 0).clone()
+            for x in args
+            if isinstance(x, torch.Tensor) and x.requires_grad and x.dim() > 0
+        )
+
+
+def _poisoned(grads: tuple, links: list[torch.Tensor]) -> tuple:
+    """``grads`` (no copy) as outputs of one node that raises ``_TWICE`` when differentiated and whose
+    edges lead to ``links``; without links, to a fresh leaf (``.backward()`` still reaches it)."""
+    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not tensors:
+        return grads
+    if not links:
+        links = [torch.empty(0, requires_grad=True)]
+    outs = iter(torch._C._functions.DelayedError(_TWICE, len(tensors) + len(links))(*tensors, *links))
+    return tuple(next(outs) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
 def reduce_rows(loss: torch.Tensor, row_weight: torch.Tensor, per_token: bool) -> torch.Tensor:
@@ -83,6 +117,7 @@ def loss_only(s, t, row_weight, spec: KDSpec, backend, per_token: bool) -> torch
     return reduce_rows(backend.loss_grad(s, t, row_weight, spec, None), row_weight, per_token)
 
 
+@differentiable_once
 class KDLossFunction(torch.autograd.Function):
     """(s, t, c) ↦ Σ_i c_i L_i  (or the vector c_i L_i when ``per_token``); gradient to ``s`` only."""
 
@@ -112,7 +147,6 @@ class KDLossFunction(torch.autograd.Function):
         return reduce_rows(loss, row_weight, per_token)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         if torch.compiler.is_compiling():

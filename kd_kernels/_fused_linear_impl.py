@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._autograd import once_differentiable
+from ._autograd import differentiable_once
 from ._backends import Backend
 from ._head import HeadTransform, head_logits
 from ._spec import KDSpec
@@ -277,6 +277,7 @@ def kd_ce_loss_only(
     return (kd + ce_weight * ce if ce_scale is not None else kd.clone()), kd, ce
 
 
+@differentiable_once
 class FusedLinearKDFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three
     tensors.
@@ -329,7 +330,6 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 12
 
@@ -391,6 +391,7 @@ def kd_ce_rows(
     return loss, kd, ce
 
 
+@differentiable_once
 class FusedLinearKDRowsFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ per-row (loss, kd, ce), each (N,); any upstream gradient
     on ``loss`` (``kd`` and ``ce`` are detached logging values)."""
@@ -423,7 +424,6 @@ class FusedLinearKDRowsFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         none = (None,) * 12
         if grad_loss is None:
@@ -525,6 +525,7 @@ def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy
     return logp, ent, lse_all, plan
 
 
+@differentiable_once
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """(h, W, b) ↦ (log q(y) per token, entropy per token), both (N,) fp32, 0 on inactive rows."""
 
@@ -551,7 +552,6 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_logp, g_ent):
         h, w, b, tokens, idx, lse_all, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -44,7 +44,7 @@ import math
 import torch
 
 from . import _ext
-from ._autograd import once_differentiable
+from ._autograd import differentiable_once
 from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
 from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
@@ -277,6 +277,7 @@ def sparse_loss_grad(backend: str, s, ids, lp, row_weight, spec, tail, grad):
     return torch_sparse_loss_grad(s, ids, lp, row_weight, spec, tail, grad)
 
 
+@differentiable_once
 class SparseKDFunction(torch.autograd.Function):
     """(s, ids, lp, c) ↦ Σ_i c_i L_i (or the vector c_i L_i when ``per_token``); gradient to s only.
 
@@ -295,7 +296,6 @@ class SparseKDFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out[:, None] if ctx.per_token else grad_out
@@ -360,6 +360,7 @@ def sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, 
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
+@differentiable_once
 class FusedLinearSparseKDFunction(torch.autograd.Function):
     """(h, W, b) ↦ (loss, kd, ce); gradients computed in forward, backward only scales them."""
 
@@ -375,6 +376,5 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 10

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as V
-from ._autograd import once_differentiable
+from ._autograd import differentiable_once
 from ._backends import BACKEND_NAMES, BackendUnavailableError
 from ._backends import _vocab_parallel as vp
 from ._fused_linear_impl import save_head_grads, scale_head_grads
@@ -373,6 +373,7 @@ def _fused_loop(
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
+@differentiable_once
 class _FusedFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients computed in forward, backward
     only scales them."""
@@ -423,7 +424,6 @@ class _FusedFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 14
 
@@ -716,6 +716,7 @@ def _global_labels(p: dict, v_total: int) -> tuple[torch.Tensor | None, torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
+@differentiable_once
 class _LogitsFunction(torch.autograd.Function):
     """(s shard, t shard, c) ↦ Σ_i c_i L_i (or c_i L_i per token); gradient to the s shard."""
 
@@ -738,7 +739,6 @@ class _LogitsFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out[:, None] if ctx.per_token else grad_out

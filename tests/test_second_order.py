@@ -1,0 +1,84 @@
+"""Second derivatives and functorch transforms: every loss family raises a typed, named error instead of
+silently dropping the loss's Hessian (or tangent)."""
+
+import pytest
+import torch
+from torch.func import jvp, vmap
+
+import kd_kernels
+from kd_kernels import reference as R
+
+TWICE = r"kd_kernels losses are differentiable once.*kd_kernels\.reference"
+N, V, D, K = 4, 9, 5, 3
+
+
+def _sparse_teacher():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)])
+    lp = torch.full((N, K), -2.0)
+    return ids, lp
+
+
+def _families():
+    """name → (input shape, loss of that input). Each loss is a scalar over a fresh kd_kernels call."""
+    t = torch.randn(N, V)
+    w, ht, wt = torch.randn(V, D), torch.randn(N, 6), torch.randn(V, 6)
+    ids, lp = _sparse_teacher()
+    tokens = torch.arange(N) % V
+    return {
+        "kd_loss": ((N, V), lambda x: kd_kernels.kd_loss(x, t)),
+        "reverse_kl_nonleaf": ((N, V), lambda x: kd_kernels.reverse_kl(x * 1.0, t)),
+        "jsd_none": ((N, V), lambda x: kd_kernels.jsd(x, t, reduction="none").sum()),
+        "KDLoss": ((N, V), lambda x: kd_kernels.KDLoss("tvd")(x, t)),
+        "fused_linear_kd": ((N, D), lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt)),
+        "fused_linear_kd_none": (
+            (N, D), lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt, reduction="none").sum()),
+        "fused_linear_logprobs": (
+            (N, D), lambda h: kd_kernels.fused_linear_logprobs(h, w, tokens).sum()),
+        "sparse_kd": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp)),
+        "sparse_kd_torch": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp, backend="torch")),
+        "fused_linear_sparse_kd": ((N, D), lambda h: kd_kernels.fused_linear_sparse_kd(h, w, ids, lp)),
+    }
+
+
+FAMILIES = tuple(_families())
+
+
+@pytest.mark.parametrize("how", ["autograd.grad", "backward"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_derivative_raises(family, how):
+    """The issue's repro: with another differentiable term next to the loss, d(g·v)/dx used to return
+    only that term's Hessian (0.06 x here), without an error."""
+    shape, loss_of = _families()[family]
+    x = torch.randn(*shape, requires_grad=True)
+    v = torch.randn(*shape)
+    loss = loss_of(x) + 0.01 * (x**3).sum()
+    if how == "autograd.grad":
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        with pytest.raises(RuntimeError, match=TWICE):
+            torch.autograd.grad((g * v).sum(), x)
+    else:
+        loss.backward(create_graph=True)
+        g, x.grad = x.grad, None
+        with pytest.raises(RuntimeError, match=TWICE):
+            (g * v).sum().backward()
+
+
+def test_second_derivative_with_respect_to_the_weight_raises():
+    """A Hessian block with respect to lm_head's weight (and a mixed one) reaches the guard as well."""
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    loss = kd_kernels.fused_linear_kd(h, w, torch.randn(N, 6), torch.randn(V, 6)) + (w**3).sum()
+    _, gw = torch.autograd.grad(loss, (h, w), create_graph=True)
+    for wrt in (w, h):
+        with pytest.raises(RuntimeError, match=TWICE):
+            torch.autograd.grad(gw.sum(), wrt, allow_unused=True)
+
+
+def test_first_derivative_under_create_graph_is_unchanged():
+    """create_graph=True still returns the exact first derivative (it is the second that raises)."""
+    t = torch.randn(N, V)
+    x = torch.randn(N, V, requires_grad=True)
+    (g,) = torch.autograd.grad(kd_kernels.forward_kl(x, t), x, create_graph=True)
+    (ref,) = torch.autograd.grad(R.kd_loss("forward_kl", x.double(), t.double()), x)
+    torch.testing.assert_close(g.detach(), ref.float(), rtol=1e-5, atol=1e-7)
