@@ -130,6 +130,7 @@ _FUSED_DOC = """
 def _float_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    V.check_untransformed(x, name)
     if x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {x.dtype}; kd_kernels takes float32, bfloat16 or float16 "

@@ -118,6 +118,7 @@ def _check_teacher(
     if ids.shape[-1] == 0:
         raise ValueError("teacher_ids has K=0 entries per row; pass at least one id per token")
     for x, name in ((ids, "teacher_ids"), (lp, "teacher_logprobs")):
+        V.check_untransformed(x, name)
         if x.device != device:
             raise ValueError(
                 f"{name} is on {x.device} but student_logits on {device}; move it with .to()"

@@ -82,3 +82,40 @@ def test_first_derivative_under_create_graph_is_unchanged():
     (g,) = torch.autograd.grad(kd_kernels.forward_kl(x, t), x, create_graph=True)
     (ref,) = torch.autograd.grad(R.kd_loss("forward_kl", x.double(), t.double()), x)
     torch.testing.assert_close(g.detach(), ref.float(), rtol=1e-5, atol=1e-7)
+
+
+TRANSFORM = r"torch\.func transform.*kd_kernels losses do not support functorch.*kd_kernels\.reference"
+
+
+def _transforms():
+    """name → a call of a functorch transform (or forward-mode AD) over one loss family."""
+    import torch.autograd.forward_ad as fwAD
+
+    fam = _families()
+
+    def over(family, transform):
+        shape, loss_of = fam[family]
+        x = torch.randn(*shape)
+        if transform == "vmap":
+            return lambda: vmap(loss_of)(x.expand(2, *shape))
+        if transform == "jvp":
+            return lambda: jvp(loss_of, (x,), (torch.ones(*shape),))
+        if transform == "grad":
+            return lambda: torch.func.grad(loss_of)(x)
+
+        def dual():
+            with fwAD.dual_level():
+                return loss_of(fwAD.make_dual(x, torch.ones(*shape)))
+        return dual
+
+    return {f"{f}-{tr}": over(f, tr) for f in ("kd_loss", "fused_linear_kd", "fused_linear_logprobs",
+                                                "sparse_kd", "fused_linear_sparse_kd")
+            for tr in ("vmap", "jvp", "grad", "forward_ad")}
+
+
+@pytest.mark.parametrize("case", tuple(_transforms()))
+def test_functorch_transforms_raise_a_named_error(case):
+    """vmap / jvp used to fail on 'Cannot access data pointer of Tensor that doesn't have storage' (the
+    no-grad fast path) and forward-mode AD returned no tangent, silently."""
+    with pytest.raises(NotImplementedError, match=TRANSFORM):
+        _transforms()[case]()
