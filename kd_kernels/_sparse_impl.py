@@ -234,8 +234,8 @@ def _triton_usable(device: torch.device) -> str | None:
     return "; ".join(reasons) if reasons else None
 
 
-def resolve_sparse_backend(name: object, device: torch.device) -> str:
-    """The sparse launcher to run on ``device``: ``name``, or the first usable one for "auto"."""
+def check_sparse_backend_name(name: object) -> str:
+    """``name`` is "auto" or a sparse launcher (no device needed: ``SparseKDLoss`` checks it when built)."""
     names = ("auto", *SPARSE_BACKENDS)
     if name == "cuda":
         raise BackendUnavailableError(
@@ -243,6 +243,12 @@ def resolve_sparse_backend(name: object, device: torch.device) -> str:
         )
     if not isinstance(name, str) or name not in names:
         raise ValueError(f"backend={name!r} is unknown; use one of {', '.join(map(repr, names))}")
+    return name
+
+
+def resolve_sparse_backend(name: object, device: torch.device) -> str:
+    """The sparse launcher to run on ``device``: ``name``, or the first usable one for "auto"."""
+    check_sparse_backend_name(name)
     if name == "auto":
         if device.type == "cpu" and _has_cpu_kernel():
             return "cpu"

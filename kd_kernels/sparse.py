@@ -17,6 +17,7 @@ from ._sparse_impl import (
     FusedLinearSparseKDFunction,
     SparseKDFunction,
     Tail,
+    check_sparse_backend_name,
     resolve_sparse_backend,
     sparse_chunk_loop,
 )
@@ -32,6 +33,9 @@ from .fused_linear import (
 __all__ = ["SparseKDLoss", "fused_linear_sparse_kd", "sparse_kd", "teacher_topk"]
 
 TAILS = ("bucket", "renormalize", "ignore")
+# A row's teacher mass Σ_k exp(teacher_logprobs) may exceed 1 by this much (rounding of top-k log-probs
+# stored in bf16 / fp16); beyond it the log-probs are not a distribution's and the call raises.
+MASS_TOLERANCE = 1e-2
 
 _SPARSE_DOC = """
     Args:
@@ -129,7 +133,7 @@ def _check_teacher(
     counted = lp2 != -math.inf
     if active is not None:
         counted &= active.reshape(n, 1)
-    # One host sync for the three value checks together.
+    # One host sync for the value checks together.
     bad_id = counted & ((ids2 < 0) | (ids2 >= vocab))
     bad_lp = counted & (lp2 > 0)
     dup = torch.zeros(n, dtype=torch.bool, device=device)
@@ -138,31 +142,48 @@ def _check_teacher(
         sentinel = -1 - torch.arange(k, device=device).expand(n, k)
         srt = torch.where(counted, ids2, sentinel).sort(-1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1)
-    flags = torch.stack([bad_id.any(-1), bad_lp.any(-1), dup])
+    # Σ exp(log-probs) of distinct ids is at most 1; tail='ignore' takes samples, which may repeat.
+    mass = torch.where(counted, lp2, -math.inf).exp().sum(-1)
+    over = mass > 1.0 + MASS_TOLERANCE if tail != Tail.IGNORE else torch.zeros_like(dup)
+    flags = torch.stack([bad_id.any(-1), bad_lp.any(-1), dup, over])
     if bool(flags.any()):
-        which = flags.any(-1).tolist()
-        if which[0]:
-            r = int(bad_id.any(-1).nonzero()[0])
-            val = int(ids2[r][bad_id[r]][0])
-            raise ValueError(
-                f"teacher_ids {_row_name(r, lead)} holds {val}, outside [0, {vocab}) (V={vocab}); "
-                "ids of padded entries (log-prob -inf) may be anything, the others must be "
-                "student vocabulary ids"
-            )
-        if which[1]:
-            r = int(bad_lp.any(-1).nonzero()[0])
-            val = float(lp2[r][bad_lp[r]][0])
-            raise ValueError(
-                f"teacher_logprobs {_row_name(r, lead)} holds {val} > 0; pass log-probabilities "
-                "(the teacher's log_softmax, ≤ 0; -inf = padding), not logits"
-            )
-        r = int(dup.nonzero()[0])
+        _raise_teacher_error(flags, ids2, lp2, bad_id, bad_lp, mass, lead, vocab)
+    return ids2, lp2
+
+
+def _raise_teacher_error(flags, ids2, lp2, bad_id, bad_lp, mass, lead, vocab) -> None:
+    """The ValueError for the first failed check of ``_check_teacher`` (rows of ``flags``: bad id,
+    positive log-prob, duplicate id, mass above 1)."""
+    which = flags.any(-1).tolist()
+    if which[0]:
+        r = int(bad_id.any(-1).nonzero()[0])
+        val = int(ids2[r][bad_id[r]][0])
+        raise ValueError(
+            f"teacher_ids {_row_name(r, lead)} holds {val}, outside [0, {vocab}) (V={vocab}); "
+            "ids of padded entries (log-prob -inf) may be anything, the others must be "
+            "student vocabulary ids"
+        )
+    if which[1]:
+        r = int(bad_lp.any(-1).nonzero()[0])
+        val = float(lp2[r][bad_lp[r]][0])
+        raise ValueError(
+            f"teacher_logprobs {_row_name(r, lead)} holds {val} > 0; pass log-probabilities "
+            "(the teacher's log_softmax, ≤ 0; -inf = padding), not logits"
+        )
+    if which[2]:
+        r = int(flags[2].nonzero()[0])
         raise ValueError(
             f"teacher_ids {_row_name(r, lead)} holds the same id twice; ids must be distinct within "
             "a row for tail='bucket' / 'renormalize' (duplicates are allowed only with "
             "tail='ignore', the sampled-token estimator)"
         )
-    return ids2, lp2
+    r = int(flags[3].nonzero()[0])
+    raise ValueError(
+        f"teacher_logprobs {_row_name(r, lead)} sums to {float(mass[r]):.6g} in probability "
+        f"(Σ exp(teacher_logprobs) > 1 + {MASS_TOLERANCE:g}, the rounding tolerance); pass the "
+        "teacher's log_softmax over its full vocabulary, gathered at the top-k ids (not "
+        "log-probs renormalized over a different support, nor logits)"
+    )
 
 
 def sparse_kd(
@@ -370,7 +391,7 @@ class SparseKDLoss(nn.Module):
         _check_tail(tail, self.spec.divergence)
         self.alpha, self.beta, self.tail = alpha, beta, tail
         self.reduction = V.check_reduction(reduction)
-        self.backend = backend
+        self.backend = check_sparse_backend_name(backend)
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None,
                 token_weights=None) -> torch.Tensor:

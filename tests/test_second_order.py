@@ -119,3 +119,36 @@ def test_functorch_transforms_raise_a_named_error(case):
     no-grad fast path) and forward-mode AD returned no tangent, silently."""
     with pytest.raises(NotImplementedError, match=TRANSFORM):
         _transforms()[case]()
+
+
+# Sparse teachers' inputs (issue #26): a row whose log-probs are not a distribution's, and the module's backend.
+
+
+@pytest.mark.parametrize("call", ["sparse_kd", "fused_linear_sparse_kd"])
+def test_sparse_teacher_mass_above_one_is_a_value_error(call):
+    from kd_kernels.sparse import MASS_TOLERANCE
+
+    ids, _ = _sparse_teacher()
+    lp = torch.full((N, K), -2.0)
+    lp[2] = torch.log(torch.tensor([0.6, 0.3, 0.2]))  # Σ p = 1.1 on row 2
+    x = torch.randn(N, V) if call == "sparse_kd" else torch.randn(N, D)
+    args = (x, ids, lp) if call == "sparse_kd" else (x, torch.randn(V, D), ids, lp)
+    fn = getattr(kd_kernels, call)
+    with pytest.raises(ValueError, match=r"teacher_logprobs row 2 sums to 1\.1 .*1 \+ 0\.01"):
+        fn(*args)
+    # within the rounding tolerance, and with tail='ignore' (samples may repeat), it is accepted
+    lp[2] = torch.log(torch.tensor([0.6, 0.3, 0.1 + MASS_TOLERANCE / 2]))
+    assert torch.isfinite(fn(*args))
+    lp[2] = torch.log(torch.tensor([0.6, 0.6, 0.6]))
+    assert torch.isfinite(fn(*args, tail="ignore"))
+
+
+def test_sparse_module_checks_its_backend_when_built():
+    """SparseKDLoss(backend="gpu") used to construct; it now fails like sparse_kd(backend="gpu")."""
+    ids, lp = _sparse_teacher()
+    for bad, err in (("gpu", ValueError), ("cuda", kd_kernels.BackendUnavailableError)):
+        with pytest.raises(err) as direct:
+            kd_kernels.sparse_kd(torch.randn(N, V), ids, lp, backend=bad)
+        with pytest.raises(err) as built:
+            kd_kernels.SparseKDLoss(backend=bad)
+        assert str(built.value) == str(direct.value)
