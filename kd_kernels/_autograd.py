@@ -58,7 +58,8 @@ def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autogr
     anything the loss depends on reaches it. ``torch.autograd.function.once_differentiable`` ties its node to
     the upstream gradients only, which a loss added to another term receives without a graph.
 
-    Under ``torch.compile`` neither applies (AOTAutograd traces both methods): see ``compiled_guard``.
+    Under ``torch.compile`` neither applies (AOTAutograd traces both methods; a double backward through the
+    compiled graph meets PyTorch's own error, README "NaN and inf").
     """
     forward, backward = cls.forward, cls.backward
 

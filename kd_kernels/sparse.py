@@ -65,8 +65,10 @@ _SPARSE_DOC = """
             ``"cpu"`` on CPU tensors and ``"triton"`` on GPUs (there is no separate CUDA kernel).
 
     The teacher never receives a gradient. Bad ids (outside ``[0, V)``), duplicate ids without
-    ``tail="ignore"`` and positive log-probs (logits passed by mistake) raise a ValueError naming
-    the first offending row (one host sync per call for these checks).
+    ``tail="ignore"``, positive log-probs (logits passed by mistake) and, without
+    ``tail="ignore"``, a row whose probabilities sum above ``1 + MASS_TOLERANCE`` (0.01, room for
+    bf16 / fp16 rounding of the stored log-probs) raise a ValueError naming the first offending row
+    (one host sync per call for these checks).
 """
 
 
