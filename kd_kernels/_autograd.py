@@ -58,22 +58,32 @@ def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autogr
     anything the loss depends on reaches it. ``torch.autograd.function.once_differentiable`` ties its node to
     the upstream gradients only, which a loss added to another term receives without a graph.
 
-    Under ``torch.compile`` neither applies (AOTAutograd traces both methods; a double backward through the
-    compiled graph meets PyTorch's own error, README "NaN and inf").
+    Under ``torch.compile`` AOTAutograd traces both methods and runs its own backward, whose double
+    backward raises PyTorch's "does not support double backward" error; ``torch.autograd.grad`` reaches
+    that error only through a tensor the compiled graph saves that requires grad. So forward keeps the
+    leaf inputs that require grad (``ctx.kd_links``: parameters and leaf hidden states or logits, alive
+    anyway, saved by reference, no copy) and backward passes the upstream gradient through the opaque
+    op ``kd_kernels::link``, which makes the graph save them (README "NaN and inf").
     """
     forward, backward = cls.forward, cls.backward
 
     @functools.wraps(forward)
     def forward_keeping_anchors(ctx, *args):
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            ctx.kd_links = _leaves(args)
+        else:
             ctx.kd_anchors = _anchors(args)
         return forward(ctx, *args)
 
     @functools.wraps(backward)
     def backward_once(ctx, *grad_outputs):
+        if torch.compiler.is_compiling():
+            if ctx.kd_links and isinstance(grad_outputs[0], torch.Tensor):
+                grad_outputs = (_link_op(grad_outputs[0], list(ctx.kd_links)), *grad_outputs[1:])
+            return backward(ctx, *grad_outputs)
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
             return grads
         links = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
         return _poisoned(grads, [*getattr(ctx, "kd_anchors", ()), *links])
@@ -81,6 +91,22 @@ def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autogr
     cls.forward = staticmethod(forward_keeping_anchors)
     cls.backward = staticmethod(backward_once)
     return cls
+
+
+def _leaves(args: tuple) -> tuple[torch.Tensor, ...]:
+    return tuple(x for x in args if isinstance(x, torch.Tensor) and x.requires_grad and x.is_leaf)
+
+
+@torch.library.custom_op("kd_kernels::link", mutates_args=())
+def _link_op(grad: torch.Tensor, links: list[torch.Tensor]) -> torch.Tensor:
+    """``grad`` (a copy: a custom op cannot return its input); ``links`` are only read by the graph's
+    partitioner, which must then save them for backward (see ``differentiable_once``)."""
+    return grad.clone()
+
+
+@_link_op.register_fake
+def _(grad, links):
+    return torch.empty_like(grad)
 
 
 def _anchors(args: tuple) -> tuple[torch.Tensor, ...]:

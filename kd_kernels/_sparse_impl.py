@@ -43,6 +43,7 @@ import math
 
 import torch
 
+from . import _compiled as compiled
 from . import _ext
 from ._autograd import differentiable_once
 from ._backends import BackendUnavailableError
@@ -293,8 +294,11 @@ class SparseKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, lp, row_weight, spec: KDSpec, tail: Tail, backend: str, per_token):
         need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else None
-        loss = sparse_loss_grad(backend, s, ids, lp, row_weight, spec, tail, grad)
+        if torch.compiler.is_compiling():
+            options = [*compiled.spec_options(spec), int(tail), need_grad]
+            loss, grad = compiled.call("sparse", (s, ids, lp, row_weight), backend, options)
+        else:
+            loss, grad = _loss_and_grad(backend, s, ids, lp, row_weight, spec, tail, need_grad)
         weighted = torch.where(row_weight != 0, loss * row_weight, 0.0)
         if need_grad:
             ctx.save_for_backward(grad)
@@ -304,9 +308,31 @@ class SparseKDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        scale = grad_out[:, None] if ctx.per_token else grad_out
+        scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
+        if torch.compiler.is_compiling():
+            return grad * scale, None, None, None, None, None, None, None
         # In place: the saved gradient is used once (a second backward raises a version error).
-        return grad.mul_(scale.to(grad.dtype)), None, None, None, None, None, None, None
+        return grad.mul_(scale), None, None, None, None, None, None, None
+
+
+def _loss_and_grad(backend: str, s, ids, lp, row_weight, spec: KDSpec, tail: Tail, need_grad):
+    """(per-row loss, gradient or None) of ``SparseKDFunction``."""
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else None
+    return sparse_loss_grad(backend, s, ids, lp, row_weight, spec, tail, grad), grad
+
+
+def _sparse_run(tensors, backend: str, options):
+    """``_loss_and_grad`` inside ``kd_kernels::family``; options: spec, tail, need_grad."""
+    spec, tail = compiled.spec_from(options[:5]), Tail(int(options[5]))
+    return _loss_and_grad(backend, *tensors, spec, tail, bool(options[6]))
+
+
+def _sparse_fake(tensors, backend, options):
+    s = tensors[0]
+    return s.new_empty(s.shape[0], dtype=torch.float32), (s.new_empty(s.shape) if options[6] else None)
+
+
+compiled.register_family("sparse", _sparse_run, _sparse_fake)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,8 +400,8 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     def forward(ctx, h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail,
                 backend, rows):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        kd, ce, grads = sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale,
-                                          ce_weight, spec, tail, backend, rows, need)
+        kd, ce, grads = sparse_head_grads((h, w, b, ids, lp, kd_weight, labels, ce_scale),
+                                          (ce_weight, spec, tail, backend, rows), need)
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         save_head_grads(ctx, grads, w, b)
         ctx.mark_non_differentiable(kd, ce)
@@ -384,3 +410,28 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 10
+
+
+def sparse_head_grads(tensors: tuple, options: tuple, need: tuple[bool, bool, bool]):
+    """``sparse_chunk_loop(*tensors, *options, need)``: (kd, ce, (∂h, ∂W, ∂b)); ``tensors`` (h, W, b,
+    ids, lp, kd_weight, labels, ce_scale), ``options`` (ce_weight, spec, tail, backend, rows). Under
+    torch.compile through the custom op ``kd_kernels::family``."""
+    if not torch.compiler.is_compiling():
+        return sparse_chunk_loop(*tensors, *options, need)
+    ce_weight, spec, tail, backend, rows = options
+    floats = [*compiled.spec_options(spec), ce_weight, int(tail), rows, *need]
+    kd, ce, *grads = compiled.call("fused_sparse", tensors, backend, floats)
+    return kd, ce, tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _fused_sparse_run(tensors, backend: str, o):
+    options = (o[5], compiled.spec_from(o[:5]), Tail(int(o[6])), backend, int(o[7]))
+    kd, ce, grads = sparse_chunk_loop(*tensors, *options, tuple(bool(x) for x in o[8:11]))
+    return [kd, ce, *grads]
+
+
+def _fused_sparse_fake(tensors, backend, o):
+    return compiled.head_grads_fake(tensors[0], tensors[1], o[8:11])
+
+
+compiled.register_family("fused_sparse", _fused_sparse_run, _fused_sparse_fake)

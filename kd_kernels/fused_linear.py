@@ -211,6 +211,8 @@ def _check_labels(
         )
     # Compared in int64: in uint8, -100 wraps to 156 and a valid id can look out of range.
     labels = labels.long()
+    if torch.compiler.is_compiling():
+        return labels  # the range check reads the data (a host sync): eager only
     if ignore_index is None and free is None and labels.numel() > 0:
         lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
         if 0 <= int(lo) and int(hi) < vocab:
@@ -538,7 +540,9 @@ def fused_linear_logprobs(
         safe = torch.where(active, safe, torch.zeros_like(safe))
     rows = chunk_rows(n, w.shape[0], 3 * 4 + tr.extra_bytes_per_entry, chunk_size, h.device)
     h2 = h.reshape(n, h.shape[-1])
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h2, w, b)):
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h2, w, b))
+    # Under torch.compile the autograd Function runs the loop inside the custom op (either way).
+    if grad or torch.compiler.is_compiling():
         logp, ent = FusedLinearLogprobsFunction.apply(
             h2, w, b, safe, active, float(temperature), rows, return_entropy, tr
         )

@@ -19,7 +19,7 @@ from ._sparse_impl import (
     Tail,
     check_sparse_backend_name,
     resolve_sparse_backend,
-    sparse_chunk_loop,
+    sparse_head_grads,
 )
 from ._spec import Divergence, KDSpec
 from .fused_linear import (
@@ -132,6 +132,8 @@ def _check_teacher(
     n, k = lead.numel(), ids.shape[-1]
     ids2 = ids.reshape(n, k).long().contiguous()
     lp2 = lp.detach().reshape(n, k).float().contiguous()
+    if torch.compiler.is_compiling():
+        return ids2, lp2  # the value checks read the data (a host sync): eager only
     counted = lp2 != -math.inf
     if active is not None:
         counted &= active.reshape(n, 1)
@@ -319,9 +321,9 @@ def fused_linear_sparse_kd(
         loss, kd, ce = FusedLinearSparseKDFunction.apply(*args)
     else:
         with torch.no_grad():
-            kd, ce, _ = sparse_chunk_loop(h2.detach(), w.detach(),
-                                          bias.detach() if bias is not None else None,
-                                          *args[3:], (False, False, False))
+            kd, ce, _ = sparse_head_grads(
+                (h2.detach(), w.detach(), bias.detach() if bias is not None else None, *args[3:8]),
+                args[8:], (False, False, False))
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
