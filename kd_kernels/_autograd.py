@@ -61,8 +61,8 @@ def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autogr
     Under ``torch.compile`` AOTAutograd traces both methods and runs its own backward, whose double
     backward raises PyTorch's "does not support double backward" error; ``torch.autograd.grad`` reaches
     that error only through a tensor the compiled graph saves that requires grad. So forward keeps the
-    leaf inputs that require grad (``ctx.kd_links``: parameters and leaf hidden states or logits, alive
-    anyway, saved by reference, no copy) and backward passes the upstream gradient through the opaque
+    leaf inputs that require grad, or their leaf bases (``ctx.kd_links``: parameters and leaf hidden
+    states or logits, alive anyway, saved by reference, no copy) and backward passes the upstream gradient through the opaque
     op ``kd_kernels::link``, which makes the graph save them (README "NaN and inf").
     """
     forward, backward = cls.forward, cls.backward
@@ -94,7 +94,10 @@ def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autogr
 
 
 def _leaves(args: tuple) -> tuple[torch.Tensor, ...]:
-    return tuple(x for x in args if isinstance(x, torch.Tensor) and x.requires_grad and x.is_leaf)
+    """The leaf tensors that require grad among the tensor arguments and the bases of those that are
+    views (the public functions reshape their inputs)."""
+    bases = (x if x._base is None else x._base for x in args if isinstance(x, torch.Tensor))
+    return tuple(x for x in bases if x.requires_grad and x.is_leaf)
 
 
 @torch.library.custom_op("kd_kernels::link", mutates_args=())

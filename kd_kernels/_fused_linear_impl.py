@@ -579,7 +579,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                                                  tr, True)
             ctx.save_for_backward(h, w, b, tokens, plan.idx, lse, ent)
             ctx.count = plan.count
-        ctx.rows, ctx.inv_t, ctx.tr = rows, inv_t, tr
+        ctx.rows, ctx.inv_t, ctx.tr, ctx.want_entropy = rows, inv_t, tr, want_entropy
         ctx.set_materialize_grads(False)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
@@ -587,6 +587,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        if not ctx.want_entropy:
+            g_ent = None  # a compiled graph passes zeros for the non-differentiable output
         if g_logp is None and g_ent is None:
             return (None,) * 9
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])

@@ -95,7 +95,8 @@ _FUSED_DOC = """
             where masked; CE_i = 0 where the label is -100), for any upstream gradient (a reward,
             an advantage, per-sequence weights). ``"none"`` saves only the inputs and recomputes
             each chunk's logits in backward (one extra logits pass; no ``(N, V)`` tensor kept).
-        labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored). Adds
+        labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored); the range
+            is checked eagerly only (not under ``torch.compile``: README "torch.compile"). Adds
             ``ce_weight · CE`` where CE is the hard-label cross-entropy ``−log softmax(s)[label]``
             of the student logits over the tokens with a valid label (and, if a mask is given, mask
             True); reduced like KD: "mean" divides by the number of those tokens (0 if none), "sum"
@@ -493,7 +494,8 @@ def fused_linear_logprobs(
     Args:
         hidden: ``(..., D)`` float32 / bfloat16 / float16.
         weight: ``(V, D)`` lm_head weight, same dtype; its gradient is accumulated in fp32.
-        tokens: integer ``(...)`` ids in ``[0, V)`` (anything where ``mask`` is False).
+        tokens: integer ``(...)`` ids in ``[0, V)`` (anything where ``mask`` is False); checked
+            eagerly only (not under ``torch.compile``).
         bias: optional ``(V,)``, the weight's dtype.
         temperature: divides the logits (> 0).
         mask: bool ``(...)``, True where the token counts; masked tokens return 0 (and get no

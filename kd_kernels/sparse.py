@@ -68,7 +68,8 @@ _SPARSE_DOC = """
     ``tail="ignore"``, positive log-probs (logits passed by mistake) and, without
     ``tail="ignore"``, a row whose probabilities sum above ``1 + MASS_TOLERANCE`` (0.01, room for
     bf16 / fp16 rounding of the stored log-probs) raise a ValueError naming the first offending row
-    (one host sync per call for these checks).
+    (one host sync per call for these checks; eagerly only: under ``torch.compile`` they are skipped,
+    README "torch.compile").
 """
 
 
@@ -238,7 +239,8 @@ sparse_kd.__doc__ = (sparse_kd.__doc__ or "") + _SPARSE_DOC
 def _check_ce_weight(ce_weight: object, labels: object) -> float:
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
         raise TypeError(f"ce_weight must be a float >= 0, got {type(ce_weight).__name__}")
-    if not (math.isfinite(ce_weight) and ce_weight >= 0):
+    # Comparisons only (no math.isfinite): under torch.compile(dynamic=True) it may be a SymFloat.
+    if not (0 <= ce_weight < math.inf):
         raise ValueError(f"ce_weight={ce_weight} must be a finite number >= 0 (0 disables the CE)")
     if ce_weight != 0 and labels is None:
         raise ValueError(

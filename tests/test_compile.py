@@ -22,13 +22,13 @@ def _teacher(n, generator):
 
 def _inputs(n, seed=0):
     """Tensors of one step with n tokens: student hidden / logits, the heads, a sparse teacher,
-    labels (one ignored) and a mask (one masked token when n > 1)."""
+    labels and a mask (one ignored label and one masked token when n > 1)."""
     g = torch.Generator().manual_seed(seed)
     ids, lp = _teacher(n, g)
     labels = torch.randint(0, V, (n,), generator=g)
-    labels[-1] = -100
     mask = torch.ones(n, dtype=torch.bool)
     if n > 1:
+        labels[-1] = -100
         mask[1] = False
     return {
         "h": torch.randn(n, D, generator=g), "x": torch.randn(n, V, generator=g),

@@ -152,3 +152,43 @@ def test_sparse_module_checks_its_backend_when_built():
         with pytest.raises(err) as built:
             kd_kernels.SparseKDLoss(backend=bad)
         assert str(built.value) == str(direct.value)
+
+
+# Under torch.compile AOTAutograd runs its own backward; its double backward raises PyTorch's error.
+COMPILED_TWICE = r"torch\.compile with aot_autograd does not currently support double backward"
+
+
+def _compiled_losses():
+    """name → (input shape, a compiled (fullgraph) loss of a leaf input): one graph each."""
+    t, ht, wt = torch.randn(N, V), torch.randn(N, 6), torch.randn(V, 6)
+    w = torch.randn(V, D, requires_grad=True)
+    return {
+        "kd_loss": ((N, V), lambda x: kd_kernels.kd_loss(x, t)),
+        "fused_linear_kd": ((N, D), lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt)),
+    }
+
+
+@pytest.mark.parametrize("family", ["kd_loss", "fused_linear_kd"])
+def test_compiled_second_derivative_raises(family):
+    """A compiled graph holding only the loss on the logits it receives used to return the other
+    term's Hessian alone under autograd.grad (PyTorch's error hung off a detached leaf)."""
+    torch._dynamo.reset()
+    shape, loss_of = _compiled_losses()[family]
+    compiled = torch.compile(loss_of, fullgraph=True)
+    for how in ("autograd.grad", "backward"):
+        x = torch.randn(*shape, requires_grad=True)
+        v = torch.randn(*shape)
+        loss = compiled(x) + 0.01 * (x**3).sum()
+        if how == "autograd.grad":
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            with pytest.raises(RuntimeError, match=COMPILED_TWICE):
+                torch.autograd.grad((g * v).sum(), x)
+        else:
+            loss.backward(create_graph=True)
+            with pytest.raises(RuntimeError, match=COMPILED_TWICE):
+                (x.grad * v).sum().backward()
+        # the first derivative under create_graph=True is the eager one
+        y = x.detach().requires_grad_()
+        (ref,) = torch.autograd.grad(loss_of(y), y)
+        (first,) = torch.autograd.grad(compiled(x), x, create_graph=True)
+        torch.testing.assert_close(first.detach(), ref)
