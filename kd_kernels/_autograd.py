@@ -47,23 +47,25 @@ _TWICE = (
 
 
 def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """Class decorator of every kd_kernels ``autograd.Function`` whose backward returns a precomputed
-    gradient: a second derivative through it raises (``_TWICE``) instead of silently dropping the loss's
-    Hessian term.
+    """Class decorator of every kd_kernels ``autograd.Function`` whose backward returns a
+    precomputed gradient: a second derivative through it raises (``_TWICE``) instead of silently
+    dropping the loss's Hessian term.
 
-    ``forward`` keeps, per input that requires grad, a 0-element tensor computed from it (``ctx.kd_anchors``:
-    no data, only the graph edge). Under ``create_graph=True``, ``backward`` returns its gradients through one
-    raising node whose edges lead to those anchors (and to any upstream gradient that requires grad), so
-    ``torch.autograd.grad(g, inputs)`` cannot prune that node: differentiating a gradient with respect to
-    anything the loss depends on reaches it. ``torch.autograd.function.once_differentiable`` ties its node to
-    the upstream gradients only, which a loss added to another term receives without a graph.
+    ``forward`` keeps, per input that requires grad, a 0-element tensor computed from it
+    (``ctx.kd_anchors``: no data, only the graph edge). Under ``create_graph=True``, ``backward``
+    returns its gradients through one raising node whose edges lead to those anchors (and to any
+    upstream gradient that requires grad), so ``torch.autograd.grad(g, inputs)`` cannot prune that
+    node: differentiating a gradient with respect to anything the loss depends on reaches it.
+    ``torch.autograd.function.once_differentiable`` ties its node to the upstream gradients only,
+    which a loss added to another term receives without a graph.
 
     Under ``torch.compile`` AOTAutograd traces both methods and runs its own backward, whose double
-    backward raises PyTorch's "does not support double backward" error; ``torch.autograd.grad`` reaches
-    that error only through a tensor the compiled graph saves that requires grad. So forward keeps the
-    leaf inputs that require grad, or their leaf bases (``ctx.kd_links``: parameters and leaf hidden
-    states or logits, alive anyway, saved by reference, no copy) and backward passes the upstream gradient through the opaque
-    op ``kd_kernels::link``, which makes the graph save them (README "NaN and inf").
+    backward raises PyTorch's "does not support double backward" error; ``torch.autograd.grad``
+    reaches that error only through a tensor the compiled graph saves that requires grad. So forward
+    keeps the leaf inputs that require grad, or their leaf bases (``ctx.kd_links``: parameters and
+    leaf hidden states or logits, alive anyway, saved by reference, no copy) and backward passes the
+    upstream gradient through the opaque op ``kd_kernels::link``, which makes the graph save them
+    (README "NaN and inf").
     """
     forward, backward = cls.forward, cls.backward
 
@@ -102,8 +104,8 @@ def _leaves(args: tuple) -> tuple[torch.Tensor, ...]:
 
 @torch.library.custom_op("kd_kernels::link", mutates_args=())
 def _link_op(grad: torch.Tensor, links: list[torch.Tensor]) -> torch.Tensor:
-    """``grad`` (a copy: a custom op cannot return its input); ``links`` are only read by the graph's
-    partitioner, which must then save them for backward (see ``differentiable_once``)."""
+    """``grad`` (a copy: a custom op cannot return its input); ``links`` are only read by the
+    graph's partitioner, which must then save them for backward (see ``differentiable_once``)."""
     return grad.clone()
 
 
@@ -113,8 +115,9 @@ def _(grad, links):
 
 
 def _anchors(args: tuple) -> tuple[torch.Tensor, ...]:
-    """A 0-element clone of each tensor argument that requires grad, recorded in the graph (forward runs
-    with grad mode off): its node holds no tensor, so nothing stays alive that would not anyway."""
+    """A 0-element clone of each tensor argument that requires grad, recorded in the graph (forward
+    runs with grad mode off): its node holds no tensor, so nothing stays alive that would not
+    anyway."""
     with torch.enable_grad():
         return tuple(
             x.narrow(0, 0, 0).clone()
@@ -124,14 +127,16 @@ def _anchors(args: tuple) -> tuple[torch.Tensor, ...]:
 
 
 def _poisoned(grads: tuple, links: list[torch.Tensor]) -> tuple:
-    """``grads`` (no copy) as outputs of one node that raises ``_TWICE`` when differentiated and whose
-    edges lead to ``links``; without links, to a fresh leaf (``.backward()`` still reaches it)."""
+    """``grads`` (no copy) as outputs of one node that raises ``_TWICE`` when differentiated and
+    whose edges lead to ``links``; without links, to a fresh leaf (``.backward()`` still reaches
+    it)."""
     tensors = [g for g in grads if isinstance(g, torch.Tensor)]
     if not tensors:
         return grads
     if not links:
         links = [torch.empty(0, requires_grad=True)]
-    outs = iter(torch._C._functions.DelayedError(_TWICE, len(tensors) + len(links))(*tensors, *links))
+    raising = torch._C._functions.DelayedError(_TWICE, len(tensors) + len(links))
+    outs = iter(raising(*tensors, *links))
     return tuple(next(outs) if isinstance(g, torch.Tensor) else g for g in grads)
 
 

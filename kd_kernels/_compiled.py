@@ -1,9 +1,10 @@
-"""``torch.compile`` support of the chunked families (sparse teachers, fused linear, token log-probs).
+"""``torch.compile`` support of the chunked families (sparse teachers, fused linear, token
+log-probs).
 
 Their eager code is data dependent: the chunk loops compact the active rows (``nonzero``), the input
-checks read values to raise on bad ones. Dynamo cannot trace that with ``fullgraph=True``, so under
-``torch.compiler.is_compiling()`` each family's ``autograd.Function`` hands its tensors to one opaque
-custom op, ``kd_kernels::family``, which runs the family's eager implementation; its fake (meta)
+checks read values to raise on bad ones. Dynamo cannot trace that with ``fullgraph=True``, so
+under ``torch.compiler.is_compiling()`` each family's ``autograd.Function`` hands its tensors to one
+opaque custom op, ``kd_kernels::family``, which runs the family's eager implementation; its fake (meta)
 implementation returns the outputs' shapes, so Dynamo and AOTAutograd never look inside.
 
 A family registers ``run(tensors, backend, options) -> outputs`` and ``fake(...)`` with the same

@@ -273,7 +273,8 @@ def kd_ce_loss_only(
 
 
 # ``torch.compile``: the chunk loops run inside ``kd_kernels::family`` (``_compiled.py``). The KD
-# families' scalar options travel as floats: spec (5), ce_weight, rows, need (3), s_tr (2), t_tr (2).
+# families' scalar options travel as floats: spec (5), ce_weight, rows, need (3), s_tr (2),
+# t_tr (2).
 
 
 def _kd_options(options: tuple, need: tuple[bool, bool, bool]) -> list[float]:
@@ -291,8 +292,8 @@ def _kd_decode(backend: str, o) -> tuple[tuple, tuple[bool, ...]]:
 
 def kd_head_grads(tensors: tuple, options: tuple, need: tuple[bool, bool, bool]):
     """``kd_chunk_loop(*tensors, ce_weight, spec, backend, rows, need, s_tr, t_tr)``: (kd, ce,
-    (∂h, ∂W, ∂b)); ``tensors`` its first nine arguments, ``options`` (ce_weight, spec, backend, rows,
-    s_tr, t_tr). Under torch.compile through the custom op."""
+    (∂h, ∂W, ∂b)); ``tensors`` its first nine arguments, ``options`` (ce_weight, spec, backend,
+    rows, s_tr, t_tr). Under torch.compile through the custom op."""
     ce_weight, spec, backend, rows, s_tr, t_tr = options
     if not torch.compiler.is_compiling():
         return kd_chunk_loop(*tensors, ce_weight, spec, backend, rows, need, s_tr, t_tr)

@@ -329,7 +329,8 @@ def _sparse_run(tensors, backend: str, options):
 
 def _sparse_fake(tensors, backend, options):
     s = tensors[0]
-    return s.new_empty(s.shape[0], dtype=torch.float32), (s.new_empty(s.shape) if options[6] else None)
+    grad = s.new_empty(s.shape) if options[6] else None
+    return s.new_empty(s.shape[0], dtype=torch.float32), grad
 
 
 compiled.register_family("sparse", _sparse_run, _sparse_fake)
@@ -413,9 +414,9 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
 
 
 def sparse_head_grads(tensors: tuple, options: tuple, need: tuple[bool, bool, bool]):
-    """``sparse_chunk_loop(*tensors, *options, need)``: (kd, ce, (∂h, ∂W, ∂b)); ``tensors`` (h, W, b,
-    ids, lp, kd_weight, labels, ce_scale), ``options`` (ce_weight, spec, tail, backend, rows). Under
-    torch.compile through the custom op ``kd_kernels::family``."""
+    """``sparse_chunk_loop(*tensors, *options, need)``: (kd, ce, (∂h, ∂W, ∂b)); ``tensors`` (h,
+    W, b, ids, lp, kd_weight, labels, ce_scale), ``options`` (ce_weight, spec, tail, backend, rows).
+    Under torch.compile through the custom op ``kd_kernels::family``."""
     if not torch.compiler.is_compiling():
         return sparse_chunk_loop(*tensors, *options, need)
     ce_weight, spec, tail, backend, rows = options

@@ -10,16 +10,18 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_untransformed(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``x`` is a plain tensor: not inside a ``torch.func`` transform (vmap, grad, jvp, jacrev...) nor a
-    forward-mode dual. The kernels read raw memory and compute one precomputed gradient: under a transform
-    they would fail on a storage-less tensor, or (a dual) silently drop the tangent."""
+    """``x`` is a plain tensor: not inside a ``torch.func`` transform (vmap, grad, jvp, jacrev...)
+    nor a forward-mode dual. The kernels read raw memory and compute one precomputed gradient: under
+    a transform they would fail on a storage-less tensor, or (a dual) silently drop the tangent."""
     if torch.compiler.is_compiling():
         return x
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(x)
+    if wrapped or fwAD.unpack_dual(x).tangent is not None:
         raise NotImplementedError(
-            f"{name} is inside a torch.func transform (vmap, grad, jvp, jacrev, ...) or is a forward-mode "
-            "dual tensor: kd_kernels losses do not support functorch transforms or forward-mode AD; "
-            "compute the loss with plain PyTorch ops (kd_kernels.reference) for that"
+            f"{name} is inside a torch.func transform (vmap, grad, jvp, jacrev, ...) or is a "
+            "forward-mode dual tensor: kd_kernels losses do not support functorch transforms or "
+            "forward-mode AD; compute the loss with plain PyTorch ops (kd_kernels.reference) "
+            "for that"
         )
     return x
 

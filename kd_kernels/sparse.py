@@ -68,8 +68,8 @@ _SPARSE_DOC = """
     ``tail="ignore"``, positive log-probs (logits passed by mistake) and, without
     ``tail="ignore"``, a row whose probabilities sum above ``1 + MASS_TOLERANCE`` (0.01, room for
     bf16 / fp16 rounding of the stored log-probs) raise a ValueError naming the first offending row
-    (one host sync per call for these checks; eagerly only: under ``torch.compile`` they are skipped,
-    README "torch.compile").
+    (one host sync per call for these checks; eagerly only: under ``torch.compile`` they are
+    skipped, README "torch.compile").
 """
 
 

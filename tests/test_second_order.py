@@ -1,5 +1,5 @@
-"""Second derivatives and functorch transforms: every loss family raises a typed, named error instead of
-silently dropping the loss's Hessian (or tangent)."""
+"""Second derivatives and functorch transforms: every loss family raises a typed, named error
+instead of silently dropping the loss's Hessian (or tangent)."""
 
 import pytest
 import torch
@@ -20,7 +20,8 @@ def _sparse_teacher():
 
 
 def _families():
-    """name → (input shape, loss of that input). Each loss is a scalar over a fresh kd_kernels call."""
+    """name → (input shape, loss of that input). Each loss is a scalar over a fresh kd_kernels
+    call."""
     t = torch.randn(N, V)
     w, ht, wt = torch.randn(V, D), torch.randn(N, 6), torch.randn(V, 6)
     ids, lp = _sparse_teacher()
@@ -37,7 +38,8 @@ def _families():
             (N, D), lambda h: kd_kernels.fused_linear_logprobs(h, w, tokens).sum()),
         "sparse_kd": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp)),
         "sparse_kd_torch": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp, backend="torch")),
-        "fused_linear_sparse_kd": ((N, D), lambda h: kd_kernels.fused_linear_sparse_kd(h, w, ids, lp)),
+        "fused_linear_sparse_kd": (
+            (N, D), lambda h: kd_kernels.fused_linear_sparse_kd(h, w, ids, lp)),
     }
 
 
@@ -47,8 +49,8 @@ FAMILIES = tuple(_families())
 @pytest.mark.parametrize("how", ["autograd.grad", "backward"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_second_derivative_raises(family, how):
-    """The issue's repro: with another differentiable term next to the loss, d(g·v)/dx used to return
-    only that term's Hessian (0.06 x here), without an error."""
+    """The issue's repro: with another differentiable term next to the loss, d(g·v)/dx used to
+    return only that term's Hessian (0.06 x here), without an error."""
     shape, loss_of = _families()[family]
     x = torch.randn(*shape, requires_grad=True)
     v = torch.randn(*shape)
@@ -65,7 +67,8 @@ def test_second_derivative_raises(family, how):
 
 
 def test_second_derivative_with_respect_to_the_weight_raises():
-    """A Hessian block with respect to lm_head's weight (and a mixed one) reaches the guard as well."""
+    """A Hessian block with respect to lm_head's weight (and a mixed one) reaches the guard as
+    well."""
     h = torch.randn(N, D, requires_grad=True)
     w = torch.randn(V, D, requires_grad=True)
     loss = kd_kernels.fused_linear_kd(h, w, torch.randn(N, 6), torch.randn(V, 6)) + (w**3).sum()
@@ -84,7 +87,8 @@ def test_first_derivative_under_create_graph_is_unchanged():
     torch.testing.assert_close(g.detach(), ref.float(), rtol=1e-5, atol=1e-7)
 
 
-TRANSFORM = r"torch\.func transform.*kd_kernels losses do not support functorch.*kd_kernels\.reference"
+TRANSFORM = (r"torch\.func transform.*kd_kernels losses do not support functorch"
+             r".*kd_kernels\.reference")
 
 
 def _transforms():
@@ -108,20 +112,22 @@ def _transforms():
                 return loss_of(fwAD.make_dual(x, torch.ones(*shape)))
         return dual
 
-    return {f"{f}-{tr}": over(f, tr) for f in ("kd_loss", "fused_linear_kd", "fused_linear_logprobs",
-                                                "sparse_kd", "fused_linear_sparse_kd")
+    families = ("kd_loss", "fused_linear_kd", "fused_linear_logprobs", "sparse_kd",
+                "fused_linear_sparse_kd")
+    return {f"{f}-{tr}": over(f, tr) for f in families
             for tr in ("vmap", "jvp", "grad", "forward_ad")}
 
 
 @pytest.mark.parametrize("case", tuple(_transforms()))
 def test_functorch_transforms_raise_a_named_error(case):
-    """vmap / jvp used to fail on 'Cannot access data pointer of Tensor that doesn't have storage' (the
-    no-grad fast path) and forward-mode AD returned no tangent, silently."""
+    """vmap / jvp used to fail on 'Cannot access data pointer of Tensor that doesn't have storage'
+    (the no-grad fast path) and forward-mode AD returned no tangent, silently."""
     with pytest.raises(NotImplementedError, match=TRANSFORM):
         _transforms()[case]()
 
 
-# Sparse teachers' inputs (issue #26): a row whose log-probs are not a distribution's, and the module's backend.
+# Sparse teachers' inputs (issue #26): a row whose log-probs are not a distribution's, and the
+# module's backend.
 
 
 @pytest.mark.parametrize("call", ["sparse_kd", "fused_linear_sparse_kd"])
