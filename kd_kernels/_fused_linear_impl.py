@@ -103,6 +103,19 @@ def scale_head_grads(ctx, grad_loss: torch.Tensor) -> tuple:
         grad_b = grad_b.mul_(grad_loss).to(b_dtype)
     return grad_h, grad_w, grad_b
 
+def fold_chunk_grad(plan: _Rows, sel, g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor,
+                    grads: tuple) -> None:
+    """One chunk's logit gradient ``g`` folded into the head's (∂h, ∂W, ∂b) (None = not needed):
+    ∂h[sel] = g W, ∂W += gᵀ h, ∂b += Σ_rows g."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        plan.put(grad_h, sel, g @ w)
+    if grad_w is not None:
+        _accumulate_wgrad(grad_w, g, hc)
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=torch.float32)
+
+
 class _Rows:
     """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active
     rows."""
@@ -235,12 +248,7 @@ def kd_chunk_loop(
         if ds is not None:
             g.mul_(ds)  # ∂/∂z = ∂/∂y · σ (1 − tanh²)
             del ds
-        if need_h:
-            plan.put(grad_h, sel, g @ w_s)
-        if need_w:
-            _accumulate_wgrad(grad_w, g, hs)
-        if need_b:
-            grad_b += g.sum(0, dtype=torch.float32)
+        fold_chunk_grad(plan, sel, g, w_s, hs, (grad_h, grad_w, grad_b))
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
@@ -640,12 +648,7 @@ def logprobs_grads(h, w, b, tokens, plan: _Rows, lse_all, ent, g_logp, g_ent, ro
             g = g.mul_(dydz)  # through the logit scale / softcap: ∂/∂z = ∂/∂y · ∂y/∂z
         del dydz
         g = g.to(h.dtype)
-        if need_h:
-            plan.put(grad_h, sel, g @ w)
-        if need_w:
-            _accumulate_wgrad(grad_w, g, hc)
-        if need_b:
-            grad_b += g.sum(0, dtype=torch.float32)
+        fold_chunk_grad(plan, sel, g, w, hc, (grad_h, grad_w, grad_b))
     if grad_w is not None:
         grad_w = grad_w.to(w.dtype)
     if grad_b is not None:

@@ -48,7 +48,7 @@ from . import _ext
 from ._autograd import differentiable_once
 from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
-from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
+from ._fused_linear_impl import _Rows, fold_chunk_grad, save_head_grads, scale_head_grads
 from ._head import linear as _linear
 from ._backends.torch_backend import _TERMS
 from ._spec import KDSpec
@@ -384,12 +384,7 @@ def sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, 
         if ce_grad is not None:
             g.add_(ce_grad)
             del ce_grad
-        if need_h:
-            plan.put(grad_h, sel, g @ w)
-        if need_w:
-            _accumulate_wgrad(grad_w, g, hc)
-        if need_b:
-            grad_b += g.sum(0, dtype=torch.float32)
+        fold_chunk_grad(plan, sel, g, w, hc, (grad_h, grad_w, grad_b))
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
