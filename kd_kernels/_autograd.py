@@ -46,29 +46,98 @@ _TWICE = (
 )
 
 
-def once_differentiable(backward):
-    """Runs ``backward`` without recording a graph; under ``create_graph=True`` its gradients are tied to a
-    node that raises when differentiated.
+def differentiable_once(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator of every kd_kernels ``autograd.Function`` whose backward returns a
+    precomputed gradient: a second derivative through it raises (``_TWICE``) instead of silently
+    dropping the loss's Hessian term.
 
-    ``torch.autograd.function.once_differentiable`` only does that when an upstream gradient requires grad,
-    so a loss added to another differentiable term (whose default upstream gradient does not) would still
-    give a silently wrong second derivative.
+    ``forward`` keeps, per input that requires grad, a 0-element tensor computed from it
+    (``ctx.kd_anchors``: no data, only the graph edge). Under ``create_graph=True``, ``backward``
+    returns its gradients through one raising node whose edges lead to those anchors (and to any
+    upstream gradient that requires grad), so ``torch.autograd.grad(g, inputs)`` cannot prune that
+    node: differentiating a gradient with respect to anything the loss depends on reaches it.
+    ``torch.autograd.function.once_differentiable`` ties its node to the upstream gradients only,
+    which a loss added to another term receives without a graph.
+
+    Under ``torch.compile`` AOTAutograd traces both methods and runs its own backward, whose double
+    backward raises PyTorch's "does not support double backward" error; ``torch.autograd.grad``
+    reaches that error only through a tensor the compiled graph saves that requires grad. So forward
+    keeps the leaf inputs that require grad, or their leaf bases (``ctx.kd_links``: parameters and
+    leaf hidden states or logits, alive anyway, saved by reference, no copy) and backward passes the
+    upstream gradient through the opaque op ``kd_kernels::link``, which makes the graph save them
+    (README "NaN and inf").
     """
+    forward, backward = cls.forward, cls.backward
+
+    @functools.wraps(forward)
+    def forward_keeping_anchors(ctx, *args):
+        if torch.compiler.is_compiling():
+            ctx.kd_links = _leaves(args)
+        else:
+            ctx.kd_anchors = _anchors(args)
+        return forward(ctx, *args)
 
     @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
+    def backward_once(ctx, *grad_outputs):
+        if torch.compiler.is_compiling():
+            if ctx.kd_links and isinstance(grad_outputs[0], torch.Tensor):
+                grad_outputs = (_link_op(grad_outputs[0], list(ctx.kd_links)), *grad_outputs[1:])
+            return backward(ctx, *grad_outputs)
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
             return grads
-        return tuple(_poisoned(g) if isinstance(g, torch.Tensor) else g for g in grads)
+        links = [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+        return _poisoned(grads, [*getattr(ctx, "kd_anchors", ()), *links])
 
-    return wrapper
+    cls.forward = staticmethod(forward_keeping_anchors)
+    cls.backward = staticmethod(backward_once)
+    return cls
 
 
-def _poisoned(g: torch.Tensor) -> torch.Tensor:
-    g = g.detach().requires_grad_(True)
-    return torch._C._functions.DelayedError(_TWICE, 1)(g)
+def _leaves(args: tuple) -> tuple[torch.Tensor, ...]:
+    """The leaf tensors that require grad among the tensor arguments and the bases of those that are
+    views (the public functions reshape their inputs)."""
+    bases = (x if x._base is None else x._base for x in args if isinstance(x, torch.Tensor))
+    return tuple(x for x in bases if x.requires_grad and x.is_leaf)
+
+
+@torch.library.custom_op("kd_kernels::link", mutates_args=())
+def _link_op(grad: torch.Tensor, links: list[torch.Tensor]) -> torch.Tensor:
+    """``grad`` (a copy: a custom op cannot return its input); ``links`` are only read by the
+    graph's partitioner, which must then save them for backward (see ``differentiable_once``)."""
+    return grad.clone()
+
+
+@_link_op.register_fake
+def _(grad, links):
+    return torch.empty_like(grad)
+
+
+def _anchors(args: tuple) -> tuple[torch.Tensor, ...]:
+    """A 0-element clone of each tensor argument that requires grad, recorded in the graph (forward
+    runs with grad mode off): its node holds no tensor, so nothing stays alive that would not
+    anyway."""
+    with torch.enable_grad():
+        return tuple(
+            x.narrow(0, 0, 0).clone()
+            for x in args
+            if isinstance(x, torch.Tensor) and x.requires_grad and x.dim() > 0
+        )
+
+
+def _poisoned(grads: tuple, links: list[torch.Tensor]) -> tuple:
+    """``grads`` (no copy) as outputs of one node that raises ``_TWICE`` when differentiated and
+    whose edges lead to ``links``; without links, to a fresh leaf (``.backward()`` still reaches
+    it)."""
+    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not tensors:
+        return grads
+    if not links:
+        links = [torch.empty(0, requires_grad=True)]
+    raising = torch._C._functions.DelayedError(_TWICE, len(tensors) + len(links))
+    outs = iter(raising(*tensors, *links))
+    return tuple(next(outs) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
 def reduce_rows(loss: torch.Tensor, row_weight: torch.Tensor, per_token: bool) -> torch.Tensor:
@@ -83,6 +152,7 @@ def loss_only(s, t, row_weight, spec: KDSpec, backend, per_token: bool) -> torch
     return reduce_rows(backend.loss_grad(s, t, row_weight, spec, None), row_weight, per_token)
 
 
+@differentiable_once
 class KDLossFunction(torch.autograd.Function):
     """(s, t, c) ↦ Σ_i c_i L_i  (or the vector c_i L_i when ``per_token``); gradient to ``s`` only."""
 
@@ -112,7 +182,6 @@ class KDLossFunction(torch.autograd.Function):
         return reduce_rows(loss, row_weight, per_token)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         if torch.compiler.is_compiling():

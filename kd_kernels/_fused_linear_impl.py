@@ -20,8 +20,9 @@ import math
 
 import torch
 
-from ._autograd import once_differentiable
-from ._backends import Backend
+from . import _compiled as compiled
+from ._autograd import differentiable_once
+from ._backends import Backend, get_backend
 from ._head import HeadTransform, head_logits
 from ._spec import KDSpec
 
@@ -88,6 +89,12 @@ def scale_head_grads(ctx, grad_loss: torch.Tensor) -> tuple:
     error rather than return a doubly scaled gradient."""
     grad_h, grad_w, grad_b = ctx.saved_tensors
     w_dtype, b_dtype = ctx.param_dtypes
+    if torch.compiler.is_compiling():  # a traced graph: out of place
+        return (
+            grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None,
+            (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None,
+        )
     if grad_h is not None:
         grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
     if grad_w is not None:
@@ -95,6 +102,19 @@ def scale_head_grads(ctx, grad_loss: torch.Tensor) -> tuple:
     if grad_b is not None:
         grad_b = grad_b.mul_(grad_loss).to(b_dtype)
     return grad_h, grad_w, grad_b
+
+def fold_chunk_grad(plan: _Rows, sel, g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor,
+                    grads: tuple) -> None:
+    """One chunk's logit gradient ``g`` folded into the head's (∂h, ∂W, ∂b) (None = not needed):
+    ∂h[sel] = g W, ∂W += gᵀ h, ∂b += Σ_rows g."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        plan.put(grad_h, sel, g @ w)
+    if grad_w is not None:
+        _accumulate_wgrad(grad_w, g, hc)
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=torch.float32)
+
 
 class _Rows:
     """The rows a loop visits: all of them (plain slices, no copies) or a compacted index of active
@@ -228,12 +248,7 @@ def kd_chunk_loop(
         if ds is not None:
             g.mul_(ds)  # ∂/∂z = ∂/∂y · σ (1 − tanh²)
             del ds
-        if need_h:
-            plan.put(grad_h, sel, g @ w_s)
-        if need_w:
-            _accumulate_wgrad(grad_w, g, hs)
-        if need_b:
-            grad_b += g.sum(0, dtype=torch.float32)
+        fold_chunk_grad(plan, sel, g, w_s, hs, (grad_h, grad_w, grad_b))
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
@@ -256,27 +271,58 @@ def kd_ce_loss_only(
 ):
     """(loss, kd, ce) without any gradient work (no_grad, or nothing requires grad)."""
     with torch.no_grad():
-        kd, ce, _ = kd_chunk_loop(
-            h_s.detach(),
-            w_s.detach(),
-            b_s.detach() if b_s is not None else None,
-            h_t,
-            w_t,
-            b_t,
-            kd_weight,
-            labels,
-            ce_scale,
-            ce_weight,
-            spec,
-            backend,
-            rows,
+        kd, ce, _ = kd_head_grads(
+            (h_s.detach(), w_s.detach(), b_s.detach() if b_s is not None else None, h_t, w_t, b_t,
+             kd_weight, labels, ce_scale),
+            (ce_weight, spec, backend, rows, s_tr, t_tr),
             (False, False, False),
-            s_tr,
-            t_tr,
         )
     return (kd + ce_weight * ce if ce_scale is not None else kd.clone()), kd, ce
 
 
+# ``torch.compile``: the chunk loops run inside ``kd_kernels::family`` (``_compiled.py``). The KD
+# families' scalar options travel as floats: spec (5), ce_weight, rows, need (3), s_tr (2),
+# t_tr (2).
+
+
+def _kd_options(options: tuple, need: tuple[bool, bool, bool]) -> list[float]:
+    ce_weight, spec, _, rows, s_tr, t_tr = options
+    return [*compiled.spec_options(spec), ce_weight, rows, *need, *compiled.head_options(s_tr),
+            *compiled.head_options(t_tr)]
+
+
+def _kd_decode(backend: str, o) -> tuple[tuple, tuple[bool, ...]]:
+    """(ce_weight, spec, backend, rows, s_tr, t_tr), need: the inverse of ``_kd_options``."""
+    options = (o[5], compiled.spec_from(o[:5]), get_backend(backend), int(o[6]),
+               compiled.head_from(o[10:12]), compiled.head_from(o[12:14]))
+    return options, tuple(bool(x) for x in o[7:10])
+
+
+def kd_head_grads(tensors: tuple, options: tuple, need: tuple[bool, bool, bool]):
+    """``kd_chunk_loop(*tensors, ce_weight, spec, backend, rows, need, s_tr, t_tr)``: (kd, ce,
+    (∂h, ∂W, ∂b)); ``tensors`` its first nine arguments, ``options`` (ce_weight, spec, backend,
+    rows, s_tr, t_tr). Under torch.compile through the custom op."""
+    ce_weight, spec, backend, rows, s_tr, t_tr = options
+    if not torch.compiler.is_compiling():
+        return kd_chunk_loop(*tensors, ce_weight, spec, backend, rows, need, s_tr, t_tr)
+    kd, ce, *grads = compiled.call("fused_kd", tensors, backend.name, _kd_options(options, need))
+    return kd, ce, tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _fused_kd_run(tensors, backend: str, o):
+    options, need = _kd_decode(backend, o)
+    kd, ce, grads = kd_head_grads(tuple(tensors), options, need)
+    return [kd, ce, *grads]
+
+
+def _fused_kd_fake(tensors, backend, o):
+    return compiled.head_grads_fake(tensors[0], tensors[1], o[7:10])
+
+
+compiled.register_family("fused_kd", _fused_kd_run, _fused_kd_fake)
+
+
+@differentiable_once
 class FusedLinearKDFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients only to the student's three
     tensors.
@@ -305,23 +351,10 @@ class FusedLinearKDFunction(torch.autograd.Function):
         t_tr: HeadTransform,
     ):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        kd, ce, grads = kd_chunk_loop(
-            h_s,
-            w_s,
-            b_s,
-            h_t,
-            w_t,
-            b_t,
-            kd_weight,
-            labels,
-            ce_scale,
-            ce_weight,
-            spec,
-            backend,
-            rows,
+        kd, ce, grads = kd_head_grads(
+            (h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_scale),
+            (ce_weight, spec, backend, rows, s_tr, t_tr),
             need,
-            s_tr,
-            t_tr,
         )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         save_head_grads(ctx, grads, w_s, b_s)
@@ -329,7 +362,6 @@ class FusedLinearKDFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 12
 
@@ -363,7 +395,12 @@ def kd_ce_rows(
     t_tr: HeadTransform = _IDENTITY,
 ):
     """Per-row (loss, kd, ce), each (N,) fp32, without gradient work: ``kd_i = c_i KD_i`` (0 where
-    c_i = 0), ``ce_i = v_i CE_i``, ``loss_i = kd_i + ce_weight · ce_i``."""
+    c_i = 0), ``ce_i = v_i CE_i``, ``loss_i = kd_i + ce_weight · ce_i``. Under torch.compile through
+    the custom op."""
+    if torch.compiler.is_compiling():
+        tensors = (h_s, w_s, b_s, h_t, w_t, b_t, kd_weight, labels, ce_valid)
+        options = _kd_options((ce_weight, spec, backend, rows, s_tr, t_tr), (False,) * 3)
+        return tuple(compiled.call("fused_kd_rows", tensors, backend.name, options))
     n, dev = h_s.shape[0], h_s.device
     kd = torch.zeros(n, dtype=torch.float32, device=dev)
     ce = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -391,6 +428,7 @@ def kd_ce_rows(
     return loss, kd, ce
 
 
+@differentiable_once
 class FusedLinearKDRowsFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ per-row (loss, kd, ce), each (N,); any upstream gradient
     on ``loss`` (``kd`` and ``ce`` are detached logging values)."""
@@ -423,7 +461,6 @@ class FusedLinearKDRowsFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         none = (None,) * 12
         if grad_loss is None:
@@ -441,29 +478,28 @@ class FusedLinearKDRowsFunction(torch.autograd.Function):
             labels = None
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         with torch.no_grad():
-            _, _, (grad_h, grad_w, grad_b) = kd_chunk_loop(
-                h_s,
-                w_s,
-                b_s,
-                h_t,
-                w_t,
-                b_t,
-                kd_w,
-                labels,
-                ce_s,
-                ce_weight,
-                spec,
-                backend,
-                rows,
+            _, _, (grad_h, grad_w, grad_b) = kd_head_grads(
+                (h_s, w_s, b_s, h_t, w_t, b_t, kd_w, labels, ce_s),
+                (ce_weight, spec, backend, rows, s_tr, t_tr),
                 need,
-                s_tr,
-                t_tr,
             )
         if grad_w is not None:
             grad_w = grad_w.to(w_s.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(b_s.dtype)
         return (grad_h, grad_w, grad_b) + none
+
+
+def _rows_run(tensors, backend: str, o):
+    options, _ = _kd_decode(backend, o)
+    return list(kd_ce_rows(*tensors, *options))
+
+
+def _rows_fake(tensors, backend, o):
+    return [tensors[0].new_empty(tensors[0].shape[0], dtype=torch.float32) for _ in range(3)]
+
+
+compiled.register_family("fused_kd_rows", _rows_run, _rows_fake)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,6 +561,7 @@ def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy
     return logp, ent, lse_all, plan
 
 
+@differentiable_once
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """(h, W, b) ↦ (log q(y) per token, entropy per token), both (N,) fp32, 0 on inactive rows."""
 
@@ -542,62 +579,117 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         tr: HeadTransform = _IDENTITY,
     ):
         inv_t = 1.0 / temperature
-        logp, ent, lse_all, plan = logprobs_pass(h, w, b, tokens, active, inv_t, rows, want_entropy, tr, True)
-        ctx.save_for_backward(h, w, b, tokens, plan.idx, lse_all, ent)
-        ctx.rows, ctx.inv_t, ctx.count, ctx.tr = rows, inv_t, plan.count, tr
+        if torch.compiler.is_compiling():
+            options = [inv_t, rows, want_entropy, *compiled.head_options(tr)]
+            logp, ent, lse = compiled.call("logprobs", (h, w, b, tokens, active), "", options)
+            ctx.save_for_backward(h, w, b, tokens, active, lse, ent)
+        else:
+            logp, ent, lse, plan = logprobs_pass(h, w, b, tokens, active, inv_t, rows, want_entropy,
+                                                 tr, True)
+            ctx.save_for_backward(h, w, b, tokens, plan.idx, lse, ent)
+            ctx.count = plan.count
+        ctx.rows, ctx.inv_t, ctx.tr, ctx.want_entropy = rows, inv_t, tr, want_entropy
         ctx.set_materialize_grads(False)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_logp, g_ent):
-        h, w, b, tokens, idx, lse_all, ent = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not ctx.want_entropy:
+            g_ent = None  # a compiled graph passes zeros for the non-differentiable output
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None, None, None, None
-        plan = _Rows(None, ctx.count)
-        plan.idx, plan.count = (
-            idx,
-            ctx.count,
-        )  # the same compacted rows as forward, without a second sync
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
-        pos = 0
-        for sel in plan.chunks(ctx.rows):
-            hc = plan.take(h, sel)
-            z, dydz = _logits_fp32(hc, w, b, ctx.inv_t, ctx.tr, want_deriv=True)
-            r = z.shape[0]
-            lse = lse_all[pos : pos + r, None]
-            pos += r
-            logq = z.sub_(lse)
-            q = logq.exp()
-            g = torch.zeros_like(q)
-            if g_ent is not None:
-                ge = plan.take(g_ent, sel)[:, None].float()
-                he = plan.take(ent, sel)[:, None]
-                # −g_H q (log q + H); where q = 0 the term is 0 (log q may be −inf)
-                g = torch.where(q > 0, q * (logq + he), g).mul_(-ge)
-            if g_logp is not None:
-                gl = plan.take(g_logp, sel)[:, None].float()
-                g.sub_(q * gl)
-                g.scatter_add_(1, plan.take(tokens, sel)[:, None], gl)
-            del z, q
-            g = g.mul_(ctx.inv_t)
-            if dydz is not None:
-                g = g.mul_(dydz)  # through the logit scale / softcap: ∂/∂z = ∂/∂y · ∂y/∂z
-            del dydz
-            g = g.to(h.dtype)
-            if need_h:
-                plan.put(grad_h, sel, g @ w)
-            if need_w:
-                _accumulate_wgrad(grad_w, g, hc)
-            if need_b:
-                grad_b += g.sum(0, dtype=torch.float32)
-        if grad_w is not None:
-            grad_w = grad_w.to(w.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(b.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+            return (None,) * 9
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        h, w, b, tokens, rows_or_idx, lse, ent = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            options = [ctx.inv_t, ctx.rows, *need, *compiled.head_options(ctx.tr)]
+            tensors = (h, w, b, tokens, rows_or_idx, lse, ent, g_logp, g_ent)
+            grads = compiled.call("logprobs_grad", tensors, "", options)
+            grads = [g if n else None for g, n in zip(grads, need)]
+        else:
+            plan = _Rows(None, ctx.count)
+            plan.idx = rows_or_idx  # the same compacted rows as forward, without a second sync
+            grads = logprobs_grads(h, w, b, tokens, plan, lse, ent, g_logp, g_ent, ctx.rows,
+                                   ctx.inv_t, ctx.tr, need)
+        return (*grads, None, None, None, None, None, None)
+
+
+def logprobs_grads(h, w, b, tokens, plan: _Rows, lse_all, ent, g_logp, g_ent, rows: int,
+                   inv_t: float, tr: HeadTransform, need) -> list:
+    """(∂h, ∂W, ∂b) of ``Σ g_logp · logp + g_ent · ent`` (None where not in ``need``), recomputing
+    each chunk's logits; ``lse_all`` the log-sum-exp of each row ``plan`` visits, in its order."""
+    need_h, need_w, need_b = need
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+    pos = 0
+    for sel in plan.chunks(rows):
+        hc = plan.take(h, sel)
+        z, dydz = _logits_fp32(hc, w, b, inv_t, tr, want_deriv=True)
+        r = z.shape[0]
+        lse = lse_all[pos : pos + r, None]
+        pos += r
+        logq = z.sub_(lse)
+        q = logq.exp()
+        g = torch.zeros_like(q)
+        if g_ent is not None:
+            ge = plan.take(g_ent, sel)[:, None].float()
+            he = plan.take(ent, sel)[:, None]
+            # −g_H q (log q + H); where q = 0 the term is 0 (log q may be −inf)
+            g = torch.where(q > 0, q * (logq + he), g).mul_(-ge)
+        if g_logp is not None:
+            gl = plan.take(g_logp, sel)[:, None].float()
+            g.sub_(q * gl)
+            g.scatter_add_(1, plan.take(tokens, sel)[:, None], gl)
+        del z, q
+        g = g.mul_(inv_t)
+        if dydz is not None:
+            g = g.mul_(dydz)  # through the logit scale / softcap: ∂/∂z = ∂/∂y · ∂y/∂z
+        del dydz
+        g = g.to(h.dtype)
+        fold_chunk_grad(plan, sel, g, w, hc, (grad_h, grad_w, grad_b))
+    if grad_w is not None:
+        grad_w = grad_w.to(w.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(b.dtype)
+    return [grad_h, grad_w, grad_b]
+
+
+# Under torch.compile: forward returns the log-sum-exp of every row (0 where inactive) instead of
+# the active rows' only (their number is data dependent); backward compacts it again.
+
+
+def _logprobs_run(tensors, backend, o):
+    h, w, b, tokens, active = tensors
+    logp, ent, lse, plan = logprobs_pass(h, w, b, tokens, active, o[0], int(o[1]), bool(o[2]),
+                                         compiled.head_from(o[3:5]), True)
+    full = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    plan.put(full, plan.idx if plan.idx is not None else slice(0, plan.count), lse)
+    return [logp, ent, full]
+
+
+def _logprobs_fake(tensors, backend, o):
+    h = tensors[0]
+    row = h.new_empty(h.shape[0], dtype=torch.float32)
+    return [row, row.clone() if o[2] else row.new_empty(0), row.clone()]
+
+
+def _logprobs_grad_run(tensors, backend, o):
+    h, w, b, tokens, active, lse, ent, g_logp, g_ent = tensors
+    plan = _Rows(active, h.shape[0])
+    lse = lse if plan.idx is None else lse.index_select(0, plan.idx)
+    need = tuple(bool(x) for x in o[2:5])
+    return logprobs_grads(h, w, b, tokens, plan, lse, ent, g_logp, g_ent, int(o[1]), o[0],
+                          compiled.head_from(o[5:7]), need)
+
+
+def _logprobs_grad_fake(tensors, backend, o):
+    h, w, b = tensors[:3]
+    need = [bool(x) for x in o[2:5]]
+    return [h.new_empty(h.shape) if need[0] else None, w.new_empty(w.shape) if need[1] else None,
+            b.new_empty(b.shape) if need[2] and b is not None else None]
+
+
+compiled.register_family("logprobs", _logprobs_run, _logprobs_fake)
+compiled.register_family("logprobs_grad", _logprobs_grad_run, _logprobs_grad_fake)

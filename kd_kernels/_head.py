@@ -27,7 +27,8 @@ def _positive(value: object, name: str, *, allow_none: bool) -> float | None:
     off = " or None (no softcap)" if allow_none else " (1.0 leaves the logits unscaled)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive float{off}, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons only (no math.isfinite): under torch.compile(dynamic=True) it may be a SymFloat.
+    if not (0 < value < math.inf):
         raise ValueError(f"{name}={value} must be a finite number > 0{off}")
     return float(value)
 

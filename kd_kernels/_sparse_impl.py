@@ -43,11 +43,12 @@ import math
 
 import torch
 
+from . import _compiled as compiled
 from . import _ext
-from ._autograd import once_differentiable
+from ._autograd import differentiable_once
 from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
-from ._fused_linear_impl import _accumulate_wgrad, _Rows, save_head_grads, scale_head_grads
+from ._fused_linear_impl import _Rows, fold_chunk_grad, save_head_grads, scale_head_grads
 from ._head import linear as _linear
 from ._backends.torch_backend import _TERMS
 from ._spec import KDSpec
@@ -249,8 +250,8 @@ def _triton_usable(device: torch.device) -> str | None:
     return "; ".join(reasons) if reasons else None
 
 
-def resolve_sparse_backend(name: object, device: torch.device) -> str:
-    """The sparse launcher to run on ``device``: ``name``, or the first usable one for "auto"."""
+def check_sparse_backend_name(name: object) -> str:
+    """``name`` is "auto" or a sparse launcher (no device needed: ``SparseKDLoss`` checks it when built)."""
     names = ("auto", *SPARSE_BACKENDS)
     if name == "cuda":
         raise BackendUnavailableError(
@@ -258,6 +259,12 @@ def resolve_sparse_backend(name: object, device: torch.device) -> str:
         )
     if not isinstance(name, str) or name not in names:
         raise ValueError(f"backend={name!r} is unknown; use one of {', '.join(map(repr, names))}")
+    return name
+
+
+def resolve_sparse_backend(name: object, device: torch.device) -> str:
+    """The sparse launcher to run on ``device``: ``name``, or the first usable one for "auto"."""
+    check_sparse_backend_name(name)
     if name == "auto":
         if device.type == "cpu" and _has_cpu_kernel():
             return "cpu"
@@ -292,6 +299,7 @@ def sparse_loss_grad(backend: str, s, ids, lp, row_weight, spec, tail, grad):
     return torch_sparse_loss_grad(s, ids, lp, row_weight, spec, tail, grad)
 
 
+@differentiable_once
 class SparseKDFunction(torch.autograd.Function):
     """(s, ids, lp, c) ↦ Σ_i c_i L_i (or the vector c_i L_i when ``per_token``); gradient to s only.
 
@@ -301,8 +309,11 @@ class SparseKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, lp, row_weight, spec: KDSpec, tail: Tail, backend: str, per_token):
         need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else None
-        loss = sparse_loss_grad(backend, s, ids, lp, row_weight, spec, tail, grad)
+        if torch.compiler.is_compiling():
+            options = [*compiled.spec_options(spec), int(tail), need_grad]
+            loss, grad = compiled.call("sparse", (s, ids, lp, row_weight), backend, options)
+        else:
+            loss, grad = _loss_and_grad(backend, s, ids, lp, row_weight, spec, tail, need_grad)
         weighted = torch.where(row_weight != 0, loss * row_weight, 0.0)
         if need_grad:
             ctx.save_for_backward(grad)
@@ -310,12 +321,34 @@ class SparseKDFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        scale = grad_out[:, None] if ctx.per_token else grad_out
+        scale = (grad_out[:, None] if ctx.per_token else grad_out).to(grad.dtype)
+        if torch.compiler.is_compiling():
+            return grad * scale, None, None, None, None, None, None, None
         # In place: the saved gradient is used once (a second backward raises a version error).
-        return grad.mul_(scale.to(grad.dtype)), None, None, None, None, None, None, None
+        return grad.mul_(scale), None, None, None, None, None, None, None
+
+
+def _loss_and_grad(backend: str, s, ids, lp, row_weight, spec: KDSpec, tail: Tail, need_grad):
+    """(per-row loss, gradient or None) of ``SparseKDFunction``."""
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_grad else None
+    return sparse_loss_grad(backend, s, ids, lp, row_weight, spec, tail, grad), grad
+
+
+def _sparse_run(tensors, backend: str, options):
+    """``_loss_and_grad`` inside ``kd_kernels::family``; options: spec, tail, need_grad."""
+    spec, tail = compiled.spec_from(options[:5]), Tail(int(options[5]))
+    return _loss_and_grad(backend, *tensors, spec, tail, bool(options[6]))
+
+
+def _sparse_fake(tensors, backend, options):
+    s = tensors[0]
+    grad = s.new_empty(s.shape) if options[6] else None
+    return s.new_empty(s.shape[0], dtype=torch.float32), grad
+
+
+compiled.register_family("sparse", _sparse_run, _sparse_fake)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,15 +399,11 @@ def sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, 
         if ce_grad is not None:
             g.add_(ce_grad)
             del ce_grad
-        if need_h:
-            plan.put(grad_h, sel, g @ w)
-        if need_w:
-            _accumulate_wgrad(grad_w, g, hc)
-        if need_b:
-            grad_b += g.sum(0, dtype=torch.float32)
+        fold_chunk_grad(plan, sel, g, w, hc, (grad_h, grad_w, grad_b))
     return kd_total, ce_total, (grad_h, grad_w, grad_b)
 
 
+@differentiable_once
 class FusedLinearSparseKDFunction(torch.autograd.Function):
     """(h, W, b) ↦ (loss, kd, ce); gradients computed in forward, backward only scales them."""
 
@@ -382,14 +411,38 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     def forward(ctx, h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail,
                 backend, rows):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        kd, ce, grads = sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale,
-                                          ce_weight, spec, tail, backend, rows, need)
+        kd, ce, grads = sparse_head_grads((h, w, b, ids, lp, kd_weight, labels, ce_scale),
+                                          (ce_weight, spec, tail, backend, rows), need)
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         save_head_grads(ctx, grads, w, b)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 10
+
+
+def sparse_head_grads(tensors: tuple, options: tuple, need: tuple[bool, bool, bool]):
+    """``sparse_chunk_loop(*tensors, *options, need)``: (kd, ce, (∂h, ∂W, ∂b)); ``tensors`` (h,
+    W, b, ids, lp, kd_weight, labels, ce_scale), ``options`` (ce_weight, spec, tail, backend, rows).
+    Under torch.compile through the custom op ``kd_kernels::family``."""
+    if not torch.compiler.is_compiling():
+        return sparse_chunk_loop(*tensors, *options, need)
+    ce_weight, spec, tail, backend, rows = options
+    floats = [*compiled.spec_options(spec), ce_weight, int(tail), rows, *need]
+    kd, ce, *grads = compiled.call("fused_sparse", tensors, backend, floats)
+    return kd, ce, tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _fused_sparse_run(tensors, backend: str, o):
+    options = (o[5], compiled.spec_from(o[:5]), Tail(int(o[6])), backend, int(o[7]))
+    kd, ce, grads = sparse_chunk_loop(*tensors, *options, tuple(bool(x) for x in o[8:11]))
+    return [kd, ce, *grads]
+
+
+def _fused_sparse_fake(tensors, backend, o):
+    return compiled.head_grads_fake(tensors[0], tensors[1], o[8:11])
+
+
+compiled.register_family("fused_sparse", _fused_sparse_run, _fused_sparse_fake)

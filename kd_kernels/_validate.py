@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_untransformed(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` is a plain tensor: not inside a ``torch.func`` transform (vmap, grad, jvp, jacrev...)
+    nor a forward-mode dual. The kernels read raw memory and compute one precomputed gradient: under
+    a transform they would fail on a storage-less tensor, or (a dual) silently drop the tangent."""
+    if torch.compiler.is_compiling():
+        return x
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(x)
+    if wrapped or fwAD.unpack_dual(x).tangent is not None:
+        raise NotImplementedError(
+            f"{name} is inside a torch.func transform (vmap, grad, jvp, jacrev, ...) or is a "
+            "forward-mode dual tensor: kd_kernels losses do not support functorch transforms or "
+            "forward-mode AD; compute the loss with plain PyTorch ops (kd_kernels.reference) "
+            "for that"
+        )
+    return x
+
+
 def check_float_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_untransformed(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {x.dtype}; kd_kernels takes float32, bfloat16 or float16 "

@@ -96,7 +96,8 @@ _FUSED_DOC = """
             where masked; CE_i = 0 where the label is -100), for any upstream gradient (a reward,
             an advantage, per-sequence weights). ``"none"`` saves only the inputs and recomputes
             each chunk's logits in backward (one extra logits pass; no ``(N, V)`` tensor kept).
-        labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored). Adds
+        labels: optional integer ``(...)`` next-token ids in ``[0, V)`` or -100 (ignored); the range
+            is checked eagerly only (not under ``torch.compile``: README "torch.compile"). Adds
             ``ce_weight · CE`` where CE is the hard-label cross-entropy ``−log softmax(s)[label]``
             of the student logits over the tokens with a valid label (and, if a mask is given, mask
             True); reduced like KD: "mean" divides by the number of those tokens (0 if none), "sum"
@@ -131,6 +132,7 @@ _FUSED_DOC = """
 def _float_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    V.check_untransformed(x, name)
     if x.dtype not in V.FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {x.dtype}; kd_kernels takes float32, bfloat16 or float16 "
@@ -218,6 +220,8 @@ def _check_labels(
     """Integer ids of shape ``lead`` in [0, vocab), or ``ignore_index``; positions where ``free`` is
     True may hold anything."""
     labels = _check_id_tensor(labels, name, lead, device)
+    if torch.compiler.is_compiling():
+        return labels  # the range check reads the data (a host sync): eager only
     if ignore_index is None and free is None and labels.numel() > 0:
         lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
         if 0 <= int(lo) and int(hi) < vocab:
@@ -482,7 +486,8 @@ def fused_linear_logprobs(
     Args:
         hidden: ``(..., D)`` float32 / bfloat16 / float16.
         weight: ``(V, D)`` lm_head weight, same dtype; its gradient is accumulated in fp32.
-        tokens: integer ``(...)`` ids in ``[0, V)`` (anything where ``mask`` is False).
+        tokens: integer ``(...)`` ids in ``[0, V)`` (anything where ``mask`` is False); checked
+            eagerly only (not under ``torch.compile``).
         bias: optional ``(V,)``, the weight's dtype.
         temperature: divides the logits (> 0).
         mask: bool ``(...)``, True where the token counts; masked tokens return 0 (and get no
@@ -529,7 +534,9 @@ def fused_linear_logprobs(
         safe = torch.where(active, safe, torch.zeros_like(safe))
     rows = chunk_rows(n, w.shape[0], 3 * 4 + tr.extra_bytes_per_entry, chunk_size, h.device)
     h2 = h.reshape(n, h.shape[-1])
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h2, w, b)):
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h2, w, b))
+    # Under torch.compile the autograd Function runs the loop inside the custom op (either way).
+    if grad or torch.compiler.is_compiling():
         logp, ent = FusedLinearLogprobsFunction.apply(
             h2, w, b, safe, active, float(temperature), rows, return_entropy, tr
         )

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as V
-from ._autograd import once_differentiable
+from ._autograd import differentiable_once
 from ._backends import BACKEND_NAMES, BackendUnavailableError
 from ._backends import _vocab_parallel as vp
 from ._fused_linear_impl import save_head_grads, scale_head_grads
@@ -420,6 +420,7 @@ def _active_rows(c: torch.Tensor, ce_scale: torch.Tensor | None) -> torch.Tensor
     return c != 0 if ce_scale is None else (c != 0) | (ce_scale != 0)
 
 
+@differentiable_once
 class _FusedFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ (loss, kd, ce); gradients computed in forward, backward
     only scales them."""
@@ -470,7 +471,6 @@ class _FusedFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         return scale_head_grads(ctx, grad_loss) + (None,) * 14
 
@@ -808,6 +808,7 @@ def _global_labels(p: dict, v_total: int) -> tuple[torch.Tensor | None, torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
+@differentiable_once
 class _LogitsFunction(torch.autograd.Function):
     """(s shard, t shard, c) ↦ Σ_i c_i L_i (or c_i L_i per token); gradient to the s shard."""
 
@@ -830,7 +831,6 @@ class _LogitsFunction(torch.autograd.Function):
         return weighted if per_token else weighted.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out[:, None] if ctx.per_token else grad_out

@@ -17,8 +17,9 @@ from ._sparse_impl import (
     FusedLinearSparseKDFunction,
     SparseKDFunction,
     Tail,
+    check_sparse_backend_name,
     resolve_sparse_backend,
-    sparse_chunk_loop,
+    sparse_head_grads,
 )
 from ._spec import DEFAULT_DIVERGENCE, Divergence, KDSpec, check_ce_weight
 from .fused_linear import (
@@ -32,6 +33,9 @@ from .fused_linear import (
 __all__ = ["SparseKDLoss", "fused_linear_sparse_kd", "sparse_kd", "teacher_topk"]
 
 TAILS = ("bucket", "renormalize", "ignore")
+# A row's teacher mass Σ_k exp(teacher_logprobs) may exceed 1 by this much (rounding of top-k log-probs
+# stored in bf16 / fp16); beyond it the log-probs are not a distribution's and the call raises.
+MASS_TOLERANCE = 1e-2
 
 _SPARSE_DOC = """
     Args:
@@ -61,8 +65,11 @@ _SPARSE_DOC = """
             ``"cpu"`` on CPU tensors and ``"triton"`` on GPUs (there is no separate CUDA kernel).
 
     The teacher never receives a gradient. Bad ids (outside ``[0, V)``), duplicate ids without
-    ``tail="ignore"`` and positive log-probs (logits passed by mistake) raise a ValueError naming
-    the first offending row (one host sync per call for these checks).
+    ``tail="ignore"``, positive log-probs (logits passed by mistake) and, without
+    ``tail="ignore"``, a row whose probabilities sum above ``1 + MASS_TOLERANCE`` (0.01, room for
+    bf16 / fp16 rounding of the stored log-probs) raise a ValueError naming the first offending row
+    (one host sync per call for these checks; eagerly only: under ``torch.compile`` they are
+    skipped, README "torch.compile").
 """
 
 
@@ -118,6 +125,7 @@ def _check_teacher(
     if ids.shape[-1] == 0:
         raise ValueError("teacher_ids has K=0 entries per row; pass at least one id per token")
     for x, name in ((ids, "teacher_ids"), (lp, "teacher_logprobs")):
+        V.check_untransformed(x, name)
         if x.device != device:
             raise ValueError(
                 f"{name} is on {x.device} but student_logits on {device}; move it with .to()"
@@ -125,10 +133,12 @@ def _check_teacher(
     n, k = lead.numel(), ids.shape[-1]
     ids2 = ids.reshape(n, k).long().contiguous()
     lp2 = lp.detach().reshape(n, k).float().contiguous()
+    if torch.compiler.is_compiling():
+        return ids2, lp2  # the value checks read the data (a host sync): eager only
     counted = lp2 != -math.inf
     if active is not None:
         counted &= active.reshape(n, 1)
-    # One host sync for the three value checks together.
+    # One host sync for the value checks together.
     bad_id = counted & ((ids2 < 0) | (ids2 >= vocab))
     bad_lp = counted & (lp2 > 0)
     dup = torch.zeros(n, dtype=torch.bool, device=device)
@@ -137,31 +147,48 @@ def _check_teacher(
         sentinel = -1 - torch.arange(k, device=device).expand(n, k)
         srt = torch.where(counted, ids2, sentinel).sort(-1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1)
-    flags = torch.stack([bad_id.any(-1), bad_lp.any(-1), dup])
+    # Σ exp(log-probs) of distinct ids is at most 1; tail='ignore' takes samples, which may repeat.
+    mass = torch.where(counted, lp2, -math.inf).exp().sum(-1)
+    over = mass > 1.0 + MASS_TOLERANCE if tail != Tail.IGNORE else torch.zeros_like(dup)
+    flags = torch.stack([bad_id.any(-1), bad_lp.any(-1), dup, over])
     if bool(flags.any()):
-        which = flags.any(-1).tolist()
-        if which[0]:
-            r = int(bad_id.any(-1).nonzero()[0])
-            val = int(ids2[r][bad_id[r]][0])
-            raise ValueError(
-                f"teacher_ids {_row_name(r, lead)} holds {val}, outside [0, {vocab}) (V={vocab}); "
-                "ids of padded entries (log-prob -inf) may be anything, the others must be "
-                "student vocabulary ids"
-            )
-        if which[1]:
-            r = int(bad_lp.any(-1).nonzero()[0])
-            val = float(lp2[r][bad_lp[r]][0])
-            raise ValueError(
-                f"teacher_logprobs {_row_name(r, lead)} holds {val} > 0; pass log-probabilities "
-                "(the teacher's log_softmax, ≤ 0; -inf = padding), not logits"
-            )
-        r = int(dup.nonzero()[0])
+        _raise_teacher_error(flags, ids2, lp2, bad_id, bad_lp, mass, lead, vocab)
+    return ids2, lp2
+
+
+def _raise_teacher_error(flags, ids2, lp2, bad_id, bad_lp, mass, lead, vocab) -> None:
+    """The ValueError for the first failed check of ``_check_teacher`` (rows of ``flags``: bad id,
+    positive log-prob, duplicate id, mass above 1)."""
+    which = flags.any(-1).tolist()
+    if which[0]:
+        r = int(bad_id.any(-1).nonzero()[0])
+        val = int(ids2[r][bad_id[r]][0])
+        raise ValueError(
+            f"teacher_ids {_row_name(r, lead)} holds {val}, outside [0, {vocab}) (V={vocab}); "
+            "ids of padded entries (log-prob -inf) may be anything, the others must be "
+            "student vocabulary ids"
+        )
+    if which[1]:
+        r = int(bad_lp.any(-1).nonzero()[0])
+        val = float(lp2[r][bad_lp[r]][0])
+        raise ValueError(
+            f"teacher_logprobs {_row_name(r, lead)} holds {val} > 0; pass log-probabilities "
+            "(the teacher's log_softmax, ≤ 0; -inf = padding), not logits"
+        )
+    if which[2]:
+        r = int(flags[2].nonzero()[0])
         raise ValueError(
             f"teacher_ids {_row_name(r, lead)} holds the same id twice; ids must be distinct within "
             "a row for tail='bucket' / 'renormalize' (duplicates are allowed only with "
             "tail='ignore', the sampled-token estimator)"
         )
-    return ids2, lp2
+    r = int(flags[3].nonzero()[0])
+    raise ValueError(
+        f"teacher_logprobs {_row_name(r, lead)} sums to {float(mass[r]):.6g} in probability "
+        f"(Σ exp(teacher_logprobs) > 1 + {MASS_TOLERANCE:g}, the rounding tolerance); pass the "
+        "teacher's log_softmax over its full vocabulary, gathered at the top-k ids (not "
+        "log-probs renormalized over a different support, nor logits)"
+    )
 
 
 def sparse_kd(
@@ -283,9 +310,9 @@ def fused_linear_sparse_kd(
         loss, kd, ce = FusedLinearSparseKDFunction.apply(*args)
     else:
         with torch.no_grad():
-            kd, ce, _ = sparse_chunk_loop(h2.detach(), w.detach(),
-                                          bias.detach() if bias is not None else None,
-                                          *args[3:], (False, False, False))
+            kd, ce, _ = sparse_head_grads(
+                (h2.detach(), w.detach(), bias.detach() if bias is not None else None, *args[3:8]),
+                args[8:], (False, False, False))
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
@@ -357,7 +384,7 @@ class SparseKDLoss(nn.Module):
         _check_tail(tail, self.spec.divergence)
         self.alpha, self.beta, self.tail = alpha, beta, tail
         self.reduction = V.check_reduction(reduction)
-        self.backend = backend
+        self.backend = check_sparse_backend_name(backend)
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None,
                 token_weights=None) -> torch.Tensor:
