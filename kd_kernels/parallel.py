@@ -495,6 +495,7 @@ def _fused_rows(*args):
     return loss, kd, ce
 
 
+@differentiable_once
 class _FusedRowsFunction(torch.autograd.Function):
     """(h_s, W_s, b_s, h_t, W_t, b_t) ↦ per-row (loss, kd, ce), each (N,); any upstream gradient
     on ``loss``, the same on every rank (as the loss is)."""
@@ -508,7 +509,6 @@ class _FusedRowsFunction(torch.autograd.Function):
         return loss, kd, ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         h_s, w_s, b_s, h_t, w_t, b_t, c, labels, ce_scale = ctx.saved_tensors
         g = grad_loss.float()
