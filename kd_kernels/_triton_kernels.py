@@ -4,7 +4,7 @@ Imported only by ``kd_kernels/_backends/triton_backend.py`` when that backend ru
 never imports triton. One program per row; the vocabulary is walked in blocks of ``BLOCK_V`` columns, so any V
 works (262144 and beyond) with a fixed register footprint.
 
-Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
+Notation as in ``docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
 ``q = e^ℓq``, ``p = e^ℓp``, ``0·log 0 = 0``. The per-element formulas mirror ``csrc/include/kd_kernels/kd_math.h``
 (same edge cases) so the compiled backends agree on every edge case:
 
