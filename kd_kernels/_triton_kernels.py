@@ -20,7 +20,7 @@ Base 2 (the hardware's exponential and logarithm): every exponential is ``2^((x 
 ``λ = ℓ / ln 2`` and converts losses and gradient coefficients to natural units with scalar factors ``ln 2``.
 Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2), ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2) and
 ``_fast_div`` is ``div.approx.f32`` (MUFU.RCP and a multiply); under the interpreter they are numpy's (see
-``HW_MUFU``). Counts per element before and after: docs/BENCHMARKS.md "Triton instruction counts".
+``HW_MUFU``). Counts per element: docs/BENCHMARKS.md "Triton instruction counts".
 
 Precision: log-probabilities are formed as ``λq = (x − m_s)·scale2 − log2 Z_s``, never as ``x̃ − LSE_s``, and
 the scale is applied to the difference ``x − m``, never to a logit. With logits of magnitude ~3e3 the fp32 value
