@@ -1,5 +1,6 @@
-"""Where the public cpu call's time beyond the kernel goes (docs/BENCHMARKS.md, "2026-12-02: the public call at
-2x torch.compile"): 1024 x 32000 fp32 reverse KL, 2 threads, medians of 7 after a warm-up call.
+"""Where the public cpu call's time beyond the kernel goes (docs/BENCHMARKS.md, "CPU kernel";
+benchmarks/results/NOTES.md, "2026-12-02: the public CPU call at 2x torch.compile"): 1024 x 32000 fp32
+reverse KL, 2 threads, medians of 7 after a warm-up call.
 
     python benchmarks/cpu_first_touch.py
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU session check for kd_kernels (shared/docs/GPU.md), sized so that a lent GPU machine finishes it in ONE
+# GPU session check for kd_kernels (docs/BENCHMARKS.md), sized so that a lent GPU machine finishes it in ONE
 # device call (one command may run 10 minutes, a task has 15 minutes of device time in all). Stages, in this
 # order, each under `timeout` with its own budget (seconds; env GC_BUDGET_<STAGE> overrides, the defaults add up
 # to 540 s, the estimates printed in plan.txt to about 415 s):

@@ -9,7 +9,7 @@ validated public functions.
 Everything here takes already-validated, flattened tensors: hidden states ``(N, D)``, weights ``(V,
 D)``, biases ``(V,)`` or None, per-row fp32 factors ``(N,)``.
 
-Math (shared/docs/MATH.md, "Fused linear"): ``s = h_s W_sᵀ + b_s``, ``t = h_t W_tᵀ + b_t`` per chunk
+Math (docs/MATH.md, "Fused linear"): ``s = h_s W_sᵀ + b_s``, ``t = h_t W_tᵀ + b_t`` per chunk
 of rows; the backend writes ``G = ∂loss/∂s`` over the chunk's student logits; then ``∂/∂h_s = G
 W_s``, ``∂/∂W_s += Gᵀ h_s``, ``∂/∂b_s += Σ_rows G``. The full ``(N, V)`` logits never exist.
 """

@@ -5,7 +5,7 @@ Shared by every fused-linear loss (KD, per-token KD, token log-probabilities; th
 scale σ and softcap c once, ``head_logits`` computes one chunk's transformed logits (and, for the
 student, ``∂y/∂z`` to fold into the chunk's gradient).
 
-Math (shared/docs/MATH.md, "Model-exact logits"): ``z = h Wᵀ + b``; Cohere multiplies by
+Math (docs/MATH.md, "Model-exact logits"): ``z = h Wᵀ + b``; Cohere multiplies by
 ``logit_scale`` σ, Gemma 2 caps with ``final_logit_softcapping`` c, in that order:
 ``y = c · tanh(σ z / c)``, ``∂y/∂z = σ (1 − tanh²(σ z / c))``; σ = 1 and c = None (∞) mean off. Without
 a softcap ``y = σ z`` and ``∂y/∂z = σ``.

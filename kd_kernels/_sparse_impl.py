@@ -1,7 +1,7 @@
 """Sparse-teacher KD: launchers, autograd glue and the fused-linear chunk loop (public functions in
 ``sparse.py``).
 
-Math: shared/docs/MATH.md, "Sparse teachers". Per row the teacher is K ids ``i_k`` with log-probs
+Math: docs/MATH.md, "Sparse teachers". Per row the teacher is K ids ``i_k`` with log-probs
 ``ℓ_k`` (−inf = padding); the student is dense, ``q = softmax(s/T)``. The divergence D compares
 categories: "bucket" the K ids plus the tail (everything else), "renormalize" the K ids
 renormalized on both sides, "ignore" (forward KL only) ``Σ_k p_k (ℓ_k − log q_{i_k})``.

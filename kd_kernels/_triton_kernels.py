@@ -4,7 +4,7 @@ Imported only by ``kd_kernels/_backends/triton_backend.py`` when that backend ru
 never imports triton. One program per row; the vocabulary is walked in blocks of ``BLOCK_V`` columns, so any V
 works (262144 and beyond) with a fixed register footprint.
 
-Notation as in ``shared/docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
+Notation as in ``docs/MATH.md``: ``a = s/T``, ``b = t/T`` (fp32), ``ℓq = a − LSE_s``, ``ℓp = b − LSE_t``,
 ``q = e^ℓq``, ``p = e^ℓp``, ``0·log 0 = 0``. The per-element formulas mirror ``csrc/include/kd_kernels/kd_math.h``
 (same edge cases) so the compiled backends agree on every edge case:
 
@@ -20,7 +20,7 @@ Base 2 (the hardware's exponential and logarithm): every exponential is ``2^((x 
 ``λ = ℓ / ln 2`` and converts losses and gradient coefficients to natural units with scalar factors ``ln 2``.
 Compiled, ``tl.exp2`` is ``ex2.approx.ftz.f32`` (MUFU.EX2), ``_lg2`` is ``lg2.approx.ftz.f32`` (MUFU.LG2) and
 ``_fast_div`` is ``div.approx.f32`` (MUFU.RCP and a multiply); under the interpreter they are numpy's (see
-``HW_MUFU``). Counts per element before and after: docs/BENCHMARKS.md "Triton instruction counts".
+``HW_MUFU``). Counts per element: docs/BENCHMARKS.md "Triton instruction counts".
 
 Precision: log-probabilities are formed as ``λq = (x − m_s)·scale2 − log2 Z_s``, never as ``x̃ − LSE_s``, and
 the scale is applied to the difference ``x − m``, never to a logit. With logits of magnitude ~3e3 the fp32 value

@@ -1,5 +1,5 @@
 """Triton kernel and launcher of sparse-teacher KD (the "triton" sparse backend; GPU, or CPU tensors under
-TRITON_INTERPRET=1). Math: shared/docs/MATH.md "Sparse teachers"; the same formulas as
+TRITON_INTERPRET=1). Math: docs/MATH.md "Sparse teachers"; the same formulas as
 ``_sparse_impl.py`` (torch) and ``csrc/cpu/kd_sparse_kernels.cpp``, in fp32.
 
 One program per row. The launcher sorts each row's valid ids ascending (padding last), so the kernel meets

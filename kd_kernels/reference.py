@@ -1,7 +1,7 @@
 """Plain PyTorch definitions of every divergence: the ground truth of the tests.
 
 Readable, unfused and dtype-generic (the tests run it in float64). Every formula is the one in
-``shared/docs/MATH.md``; nothing here is tuned for speed or memory.
+``docs/MATH.md``; nothing here is tuned for speed or memory.
 
 Each ``*_per_token`` function takes student logits ``s`` and teacher logits ``t`` of shape ``(..., V)`` and
 returns the per-token divergence of shape ``(...)``. ``kd_loss`` adds temperature, mask, token weights and

@@ -1,5 +1,5 @@
 """The compiled cpu kernel itself (``get_backend("cpu").loss_grad``), every divergence of kd_math.h, against
-float64 definitions written out here from shared/docs/MATH.md ("Divergences", "More divergences", the
+float64 definitions written out here from docs/MATH.md ("Divergences", "More divergences", the
 interpolated teacher), differentiated by autograd; and the decided NaN semantics for non-distributions.
 
 Independent of the public API (validated by kd_kernels.losses): specs are built directly, so these tests pin

@@ -5,7 +5,7 @@
 //   loss[i] = L_i (unweighted, fp32);  grad row i = row_weight[i] / T · ∂L_i/∂s̃_i in the student's dtype;
 //   rows with row_weight[i] == 0 are not read (loss 0, gradient row zero-filled); grad may alias s.
 //
-// The math is shared/docs/MATH.md, through the one definition per divergence in kd_math.h (DivDef,
+// The math is docs/MATH.md, through the one definition per divergence in kd_math.h (DivDef,
 // stats_*, stream_grad, center_terms, center_grad: the same the CUDA kernels run). Two row functions follow
 // from it, one per kind of divergence:
 //

@@ -1,6 +1,6 @@
 // kd_sparse.h — sparse-teacher KD on the CPU: the teacher is K ids and their log-probs per row.
 //
-// Math: shared/docs/MATH.md, "Sparse teachers"; the launcher is kd_kernels/_sparse_impl.py (same
+// Math: docs/MATH.md, "Sparse teachers"; the launcher is kd_kernels/_sparse_impl.py (same
 // contract as its torch backend). csrc/cpu/kd_sparse_kernels.cpp is compiled once per x86-64 level like
 // kd_cpu_kernels.cpp; kd_sparse_dispatch.cpp checks the arguments and runs the level kd::cpu::active_isa()
 // names, so _set_cpu_isa switches both kernels.

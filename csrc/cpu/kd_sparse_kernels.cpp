@@ -2,7 +2,7 @@
 // work item. Compiled once per x86-64 level (-DKD_CPU_ISA=<namespace>, the matching -march) like
 // kd_cpu_kernels.cpp. Contract: kd_sparse.h / kd_kernels/_sparse_impl.py.
 //
-// Math (shared/docs/MATH.md, "Sparse teachers"). Row: student s̃ = s/T (dense, V entries), teacher ids i_k
+// Math (docs/MATH.md, "Sparse teachers"). Row: student s̃ = s/T (dense, V entries), teacher ids i_k
 // with log-probs ℓ_k (−inf = padding), support S = the valid ids. Categories c (the K ids, plus the tail for
 // "bucket"), student / teacher log-probs ℓq̄_c, ℓp̄_c; D(p̄, q̄); a_c = ∂D/∂ℓq̄_c = q̄_c u_c, A = Σ_c a_c:
 //   bucket       ∂D/∂s̃_j = a_k − q_j A  (j = i_k ∈ S),   q_j (u_tail − A)  (j ∉ S)

@@ -1,6 +1,6 @@
 // kd_rows.cuh — the fused loss + gradient row kernel of every divergence, and its typed launcher.
 //
-// Math: shared/docs/MATH.md; every divergence is its one definition in kd_math.h (DivDef, stats_*, stream_grad,
+// Math: docs/MATH.md; every divergence is its one definition in kd_math.h (DivDef, stats_*, stream_grad,
 // center_terms, center_grad), shared with the CPU kernels; the passes below are derived from it.
 // Per row i with weight w_i (0 = masked: not read, loss 0, gradient row 0), temperature T:
 //   loss[i] = L_i (unweighted, fp32),   grad row i = (w_i / T) · ∂L_i/∂s̃  (student dtype, may alias s).

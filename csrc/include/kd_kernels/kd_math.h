@@ -2,7 +2,7 @@
 //
 // Included by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda): every function is an inline
 // host-device function with no dependency on torch, so the CPU tests exercise the very formulas the GPU runs.
-// Notation and formulas follow shared/docs/MATH.md:
+// Notation and formulas follow docs/MATH.md:
 //   s̃ = s/T, t̃ = t/T, ℓq = s̃ − LSE_s, ℓp = t̃ − LSE_t, q = e^ℓq, p = e^ℓp, 0·log 0 = 0.
 #pragma once
 
