@@ -137,7 +137,8 @@ class MiniLLM(Method):
     Steps come in rounds: a round samples ``--minillm-rollouts`` responses (prompts and sampling seeds
     are a function of (seed, round, rank)), scores them once with the round's starting student
     (``q_old``) and the teacher, and then takes ``--minillm-ppo-epochs`` shuffled passes over them in
-    minibatches of ``--batch-size``, one optimizer step each. Advantages are whitened as the official
+    minibatches of ``--batch-size``, one optimizer step each (a last, partial minibatch is dropped, as
+    LMOps's ``drop_last=True``). Advantages are whitened as the official
     code does (``--minillm-whiten block``): per minibatch, over its padded ``(B × --max-new-tokens)``
     response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
     round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
@@ -149,7 +150,19 @@ class MiniLLM(Method):
 
     @staticmethod
     def steps_per_round(cfg) -> int:
-        return cfg.minillm_ppo_epochs * math.ceil(cfg.minillm_rollouts / cfg.batch_size)
+        """``epochs × floor(rollouts / batch)``: the last, partial minibatch of an epoch is dropped."""
+        if cfg.minillm_rollouts < cfg.batch_size:
+            raise ValueError(f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
+                             f"{cfg.batch_size}: a round would hold no full PPO minibatch; raise "
+                             "--minillm-rollouts or lower --batch-size")
+        return cfg.minillm_ppo_epochs * (cfg.minillm_rollouts // cfg.batch_size)
+
+    @staticmethod
+    def epoch_minibatches(perm: list[int], batch_size: int) -> list[list[int]]:
+        """One PPO epoch's shuffled rollouts cut into minibatches as LMOps's loader does
+        (``drop_last=True``: a last, partial minibatch is left out of this epoch)."""
+        full = len(perm) - len(perm) % batch_size
+        return [perm[i:i + batch_size] for i in range(0, full, batch_size)]
 
     def batch(self, run, step):
         cfg = run.cfg
@@ -225,7 +238,7 @@ class MiniLLM(Method):
         for epoch in range(cfg.minillm_ppo_epochs):
             g = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank, epoch + 7))
             perm = torch.randperm(len(examples), generator=g).tolist()
-            order += [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+            order += self.epoch_minibatches(perm, cfg.batch_size)
         minibatches = []
         for group in order:
             sel = torch.tensor(group, device=run.device)
@@ -265,7 +278,7 @@ class MiniLLM(Method):
         loss, parts = minillm_loss(
             s, t, batch["targets"], batch["mask"], batch["old_logp"], batch["log_w"], batch["adv"],
             clip=cfg.minillm_clip, rollout_temperature=cfg.minillm_temperature,
-            temperature=cfg.temperature, chunk_size=cfg.chunk_size or None, backend=cfg.backend)
+            chunk_size=cfg.chunk_size or None, backend=cfg.backend)
         if cfg.minillm_pt:
             pt = {k[3:]: v for k, v in batch.items() if k.startswith("pt_")}
             pt_targets, pt_mask = shift_targets(pt["labels"])
