@@ -8,13 +8,13 @@ one class with ``@register("name")``.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
 import torch
 
 from .data import Example, batch_indices, build_example, collate, shift_targets
+from . import distillm
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
 from .gkd import full_loss, sampled_token_loss
 from .losses import Head, ce_loss, kd_mix_loss, sparse_mix_loss
@@ -404,21 +404,26 @@ class GKD(Method):
 
 @torch.no_grad()
 def valid_ce(run) -> float:
-    """The student's CE on the validation references, DistiLLM's schedule signal as the official code
-    computes it: the mean over validation batches (``--batch-size`` each) of each batch's token-mean
-    CE (not the token mean over the whole split: a short batch weighs as much as a long one)."""
+    """The student's CE on the validation references, DistiLLM's schedule signal as the official
+    ``evaluate`` computes it: batches of ``VALID_BATCH_SIZE`` (its ``--eval-batch-size``, not
+    ``--batch-size``) laid out over ``run.world`` ranks as its ``DistributedSampler`` does
+    (:func:`distillm.valid_batches`); per step the mean over ranks of each batch's token-mean CE, then
+    the mean over steps (not the token mean over the split: a short batch weighs as much as a long
+    one). Every rank computes all ranks' batches, so all agree without a collective."""
     examples = run.examples("valid")
-    if not examples:
-        raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
-                         "--max-prompts")
+    steps = distillm.valid_batches(len(examples), run.world, distillm.VALID_BATCH_SIZE)
     student = run.models.student
     was_training = student.training
     student.eval()
     means = []
-    for start in range(0, len(examples), run.cfg.batch_size):
-        batch = run.to_device(collate(examples[start:start + run.cfg.batch_size], run.pad_id))
-        targets, mask = shift_targets(batch["labels"])
-        means.append(float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)))
+    for ranks in steps:
+        per_rank = []
+        for chosen in ranks:
+            batch = run.to_device(collate([examples[i] for i in chosen], run.pad_id))
+            targets, mask = shift_targets(batch["labels"])
+            per_rank.append(float(ce_loss(head(student, batch), targets, mask,
+                                          chunk_size=run.cfg.chunk_size)))
+        means.append(sum(per_rank) / len(per_rank))
     student.train(was_training)
     return sum(means) / len(means)
 
@@ -441,7 +446,8 @@ class DistiLLM(Method):
         cfg = run.cfg
         if cfg.distillm_check_every > 0:
             return cfg.distillm_check_every
-        return max(1, math.ceil(len(run.train_examples) / (cfg.batch_size * run.world)))
+        # the official train_iters_per_epoch: int(N / (batch · world)), its loader dropping the rest
+        return max(1, len(run.train_examples) // (cfg.batch_size * run.world))
 
     def batch(self, run, step):
         cfg = run.cfg
