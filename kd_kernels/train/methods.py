@@ -329,6 +329,17 @@ def _sum_over_ranks(world: int):
     return reduce
 
 
+def _global_token_share(mask: torch.Tensor, world: int) -> float:
+    """``world · n_rank / n_all``: turns this rank's token mean into its share of the token mean over
+    all ranks' tokens once DDP averages the gradients (1.0 on one process; 0 if no rank has a token)."""
+    reduce = _sum_over_ranks(world)
+    if reduce is None:
+        return 1.0
+    n_rank = mask.sum().to(torch.float64).reshape(1).cpu()
+    n_all = float(reduce(n_rank.clone()))
+    return world * float(n_rank) / n_all if n_all > 0 else 0.0
+
+
 # ----------------------------------------------------------------------------------------------- GKD
 
 
@@ -371,17 +382,19 @@ class GKD(Method):
                            temperature=cfg.gkd_temperature, seed=_stream_seed(cfg.seed, step, run.rank),
                            batch_size=cfg.gen_batch_size, device=run.device, progress=False)
         examples = [build_example(p, y, run.eos_id) for p, y in zip(prompts, samples)]
-        if cfg.gkd_estimator == "sampled":
-            # a response cut at --max-new-tokens did not sample the EOS build_example appends:
-            # it is no sample of the student, so the sampled-token estimator leaves it out
-            for ex, y in zip(examples, samples):
-                if len(y) >= cfg.max_new_tokens:
-                    ex.labels[-1] = -100
+        for ex, y in zip(examples, samples):
+            # a response cut at --max-new-tokens did not sample the EOS build_example appends: as
+            # in TRL, only the sampled tokens are targets (either estimator)
+            if len(y) >= cfg.max_new_tokens:
+                ex.labels[-1] = -100
         self._info = {"on_policy": 1.0,
                       "response_len": sum(len(y) for y in samples) / max(len(samples), 1)}
         return run.to_device(collate(examples, run.pad_id))
 
     def loss(self, student, teacher, batch, run):
+        """At temperature 1 whatever ``--temperature`` (TRL calls its loss without one), normalized
+        by the global token count: this rank's token mean × ``world · n_rank / n_all``, so that
+        DDP's average over ranks is the token mean over every rank's tokens."""
         cfg = run.cfg
         targets, mask = shift_targets(batch["labels"])
         s = head(student, batch)
@@ -389,14 +402,13 @@ class GKD(Method):
             t = head(teacher, batch)
         chunk = cfg.chunk_size or None
         if cfg.gkd_estimator == "sampled" and self._info.get("on_policy"):
-            loss, parts = sampled_token_loss(s, t, targets, mask, temperature=cfg.temperature,
+            loss, parts = sampled_token_loss(s, t, targets, mask,
                                              sample_temperature=cfg.gkd_temperature,
                                              chunk_size=chunk)
         else:
-            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, temperature=cfg.temperature,
-                             chunk_size=chunk, backend=cfg.backend)
+            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, chunk_size=chunk, backend=cfg.backend)
             parts = {"kd": float(loss.detach())}
-        return loss, parts | self._info
+        return loss * _global_token_share(mask, run.world), parts | self._info
 
 
 # ------------------------------------------------------------------------------------------ DistiLLM
