@@ -31,7 +31,7 @@ def examples(prompts_responses, eos_id: int):
 def gradient(method_name: str, rank_examples, rank: int, world: int) -> dict[str, torch.Tensor]:
     """The student's gradient after one backward of ``method_name``'s loss (off-policy batch)."""
     from kd_kernels.train.config import TrainConfig
-    from kd_kernels.train.data import collate
+    from kd_kernels.train.data import collate, shift_targets
     from kd_kernels.train.methods import get_method
     from kd_kernels.train.models import load_tiny, make_student
     from kd_kernels.train.trainer import DistillModule
@@ -39,11 +39,16 @@ def gradient(method_name: str, rank_examples, rank: int, world: int) -> dict[str
     teacher, tok, _ = load_tiny(0)
     teacher.eval()
     student = make_student(teacher, [0, 2])
-    cfg = TrainConfig(method=method_name, preset="tiny", backend="torch")
+    cfg = TrainConfig(method=method_name, preset="tiny", backend="torch", minillm_pt=False)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=torch.device("cpu"))
     method = get_method(method_name)
     method._info = {"on_policy": 0.0}  # the methods that sample: this is an off-policy step
     batch = collate(rank_examples, tok.pad_token_id)
+    if method_name == "minillm":  # a PPO minibatch: q_old, w and the advantages given by hand
+        targets, mask = shift_targets(batch["labels"])
+        zeros = torch.zeros(mask.shape)
+        batch |= {"targets": targets, "mask": mask, "old_logp": zeros, "log_w": zeros,
+                  "adv": torch.where(mask, 0.5, zeros)}
     model = DistillModule(student, teacher, method, run)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

@@ -152,7 +152,8 @@ def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
 # ------------------------------------------------------------- the loss's normalization across ranks
 
 GLOBAL_TOKEN_MEAN = ("gkd",)  # TRL: the sum over every rank's tokens / the global token count
-PER_RANK_MEAN = ("sft", "kd", "distillm")  # LMOps / DistiLLM: each rank's token mean, DDP-averaged
+# LMOps / DistiLLM: each rank's token mean, averaged over ranks by DDP
+PER_RANK_MEAN = ("sft", "kd", "seqkd", "distillm", "minillm")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_loss_normalization_across_ranks_with_uneven_lengths(ddp_gradients, method):
     """2 gloo ranks holding 16 and 3 response tokens. GKD (as TRL's distillation trainer): the averaged
     DDP gradient equals one process's over all 19 tokens (a global token mean). The others (as LMOps
-    and DistiLLM): it is the mean of each rank's own token-mean gradient, which differs."""
+    and DistiLLM; MiniLLM on a PPO minibatch given by hand): it is the mean of each rank's own
+    token-mean gradient, which differs. kd-train has no gradient accumulation."""
     from _dist_grads import RANK_EXAMPLES, examples, gradient
 
     from kd_kernels.train.models import tiny_tokenizer
