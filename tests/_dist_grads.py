@@ -1,8 +1,8 @@
 """One training step's student gradient for the cross-rank normalization test (test_train_dist.py).
 
 ``gradient(method, rank_examples, rank, world)`` is the gradient of ``method``'s loss on this rank's
-examples, averaged over the ranks by DistributedDataParallel when ``world > 1``; the test computes the
-one-process references with the same function (``world = 1``). Run under torchrun as a script:
+examples, averaged over the ranks by DistributedDataParallel when ``world > 1``; the test computes
+the one-process references with the same function (``world = 1``). Run under torchrun as a script:
 ``python -m torch.distributed.run --nproc_per_node 2 tests/_dist_grads.py M1,M2 OUT.pt`` writes
 rank 0's gradients, ``{method: {parameter: gradient}}``, to ``OUT.pt``.
 """

@@ -212,8 +212,8 @@ def test_tiny_distillm_with_real_validation(tmp_path, response_cache):
 
 
 def test_check_interval_is_the_official_floor():
-    """D1: the official check interval is train_iters_per_epoch = int(N / (batch · world)) (its loader
-    drops the last partial batch), at least 1."""
+    """D1: the official check interval is train_iters_per_epoch = int(N / (batch · world)) (its
+    loader drops the last partial batch), at least 1."""
     from types import SimpleNamespace
 
     from kd_kernels.train.methods import DistiLLM

@@ -173,7 +173,7 @@ def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
     method._info = {"on_policy": 1.0}
     batch = collate([build_example([5, 6, 7], [20, 21, 22], tok.eos_token_id),
                      build_example([8], [30], tok.eos_token_id)], tok.pad_token_id)
-    loss, parts = method.loss(student, teacher, batch, run)
+    loss, _ = method.loss(student, teacher, batch, run)
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -184,7 +184,8 @@ def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
         want = _generalized_jsd_float64(s, t, beta)[mask].mean()
     else:  # mean of (log q − log p)(y) · q(y) / q_s(y), q and p at T = 1, q_s at --gkd-temperature
         def logp(x, temp=1.0):
-            return torch.log_softmax(x / temp, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+            safe = targets.clamp_min(0)[..., None]
+            return torch.log_softmax(x / temp, -1).gather(-1, safe)[..., 0]
 
         lq, lp, lqs = logp(s), logp(t), logp(s, run.cfg.gkd_temperature)
         want = ((lq - lp) * (lq - lqs).exp())[mask].mean()
@@ -193,8 +194,8 @@ def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
 
 @pytest.mark.parametrize("estimator", ["full", "sampled"])
 def test_a_response_cut_at_max_new_tokens_has_no_eos_target(tmp_path, response_cache, estimator):
-    """G3: TRL trains on the sampled completion tokens only; a response cut at --max-new-tokens never
-    sampled an EOS, so the EOS appended after it is no target (in either estimator)."""
+    """G3: TRL trains on the sampled completion tokens only; a response cut at --max-new-tokens
+    never sampled an EOS, so the EOS appended after it is no target (in either estimator)."""
     from kd_kernels.train.methods import get_method
     from kd_kernels.train.run import Run
 

@@ -149,7 +149,7 @@ def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
     assert not torch.equal(state["student"]["lm_head.weight"], state["student"]["model.embed_tokens.weight"])
 
 
-# ------------------------------------------------------------- the loss's normalization across ranks
+# ---------------------------------------------------------- the loss's normalization across ranks
 
 GLOBAL_TOKEN_MEAN = ("gkd",)  # TRL: the sum over every rank's tokens / the global token count
 # LMOps / DistiLLM: each rank's token mean, averaged over ranks by DDP
@@ -164,7 +164,8 @@ def ddp_gradients(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-           str(ROOT / "tests" / "_dist_grads.py"), ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN), str(out)]
+           str(ROOT / "tests" / "_dist_grads.py"), ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN),
+           str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -176,10 +177,10 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("method", GLOBAL_TOKEN_MEAN + PER_RANK_MEAN)
 def test_loss_normalization_across_ranks_with_uneven_lengths(ddp_gradients, method):
-    """2 gloo ranks holding 16 and 3 response tokens. GKD (as TRL's distillation trainer): the averaged
-    DDP gradient equals one process's over all 19 tokens (a global token mean). The others (as LMOps
-    and DistiLLM; MiniLLM on a PPO minibatch given by hand): it is the mean of each rank's own
-    token-mean gradient, which differs. kd-train has no gradient accumulation."""
+    """2 gloo ranks holding 16 and 3 response tokens. GKD (as TRL's distillation trainer): the
+    averaged DDP gradient equals one process's over all 19 tokens (a global token mean). The others
+    (as LMOps and DistiLLM; MiniLLM on a PPO minibatch given by hand): it is the mean of each rank's
+    own token-mean gradient, which differs. kd-train has no gradient accumulation."""
     from _dist_grads import RANK_EXAMPLES, examples, gradient
 
     from kd_kernels.train.models import tiny_tokenizer
@@ -194,4 +195,5 @@ def test_loss_normalization_across_ranks_with_uneven_lengths(ddp_gradients, meth
     assert not _close(union, mean_of_ranks)  # the two normalizations differ here: the test can tell
     want = union if method in GLOBAL_TOKEN_MEAN else mean_of_ranks
     for k in ddp:
-        torch.testing.assert_close(ddp[k], want[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(ddp[k], want[k], rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")

@@ -10,11 +10,11 @@ Steps are counted from 1 (``global_step = step + 1`` for the trainer's 0-based `
 - else: train on the ground-truth responses (the teacher's references).
 
 The threshold starts at ``τ0 = 0`` against a reference validation CE ``L_ref`` measured before training.
-At each check (once per epoch: every ``floor(N / (batch · world))`` steps, the official loader dropping
-the last partial batch): if ``L_val ≥ L_ref + 0.1`` then ``τ ← min(1, τ + 0.1)`` and ``L_ref ← L_val``;
-otherwise nothing changes (the reference moves only when ``τ`` rises). ``L_val`` is computed as the
-official ``evaluate`` does (:func:`valid_batches`): batches of ``VALID_BATCH_SIZE`` per rank, the
-per-batch token means averaged over ranks, then over steps.
+At each check (once per epoch: every ``floor(N / (batch · world))`` steps, the official loader
+dropping the last partial batch): if ``L_val ≥ L_ref + 0.1`` then ``τ ← min(1, τ + 0.1)`` and
+``L_ref ← L_val``; otherwise nothing changes (the reference moves only when ``τ`` rises).
+``L_val`` is computed as the official ``evaluate`` does (:func:`valid_batches`): batches of
+``VALID_BATCH_SIZE`` per rank, the per-batch token means averaged over ranks, then over steps.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .data import Example, batch_indices, build_example, collate, shift_targets
 from . import distillm
+from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
 from .gkd import full_loss, sampled_token_loss
 from .losses import Head, ce_loss, kd_mix_loss, sparse_mix_loss
@@ -137,8 +137,8 @@ class MiniLLM(Method):
     Steps come in rounds: a round samples ``--minillm-rollouts`` responses (prompts and sampling seeds
     are a function of (seed, round, rank)), scores them once with the round's starting student
     (``q_old``) and the teacher, and then takes ``--minillm-ppo-epochs`` shuffled passes over them in
-    minibatches of ``--batch-size``, one optimizer step each (a last, partial minibatch is dropped, as
-    LMOps's ``drop_last=True``). Advantages are whitened as the official
+    minibatches of ``--batch-size``, one optimizer step each (a last, partial minibatch is dropped,
+    as LMOps's ``drop_last=True``). Advantages are whitened as the official
     code does (``--minillm-whiten block``): per minibatch, over its padded ``(B × --max-new-tokens)``
     response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
     round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
@@ -150,7 +150,7 @@ class MiniLLM(Method):
 
     @staticmethod
     def steps_per_round(cfg) -> int:
-        """``epochs × floor(rollouts / batch)``: the last, partial minibatch of an epoch is dropped."""
+        """``epochs × floor(rollouts / batch)``: an epoch's last, partial minibatch is dropped."""
         if cfg.minillm_rollouts < cfg.batch_size:
             raise ValueError(f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
                              f"{cfg.batch_size}: a round would hold no full PPO minibatch; raise "
@@ -330,8 +330,9 @@ def _sum_over_ranks(world: int):
 
 
 def _global_token_share(mask: torch.Tensor, world: int) -> float:
-    """``world · n_rank / n_all``: turns this rank's token mean into its share of the token mean over
-    all ranks' tokens once DDP averages the gradients (1.0 on one process; 0 if no rank has a token)."""
+    """``world · n_rank / n_all``: turns this rank's token mean into its share of the token mean
+    over all ranks' tokens once DDP averages the gradients (1.0 on one process; 0 if no rank has
+    a token)."""
     reduce = _sum_over_ranks(world)
     if reduce is None:
         return 1.0
@@ -419,7 +420,8 @@ def valid_ce(run) -> float:
     """The student's CE on the validation references, DistiLLM's schedule signal as the official
     ``evaluate`` computes it: batches of ``VALID_BATCH_SIZE`` (its ``--eval-batch-size``, not
     ``--batch-size``) laid out over ``run.world`` ranks as its ``DistributedSampler`` does
-    (:func:`distillm.valid_batches`); per step the mean over ranks of each batch's token-mean CE, then
+    (:func:`distillm.valid_batches`); per step the mean over ranks of each batch's token-mean CE,
+    then
     the mean over steps (not the token mean over the split: a short batch weighs as much as a long
     one). Every rank computes all ranks' batches, so all agree without a collective."""
     examples = run.examples("valid")

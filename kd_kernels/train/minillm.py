@@ -14,8 +14,8 @@ Pieces, each a small function tested by hand:
 - :func:`ppo_clipped_loss`: token mean of ``max(−A·ratio, −A·clip(ratio, 1 ± ε))`` with
   ``ratio = exp(log q_θ − log q_old) · w``, ``w = q_old / p̃``.
 - :func:`minillm_loss`: that term plus the single-step term (token-mean full-vocabulary reverse KL
-  ``KL(q_θ‖p)`` on the sampled prefixes, both models at the rollout temperature as in LMOps) from one
-  student forward, both through kd_kernels' fused-linear functions.
+  ``KL(q_θ‖p)`` on the sampled prefixes, both models at the rollout temperature as in LMOps) from
+  one student forward, both through kd_kernels' fused-linear functions.
 
 Log-probabilities of the sampled tokens for the ratio, the rewards and the weights are computed with
 ``fused_linear_logprobs`` at the rollout temperature from the full distribution; with ``top_k = 0`` and
@@ -243,8 +243,9 @@ def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torc
 
     ``student``/``teacher``: hidden states of positions 0 … T−2 and the lm_heads; ``targets`` the sampled
     next tokens, ``mask`` True on response tokens. Log q_θ of the sampled tokens comes from
-    ``fused_linear_logprobs`` and the single-step term from ``fused_linear_kd(divergence="reverse_kl")``,
-    both at the rollout temperature (LMOps divides both models' logits by its one temperature)."""
+    ``fused_linear_logprobs`` and the single-step term from
+    ``fused_linear_kd(divergence="reverse_kl")``, both at the rollout temperature (LMOps divides
+    both models' logits by its one temperature)."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
                                             temperature=rollout_temperature, mask=mask,
