@@ -211,12 +211,44 @@ def test_tiny_distillm_with_real_validation(tmp_path, response_cache):
     assert summary["final"]["test_forward_kl"] >= 0
 
 
-def test_valid_ce_is_the_mean_of_per_batch_token_means(tmp_path, response_cache):
+def test_check_interval_is_the_official_floor():
+    """D1: the official check interval is train_iters_per_epoch = int(N / (batch · world)) (its
+    loader drops the last partial batch), at least 1."""
+    from types import SimpleNamespace
+
+    from kd_kernels.train.methods import DistiLLM
+
+    def every(n, batch, world):
+        cfg = TrainConfig(method="distillm", batch_size=batch)
+        return DistiLLM().check_every(SimpleNamespace(cfg=cfg, world=world, train_examples=[0] * n))
+
+    assert [every(10, 4, 1), every(10, 2, 2), every(11, 3, 1), every(3, 4, 1)] == [2, 2, 3, 1]
+    cfg = TrainConfig(method="distillm", batch_size=4, distillm_check_every=5)
+    run = SimpleNamespace(cfg=cfg, world=1, train_examples=[0] * 10)
+    assert DistiLLM().check_every(run) == 5  # an explicit interval wins
+
+
+def test_valid_batches_follow_the_official_distributed_sampler():
+    """D2: the official evaluation loader (DistributedSampler, no shuffle, no drop_last: padded by
+    wrapping round to a multiple of the world size, rank r takes every world-th index from r) in
+    batches of the evaluation batch size; one entry per step, one list per rank."""
+    assert D.VALID_BATCH_SIZE == 32  # the official --eval-batch-size default
+    assert D.valid_batches(5, 1, 32) == [[[0, 1, 2, 3, 4]]]
+    assert D.valid_batches(5, 2, 2) == [[[0, 2], [1, 3]], [[4], [0]]]
+    assert D.valid_batches(4, 3, 1) == [[[0], [1], [2]], [[3], [0], [1]]]
+    with pytest.raises(ValueError, match="validation"):
+        D.valid_batches(0, 1, 32)
+
+
+def test_valid_ce_is_the_mean_of_per_batch_token_means(tmp_path, response_cache, monkeypatch):
+    """D2: batches of the evaluation batch size (not --batch-size); per step the mean over ranks of
+    each rank's batch token mean, then the mean over steps."""
     from kd_kernels.train.data import build_example, collate, shift_targets
     from kd_kernels.train.methods import valid_ce
     from kd_kernels.train.run import Run
 
-    cfg = tiny_cfg(tmp_path, response_cache, batch_size=2, max_prompts=40)
+    monkeypatch.setattr(D, "VALID_BATCH_SIZE", 2)
+    cfg = tiny_cfg(tmp_path, response_cache, batch_size=3, max_prompts=40)
     run = Run(cfg, 0, 1, torch.device("cpu"))
     # the tiny teacher's references all have the same length; cut them to different lengths so the
     # per-batch mean and the pooled token mean differ
@@ -225,16 +257,26 @@ def test_valid_ce_is_the_mean_of_per_batch_token_means(tmp_path, response_cache)
                 for i, p in enumerate(run.split_prompts("valid"))]
     assert len(examples) >= 3
     run._examples["valid"] = examples
-    means, sums, tokens = [], 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), 2):
-            b = collate(examples[start:start + 2], run.pad_id)
+
+    def batch_ce(chosen):
+        b = collate([examples[i] for i in chosen], run.pad_id)
+        with torch.no_grad():
             logits = run.models.student(input_ids=b["input_ids"],
                                         attention_mask=b["attention_mask"]).logits[:, :-1].double()
-            targets, mask = shift_targets(b["labels"])
-            ce = reference.cross_entropy_per_token(logits, torch.where(mask, targets, -100))[mask]
-            means.append(ce.mean().item())
-            sums, tokens = sums + ce.sum().item(), tokens + int(mask.sum())
-    want = sum(means) / len(means)
+        targets, mask = shift_targets(b["labels"])
+        ce = reference.cross_entropy_per_token(logits, torch.where(mask, targets, -100))[mask]
+        return ce.mean().item(), ce.sum().item(), int(mask.sum())
+
+    n = len(examples)
+    parts = [batch_ce(range(start, min(n, start + 2))) for start in range(0, n, 2)]
+    want = sum(m for m, _, _ in parts) / len(parts)
     assert valid_ce(run) == pytest.approx(want, rel=1e-5)
-    assert abs(want - sums / tokens) > 1e-4  # the pooled token mean differs: the test can tell
+    pooled = sum(s for _, s, _ in parts) / sum(t for _, _, t in parts)
+    assert abs(want - pooled) > 1e-4  # the pooled token mean differs: the test can tell
+    three = [batch_ce(range(start, min(n, start + 3))) for start in range(0, n, 3)]
+    assert abs(want - sum(m for m, _, _ in three) / len(three)) > 1e-4  # nor is it --batch-size's
+    # two ranks: step j averages rank 0's and rank 1's j-th batch (indices 0, 2, 4 … and 1, 3, 5 …)
+    run.world = 2
+    steps = D.valid_batches(n, 2, 2)
+    want2 = sum(sum(batch_ce(b)[0] for b in ranks) / 2 for ranks in steps) / len(steps)
+    assert valid_ce(run) == pytest.approx(want2, rel=1e-5)

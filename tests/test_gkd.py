@@ -144,6 +144,77 @@ def test_sampled_token_gradient_is_unbiased_for_reverse_kl(sample_temperature):
     torch.testing.assert_close(expected, want[0, 0], rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------ TRL's semantics
+
+
+def _tiny_gkd(**cfg_kw):
+    """The gkd method, a run stand-in and the tiny teacher / student (no references generated)."""
+    from types import SimpleNamespace
+
+    from kd_kernels.train.methods import get_method
+    from kd_kernels.train.models import load_tiny, make_student
+
+    teacher, tok, _ = load_tiny(0)
+    student = make_student(teacher, [0, 2])
+    cfg = TrainConfig(method="gkd", preset="tiny", backend="torch", **cfg_kw)
+    run = SimpleNamespace(cfg=cfg, rank=0, world=1, device=torch.device("cpu"))
+    return get_method("gkd"), run, teacher.eval(), student, tok
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
+    """G1: TRL's GKD trainer calls generalized_jsd_loss without a temperature (T = 1); --temperature
+    (the KD temperature of other methods) does not enter GKD's loss."""
+    from kd_kernels.train.data import build_example, collate
+
+    beta = 1.0 if estimator == "sampled" else 0.5
+    method, run, teacher, student, tok = _tiny_gkd(temperature=2.5, gkd_beta=beta,
+                                                   gkd_estimator=estimator)
+    method._info = {"on_policy": 1.0}
+    batch = collate([build_example([5, 6, 7], [20, 21, 22], tok.eos_token_id),
+                     build_example([8], [30], tok.eos_token_id)], tok.pad_token_id)
+    loss, _ = method.loss(student, teacher, batch, run)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    s, t = s[:, :-1].double(), t[:, :-1].double()
+    if estimator == "full":
+        want = _generalized_jsd_float64(s, t, beta)[mask].mean()
+    else:  # mean of (log q − log p)(y) · q(y) / q_s(y), q and p at T = 1, q_s at --gkd-temperature
+        def logp(x, temp=1.0):
+            safe = targets.clamp_min(0)[..., None]
+            return torch.log_softmax(x / temp, -1).gather(-1, safe)[..., 0]
+
+        lq, lp, lqs = logp(s), logp(t), logp(s, run.cfg.gkd_temperature)
+        want = ((lq - lp) * (lq - lqs).exp())[mask].mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_a_response_cut_at_max_new_tokens_has_no_eos_target(tmp_path, response_cache, estimator):
+    """G3: TRL trains on the sampled completion tokens only; a response cut at --max-new-tokens
+    never sampled an EOS, so the EOS appended after it is no target (in either estimator)."""
+    from kd_kernels.train.methods import get_method
+    from kd_kernels.train.run import Run
+
+    beta = 1.0 if estimator == "sampled" else 0.5
+    cfg = tiny_cfg(tmp_path, response_cache, gkd_lambda=1.0, max_new_tokens=3, batch_size=4,
+                   gkd_beta=beta, gkd_estimator=estimator)
+    run = Run(cfg, 0, 1, torch.device("cpu"))
+    method = get_method("gkd")
+    run.train_examples = run.examples("train", method.train_responses(run))
+    batch = method.batch(run, 0)
+    targets = batch["labels"][:, 1:]
+    n_targets = (targets != -100).sum(1)
+    assert (n_targets <= cfg.max_new_tokens).all(), n_targets
+    cut = n_targets == cfg.max_new_tokens
+    assert cut.any()  # the tiny random student rarely samples EOS: its responses are cut
+    for row in (~cut).nonzero().flatten().tolist():  # an EOS it sampled stays a target
+        assert targets[row][targets[row] != -100][-1] == run.eos_id
+
+
 # --------------------------------------------------------------------------------------------- flags
 
 

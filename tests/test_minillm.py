@@ -20,6 +20,7 @@ from _common import tiny_train_config
 from kd_kernels import reference
 from kd_kernels.train import minillm as M
 from kd_kernels.train.config import TrainConfig
+from kd_kernels.train.losses import Head
 
 
 def tiny_cfg(tmp: Path, response_cache: Path, **kw) -> TrainConfig:
@@ -152,6 +153,35 @@ def test_ppo_clipped_objective_by_hand():
 # ------------------------------------------------------------------------------ rollouts on tiny
 
 
+def test_single_step_term_is_at_the_rollout_temperature_for_both_models():
+    """M1: LMOps divides both models' logits by its one ``--temperature`` (the rollout temperature)
+    before the single-step reverse KL; ``--temperature`` (the KD one) does not enter it."""
+    g = torch.Generator().manual_seed(5)
+    b, t, d, v = 2, 3, 8, 37
+    s_h, t_h = torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)
+    s_w, t_w = torch.randn(v, d, generator=g), torch.randn(v, d, generator=g)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    targets = torch.randint(0, v, (b, t), generator=g)
+    zeros = torch.zeros(b, t)
+    _, parts = M.minillm_loss(Head(s_h, s_w), Head(t_h, t_w), targets, mask, zeros, zeros, zeros,
+                              clip=0.2, rollout_temperature=2.0, backend="torch")
+    s_logits, t_logits = (s_h @ s_w.T).double() / 2.0, (t_h @ t_w.T).double() / 2.0
+    want = reference.reverse_kl_per_token(s_logits, t_logits)[mask].mean()
+    assert parts["pg"] == 0.0  # zero advantages: the single-step term alone
+    assert parts["single_step"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_the_last_partial_ppo_minibatch_is_dropped():
+    """M3: LMOps cuts each PPO epoch's shuffled rollouts with ``drop_last=True``."""
+    from kd_kernels.train.methods import MiniLLM
+
+    cfg = TrainConfig(method="minillm", minillm_rollouts=7, batch_size=3, minillm_ppo_epochs=2)
+    assert MiniLLM.steps_per_round(cfg) == 4  # 2 epochs × floor(7 / 3)
+    assert MiniLLM.epoch_minibatches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="--minillm-rollouts"):
+        MiniLLM.steps_per_round(TrainConfig(method="minillm", minillm_rollouts=2, batch_size=3))
+
+
 @pytest.fixture(scope="module")
 def tiny_models():
     from kd_kernels.train.models import load_tiny, make_student
@@ -224,7 +254,8 @@ def _materialized_loss(student, teacher, batch, pt, cfg) -> torch.Tensor:
     per = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.minillm_clip, 1 + cfg.minillm_clip))
     n = mask.sum()
     pg = per[mask].sum() / n
-    single = reference.reverse_kl_per_token(s, t)[mask].sum() / n
+    temp = cfg.minillm_temperature  # both models at the rollout temperature (LMOps)
+    single = reference.reverse_kl_per_token(s / temp, t / temp)[mask].sum() / n
     ps = logits(student, pt).double()
     with torch.no_grad():
         pt_t = logits(teacher, pt).double()
@@ -240,7 +271,7 @@ def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_ca
     from kd_kernels.train.run import Run
 
     cfg = tiny_cfg(tmp_path, response_cache, minillm_rollouts=4, batch_size=2, minillm_ppo_epochs=2,
-                   minillm_clip=0.05, backend="torch")
+                   minillm_clip=0.05, backend="torch", minillm_temperature=0.8)
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = get_method("minillm")
     run.train_examples = run.examples("train", method.train_responses(run))

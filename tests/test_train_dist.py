@@ -147,3 +147,53 @@ def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
     assert summary["evaluated"] and summary["final"]["test_forward_kl"] >= 0
     state = torch.load(tmp_path / "fsdp" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert not torch.equal(state["student"]["lm_head.weight"], state["student"]["model.embed_tokens.weight"])
+
+
+# ---------------------------------------------------------- the loss's normalization across ranks
+
+GLOBAL_TOKEN_MEAN = ("gkd",)  # TRL: the sum over every rank's tokens / the global token count
+# LMOps / DistiLLM: each rank's token mean, averaged over ranks by DDP
+PER_RANK_MEAN = ("sft", "kd", "seqkd", "distillm", "minillm")
+
+
+@pytest.fixture(scope="module")
+def ddp_gradients(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """Each method's DDP-averaged gradient of one step on 2 gloo ranks (one torchrun launch)."""
+    out = tmp_path_factory.mktemp("ddp_grads") / "grads.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           str(ROOT / "tests" / "_dist_grads.py"), ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN),
+           str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("method", GLOBAL_TOKEN_MEAN + PER_RANK_MEAN)
+def test_loss_normalization_across_ranks_with_uneven_lengths(ddp_gradients, method):
+    """2 gloo ranks holding 16 and 3 response tokens. GKD (as TRL's distillation trainer): the
+    averaged DDP gradient equals one process's over all 19 tokens (a global token mean). The others
+    (as LMOps and DistiLLM; MiniLLM on a PPO minibatch given by hand): it is the mean of each rank's
+    own token-mean gradient, which differs. kd-train has no gradient accumulation."""
+    from _dist_grads import RANK_EXAMPLES, examples, gradient
+
+    from kd_kernels.train.models import tiny_tokenizer
+
+    eos = tiny_tokenizer().eos_token_id
+    ranks = [examples(r, eos) for r in RANK_EXAMPLES]
+    assert [sum(t != -100 for x in r for t in x.labels) for r in ranks] == [16, 3]  # uneven
+    ddp = ddp_gradients[method]
+    union = gradient(method, ranks[0] + ranks[1], 0, 1)  # one process over the same tokens
+    own = [gradient(method, r, 0, 1) for r in ranks]
+    mean_of_ranks = {k: (own[0][k] + own[1][k]) / 2 for k in own[0]}
+    assert not _close(union, mean_of_ranks)  # the two normalizations differ here: the test can tell
+    want = union if method in GLOBAL_TOKEN_MEAN else mean_of_ranks
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], want[k], rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")

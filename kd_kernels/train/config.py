@@ -78,8 +78,9 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "largest gradient norm kept (inf: no clipping)")
     kd_ratio: float = _opt(0.5, "r of the mix (1 - r) CE + r forward KL (0: pure CE, 1: pure KD)",
                            ("kd", "seqkd"))
-    temperature: float = _opt(1.0, "KD temperature of the distillation loss",
-                              ("kd", "seqkd", "minillm", "distillm", "gkd"))
+    temperature: float = _opt(1.0, "KD temperature of the distillation loss (minillm: its "
+                              "--minillm-pt term; gkd computes its loss at 1, as TRL)",
+                              ("kd", "seqkd", "minillm", "distillm"))
     chunk_size: int = _opt(0, "fused-linear tokens per chunk (0: the library's memory-budget "
                            "default)")
     backend: str = _opt("auto", "kd_kernels backend: auto, torch, cpu, triton or cuda")
@@ -99,7 +100,8 @@ class TrainConfig:
                                  ("minillm",))
     minillm_ppo_epochs: int = _opt(4, "passes over each round's rollouts (minibatches of "
                                    "--batch-size)", ("minillm",))
-    minillm_temperature: float = _opt(1.0, "rollout sampling temperature", ("minillm",))
+    minillm_temperature: float = _opt(1.0, "rollout sampling temperature, also of both models in "
+                                      "the single-step reverse KL (as LMOps)", ("minillm",))
     minillm_top_k: int = _opt(0, "rollout top-k (0: off)", ("minillm",))
     minillm_top_p: float = _opt(1.0, "rollout top-p (1: off)", ("minillm",))
     minillm_pt: bool = _opt(True, "add 0.5 CE + 0.5 forward KD on the teacher's references",
@@ -485,6 +487,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--dist fsdp supports {', '.join(FSDP_METHODS)}, not {cfg.method!r} (it samples "
                          "from the student during training, which FSDP2's collective forwards do not "
                          "allow per rank); use --dist ddp")
+    if cfg.method == "minillm" and cfg.minillm_rollouts < cfg.batch_size:
+        raise ValueError(f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
+                         f"{cfg.batch_size}: every PPO minibatch would be partial and dropped; raise "
+                         "--minillm-rollouts or lower --batch-size")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one")
     if not (cfg.kd_ratio == 0.0 or KD_RATIO_MIN <= cfg.kd_ratio <= 1.0):

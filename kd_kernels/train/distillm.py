@@ -10,8 +10,11 @@ Steps are counted from 1 (``global_step = step + 1`` for the trainer's 0-based `
 - else: train on the ground-truth responses (the teacher's references).
 
 The threshold starts at ``τ0 = 0`` against a reference validation CE ``L_ref`` measured before training.
-At each check (once per epoch): if ``L_val ≥ L_ref + 0.1`` then ``τ ← min(1, τ + 0.1)`` and
+At each check (once per epoch: every ``floor(N / (batch · world))`` steps, the official loader
+dropping the last partial batch): if ``L_val ≥ L_ref + 0.1`` then ``τ ← min(1, τ + 0.1)`` and
 ``L_ref ← L_val``; otherwise nothing changes (the reference moves only when ``τ`` rises).
+``L_val`` is computed as the official ``evaluate`` does (:func:`valid_batches`): batches of
+``VALID_BATCH_SIZE`` per rank, the per-batch token means averaged over ranks, then over steps.
 """
 
 from __future__ import annotations
@@ -22,6 +25,23 @@ from dataclasses import dataclass, field
 
 GENERATE, REPLAY, GROUND_TRUTH = "generate", "replay", "ground_truth"
 SOURCES = (GENERATE, REPLAY, GROUND_TRUTH)
+VALID_BATCH_SIZE = 32  # the official --eval-batch-size default (the 0.3B recipe's value)
+
+
+def valid_batches(n: int, world: int, batch_size: int) -> list[list[list[int]]]:
+    """The official validation loader's batches: ``[step][rank] → example indices``.
+
+    A ``DistributedSampler`` without shuffling or ``drop_last``: the indices ``0 … n−1`` padded by
+    wrapping round to a multiple of ``world``, rank ``r`` taking every ``world``-th from ``r``, each
+    rank's share cut into batches of ``batch_size`` (the last may be shorter)."""
+    if n < 1:
+        raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
+                         "--max-prompts")
+    total = -(-n // world) * world
+    padded = [i % n for i in range(total)]
+    shares = [padded[r::world] for r in range(world)]
+    per_rank = len(shares[0])
+    return [[share[i:i + batch_size] for share in shares] for i in range(0, per_rank, batch_size)]
 
 
 def choose_source(r: float, threshold: float, step: int, total: int, buffer_full: bool) -> str:

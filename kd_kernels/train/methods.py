@@ -8,13 +8,13 @@ one class with ``@register("name")``.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
 
 import torch
 
+from . import distillm
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
 from .gkd import full_loss, sampled_token_loss
@@ -147,7 +147,8 @@ class MiniLLM(Method):
     Steps come in rounds: a round samples ``--minillm-rollouts`` responses (prompts and sampling seeds
     are a function of (seed, round, rank)), scores them once with the round's starting student
     (``q_old``) and the teacher, and then takes ``--minillm-ppo-epochs`` shuffled passes over them in
-    minibatches of ``--batch-size``, one optimizer step each. Advantages are whitened as the official
+    minibatches of ``--batch-size``, one optimizer step each (a last, partial minibatch is dropped,
+    as LMOps's ``drop_last=True``). Advantages are whitened as the official
     code does (``--minillm-whiten block``): per minibatch, over its padded ``(B × --max-new-tokens)``
     response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
     round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
@@ -159,7 +160,19 @@ class MiniLLM(Method):
 
     @staticmethod
     def steps_per_round(cfg) -> int:
-        return cfg.minillm_ppo_epochs * math.ceil(cfg.minillm_rollouts / cfg.batch_size)
+        """``epochs × floor(rollouts / batch)``: an epoch's last, partial minibatch is dropped."""
+        if cfg.minillm_rollouts < cfg.batch_size:
+            raise ValueError(f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
+                             f"{cfg.batch_size}: a round would hold no full PPO minibatch; raise "
+                             "--minillm-rollouts or lower --batch-size")
+        return cfg.minillm_ppo_epochs * (cfg.minillm_rollouts // cfg.batch_size)
+
+    @staticmethod
+    def epoch_minibatches(perm: list[int], batch_size: int) -> list[list[int]]:
+        """One PPO epoch's shuffled rollouts cut into minibatches as LMOps's loader does
+        (``drop_last=True``: a last, partial minibatch is left out of this epoch)."""
+        full = len(perm) - len(perm) % batch_size
+        return [perm[i:i + batch_size] for i in range(0, full, batch_size)]
 
     def batch(self, run, step):
         cfg = run.cfg
@@ -235,7 +248,7 @@ class MiniLLM(Method):
         for epoch in range(cfg.minillm_ppo_epochs):
             g = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank, epoch + 7))
             perm = torch.randperm(len(examples), generator=g).tolist()
-            order += [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+            order += self.epoch_minibatches(perm, cfg.batch_size)
         minibatches = []
         for group in order:
             sel = torch.tensor(group, device=run.device)
@@ -275,7 +288,7 @@ class MiniLLM(Method):
         loss, parts = minillm_loss(
             s, t, batch["targets"], batch["mask"], batch["old_logp"], batch["log_w"], batch["adv"],
             clip=cfg.minillm_clip, rollout_temperature=cfg.minillm_temperature,
-            temperature=cfg.temperature, chunk_size=cfg.chunk_size or None, backend=cfg.backend)
+            chunk_size=cfg.chunk_size or None, backend=cfg.backend)
         if cfg.minillm_pt:
             pt = {k[3:]: v for k, v in batch.items() if k.startswith("pt_")}
             pt_targets, pt_mask = shift_targets(pt["labels"])
@@ -326,6 +339,18 @@ def _sum_over_ranks(world: int):
     return reduce
 
 
+def _global_token_share(mask: torch.Tensor, world: int) -> float:
+    """``world · n_rank / n_all``: turns this rank's token mean into its share of the token mean
+    over all ranks' tokens once DDP averages the gradients (1.0 on one process; 0 if no rank has
+    a token)."""
+    reduce = _sum_over_ranks(world)
+    if reduce is None:
+        return 1.0
+    n_rank = mask.sum().to(torch.float64).reshape(1).cpu()
+    n_all = float(reduce(n_rank.clone()))
+    return world * float(n_rank) / n_all if n_all > 0 else 0.0
+
+
 # ----------------------------------------------------------------------------------------------- GKD
 
 
@@ -368,17 +393,19 @@ class GKD(Method):
                            temperature=cfg.gkd_temperature, seed=_stream_seed(cfg.seed, step, run.rank),
                            batch_size=cfg.gen_batch_size, device=run.device, progress=False)
         examples = [build_example(p, y, run.eos_id) for p, y in zip(prompts, samples)]
-        if cfg.gkd_estimator == "sampled":
-            # a response cut at --max-new-tokens did not sample the EOS build_example appends:
-            # it is no sample of the student, so the sampled-token estimator leaves it out
-            for ex, y in zip(examples, samples):
-                if len(y) >= cfg.max_new_tokens:
-                    ex.labels[-1] = -100
+        for ex, y in zip(examples, samples):
+            # a response cut at --max-new-tokens did not sample the EOS build_example appends: as
+            # in TRL, only the sampled tokens are targets (either estimator)
+            if len(y) >= cfg.max_new_tokens:
+                ex.labels[-1] = -100
         self._info = {"on_policy": 1.0,
                       "response_len": sum(len(y) for y in samples) / max(len(samples), 1)}
         return run.to_device(collate(examples, run.pad_id))
 
     def loss(self, student, teacher, batch, run):
+        """At temperature 1 whatever ``--temperature`` (TRL calls its loss without one), normalized
+        by the global token count: this rank's token mean × ``world · n_rank / n_all``, so that
+        DDP's average over ranks is the token mean over every rank's tokens."""
         cfg = run.cfg
         targets, mask = shift_targets(batch["labels"])
         s = head(student, batch)
@@ -386,14 +413,13 @@ class GKD(Method):
             t = head(teacher, batch)
         chunk = cfg.chunk_size or None
         if cfg.gkd_estimator == "sampled" and self._info.get("on_policy"):
-            loss, parts = sampled_token_loss(s, t, targets, mask, temperature=cfg.temperature,
+            loss, parts = sampled_token_loss(s, t, targets, mask,
                                              sample_temperature=cfg.gkd_temperature,
                                              chunk_size=chunk)
         else:
-            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, temperature=cfg.temperature,
-                             chunk_size=chunk, backend=cfg.backend)
+            loss = full_loss(s, t, mask, beta=cfg.gkd_beta, chunk_size=chunk, backend=cfg.backend)
             parts = {"kd": float(loss.detach())}
-        return loss, parts | self._info
+        return loss * _global_token_share(mask, run.world), parts | self._info
 
 
 # ------------------------------------------------------------------------------------------ DistiLLM
@@ -401,21 +427,27 @@ class GKD(Method):
 
 @torch.no_grad()
 def valid_ce(run) -> float:
-    """The student's CE on the validation references, DistiLLM's schedule signal as the official code
-    computes it: the mean over validation batches (``--batch-size`` each) of each batch's token-mean
-    CE (not the token mean over the whole split: a short batch weighs as much as a long one)."""
+    """The student's CE on the validation references, DistiLLM's schedule signal as the official
+    ``evaluate`` computes it: batches of ``VALID_BATCH_SIZE`` (its ``--eval-batch-size``, not
+    ``--batch-size``) laid out over ``run.world`` ranks as its ``DistributedSampler`` does
+    (:func:`distillm.valid_batches`); per step the mean over ranks of each batch's token-mean CE,
+    then
+    the mean over steps (not the token mean over the split: a short batch weighs as much as a long
+    one). Every rank computes all ranks' batches, so all agree without a collective."""
     examples = run.examples("valid")
-    if not examples:
-        raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
-                         "--max-prompts")
+    steps = distillm.valid_batches(len(examples), run.world, distillm.VALID_BATCH_SIZE)
     student = run.models.student
     was_training = student.training
     student.eval()
     means = []
-    for start in range(0, len(examples), run.cfg.batch_size):
-        batch = run.to_device(collate(examples[start:start + run.cfg.batch_size], run.pad_id))
-        targets, mask = shift_targets(batch["labels"])
-        means.append(float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)))
+    for ranks in steps:
+        per_rank = []
+        for chosen in ranks:
+            batch = run.to_device(collate([examples[i] for i in chosen], run.pad_id))
+            targets, mask = shift_targets(batch["labels"])
+            per_rank.append(float(ce_loss(head(student, batch), targets, mask,
+                                          chunk_size=run.cfg.chunk_size)))
+        means.append(sum(per_rank) / len(per_rank))
     student.train(was_training)
     return sum(means) / len(means)
 
@@ -438,7 +470,8 @@ class DistiLLM(Method):
         cfg = run.cfg
         if cfg.distillm_check_every > 0:
             return cfg.distillm_check_every
-        return max(1, math.ceil(len(run.train_examples) / (cfg.batch_size * run.world)))
+        # the official train_iters_per_epoch: int(N / (batch · world)), its loader dropping the rest
+        return max(1, len(run.train_examples) // (cfg.batch_size * run.world))
 
     def batch(self, run, step):
         cfg = run.cfg

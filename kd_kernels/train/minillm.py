@@ -14,8 +14,8 @@ Pieces, each a small function tested by hand:
 - :func:`ppo_clipped_loss`: token mean of ``max(−A·ratio, −A·clip(ratio, 1 ± ε))`` with
   ``ratio = exp(log q_θ − log q_old) · w``, ``w = q_old / p̃``.
 - :func:`minillm_loss`: that term plus the single-step term (token-mean full-vocabulary reverse KL
-  ``KL(q_θ‖p)`` on the sampled prefixes) from one student forward, both through kd_kernels'
-  fused-linear functions.
+  ``KL(q_θ‖p)`` on the sampled prefixes, both models at the rollout temperature as in LMOps) from
+  one student forward, both through kd_kernels' fused-linear functions.
 
 Log-probabilities of the sampled tokens for the ratio, the rewards and the weights are computed with
 ``fused_linear_logprobs`` at the rollout temperature from the full distribution; with ``top_k = 0`` and
@@ -237,15 +237,15 @@ def ppo_clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, log_w: torch.Te
 
 def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor,
                  old_logp: torch.Tensor, log_w: torch.Tensor, advantages: torch.Tensor, *,
-                 clip: float, rollout_temperature: float = 1.0, temperature: float = 1.0,
-                 chunk_size: int | None = None, backend: str = "auto"
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 clip: float, rollout_temperature: float = 1.0, chunk_size: int | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy gradient + single-step reverse KL(q_θ‖p), both on the sampled responses.
 
     ``student``/``teacher``: hidden states of positions 0 … T−2 and the lm_heads; ``targets`` the sampled
     next tokens, ``mask`` True on response tokens. Log q_θ of the sampled tokens comes from
-    ``fused_linear_logprobs`` (at the rollout temperature, as q_old and p̃ were); the single-step term
-    from ``fused_linear_kd(divergence="reverse_kl")`` at ``temperature``."""
+    ``fused_linear_logprobs`` and the single-step term from
+    ``fused_linear_kd(divergence="reverse_kl")``, both at the rollout temperature (LMOps divides
+    both models' logits by its one temperature)."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
                                             temperature=rollout_temperature, mask=mask,
@@ -255,7 +255,7 @@ def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torc
         student.hidden, student.weight, teacher.hidden.detach(), teacher.weight.detach(),
         divergence="reverse_kl", student_bias=student.bias,
         teacher_bias=None if teacher.bias is None else teacher.bias.detach(),
-        temperature=temperature, mask=mask, reduction="mean", chunk_size=chunk_size,
+        temperature=rollout_temperature, mask=mask, reduction="mean", chunk_size=chunk_size,
         backend=backend,
     )
     return pg + single, {"pg": float(pg.detach()), "single_step": float(single.detach()), **info}
