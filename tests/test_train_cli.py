@@ -112,9 +112,9 @@ def test_config_file_under_the_command_line(tmp_path):
     assert explicit == {"kd_ratio", "lr", "steps", "skip_eval", "grad_clip", "eval_seeds"}
     assert cfg.batch_size == C.TrainConfig().batch_size
     json_file = write(tmp_path / "run.json",
-                      json.dumps({"method": "minillm", "minillm_rollouts": 4}))
+                      json.dumps({"method": "minillm", "minillm_rollouts": 12}))
     cfg, _ = C.parse_args(["minillm", "--config", json_file], ["minillm"])
-    assert (cfg.minillm_rollouts, cfg.steps) == (4, C.METHOD_DEFAULTS["minillm"]["steps"])
+    assert (cfg.minillm_rollouts, cfg.steps) == (12, C.METHOD_DEFAULTS["minillm"]["steps"])
     cfg, _ = C.parse_args(["kd", "--config", write(tmp_path / "empty.yaml", "")], ["kd"])
     assert cfg == C.TrainConfig()
 
