@@ -146,8 +146,8 @@ def test_torchrun_two_cpu_processes(tmp_path, response_cache):
 @pytest.mark.smollm2
 def test_smollm2_preset_loads_and_derives_student():
     pytest.importorskip("gguf")
-    from kd_kernels.train.data import prompt_token_ids
     from kd_kernels.hf import lm_head
+    from kd_kernels.train.data import prompt_token_ids
     from kd_kernels.train.models import load_models
 
     cfg = TrainConfig(preset="smollm2")

@@ -117,3 +117,33 @@ def test_kd_first_step_equals_kd_loss_on_the_models_logits(tmp_path, response_ca
     with torch.no_grad():
         t_raw, s_raw = (_untransformed(m, batch) for m in (models.teacher, models.student))
     assert abs(float(_kd_on_logits(s_raw, t_raw, mask, cfg)) - row["kd"]) > 1e-2 * row["kd"]
+
+
+def test_teacher_cache_of_a_scaled_pair_equals_kd_loss_on_the_logits(tmp_path, response_cache):
+    """Cohere's logit scale reaches the sparse path too (folded into the hidden states, as
+    ``teacher_topk`` / ``fused_linear_sparse_kd`` take none): a cache of the full vocabulary gives
+    the dense loss on the models' logits, up to the cache's float16 log-probs."""
+    teacher, student = _pair(tmp_path, "cohere")
+    models = ["--teacher", teacher, "--student", student, "--cache-dir", str(response_cache)]
+    cache = tmp_path / "cache"
+    common = [*models, *RUN_FLAGS]
+    assert cli.main(["cache-teacher", "--top-k", "259", "--out", str(cache), *common]) == 0
+    out = tmp_path / "run"
+    assert cli.main(["kd", "--kd-ratio", "1", "--teacher-cache", str(cache), "--out", str(out),
+                     *common]) == 0
+    cfg, models, batch, _, mask = _first_batch(out)
+    s, t = _logits(models.student, batch), _logits(models.teacher, batch)
+    kd = float(_kd_on_logits(s, t, mask, cfg))
+    assert _first_row(out)["kd"] == pytest.approx(kd, rel=2e-3)
+    with torch.no_grad():
+        t_raw, s_raw = (_untransformed(m, batch) for m in (models.teacher, models.student))
+    assert abs(float(_kd_on_logits(s_raw, t_raw, mask, cfg)) - kd) > 1e-2 * kd
+
+
+def test_teacher_cache_of_a_softcapped_teacher_is_a_clear_error(tmp_path, response_cache, capsys):
+    teacher, student = _pair(tmp_path, "gemma2")
+    rc = cli.main(["cache-teacher", "--top-k", "8", "--out", str(tmp_path / "cache"),
+                   "--teacher", teacher, "--student", student, "--cache-dir", str(response_cache),
+                   *RUN_FLAGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --teacher-cache" in err and "final_logit_softcapping=2.0" in err

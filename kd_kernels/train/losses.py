@@ -38,11 +38,11 @@ class Head:
     def scaled(self, what: str) -> Head:
         """The same logits with σ folded into the hidden states and bias (``σ(hWᵀ + b) = (σh)Wᵀ + σb``),
         for the functions without a logit-scale argument (``fused_linear_sparse_kd``, ``teacher_topk``);
-        a soft-capped head raises, as they cannot apply the cap."""
+        a soft-capped head raises ValueError, as they cannot apply the cap."""
         if self.softcap is not None:
-            raise NotImplementedError(
-                f"{what} has no softcap argument, and this model soft-caps its logits "
-                f"(final_logit_softcapping={self.softcap}); train without --teacher-cache"
+            raise ValueError(
+                f"--teacher-cache: {what} has no softcap argument, and this model soft-caps its "
+                f"logits (final_logit_softcapping={self.softcap}); train it without --teacher-cache"
             )
         if self.logit_scale == 1.0:
             return self
