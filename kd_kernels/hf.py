@@ -3,7 +3,8 @@ the ``(B, T, V)`` logits.
 
 - :func:`head_inputs` runs a model's decoder (not its lm_head) and returns what the lm_head would
   multiply: the final normed hidden states, the output-embedding weight and bias, and the model's
-  logit scale / softcap from its config.
+  logit scale / softcap from its config; :func:`lm_head` the same without the hidden states (no
+  forward). ``kd-train`` takes its models through these two.
 - :func:`distill_loss` takes Hugging Face conventions (``input_ids``, ``attention_mask``, unshifted
   ``labels`` with -100) and equals the logits-level loss on the models' own ``.logits``.
 - :class:`KDTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` is :func:`distill_loss`.
