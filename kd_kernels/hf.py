@@ -3,7 +3,8 @@ the ``(B, T, V)`` logits.
 
 - :func:`head_inputs` runs a model's decoder (not its lm_head) and returns what the lm_head would
   multiply: the final normed hidden states, the output-embedding weight and bias, and the model's
-  logit scale / softcap from its config.
+  logit scale / softcap from its config; :func:`lm_head` the same without the hidden states (no
+  forward). ``kd-train`` takes its models through these two.
 - :func:`distill_loss` takes Hugging Face conventions (``input_ids``, ``attention_mask``, unshifted
   ``labels`` with -100) and equals the logits-level loss on the models' own ``.logits``.
 - :class:`KDTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` is :func:`distill_loss`.
@@ -48,8 +49,10 @@ IGNORE_INDEX = -100
 __all__ = [
     "HeadInputs",
     "KDTrainer",
+    "LMHead",
     "distill_loss",
     "head_inputs",
+    "lm_head",
     "trl_chunked_divergence_loss",
     "trl_gkd_trainer",
 ]
@@ -59,6 +62,15 @@ class HeadInputs(NamedTuple):
     """What a causal LM's lm_head takes: ``logits = c · tanh(σ (hidden @ weight.T + bias) / c)``."""
 
     hidden: torch.Tensor  # (B, T, D) final normed hidden states
+    weight: torch.Tensor  # (V, D) output-embedding weight
+    bias: torch.Tensor | None  # (V,) or None
+    logit_scale: float  # σ; 1.0 = off
+    softcap: float | None  # c; None = off
+
+
+class LMHead(NamedTuple):
+    """A causal LM's lm_head and logit transform, without hidden states (see :func:`lm_head`)."""
+
     weight: torch.Tensor  # (V, D) output-embedding weight
     bias: torch.Tensor | None  # (V,) or None
     logit_scale: float  # σ; 1.0 = off
@@ -130,6 +142,16 @@ def _output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+def lm_head(model: nn.Module) -> LMHead:
+    """A Hugging Face causal LM's output-embedding weight and bias and its logit scale / softcap
+    (from its config), without running the model: :func:`head_inputs` without the hidden states.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    weight, bias = _output_head(model)
+    return LMHead(weight, bias, *_head_transform(model))
+
+
 def head_inputs(model: nn.Module, **model_inputs: Any) -> HeadInputs:
     """The lm_head's inputs of a Hugging Face causal LM for ``model_inputs`` (``input_ids``,
     ``attention_mask``, ``position_ids``, ...), computed through the decoder without running the
@@ -142,17 +164,14 @@ def head_inputs(model: nn.Module, **model_inputs: Any) -> HeadInputs:
             "head_inputs takes the model inputs without labels (the decoder does not take them); "
             "use kd_kernels.hf.distill_loss(..., labels=...) for a loss"
         )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    weight, bias = _output_head(model)
-    scale, cap = _head_transform(model)
+    head = lm_head(model)
     dec = _decoder(model)
     model_inputs.setdefault("use_cache", False)
     out = dec(**model_inputs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]
-    return HeadInputs(hidden, weight, bias, scale, cap)
+    return HeadInputs(hidden, *head)
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -146,8 +146,9 @@ def test_torchrun_two_cpu_processes(tmp_path, response_cache):
 @pytest.mark.smollm2
 def test_smollm2_preset_loads_and_derives_student():
     pytest.importorskip("gguf")
+    from kd_kernels.hf import lm_head
     from kd_kernels.train.data import prompt_token_ids
-    from kd_kernels.train.models import load_models, output_head
+    from kd_kernels.train.models import load_models
 
     cfg = TrainConfig(preset="smollm2")
     m = load_models(cfg, torch.device("cpu"))
@@ -157,7 +158,7 @@ def test_smollm2_preset_loads_and_derives_student():
     assert s.config.num_hidden_layers == 10 and not t.training and s.training
     assert not any(p.requires_grad for p in t.parameters())
     assert all(p.requires_grad for p in s.parameters())
-    w, _ = output_head(t)
+    w = lm_head(t).weight
     assert w.shape == (49152, 576) and w is t.model.embed_tokens.weight
     ids = prompt_token_ids(m.tokenizer, "What is the capital of France?", 128)
     assert m.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")

@@ -189,7 +189,8 @@ def test_rouge_l_and_mean_std():
 
 
 def test_student_from_teacher_layers():
-    from kd_kernels.train.models import load_tiny, make_student, output_head, parse_layers
+    from kd_kernels.hf import lm_head
+    from kd_kernels.train.models import load_tiny, make_student, parse_layers
 
     teacher, _, _ = load_tiny(seed=0)
     assert parse_layers("", 30) == list(range(0, 30, 3))
@@ -200,9 +201,9 @@ def test_student_from_teacher_layers():
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
     torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight,
                                teacher.model.layers[2].mlp.up_proj.weight)
-    w, b = output_head(student)
+    w, b, _, _ = lm_head(student)
     assert w is student.model.embed_tokens.weight and b is None  # tied embeddings stay tied
-    assert w.data_ptr() != output_head(teacher)[0].data_ptr()  # an independent copy
+    assert w.data_ptr() != lm_head(teacher).weight.data_ptr()  # an independent copy
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         out = student.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import CACHE_METHODS, parse_args
 from .methods import METHODS, get_method
 from .run import Run, init_distributed
-from .teacher_cache import CACHE_DTYPES, TeacherCacheError, write_cache
+from .teacher_cache import CACHE_DTYPES, write_cache
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         m = write_cache(run, examples, prompt_ids, Path(ns.out), top_k=ns.top_k,
                         dtype=ns.cache_dtype, temperature=cfg.temperature,
                         batch_size=cfg.gen_batch_size, progress=cfg.progress)
-    except TeacherCacheError as e:
+    except ValueError as e:  # TeacherCacheError, or a teacher the cache cannot hold (a softcap)
         print(f"kd-train cache-teacher: error: {e}", file=sys.stderr)
         return 2
     size = sum((Path(ns.out) / s["file"]).stat().st_size for s in m["shards"])

@@ -23,7 +23,7 @@ import torch
 
 import kd_kernels
 
-from .losses import Head
+from .losses import Head, kd_transforms
 
 
 def gkd_divergence(beta: float) -> tuple[str, float]:
@@ -38,21 +38,17 @@ def gkd_divergence(beta: float) -> tuple[str, float]:
     return "jsd", beta
 
 
-def _detached(h: Head) -> Head:
-    return Head(h.hidden.detach(), h.weight.detach(), None if h.bias is None else h.bias.detach())
-
-
 def full_loss(student: Head, teacher: Head, mask: torch.Tensor, *, beta: float,
               temperature: float = 1.0, chunk_size: int | None = None, backend: str = "auto"
               ) -> torch.Tensor:
     """Token mean over ``mask`` of TRL's generalized JSD(β) between the teacher's and the student's
     full-vocabulary distributions at ``temperature`` (:func:`gkd_divergence`)."""
     divergence, jsd_beta = gkd_divergence(beta)
-    t = _detached(teacher)
+    t = teacher.detached()
     return kd_kernels.fused_linear_kd(
         student.hidden, student.weight, t.hidden, t.weight, divergence=divergence, beta=jsd_beta,
         student_bias=student.bias, teacher_bias=t.bias, temperature=temperature, mask=mask,
-        reduction="mean", chunk_size=chunk_size, backend=backend)
+        reduction="mean", chunk_size=chunk_size, backend=backend, **kd_transforms(student, t))
 
 
 def sampled_token_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -67,15 +63,15 @@ def sampled_token_loss(student: Head, teacher: Head, targets: torch.Tensor, mask
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logq = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
                                             temperature=temperature, mask=mask,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, **student.transform())
     with torch.no_grad():
-        s, t = _detached(student), _detached(teacher)
+        s, t = student.detached(), teacher.detached()
         logq_s = kd_kernels.fused_linear_logprobs(s.hidden, s.weight, safe, bias=s.bias,
                                                   temperature=sample_temperature, mask=mask,
-                                                  chunk_size=chunk_size)
+                                                  chunk_size=chunk_size, **s.transform())
         logp = kd_kernels.fused_linear_logprobs(t.hidden, t.weight, safe, bias=t.bias,
                                                 temperature=temperature, mask=mask,
-                                                chunk_size=chunk_size)
+                                                chunk_size=chunk_size, **t.transform())
         adv = -(logq.detach() - logp)
     ratio = torch.exp(logq - logq_s)
     n = mask.sum().clamp_min(1)

@@ -1,13 +1,14 @@
 """Every vocabulary-sized computation of training and evaluation, in one place.
 
 All of them go through kd_kernels' fused-linear functions on the models' final hidden states and lm_head
-weights: no ``(tokens, V)`` logits tensor is ever materialized by the trainer. Positions are already
+weights, with each model's logit scale / softcap (the logits its ``.logits`` define): no ``(tokens, V)``
+logits tensor is ever materialized by the trainer. Positions are already
 shifted (hidden state i predicts target i); ``mask`` is True on the tokens that count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,11 +17,44 @@ import kd_kernels
 
 @dataclass(frozen=True)
 class Head:
-    """A model's final hidden states ``(B, T, D)`` and its lm_head ``(V, D)`` weight / ``(V,)`` bias."""
+    """A model's final hidden states ``(B, T, D)``, its lm_head ``(V, D)`` weight / ``(V,)`` bias and the
+    logit transform its ``.logits`` apply (``kd_kernels.hf.lm_head``): the logits are
+    ``c · tanh(σ (hidden @ weight.T + bias) / c)`` with σ = ``logit_scale``, c = ``softcap``."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def detached(self) -> Head:
+        return replace(self, hidden=self.hidden.detach(), weight=self.weight.detach(),
+                       bias=None if self.bias is None else self.bias.detach())
+
+    def transform(self) -> dict[str, float | None]:
+        """The logit transform as ``fused_linear_logprobs`` takes it."""
+        return {"logit_scale": self.logit_scale, "softcap": self.softcap}
+
+    def scaled(self, what: str) -> Head:
+        """The same logits with σ folded into the hidden states and bias (``σ(hWᵀ + b) = (σh)Wᵀ + σb``),
+        for the functions without a logit-scale argument (``fused_linear_sparse_kd``, ``teacher_topk``);
+        a soft-capped head raises ValueError, as they cannot apply the cap."""
+        if self.softcap is not None:
+            raise ValueError(
+                f"--teacher-cache: {what} has no softcap argument, and this model soft-caps its "
+                f"logits (final_logit_softcapping={self.softcap}); train it without --teacher-cache"
+            )
+        if self.logit_scale == 1.0:
+            return self
+        s = self.logit_scale
+        return replace(self, hidden=self.hidden * s, bias=None if self.bias is None else self.bias * s,
+                       logit_scale=1.0)
+
+
+def kd_transforms(student: Head, teacher: Head) -> dict[str, float | None]:
+    """Both heads' logit transforms as ``fused_linear_kd`` takes them."""
+    return {"student_logit_scale": student.logit_scale, "student_softcap": student.softcap,
+            "teacher_logit_scale": teacher.logit_scale, "teacher_softcap": teacher.softcap}
 
 
 def _chunk(chunk_size: int) -> int | None:
@@ -32,7 +66,8 @@ def ce_loss(student: Head, targets: torch.Tensor, mask: torch.Tensor, *, chunk_s
     """Token-mean hard-label cross-entropy ``−mean log q(target)`` over the masked-in tokens (0 if none)."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
-                                            mask=mask, chunk_size=_chunk(chunk_size))
+                                            mask=mask, chunk_size=_chunk(chunk_size),
+                                            **student.transform())
     return -logp.sum() / mask.sum().clamp_min(1)
 
 
@@ -51,12 +86,12 @@ def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch
         ce = ce_loss(student, targets, mask, chunk_size=chunk_size)
         return ce, {"ce": float(ce.detach()), "kd": float("nan")}
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
+    t = teacher.detached()
     loss, parts = kd_kernels.fused_linear_kd(
-        student.hidden, student.weight, teacher.hidden.detach(), teacher.weight.detach(),
-        divergence=divergence, alpha=alpha, student_bias=student.bias,
-        teacher_bias=None if teacher.bias is None else teacher.bias.detach(),
-        temperature=temperature, mask=mask, labels=labels, ce_weight=(1.0 - ratio) / ratio,
-        reduction="mean", chunk_size=_chunk(chunk_size), backend=backend, return_components=True,
+        student.hidden, student.weight, t.hidden, t.weight, divergence=divergence, alpha=alpha,
+        student_bias=student.bias, teacher_bias=t.bias, temperature=temperature, mask=mask,
+        labels=labels, ce_weight=(1.0 - ratio) / ratio, reduction="mean", chunk_size=_chunk(chunk_size),
+        backend=backend, return_components=True, **kd_transforms(student, t),
     )
     return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
 
@@ -72,6 +107,7 @@ def sparse_mix_loss(student: Head, teacher_ids: torch.Tensor, teacher_logprobs: 
         ce = ce_loss(student, targets, mask, chunk_size=chunk_size)
         return ce, {"ce": float(ce.detach()), "kd": float("nan")}
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
+    student = student.scaled("fused_linear_sparse_kd (the --teacher-cache loss)")
     loss, parts = kd_kernels.fused_linear_sparse_kd(
         student.hidden, student.weight, teacher_ids, teacher_logprobs, divergence=divergence,
         alpha=alpha, tail=tail, student_bias=student.bias, temperature=temperature, mask=mask,
@@ -88,15 +124,12 @@ def token_divergences(student: Head, teacher: Head, targets: torch.Tensor, mask:
     are returned too so callers can pool batches exactly."""
     n = int(mask.sum())
     out = {"tokens": n}
-    s = Head(student.hidden.detach(), student.weight.detach(),
-             None if student.bias is None else student.bias.detach())
-    t = Head(teacher.hidden.detach(), teacher.weight.detach(),
-             None if teacher.bias is None else teacher.bias.detach())
+    s, t = student.detached(), teacher.detached()
     for name in ("forward_kl", "reverse_kl"):
         val = kd_kernels.fused_linear_kd(
             s.hidden, s.weight, t.hidden, t.weight, divergence=name, student_bias=s.bias,
             teacher_bias=t.bias, mask=mask, reduction="sum", chunk_size=_chunk(chunk_size),
-            backend=backend,
+            backend=backend, **kd_transforms(s, t),
         )
         out[name + "_sum"] = float(val)
     out["ce_sum"] = float(ce_loss(s, targets, mask, chunk_size=chunk_size)) * max(n, 1)

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from kd_kernels import hf
+
 from . import distillm
 from .data import Example, batch_indices, build_example, collate, shift_targets
 from .distillm import GENERATE, SOURCES, ReplayBuffer, ThresholdSchedule, choose_source
@@ -28,7 +30,6 @@ from .minillm import (
     whiten,
     whiten_block,
 )
-from .models import output_head
 from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
@@ -281,7 +282,7 @@ class MiniLLM(Method):
         cfg = run.cfg
         s = head(student, batch)
         if "teacher_hidden" in batch:  # from the round's scoring pass: no teacher forward per step
-            t = Head(batch["teacher_hidden"], *output_head(teacher))
+            t = Head(batch["teacher_hidden"], *hf.lm_head(teacher))
         else:
             with torch.no_grad():
                 t = head(teacher, batch)
@@ -319,7 +320,7 @@ def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg, temperatur
 
     return kd_kernels.fused_linear_logprobs(h.hidden, h.weight, tokens, bias=h.bias,
                                             temperature=temperature, mask=mask,
-                                            chunk_size=cfg.chunk_size or None)
+                                            chunk_size=cfg.chunk_size or None, **h.transform())
 
 
 def _sum_over_ranks(world: int):

@@ -33,7 +33,7 @@ import torch
 
 import kd_kernels
 
-from .losses import Head
+from .losses import Head, kd_transforms
 
 REWARD_SCALE = 0.5
 REWARD_CLIP = 100.0
@@ -249,13 +249,12 @@ def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torc
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
                                             temperature=rollout_temperature, mask=mask,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, **student.transform())
     pg, info = ppo_clipped_loss(logp, old_logp, log_w, advantages, mask, clip)
+    t = teacher.detached()
     single = kd_kernels.fused_linear_kd(
-        student.hidden, student.weight, teacher.hidden.detach(), teacher.weight.detach(),
-        divergence="reverse_kl", student_bias=student.bias,
-        teacher_bias=None if teacher.bias is None else teacher.bias.detach(),
-        temperature=rollout_temperature, mask=mask, reduction="mean", chunk_size=chunk_size,
-        backend=backend,
+        student.hidden, student.weight, t.hidden, t.weight, divergence="reverse_kl",
+        student_bias=student.bias, teacher_bias=t.bias, temperature=rollout_temperature, mask=mask,
+        reduction="mean", chunk_size=chunk_size, backend=backend, **kd_transforms(student, t),
     )
     return pg + single, {"pg": float(pg.detach()), "single_step": float(single.detach()), **info}

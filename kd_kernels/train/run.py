@@ -2,7 +2,8 @@
 ``run`` ← ``methods`` / ``evaluate`` ← ``trainer``).
 
 ``Run`` holds the models, the tokenized data, the cached teacher responses and the distributed context;
-``head`` turns a model and a batch into the final hidden states and lm_head the fused losses take.
+``head`` turns a model and a batch into the final hidden states, lm_head and logit scale / softcap the
+fused losses take (through ``kd_kernels.hf``, the library's one model path).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kd_kernels import hf
+
 from .config import TrainConfig
 from .data import (
     Example,
@@ -28,7 +31,7 @@ from .data import (
 )
 from .generate import cached_responses
 from .losses import Head
-from .models import Models, decoder_layers, final_hidden, load_models, output_head
+from .models import Models, decoder_layers, load_models
 
 # ------------------------------------------------------------------------------------------ distributed
 
@@ -77,7 +80,7 @@ class HiddenStates(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return final_hidden(self.model, input_ids, attention_mask)
+        return hf.head_inputs(self.model, input_ids=input_ids, attention_mask=attention_mask).hidden
 
 
 def _tied(model: nn.Module) -> bool:
@@ -217,12 +220,12 @@ class Run:
 
 
 def head(model, batch: dict[str, torch.Tensor]) -> Head:
-    """The model's final hidden states for positions 0 … T−2 (each predicts the next token) and its
-    lm_head. ``model`` may be a ``HiddenStates`` (the FSDP2-sharded teacher)."""
+    """The model's final hidden states for positions 0 … T−2 (each predicts the next token), its lm_head
+    and logit scale / softcap, all from ``kd_kernels.hf`` (``head_inputs``): the losses on them equal the
+    losses on the model's own ``.logits``. ``model`` may be a ``HiddenStates`` (the FSDP2-sharded
+    teacher)."""
     if isinstance(model, HiddenStates):
-        h = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
-        w, b = output_head(model.model)
-    else:
-        h = final_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-        w, b = output_head(model)
-    return Head(h, w, b)
+        h = model(batch["input_ids"], batch["attention_mask"])
+        return Head(h[:, :-1], *hf.lm_head(model.model))
+    x = hf.head_inputs(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return Head(x.hidden[:, :-1], x.weight, x.bias, x.logit_scale, x.softcap)

@@ -97,7 +97,7 @@ def write_cache(run, examples, prompt_ids: list[str], out: Path, *, top_k: int, 
         chunk = examples[start:start + batch_size]
         batch = run.to_device(collate(chunk, run.pad_id))
         targets, mask = shift_targets(batch["labels"])
-        h = head(teacher, batch)
+        h = head(teacher, batch).scaled("kd_kernels.teacher_topk (the teacher cache)")
         ids, lps = kd_kernels.teacher_topk(h.hidden[mask], h.weight, top_k, teacher_bias=h.bias,
                                            temperature=temperature)
         counts = mask.sum(1).tolist()
