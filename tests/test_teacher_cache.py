@@ -111,8 +111,10 @@ def test_cache_mismatches_are_clear_errors(tmp_path, response_cache, capsys):
         rc = cli.main([*base, *extra])  # the later flag wins
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err, (extra, err)
-    rc = cli.main(["minillm", *TINY, "--teacher-cache", str(out)])
-    assert rc == 2 and "--teacher-cache is a flag of kd, seqkd, distillm, not of minillm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a flag of other methods: argparse's usage error
+        cli.main(["minillm", *TINY, "--teacher-cache", str(out)])
+    assert e.value.code == 2
+    assert "--teacher-cache is a flag of kd, seqkd, distillm, not of minillm" in capsys.readouterr().err
     rc = cli.main(["kd", *TINY, "--teacher-cache", str(tmp_path / "nothing")])
     assert rc == 2 and "no manifest.json" in capsys.readouterr().err
     rc = cli.main(["distillm", *TINY, "--teacher-cache", str(out), "--sparse-tail", "ignore"])
