@@ -224,6 +224,41 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
   return std::isfinite(loss) && *loss_err < 2e-5 && *grad_err < 1e-4;
 }
 
+// The running count of main's rows.
+struct Tally {
+  int runs = 0, fails = 0;
+  double worst_l = 0, worst_g = 0;
+};
+
+// Every divergence on one row shape (in dtype DT, every logit + shift); T = 1 with the plain teacher, T = 2 with
+// an interpolated one (λ = 0.6) and renyi's α > 1 (1.6 at T = 1 with a shift).
+template <int DT>
+void check_all(int V, int C, int th, bool t2, float shift, std::mt19937& rng, Tally& tally) {
+  const float T = t2 ? 2.f : 1.f;
+  const double lam = t2 ? 0.6 : 1.0, renyi_a = t2 ? 2.0 : (shift != 0.f ? 1.6 : 0.6);
+  bool ok[kNumDivergences];
+  double el[kNumDivergences], eg[kNumDivergences];
+  ok[0] = check_row<FORWARD_KL, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[0], &eg[0], shift);
+  ok[1] = check_row<REVERSE_KL, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[1], &eg[1], shift);
+  ok[2] = check_row<SKEW_FORWARD_KL, DT>(V, C, th, T, lam, 0.1, 0.0, rng, &el[2], &eg[2], shift);
+  ok[3] = check_row<SKEW_REVERSE_KL, DT>(V, C, th, T, lam, 0.3, 0.0, rng, &el[3], &eg[3], shift);
+  ok[4] = check_row<JSD, DT>(V, C, th, T, lam, 0.4, 0.0, rng, &el[4], &eg[4], shift);
+  ok[5] = check_row<TVD, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[5], &eg[5], shift);
+  ok[6] = check_row<JEFFREYS, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[6], &eg[6], shift);
+  ok[7] = check_row<ALPHA_BETA, DT>(V, C, th, T, lam, 0.7, t2 ? 0.5 : 0.3, rng, &el[7], &eg[7], shift);
+  ok[8] = check_row<RENYI, DT>(V, C, th, T, lam, renyi_a, 0.0, rng, &el[8], &eg[8], shift);
+  for (int d = 0; d < kNumDivergences; ++d) {
+    ++tally.runs;
+    tally.worst_l = std::max(tally.worst_l, el[d]);
+    tally.worst_g = std::max(tally.worst_g, eg[d]);
+    if (!ok[d]) {
+      ++tally.fails;
+      std::printf("FAIL div %d V %d C %d threads %d T %g lambda %g shift %g: loss err %.2e grad err %.2e\n", d,
+                  V, C, th, T, lam, shift, el[d], eg[d]);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -231,67 +266,20 @@ int main() {
   const int vs[] = {1, 7, 8, 9, 1031, 4099, 32003};
   const int cs[] = {1, 2, 3, 8};
   const int ths[] = {32, 128, 512};
-  int fails = 0, runs = 0;
-  double worst_l = 0, worst_g = 0;
+  Tally tally;
   for (int V : vs) {
     for (int C : cs) {
       for (int th : ths) {
-        for (int k = 0; k < 2; ++k) {
-          // T = 1 with the plain teacher; T = 2 with an interpolated one (λ = 0.6) and renyi's α > 1.
-          const float T = k == 0 ? 1.f : 2.f;
-          const double lam = k == 0 ? 1.0 : 0.6;
-          bool ok[kNumDivergences];
-          double el[kNumDivergences], eg[kNumDivergences];
-          ok[0] = check_row<FORWARD_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[0], &eg[0]);
-          ok[1] = check_row<REVERSE_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[1], &eg[1]);
-          ok[2] = check_row<SKEW_FORWARD_KL>(V, C, th, T, lam, 0.1, 0.0, rng, &el[2], &eg[2]);
-          ok[3] = check_row<SKEW_REVERSE_KL>(V, C, th, T, lam, 0.3, 0.0, rng, &el[3], &eg[3]);
-          ok[4] = check_row<JSD>(V, C, th, T, lam, 0.4, 0.0, rng, &el[4], &eg[4]);
-          ok[5] = check_row<TVD>(V, C, th, T, lam, 0.0, 0.0, rng, &el[5], &eg[5]);
-          ok[6] = check_row<JEFFREYS>(V, C, th, T, lam, 0.0, 0.0, rng, &el[6], &eg[6]);
-          ok[7] = check_row<ALPHA_BETA>(V, C, th, T, lam, 0.7, k == 0 ? 0.3 : 0.5, rng, &el[7], &eg[7]);
-          ok[8] = check_row<RENYI>(V, C, th, T, lam, k == 0 ? 0.6 : 2.0, 0.0, rng, &el[8], &eg[8]);
-          for (int d = 0; d < kNumDivergences; ++d) {
-            ++runs;
-            worst_l = std::max(worst_l, el[d]);
-            worst_g = std::max(worst_g, eg[d]);
-            if (!ok[d]) {
-              ++fails;
-              std::printf("FAIL div %d V %d C %d threads %d T %g lambda %g: loss err %.2e grad err %.2e\n", d,
-                          V, C, th, T, lam, el[d], eg[d]);
-            }
-          }
-        }
+        for (int k = 0; k < 2; ++k) check_all<BF16>(V, C, th, k == 1, 0.f, rng, tally);
       }
     }
   }
-  // fp32 logits at +1e6 (an ulp is 1/16 there), T = 1: as accurate as near 0 (ℓ = (x − m) − log Z; renyi's
-  // mixed logits from differences to its point). Every divergence, a few shapes.
+  // fp32 logits at +1e6 (an ulp is 1/16 there): as accurate as near 0 (ℓ = (x − m) − log Z; renyi's mixed
+  // logits from differences to its point).
   for (int V : {1031, 4099}) {
-    for (int C : {1, 3}) {
-      double el[kNumDivergences], eg[kNumDivergences];
-      bool ok[kNumDivergences];
-      ok[0] = check_row<FORWARD_KL, F32>(V, C, 128, 1.f, 1.0, 0.0, 0.0, rng, &el[0], &eg[0], 1e6f);
-      ok[1] = check_row<REVERSE_KL, F32>(V, C, 128, 1.f, 1.0, 0.0, 0.0, rng, &el[1], &eg[1], 1e6f);
-      ok[2] = check_row<SKEW_FORWARD_KL, F32>(V, C, 128, 1.f, 1.0, 0.1, 0.0, rng, &el[2], &eg[2], 1e6f);
-      ok[3] = check_row<SKEW_REVERSE_KL, F32>(V, C, 128, 1.f, 1.0, 0.3, 0.0, rng, &el[3], &eg[3], 1e6f);
-      ok[4] = check_row<JSD, F32>(V, C, 128, 1.f, 1.0, 0.4, 0.0, rng, &el[4], &eg[4], 1e6f);
-      ok[5] = check_row<TVD, F32>(V, C, 128, 1.f, 1.0, 0.0, 0.0, rng, &el[5], &eg[5], 1e6f);
-      ok[6] = check_row<JEFFREYS, F32>(V, C, 128, 1.f, 1.0, 0.0, 0.0, rng, &el[6], &eg[6], 1e6f);
-      ok[7] = check_row<ALPHA_BETA, F32>(V, C, 128, 1.f, 1.0, 0.7, 0.3, rng, &el[7], &eg[7], 1e6f);
-      ok[8] = check_row<RENYI, F32>(V, C, 128, 1.f, 1.0, 1.6, 0.0, rng, &el[8], &eg[8], 1e6f);
-      for (int d = 0; d < kNumDivergences; ++d) {
-        ++runs;
-        worst_l = std::max(worst_l, el[d]);
-        worst_g = std::max(worst_g, eg[d]);
-        if (!ok[d]) {
-          ++fails;
-          std::printf("FAIL +1e6 div %d V %d C %d: loss err %.2e grad err %.2e\n", d, V, C, el[d], eg[d]);
-        }
-      }
-    }
+    for (int C : {1, 3}) check_all<F32>(V, C, 128, false, 1e6f, rng, tally);
   }
-  std::printf("%d / %d rows within tolerance; worst loss err %.2e, worst grad rel err %.2e\n", runs - fails,
-              runs, worst_l, worst_g);
-  return fails == 0 ? 0 : 1;
+  std::printf("%d / %d rows within tolerance; worst loss err %.2e, worst grad rel err %.2e\n",
+              tally.runs - tally.fails, tally.runs, tally.worst_l, tally.worst_g);
+  return tally.fails == 0 ? 0 : 1;
 }
