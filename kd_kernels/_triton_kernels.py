@@ -221,9 +221,10 @@ def _load_pair(s_row, t_row, cols, V, lam, INTERP: tl.constexpr, MASKED: tl.cons
 # 0·(−2^64) = 0 with one max and no select; the other divergences select.
 # -------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
+def _elem_terms(lq, lp, lr, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
     """(q, x, y) of one block for divergence DIV from base-2 log-probs (see the table above and _sums_finish);
-    x, y are the loss term and a, except for the mixtures. log_c, log_1mc are log2 coef and log2(1 − coef)."""
+    x, y are the loss term and a, except for the mixtures. log_c, log_1mc are log2 coef and log2(1 − coef).
+    lr: Rényi's log2 ρ_j (_renyi_lr; unused otherwise)."""
     q = tl.exp2(lq)
     p = tl.exp2(lp)
     if DIV == FORWARD_KL:
@@ -257,10 +258,9 @@ def _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV: tl.constexpr
         qq = tl.exp2(ab * lq)
         x = -(pq - (coef / ab) * tl.exp2(ab * lp) - (coef2 / ab) * qq) / (coef * coef2)
         y = (qq - pq) / coef
-    else:  # RENYI: r = p^α q^(1−α) / Σ p^α q^(1−α), and log Σ = (α − 1) L
-        mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
+    else:  # RENYI: a = −ρ_j = −p^α q^(1−α) / Σ p^α q^(1−α), from the mixed logits' own max and log Z (lr)
         x = tl.zeros_like(lq)  # the loss comes from the streaming pass
-        y = -tl.exp2(mix - ((coef - 1.0) * LOG2E) * row_loss)
+        y = -tl.exp2(lr)
     return q, x, y
 
 
@@ -279,7 +279,7 @@ def _sums_finish(x_sum, y_sum, coef, DIV: tl.constexpr):
 
 
 @triton.jit
-def _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
+def _elem_grad(lq, lp, lr, big_a, gscale, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
     """gscale · (a_j − q_j A) of one block (see the table above); the mixtures fold the row's constants into
     it, the other divergences take a from _elem_terms."""
     if DIV == SKEW_FORWARD_KL:
@@ -298,7 +298,7 @@ def _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log_c, log_1mc, DIV
         dq = tl.maximum(lq - _log_mix(lp, lq, log_c, log_1mc), LOG_FLOOR)  # log2(q/M)
         g = q * (dq * ((1.0 - coef) * LN2 * gscale) - big_a * gscale)
     else:
-        q, _, a = _elem_terms(lq, lp, row_loss, coef, coef2, log_c, log_1mc, DIV)
+        q, _, a = _elem_terms(lq, lp, lr, coef, coef2, log_c, log_1mc, DIV)
         g = (a - q * big_a) * gscale
     return g
 
@@ -317,16 +317,39 @@ def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0,
     if DIV == REVERSE_KL or DIV == JEFFREYS:
         x_s = x_s * f_s + tl.sum(e_s * tl.maximum(a - b, NEG_BIG), axis=1)
     if DIV == RENYI:
-        mix = tl.where(b == float("-inf"), float("-inf"), coef * (b - b0) + (1.0 - coef) * (a - a0))
-        m_r, z_r, _, _ = _group_fold(m_r, z_r, mix, scale2)
+        m_r, z_r, _, _ = _group_fold(m_r, z_r, _renyi_mix(a, b, a0, b0, coef), scale2)
     return x_t, x_s, m_r, z_r
 
 
 @triton.jit
-def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, scale2, a0, b0, DIV: tl.constexpr):
+def _renyi_rebase(m_r, m_s, m_t, a0, b0, coef):
+    """Rényi's mixed max relative to the point (a0, b0) (_online_fold) → relative to the row's maxima (m_s, m_t):
+    m_r − α (m_t − b0) − (1−α) (m_s − a0), raw units; differences of logits only, so it is rounded at the size
+    of the row's spread, not of the logits. An infinite m_r stays so."""
+    return m_r - coef * (m_t - b0) - (1.0 - coef) * (m_s - a0)
+
+
+@triton.jit
+def _renyi_mix(a, b, a0, b0, coef):
+    """Rényi's mixed logit α (b − b0) + (1−α) (a − a0), −inf where b is: from differences to a point (a0, b0) of
+    the row, not α b + (1−α) a, which rounds at the size of the logits (_online_fold, _renyi_lr)."""
+    return tl.where(b == float("-inf"), float("-inf"), coef * (b - b0) + (1.0 - coef) * (a - a0))
+
+
+@triton.jit
+def _renyi_lr(a, b, a0, b0, m_r, lz_r, coef, k):
+    """Rényi's log2 ρ_j = (u_j − m_r)·k − log2 Z_r, u_j = _renyi_mix(a, b, a0, b0), from the mixed logits' own max
+    m_r (relative to the same point) and log2 Z_r, k the factor to base 2: formed as the first pass formed the
+    terms of Z_r (so Σ ρ = 1 to rounding), not from the loss, whose rounding at the size of the LSEs (O(100) bits
+    at low T) every ρ_j would inherit. Per element, one instruction more than α λp + (1−α) λq − (α − 1) L."""
+    return (_renyi_mix(a, b, a0, b0, coef) - m_r) * k - lz_r
+
+
+@triton.jit
+def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, lz_r, coef, scale2, DIV: tl.constexpr):
     """(L, A) of an online divergence from the first pass's reduced sums (raw maxima and x sums, base-2 log
     sums in; natural units out); LSE differences are formed as (max difference) + (log-sum difference) so large
-    maxima do not cancel."""
+    maxima do not cancel. Rényi: m_r relative to (m_s, m_t) (_renyi_rebase), lz_r = log2 Z_r."""
     dlse = (m_s - m_t) * scale2 + (lz_s - lz_t)  # (LSE_s − LSE_t) / ln 2
     if DIV == FORWARD_KL:
         loss = (scale2 * x_t / z_t + dlse) * LN2
@@ -339,8 +362,7 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, z_r, coef, sca
         loss = (scale2 * x_t / z_t + dlse) * LN2 + rkl
         big_a = rkl - 1.0
     else:  # RENYI: log Σ p^α q^(1−α) = LSE_mix − α LSE_t − (1−α) LSE_s
-        log_sum = (m_r - coef * (m_t - b0) - (1.0 - coef) * (m_s - a0)) * scale2 + (
-            _lg2(z_r) - coef * lz_t - (1.0 - coef) * lz_s)
+        log_sum = m_r * scale2 + (lz_r - coef * lz_t - (1.0 - coef) * lz_s)
         # A +inf term (α > 1, q = 0 where p > 0) is an infinite divergence, as in float64, not a NaN.
         loss = tl.where(m_r == float("inf"), float("inf"), log_sum * LN2 / (coef - 1.0))
         big_a = -1.0
@@ -371,12 +393,16 @@ def _sums_block(x_acc, y_acc, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, sc
 
 
 @triton.jit
-def _grad_block(g_row, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a, gscale, coef, coef2,
-                log2_c, log2_1mc, DIV: tl.constexpr, INTERP: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+def _grad_block(g_row, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0, mr, lz_r, big_a, gscale,
+                coef, coef2, log2_c, log2_1mc, DIV: tl.constexpr, INTERP: tl.constexpr, BF16_BY_BITS: tl.constexpr,
                 MASKED: tl.constexpr):
-    """One block of the last pass: the gradient of the columns cols, written to g_row."""
+    """One block of the last pass: the gradient of the columns cols, written to g_row (a0, b0, mr, lz_r: Rényi's,
+    see _renyi_lr)."""
     a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
-    g = _elem_grad((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, loss, big_a, gscale, coef, coef2, log2_c,
+    lr = 0.0
+    if DIV == RENYI:
+        lr = _renyi_lr(a, b, a0, b0, mr, lz_r, coef, scale2)
+    g = _elem_grad((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, lr, big_a, gscale, coef, coef2, log2_c,
                    log2_1mc, DIV)
     # Every element of this block was read above before it is overwritten: in place is safe.
     gout = _to_grad_dtype(g, g_row.dtype.element_ty, BF16_BY_BITS)
@@ -485,10 +511,14 @@ def kd_loss_grad_kernel(
         ok = ((tl.abs(ms * inv_temp) < float("inf")) & (tl.abs(lz_s) < float("inf"))
               & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
         if ok:
+            mr = 0.0  # Rényi: the max of its mixed logits relative to (a0, b0), and log2 of their sum
+            lz_r = 0.0
             if ONLINE:
-                mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
+                if DIV == RENYI:
+                    mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
+                    lz_r = _lg2(zr)
                 loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, tl.sum(x_t, axis=0), tl.sum(x_s, axis=0),
-                                              mr, zr, coef, scale2, a0, b0, DIV)
+                                              _renyi_rebase(mr, ms, mt, a0, b0, coef), lz_r, coef, scale2, DIV)
             else:
                 # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
                 # after the loop.
@@ -507,11 +537,13 @@ def kd_loss_grad_kernel(
                 # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
                 gscale = w * inv_temp
                 for start in range(0, v_full, BLOCK_V):
-                    _grad_block(g_row, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a,
-                                gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS, False)
+                    _grad_block(g_row, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0,
+                                mr, lz_r, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS,
+                                False)
                 if v_full < V:
-                    _grad_block(g_row, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t, scale2, loss, big_a,
-                                gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS, True)
+                    _grad_block(g_row, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0,
+                                mr, lz_r, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS,
+                                True)
         else:
             tl.store(loss_ptr + row, float("nan"))
             if HAS_GRAD:
@@ -627,8 +659,8 @@ def kd_vp_rows_kernel(
         # divergences whose loss comes from it: forward / reverse KL, Rényi); a NaN or +inf column leaves a NaN Z
         # (or an infinite max), which combine_row_stats turns into a NaN row on every rank.
         GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
-        # absolute Rényi maxima (the point 0, 0): the ranks exchange them
-        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, 0.0, 0.0, DIV,
+        a0, b0 = _renyi_point(s_row, t_row, 1.0, False, DIV)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, a0, b0, DIV,
                                                         DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
                                                         False, GROUP, BLOCK_V)
         o = out_ptr + row * K
@@ -642,8 +674,13 @@ def kd_vp_rows_kernel(
         if DIV == REVERSE_KL:
             tl.store(o + 4, tl.sum(x_s, axis=0) * inv_temp)
         if DIV == RENYI:
+            # m_u relative to the shard's maxima (a finite max moved from the point (a0, b0), _renyi_rebase;
+            # −inf as 0, +inf as is): each rank has its own point, combine_row_stats moves them to the global.
             mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
-            tl.store(o + 4, _vp_shift(mr, inv_temp))
+            fin = tl.abs(mr) < float("inf")
+            mu = tl.where(fin & (mr != NEG_BIG), _renyi_rebase(mr, ms, mt, a0, b0, coef) * inv_temp,
+                          _vp_shift(mr, inv_temp))
+            tl.store(o + 4, mu)
             tl.store(o + 5, zr)
     else:
         offs = tl.arange(0, BLOCK_V)
@@ -682,8 +719,10 @@ def kd_vp_rows_kernel(
             g_row = g_ptr + row * stride_g
             w = tl.load(w_ptr + row)
             if w != 0.0:
+                mu = 0.0
                 if DIV == FORWARD_KL or DIV == RENYI:
                     big_a = -1.0
+                    mu = tl.load(st + 8)  # Rényi: M_u; its log Z_u is in `center`
                 elif DIV == REVERSE_KL:
                     big_a = row_loss
                 else:
@@ -695,7 +734,10 @@ def kd_vp_rows_kernel(
                     a, b = _load_pair(s_row, t_row, cols, V, 1.0, False, True)
                     lq = (a * inv_temp - m_s) * LOG2E - lz2_s
                     lp = (b * inv_temp - m_t) * LOG2E - lz2_t
-                    g = _elem_grad(lq, lp, row_loss, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV)
+                    lr = 0.0
+                    if DIV == RENYI:  # u = α (t̃ − M_t) + (1−α) (s̃ − M_s): the point (M_s, M_t), natural units
+                        lr = _renyi_lr(a * inv_temp, b * inv_temp, m_s, m_t, mu, center * LOG2E, coef, LOG2E)
+                    g = _elem_grad(lq, lp, lr, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV)
                     # Every element of this block was read above before it is overwritten: in place is safe.
                     gout = _to_grad_dtype(tl.where(ok, g, float("nan")), g_ptr.dtype.element_ty, BF16_BY_BITS)
                     tl.store(g_row + cols, gout, mask=in_v)

@@ -120,20 +120,6 @@ def _renyi_finish(r_sum, coef, empty):
 
 
 @triton.jit
-def _log1p(r):
-    u = 1.0 + r
-    return tl.where(u == 1.0, r, tl.log(u) * r / (u - 1.0))
-
-
-@triton.jit
-def _neg_expm1(x):
-    """1 − e^x for x ≤ 0, accurate near 0 (Kahan's expm1 trick)."""
-    u = tl.exp(x)
-    em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
-    return tl.where(x == float("-inf"), 1.0, -em1)
-
-
-@triton.jit
 def _support_in_block(ids_row, kp, nv, start, cols, BLOCK_V: tl.constexpr):
     """The block's support mask (columns among the sorted ids), advancing the id cursor kp."""
     sup = cols < 0  # all False
@@ -206,12 +192,11 @@ def sparse_loss_grad_kernel(
         else:
             es = tl.where(valid, tl.exp(sk - m), 0.0)
             zs = tl.sum(es, axis=0)
-            # the teacher's log P = lmax + log1p(Σ_{k ≠ argmax} e^(ℓ_k − lmax)), exact when P ≈ 1
-            lpm = tl.where(valid, lpk, float("-inf"))
-            lmax = tl.max(lpm, axis=0)
-            first = tl.argmax(lpm, axis=0)
-            r = tl.sum(tl.where(valid & (ok != first), tl.exp(lpm - lmax), 0.0), axis=0)
-            log_p = lmax + _log1p(r)
+            # The teacher's mass P = Σ_k p_k in float64: K terms a row, cheap even where float64 is slow. The
+            # bucket's tail 1 − P from an fp32 log P is off by eps32 / (1 − P) relatively, 5 % of a 1e-6 tail,
+            # which the reverse-type gradients carry (as _sparse_impl.py forms it).
+            p64 = tl.sum(tl.where(valid, tl.exp(lpk.to(tl.float64)), 0.0), axis=0)
+            log_p = tl.log(p64).to(tl.float32)
             zero_k = tl.zeros([BLOCK_K], dtype=tl.float32)
             c_off = 0.0
             if TAIL == RENORMALIZE:
@@ -278,12 +263,13 @@ def sparse_loss_grad_kernel(
                         log_zt = (mt - m) + tl.log(zt)
                     big_z = z + zs
                     log_z = tl.log(big_z)
-                    p_tail = tl.maximum(_neg_expm1(log_p), floor_)
-                    log_zp = tl.where(has_tail, tl.log(tl.exp(log_p) + p_tail), log_p)
+                    p_tail = tl.maximum(1.0 - p64, floor_)  # float64, so is its log
+                    log_zp64 = tl.where(has_tail, tl.log(p64 + p_tail), tl.log(p64))
+                    log_zp = log_zp64.to(tl.float32)
                     lq_c = tl.where(valid, sk - m - log_z, float("-inf"))
                     lp_c = tl.where(valid, lpk - log_zp, float("-inf"))
                     lq_t = tl.where(has_tail, log_zt - log_z, float("-inf"))
-                    lp_t = tl.where(has_tail, tl.log(p_tail) - log_zp, float("-inf"))
+                    lp_t = tl.where(has_tail, (tl.log(p_tail) - log_zp64).to(tl.float32), float("-inf"))
                     d, a, _ = _cat_terms(lq_c, lp_c, coef, coef2, log_c, log_1mc, DIV)
                     # the tail as a one-element category (a BLOCK_K vector, entry 0)
                     tail0 = ok == 0

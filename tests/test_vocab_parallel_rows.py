@@ -196,6 +196,34 @@ def test_triton_rows_interpreted(div):
         _check(impl, div, dtype=torch.bfloat16, split=(150, 181), in_place=True, n=5)
 
 
+def _impl(name):
+    if name == "cpu" and _ext._C is None:
+        pytest.skip(f"kd_kernels._C not built: {_ext.load_error}")
+    if name == "triton":
+        if not HAVE_TRITON:
+            pytest.skip("the triton backend cannot run on cpu here")
+        from kd_kernels._backends.triton_backend import TritonVocabParallel
+
+        return TritonVocabParallel(block_v=128)
+    return vp.resolve(name, "cpu")
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_precision_does_not_depend_on_where_the_logits_sit(name, div):
+    """Every row at +1e6 (an fp32 ulp is 1/16 there; T = 1, see _inputs): the sharded loss and gradient as
+    close to float64 as near 0 (tests/test_divergences.py, the same name). Rényi's mixed logits were
+    α t̃ + (1−α) s̃ and forward / reverse KL's loss was A/Z − LSE_t + LSE_s: 2e-2 and 1e-2 off."""
+    split = (200, 1, 131)
+    g = torch.Generator().manual_seed(1)
+    s, t = ((torch.randn(4, sum(split), generator=g, dtype=torch.float64) * 2 + 1e6).float() for _ in "st")
+    w = torch.rand(4, generator=g) + 0.5
+    loss, grad, _ = _sharded(_impl(name), s, t, _spec(div), w, split)
+    ref_loss, ref_grad = _reference(div, s, t, w, 1.0)
+    assert _rel(loss, ref_loss) <= 1e-5, (loss, ref_loss)
+    assert _rel(grad, ref_grad) <= 1e-4
+
+
 def test_resolve_auto_and_explicit():
     cpu = torch.device("cpu")
     want = "cpu" if _ext.has_cpu() else "torch"

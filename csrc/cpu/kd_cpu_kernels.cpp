@@ -466,13 +466,18 @@ constexpr int vp_stats_kind() {
   return DIV == FORWARD_KL || DIV == REVERSE_KL || DIV == RENYI ? DIV : TVD;
 }
 
+inline bool vp_finite(float x) { return x - x == 0.f; }
+
 // out[0..K) = [m_s, Z_s, m_t, Z_t, (X_t | X_s | m_r, Z_r)], each max 0 where the shard row is all −inf (its
-// sums are 0 there), so that no −inf − (−inf) reaches the exchange.
+// sums are 0 there), so that no −inf − (−inf) reaches the exchange. renyi's m_r is relative to the shard's
+// (m_s, m_t), the max of α (t̃ − m_t) + (1−α) (s̃ − m_s) (_vocab_parallel.py moves it to the global maxima):
+// formed from differences to the shard's first entry, never α t̃ + (1−α) s̃, which rounds at the size of the
+// logits. An infinite (or NaN) m_r is sent as is (−inf as 0).
 template <int DIV, int SDT, int TDT>
 KD_FLATTEN void vp_stats_row(const void* s, const void* t, float* out, int64_t V, float inv_t,
                              const DivCoef& c) {
   constexpr int K = vp_stats_kind<DIV>();
-  const RowStats st = stream_stats<K, SDT, TDT>(s, t, nullptr, V, inv_t, c, false);  // absolute maxima
+  const RowStats st = stream_stats<K, SDT, TDT>(s, t, nullptr, V, inv_t, c, true);
   out[0] = exp_base(st.s.m);
   out[1] = st.s.z;
   out[2] = exp_base(st.t.m);
@@ -480,12 +485,10 @@ KD_FLATTEN void vp_stats_row(const void* s, const void* t, float* out, int64_t V
   if (K == FORWARD_KL) out[4] = st.xt;
   if (K == REVERSE_KL) out[4] = st.xs;
   if (K == RENYI) {
-    out[4] = exp_base(st.r.m);
+    out[4] = vp_finite(st.r.m) ? renyi_max_at_maxima(st, c) : exp_base(st.r.m);
     out[5] = st.r.z;
   }
 }
-
-inline bool vp_finite(float x) { return x - x == 0.f; }
 
 // kGrad = false: sums[0..2) = [Σ loss terms, A = Σ a_v] over the shard (centered kinds; block partials added
 // in double as in center_row). kGrad = true: g = gscale · ∂L/∂s̃ over the shard. A row whose global LSEs
@@ -506,7 +509,8 @@ KD_FLATTEN void vp_given_row(const void* s, const void* t, const float* st, floa
   alignas(64) float tb[kBlock];
   const float ms = st[VP_MAX_S], lzs = st[VP_LOGZ_S], mt = st[VP_MAX_T], lzt = st[VP_LOGZ_T];
   const float A = st[VP_CENTER];                    // centered kinds: A = Σ_v a_v over the whole row
-  const float mu = st[VP_MAX_U], lzu = st[VP_CENTER];  // renyi: max and log Z of the mixed logits
+  // renyi: max and log Z of the mixed logits α (t̃ − M_t) + (1−α) (s̃ − M_s), relative to the global maxima
+  const float mu = st[VP_MAX_U], lzu = st[VP_CENTER];
   // stream_grad's ℓq − ℓp − L from ℓq, ℓp directly (exact ℓq − ℓp): the gradient shift is the reverse KL alone.
   RowFinal f = {};
   f.loss = st[VP_LOSS];
@@ -522,8 +526,9 @@ KD_FLATTEN void vp_given_row(const void* s, const void* t, const float* st, floa
         const float q = kd_exp(lq), p = kd_exp(lp);
         float gj;
         if constexpr (kStream) {
-          // renyi's second weight ρ = e^((r̃ − M_r) − log Z_r); p for forward_kl; unused by reverse_kl
-          const float w2 = DIV == RENYI ? kd_exp((renyi_logit(sb[j], tb[j], c) - mu) - lzu) : p;
+          // renyi's second weight ρ = e^((r̃ − M_r) − log Z_r), r̃ = α (t̃ − M_t) + (1−α) (s̃ − M_s); p for
+          // forward_kl; unused by reverse_kl
+          const float w2 = DIV == RENYI ? kd_exp((renyi_logit(sb[j] - ms, tb[j] - mt, c) - mu) - lzu) : p;
           gj = stream_grad<DIV>(q, w2, (lq - lp) - f.gshift);
         } else {
           gj = center_grad(q, center_terms<DIV>(lq, lp, q, p, c).a, A);

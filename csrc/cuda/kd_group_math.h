@@ -80,6 +80,27 @@ KD_UNROLL
 // Centered kinds keep only Z_s, Z_t here.
 // ---------------------------------------------------------------------------------------------------------
 
+// The empty RowStats of a row whose first group is (sv, tv) (pair_to_float): renyi's point (rs0, rt0) is the
+// row's first column in log units, x · k rounded (0 where not finite: such a row is not valid anyway). Every
+// thread of every block of the row forms the same point; the mixed logits are then α (t̃ − rt0) + (1−α)
+// (s̃ − rs0) with each difference one FMA, exact to one rounding (never α t̃ + (1−α) s̃, which rounds at the
+// size of the logits: 1/16 at 1e6), and stats_finish takes LSE_r relative to the same point.
+template <int DIV>
+KD_HD RowStats stats_start(const float sv[kGroup], const float tv[kGroup], float k) {
+  RowStats st = stats_empty();
+  if (DivDef<DIV>::kR) {
+    const float s0 = sv[0] * k, t0 = tv[0] * k;
+    st.rs0 = s0 - s0 == 0.f ? s0 : 0.f;
+    st.rt0 = t0 - t0 == 0.f ? t0 : 0.f;
+  }
+  return st;
+}
+
+// renyi's mixed logit of one element in log units, relative to the point (rs0, rt0) of stats_start.
+KD_HD float group_renyi_logit(float sv, float tv, float k, float rs0, float rt0, const DivCoef& c) {
+  return renyi_logit(fmaf(sv, k, -rs0), fmaf(tv, k, -rt0), c);
+}
+
 KD_HD float group_max(const float x[kGroup]) {
   float m = x[0];
 KD_UNROLL
@@ -103,8 +124,8 @@ KD_HD void stats_push_group(RowStats& st, const float sv[kGroup], const float tv
   float mr = st.r.m, zr = st.r.z;
   if (D::kR) {
 KD_UNROLL
-    for (int j = 0; j < kGroup; ++j) rv[j] = renyi_logit(sv[j], tv[j], c);
-    mr = fmaxf(st.r.m, group_max(rv) * k);
+    for (int j = 0; j < kGroup; ++j) rv[j] = group_renyi_logit(sv[j], tv[j], k, st.rs0, st.rt0, c);
+    mr = fmaxf(st.r.m, group_max(rv));
     zr = st.r.z * rescale(st.r.m, mr);
   }
   // One −inf guard per group, not per element: against exp_base(m) (0 when the max is −inf, i.e. the group
@@ -119,7 +140,7 @@ KD_UNROLL
     zt += et;
     gxs += stats_xs<DIV>(es, sv[j], tv[j]);
     gxt += stats_xt<DIV>(et, sv[j], tv[j]);
-    if (D::kR) zr += kd_expu(fmaf(rv[j], k, -br));
+    if (D::kR) zr += kd_expu(rv[j] - br);
   }
   st.s = {ms, zs};
   st.t = {mt, zt};
@@ -137,16 +158,18 @@ KD_UNROLL
 
 // RowLogs, row_logs: kd_math.h (the CPU kernels use the same).
 
-// Streaming kinds, pass B: out = scale · ∂L/∂s̃ (stream_grad). sv, tv unscaled, k as in stats_push_group.
+// Streaming kinds, pass B: out = scale · ∂L/∂s̃ (stream_grad). sv, tv unscaled, k as in stats_push_group;
+// st: renyi's point (rs0, rt0), so that ρ_j = e^((r̃_j − m_r) − log Z_r) is formed as pass A formed Z_r.
 template <int DIV>
 KD_HD void group_stream_grad(const float sv[kGroup], const float tv[kGroup], float k, const RowLogs& l,
-                             const RowFinal& f, const DivCoef& c, float scale, float out[kGroup]) {
+                             const RowFinal& f, const RowStats& st, const DivCoef& c, float scale,
+                             float out[kGroup]) {
   using D = DivDef<DIV>;
 KD_UNROLL
   for (int j = 0; j < kGroup; ++j) {
     float w2 = 0.f;
     if (D::kR) {
-      w2 = kd_expu(fmaf(renyi_logit(sv[j], tv[j], c), k, -l.mr) - l.lzr);
+      w2 = kd_expu((group_renyi_logit(sv[j], tv[j], k, st.rs0, st.rt0, c) - l.mr) - l.lzr);
     } else if (D::kGradW2) {
       w2 = kd_expu(fmaf(tv[j], k, -l.mt) - l.lzt);
     }

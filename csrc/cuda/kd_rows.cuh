@@ -190,7 +190,8 @@ __device__ __forceinline__ LSEState shfl_xor(LSEState v, int o) {
   return {shfl_xor(v.m, o), shfl_xor(v.z, o)};
 }
 __device__ __forceinline__ RowStats shfl_xor(RowStats v, int o) {
-  return {shfl_xor(v.s, o), shfl_xor(v.t, o), shfl_xor(v.r, o), shfl_xor(v.xs, o), shfl_xor(v.xt, o)};
+  // renyi's point (rs0, rt0) is the same in every thread of the row (stats_start): kept, not exchanged
+  return {shfl_xor(v.s, o), shfl_xor(v.t, o), shfl_xor(v.r, o), shfl_xor(v.xs, o), shfl_xor(v.xt, o), v.rs0, v.rt0};
 }
 __device__ __forceinline__ Sum2 shfl_xor(Sum2 v, int o) { return {shfl_xor(v.a, o), shfl_xor(v.b, o)}; }
 
@@ -338,6 +339,12 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RES
     // Pass A: the row statistics (streaming kinds: everything the loss needs), staging the slice in shared
     // memory.
     RowStats st = stats_empty();
+    if constexpr (D::kR) {  // renyi's point: the row's first column (stats_start), the same for every thread
+      const RawPair<SD, TD> r0 = load_global(0);
+      float sv[kGroup], tv[kGroup];
+      pair_to_float<SD, TD>(r0.s, r0.t, c, sv, tv);
+      st = stats_start<DIV>(sv, tv, uscale);
+    }
     for_groups<U>(g0, g1, load_global, [&](int g, const RawPair<SD, TD>& r) {
       if constexpr (RESIDENT) {
         put_smem<SD>(sm_s, G, g - g0, r.s);
@@ -365,7 +372,7 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kMaxThreads, RES
       for_groups<U2>(g0, g1, load_again, [&](int g, const RawPair<SD, TD>& r) {
         float sv[kGroup], tv[kGroup], out[kGroup];
         pair_to_float<SD, TD>(r.s, r.t, c, sv, tv);
-        group_stream_grad<DIV>(sv, tv, uscale, lg, f, c, scale, out);
+        group_stream_grad<DIV>(sv, tv, uscale, lg, f, st, c, scale, out);
         store_group<SD>(grow, g, vec_g, V, out);
       });
     } else {

@@ -24,15 +24,20 @@ Local statistics, per row, of the tempered shard logits ``s̃ = s/T``, ``t̃ = t
 ``−inf − (−inf)`` appears) and ``Z = Σ e^{x − m}``, then ``A = Σ e^{t̃−m_t}(t̃ − s̃)`` for
 forward_kl or ``B = Σ e^{s̃−m_s}(s̃ − t̃)`` for reverse_kl. Combined with ``M = max_r m_r``:
 ``Z = Σ_r Z_r e^{m_r − M}`` (same rescaling for A, B), ``LSE = M + log Z``,
-``FKL = A/Z_t − LSE_t + LSE_s``, ``RKL = B/Z_s − LSE_s + LSE_t``.
+``FKL = A/Z_t − LSE_t + LSE_s``, ``RKL = B/Z_s − LSE_s + LSE_t`` (with ``LSE_s − LSE_t`` formed as
+``(M_s − M_t) + (log Z_s − log Z_t)``).
 
 Rényi (not a sum of per-element terms: ``L = log R/(α−1)``, ``R = Σ_v p^α q^{1−α}``) adds the
-shard max ``m_u`` and ``Z_u`` of the mixed logits ``u = α t̃ + (1−α) s̃`` (−inf where ``t̃`` is,
-as in the dense form) to the first exchange (K = 6), so
-``LSE_u = M_u + log Σ_r Z_{u,r} e^{m_{u,r} − M_u}`` and ``log R = LSE_u − α LSE_t − (1−α) LSE_s``
-come out of it in fp32 without overflow (an all-reduced ``Σ p^α q^{1−α}`` overflows fp32 for α > 1
-where q ≪ p) and without a second exchange; ``C = log Z_u`` (with ``M_u`` in its own column) and
-the gradient is ``q − e^{(u − M_u) − log Z_u}``.
+shard max ``m_u`` and ``Z_u`` of the mixed logits ``u = α (t̃ − m_t) + (1−α) (s̃ − m_s)`` (−inf where
+``t̃`` is, as in the dense form) to the first exchange (K = 6): formed from differences to the shard's
+maxima, never as ``α t̃ + (1−α) s̃``, which rounds at the size of the logits (an ulp is 1/16 at 1e6).
+``combine_row_stats`` moves each ``m_u`` to the global maxima (``+ α (m_t − M_t) + (1−α) (m_s − M_s)``,
+in float64), so ``M_u + log Σ_r Z_{u,r} e^{m_{u,r} − M_u}`` is the log-sum-exp of
+``α (t̃ − M_t) + (1−α) (s̃ − M_s)`` and ``log R = M_u + log Z_u − α log Z_t − (1−α) log Z_s`` comes
+out of it in fp32 without overflow (an all-reduced ``Σ p^α q^{1−α}`` overflows fp32 for α > 1
+where q ≪ p), without a second exchange and without a difference of large numbers; ``C = log Z_u``
+(with ``M_u`` in its own column) and the gradient is ``q − e^{(u − M_u) − log Z_u}`` with
+``u = α (t̃ − M_t) + (1−α) (s̃ − M_s)``.
 
 The log-probabilities of the second and third steps are ``(x̃ − M) − log Z`` with the global max
 ``M`` and ``log Z`` (kept in the global statistics), exact at the max as in ``log_softmax``.
@@ -136,20 +141,36 @@ def combine_row_stats(gathered: torch.Tensor, spec: KDSpec) -> torch.Tensor:
     out[:, LSE_S] = ms + out[:, LOGZ_S]
     out[:, LSE_T] = mt + out[:, LOGZ_T]
     d = spec.divergence
+    # LSE_s − LSE_t as (M_s − M_t) + (log Z_s − log Z_t): the LSEs themselves are rounded at the size of
+    # the logits (1/16 at 1e6), their difference need not be.
+    dlse = (ms - mt) + (out[:, LOGZ_S] - out[:, LOGZ_T])
     if d == Divergence.FORWARD_KL:
         a = (gathered[..., 4] * wt).sum(0)
-        out[:, LOSS] = a / zt - out[:, LSE_T] + out[:, LSE_S]
+        out[:, LOSS] = a / zt + dlse
     elif d == Divergence.REVERSE_KL:
         b = (gathered[..., 4] * ws).sum(0)
-        out[:, LOSS] = b / zs - out[:, LSE_S] + out[:, LSE_T]
+        out[:, LOSS] = b / zs - dlse
     elif d == Divergence.RENYI:
-        mu, wu = _combine_max_sum(gathered[..., 4], gathered[..., 5])
-        log_zu = (gathered[..., 5] * wu).sum(0).log()
-        a = spec.coef
-        log_r = mu + log_zu - a * out[:, LSE_T] - (1 - a) * out[:, LSE_S]
-        out[:, LOSS] = log_r / (a - 1)
-        out[:, CENTER], out[:, MAX_U] = log_zu, mu
+        _combine_renyi(gathered, out, spec.coef)
     return out
+
+
+def _combine_renyi(gathered: torch.Tensor, out: torch.Tensor, a: float) -> None:
+    """Rényi's global columns (MAX_U, CENTER = log Z_u, LOSS) from the shards' m_u, Z_u (module doc):
+    each shard's m_u moved from its own maxima to the global ones, in float64 (P values a row)."""
+    acc = _acc_dtype(gathered.device)
+    m, z = gathered.to(acc), gathered[..., 5]
+    mu = m[..., 4] + a * (m[..., 2] - out[:, MAX_T].to(acc)) + (1 - a) * (m[..., 0] - out[:, MAX_S].to(acc))
+    # A shard without mixed mass (Z_u = 0: its teacher all −inf) must not set the max: its moved m_u is
+    # arbitrary (its shifted maxima are 0). A NaN Z_u still reaches log Z_u (NaN · 0).
+    mu = torch.where(z > 0, mu, -math.inf)
+    big = mu.amax(0).float()  # rounded once: log Z_u is taken against the very value the gradient uses
+    big = torch.where(big == -math.inf, 0.0, big)
+    log_zu = _log_sum_scaled(mu, z, big)
+    log_r = big + log_zu - a * out[:, LOGZ_T] - (1 - a) * out[:, LOGZ_S]
+    # +inf (α > 1, q = 0 where p > 0 on some shard): an infinite divergence (log Z_u is NaN there).
+    out[:, LOSS] = torch.where(big == math.inf, math.inf, log_r / (a - 1))
+    out[:, CENTER], out[:, MAX_U] = log_zu, big
 
 
 def with_row_sums(stats: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -225,8 +246,8 @@ class TorchVocabParallel(VocabParallelRows):
             cols.append(_where_pos(et > 0, et * (zt - zs)).sum(-1))
         elif spec.divergence == Divergence.REVERSE_KL:
             cols.append(_where_pos(es > 0, es * (zs - zt)).sum(-1))
-        elif spec.divergence == Divergence.RENYI:
-            u = _mixed_logits(zs, zt, spec.coef)
+        elif spec.divergence == Divergence.RENYI:  # relative to the shard's maxima (module doc)
+            u = _mixed_logits(zs - ms[:, None], zt - mt[:, None], spec.coef)
             mu = self._shift(u)
             cols += [mu, (u - mu[:, None]).exp().sum(-1)]
         return torch.stack(cols, 1)
@@ -291,8 +312,10 @@ class TorchVocabParallel(VocabParallelRows):
             _, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
             g = a_terms.addcmul_(q, C, value=-1.0)  # a − q A, A = C (all-reduced Σ_v a_v)
         elif d == Divergence.RENYI:
-            # q − r, r = p^α q^{1−α} / R = e^{(u − M_u) − log Z_u} (C = log Z_u)
-            u = _mixed_logits(self._tempered(s, spec), self._tempered(t, spec), a)
+            # q − r, r = p^α q^{1−α} / R = e^{(u − M_u) − log Z_u} (C = log Z_u), u relative to the
+            # global maxima (module doc)
+            zs = self._tempered(s, spec).sub_(stats[:, MAX_S, None])
+            u = _mixed_logits(zs, self._tempered(t, spec).sub_(stats[:, MAX_T, None]), a)
             g = q - u.sub_(stats[:, MAX_U, None]).sub_(C).exp_()
         else:  # pragma: no cover - Divergence is closed
             raise AssertionError(d)

@@ -44,41 +44,59 @@ struct Sum2 {
   float a, b;
 };
 
-// One row: s, t as bf16 bits; returns max errors against float64.
-template <int DIV>
+// A logit stored in dtype DT (bf16 or fp32) as bits, and back.
+template <int DT>
+uint32_t to_bits(float x) {
+  return DT == F32 ? float_to_bits(x) : float_to_bf16(x);
+}
+template <int DT>
+float from_bits(uint32_t b) {
+  return DT == F32 ? bits_to_float(b) : bf16_to_float(static_cast<uint16_t>(b));
+}
+
+// One row: s, t as bits of dtype DT, every logit + shift (fp32 only: there, at 1e6, an ulp is 1/16); returns
+// max errors against float64.
+template <int DIV, int DT = BF16>
 bool check_row(int V, int C, int threads, float T, double lam, double coef, double coef2, std::mt19937& rng,
-               double* loss_err, double* grad_err) {
+               double* loss_err, double* grad_err, float shift = 0.f) {
   using D = DivDef<DIV>;
   std::normal_distribution<float> nd(0.f, 2.f);
-  std::vector<uint16_t> sb(V), tb(V);
+  std::vector<uint32_t> sb(V), tb(V);
   // Some p = 0 columns, except where a divergence is then +inf wherever q > 0 (reverse_kl, jeffreys).
   const bool holes = DIV != REVERSE_KL && DIV != JEFFREYS;
   for (int j = 0; j < V; ++j) {
-    sb[j] = float_to_bf16(nd(rng));
-    tb[j] = float_to_bf16(holes && j % 7 == 3 ? -kInf : nd(rng));
+    sb[j] = to_bits<DT>(nd(rng) + shift);
+    tb[j] = to_bits<DT>(holes && j % 7 == 3 ? -kInf : nd(rng) + shift);
   }
   const float inv_t = 1.f / T, uscale = inv_t * kUnitsPerNat;
   const DivCoef dc = make_div_coef(DIV, coef, coef2, lam);
   const int64_t ngroups = (V + kGroup - 1) / kGroup;
   const int64_t G = (ngroups + C - 1) / C;
-  auto group = [&](const std::vector<uint16_t>& b, int64_t g) {
-    RawGroup<BF16> r{};
+  auto group = [&](const std::vector<uint32_t>& b, int64_t g) {
+    RawGroup<DT> r{};
     for (int j = 0; j < kGroup; ++j) {
       int64_t c = g * kGroup + j;
-      uint32_t bits = c < V ? b[c] : 0xff80u;
-      r.w[j >> 1] |= (j & 1) ? bits << 16 : bits;
+      uint32_t bits = c < V ? b[c] : DTypeInfo<DT>::kNegInfBits;
+      if (DT == F32) {
+        r.w[j] = bits;
+      } else {
+        r.w[j >> 1] |= (j & 1) ? bits << 16 : bits;
+      }
     }
     return r;
   };
   auto floats = [&](int64_t g, float sv[kGroup], float tv[kGroup]) {
-    pair_to_float<BF16, BF16>(group(sb, g), group(tb, g), dc, sv, tv);
+    pair_to_float<DT, DT>(group(sb, g), group(tb, g), dc, sv, tv);
   };
   auto merge = [](RowStats a, RowStats b) { return stats_merge<DIV>(a, b); };
-  // Pass A.
+  // Pass A, from every thread's stats_start (renyi's point: the row's first column).
+  float sv0[kGroup], tv0[kGroup];
+  floats(0, sv0, tv0);
+  const RowStats start = stats_start<DIV>(sv0, tv0, uscale);
   std::vector<RowStats> blocks;
   for (int r = 0; r < C; ++r) {
     const int64_t g0 = std::min<int64_t>(ngroups, r * G), g1 = std::min<int64_t>(ngroups, g0 + G);
-    std::vector<RowStats> th(threads, stats_empty());
+    std::vector<RowStats> th(threads, start);
     for (int x = 0; x < threads; ++x) {
       for (int64_t g = g0 + x; g < g1; g += threads) {
         float sv[kGroup], tv[kGroup];
@@ -118,7 +136,7 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
     float sv[kGroup], tv[kGroup], out[kGroup];
     floats(g, sv, tv);
     if (D::kStreaming) {
-      group_stream_grad<DIV>(sv, tv, uscale, rl, f, dc, inv_t, out);
+      group_stream_grad<DIV>(sv, tv, uscale, rl, f, st, dc, inv_t, out);
     } else {
       group_center_grad<DIV>(sv, tv, uscale, rl, dc, A, inv_t, out);
     }
@@ -128,8 +146,8 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
   std::vector<double> ls(V), lp(V);
   double ms = -INFINITY, mt = -INFINITY;
   for (int j = 0; j < V; ++j) {
-    ls[j] = bf16_to_float(sb[j]) / static_cast<double>(T);
-    const double tt = bf16_to_float(tb[j]) / static_cast<double>(T);
+    ls[j] = from_bits<DT>(sb[j]) / static_cast<double>(T);
+    const double tt = from_bits<DT>(tb[j]) / static_cast<double>(T);
     lp[j] = lam == 1.0 ? tt : lam * tt + (1 - lam) * ls[j];
     ms = std::max(ms, ls[j]);
     mt = std::max(mt, lp[j]);
@@ -206,6 +224,41 @@ bool check_row(int V, int C, int threads, float T, double lam, double coef, doub
   return std::isfinite(loss) && *loss_err < 2e-5 && *grad_err < 1e-4;
 }
 
+// The running count of main's rows.
+struct Tally {
+  int runs = 0, fails = 0;
+  double worst_l = 0, worst_g = 0;
+};
+
+// Every divergence on one row shape (in dtype DT, every logit + shift); T = 1 with the plain teacher, T = 2 with
+// an interpolated one (λ = 0.6) and renyi's α > 1 (1.6 at T = 1 with a shift).
+template <int DT>
+void check_all(int V, int C, int th, bool t2, float shift, std::mt19937& rng, Tally& tally) {
+  const float T = t2 ? 2.f : 1.f;
+  const double lam = t2 ? 0.6 : 1.0, renyi_a = t2 ? 2.0 : (shift != 0.f ? 1.6 : 0.6);
+  bool ok[kNumDivergences];
+  double el[kNumDivergences], eg[kNumDivergences];
+  ok[0] = check_row<FORWARD_KL, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[0], &eg[0], shift);
+  ok[1] = check_row<REVERSE_KL, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[1], &eg[1], shift);
+  ok[2] = check_row<SKEW_FORWARD_KL, DT>(V, C, th, T, lam, 0.1, 0.0, rng, &el[2], &eg[2], shift);
+  ok[3] = check_row<SKEW_REVERSE_KL, DT>(V, C, th, T, lam, 0.3, 0.0, rng, &el[3], &eg[3], shift);
+  ok[4] = check_row<JSD, DT>(V, C, th, T, lam, 0.4, 0.0, rng, &el[4], &eg[4], shift);
+  ok[5] = check_row<TVD, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[5], &eg[5], shift);
+  ok[6] = check_row<JEFFREYS, DT>(V, C, th, T, lam, 0.0, 0.0, rng, &el[6], &eg[6], shift);
+  ok[7] = check_row<ALPHA_BETA, DT>(V, C, th, T, lam, 0.7, t2 ? 0.5 : 0.3, rng, &el[7], &eg[7], shift);
+  ok[8] = check_row<RENYI, DT>(V, C, th, T, lam, renyi_a, 0.0, rng, &el[8], &eg[8], shift);
+  for (int d = 0; d < kNumDivergences; ++d) {
+    ++tally.runs;
+    tally.worst_l = std::max(tally.worst_l, el[d]);
+    tally.worst_g = std::max(tally.worst_g, eg[d]);
+    if (!ok[d]) {
+      ++tally.fails;
+      std::printf("FAIL div %d V %d C %d threads %d T %g lambda %g shift %g: loss err %.2e grad err %.2e\n", d,
+                  V, C, th, T, lam, shift, el[d], eg[d]);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -213,41 +266,20 @@ int main() {
   const int vs[] = {1, 7, 8, 9, 1031, 4099, 32003};
   const int cs[] = {1, 2, 3, 8};
   const int ths[] = {32, 128, 512};
-  int fails = 0, runs = 0;
-  double worst_l = 0, worst_g = 0;
+  Tally tally;
   for (int V : vs) {
     for (int C : cs) {
       for (int th : ths) {
-        for (int k = 0; k < 2; ++k) {
-          // T = 1 with the plain teacher; T = 2 with an interpolated one (λ = 0.6) and renyi's α > 1.
-          const float T = k == 0 ? 1.f : 2.f;
-          const double lam = k == 0 ? 1.0 : 0.6;
-          bool ok[kNumDivergences];
-          double el[kNumDivergences], eg[kNumDivergences];
-          ok[0] = check_row<FORWARD_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[0], &eg[0]);
-          ok[1] = check_row<REVERSE_KL>(V, C, th, T, lam, 0.0, 0.0, rng, &el[1], &eg[1]);
-          ok[2] = check_row<SKEW_FORWARD_KL>(V, C, th, T, lam, 0.1, 0.0, rng, &el[2], &eg[2]);
-          ok[3] = check_row<SKEW_REVERSE_KL>(V, C, th, T, lam, 0.3, 0.0, rng, &el[3], &eg[3]);
-          ok[4] = check_row<JSD>(V, C, th, T, lam, 0.4, 0.0, rng, &el[4], &eg[4]);
-          ok[5] = check_row<TVD>(V, C, th, T, lam, 0.0, 0.0, rng, &el[5], &eg[5]);
-          ok[6] = check_row<JEFFREYS>(V, C, th, T, lam, 0.0, 0.0, rng, &el[6], &eg[6]);
-          ok[7] = check_row<ALPHA_BETA>(V, C, th, T, lam, 0.7, k == 0 ? 0.3 : 0.5, rng, &el[7], &eg[7]);
-          ok[8] = check_row<RENYI>(V, C, th, T, lam, k == 0 ? 0.6 : 2.0, 0.0, rng, &el[8], &eg[8]);
-          for (int d = 0; d < kNumDivergences; ++d) {
-            ++runs;
-            worst_l = std::max(worst_l, el[d]);
-            worst_g = std::max(worst_g, eg[d]);
-            if (!ok[d]) {
-              ++fails;
-              std::printf("FAIL div %d V %d C %d threads %d T %g lambda %g: loss err %.2e grad err %.2e\n", d,
-                          V, C, th, T, lam, el[d], eg[d]);
-            }
-          }
-        }
+        for (int k = 0; k < 2; ++k) check_all<BF16>(V, C, th, k == 1, 0.f, rng, tally);
       }
     }
   }
-  std::printf("%d / %d rows within tolerance; worst loss err %.2e, worst grad rel err %.2e\n", runs - fails,
-              runs, worst_l, worst_g);
-  return fails == 0 ? 0 : 1;
+  // fp32 logits at +1e6 (an ulp is 1/16 there): as accurate as near 0 (ℓ = (x − m) − log Z; renyi's mixed
+  // logits from differences to its point).
+  for (int V : {1031, 4099}) {
+    for (int C : {1, 3}) check_all<F32>(V, C, 128, false, 1e6f, rng, tally);
+  }
+  std::printf("%d / %d rows within tolerance; worst loss err %.2e, worst grad rel err %.2e\n",
+              tally.runs - tally.fails, tally.runs, tally.worst_l, tally.worst_g);
+  return tally.fails == 0 ? 0 : 1;
 }

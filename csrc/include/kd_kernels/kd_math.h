@@ -433,6 +433,13 @@ KD_HD RowStats stats_merge(RowStats a, RowStats b) {
   return out;
 }
 
+// renyi: the max of the mixed logits relative to the row's maxima, α (t̃ − m_t) + (1−α) (s̃ − m_s), from the
+// one relative to its point (rs0, rt0): differences of logits only, rounded at the size of the row's spread
+// (stats_finish; the vocabulary-parallel statistics, whose ranks each have their own point).
+KD_HD float renyi_max_at_maxima(const RowStats& st, const DivCoef& c) {
+  return st.r.m - c.a * (st.t.m - st.rt0) - c.k1 * (st.s.m - st.rs0);
+}
+
 // What the gradient passes need from the first pass.
 struct RowFinal {
   float lse_s, lse_t, lse_r;  // in log units
@@ -465,7 +472,7 @@ KD_HD RowFinal stats_finish(RowStats st, const DivCoef& c) {
     f.gshift = (dm + dlz) + rkl;  // LSE_s − LSE_t + KL(q‖p)
     f.loss = (DIV == FORWARD_KL ? fkl : (DIV == REVERSE_KL ? rkl : st.xt / st.t.z + st.xs / st.s.z)) * kNatsPerUnit;
   } else if (DIV == RENYI) {
-    const float dm = st.r.m - c.a * (st.t.m - st.rt0) - c.k1 * (st.s.m - st.rs0);
+    const float dm = renyi_max_at_maxima(st, c);
     const float dlz = kd_logu(st.r.z) - c.a * kd_logu(st.t.z) - c.k1 * kd_logu(st.s.z);
     // r̃ = +inf (α > 1, q = 0 where p > 0): the divergence is +inf.
     f.loss = st.r.m == kInf ? kInf : c.k0 * (dm + dlz) * kNatsPerUnit;
