@@ -702,6 +702,35 @@ def _whitening_case(world, rank, group, out) -> None:
         out.append({"case": "minillm_whiten_block_over_ranks", "bad": traceback.format_exc()})
 
 
+def _second_order_cases(world: int, rank: int, group, out: list) -> None:
+    """A second derivative through either parallel loss raises kd_kernels' error (as in
+    tests/test_second_order.py), under torch.autograd.grad, for every reduction."""
+    import kd_kernels.parallel as P
+
+    split = SPLITS[world]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+    torch.manual_seed(11)  # the same replicated tensors on every rank
+    s_full, t_full = torch.randn(4, sum(split)), torch.randn(4, sum(split))
+    h, ht = torch.randn(4, 8), torch.randn(4, 6)
+    ws, wt = torch.randn(sum(split), 8)[lo:hi], torch.randn(sum(split), 6)[lo:hi]
+    calls = {
+        "kd_loss": (s_full[:, lo:hi], lambda x: P.kd_loss(x, t_full[:, lo:hi], group=group)),
+        "fused_linear_kd": (h, lambda x: P.fused_linear_kd(x, ws, ht, wt, group=group)),
+        "fused_linear_kd none": (
+            h, lambda x: P.fused_linear_kd(x, ws, ht, wt, group=group, reduction="none").sum()),
+    }
+    for name, (x0, loss_of) in calls.items():
+        case = f"second derivative {name}"
+        x = x0.clone().requires_grad_()
+        try:
+            (g,) = torch.autograd.grad(loss_of(x) + 0.01 * (x**3).sum(), x, create_graph=True)
+        except Exception:  # noqa: BLE001
+            out.append({"case": case, "bad": traceback.format_exc()})
+            continue
+        _expect_error(out, case, RuntimeError, ("differentiable once", "kd_kernels.reference"),
+                      lambda g=g, x=x: torch.autograd.grad((g * g.detach()).sum(), x))
+
+
 def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -721,6 +750,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         _fused_none_cases(world, rank, group, out)
         _agreement_cases(world, rank, group, out)
         _whitening_case(world, rank, group, out)
+        _second_order_cases(world, rank, group, out)
         if world == 2:  # FSDP2 needs no more ranks to show its reduce-scatter; keeps CI short
             _fsdp_cases(world, rank, group, out)
     finally:
@@ -754,8 +784,9 @@ def test_parallel_matches_unsharded(world, tmp_path):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         n_div = 9
         fsdp = 3 if world == 2 else 0
-        # fused, bf16, traffic, logits, errors, whitening, fused "none", agreement, fsdp
-        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + 3 + 6 + fsdp
+        # fused, bf16, traffic, logits, errors, whitening, fused "none", agreement, second
+        # derivatives, fsdp
+        expected = 2 * n_div + 2 + 1 + 4 + 3 * n_div + 11 + 1 + 3 + 6 + 3 + fsdp
         assert len(results) == expected, [r["case"] for r in results]
         names = " ".join(r["case"] for r in results)
         for backend in set(_vp_backends()):  # every implementation that runs here took part
