@@ -145,7 +145,7 @@ def test_step_loss_is_method_loss_plus_coef_times_ce(method, tmp_path, response_
     targets = batch["lm_labels"][:, 1:]  # -100 on the padding of a shorter last block
     ce = reference.cross_entropy_per_token(logits.double(), targets).sum() / (targets != -100).sum()
     assert parts["lm"] == pytest.approx(float(ce), rel=1e-5)
-    assert float(loss) == pytest.approx(float(method_loss) + 0.7 * float(ce), rel=1e-5)
+    assert loss.item() == pytest.approx(method_loss.item() + 0.7 * float(ce), rel=1e-5)
     loss.backward()  # the term trains the student
     assert student.get_input_embeddings().weight.grad is not None
 
