@@ -509,7 +509,7 @@ class DistiLLM(Method):
     across processes; generated samples and replays are per rank."""
 
     terms = (Series("ce", "CE (weight --distillm-ce)"), Series("kd", "skew KL (α)"),
-             Series("valid_ce_check", "valid CE (schedule check)", EVAL),
+             Series("valid_ce_check", "valid CE (last schedule check)", EVAL),
              Series("source", "source (0 generate, 1 replay, 2 references)", STATE, points=True),
              Series("threshold", "threshold τ", STATE))
     lm_coef_field = "distillm_lm_coef"
