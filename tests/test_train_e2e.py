@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from _common import tiny_train_config
 
 from kd_kernels.train.config import TrainConfig
-from kd_kernels.train.plots import plot_data
+from kd_kernels.train.methods import method_plot
 from kd_kernels.train.trainer import Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
     for r in rows:
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mem_mb"] > 0 and r["lr"] > 0
     # loss.png draws the terms the method declares, as logged, and the evaluation at step 3
-    panels = {p: [(s.key, x) for s, x, _ in c] for p, c in plot_data(rows, method).panels.items()}
+    panels = {p: [(s.key, x) for s, x, _ in c] for p, c in method_plot(rows, method).panels.items()}
     terms = ["loss", "ce"] + ([] if method == "sft" else ["kd"])
     assert panels == {"loss": [(k, list(range(1, 7))) for k in terms],
                       "eval": [(k, [3]) for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")]}

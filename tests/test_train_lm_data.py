@@ -152,7 +152,8 @@ def test_step_loss_is_method_loss_plus_coef_times_ce(method, tmp_path, response_
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_distillm_run_logs_and_plots_the_lm_term(tmp_path, response_cache, lm_file):
-    from kd_kernels.train.plots import LOSS, plot_data
+    from kd_kernels.train.methods import method_plot
+    from kd_kernels.train.plots import LOSS
     from kd_kernels.train.trainer import train
 
     cfg = _tiny(tmp_path, response_cache, "distillm", lm_file, steps=2, skip_eval=True)
@@ -160,4 +161,4 @@ def test_tiny_distillm_run_logs_and_plots_the_lm_term(tmp_path, response_cache, 
     rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["lm"] > 0 and r["loss"] == pytest.approx(r["kd"] + 0.7 * r["lm"], rel=1e-4)
-    assert "lm" in [s.key for s, _, _ in plot_data(rows, "distillm").panels[LOSS]]
+    assert "lm" in [s.key for s, _, _ in method_plot(rows, "distillm").panels[LOSS]]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from kd_kernels.train.plots import EVAL, LOSS, STATE, plot_data
+from kd_kernels.train.methods import method_plot
+from kd_kernels.train.plots import EVAL, LOSS, STATE
 
 COMMON = {"lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 10.0, "step_s": 0.1, "mem_mb": 100.0}
 # what each method's rows hold (the keys of its loss parts and state), a stray key among them
@@ -41,7 +42,7 @@ def _keys(data) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("method", sorted(LOGGED))
 def test_plot_shows_each_methods_own_terms(method):
-    data = plot_data(_rows(method), method)
+    data = method_plot(_rows(method), method)
     assert data.title == f"kd-train {method}"
     assert _keys(data) == WANT[method]
     assert list(data.panels) == [p for p in (LOSS, EVAL, STATE) if p in WANT[method]]
@@ -50,7 +51,7 @@ def test_plot_shows_each_methods_own_terms(method):
 
 
 def test_minillm_labels_name_its_terms():
-    labels = [s.label for s, _, _ in plot_data(_rows("minillm"), "minillm").panels[LOSS]]
+    labels = [s.label for s, _, _ in method_plot(_rows("minillm"), "minillm").panels[LOSS]]
     assert labels[1:4] == ["policy gradient (PPO-clipped)", "single-step reverse KL",
                            "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)"]
     assert labels[4] == "pre-training CE (--lm-data)"
@@ -60,7 +61,7 @@ def test_distillm_source_is_drawn_as_points_per_step():
     rows = _rows("distillm", n=4)
     for r, src in zip(rows, (0.0, 2.0, 1.0, 2.0)):
         r["source"] = src
-    (source, steps, values), _ = plot_data(rows, "distillm").panels[STATE]
+    (source, steps, values), _ = method_plot(rows, "distillm").panels[STATE]
     assert source.points and steps == [1, 2, 3, 4] and values == [0.0, 2.0, 1.0, 2.0]
 
 
@@ -68,7 +69,7 @@ def test_evaluation_curves_only_on_eval_steps():
     rows = _rows("kd", n=4)
     for r in rows[1::2]:  # --eval-every 2
         r |= {"valid_ce": 3.0 - r["step"] / 10, "valid_forward_kl": 1.0, "valid_reverse_kl": 2.0}
-    data = plot_data(rows, "kd")
+    data = method_plot(rows, "kd")
     assert _keys(data)[EVAL] == ["valid_ce", "valid_forward_kl", "valid_reverse_kl"]
     _, steps, values = data.panels[EVAL][0]
     assert steps == [2, 4] and values == pytest.approx([2.8, 2.6])
@@ -80,19 +81,19 @@ def test_missing_and_null_values_are_left_out():
     del rows[1]["kd"]
     for r in rows:  # --kd-ratio 0 with no pt term: no kd at all
         r.pop("ce")
-    data = plot_data(rows, "kd")
+    data = method_plot(rows, "kd")
     assert _keys(data) == {LOSS: ["loss", "kd"]}
     assert data.panels[LOSS][1][1] == [3]
 
 
 def test_unregistered_method_gets_the_common_curves():
     rows = [{"step": 1, "loss": 2.0, "mystery": 1.0, "valid_ce": 3.0}]
-    assert _keys(plot_data(rows, "custom")) == {LOSS: ["loss"], EVAL: ["valid_ce"]}
+    assert _keys(method_plot(rows, "custom")) == {LOSS: ["loss"], EVAL: ["valid_ce"]}
 
 
 def test_png_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     from kd_kernels.train.plots import draw_losses
 
-    draw_losses(_rows("distillm", n=5), tmp_path / "loss.png", "distillm")
+    draw_losses(method_plot(_rows("distillm", n=5), "distillm"), tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

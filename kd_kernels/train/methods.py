@@ -31,7 +31,7 @@ from .minillm import (
     whiten_block,
 )
 from .models import output_head
-from .plots import EVAL, STATE, Series
+from .plots import EVAL, EVAL_SERIES, LM_TERM, STATE, TOTAL, PlotData, Series, plot_data
 from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
@@ -49,6 +49,15 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method {name!r} is unknown; use one of {sorted(METHODS)}")
     return METHODS[name]()
+
+
+def method_plot(rows: list[dict], name: str) -> PlotData:
+    """What ``loss.png`` shows of a run of method ``name`` (:func:`plots.plot_data`): the total loss,
+    the method's declared ``terms`` (with the pre-training CE where it takes an ``--*-lm-coef``) and
+    the evaluation metrics; an unregistered method gets the common curves."""
+    cls = METHODS.get(name, Method)
+    lm = (LM_TERM,) if cls.lm_coef_field else ()
+    return plot_data(rows, name, (TOTAL, *cls.terms, *lm, *EVAL_SERIES))
 
 
 def method_summaries() -> dict[str, str]:

@@ -1,8 +1,8 @@
 """``loss.png``: each method's own loss terms, its per-step state and the evaluation metrics over steps.
 
 What is drawn comes from declarations, not per-method plot code: every method class lists the
-``metrics.jsonl`` keys it logs as :class:`Series` (``Method.terms``), and :func:`plot_data` picks the
-ones present in a run's rows. Panels: the loss terms (the total loss first), the evaluation metrics
+``metrics.jsonl`` keys it logs as :class:`Series` (``Method.terms``; ``methods.method_plot`` adds the
+common curves), and :func:`plot_data` picks the ones present in a run's rows. Panels: the loss terms (the total loss first), the evaluation metrics
 (``--eval-every``, and e.g. DistiLLM's schedule checks) and the method's per-step state (DistiLLM's
 batch source, GKD's on-policy draw, MiniLLM's round reward); a panel without data is left out.
 """
@@ -42,22 +42,13 @@ class PlotData:
     panels: dict[str, list[tuple[Series, list[int], list[float]]]] = field(default_factory=dict)
 
 
-def method_series(method: str) -> tuple[Series, ...]:
-    """Every series a run of ``method`` may log: the total loss, the method's declared terms (with the
-    pre-training CE where the method takes an ``--*-lm-coef``) and the evaluation metrics."""
-    from .methods import METHODS, Method
-
-    cls = METHODS.get(method, Method)
-    lm = (LM_TERM,) if cls.lm_coef_field else ()
-    return (TOTAL, *cls.terms, *lm, *EVAL_SERIES)
-
-
-def plot_data(rows: list[dict], method: str) -> PlotData:
-    """The series of ``method`` that ``rows`` (metrics.jsonl rows) hold numbers for (a null, i.e. a
-    non-finite value, is skipped), grouped into panels in the order loss, evaluation, state."""
+def plot_data(rows: list[dict], method: str, series: tuple[Series, ...]) -> PlotData:
+    """The ``series`` of a run of ``method`` that ``rows`` (metrics.jsonl rows) hold numbers for (a
+    null, i.e. a non-finite value, is skipped), grouped into panels in the order loss, evaluation,
+    state."""
     data = PlotData(f"kd-train {method}")
     for panel in PANEL_TITLES:
-        for s in method_series(method):
+        for s in series:
             if s.panel != panel:
                 continue
             pts = [(r["step"], r[s.key]) for r in rows
@@ -68,15 +59,13 @@ def plot_data(rows: list[dict], method: str) -> PlotData:
     return data
 
 
-def draw_losses(rows: list[dict], png_path: Path, method: str) -> None:
-    """``loss.png`` of ``method``'s metrics.jsonl ``rows`` (:func:`plot_data`). Needs matplotlib
-    (ImportError without it)."""
+def draw_losses(data: PlotData, png_path: Path) -> None:
+    """``loss.png`` showing ``data`` (:func:`plot_data`). Needs matplotlib (ImportError without it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = plot_data(rows, method)
     panels = list(data.panels.items()) or [(LOSS, [])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 + 2.3 * len(panels)), sharex=True,
                              squeeze=False)

@@ -24,7 +24,7 @@ from torch import nn
 from ._optional import missing_message, progress_bar, warn_missing
 from .config import CONFIG_NAME, TrainConfig, config_from_dict, config_text, validate
 from .evaluate import evaluate, token_metrics
-from .methods import Method, get_method
+from .methods import Method, get_method, method_plot
 from .models import count_params
 from .plots import draw_losses
 from .run import Run, any_rank, barrier, init_distributed, shard_fsdp
@@ -338,7 +338,7 @@ def plot_losses(metrics_path: Path, png_path: Path, method: str) -> None:
     """``loss.png`` of a run of ``method`` from its ``metrics.jsonl`` (``plots.plot_data`` chooses the
     curves). Needs matplotlib (ImportError without it)."""
     rows = [json.loads(line) for line in _json_rows(metrics_path, lambda r: "step" in r)]
-    draw_losses(rows, png_path, method)
+    draw_losses(method_plot(rows, method), png_path)
 
 
 @contextmanager
