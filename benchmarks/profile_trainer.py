@@ -74,9 +74,9 @@ def instrument(run: Run) -> None:
 
 def step(method, run, opt, k: int) -> dict[str, float]:
     with timed(f"{method.name}: batch"):
-        batch = method.batch(run, k)
+        batch = method.step_batch(run, k)
     with timed(f"{method.name}: loss (forward)"):
-        loss, parts = method.loss(run.models.student, run.models.teacher, batch, run)
+        loss, parts = method.step_loss(run.models.student, run.models.teacher, batch, run)
     opt.zero_grad(set_to_none=True)
     with timed(f"{method.name}: backward"):
         loss.backward()

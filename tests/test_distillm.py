@@ -179,6 +179,11 @@ def test_tiny_distillm_follows_the_schedule(tmp_path, response_cache, rising_val
         assert r["buffer"] == buffer
         assert math.isfinite(r["loss"]) and r["kd"] >= 0
     assert {D.SOURCES[int(r["source"])] for r in rows} == set(D.SOURCES)  # every branch ran
+    from kd_kernels.train.methods import method_plot
+
+    panels = {p: [s.key for s, _, _ in c] for p, c in method_plot(rows, "distillm").panels.items()}
+    assert panels == {"loss": ["loss", "ce", "kd"], "eval": ["valid_ce_check"],
+                      "state": ["source", "threshold"]}
 
 
 def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, response_cache, rising_valid_ce):

@@ -262,6 +262,10 @@ def test_tiny_gkd_mixes_on_and_off_policy_and_resumes_exactly(tmp_path, response
         assert math.isfinite(ra["loss"]) and ra["kd"] >= 0 and ra["loss"] == ra["kd"]
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6), ra["step"]
         assert rb["on_policy"] == ra["on_policy"]
+    from kd_kernels.train.methods import method_plot
+
+    panels = {p: [s.key for s, _, _ in c] for p, c in method_plot(a, "gkd").panels.items()}
+    assert panels == {"loss": ["loss", "kd"], "state": ["on_policy"]}
 
 
 def test_tiny_gkd_trains_on_student_samples(tmp_path, response_cache):

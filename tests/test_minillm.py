@@ -398,6 +398,10 @@ def test_tiny_minillm_end_to_end(tmp_path, response_cache):
             assert math.isfinite(r[k]), k
         assert r["loss"] == pytest.approx(r["pg"] + r["single_step"] + r["pt"], rel=1e-4, abs=1e-5)
         assert r["single_step"] >= 0
+    from kd_kernels.train.methods import method_plot
+
+    panels = {p: [s.key for s, _, _ in c] for p, c in method_plot(rows, "minillm").panels.items()}
+    assert panels == {"loss": ["loss", "pg", "single_step", "pt"], "state": ["reward", "clip_frac"]}
     final = summary["final"]
     assert math.isfinite(final["rougeL_student"]) and final["test_reverse_kl"] >= 0
     assert summary["method"] == "minillm" and summary["peak_mem_mb"] > 0

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from _common import tiny_train_config
 
 from kd_kernels.train.config import TrainConfig
+from kd_kernels.train.methods import method_plot
 from kd_kernels.train.trainer import Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["sft", "kd", "seqkd"])
 def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
-    cfg = tiny_cfg(tmp_path, response_cache, method, steps=6, eval_seeds="1,2")
+    cfg = tiny_cfg(tmp_path, response_cache, method, steps=6, eval_seeds="1,2", eval_every=3)
     summary = train(cfg)
     out = Path(cfg.out)
     for name in ("metrics.jsonl", "summary.json", "loss.png", "ckpt.pt"):
@@ -48,6 +49,11 @@ def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
     assert [r["step"] for r in rows] == list(range(1, 7))
     for r in rows:
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mem_mb"] > 0 and r["lr"] > 0
+    # loss.png draws the terms the method declares, as logged, and the evaluation at step 3
+    panels = {p: [(s.key, x) for s, x, _ in c] for p, c in method_plot(rows, method).panels.items()}
+    terms = ["loss", "ce"] + ([] if method == "sft" else ["kd"])
+    assert panels == {"loss": [(k, list(range(1, 7))) for k in terms],
+                      "eval": [(k, [3]) for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")]}
     # a fixed tiny batch stream at a high lr: the training loss must fall
     assert rows[-1]["loss"] < rows[0]["loss"]
     if method != "sft":

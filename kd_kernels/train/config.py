@@ -62,6 +62,8 @@ class TrainConfig:
     max_prompt_tokens: int = _opt(96, "prompts are cut to this many tokens")
     cache_dir: str = _opt("", "where teacher responses are cached; empty: "
                           "~/.cache/kd_kernels/responses")
+    lm_data: str = _opt("", "plain-text pre-training file (documents separated by blank lines) for "
+                        "the --*-lm-coef CE term", ("minillm", "distillm"))
     # generation (teacher references, seqkd samples, evaluation)
     max_new_tokens: int = _opt(48, "length of teacher references, samples and evaluation "
                                "generations")
@@ -109,6 +111,8 @@ class TrainConfig:
     minillm_whiten: str = _opt("block", "advantage whitening: 'block' (official: per minibatch, "
                                "padded B x W block) or 'valid' (valid tokens, per round)",
                                ("minillm",))
+    minillm_lm_coef: float = _opt(0.0, "weight of the student's CE on --lm-data blocks added to "
+                                  "every step (LMOps: 1 on OpenWebText; 0: off)", ("minillm",))
     # distillm
     distillm_loss: str = _opt("srkl", "'srkl' (skew reverse KL) or 'skl' (skew forward KL; the "
                               "0.1B recipe)", ("distillm",))
@@ -117,6 +121,9 @@ class TrainConfig:
     distillm_capacity: int = _opt(1000, "replay buffer capacity", ("distillm",))
     distillm_check_every: int = _opt(0, "validation CE check every N steps (0: once per epoch)",
                                      ("distillm",))
+    distillm_lm_coef: float = _opt(0.0, "weight of the student's CE on --lm-data blocks added to "
+                                   "every step (the recipes: 1 on OpenWebText; 0: off)",
+                                   ("distillm",))
     # gkd (TRL's GKDConfig defaults)
     gkd_lambda: float = _opt(0.5, "probability that a step trains on the student's own samples",
                              ("gkd",))
@@ -445,6 +452,43 @@ def _check_device(device: str) -> None:
                              "are visible")
 
 
+def _check_lm_data(cfg: TrainConfig) -> None:
+    """The ``--*-lm-coef`` flags are finite and >= 0; the one of ``cfg.method``, when > 0, needs
+    ``--lm-data``: an existing, readable, non-empty UTF-8 file (its first MiB is read here)."""
+    coefs = [n for n in FIELDS if n.endswith("_lm_coef")]
+    for name in coefs:
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"{_flag(name)}={getattr(cfg, name)} must be a finite number >= 0 "
+                             "(0: off)")
+    on = [n for n in coefs if cfg.method in (owners(n) or ()) and getattr(cfg, n) > 0]
+    if not on:
+        return
+    flag = f"{_flag(on[0])} {getattr(cfg, on[0])}"
+    if not cfg.lm_data:
+        raise ValueError(f"{flag} needs --lm-data PATH, a plain-text file of pre-training text; "
+                         f"pass one or set {_flag(on[0])} 0")
+    path = Path(cfg.lm_data)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"--lm-data {cfg.lm_data!r} {what}; pass a plain-text file (for {flag})")
+    try:
+        with path.open("rb") as f:
+            head = f.read(2**20)
+    except OSError as e:
+        raise ValueError(f"--lm-data {cfg.lm_data!r}: cannot read it ({e.strerror}); pass a "
+                         f"readable plain-text file (for {flag})") from None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a multi-byte character cut at the end of the first MiB
+            raise ValueError(f"--lm-data {cfg.lm_data!r} is not UTF-8 text (byte {e.start}); save "
+                             "it as UTF-8") from None
+        text = head[:e.start].decode("utf-8")
+    if not text.strip():
+        raise ValueError(f"--lm-data {cfg.lm_data!r} is empty; pass a file holding pre-training "
+                         f"text (for {flag})")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks that argparse's types cannot express; each error names the flag and the fix.
 
@@ -546,6 +590,7 @@ def validate(cfg: TrainConfig) -> None:
                          "needs 'bucket' or 'renormalize'")
     if cfg.sparse_top_k < 0:
         raise ValueError(f"--sparse-top-k={cfg.sparse_top_k} must be >= 0 (0: all the cache holds)")
+    _check_lm_data(cfg)
     try:
         cfg.seeds()
     except ValueError:

@@ -117,6 +117,21 @@ def build_example(prompt_ids: list[int], response_ids: list[int], eos_id: int) -
     return Example(ids, labels)
 
 
+def lm_blocks(tokenizer, text: str, block_len: int, eos_id: int) -> list[Example]:
+    """Pre-training text as packed next-token blocks: documents (separated by blank lines) tokenized
+    without special tokens, each followed by EOS, concatenated and cut into blocks of ``block_len``
+    tokens (the last one may be shorter; one of a single token has no target and is dropped). Every
+    token is a label: the CE covers the whole block."""
+    if block_len < 2:
+        raise ValueError(f"block_len={block_len} must be >= 2 (a block needs a next-token target)")
+    stream: list[int] = []
+    for doc in text.split("\n\n"):
+        if doc.strip():
+            stream += tokenizer(doc.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
+    blocks = [stream[i:i + block_len] for i in range(0, len(stream), block_len)]
+    return [Example(list(b), list(b)) for b in blocks if len(b) >= 2]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
     if not examples:

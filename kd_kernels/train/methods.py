@@ -2,8 +2,10 @@
 
 A method decides two things: which responses the student trains on (``train_responses``) and the loss of
 a batch (``loss``). Methods that train on their own samples (MiniLLM, DistiLLM, GKD) also
-override ``batch`` to produce on-policy data; the trainer only calls these three hooks, so a new method is
-one class with ``@register("name")``.
+override ``batch`` to produce on-policy data; the trainer only calls these three hooks (through
+``step_batch`` / ``step_loss``, which add the optional pre-training CE), so a new method is one class
+with ``@register("name")``. Its ``terms`` declare the metrics.jsonl keys its loss parts and state are
+logged under, which is what ``loss.png`` draws (``plots.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .minillm import (
     whiten,
     whiten_block,
 )
+from .plots import EVAL, EVAL_SERIES, LM_TERM, STATE, TOTAL, PlotData, Series, plot_data
 from .run import Run, head
 
 METHODS: dict[str, type[Method]] = {}
@@ -49,6 +52,15 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
+def method_plot(rows: list[dict], name: str) -> PlotData:
+    """What ``loss.png`` shows of a run of method ``name`` (:func:`plots.plot_data`): the total loss,
+    the method's declared ``terms`` (with the pre-training CE where it takes an ``--*-lm-coef``) and
+    the evaluation metrics; an unregistered method gets the common curves."""
+    cls = METHODS.get(name, Method)
+    lm = (LM_TERM,) if cls.lm_coef_field else ()
+    return plot_data(rows, name, (TOTAL, *cls.terms, *lm, *EVAL_SERIES))
+
+
 def method_summaries() -> dict[str, str]:
     """Each registered method's one-line description (its docstring's first sentence)."""
     out = {}
@@ -60,6 +72,35 @@ def method_summaries() -> dict[str, str]:
 
 class Method:
     name = ""
+    # the metrics.jsonl keys of this method's loss terms and per-step state, drawn in loss.png
+    terms: tuple[Series, ...] = ()
+    # the config field weighting the pre-training CE on --lm-data (None: the method has no such term)
+    lm_coef_field: str | None = None
+
+    def lm_coef(self, cfg) -> float:
+        return getattr(cfg, self.lm_coef_field) if self.lm_coef_field else 0.0
+
+    def step_batch(self, run: Run, step: int) -> dict[str, torch.Tensor]:
+        """``batch``, plus this step's pre-training blocks (keys ``lm_*``) when the lm coefficient is
+        on."""
+        b = self.batch(run, step)
+        if self.lm_coef(run.cfg) > 0:
+            b = dict(b) | {"lm_" + k: v for k, v in run.lm_batch(step).items()}
+        return b
+
+    def step_loss(self, student, teacher, batch: dict[str, torch.Tensor], run: Run
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``loss`` + ``coef × CE`` of the student on the batch's pre-training blocks (logged as
+        ``lm``, unweighted) when the lm coefficient is on."""
+        loss, parts = self.loss(student, teacher, batch, run)
+        coef = self.lm_coef(run.cfg)
+        if coef > 0:
+            lm = {k[3:]: v for k, v in batch.items() if k.startswith("lm_")}
+            targets, mask = shift_targets(lm["labels"])
+            ce = ce_loss(head(student, lm), targets, mask, chunk_size=run.cfg.chunk_size)
+            loss = loss + coef * ce
+            parts = parts | {"lm": float(ce.detach())}
+        return loss, parts
 
     def train_responses(self, run: Run) -> dict[str, list[int]]:
         """Response token ids per train-prompt id; default: the teacher's greedy references."""
@@ -85,6 +126,8 @@ class Method:
 class SFT(Method):
     """Cross-entropy on the teacher's reference responses (prompt tokens masked)."""
 
+    terms = (Series("ce", "CE"),)
+
     def loss(self, student, teacher, batch, run):
         targets, mask = shift_targets(batch["labels"])
         ce = ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size)
@@ -94,6 +137,8 @@ class SFT(Method):
 @register("kd")
 class WordKD(Method):
     """Word-level KD (MiniLLM's baseline): ``(1 − r)·CE + r·forward KL`` on the references."""
+
+    terms = (Series("ce", "CE (weight 1 − r)"), Series("kd", "forward KL (weight r)"))
 
     def loss(self, student, teacher, batch, run):
         targets, mask = shift_targets(batch["labels"])
@@ -154,6 +199,13 @@ class MiniLLM(Method):
     response block, moments summed over ranks; ``valid`` whitens the valid tokens of this process's
     round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
     it exactly (on one process; under torchrun the other ranks regenerate theirs)."""
+
+    terms = (Series("pg", "policy gradient (PPO-clipped)"),
+             Series("single_step", "single-step reverse KL"),
+             Series("pt", "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)"),
+             Series("reward", "round mean reward", STATE),
+             Series("clip_frac", "clipped fraction", STATE))
+    lm_coef_field = "minillm_lm_coef"
 
     def __init__(self) -> None:
         self._round: tuple[int, list[dict[str, torch.Tensor]], dict[str, float]] | None = None
@@ -300,7 +352,8 @@ class MiniLLM(Method):
                                             temperature=cfg.temperature,
                                             chunk_size=cfg.chunk_size, backend=cfg.backend)
             loss = loss + pt_loss
-            parts |= {"pt": float(pt_loss.detach()), "ce": pt_parts["ce"], "kd": pt_parts["kd"]}
+            parts |= {"pt": float(pt_loss.detach()), "pt_ce": pt_parts["ce"],
+                      "pt_kd": pt_parts["kd"]}
         if self._round is not None:
             parts |= self._round[2]
         return loss, parts
@@ -368,6 +421,10 @@ class GKD(Method):
     reverse-KL policy gradient on the student's samples (``sampled``; off-policy steps then use the
     exact reverse KL). Batches are a function of (seed, step, rank) and the student, so resume is
     exact."""
+
+    terms = (Series("kd", "generalized JSD(β) (--gkd-estimator full)"),
+             Series("kl_sampled", "sampled reverse-KL estimate (--gkd-estimator sampled)"),
+             Series("on_policy", "on-policy step (1: student samples)", STATE, points=True))
 
     def __init__(self) -> None:
         self._info: dict[str, float] = {}
@@ -460,6 +517,12 @@ class DistiLLM(Method):
 
     Every rank draws the same ``r`` and measures the same validation CE, so the schedule agrees
     across processes; generated samples and replays are per rank."""
+
+    terms = (Series("ce", "CE (weight --distillm-ce)"), Series("kd", "skew KL (α)"),
+             Series("valid_ce_check", "valid CE (last schedule check)", EVAL),
+             Series("source", "source (0 generate, 1 replay, 2 references)", STATE, points=True),
+             Series("threshold", "threshold τ", STATE))
+    lm_coef_field = "distillm_lm_coef"
 
     def __init__(self) -> None:
         self.schedule = ThresholdSchedule()

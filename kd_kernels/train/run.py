@@ -12,6 +12,7 @@ import copy
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from .data import (
     batch_indices,
     build_example,
     collate,
+    lm_blocks,
     load_prompts,
     prompt_token_ids,
     split_prompts,
@@ -155,6 +157,7 @@ class Run:
         self._responses: dict[tuple, dict[str, list[int]]] = {}
         self._examples: dict[str, list[Example]] = {}
         self.train_examples: list[Example] = []
+        self._lm_blocks: list[Example] | None = None
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -217,6 +220,24 @@ class Run:
         batch = collate([self.train_examples[i] for i in idx], self.pad_id)
         batch["example_index"] = torch.tensor(idx)  # which training examples (teacher caches)
         return self.to_device(batch)
+
+    def lm_block_len(self) -> int:
+        """Pre-training blocks are as long as the longest training example: prompt (cut to
+        ``--max-prompt-tokens``) + response (``--max-new-tokens``) + EOS."""
+        return self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 1
+
+    def lm_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's ``--batch-size`` pre-training blocks of ``--lm-data`` for ``step`` (the file is
+        read and tokenized on first use); the blocks are visited in seeded epochs, as training
+        examples are (``batch_indices``), so a resumed run sees the same blocks."""
+        if self._lm_blocks is None:
+            text = Path(self.cfg.lm_data).read_text(encoding="utf-8")
+            self._lm_blocks = lm_blocks(self.tokenizer, text, self.lm_block_len(), self.eos_id)
+            if not self._lm_blocks:
+                raise ValueError(f"--lm-data {self.cfg.lm_data!r} holds no text to train on")
+        idx = batch_indices(len(self._lm_blocks), step, self.cfg.batch_size, self.cfg.seed,
+                            self.rank, self.world)
+        return self.to_device(collate([self._lm_blocks[i] for i in idx], self.pad_id))
 
 
 def head(model, batch: dict[str, torch.Tensor]) -> Head:

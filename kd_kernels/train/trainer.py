@@ -24,8 +24,9 @@ from torch import nn
 from ._optional import missing_message, progress_bar, warn_missing
 from .config import CONFIG_NAME, TrainConfig, config_from_dict, config_text, validate
 from .evaluate import evaluate, token_metrics
-from .methods import Method, get_method
+from .methods import Method, get_method, method_plot
 from .models import count_params
+from .plots import draw_losses
 from .run import Run, any_rank, barrier, init_distributed, shard_fsdp
 
 CKPT_NAME = "ckpt.pt"
@@ -50,7 +51,7 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         teacher, method, run = self._outside
-        return method.loss(self.student, teacher, batch, run)
+        return method.step_loss(self.student, teacher, batch, run)
 
 
 # ----------------------------------------------------------------------------------------- utilities
@@ -333,29 +334,11 @@ def _json_rows(path: Path, keep) -> list[str]:
     return out
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """``loss.png`` from ``metrics.jsonl``. Needs matplotlib (ImportError without it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in _json_rows(metrics_path, lambda r: "loss" in r)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "ce", "kd"):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    val = [(r["step"], r["valid_ce"]) for r in rows if isinstance(r.get("valid_ce"), (int, float))]
-    if val:
-        ax.plot(*zip(*val), "o-", label="valid ce")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+def plot_losses(metrics_path: Path, png_path: Path, method: str) -> None:
+    """``loss.png`` of a run of ``method`` from its ``metrics.jsonl`` (``plots.plot_data`` chooses the
+    curves). Needs matplotlib (ImportError without it)."""
+    rows = [json.loads(line) for line in _json_rows(metrics_path, lambda r: "step" in r)]
+    draw_losses(method_plot(rows, method), png_path)
 
 
 @contextmanager
@@ -512,7 +495,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = method.batch(run, step)
+            batch = method.step_batch(run, step)
             loss, parts = model(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -583,7 +566,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         write_summary(out, summary)
         if metrics_path.is_file():
             try:
-                plot_losses(metrics_path, out / "loss.png")
+                plot_losses(metrics_path, out / "loss.png", cfg.method)
             except ImportError:
                 print(f"[kd-train] no loss.png: {missing_message('matplotlib')}; the numbers are in "
                       f"{metrics_path}", file=sys.stderr)
