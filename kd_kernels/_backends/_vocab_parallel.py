@@ -69,8 +69,8 @@ import math
 
 import torch
 
-from .._spec import Divergence, KDSpec
 from .. import _torch_terms as terms
+from .._spec import Divergence, KDSpec
 
 # Columns of the global statistics; the global max M and log Z of each side are kept too, so that
 # the log-probabilities are formed as (x̃ − M) − log Z, exact at the max, like log_softmax (x̃ − LSE
