@@ -22,8 +22,9 @@ losses; m = α p + (1−α) q, m' = (1−α) p + α q, M = β p + (1−β) q):
     alpha_beta       u = (q^(α+β−1) − p^α q^(β−1)) / α
     renyi            u = 1 − r/q,  r = p^α q^(1−α) / Σ_c p^α q^(1−α)
 
-(these are the dense definitions on the categories: the torch path calls ``_TERMS`` of the torch
-backend; the compiled kernels write them as scalar branches, ``category_terms`` / ``_cat_terms``).
+(these are the dense definitions on the categories: the torch path calls the shared torch
+definition, ``_torch_terms.TERMS``; the compiled kernels write them as scalar branches,
+``category_terms`` / ``_cat_terms``).
 
 The teacher's tail ``1 − P`` is formed as ``−expm1(logsumexp ℓ)`` (exact when P ≈ 1) and clamped to
 ``TAIL_FLOOR`` (1e−6), then the K+1 teacher categories are renormalized; when the support covers the
@@ -50,8 +51,8 @@ from ._backends import BackendUnavailableError
 from ._backends._raw import DTYPE_CODES
 from ._fused_linear_impl import _Rows, fold_chunk_grad, save_head_grads, scale_head_grads
 from ._head import linear as _linear
-from ._backends.torch_backend import _TERMS
 from ._spec import KDSpec
+from ._torch_terms import TERMS
 
 TAIL_FLOOR = 1e-6
 
@@ -84,12 +85,12 @@ def category_terms(
     empty category: D (rows,), ``a = ∂D/∂ log q̄`` (up to a multiple of q̄, which cancels in every
     gradient formula above) and ``u = a / q̄`` (rows, C), 0 where empty.
 
-    The divergence itself is the dense torch backend's definition (``_TERMS``), applied to the
+    The divergence itself is the shared torch definition (``_torch_terms.TERMS``), applied to the
     coarse-grained distributions: there is no second copy of the math here. A row without any
     category (all padding) gets D = 0 and a = u = 0.
     """
     q, p = lq.exp(), lp.exp()
-    D, a, _ = _TERMS[spec.divergence](lq, lp, q, p, spec)
+    D, a, _ = TERMS[spec.divergence](lq, lp, q, p, spec)
     qpos = q > 0  # a stays as defined where q̄ underflows to 0 (forward-type gradients −p are real)
     u = _zero_where_not(qpos, a / torch.where(qpos, q, 1.0))
     empty = (lq == _NEG_INF).all(-1) & (lp == _NEG_INF).all(-1)

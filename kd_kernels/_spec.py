@@ -3,10 +3,14 @@ divergence family as data.
 
 Each divergence is described once, here: its number (shared with the compiled kernels), its parameters with their
 defaults and valid ranges (:data:`DIVERGENCES`), and how many passes over a row its kernels need. Its math lives
-in one definition per kernel language, from which every backend derives its passes:
+in one definition per kernel language (plus a scalar one in each compiled sparse kernel, below), from which every
+backend derives its passes:
 
 - ``kd_kernels/reference.py``: ``<name>_per_token`` (float64 ground truth, differentiated by autograd in tests);
-- ``kd_kernels/_backends/torch_backend.py``: one entry of ``_TERMS``: ``(ℓq, ℓp, q, p, spec) → (L, a, A)``;
+- ``kd_kernels/_torch_terms.py``: one entry of ``TERMS``: ``(ℓq, ℓp, q, p, spec) → (L, a, A)`` (Rényi also
+  in two pieces, ``renyi_mixed`` / ``renyi_a``), the only torch definition: the dense torch backend, the sparse
+  torch path (``_sparse_impl.category_terms``) and the vocabulary-parallel torch passes (``TorchVocabParallel``)
+  all call it;
 - ``kd_kernels/_triton_kernels.py``: one branch of ``_elem_terms`` (the per-element loss term and ``a``; the
   mixtures write them as two sums finished per row in ``_sums_finish`` and ``_elem_grad``), plus, for a streaming
   ("online") divergence, one branch each of ``_online_fold`` and ``_online_finish``;
@@ -19,7 +23,7 @@ Adding the next divergence therefore touches: a number in :class:`Divergence` (a
 :data:`DIVERGENCES`, the four definitions above, a named function in ``losses.py`` / ``fused_linear.py`` (exported
 from ``__init__.py``), the name in the test lists (``tests/test_divergences.py``), and one scalar branch each in
 the sparse kernels (``csrc/cpu/kd_sparse_kernels.cpp`` ``category_terms``, ``kd_kernels/_triton_sparse.py``
-``_cat_terms``); the sparse and vocabulary-parallel torch paths reuse the torch definition (docs/DIVERGENCES.md).
+``_cat_terms``); the sparse and vocabulary-parallel torch paths need nothing new (docs/DIVERGENCES.md).
 """
 
 from __future__ import annotations

@@ -319,3 +319,52 @@ def test_resolve_by_device():
         vp.resolve("cpu", torch.device("cuda"))
     want = "triton" if "triton" in available_backends("cuda") else "torch"
     assert vp.resolve("auto", torch.device("cuda")).name == want
+
+
+def _torch_paths(div):
+    """{path: (per-row loss, gradient)} of the three torch paths of ``div``: the dense torch backend,
+    the sparse torch path (bucket tail, K = 8) and the vocabulary-parallel torch passes."""
+    import kd_kernels
+    from kd_kernels._sparse_impl import Tail, torch_sparse_loss_grad
+
+    g = torch.Generator().manual_seed(3)
+    s, t = (torch.randn(3, sum(SPLIT), generator=g) * 2 for _ in "st")
+    w = torch.ones(3)
+    spec = _spec(div)
+    S = s.clone().requires_grad_()
+    dense = kd_kernels.kd_loss(S, t, divergence=div, reduction="none", backend="torch",
+                               **COEF.get(div, {}))
+    dense.sum().backward()
+    lp, ids = t.log_softmax(-1).topk(8)
+    sparse_grad = torch.empty_like(s)
+    sparse = torch_sparse_loss_grad(s, ids, lp, w, spec, Tail.BUCKET, sparse_grad)
+    vp_loss, vp_grad, _ = _sharded(vp.TorchVocabParallel(), s, t, spec, w, SPLIT)
+    return {"dense": (dense.detach(), S.grad), "sparse": (sparse, sparse_grad),
+            "vocab_parallel": (vp_loss, vp_grad)}
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_every_torch_path_uses_the_shared_definition(div, monkeypatch):
+    """One torch definition of each divergence (kd_kernels/_torch_terms.py): changing it changes the
+    dense, the sparse and the vocabulary-parallel torch paths alike (the shard passes re-derived
+    forward / reverse KL, skew, JSD and Rényi before). The change: the entry's (L, a, A) doubled, or,
+    for Rényi, whose shard passes use its pieces, the mixed logits formed with α / 2."""
+    from kd_kernels import _torch_terms as terms
+
+    before = _torch_paths(div)
+    if div == "renyi":
+        mixed = terms.renyi_mixed
+        monkeypatch.setattr(terms, "renyi_mixed", lambda lq, lp, a: mixed(lq, lp, a / 2))
+    else:
+        entry = terms.TERMS[Divergence[div.upper()]]
+
+        def doubled(*args, **kwargs):
+            return tuple(None if x is None else 2 * x for x in entry(*args, **kwargs))
+
+        monkeypatch.setitem(terms.TERMS, Divergence[div.upper()], doubled)
+    after = _torch_paths(div)
+    for path, (loss, grad) in before.items():
+        new_loss, new_grad = after[path]
+        assert torch.isfinite(loss).all() and torch.isfinite(new_loss).all(), path
+        assert not torch.allclose(new_loss, loss, rtol=1e-3, atol=0), (path, "loss")
+        assert not torch.allclose(new_grad, grad, rtol=1e-3, atol=0), (path, "gradient")

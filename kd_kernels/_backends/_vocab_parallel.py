@@ -45,7 +45,8 @@ The log-probabilities of the second and third steps are ``(x̃ − M) − log Z`
 A backend implements :class:`VocabParallelRows` (three calls) with the per-element math it already
 has for the dense loss, and ``register``s it; the callers do not change:
 
-- ``torch`` (:class:`TorchVocabParallel`, here): plain torch ops, the dense backend's ``_TERMS``;
+- ``torch`` (:class:`TorchVocabParallel`, here): plain torch ops, the shared torch definition of
+  each divergence (``kd_kernels/_torch_terms.py``, as the dense and sparse torch paths);
 - ``cpu`` (``cpu.CpuVocabParallel``): the compiled kernel (``vp_*`` in csrc/cpu/kd_cpu_kernels.cpp;
   pass 1 of the streaming rows for the statistics, kd_math.h's ``stream_grad`` / ``center_terms``
   given the global statistics), every divergence natively, at every compiled x86-64 level;
@@ -68,8 +69,8 @@ import math
 
 import torch
 
+from .. import _torch_terms as terms
 from .._spec import Divergence, KDSpec
-from .torch_backend import _TERMS
 
 # Columns of the global statistics; the global max M and log Z of each side are kept too, so that
 # the log-probabilities are formed as (x̃ − M) − log Z, exact at the max, like log_softmax (x̃ − LSE
@@ -88,21 +89,12 @@ def n_local_stats(spec: KDSpec) -> int:
 
 # The divergences whose loss comes out of the first exchange (no row sums).
 _ONE_EXCHANGE = (Divergence.FORWARD_KL, Divergence.REVERSE_KL, Divergence.RENYI)
-# Those whose loss and A are sums of the dense backend's per-element terms (torch_backend._TERMS).
-_ADDITIVE_TERMS = (Divergence.TVD, Divergence.JEFFREYS, Divergence.ALPHA_BETA)
 
 
 def needs_row_sums(spec: KDSpec) -> bool:
     """True when the divergence needs the second exchange (skew / JSD / TVD / Jeffreys / alpha-beta:
     sums over the normalized p, q)."""
     return spec.divergence not in _ONE_EXCHANGE
-
-
-def _mixed_logits(zs: torch.Tensor, zt: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Rényi's α t̃ + (1−α) s̃ (or the same of ℓp, ℓq), −inf where the teacher's is: a p = 0 term
-    is 0 even when α > 1 and q = 0 (as in torch_backend._renyi)."""
-    u = zt * alpha + zs * (1 - alpha)
-    return torch.where(zt == -math.inf, -math.inf, u)
 
 
 def _combine_max_sum(m: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,18 +204,9 @@ class VocabParallelRows(abc.ABC):
         shard gradient ``row_weight[i] · ∂L_i/∂s`` written into it (``grad`` may be ``s``)."""
 
 
-def _where_pos(cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x where cond else 0 (the 0·log 0 = 0 convention, without 0·(−inf) = NaN)."""
-    return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w a + (1 − w) b) in log space."""
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
-
-
 class TorchVocabParallel(VocabParallelRows):
-    """The three steps in plain torch ops (fp32 math; the caller chunks the rows)."""
+    """The three steps in plain torch ops (fp32 math; the caller chunks the rows). The divergences'
+    math is the shared torch definition (``kd_kernels/_torch_terms.py``), applied to the shard."""
 
     name = "torch"
 
@@ -242,12 +225,13 @@ class TorchVocabParallel(VocabParallelRows):
         es, et = (zs - ms[:, None]).exp(), (zt - mt[:, None]).exp()
         acc = _acc_dtype(es.device)  # Z accumulated in float64, rounded once (combine_row_stats)
         cols = [ms, es.sum(-1, dtype=acc).float(), mt, et.sum(-1, dtype=acc).float()]
-        if spec.divergence == Divergence.FORWARD_KL:
-            cols.append(_where_pos(et > 0, et * (zt - zs)).sum(-1))
-        elif spec.divergence == Divergence.REVERSE_KL:
-            cols.append(_where_pos(es > 0, es * (zs - zt)).sum(-1))
-        elif spec.divergence == Divergence.RENYI:  # relative to the shard's maxima (module doc)
-            u = _mixed_logits(zs - ms[:, None], zt - mt[:, None], spec.coef)
+        d = spec.divergence
+        if d in (Divergence.FORWARD_KL, Divergence.REVERSE_KL):
+            # A = Σ e^{t̃−m_t}(t̃ − s̃) / B = Σ e^{s̃−m_s}(s̃ − t̃): the KL's terms with the shard's
+            # unnormalized weights for p / q and its tempered logits for ℓp, ℓq
+            cols.append(terms.TERMS[d](zs, zt, es, et, spec, want_grad=False)[0])
+        elif d == Divergence.RENYI:  # relative to the shard's maxima (module doc)
+            u = terms.renyi_mixed(zs - ms[:, None], zt - mt[:, None], spec.coef)
             mu = self._shift(u)
             cols += [mu, (u - mu[:, None]).exp().sum(-1)]
         return torch.stack(cols, 1)
@@ -258,28 +242,12 @@ class TorchVocabParallel(VocabParallelRows):
         return lq, lp, lq.exp(), lp.exp()
 
     def row_sums(self, s, t, stats, spec):
-        lq, lp, q, p = self._logprobs(s, t, stats, spec)
-        d, a = spec.divergence, spec.coef
-        if d == Divergence.SKEW_FORWARD_KL:
-            lm = _log_mix(lp, lq, a)  # m = α p + (1−α) q
-            loss = _where_pos(p > 0, p * (lp - lm))
-            center = q * _where_pos(p > 0, (lp - lm).exp()) * -(1 - a)  # a_v = −(1−α) q r, r = p / m
-        elif d == Divergence.SKEW_REVERSE_KL:
-            lm = _log_mix(lq, lp, a)  # m' = α q + (1−α) p
-            loss = _where_pos(q > 0, q * (lq - lm))
-            center = q * _where_pos(q > 0, lq - lm - a * (lq - lm).exp())  # a_v = q u
-        elif d == Divergence.JSD:
-            lm = _log_mix(lp, lq, a)  # M = β p + (1−β) q
-            loss = a * _where_pos(p > 0, p * (lp - lm)) + (1 - a) * _where_pos(q > 0, q * (lq - lm))
-            center = q * _where_pos(q > 0, lq - lm) * (1 - a)  # a_v = (1−β) q w
-        elif d in _ADDITIVE_TERMS:
-            # The dense per-element terms on the shard; their third value (A) is not used: it may
-            # rest on global identities (Jeffreys: Σ p = 1).
-            loss, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
-            return torch.stack([loss, a_terms.sum(-1)], 1)
-        else:
-            raise AssertionError(f"{d.label} needs no row sums")
-        return torch.stack([loss.sum(-1), center.sum(-1)], 1)
+        if not needs_row_sums(spec):
+            raise AssertionError(f"{spec.divergence.label} needs no row sums")
+        # The shard's part of L and of A = Σ_v a_v (the entry's own A is not used: it may rest on
+        # global identities, Jeffreys' Σ p = 1).
+        loss, a, _ = terms.TERMS[spec.divergence](*self._logprobs(s, t, stats, spec), spec)
+        return torch.stack([loss, a.sum(-1)], 1)
 
     def loss_grad_given_stats(self, s, t, stats, row_weight, spec, grad):
         active = row_weight != 0
@@ -288,41 +256,30 @@ class TorchVocabParallel(VocabParallelRows):
         # whole gradient row; the global statistics show it identically on every rank (the
         # selections below would otherwise turn some of those NaN into 0).
         bad = ~(torch.isfinite(stats[:, LSE_S]) & torch.isfinite(stats[:, LSE_T]))
-        loss = _where_pos(active, torch.where(bad, math.nan, stats[:, LOSS]))
+        loss = terms.where_pos(active, torch.where(bad, math.nan, stats[:, LOSS]))
         if grad is None:
             return loss
-        lq, lp, q, p = self._logprobs(s, t, stats, spec)
-        d, a = spec.divergence, spec.coef
-        L, C = stats[:, LOSS, None], stats[:, CENTER, None]
-        if d == Divergence.FORWARD_KL:
-            g = q - p
-        elif d == Divergence.REVERSE_KL:
-            g = _where_pos(q > 0, q * (lq - lp - L))
-        elif d == Divergence.SKEW_FORWARD_KL:
-            r = _where_pos(p > 0, (lp - _log_mix(lp, lq, a)).exp())
-            g = -(1 - a) * q * r - q * C
-        elif d == Divergence.SKEW_REVERSE_KL:
-            lm = _log_mix(lq, lp, a)
-            u = _where_pos(q > 0, lq - lm - a * (lq - lm).exp())
-            g = q * (u - C)
-        elif d == Divergence.JSD:
-            w = _where_pos(q > 0, lq - _log_mix(lp, lq, a))
-            g = (1 - a) * q * w - q * C
-        elif d in _ADDITIVE_TERMS:
-            _, a_terms, _ = _TERMS[d](lq, lp, q, p, spec)
-            g = a_terms.addcmul_(q, C, value=-1.0)  # a − q A, A = C (all-reduced Σ_v a_v)
-        elif d == Divergence.RENYI:
-            # q − r, r = p^α q^{1−α} / R = e^{(u − M_u) − log Z_u} (C = log Z_u), u relative to the
-            # global maxima (module doc)
-            zs = self._tempered(s, spec).sub_(stats[:, MAX_S, None])
-            u = _mixed_logits(zs, self._tempered(t, spec).sub_(stats[:, MAX_T, None]), a)
-            g = q - u.sub_(stats[:, MAX_U, None]).sub_(C).exp_()
-        else:  # pragma: no cover - Divergence is closed
-            raise AssertionError(d)
+        g = self._dlogits(s, t, stats, spec)
         scale = (row_weight / spec.temperature)[:, None]
         g = torch.where(bad[:, None], math.nan, g * scale)
-        grad.copy_(_where_pos(active[:, None], g))
+        grad.copy_(terms.where_pos(active[:, None], g))
         return loss
+
+    def _dlogits(self, s, t, stats, spec):
+        """∂L/∂s̃ on the shard: a − q A with the entry's a and the global A (the exchanged row sum C,
+        or L for reverse KL, whose A is its loss); Rényi's q − r with R from the exchange."""
+        lq, lp, q, p = self._logprobs(s, t, stats, spec)
+        if spec.divergence == Divergence.RENYI:
+            # r = e^{(u − M_u) − log Z_u} (C = log Z_u), u relative to the global maxima (module doc)
+            zs = self._tempered(s, spec).sub_(stats[:, MAX_S, None])
+            zt = self._tempered(t, spec).sub_(stats[:, MAX_T, None])
+            u = terms.renyi_mixed(zs, zt, spec.coef)
+            return terms.renyi_a(q, u.sub_(stats[:, MAX_U, None]), stats[:, CENTER, None])
+        _, a, big_a = terms.TERMS[spec.divergence](lq, lp, q, p, spec)
+        if isinstance(big_a, float):  # 0.0: a is the gradient itself (forward KL)
+            return a
+        big_a = stats[:, CENTER if needs_row_sums(spec) else LOSS, None]
+        return a.addcmul_(q, big_a, value=-1.0)
 
 
 _REGISTRY: dict[str, VocabParallelRows] = {}

@@ -3,6 +3,10 @@
 It never holds more than the gradient plus one chunk's fp32 temporaries (about ten (rows, V) buffers), instead of
 the five full-size fp32 copies that autograd through log_softmax keeps. Masked rows are computed and then zeroed
 (skipping them would need a host sync to compact the rows); the compiled backends do not read them at all.
+
+The divergences' math is not here: each is one entry of ``kd_kernels/_torch_terms.py`` ``TERMS``, shared with the
+sparse and vocabulary-parallel torch paths; this module forms the log-probabilities, applies the guard and the
+NaN-row rule, and chunks the rows.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import math
 
 import torch
 
-from .._spec import Divergence, KDSpec
+from .._spec import KDSpec
+from .._torch_terms import TERMS, USES_P, USES_Q, where_pos
 from . import Backend, register
 
 # fp32 temporaries per chunk; ~10 live (rows, V) buffers, so this bounds the chunk at ~64 MiB of scratch.
@@ -19,172 +24,12 @@ _CHUNK_BYTES = 64 * 2**20
 _LIVE_BUFFERS = 10
 
 
-def _where_pos(cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x where cond else 0: the 0·log 0 = 0 convention, without letting 0·(−inf) = NaN through."""
-    return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w a + (1 − w) b), a new tensor (written over its first term: one (rows, V) buffer fewer)."""
-    x = log_a + math.log(w)
-    return torch.logaddexp(x, log_b + math.log1p(-w), out=x)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The divergence family, one definition each (MATH.md tables; kd_kernels/_spec.py lists the other places).
-# Each maps fp32 (rows, V) log-probabilities ℓq, ℓp and q = e^ℓq, p = e^ℓp (None: formed here if needed; read
-# only: the sparse categories and the vocabulary-parallel shards call the same functions and use q, p afterwards)
-# to
-#   L  (rows,)    the per-token loss,
-#   a  (rows, V)  ∂L/∂ℓq_v, up to any multiple of q (it cancels below); a new tensor (it is overwritten),
-#   A             Σ_v a_v as a (rows,) tensor, or 0.0 when a multiple of q was added to make it 0 (then a is the
-#                 gradient itself, and must be NaN wherever ℓq or ℓp is),
-# and rows_loss_and_dlogits forms the gradient ∂L/∂s̃_j = a_j − q_j A for all of them. want_grad=False: (L, None,
-# None), the loss alone.
-#
-# guard: the 0·log 0 = 0 convention where q or p is 0 (a −inf log-probability), through `pos`. guard=False leaves
-# those products as they come (0·(−inf) = NaN): rows_loss_and_dlogits runs that cheaper form first and redoes,
-# guarded, only the rows whose loss is not finite; a row with a zero probability always has one (the NaN product
-# sits in L's sum), and every other row is the same either way.
-# ----------------------------------------------------------------------------------------------------------------
-Terms = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | float | None"]
-
-
-def _pos(guard: bool, prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x where prob > 0 else 0 (guard), or x itself."""
-    return _where_pos(prob > 0, x) if guard else x
-
-
-def _exp(lx: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    return lx.exp() if x is None else x
-
-
-def _xlog(prob: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """prob · (log_a − log_b), a new tensor (0·(−inf) = NaN where prob = 0: the callers guard it)."""
-    return torch.sub(log_a, log_b).mul_(prob)
-
-
-def _forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    p_ = _exp(lp, p)
-    d = _xlog(p_, lp, lq)
-    loss = _pos(guard, p_, d).sum(-1)
-    if not want_grad:
-        return loss, None, None
-    # a = −p + q, into d's buffer (dead once summed; the inputs are shared and never written)
-    return loss, torch.sub(_exp(lq, q), p_, out=d), 0.0
-
-
-def _reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    q_ = _exp(lq, q)
-    a = _pos(guard, q_, _xlog(q_, lq, lp))
-    loss = a.sum(-1)
-    return (loss, a, loss) if want_grad else (loss, None, None)
-
-
-def _skew_forward_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    m = _log_mix(lp, lq, spec.coef)
-    d = torch.sub(lp, m, out=m)  # log(p / m), m = α p + (1−α) q
-    p_ = _exp(lp, p)
-    loss = _pos(guard, p_, p_ * d).sum(-1)
-    if not want_grad:
-        return loss, None, None
-    a = _pos(guard, p_, d.exp_()).mul_(_exp(lq, q)).mul_(-(1 - spec.coef))  # −(1−α) q p / m
-    return loss, a, a.sum(-1)
-
-
-def _skew_reverse_kl(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    m = _log_mix(lq, lp, spec.coef)
-    d = torch.sub(lq, m, out=m)  # log(q / m'), m' = α q + (1−α) p
-    q_ = _exp(lq, q)
-    loss = _pos(guard, q_, q_ * d).sum(-1)
-    if not want_grad:
-        return loss, None, None
-    a = q_ * _pos(guard, q_, d - spec.coef * d.exp())
-    return loss, a, a.sum(-1)
-
-
-def _jsd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    b = spec.coef
-    lm = _log_mix(lp, lq, b)  # M = β p + (1−β) q
-    q_, p_ = _exp(lq, q), _exp(lp, p)
-    wq = _pos(guard, q_, lq - lm).mul_(q_)  # q log(q / M)
-    lpm = _pos(guard, p_, torch.sub(lp, lm, out=lm).mul_(p_))  # p log(p / M), over lm (dead now)
-    loss = b * lpm.sum(-1) + (1 - b) * wq.sum(-1)
-    if not want_grad:
-        return loss, None, None
-    a = wq.mul_(1 - b)
-    return loss, a, a.sum(-1)
-
-
-def _tvd(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    diff = lq.exp().sub_(_exp(lp, p)) if q is None else q - _exp(lp, p)  # q − p, a new tensor
-    if not want_grad:
-        return 0.5 * diff.abs_().sum(-1), None, None
-    loss = 0.5 * diff.abs().sum(-1)
-    a = diff.sign_().mul_(_exp(lq, q)).mul_(0.5)
-    return loss, a, a.sum(-1)
-
-
-def _jeffreys(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    q_, p_ = _exp(lq, q), _exp(lp, p)
-    rev = _pos(guard, q_, _xlog(q_, lq, lp))
-    rkl = rev.sum(-1)
-    loss = _pos(guard, p_, _xlog(p_, lp, lq)).sum(-1) + rkl
-    if not want_grad:
-        return loss, None, None
-    return loss, rev.sub_(p_), rkl - 1.0  # a = rev − p, Σ (−p) = −1
-
-
-def _alpha_beta(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    al, be = spec.coef, spec.coef2
-    ab = al + be
-    pq = (al * lp + be * lq).exp()  # p^α q^β; exp of −inf is 0, so zero probabilities need no guard
-    qq = (ab * lq).exp()
-    terms = pq - (al / ab) * (ab * lp).exp() - (be / ab) * qq
-    loss = terms.sum(-1) / -(al * be)
-    if not want_grad:
-        return loss, None, None
-    a = qq.sub_(pq).div_(al)  # (1/α) q^β (q^α − p^α)
-    return loss, a, a.sum(-1)
-
-
-def _renyi(lq, lp, q, p, spec: KDSpec, *, guard=True, want_grad=True) -> Terms:
-    al = spec.coef
-    mix = al * lp + (1 - al) * lq  # log(p^α q^(1−α)); a p = 0 term is 0 even when α > 1 and q = 0
-    mix = torch.where(lp == -math.inf, -math.inf, mix)
-    lse = torch.logsumexp(mix, -1, keepdim=True)
-    if not want_grad:
-        return lse[:, 0] / (al - 1), None, None
-    return lse[:, 0] / (al - 1), _exp(lq, q) - (mix - lse).exp(), 0.0  # a = −r + q
-
-
-# The divergences whose terms use q (besides the gradient, which always does) and those that use p.
-_USES_Q = frozenset(
-    {Divergence.REVERSE_KL, Divergence.SKEW_REVERSE_KL, Divergence.JSD, Divergence.TVD, Divergence.JEFFREYS}
-)
-_USES_P = frozenset(
-    {Divergence.FORWARD_KL, Divergence.SKEW_FORWARD_KL, Divergence.JSD, Divergence.TVD, Divergence.JEFFREYS}
-)
-
-_TERMS = {
-    Divergence.FORWARD_KL: _forward_kl,
-    Divergence.REVERSE_KL: _reverse_kl,
-    Divergence.SKEW_FORWARD_KL: _skew_forward_kl,
-    Divergence.SKEW_REVERSE_KL: _skew_reverse_kl,
-    Divergence.JSD: _jsd,
-    Divergence.TVD: _tvd,
-    Divergence.JEFFREYS: _jeffreys,
-    Divergence.ALPHA_BETA: _alpha_beta,
-    Divergence.RENYI: _renyi,
-}
-
-
 def _guarded_rows(
     lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool, q: torch.Tensor | None, p: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row L and ∂L/∂s̃ with every 0·log 0 guarded and the NaN-row rule applied (see below)."""
     q = lq.exp() if q is None else q
-    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec, guard=True, want_grad=want_grad)
+    loss, a, big_a = TERMS[spec.divergence](lq, lp, q, p, spec, guard=True, want_grad=want_grad)
     bad = lq[:, 0].isnan() | lp[:, 0].isnan()
     loss = torch.where(bad, math.nan, loss)
     g = None
@@ -224,7 +69,7 @@ def rows_loss_and_dlogits(
         return _guarded_rows(lq, lp, spec, want_grad, q, p)
     if q is None and want_grad:
         q = lq.exp()  # every gradient needs q; the loss alone mostly does not
-    loss, a, big_a = _TERMS[spec.divergence](lq, lp, q, p, spec, guard=False, want_grad=want_grad)
+    loss, a, big_a = TERMS[spec.divergence](lq, lp, q, p, spec, guard=False, want_grad=want_grad)
     g = None
     if want_grad:
         g = a if isinstance(big_a, float) else a.addcmul_(q, big_a[:, None], value=-1.0)
@@ -295,8 +140,8 @@ class TorchBackend(Backend):
         inv_t = 1.0 / spec.temperature
         lam = spec.interpolation
         want_grad = out is not None
-        want_q = want_grad or spec.divergence in _USES_Q
-        want_p = spec.divergence in _USES_P
+        want_q = want_grad or spec.divergence in USES_Q
+        want_p = spec.divergence in USES_P
         if inv_t == 1.0 and lam == 1.0:
             # no tempered copy: the inputs as they are (bf16 / fp16 upcast once where read)
             lq, q = _log_probs(s, False, want_q)
@@ -317,7 +162,7 @@ class TorchBackend(Backend):
         some_masked = not on_host or not bool(w.all())  # a NaN weight counts as nonzero, as in w != 0
         if some_masked:
             active = w != 0
-            loss = _where_pos(active, loss)
+            loss = where_pos(active, loss)
         if out is not None:
             # written straight into the gradient (any float dtype); masked rows exactly 0, even if NaN
             torch.mul(g, (w if inv_t == 1.0 else w * inv_t)[:, None], out=out)
