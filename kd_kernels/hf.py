@@ -300,9 +300,8 @@ def distill_loss(
             raise ValueError("num_items_in_batch must be a single count")
     reduction = "mean" if num_items_in_batch is None else "sum"
 
-    model_inputs = {"input_ids": input_ids}
-    if attention_mask is not None:
-        model_inputs["attention_mask"] = attention_mask
+    model_inputs = {"input_ids": input_ids} | (
+        {"attention_mask": attention_mask} if attention_mask is not None else {})
     st = head_inputs(student, **model_inputs)
     hs, ws, bs = _as_compute(st.hidden, st.weight, st.bias)
     hs = hs[:, :-1]
@@ -311,20 +310,10 @@ def distill_loss(
     if shifted is None and attention_mask is not None:
         am = attention_mask.bool()
         mask = am[:, 1:] & am[:, :-1]
-    common = {
-        "divergence": divergence,
-        "alpha": alpha,
-        "beta": beta,
-        "student_bias": bs,
-        "temperature": temperature,
-        "mask": mask,
-        "reduction": reduction,
-        "labels": shifted,
-        "ce_weight": ce_weight,
-        "chunk_size": chunk_size,
-        "backend": backend,
-        "return_components": True,
-    }
+    common = {"divergence": divergence, "alpha": alpha, "beta": beta, "student_bias": bs,
+              "temperature": temperature, "mask": mask, "reduction": reduction, "labels": shifted,
+              "ce_weight": ce_weight, "chunk_size": chunk_size, "backend": backend,
+              "return_components": True}
     if sparse:
         loss, parts = _sparse(hs, ws, st, teacher_ids, teacher_logprobs, common)
     else:

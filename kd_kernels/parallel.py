@@ -586,7 +586,8 @@ def fused_linear_kd(
     error, prepared = None, None
     try:
         V.reject_unsupported("parallel.fused_linear_kd", {
-            "interpolation": (interpolation, 1.0), "student_logit_scale": (student_logit_scale, 1.0),
+            "interpolation": (interpolation, 1.0),
+            "student_logit_scale": (student_logit_scale, 1.0),
             "student_softcap": (student_softcap, None),
             "teacher_logit_scale": (teacher_logit_scale, 1.0),
             "teacher_softcap": (teacher_softcap, None)}, _NOT_YET)
