@@ -173,8 +173,13 @@ def _inputs(case: Case) -> dict:
     return x
 
 
-def _head(h: torch.Tensor, w: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
-    z = (h @ w.T) * scale
+def _head(h: torch.Tensor, w: torch.Tensor, scale: float, cap: float | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Float64 logits as the fused path forms them: the GEMM's output rounded to the input dtype
+    (straight through: the gradient is the exact one; TVD's sign(p − q) would otherwise flip on
+    the rounding), then the scale and softcap."""
+    z = h @ w.T
+    z = (z + (z.to(dtype).double() - z).detach()) * scale
     return cap * torch.tanh(z / cap) if cap is not None else z
 
 
@@ -299,9 +304,11 @@ def run_case(case: Case, report: Report, group=None, rank: int = 0) -> None:
     f64 = [y.detach().double().requires_grad_() for y in full]
     if fused:
         cap = SOFTCAP if case.softcap else {}
-        s = _head(f64[0], f64[1], cap.get("student_logit_scale", 1.0), cap.get("student_softcap"))
+        dtype = getattr(torch, case.dtype)
+        s = _head(f64[0], f64[1], cap.get("student_logit_scale", 1.0), cap.get("student_softcap"),
+                  dtype)
         t = _head(x["ht"].double(), x["wt"].double(), cap.get("teacher_logit_scale", 1.0),
-                  cap.get("teacher_softcap"))
+                  cap.get("teacher_softcap"), dtype)
     else:
         s, t = f64[0], x["t"].double()
     ref = reference(case, x, s, t)
