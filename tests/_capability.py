@@ -271,6 +271,10 @@ def _compare(report: Report, case: Case, loss, ref, grads, ref_grads) -> None:
     fused = SUPPORT[case.entry][0] == "head"
     loss_tol = FUSED_RTOL[dtype] if fused else LOSS_RTOL
     grad_tol = 3 * FUSED_RTOL[dtype] if fused else GRAD_RTOL[dtype]
+    if fused and case.divergence == "tvd" and dtype != torch.float32:
+        # TVD's gradient holds sign(p − q): entries with p ≈ q flip on the fp32 softcap /
+        # interpolation of bf16-rounded logits, an O(1) change each (full product: up to 0.19)
+        grad_tol *= 2
     report.check(loss.dtype == torch.float32 and loss.shape == ref.shape, repr(case),
                  f"loss {loss.dtype} {tuple(loss.shape)}, reference {tuple(ref.shape)}")
     err = rel_err(loss, ref)
