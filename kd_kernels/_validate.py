@@ -130,3 +130,19 @@ def row_weights(
         count = k.sum() if k is not None else torch.tensor(float(n), device=device)
         c = c / count.clamp_min(1)
     return c.contiguous()
+
+
+def reject_unsupported(entry: str, options: dict[str, tuple[object, object]], fix: str) -> None:
+    """A typed error for an option that ``entry`` does not implement yet (README, "Capability
+    matrix"), instead of ignoring it: ``options`` maps each such option's name to (the value given,
+    the default that means off); the first one given another value raises ``NotImplementedError``
+    naming it, the entry point and ``fix``."""
+    for name, (value, default) in options.items():
+        if value is default or (
+            default is not None and type(value) in (int, float, str) and value == default
+        ):
+            continue
+        shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+        raise NotImplementedError(
+            f"{entry} does not support {name} yet (got {name}={shown}); {fix}"
+        )

@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "kd_kernels.hf needs the transformers package: pip install transformers"
     ) from e
 
+from . import _validate as V
 from . import fused_linear as FL
 from ._spec import DEFAULT_DIVERGENCE, KDSpec, check_ce_weight
 
@@ -236,6 +237,9 @@ def distill_loss(
     return_components: bool = False,
     truncate_teacher_vocab: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
+    interpolation: float = 1.0,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor | tuple[torch.Tensor, FL.KDComponents]:
     """Next-token distillation loss of two Hugging Face causal LMs, without the logits.
 
@@ -269,6 +273,8 @@ def distill_loss(
         truncate_teacher_vocab: use the first ``V_student`` rows of a larger teacher head.
         num_items_in_batch: divide the token sums by this count instead of this batch's token
             count (the Trainer's count over all gradient-accumulation micro-batches).
+        interpolation, token_weights, reduction: not supported yet; anything but 1.0, None and
+            "mean" raises ``NotImplementedError`` naming the option.
 
     Returns:
         fp32 scalar loss (or ``(loss, KDComponents)``).
@@ -278,15 +284,11 @@ def distill_loss(
         attention_mask = _check_ids(attention_mask, "attention_mask", input_ids)
     if labels is not None:
         labels = _check_ids(labels, "labels", input_ids)
-    sparse = teacher_ids is not None or teacher_logprobs is not None
-    if sparse and (teacher_ids is None or teacher_logprobs is None):
-        raise ValueError("a sparse teacher needs both teacher_ids and teacher_logprobs")
-    if sparse and teacher is not None:
-        raise ValueError("pass either a teacher model or teacher_ids / teacher_logprobs, not both")
-    if not sparse and teacher is None:
-        raise ValueError(
-            "teacher is None: pass a teacher model, or teacher_ids and teacher_logprobs"
-        )
+    sparse = _is_sparse(teacher, teacher_ids, teacher_logprobs)
+    V.reject_unsupported("hf.distill_loss", {
+        "interpolation": (interpolation, 1.0), "token_weights": (token_weights, None),
+        "reduction": (V.check_reduction(reduction), "mean")},
+        "leave it off, or call kd_kernels.fused_linear_kd on kd_kernels.hf.head_inputs' tensors")
     check_ce_weight(
         ce_weight,
         has_labels=labels is not None,
@@ -298,9 +300,8 @@ def distill_loss(
             raise ValueError("num_items_in_batch must be a single count")
     reduction = "mean" if num_items_in_batch is None else "sum"
 
-    model_inputs = {"input_ids": input_ids}
-    if attention_mask is not None:
-        model_inputs["attention_mask"] = attention_mask
+    model_inputs = {"input_ids": input_ids} | (
+        {"attention_mask": attention_mask} if attention_mask is not None else {})
     st = head_inputs(student, **model_inputs)
     hs, ws, bs = _as_compute(st.hidden, st.weight, st.bias)
     hs = hs[:, :-1]
@@ -309,20 +310,10 @@ def distill_loss(
     if shifted is None and attention_mask is not None:
         am = attention_mask.bool()
         mask = am[:, 1:] & am[:, :-1]
-    common = {
-        "divergence": divergence,
-        "alpha": alpha,
-        "beta": beta,
-        "student_bias": bs,
-        "temperature": temperature,
-        "mask": mask,
-        "reduction": reduction,
-        "labels": shifted,
-        "ce_weight": ce_weight,
-        "chunk_size": chunk_size,
-        "backend": backend,
-        "return_components": True,
-    }
+    common = {"divergence": divergence, "alpha": alpha, "beta": beta, "student_bias": bs,
+              "temperature": temperature, "mask": mask, "reduction": reduction, "labels": shifted,
+              "ce_weight": ce_weight, "chunk_size": chunk_size, "backend": backend,
+              "return_components": True}
     if sparse:
         loss, parts = _sparse(hs, ws, st, teacher_ids, teacher_logprobs, common)
     else:
@@ -347,6 +338,20 @@ def distill_loss(
         loss = loss / d
         parts = FL.KDComponents(parts.kd / d, parts.ce / d if parts.ce is not None else None)
     return (loss, parts) if return_components else loss
+
+
+def _is_sparse(teacher, teacher_ids, teacher_logprobs) -> bool:
+    """Whether the teacher is sparse (ids and log-probs) rather than a model; exactly one given."""
+    sparse = teacher_ids is not None or teacher_logprobs is not None
+    if sparse and (teacher_ids is None or teacher_logprobs is None):
+        raise ValueError("a sparse teacher needs both teacher_ids and teacher_logprobs")
+    if sparse and teacher is not None:
+        raise ValueError("pass either a teacher model or teacher_ids / teacher_logprobs, not both")
+    if not sparse and teacher is None:
+        raise ValueError(
+            "teacher is None: pass a teacher model, or teacher_ids and teacher_logprobs"
+        )
+    return sparse
 
 
 def _sparse(hs, ws, st: HeadInputs, teacher_ids, teacher_logprobs, common):

@@ -4,14 +4,16 @@
 ``import kd_kernels.parallel``; two calls:
 
 - ``fused_linear_kd(h_s, W_s_shard, h_t, W_t_shard, *, group, ...)``: every option of
-  :func:`kd_kernels.fused_linear_kd` but ``interpolation`` (TAID);
+  :func:`kd_kernels.fused_linear_kd` but ``interpolation`` (TAID) and the logit scale / softcap
+  (``student_logit_scale``, ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``);
 - ``kd_loss(s_shard, t_shard, *, group, ...)``: every option of :func:`kd_kernels.kd_loss` but
   ``inplace_grad`` and ``interpolation``, on logits sharded along their last dim.
 
 Every divergence of :func:`kd_kernels.kd_loss` has its vocabulary-parallel form (forward / reverse
-KL, skew forward / reverse KL, JSD, TVD, Jeffreys, alpha-beta, Rényi). ``interpolation`` is not a
-parameter here (passing it is a ``TypeError``): TAID needs the interpolated teacher in every
-statistic, which this module does not form yet.
+KL, skew forward / reverse KL, JSD, TVD, Jeffreys, alpha-beta, Rényi). ``interpolation`` and the
+logit scale / softcap are parameters here only to be refused: anything but their off value raises
+``NotImplementedError`` naming them (TAID needs the interpolated teacher in every statistic, the
+softcap its derivative in every row pass, which this module does not form yet).
 
 Layout: rank ``r`` of ``group`` (``P`` ranks) holds the vocabulary rows ``[o_r, o_r + V_r)`` of
 both heads, in rank order (``o_0 = 0``, ``o_{r+1} = o_r + V_r``; uneven ``V_r`` allowed; the same
@@ -79,6 +81,8 @@ __all__ = ["fused_linear_kd", "kd_loss"]
 # this budget (same budgets as the single-process calls).
 _CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 _LIVE_FP32_BUFFERS = 10  # about this many fp32 (rows, V_r) temporaries live at once in a chunk
+_NOT_YET = ("the vocabulary-parallel passes do not form it yet; leave it off, or gather the "
+            "logits and call the single-process kd_kernels function")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +552,11 @@ def fused_linear_kd(
     chunk_size: int | None = None,
     backend: str = "auto",
     return_components: bool = False,
+    interpolation: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
     """Vocabulary-parallel :func:`kd_kernels.fused_linear_kd`: equals
     ``kd_kernels.fused_linear_kd(h_s, cat_r W_{s,r}, h_t, cat_r W_{t,r}, ...)`` (same options),
@@ -576,6 +585,12 @@ def fused_linear_kd(
     group, rank, world = _check_group(group)
     error, prepared = None, None
     try:
+        V.reject_unsupported("parallel.fused_linear_kd", {
+            "interpolation": (interpolation, 1.0),
+            "student_logit_scale": (student_logit_scale, 1.0),
+            "student_softcap": (student_softcap, None),
+            "teacher_logit_scale": (teacher_logit_scale, 1.0),
+            "teacher_softcap": (teacher_softcap, None)}, _NOT_YET)
         prepared = _prepare_fused(
             student_hidden,
             student_weight,
@@ -850,6 +865,7 @@ def kd_loss(
     token_weights: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    interpolation: float = 1.0,
 ) -> torch.Tensor:
     """Vocabulary-parallel :func:`kd_kernels.kd_loss` on logits split along their last dim: equals
     ``kd_kernels.kd_loss(cat_r s_r, cat_r t_r, ...)`` (same options, no ``inplace_grad``).
@@ -862,6 +878,7 @@ def kd_loss(
     group, rank, world = _check_group(group)
     error = summary = None
     try:
+        V.reject_unsupported("parallel.kd_loss", {"interpolation": (interpolation, 1.0)}, _NOT_YET)
         spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         s, t = V.check_logit_pair(student_logits, teacher_logits)
         reduction = V.check_reduction(reduction)
@@ -884,7 +901,7 @@ def kd_loss(
             "mask": _fingerprint(mask),
             "token_weights": _fingerprint(token_weights),
         }
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
         error = e
     summaries = _agree(group, rank, error, summary)
     vocabs = [x["vocab"] for x in summaries]

@@ -37,6 +37,8 @@ TAILS = ("bucket", "renormalize", "ignore")
 # stored in bf16 / fp16); beyond it the log-probs are not a distribution's and the call raises.
 MASS_TOLERANCE = 1e-2
 
+_NO_TAID = ("TAID's interpolated teacher needs the teacher's full logits: use kd_kernels.kd_loss "
+            "or kd_kernels.fused_linear_kd with a dense teacher")
 _SPARSE_DOC = """
     Args:
         teacher_ids: integer ``(..., K)``, the teacher's K token ids per position, in ``[0, V)`` and
@@ -201,6 +203,7 @@ def sparse_kd(
     beta: float | None = None,
     tail: str = "bucket",
     temperature: float = 1.0,
+    interpolation: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -212,7 +215,9 @@ def sparse_kd(
     teacher_ids))).sum(-1)`` (p = exp(teacher_logprobs), padded entries dropped); see ``tail`` for
     the other conventions. Reductions as in ``kd_kernels.kd_loss``: ``"mean"`` (over counted
     tokens), ``"sum"``, ``"none"`` (``(...)``, 0 where masked). Returns float32.
+    ``interpolation`` (TAID) is not supported yet: ``NotImplementedError`` unless 1.
     """
+    V.reject_unsupported("sparse_kd", {"interpolation": (interpolation, 1.0)}, _NO_TAID)
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     t = _check_tail(tail, spec.divergence)
     s = V.check_float_tensor(student_logits, "student_logits")
@@ -248,6 +253,7 @@ def fused_linear_sparse_kd(
     tail: str = "bucket",
     student_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    interpolation: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -256,6 +262,8 @@ def fused_linear_sparse_kd(
     chunk_size: int | None = None,
     backend: str = "auto",
     return_components: bool = False,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KDComponents]:
     """``sparse_kd(h W_sᵀ + b_s, teacher_ids, teacher_logprobs, ...)`` (+ ``ce_weight`` × the
     hard-label CE ``−log softmax(s)[label]``) from the student's hidden states and lm_head, a chunk of
@@ -263,8 +271,15 @@ def fused_linear_sparse_kd(
 
     Options as in :func:`sparse_kd` and :func:`kd_kernels.fused_linear_kd` (``labels`` with -100 =
     ignore; without a ``mask``, the KD mask is ``labels != -100``; ``reduction`` "mean" or "sum").
-    Gradients are computed in this call; ``backward()`` only scales them.
+    Gradients are computed in this call; ``backward()`` only scales them. ``interpolation``,
+    ``student_logit_scale`` and ``student_softcap`` are not supported yet (``NotImplementedError``
+    unless off).
     """
+    V.reject_unsupported("fused_linear_sparse_kd", {
+        "interpolation": (interpolation, 1.0), "student_logit_scale": (student_logit_scale, 1.0),
+        "student_softcap": (student_softcap, None)},
+        "leave it off: TAID needs a dense teacher (kd_kernels.fused_linear_kd); for a scaled / "
+        "soft-capped student call kd_kernels.sparse_kd on its materialized logits")
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     t = _check_tail(tail, spec.divergence)
     if reduction == "none":
@@ -377,9 +392,10 @@ class SparseKDLoss(nn.Module):
 
     def __init__(self, divergence: str = DEFAULT_DIVERGENCE, *, alpha: float | None = None,
                  beta: float | None = None,
-                 tail: str = "bucket", temperature: float = 1.0, reduction: str = "mean",
-                 backend: str = "auto") -> None:
+                 tail: str = "bucket", temperature: float = 1.0, interpolation: float = 1.0,
+                 reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
+        V.reject_unsupported("SparseKDLoss", {"interpolation": (interpolation, 1.0)}, _NO_TAID)
         self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
         _check_tail(tail, self.spec.divergence)
         self.alpha, self.beta, self.tail = alpha, beta, tail
