@@ -43,8 +43,13 @@ test: install-test
 bench:
 	$(PYTHON) benchmarks/run.py --quick
 
+# ruff pinned (pyproject's test extra pins the same version): its defaults move between releases.
+RUFF_SPEC := ruff==0.17.6
+
 lint:
+	@$(PYTHON) -m ruff --version 2>/dev/null | grep -q " 0.17.6" || $(PIP) install -q "$(RUFF_SPEC)"
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 gpu-check:
 	bash benchmarks/gpu_check.sh all

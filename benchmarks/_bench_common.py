@@ -33,8 +33,17 @@ OPS: dict[str, str] = {
     "fl_logprobs": "fused-linear token log-probs + gradients w.r.t. hidden states and weight (of their sum)",
     "fl_logprobs_fwd": "fused-linear token log-probs only, under no_grad (rollout scoring)",
 }
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd", "jeffreys", "alpha_beta",
-               "renyi")
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 # alpha: skew divergences, alpha_beta and renyi; beta: jsd and alpha_beta.
 ALPHA, BETA, TEMPERATURE = 0.1, 0.5, 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,14 +103,25 @@ class Sweep:
 # Qwen2 (151936) and Gemma (262144). CPU sizes are scaled far down so that a full run fits in ~20 minutes on
 # 2 cores shared with other work (at a load average of 10, each process gets a fifth of a core).
 SWEEPS: dict[tuple[str, str, bool], Sweep] = {
-    ("cuda", "logits", False): Sweep(ns=(1024, 4096, 16384), v0=128256, vs=(32000, 128256, 151936, 262144),
-                                     n0=4096),
-    ("cuda", "fused", False): Sweep(ns=(2048, 8192, 16384), v0=128256, vs=(32000, 128256, 151936, 262144),
-                                    n0=8192, d_s=2048, d_t=4096),
+    ("cuda", "logits", False): Sweep(
+        ns=(1024, 4096, 16384), v0=128256, vs=(32000, 128256, 151936, 262144), n0=4096
+    ),
+    ("cuda", "fused", False): Sweep(
+        ns=(2048, 8192, 16384),
+        v0=128256,
+        vs=(32000, 128256, 151936, 262144),
+        n0=8192,
+        d_s=2048,
+        d_t=4096,
+    ),
     ("cuda", "logits", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096),
-    ("cuda", "fused", True): Sweep(ns=(4096,), v0=128256, vs=(128256,), n0=4096, d_s=2048, d_t=4096),
+    ("cuda", "fused", True): Sweep(
+        ns=(4096,), v0=128256, vs=(128256,), n0=4096, d_s=2048, d_t=4096
+    ),
     ("cpu", "logits", False): Sweep(ns=(16, 64, 256), v0=32000, vs=(8000, 32000, 128256), n0=16),
-    ("cpu", "fused", False): Sweep(ns=(16, 64), v0=32000, vs=(8000, 32000), n0=16, d_s=256, d_t=512),
+    ("cpu", "fused", False): Sweep(
+        ns=(16, 64), v0=32000, vs=(8000, 32000), n0=16, d_s=256, d_t=512
+    ),
     ("cpu", "logits", True): Sweep(ns=(128,), v0=8000, vs=(8000,), n0=128),
     ("cpu", "fused", True): Sweep(ns=(64,), v0=4000, vs=(4000,), n0=64, d_s=64, d_t=128),
 }
@@ -131,7 +151,10 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
 
     if not is_fused(case.op):
         return {"s": randn(case.n, case.v, scale=2.0), "t": randn(case.n, case.v, scale=2.0)}
-    out = {"h_s": randn(case.n, case.d_s), "w_s": randn(case.v, case.d_s, scale=2.0 / math.sqrt(case.d_s))}
+    out = {
+        "h_s": randn(case.n, case.d_s),
+        "w_s": randn(case.v, case.d_s, scale=2.0 / math.sqrt(case.d_s)),
+    }
     if case.op.startswith("fl_kd"):
         out["h_t"] = randn(case.n, case.d_t)
         out["w_t"] = randn(case.v, case.d_t, scale=2.0 / math.sqrt(case.d_t))
@@ -167,14 +190,24 @@ def reference(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
         loss = torch.zeros((), **f64)
         grad = torch.empty(n, case.v, **f64) if want_grad else None
         for lo in range(0, n, rows):
-            s = x["s"][lo:lo + rows].double().requires_grad_(want_grad)
-            t = x["t"][lo:lo + rows].double()
+            s = x["s"][lo : lo + rows].double().requires_grad_(want_grad)
+            t = x["t"][lo : lo + rows].double()
             with torch.set_grad_enabled(want_grad):
-                part = R.kd_loss(case.divergence, s, t, alpha=ALPHA, beta=BETA, temperature=TEMPERATURE,
-                                 reduction="sum") / n
+                part = (
+                    R.kd_loss(
+                        case.divergence,
+                        s,
+                        t,
+                        alpha=ALPHA,
+                        beta=BETA,
+                        temperature=TEMPERATURE,
+                        reduction="sum",
+                    )
+                    / n
+                )
             if want_grad:
                 (g,) = torch.autograd.grad(part, s)
-                grad[lo:lo + rows] = g
+                grad[lo : lo + rows] = g
             loss += part.detach()
         return {"loss": loss, "grads": [grad] if want_grad else []}
 
@@ -186,25 +219,35 @@ def reference(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
     w_t = x["w_t"].double() if kd else None
     loss = torch.zeros((), **f64) if kd else torch.empty(n, **f64)
     for lo in range(0, n, rows):
-        hc = h[lo:lo + rows].clone().requires_grad_(want_grad)
+        hc = h[lo : lo + rows].clone().requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             s = hc @ w.T
             if kd:
-                t = x["h_t"][lo:lo + rows].double() @ w_t.T
-                part = R.kd_loss(case.divergence, s, t, alpha=ALPHA, beta=BETA, temperature=TEMPERATURE,
-                                 reduction="sum") / n
+                t = x["h_t"][lo : lo + rows].double() @ w_t.T
+                part = (
+                    R.kd_loss(
+                        case.divergence,
+                        s,
+                        t,
+                        alpha=ALPHA,
+                        beta=BETA,
+                        temperature=TEMPERATURE,
+                        reduction="sum",
+                    )
+                    / n
+                )
                 objective = part
             else:
-                part = -R.cross_entropy_per_token(s / TEMPERATURE, x["tokens"][lo:lo + rows])
+                part = -R.cross_entropy_per_token(s / TEMPERATURE, x["tokens"][lo : lo + rows])
                 objective = part.sum()
         if want_grad:
             g_h, g_w = torch.autograd.grad(objective, (hc, w))
-            gh[lo:lo + rows] = g_h
+            gh[lo : lo + rows] = g_h
             gw += g_w
         if kd:
             loss += part.detach()
         else:
-            loss[lo:lo + rows] = part.detach()
+            loss[lo : lo + rows] = part.detach()
     return {"loss": loss, "grads": [gh, gw] if want_grad else []}
 
 
@@ -230,7 +273,7 @@ def _max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     rows = max(1, _REF_CHUNK_ELEMS // max(1, a2.shape[1]))
     worst = 0.0
     for lo in range(0, a2.shape[0], rows):
-        worst = max(worst, (a2[lo:lo + rows].double() - r2[lo:lo + rows]).abs().max().item())
+        worst = max(worst, (a2[lo : lo + rows].double() - r2[lo : lo + rows]).abs().max().item())
     return worst
 
 
@@ -300,8 +343,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, *, warmup: int, budget_s: float, min_reps: int,
-            max_reps: int) -> list[float]:
+def time_fn(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    warmup: int,
+    budget_s: float,
+    min_reps: int,
+    max_reps: int,
+) -> list[float]:
     """Per-call seconds over warmed-up repeats: ``warmup`` untimed calls (compilation, caches, allocator),
     then as many timed calls as fit in ``budget_s`` (between ``min_reps`` and ``max_reps``).
     """
@@ -330,7 +380,9 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int, budget_s: flo
     return times
 
 
-def interleaved_medians(fs: dict[str, Callable[[], object]], rounds: int, reps: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    fs: dict[str, Callable[[], object]], rounds: int, reps: int = 1
+) -> dict[str, float]:
     """Median ms of each CPU function after one warm-up call each, timed ``reps`` calls at a time over ``rounds``
     rounds whose order alternates (so a change of load or allocator state hits every function alike)."""
     for f in fs.values():
@@ -338,7 +390,7 @@ def interleaved_medians(fs: dict[str, Callable[[], object]], rounds: int, reps: 
     names = list(fs)
     ts: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in (names if r % 2 else names[::-1]):
+        for k in names if r % 2 else names[::-1]:
             for _ in range(reps):
                 t0 = time.perf_counter()
                 fs[k]()
@@ -432,10 +484,20 @@ def _version(dist: str) -> str:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "kd_kernels", "csrc"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "kd_kernels", "csrc"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -80,9 +80,11 @@ class Provider:
 def _run(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], fwd_only: bool) -> Runner:
     """A runner: the loss under no_grad, or the loss and ``torch.autograd.grad`` of it w.r.t. ``params``."""
     if fwd_only:
+
         def run() -> Result:
             with torch.no_grad():
                 return loss_fn(), []
+
         return run
 
     def run() -> Result:
@@ -90,10 +92,13 @@ def _run(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], fwd_on
         # logprobs are per token: their objective is the sum (as a policy-gradient loss would be)
         objective = loss if loss.dim() == 0 else loss.sum()
         return loss.detach(), list(torch.autograd.grad(objective, params))
+
     return run
 
 
-def _params(case: Case, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def _params(
+    case: Case, inputs: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Fresh leaves for the differentiable inputs (student logits, or student hidden + weight)."""
     x = dict(inputs)
     names = ["h_s", "w_s"] if is_fused(case.op) else ["s"]
@@ -137,7 +142,11 @@ def eager_kd_rows(s: torch.Tensor, t: torch.Tensor, divergence: str) -> torch.Te
         return _kl(lp, lq) + _kl(lq, lp)
     if divergence == "alpha_beta":
         ab = ALPHA + BETA
-        terms = (ALPHA * lp + BETA * lq).exp() - ALPHA / ab * (ab * lp).exp() - BETA / ab * (ab * lq).exp()
+        terms = (
+            (ALPHA * lp + BETA * lq).exp()
+            - ALPHA / ab * (ab * lp).exp()
+            - BETA / ab * (ab * lq).exp()
+        )
         return -terms.sum(-1) / (ALPHA * BETA)
     if divergence == "renyi":
         mix = torch.where(lp == -math.inf, -math.inf, ALPHA * lp + (1 - ALPHA) * lq)
@@ -149,8 +158,9 @@ def eager_kd_loss(s: torch.Tensor, t: torch.Tensor, divergence: str) -> torch.Te
     return eager_kd_rows(s, t, divergence).mean()
 
 
-def eager_fl_kd(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
-                divergence: str) -> torch.Tensor:
+def eager_fl_kd(
+    h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, divergence: str
+) -> torch.Tensor:
     """Full (N, V) logits of both models, then the eager loss."""
     return eager_kd_loss(h_s @ w_s.T, h_t @ w_t.T, divergence)
 
@@ -159,7 +169,9 @@ def eager_fl_logprobs(h: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor) ->
     return _log_softmax32(h @ w.T).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _eager_runner(case: Case, inputs: dict[str, torch.Tensor], compile_fn: Callable | None) -> Runner:
+def _eager_runner(
+    case: Case, inputs: dict[str, torch.Tensor], compile_fn: Callable | None
+) -> Runner:
     x, params = _params(case, inputs)
     wrap = compile_fn or (lambda f: f)
     if case.op.startswith("kd_logits"):
@@ -167,8 +179,11 @@ def _eager_runner(case: Case, inputs: dict[str, torch.Tensor], compile_fn: Calla
         return _run(lambda: f(x["s"], x["t"], case.divergence), params, is_fwd_only(case.op))
     if case.op.startswith("fl_kd"):
         f = wrap(eager_fl_kd)
-        return _run(lambda: f(x["h_s"], x["w_s"], x["h_t"], x["w_t"], case.divergence), params,
-                    is_fwd_only(case.op))
+        return _run(
+            lambda: f(x["h_s"], x["w_s"], x["h_t"], x["w_t"], case.divergence),
+            params,
+            is_fwd_only(case.op),
+        )
     f = wrap(eager_fl_logprobs)
     return _run(lambda: f(x["h_s"], x["w_s"], x["tokens"]), params, is_fwd_only(case.op))
 
@@ -237,19 +252,45 @@ def _kd_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Runne
 
     x, params = _params(case, inputs)
     fwd = is_fwd_only(case.op)
-    coef = {"alpha": ALPHA, "beta": BETA}  # each divergence takes the ones it has (kd_kernels._spec)
+    coef = {
+        "alpha": ALPHA,
+        "beta": BETA,
+    }  # each divergence takes the ones it has (kd_kernels._spec)
     if case.op.startswith("kd_logits"):
-        return _run(lambda: kd_kernels.kd_loss(x["s"], x["t"], divergence=case.divergence,
-                                               temperature=TEMPERATURE, backend=p.backend, **coef),
-                    params, fwd)
+        return _run(
+            lambda: kd_kernels.kd_loss(
+                x["s"],
+                x["t"],
+                divergence=case.divergence,
+                temperature=TEMPERATURE,
+                backend=p.backend,
+                **coef,
+            ),
+            params,
+            fwd,
+        )
     if case.op.startswith("fl_kd"):
-        return _run(lambda: kd_kernels.fused_linear_kd(x["h_s"], x["w_s"], x["h_t"], x["w_t"],
-                                                       divergence=case.divergence, temperature=TEMPERATURE,
-                                                       backend=p.backend, **coef),
-                    params, fwd)
-    return _run(lambda: kd_kernels.fused_linear_logprobs(x["h_s"], x["w_s"], x["tokens"],
-                                                         temperature=TEMPERATURE),
-                params, fwd)
+        return _run(
+            lambda: kd_kernels.fused_linear_kd(
+                x["h_s"],
+                x["w_s"],
+                x["h_t"],
+                x["w_t"],
+                divergence=case.divergence,
+                temperature=TEMPERATURE,
+                backend=p.backend,
+                **coef,
+            ),
+            params,
+            fwd,
+        )
+    return _run(
+        lambda: kd_kernels.fused_linear_logprobs(
+            x["h_s"], x["w_s"], x["tokens"], temperature=TEMPERATURE
+        ),
+        params,
+        fwd,
+    )
 
 
 def _launcher_unavailable(p: Provider, case: Case) -> str | None:
@@ -280,6 +321,7 @@ def _launcher_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) ->
     def run() -> Result:
         loss = loss_grad(s, t, w, spec, grad)
         return (loss * w).sum(), [] if grad is None else [grad]
+
     return run
 
 
@@ -289,7 +331,11 @@ def _launcher_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) ->
 # M = βP + (1−β)Q, P the teacher: our jsd(β). Its β = 0 / β = 1 special cases are KL(P‖Q) (our forward_kl) and
 # KL(Q‖P) (our reverse_kl). LigerKLDIVLoss(log_target=True, "batchmean") is F.kl_div: our forward_kl. Every
 # mapping is also checked against kd_kernels.reference at run time before anything is timed.
-LIGER_LOGITS = {"forward_kl": ("LigerKLDIVLoss", None), "reverse_kl": ("LigerJSD", 1.0), "jsd": ("LigerJSD", BETA)}
+LIGER_LOGITS = {
+    "forward_kl": ("LigerKLDIVLoss", None),
+    "reverse_kl": ("LigerJSD", 1.0),
+    "jsd": ("LigerJSD", BETA),
+}
 LIGER_FUSED = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}
 
 
@@ -330,7 +376,9 @@ def _liger_unavailable(p: Provider, case: Case) -> str | None:
     if case.op.startswith("fl_logprobs"):
         return "no Liger counterpart mapped for token log-probs"
     if is_fwd_only(case.op):
-        return "Liger's KD losses compute the gradient inside forward; no forward-only path to compare"
+        return (
+            "Liger's KD losses compute the gradient inside forward; no forward-only path to compare"
+        )
     if is_fused(case.op):
         if case.divergence not in LIGER_FUSED:
             return f"LigerFusedLinearJSDLoss has no {case.divergence} (it covers forward_kl, reverse_kl, jsd)"
@@ -346,10 +394,16 @@ def _liger_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Ru
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         # Soft loss only (no CE term), Σ_tokens / #tokens = our reduction="mean".
-        loss_mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
-                                           beta=LIGER_FUSED[case.divergence], temperature=TEMPERATURE,
-                                           compiled=p.liger_compiled)
-        labels = torch.zeros(case.n, dtype=torch.long, device=case.device)  # no ignore_index: all count
+        loss_mod = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0,
+            weight_soft_loss=1.0,
+            beta=LIGER_FUSED[case.divergence],
+            temperature=TEMPERATURE,
+            compiled=p.liger_compiled,
+        )
+        labels = torch.zeros(
+            case.n, dtype=torch.long, device=case.device
+        )  # no ignore_index: all count
         return _run(lambda: loss_mod(x["h_s"], x["w_s"], x["h_t"], x["w_t"], labels), params, False)
 
     from liger_kernel.transformers.jsd import LigerJSD
@@ -363,15 +417,29 @@ def _liger_build(p: Provider, case: Case, inputs: dict[str, torch.Tensor]) -> Ru
     return _run(lambda: mod(_log_softmax32(x["s"]), _log_softmax32(x["t"])), params, False)
 
 
-_UNAVAILABLE = {"kd_kernels": _kd_unavailable, "kd_launcher": _launcher_unavailable,
-                "torch": _torch_unavailable,
-                "torch_compile": _compile_unavailable, "liger": _liger_unavailable}
-_BUILD = {"kd_kernels": _kd_build, "kd_launcher": _launcher_build, "torch": _torch_build, "torch_compile": _compile_build,
-          "liger": _liger_build}
+_UNAVAILABLE = {
+    "kd_kernels": _kd_unavailable,
+    "kd_launcher": _launcher_unavailable,
+    "torch": _torch_unavailable,
+    "torch_compile": _compile_unavailable,
+    "liger": _liger_unavailable,
+}
+_BUILD = {
+    "kd_kernels": _kd_build,
+    "kd_launcher": _launcher_build,
+    "torch": _torch_build,
+    "torch_compile": _compile_build,
+    "liger": _liger_build,
+}
 
 
 def all_providers(*, liger_compiled: bool = True) -> list[Provider]:
     """Every provider, kd_kernels once per backend plus ``auto`` (used by the log-prob ops only)."""
     kd = [Provider("kd_kernels", b) for b in (*KD_BACKENDS, "auto")]
     kd += [Provider("kd_launcher", b) for b in LAUNCHER_BACKENDS]
-    return [*kd, Provider("torch"), Provider("torch_compile"), Provider("liger", liger_compiled=liger_compiled)]
+    return [
+        *kd,
+        Provider("torch"),
+        Provider("torch_compile"),
+        Provider("liger", liger_compiled=liger_compiled),
+    ]

@@ -86,7 +86,12 @@ def worker(args: argparse.Namespace) -> dict:
             )
         elif args.provider == "fused_sparse":
             loss = kd_kernels.fused_linear_sparse_kd(
-                h_s, w_s, top_ids, top_lp, divergence=args.divergence, backend=args.backend,
+                h_s,
+                w_s,
+                top_ids,
+                top_lp,
+                divergence=args.divergence,
+                backend=args.backend,
                 chunk_size=args.chunk_size,
             )
         else:
@@ -129,7 +134,8 @@ def worker(args: argparse.Namespace) -> dict:
         "p80_s": q[3],
         "backend": "-"
         if args.provider == "naive"
-        else args.backend if args.provider == "fused_sparse"
+        else args.backend
+        if args.provider == "fused_sparse"
         else resolve_backend(args.backend, torch.device("cpu")).name,
         "threads": torch.get_num_threads(),
     }

@@ -57,8 +57,9 @@ def timed(fn, device: str, reps: int, warmup: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--v", type=int, default=32000)
@@ -76,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.randn(args.n, args.v, device=dev, generator=g) * 2
     lp, ids = t.log_softmax(-1).topk(args.k, -1)
     del t
-    backends = [b for b in ("cpu", "torch", "triton")
-                if not (b == "cpu" and dev != "cpu") and not (b == "triton" and dev == "cpu")]
+    backends = [
+        b
+        for b in ("cpu", "torch", "triton")
+        if not (b == "cpu" and dev != "cpu") and not (b == "triton" and dev == "cpu")
+    ]
     compiled = torch.compile(eager_forward_kl_bucket)
-    providers = {f"kd_{b}": (lambda s, b=b: kd_kernels.sparse_kd(s, ids, lp, backend=b))
-                 for b in backends}
+    providers = {
+        f"kd_{b}": (lambda s, b=b: kd_kernels.sparse_kd(s, ids, lp, backend=b)) for b in backends
+    }
     providers["eager"] = lambda s: eager_forward_kl_bucket(s, ids, lp)
     providers["compile"] = lambda s: compiled(s, ids, lp)
     if args.providers:
@@ -93,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return float(loss)
 
     want = kd_kernels.sparse_kd(s0, ids, lp, backend="torch").item()
-    print(f"sparse_kd forward_kl bucket, N={args.n} V={args.v} K={args.k} {args.dtype} on {dev}, "
-          f"{torch.get_num_threads()} threads, loss + gradient; median of {args.reps}")
+    print(
+        f"sparse_kd forward_kl bucket, N={args.n} V={args.v} K={args.k} {args.dtype} on {dev}, "
+        f"{torch.get_num_threads()} threads, loss + gradient; median of {args.reps}"
+    )
     rows = {}
     for name, f in providers.items():
         try:
@@ -109,12 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ts = timed(lambda f=f: step(f), dev, args.reps, warmup=2 if name == "compile" else 1)
         rows[name] = statistics.median(ts)
-        print(f"  {name:<10} median {rows[name] * 1e3:9.1f} ms  (min {min(ts) * 1e3:.1f}, "
-              f"first call {first:.1f} s)", flush=True)
+        print(
+            f"  {name:<10} median {rows[name] * 1e3:9.1f} ms  (min {min(ts) * 1e3:.1f}, "
+            f"first call {first:.1f} s)",
+            flush=True,
+        )
     for base in ("eager", "compile"):
         if base in rows:
-            ratios = ", ".join(f"{k} {rows[base] / v:.2f}x" for k, v in rows.items()
-                               if k.startswith("kd_"))
+            ratios = ", ".join(
+                f"{k} {rows[base] / v:.2f}x" for k, v in rows.items() if k.startswith("kd_")
+            )
             print(f"speed-up over {base}: {ratios}")
     return 0
 

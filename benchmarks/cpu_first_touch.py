@@ -7,6 +7,7 @@ reverse KL, 2 threads, medians of 7 after a warm-up call.
 kernel into a preallocated gradient / kernel into a fresh torch.empty / zero-filling a fresh buffer alone /
 the public kd_loss forward + backward.
 """
+
 import time
 
 import torch

@@ -109,16 +109,31 @@ def _parallel(seeds: list[int], report: F.Report) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5.0, help="time budget (without --cases)")
-    p.add_argument("--cases", type=int, default=None,
-                   help="run this many seeds per family instead of a time budget")
-    p.add_argument("--family", nargs="*", default=None, choices=sorted(FAMILIES),
-                   help="families to fuzz (default: all)")
-    p.add_argument("--seed", type=int, default=10_000,
-                   help="first seed (cases use seed, seed+1, ...)")
-    p.add_argument("--backends", nargs="*", default=None,
-                   help="backends (default: every one usable on CPU, and CUDA's if present)")
-    p.add_argument("--max-failures", type=int, default=50,
-                   help="stop after this many failed checks")
+    p.add_argument(
+        "--cases",
+        type=int,
+        default=None,
+        help="run this many seeds per family instead of a time budget",
+    )
+    p.add_argument(
+        "--family",
+        nargs="*",
+        default=None,
+        choices=sorted(FAMILIES),
+        help="families to fuzz (default: all)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=10_000, help="first seed (cases use seed, seed+1, ...)"
+    )
+    p.add_argument(
+        "--backends",
+        nargs="*",
+        default=None,
+        help="backends (default: every one usable on CPU, and CUDA's if present)",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=50, help="stop after this many failed checks"
+    )
     args = p.parse_args(argv)
     if args.cases is not None and args.cases < 1:
         p.error(f"--cases {args.cases}: pass a positive number of seeds")
@@ -137,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             runner, every = FAMILIES[name]
             if name == "parallel":
                 if (seed - args.seed) % PARALLEL_BATCH == 0:
-                    n = PARALLEL_BATCH if args.cases is None else min(
-                        PARALLEL_BATCH, args.seed + args.cases - seed)
+                    n = (
+                        PARALLEL_BATCH
+                        if args.cases is None
+                        else min(PARALLEL_BATCH, args.seed + args.cases - seed)
+                    )
                     cases[name] += _parallel(list(range(seed, seed + n)), report)
             elif args.cases is not None or seed % every == 0:
                 cases[name] += runner(seed, backends, report)
@@ -146,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     for failure in report.failures:
         print(failure)
     counts = ", ".join(f"{name} {n}" for name, n in cases.items())
-    print(f"fuzz: {sum(cases.values())} cases ({counts}), {report.checks} checks, "
-          f"{len(report.failures)} failed; seeds {args.seed}..{seed - 1}; "
-          f"backends {', '.join(backends)}")
+    print(
+        f"fuzz: {sum(cases.values())} cases ({counts}), {report.checks} checks, "
+        f"{len(report.failures)} failed; seeds {args.seed}..{seed - 1}; "
+        f"backends {', '.join(backends)}"
+    )
     return 1 if report.failures else 0
 
 

@@ -96,10 +96,15 @@ def report(title: str, before: dict[str, float], counts_before: dict[str, int]) 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="minillm,distillm",
-                   help="comma-separated, of minillm, distillm, gkd, kd")
+    p.add_argument(
+        "--methods",
+        default="minillm,distillm",
+        help="comma-separated, of minillm, distillm, gkd, kd",
+    )
     p.add_argument("--minillm-steps", type=int, default=2)
-    p.add_argument("--cprofile", type=int, default=0, help="print the N functions with most own time")
+    p.add_argument(
+        "--cprofile", type=int, default=0, help="print the N functions with most own time"
+    )
     args, rest = p.parse_known_args(argv)
     if "--max-prompts" not in rest:
         rest += ["--max-prompts", "24"]
@@ -108,8 +113,10 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     run = Run(cfg, 0, 1, torch.device("cpu" if cfg.device == "auto" else cfg.device))
     run.train_examples = run.examples("train")
-    print(f"load + references: {time.perf_counter() - t0:.1f} s; {len(run.train_examples)} train "
-          f"examples; torch threads {torch.get_num_threads()}")
+    print(
+        f"load + references: {time.perf_counter() - t0:.1f} s; {len(run.train_examples)} train "
+        f"examples; torch threads {torch.get_num_threads()}"
+    )
     instrument(run)
     prof = cProfile.Profile() if args.cprofile else None
     student = run.models.student
@@ -135,8 +142,12 @@ def main(argv: list[str]) -> None:
             prof.disable()
         per_round = M.MiniLLM.steps_per_round(cfg)
         extra = f" (a round = {per_round} steps)" if name == "minillm" else ""
-        report(f"{name}: {n_steps} steps, batch {cfg.batch_size}, max new tokens "
-               f"{cfg.max_new_tokens}{extra}", before, counts)
+        report(
+            f"{name}: {n_steps} steps, batch {cfg.batch_size}, max new tokens "
+            f"{cfg.max_new_tokens}{extra}",
+            before,
+            counts,
+        )
     if prof:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.cprofile)

@@ -84,22 +84,40 @@ CPU_DEFAULT_OPS = ("kd_logits", "kd_logits_fwd", "fl_kd", "fl_logprobs_fwd")
 # (op, divergence) pairs run by default and by --quick. The forward-only and fused-linear ops run the
 # divergences people train / evaluate with most (forward KL for KD and SeqKD, JSD for GKD); --divergences adds
 # the rest.
-FULL_DIVERGENCES = {"kd_logits": DIVERGENCES, "kd_logits_fwd": ("forward_kl", "jsd"),
-                    "fl_kd": ("forward_kl", "jsd"), "fl_kd_fwd": ("forward_kl",),
-                    "fl_logprobs": ("",), "fl_logprobs_fwd": ("",)}
-QUICK_DIVERGENCES = {"kd_logits": ("forward_kl", "jsd"), "kd_logits_fwd": ("forward_kl",),
-                     "fl_kd": ("jsd",), "fl_logprobs_fwd": ("",)}
+FULL_DIVERGENCES = {
+    "kd_logits": DIVERGENCES,
+    "kd_logits_fwd": ("forward_kl", "jsd"),
+    "fl_kd": ("forward_kl", "jsd"),
+    "fl_kd_fwd": ("forward_kl",),
+    "fl_logprobs": ("",),
+    "fl_logprobs_fwd": ("",),
+}
+QUICK_DIVERGENCES = {
+    "kd_logits": ("forward_kl", "jsd"),
+    "kd_logits_fwd": ("forward_kl",),
+    "fl_kd": ("jsd",),
+    "fl_logprobs_fwd": ("",),
+}
 # Dtypes per device; fused linear on CPU in fp32 only (this CPU has no bf16 GEMM units: a bf16 matmul there
 # measures the emulation, not the loss).
-DEVICE_DTYPES = {("cuda", False): ("bfloat16", "float32"), ("cuda", True): ("bfloat16", "float32"),
-                 ("cpu", False): ("float32", "bfloat16"), ("cpu", True): ("float32",)}
+DEVICE_DTYPES = {
+    ("cuda", False): ("bfloat16", "float32"),
+    ("cuda", True): ("bfloat16", "float32"),
+    ("cpu", False): ("float32", "bfloat16"),
+    ("cpu", True): ("float32",),
+}
 # In --quick on CPU, torch.compile runs one forward-only case: each new graph costs 5-30 s of compilation there
 # (a forward graph about a third of a forward + backward one).
 QUICK_COMPILE_CASES = {("kd_logits_fwd", "forward_kl")}
 
 
-def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] | None,
-               dtypes: list[str] | None) -> list[Case]:
+def plan_cases(
+    device: str,
+    quick: bool,
+    ops: list[str],
+    divergences: list[str] | None,
+    dtypes: list[str] | None,
+) -> list[Case]:
     table = QUICK_DIVERGENCES if quick else FULL_DIVERGENCES
     cases = []
     for op in ops:
@@ -112,19 +130,36 @@ def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] 
             continue
         fused = is_fused(op)
         sweep = SWEEPS[(device, "fused" if fused else "logits", quick)]
-        dts = dtypes or [d for d in DEVICE_DTYPES[(device, quick)] if not (fused and device == "cpu"
-                                                                            and d != "float32")]
+        dts = dtypes or [
+            d
+            for d in DEVICE_DTYPES[(device, quick)]
+            if not (fused and device == "cpu" and d != "float32")
+        ]
         for div in divs:
             for dt in dts:
-                if device == "cpu" and not quick and divergences is None and dt == "bfloat16" \
-                        and div not in CPU_BF16_DIVERGENCES:
+                if (
+                    device == "cpu"
+                    and not quick
+                    and divergences is None
+                    and dt == "bfloat16"
+                    and div not in CPU_BF16_DIVERGENCES
+                ):
                     continue
                 for n, v, tag in sweep.shapes():
                     d_t = sweep.d_t if op.startswith("fl_kd") else 0
-                    cases.append(Case(op, div, n, v, sweep.d_s if fused else 0, d_t, dt, device, tag))
-    if device == "cuda" and not quick and "kd_logits" in ops \
-            and (divergences is None or "reverse_kl" in divergences) and (dtypes is None or "bfloat16" in dtypes):
-        cases.append(Case("kd_logits", "reverse_kl", *BIG_CUDA_CASE, 0, 0, "bfloat16", device, "big"))
+                    cases.append(
+                        Case(op, div, n, v, sweep.d_s if fused else 0, d_t, dt, device, tag)
+                    )
+    if (
+        device == "cuda"
+        and not quick
+        and "kd_logits" in ops
+        and (divergences is None or "reverse_kl" in divergences)
+        and (dtypes is None or "bfloat16" in dtypes)
+    ):
+        cases.append(
+            Case("kd_logits", "reverse_kl", *BIG_CUDA_CASE, 0, 0, "bfloat16", device, "big")
+        )
     return cases
 
 
@@ -133,11 +168,23 @@ def plan_cases(device: str, quick: bool, ops: list[str], divergences: list[str] 
 
 def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool) -> dict:
     row = {**case.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note}
-    if quick and p.name == "torch_compile" and case.device == "cpu" \
-            and (case.op, case.divergence) not in QUICK_COMPILE_CASES:
-        return {**row, "status": "skipped", "detail": "--quick on CPU compiles one case only (5-30 s each)"}
+    if (
+        quick
+        and p.name == "torch_compile"
+        and case.device == "cpu"
+        and (case.op, case.divergence) not in QUICK_COMPILE_CASES
+    ):
+        return {
+            **row,
+            "status": "skipped",
+            "detail": "--quick on CPU compiles one case only (5-30 s each)",
+        }
     if case.sweep == "big" and p.name not in ("kd_kernels", "kd_launcher"):
-        return {**row, "status": "skipped", "detail": "the N·V >= 2^31 case runs the kd_kernels providers only"}
+        return {
+            **row,
+            "status": "skipped",
+            "detail": "the N·V >= 2^31 case runs the kd_kernels providers only",
+        }
     reason = p.unavailable(case)
     if reason:
         return {**row, "status": "not available", "detail": reason}
@@ -148,9 +195,19 @@ def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool)
         ok, detail = check(case, out, reference_cached(case, inputs, cache_dir))
         del out
         if not ok:
-            return {**row, "status": "wrong", "detail": f"disagrees with kd_kernels.reference: {detail}"}
-        times = time_fn(fn, case.device, warmup=st.warmup, budget_s=st.budget_s, min_reps=st.min_reps,
-                        max_reps=st.max_reps)
+            return {
+                **row,
+                "status": "wrong",
+                "detail": f"disagrees with kd_kernels.reference: {detail}",
+            }
+        times = time_fn(
+            fn,
+            case.device,
+            warmup=st.warmup,
+            budget_s=st.budget_s,
+            min_reps=st.min_reps,
+            max_reps=st.max_reps,
+        )
         mem = peak_memory_bytes(fn, case.device, input_bytes(inputs))
     except Exception as e:  # noqa: BLE001  (an out-of-memory or a provider bug becomes a row, not a crash)
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -159,12 +216,27 @@ def run_case(p: Provider, case: Case, st: Settings, cache_dir: str, quick: bool)
         if case.device.startswith("cuda"):
             torch.cuda.empty_cache()
     p20, med, p80 = quantiles(times)
-    return {**row, "status": "ok", "detail": detail, "median_s": med, "p20_s": p20, "p80_s": p80,
-            "reps": len(times), "peak_mem_bytes": mem}
+    return {
+        **row,
+        "status": "ok",
+        "detail": detail,
+        "median_s": med,
+        "p20_s": p20,
+        "p80_s": p80,
+        "reps": len(times),
+        "peak_mem_bytes": mem,
+    }
 
 
-def worker(p: Provider, cases: list[Case], st: Settings, cache_dir: str, out_path: str, quick: bool,
-           threads: int | None) -> None:
+def worker(
+    p: Provider,
+    cases: list[Case],
+    st: Settings,
+    cache_dir: str,
+    out_path: str,
+    quick: bool,
+    threads: int | None,
+) -> None:
     """Runs every case of one provider, appending one JSON line per case to ``out_path``."""
     if cases and cases[0].device == "cpu":
         malloc_returns_memory()
@@ -176,8 +248,14 @@ def worker(p: Provider, cases: list[Case], st: Settings, cache_dir: str, out_pat
             try:
                 row = run_case(p, case, st, cache_dir, quick)
             except Exception as e:  # noqa: BLE001
-                row = {**case.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note,
-                       "status": "error", "detail": f"{type(e).__name__}: {e}"[:200]}
+                row = {
+                    **case.to_dict(),
+                    "provider": p.name,
+                    "backend": p.backend,
+                    "note": p.note,
+                    "status": "error",
+                    "detail": f"{type(e).__name__}: {e}"[:200],
+                }
                 traceback.print_exc()
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -193,8 +271,16 @@ def _read_rows(path: str) -> list[dict]:
     return rows
 
 
-def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, quick: bool,
-                 threads: int | None, log: bool, on_rows=None) -> list[dict]:
+def run_provider(
+    p: Provider,
+    cases: list[Case],
+    st: Settings,
+    cache_dir: str,
+    quick: bool,
+    threads: int | None,
+    log: bool,
+    on_rows=None,
+) -> list[dict]:
     """One provider in its own process; cases it never reported (a crash, a timeout) become error rows.
 
     ``on_rows(rows)``, if given, is called with this provider's rows so far each time the worker reports a
@@ -221,10 +307,21 @@ def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, q
     done = {(r["op"], r["divergence"], r["n"], r["v"], r["dtype"]) for r in rows}
     for c in cases:
         if (c.op, c.divergence, c.n, c.v, c.dtype) not in done:
-            why = f"timed out after {st.worker_timeout_s:.0f} s" if timed_out else \
-                f"worker exited with code {proc.exitcode}"
-            rows.append({**c.to_dict(), "provider": p.name, "backend": p.backend, "note": p.note,
-                         "status": "error", "detail": f"{why} before this case finished"})
+            why = (
+                f"timed out after {st.worker_timeout_s:.0f} s"
+                if timed_out
+                else f"worker exited with code {proc.exitcode}"
+            )
+            rows.append(
+                {
+                    **c.to_dict(),
+                    "provider": p.name,
+                    "backend": p.backend,
+                    "note": p.note,
+                    "status": "error",
+                    "detail": f"{why} before this case finished",
+                }
+            )
     if log:
         counts = defaultdict(int)
         for r in rows:
@@ -237,11 +334,41 @@ def run_provider(p: Provider, cases: list[Case], st: Settings, cache_dir: str, q
 # --------------------------------------------------------------------------------------------- results
 
 CSV_COLUMNS = [
-    "op", "divergence", "N", "V", "D_s", "D_t", "dtype", "provider", "backend", "status", "median_ms",
-    "p20_ms", "p80_ms", "reps", "peak_mem_mb", "gbps", "pct_copy_bw", "tflops", "speedup_vs_torch",
+    "op",
+    "divergence",
+    "N",
+    "V",
+    "D_s",
+    "D_t",
+    "dtype",
+    "provider",
+    "backend",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "peak_mem_mb",
+    "gbps",
+    "pct_copy_bw",
+    "tflops",
+    "speedup_vs_torch",
     "mem_vs_torch",
-    "detail", "note", "sweep", "device", "device_name", "torch", "triton", "liger_kernel", "kd_kernels",
-    "kd_kernels_native", "commit", "threads", "loadavg_1m", "copy_gbps", "date",
+    "detail",
+    "note",
+    "sweep",
+    "device",
+    "device_name",
+    "torch",
+    "triton",
+    "liger_kernel",
+    "kd_kernels",
+    "kd_kernels_native",
+    "commit",
+    "threads",
+    "loadavg_1m",
+    "copy_gbps",
+    "date",
 ]
 
 
@@ -249,16 +376,43 @@ def finish_rows(raw: list[dict], env: dict[str, str]) -> list[dict]:
     """Raw worker rows -> CSV rows: milliseconds, MB, GB/s or TFLOP/s, ratios to eager PyTorch."""
     rows = []
     for r in raw:
-        case = Case(r["op"], r["divergence"], r["n"], r["v"], r["d_s"], r["d_t"], r["dtype"], r["device"],
-                    r["sweep"])
-        row = {"op": case.op, "divergence": case.divergence, "N": case.n, "V": case.v, "D_s": case.d_s,
-               "D_t": case.d_t, "dtype": case.dtype, "provider": r["provider"], "backend": r["backend"],
-               "status": r["status"], "detail": r.get("detail", ""), "note": r.get("note", ""),
-               "sweep": case.sweep, "device": case.device, **env}
+        case = Case(
+            r["op"],
+            r["divergence"],
+            r["n"],
+            r["v"],
+            r["d_s"],
+            r["d_t"],
+            r["dtype"],
+            r["device"],
+            r["sweep"],
+        )
+        row = {
+            "op": case.op,
+            "divergence": case.divergence,
+            "N": case.n,
+            "V": case.v,
+            "D_s": case.d_s,
+            "D_t": case.d_t,
+            "dtype": case.dtype,
+            "provider": r["provider"],
+            "backend": r["backend"],
+            "status": r["status"],
+            "detail": r.get("detail", ""),
+            "note": r.get("note", ""),
+            "sweep": case.sweep,
+            "device": case.device,
+            **env,
+        }
         if r["status"] == "ok":
             med = r["median_s"]
-            row.update(median_ms=med * 1e3, p20_ms=r["p20_s"] * 1e3, p80_ms=r["p80_s"] * 1e3, reps=r["reps"],
-                       peak_mem_mb=r["peak_mem_bytes"] / 2**20)
+            row.update(
+                median_ms=med * 1e3,
+                p20_ms=r["p20_s"] * 1e3,
+                p80_ms=r["p80_s"] * 1e3,
+                reps=r["reps"],
+                peak_mem_mb=r["peak_mem_bytes"] / 2**20,
+            )
             if is_fused(case.op):
                 row["tflops"] = counted_flops(case) / med / 1e12
             else:
@@ -266,8 +420,11 @@ def finish_rows(raw: list[dict], env: dict[str, str]) -> list[dict]:
                 if env.get("copy_gbps"):
                     row["pct_copy_bw"] = 100 * row["gbps"] / float(env["copy_gbps"])
         rows.append(row)
-    eager = {(r["op"], r["divergence"], r["N"], r["V"], r["dtype"]): r for r in rows
-             if r["provider"] == "torch" and r["status"] == "ok"}
+    eager = {
+        (r["op"], r["divergence"], r["N"], r["V"], r["dtype"]): r
+        for r in rows
+        if r["provider"] == "torch" and r["status"] == "ok"
+    }
     for r in rows:
         base = eager.get((r["op"], r["divergence"], r["N"], r["V"], r["dtype"]))
         if base and r["status"] == "ok":
@@ -295,22 +452,36 @@ def _label(r: dict) -> str:
     return f"{r['provider']}[{r['backend']}]" if r["backend"] else r["provider"]
 
 
-def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespace, elapsed: float,
-                   path: Path, plots: list[str]) -> None:
+def write_markdown(
+    rows: list[dict],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    elapsed: float,
+    path: Path,
+    plots: list[str],
+) -> None:
     lines = [
-        "# kd_kernels benchmark results", "",
-        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s)", "",
-        (f"Device: {env['device_name']} ({args.device}, {env['threads']} torch threads). "
-         f"Commit {env['commit']}, kd_kernels {env['kd_kernels']} ({env['kd_kernels_native']}), "
-         f"torch {env['torch']}, triton {env['triton'] or '-'}, "
-         f"liger-kernel {env['liger_kernel'] or '-'}. "
-         f"{env['date']}, 1-minute load average at start {env['loadavg_1m']}. "
-         f"Copy bandwidth (read + write) {env.get('copy_gbps', '-')} GB/s."), "",
-        ("Time: median [p20, p80] over warmed-up repeats. Memory: peak of one call including its inputs "
-         "(CPU: peak RSS in the provider's own process; CUDA: allocator peak). GB/s from compulsory bytes "
-         "(read student + teacher logits, write the gradient), TFLOP/s from GEMM FLOPs. `x torch`: eager "
-         "PyTorch time / this time (> 1 is faster); `mem`: this memory / eager's. "
-         "See docs/BENCHMARKS.md."), "",
+        "# kd_kernels benchmark results",
+        "",
+        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s)",
+        "",
+        (
+            f"Device: {env['device_name']} ({args.device}, {env['threads']} torch threads). "
+            f"Commit {env['commit']}, kd_kernels {env['kd_kernels']} ({env['kd_kernels_native']}), "
+            f"torch {env['torch']}, triton {env['triton'] or '-'}, "
+            f"liger-kernel {env['liger_kernel'] or '-'}. "
+            f"{env['date']}, 1-minute load average at start {env['loadavg_1m']}. "
+            f"Copy bandwidth (read + write) {env.get('copy_gbps', '-')} GB/s."
+        ),
+        "",
+        (
+            "Time: median [p20, p80] over warmed-up repeats. Memory: peak of one call including its inputs "
+            "(CPU: peak RSS in the provider's own process; CUDA: allocator peak). GB/s from compulsory bytes "
+            "(read student + teacher logits, write the gradient), TFLOP/s from GEMM FLOPs. `x torch`: eager "
+            "PyTorch time / this time (> 1 is faster); `mem`: this memory / eager's. "
+            "See docs/BENCHMARKS.md."
+        ),
+        "",
     ]
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
@@ -319,27 +490,40 @@ def write_markdown(rows: list[dict], env: dict[str, str], args: argparse.Namespa
         lines += [f"## {op}" + (f" / {div}" if div else ""), "", OPS[op], ""]
         rate = "TFLOP/s" if is_fused(op) else "GB/s (% copy)"
         dims = "N | V | D_s | D_t" if is_fused(op) else "N | V"
-        lines += [f"| {dims} | dtype | provider | median ms [p20, p80] | {rate} | peak MB | x torch | mem |",
-                  "|" + "---|" * (len(dims.split("|")) + 7)]
+        lines += [
+            f"| {dims} | dtype | provider | median ms [p20, p80] | {rate} | peak MB | x torch | mem |",
+            "|" + "---|" * (len(dims.split("|")) + 7),
+        ]
         ok = [r for r in grp if r["status"] == "ok"]
         ok.sort(key=lambda r: (r["dtype"], r["N"], r["V"], r["median_ms"]))
         for r in ok:
-            shape = f"{r['N']} | {r['V']}" + (f" | {r['D_s']} | {r['D_t'] or '-'}" if is_fused(op) else "")
-            rate_v = _fmt(r.get("tflops"), ".3g") if is_fused(op) else _fmt(r.get("gbps"), ".3g") + (
-                f" ({r['pct_copy_bw']:.0f}%)" if r.get("pct_copy_bw") is not None else "")
+            shape = f"{r['N']} | {r['V']}" + (
+                f" | {r['D_s']} | {r['D_t'] or '-'}" if is_fused(op) else ""
+            )
+            rate_v = (
+                _fmt(r.get("tflops"), ".3g")
+                if is_fused(op)
+                else _fmt(r.get("gbps"), ".3g")
+                + (f" ({r['pct_copy_bw']:.0f}%)" if r.get("pct_copy_bw") is not None else "")
+            )
             lines.append(
                 f"| {shape} | {r['dtype']} | {_label(r)} | {r['median_ms']:.3f} [{r['p20_ms']:.3f}, "
                 f"{r['p80_ms']:.3f}] | {rate_v} | {r['peak_mem_mb']:.1f} | "
-                f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {_fmt(r.get('mem_vs_torch'), '.2f')} |")
+                f"{_fmt(r.get('speedup_vs_torch'), '.2f')} | {_fmt(r.get('mem_vs_torch'), '.2f')} |"
+            )
         other = defaultdict(list)
         for r in grp:
             if r["status"] != "ok":
-                other[(_label(r), r["status"], r["detail"])].append(f"{r['N']}x{r['V']} {r['dtype']}")
+                other[(_label(r), r["status"], r["detail"])].append(
+                    f"{r['N']}x{r['V']} {r['dtype']}"
+                )
         if other:
             lines += ["", "Not timed:", ""]
             for (label, status, detail), where in other.items():
-                lines.append(f"- {label}: **{status}**: {detail} ({len(where)} shape(s): "
-                             f"{', '.join(where[:4])}{', ...' if len(where) > 4 else ''})")
+                lines.append(
+                    f"- {label}: **{status}**: {detail} ({len(where)} shape(s): "
+                    f"{', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
+                )
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -365,8 +549,9 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
         fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
         for col, (axis, other) in enumerate((("N", "V"), ("V", "N"))):
             pts = [r for r in grp if axis in r["sweep"].split(",")]
-            for row_i, (metric, ylabel) in enumerate((("median_ms", "median time (ms)"),
-                                                      ("peak_mem_mb", "peak memory (MB)"))):
+            for row_i, (metric, ylabel) in enumerate(
+                (("median_ms", "median time (ms)"), ("peak_mem_mb", "peak memory (MB)"))
+            ):
                 ax = axes[row_i][col]
                 by_label: dict[str, list[tuple[int, float]]] = defaultdict(list)
                 for r in pts:
@@ -394,11 +579,20 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
 
 RATIO_SHAPE = (1024, 32000)
 RATIO_DIVERGENCES = ("reverse_kl", "skew_forward_kl")
-RATIO_PROVIDERS = (Provider("kd_kernels", "cpu"), Provider("kd_launcher", "cpu"), Provider("kd_kernels", "torch"),
-                   Provider("torch"), Provider("torch_compile", dynamic=False))
-RATIO_LABELS = {"kd_kernels[cpu]": "kd_kernels[cpu]", "kd_launcher[cpu]": "cpu launcher alone",
-                "kd_kernels[torch]": "kd_kernels[torch]", "torch": "eager",
-                "torch_compile": "torch.compile(dynamic=False)"}
+RATIO_PROVIDERS = (
+    Provider("kd_kernels", "cpu"),
+    Provider("kd_launcher", "cpu"),
+    Provider("kd_kernels", "torch"),
+    Provider("torch"),
+    Provider("torch_compile", dynamic=False),
+)
+RATIO_LABELS = {
+    "kd_kernels[cpu]": "kd_kernels[cpu]",
+    "kd_launcher[cpu]": "cpu launcher alone",
+    "kd_kernels[torch]": "kd_kernels[torch]",
+    "torch": "eager",
+    "torch_compile": "torch.compile(dynamic=False)",
+}
 
 
 def _ratio_memory(p: Provider, case: Case, threads: int, conn) -> None:
@@ -421,8 +615,11 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
     divs = args.divergences or list(RATIO_DIVERGENCES)
     reps, warmup = (3, 1) if args.quick else (7, 2)
     cases = [Case("kd_logits", d, n, v, 0, 0, "float32", "cpu", "ratio") for d in divs]
-    print(f"ratio report: loss + gradient {n} x {v} fp32, {threads} threads, {reps} interleaved repeats, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"ratio report: loss + gradient {n} x {v} fp32, {threads} threads, {reps} interleaved repeats, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     # Memory first, one forked process per provider and case (before this process runs any parallel op).
     mem: dict[tuple[str, str], int | str] = {}
     ctx = mp.get_context("fork")
@@ -434,8 +631,11 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
             proc = ctx.Process(target=_ratio_memory, args=(p, case, threads, child))
             proc.start()
             proc.join(1200)
-            mem[(case.divergence, p.label)] = parent.recv() if parent.poll() else \
-                f"memory worker exited with code {proc.exitcode}"
+            mem[(case.divergence, p.label)] = (
+                parent.recv()
+                if parent.poll()
+                else f"memory worker exited with code {proc.exitcode}"
+            )
     torch.set_num_threads(threads)
     rows = []
     for case in cases:
@@ -443,8 +643,13 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
         ref = reference_cached(case, inputs, None)
         fns = {}
         for p in RATIO_PROVIDERS:
-            row = {"divergence": case.divergence, "provider": RATIO_LABELS[p.label], "N": n, "V": v,
-                   "threads": threads}
+            row = {
+                "divergence": case.divergence,
+                "provider": RATIO_LABELS[p.label],
+                "N": n,
+                "V": v,
+                "threads": threads,
+            }
             reason = p.unavailable(case)
             if reason:
                 rows.append({**row, "status": "not available", "detail": reason})
@@ -475,7 +680,9 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
             m = mem.get((case.divergence, label))
             row.update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3)
             if isinstance(m, int):
-                row.update(peak_mem_mb=m / 2**20, extra_mem_x_grad=(m - 2 * grad_bytes) / grad_bytes)
+                row.update(
+                    peak_mem_mb=m / 2**20, extra_mem_x_grad=(m - 2 * grad_bytes) / grad_bytes
+                )
             else:
                 row["detail"] += f"; memory: {m}"
             rows.append(row)
@@ -489,16 +696,23 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
             if b:
                 r[col] = b["median_ms"] / r["median_ms"]
     lines = [
-        "# Ratio report: logits loss + gradient on the CPU", "",
-        (f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`. {environment('cpu')['device_name']}, "
-        f"{threads} torch threads, N = {n}, V = {v}, fp32, T = 1, α = 0.1; commit "
-        f"{environment('cpu')['commit']}; 1-minute load average at the end {os.getloadavg()[0]:.2f}."), "",
-        (f"Median [p20, p80] of {reps} repeats per provider, interleaved (each round calls every provider "
-        "once) after the correctness check against the float64 reference and "
-        f"{warmup} warm-up call(s) (torch.compile's compilation is in the first call, not timed). "
-        "`x eager` / `x compile`: that provider's time / this one's (> 1: this one is faster). Peak "
-        "memory: one call in a process of its own, inputs included; `extra` = (peak − inputs) / gradient "
-        "size. On a shared machine absolute times stretch with the load; the ratios are the figures."), "",
+        "# Ratio report: logits loss + gradient on the CPU",
+        "",
+        (
+            f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`. {environment('cpu')['device_name']}, "
+            f"{threads} torch threads, N = {n}, V = {v}, fp32, T = 1, α = 0.1; commit "
+            f"{environment('cpu')['commit']}; 1-minute load average at the end {os.getloadavg()[0]:.2f}."
+        ),
+        "",
+        (
+            f"Median [p20, p80] of {reps} repeats per provider, interleaved (each round calls every provider "
+            "once) after the correctness check against the float64 reference and "
+            f"{warmup} warm-up call(s) (torch.compile's compilation is in the first call, not timed). "
+            "`x eager` / `x compile`: that provider's time / this one's (> 1: this one is faster). Peak "
+            "memory: one call in a process of its own, inputs included; `extra` = (peak − inputs) / gradient "
+            "size. On a shared machine absolute times stretch with the load; the ratios are the figures."
+        ),
+        "",
         "| divergence | provider | median ms [p20, p80] | x eager | x compile | peak MB | extra, x grad |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -507,13 +721,31 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
             lines.append(
                 f"| {r['divergence']} | {r['provider']} | {r['median_ms']:.1f} [{r['p20_ms']:.1f}, "
                 f"{r['p80_ms']:.1f}] | {_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('x_compile'), '.2f')} | "
-                f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('extra_mem_x_grad'), '.2f')} |")
+                f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('extra_mem_x_grad'), '.2f')} |"
+            )
         else:
-            lines.append(f"| {r['divergence']} | {r['provider']} | **{r['status']}**: {r['detail']} | | | | |")
+            lines.append(
+                f"| {r['divergence']} | {r['provider']} | **{r['status']}**: {r['detail']} | | | | |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "ratio.md").write_text(text)
-    cols = ["divergence", "provider", "N", "V", "threads", "status", "median_ms", "p20_ms", "p80_ms",
-            "x_eager", "x_compile", "peak_mem_mb", "extra_mem_x_grad", "first_call_s", "detail"]
+    cols = [
+        "divergence",
+        "provider",
+        "N",
+        "V",
+        "threads",
+        "status",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "x_eager",
+        "x_compile",
+        "peak_mem_mb",
+        "extra_mem_x_grad",
+        "first_call_s",
+        "detail",
+    ]
     with open(out / "ratio.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -528,23 +760,50 @@ def ratio_report(args: argparse.Namespace, out: Path) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one small shape per op, short repeats (CPU: < 45 s)")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--ops", nargs="+", choices=list(OPS), metavar="OP",
-                    help=f"ops to run (default: all in the plan): {', '.join(OPS)}")
-    ap.add_argument("--divergences", nargs="+", choices=DIVERGENCES, metavar="DIV",
-                    help="divergences for the KD ops (default: per-op plan, see run.py)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="one small shape per op, short repeats (CPU: < 45 s)"
+    )
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    ap.add_argument(
+        "--ops",
+        nargs="+",
+        choices=list(OPS),
+        metavar="OP",
+        help=f"ops to run (default: all in the plan): {', '.join(OPS)}",
+    )
+    ap.add_argument(
+        "--divergences",
+        nargs="+",
+        choices=DIVERGENCES,
+        metavar="DIV",
+        help="divergences for the KD ops (default: per-op plan, see run.py)",
+    )
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE")
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P", default=list(PROVIDERS))
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: .bench_out/<device>)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads in every provider process (default: torch's own default, "
-                         "or 1 when the CPU's load average is at least its number of cores)")
+    ap.add_argument(
+        "--providers", nargs="+", choices=PROVIDERS, metavar="P", default=list(PROVIDERS)
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: .bench_out/<device>)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in every provider process (default: torch's own default, "
+        "or 1 when the CPU's load average is at least its number of cores)",
+    )
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--ratio", action="store_true",
-                    help="only the CPU ratio report: kd_kernels[cpu] vs torch.compile(dynamic=False) vs eager, "
-                         "1024 x 32000 fp32, reverse_kl and skew_forward_kl, 2 threads (--threads to change)")
+    ap.add_argument(
+        "--ratio",
+        action="store_true",
+        help="only the CPU ratio report: kd_kernels[cpu] vs torch.compile(dynamic=False) vs eager, "
+        "1024 x 32000 fp32, reverse_kl and skew_forward_kl, 2 threads (--threads to change)",
+    )
     return ap.parse_args(argv)
 
 
@@ -560,8 +819,10 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: torch sees no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: Triton would run in its interpreter; unset it to benchmark",
-              file=sys.stderr)
+        print(
+            "TRITON_INTERPRET=1 is set: Triton would run in its interpreter; unset it to benchmark",
+            file=sys.stderr,
+        )
         return 2
     out = args.out or Path(__file__).resolve().parent.parent / ".bench_out" / args.device
     out.mkdir(parents=True, exist_ok=True)
@@ -571,27 +832,42 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return ratio_report(args, out)
     default_ops = QUICK_DIVERGENCES if args.quick else FULL_DIVERGENCES
-    ops = args.ops or [op for op in default_ops
-                       if args.quick or args.device != "cpu" or op in CPU_DEFAULT_OPS]
+    ops = args.ops or [
+        op for op in default_ops if args.quick or args.device != "cpu" or op in CPU_DEFAULT_OPS
+    ]
     cases = plan_cases(args.device, args.quick, ops, args.divergences, args.dtypes)
     settings = QUICK if args.quick else FULL_CPU if args.device == "cpu" else FULL
-    providers = [p for p in all_providers(liger_compiled=not args.quick) if p.name in args.providers]
-    if args.threads is None and args.device == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+    providers = [
+        p for p in all_providers(liger_compiled=not args.quick) if p.name in args.providers
+    ]
+    if (
+        args.threads is None
+        and args.device == "cpu"
+        and os.getloadavg()[0] >= (os.cpu_count() or 1)
+    ):
         # Two OpenMP threads on an oversubscribed machine spin against each other (eager PyTorch measured
         # 5-7x slower than with one thread at a load average of 10 on 2 cores).
         args.threads = 1
-        print(f"load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} CPUs: --threads 1 "
-              "(pass --threads to override)", flush=True)
+        print(
+            f"load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} CPUs: --threads 1 "
+            "(pass --threads to override)",
+            flush=True,
+        )
     env = environment(args.device)
     if args.threads:
         env["threads"] = str(args.threads)
 
-    print(f"{len(cases)} cases x {len(providers)} providers on {env['device_name']} "
-          f"(load average {env['loadavg_1m']}) -> {out}", flush=True)
+    print(
+        f"{len(cases)} cases x {len(providers)} providers on {env['device_name']} "
+        f"(load average {env['loadavg_1m']}) -> {out}",
+        flush=True,
+    )
     try:  # import once here so forked workers inherit it (it pulls in triton)
         import liger_kernel  # noqa: F401
     except Exception as e:  # noqa: BLE001  (the liger rows record the reason too)
-        print(f"liger-kernel not importable ({type(e).__name__}); its rows will say why", flush=True)
+        print(
+            f"liger-kernel not importable ({type(e).__name__}); its rows will say why", flush=True
+        )
     raw: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kdbench-") as cache_dir:
         for p in providers:
@@ -600,9 +876,18 @@ def main(argv: list[str] | None = None) -> int:
                 # rewritten (and closed) after every case a worker reports, so that a run killed from outside
                 # (gpu_check.sh's stage timeout) still leaves every finished row in results.csv
                 done = list(raw)
-                raw += run_provider(p, mine, settings, cache_dir, args.quick, args.threads, log=True,
-                                    on_rows=lambda rows, done=done: write_csv(finish_rows(done + rows, env),
-                                                                              out / "results.csv"))
+                raw += run_provider(
+                    p,
+                    mine,
+                    settings,
+                    cache_dir,
+                    args.quick,
+                    args.threads,
+                    log=True,
+                    on_rows=lambda rows, done=done: write_csv(
+                        finish_rows(done + rows, env), out / "results.csv"
+                    ),
+                )
                 write_csv(finish_rows(raw, env), out / "results.csv")
     try:  # after the workers: the parent runs no parallel region before forking them
         env["copy_gbps"] = f"{copy_bandwidth(args.device) / 1e9:.1f}"
@@ -614,11 +899,15 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     write_markdown(rows, env, args, elapsed, out / "results.md", plots)
     bad = [r for r in rows if r["status"] in ("wrong", "error")]
-    print(f"{len(rows)} rows ({sum(r['status'] == 'ok' for r in rows)} timed, {len(bad)} wrong/error) "
-          f"in {elapsed:.1f} s -> {out / 'results.md'}")
+    print(
+        f"{len(rows)} rows ({sum(r['status'] == 'ok' for r in rows)} timed, {len(bad)} wrong/error) "
+        f"in {elapsed:.1f} s -> {out / 'results.md'}"
+    )
     for r in bad:
-        print(f"  {r['status']}: {r['op']} {r['divergence']} {r['N']}x{r['V']} {r['dtype']} {_label(r)}: "
-              f"{r['detail']}")
+        print(
+            f"  {r['status']}: {r['op']} {r['divergence']} {r['N']}x{r['V']} {r['dtype']} {_label(r)}: "
+            f"{r['detail']}"
+        )
     return 0
 
 

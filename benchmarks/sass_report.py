@@ -61,8 +61,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd", "jeffreys",
-               "alpha_beta", "renyi"]
+DIVERGENCES = [
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+]
 CENTERED = {"skew_forward_kl", "skew_reverse_kl", "jsd", "tvd", "alpha_beta"}
 DTYPES = {"f32": (0, 4), "bf16": (1, 2), "f16": (2, 2)}  # name -> (kd_math.h DType code, bytes)
 
@@ -78,6 +87,7 @@ EST_N, EST_V = 8192, 128256
 # Tools
 # --------------------------------------------------------------------------------------------------------
 
+
 def find_tool(name: str) -> str | None:
     """nvdisasm / cuobjdump / nvcc: on PATH, in CUDA_HOME, /usr/local/cuda, or the copies triton ships."""
     cands = [shutil.which(name)]
@@ -90,7 +100,9 @@ def find_tool(name: str) -> str | None:
 
         spec = importlib.util.find_spec("triton")
         if spec is not None and spec.origin:
-            cands.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", name))
+            cands.append(
+                os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", name)
+            )
     except Exception:  # pragma: no cover - a broken triton install
         pass
     for c in cands:
@@ -102,7 +114,9 @@ def find_tool(name: str) -> str | None:
 def _run(cmd: list[str], **kw) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd[:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
     return done.stdout
 
 
@@ -192,10 +206,12 @@ def basic_blocks(ins: list[Instr], labels: dict[str, int]):
             if m and m.group(1) in labels:
                 leaders.add(labels[m.group(1)])
     leaders = sorted(x for x in leaders if x < len(ins))
-    blocks = [(s, (leaders[n + 1] if n + 1 < len(leaders) else len(ins))) for n, s in enumerate(leaders)]
+    blocks = [
+        (s, (leaders[n + 1] if n + 1 < len(leaders) else len(ins))) for n, s in enumerate(leaders)
+    ]
     start_of = {s: n for n, (s, _) in enumerate(blocks)}
     succ: list[list[int]] = []
-    for n, (s, e) in enumerate(blocks):
+    for n, (_, e) in enumerate(blocks):
         last = ins[e - 1]
         out = []
         fall = n + 1 < len(blocks)
@@ -258,8 +274,17 @@ def hot_path(ins, blocks, succ, loop: Loop, weigh) -> tuple[int, int, collection
         state[b] = 1
         while stack:
             x, it = stack[-1]
-            nxt = next((y for y in it if y in loop.body and y != loop.header and state.get(y) is None
-                        and x != loop.latch), None)
+            nxt = next(
+                (
+                    y
+                    for y in it
+                    if y in loop.body
+                    and y != loop.header
+                    and state.get(y) is None
+                    and x != loop.latch
+                ),
+                None,
+            )
             if nxt is None:
                 stack.pop()
                 state[x] = 2
@@ -280,8 +305,11 @@ def hot_path(ins, blocks, succ, loop: Loop, weigh) -> tuple[int, int, collection
         if b == loop.header:
             prev = (0, 0, 0, None)
         else:
-            cands = [best[p] + (p,) for p in best
-                     if b in succ[p] and p != loop.latch and rank[p] < rank[b]]
+            cands = [
+                best[p] + (p,)
+                for p in best
+                if b in succ[p] and p != loop.latch and rank[p] < rank[b]
+            ]
             if not cands:
                 continue
             # the most MUFU, then the most bytes moved (a trip's loads and stores all taken), then the fewest
@@ -322,7 +350,11 @@ def vocab_loops(ins, labels, loop_filter) -> list[Loop]:
     loops = natural_loops(blocks, succ)
     cand = [lp for lp in loops if loop_filter(ins, blocks, lp)]
     # innermost among the candidates: no other candidate's header strictly inside
-    inner = [lp for lp in cand if not any(o is not lp and o.header in lp.body and o.body < lp.body for o in cand)]
+    inner = [
+        lp
+        for lp in cand
+        if not any(o is not lp and o.header in lp.body and o.body < lp.body for o in cand)
+    ]
     # one loop per header (several back edges to one header form one loop)
     seen, out = set(), []
     for lp in inner:
@@ -372,12 +404,23 @@ def analyse(cubin: str, loop_filter, bytes_s: int, bytes_t: int, tools) -> dict[
             e = elems_per_trip(lp.ops, bytes_s, bytes_t)
             if e <= 0:
                 continue
-            per.append({"addr": hex(lp.first_addr), "instr_per_trip": lp.instrs, "mufu_per_trip": lp.mufu,
-                        "elems_per_trip": e})
+            per.append(
+                {
+                    "addr": hex(lp.first_addr),
+                    "instr_per_trip": lp.instrs,
+                    "mufu_per_trip": lp.mufu,
+                    "elems_per_trip": e,
+                }
+            )
             tot_i += lp.instrs / e
             tot_m += lp.mufu / e
-        out[fn] = {"registers": regs.get(fn, -1), "spills": sum(1 for i in ins if i.op.startswith("STL")),
-                   "instr_per_elem": round(tot_i, 2), "mufu_per_elem": round(tot_m, 3), "loops": per}
+        out[fn] = {
+            "registers": regs.get(fn, -1),
+            "spills": sum(1 for i in ins if i.op.startswith("STL")),
+            "instr_per_elem": round(tot_i, 2),
+            "mufu_per_elem": round(tot_m, 3),
+            "loops": per,
+        }
     return out
 
 
@@ -385,10 +428,13 @@ def analyse(cubin: str, loop_filter, bytes_s: int, bytes_t: int, tools) -> dict[
 # CUDA
 # --------------------------------------------------------------------------------------------------------
 
+
 def _for_groups_lines(header: Path) -> set[int]:
     """Line numbers of the body of for_groups in kd_rows.cuh (the helper every vocabulary pass runs in)."""
     lines = header.read_text().splitlines()
-    start = next((k for k, ln in enumerate(lines) if re.search(r"\bvoid for_groups\s*\(", ln)), None)
+    start = next(
+        (k for k, ln in enumerate(lines) if re.search(r"\bvoid for_groups\s*\(", ln)), None
+    )
     if start is None:
         raise RuntimeError(f"{header}: no for_groups() found; the CUDA loop finder keys on it")
     end = next(k for k in range(start + 1, len(lines)) if lines[k].startswith("}"))
@@ -417,15 +463,32 @@ def cuda_rows(divs, dtypes, paths, tools, src_root: Path = ROOT) -> list[dict]:
                 code, _ = DTYPES[dt]
                 for path in paths:
                     res = "true" if path == "resident" else "false"
-                    lines.append(f"template __global__ void kd_rows_kernel<{d}, {code}, {code}, {res}>"
-                                 "(const KernelParams);")
-                    wanted[(dt, path)] = f"kd_rows_kernelILi{d}ELi{code}ELi{code}ELb{1 if res == 'true' else 0}E"
+                    lines.append(
+                        f"template __global__ void kd_rows_kernel<{d}, {code}, {code}, {res}>"
+                        "(const KernelParams);"
+                    )
+                    wanted[(dt, path)] = (
+                        f"kd_rows_kernelILi{d}ELi{code}ELi{code}ELb{1 if res == 'true' else 0}E"
+                    )
             lines.append("}}")
             cu = Path(tmp) / f"sass_{div}.cu"
             cu.write_text("\n".join(lines) + "\n")
             cubin = Path(tmp) / f"sass_{div}.cubin"
-            _run([tools["nvcc"], "-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-lineinfo",
-                  f"-I{src_root / 'csrc' / 'include'}", f"-I{cuda_dir}", str(cu), "-o", str(cubin)])
+            _run(
+                [
+                    tools["nvcc"],
+                    "-arch=sm_90",
+                    "-cubin",
+                    "-O3",
+                    "-std=c++17",
+                    "-lineinfo",
+                    f"-I{src_root / 'csrc' / 'include'}",
+                    f"-I{cuda_dir}",
+                    str(cu),
+                    "-o",
+                    str(cubin),
+                ]
+            )
             for dt in dtypes:
                 nbytes = DTYPES[dt][1]
                 res = analyse(str(cubin), is_vocab, nbytes, nbytes, tools)
@@ -435,16 +498,26 @@ def cuda_rows(divs, dtypes, paths, tools, src_root: Path = ROOT) -> list[dict]:
                     if fn is None:
                         raise RuntimeError(f"{div} {dt} {path}: kernel {key} not in the cubin")
                     r = res[fn]
-                    rows.append({"kernel": "kd_rows_kernel", "divergence": div, "path": path, "dtype": dt,
-                                 "registers": r["registers"], "spills": r["spills"],
-                                 "instr_per_elem": r["instr_per_elem"], "mufu_per_elem": r["mufu_per_elem"],
-                                 "loops": r["loops"]})
+                    rows.append(
+                        {
+                            "kernel": "kd_rows_kernel",
+                            "divergence": div,
+                            "path": path,
+                            "dtype": dt,
+                            "registers": r["registers"],
+                            "spills": r["spills"],
+                            "instr_per_elem": r["instr_per_elem"],
+                            "mufu_per_elem": r["mufu_per_elem"],
+                            "loops": r["loops"],
+                        }
+                    )
     return rows
 
 
 # --------------------------------------------------------------------------------------------------------
 # Triton
 # --------------------------------------------------------------------------------------------------------
+
 
 class _Recorder:
     """Stands in for the jitted kernel in triton_backend.launch: records the arguments and the meta."""
@@ -459,7 +532,13 @@ class _Recorder:
         return call
 
 
-_TORCH_TO_TRITON = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32"}
+_TORCH_TO_TRITON = {
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "int64": "i64",
+    "int32": "i32",
+}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -505,13 +584,17 @@ def triton_rows(divs, dtypes, tools, v: int = EST_V) -> list[dict]:
                     a = next(it)
                     if isinstance(a, torch.Tensor):
                         sig[name] = "*" + _TORCH_TO_TRITON[str(a.dtype).replace("torch.", "")]
-                        attrs[(k,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+                        attrs[(k,)] = [
+                            ["tt.divisibility", 16]
+                        ]  # torch allocations are 16-byte aligned
                     elif isinstance(a, bool):
                         sig[name] = "i1"
                     elif isinstance(a, int):
-                        sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+                        sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
                         if a % 16 == 0:
-                            attrs[(k,)] = [["tt.divisibility", 16]]  # what the launcher specializes on
+                            attrs[(k,)] = [
+                                ["tt.divisibility", 16]
+                            ]  # what the launcher specializes on
                     else:
                         sig[name] = "fp32"
                 opts = {k: meta[k] for k in _LAUNCH_OPTIONS if k in meta}
@@ -522,16 +605,32 @@ def triton_rows(divs, dtypes, tools, v: int = EST_V) -> list[dict]:
                 nbytes = DTYPES[dt][1]
 
                 def has_ldg(ins, blocks, lp):
-                    return any(i.op.startswith(("LDG", "LDGSTS")) for b in lp.body
-                               for i in ins[blocks[b][0]:blocks[b][1]])
+                    return any(
+                        i.op.startswith(("LDG", "LDGSTS"))
+                        for b in lp.body
+                        for i in ins[blocks[b][0] : blocks[b][1]]
+                    )
 
                 res = analyse(str(cubin), has_ldg, nbytes, nbytes, tools)
                 r = next(iter(res.values()))
-                rows.append({"kernel": jit.__name__ if hasattr(jit, "__name__") else "kd_loss_grad_kernel",
-                             "divergence": div, "path": "triton", "dtype": dt, "registers": r["registers"],
-                             "spills": r["spills"], "instr_per_elem": r["instr_per_elem"],
-                             "mufu_per_elem": r["mufu_per_elem"], "loops": r["loops"],
-                             "config": {kk: meta[kk] for kk in meta if kk in ("BLOCK_V",) + _LAUNCH_OPTIONS}})
+                rows.append(
+                    {
+                        "kernel": jit.__name__
+                        if hasattr(jit, "__name__")
+                        else "kd_loss_grad_kernel",
+                        "divergence": div,
+                        "path": "triton",
+                        "dtype": dt,
+                        "registers": r["registers"],
+                        "spills": r["spills"],
+                        "instr_per_elem": r["instr_per_elem"],
+                        "mufu_per_elem": r["mufu_per_elem"],
+                        "loops": r["loops"],
+                        "config": {
+                            kk: meta[kk] for kk in meta if kk in ("BLOCK_V",) + _LAUNCH_OPTIONS
+                        },
+                    }
+                )
     del kd_kernels
     return rows
 
@@ -539,6 +638,7 @@ def triton_rows(divs, dtypes, tools, v: int = EST_V) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------
 # Estimate and output
 # --------------------------------------------------------------------------------------------------------
+
 
 def estimate(row: dict) -> dict:
     b = DTYPES[row["dtype"]][1]
@@ -563,32 +663,45 @@ def _triton_online(div: str) -> bool:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| kernel | divergence | path | dtype | registers | spills | instr/elem | MUFU/elem | "
-            "issue ms | HBM ms | bound |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    head = (
+        "| kernel | divergence | path | dtype | registers | spills | instr/elem | MUFU/elem | "
+        "issue ms | HBM ms | bound |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n"
+    )
     body = []
     for r in rows:
         e = estimate(r)
         bound = "issue" if e["issue_ms"] > e["hbm_ms"] else "HBM"
-        body.append(f"| {r['kernel']} | {r['divergence']} | {r['path']} | {r['dtype']} | {r['registers']} | "
-                    f"{r['spills']} | {r['instr_per_elem']:.1f} | {r['mufu_per_elem']:.2f} | "
-                    f"{e['issue_ms']:.2f} | {e['hbm_ms']:.2f} | {bound} |")
-    note = (f"\nEstimate at N = {EST_N}, V = {EST_V} (the dtype of the row), H200: {H200_SMS} SMs x "
-            f"{H200_CLOCK_HZ / 1e9:.3f} GHz x {ISSUE_PER_CLK_PER_SM} thread-instructions / clock (issue), "
-            f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s (HBM; s and t read once by the resident kernel, per pass by "
-            "the others, the gradient written once).\n")
+        body.append(
+            f"| {r['kernel']} | {r['divergence']} | {r['path']} | {r['dtype']} | {r['registers']} | "
+            f"{r['spills']} | {r['instr_per_elem']:.1f} | {r['mufu_per_elem']:.2f} | "
+            f"{e['issue_ms']:.2f} | {e['hbm_ms']:.2f} | {bound} |"
+        )
+    note = (
+        f"\nEstimate at N = {EST_N}, V = {EST_V} (the dtype of the row), H200: {H200_SMS} SMs x "
+        f"{H200_CLOCK_HZ / 1e9:.3f} GHz x {ISSUE_PER_CLK_PER_SM} thread-instructions / clock (issue), "
+        f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s (HBM; s and t read once by the resident kernel, per pass by "
+        "the others, the gradient written once).\n"
+    )
     return head + "\n".join(body) + "\n" + note
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", action="store_true", help="print the rows as a JSON list (estimate on stderr)")
+    ap.add_argument(
+        "--json", action="store_true", help="print the rows as a JSON list (estimate on stderr)"
+    )
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cuda-only", action="store_true")
     g.add_argument("--triton-only", action="store_true")
     ap.add_argument("--divergences", nargs="+", default=DIVERGENCES, choices=DIVERGENCES)
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--paths", nargs="+", default=["resident", "stream"], choices=["resident", "stream"],
-                    help="CUDA paths")
+    ap.add_argument(
+        "--paths",
+        nargs="+",
+        default=["resident", "stream"],
+        choices=["resident", "stream"],
+        help="CUDA paths",
+    )
     ap.add_argument("--loops", action="store_true", help="keep the per-loop breakdown in the JSON")
     ap.add_argument("--md", help="also write the markdown table to this file")
     args = ap.parse_args(argv)
@@ -597,8 +710,11 @@ def main(argv=None) -> int:
     need = ["nvdisasm", "cuobjdump"] + ([] if args.triton_only else ["nvcc"])
     missing = [n for n in need if tools[n] is None]
     if missing:
-        print(f"sass_report: {', '.join(missing)} not found (set CUDA_HOME or install the CUDA toolkit / "
-              "triton's NVIDIA backend)", file=sys.stderr)
+        print(
+            f"sass_report: {', '.join(missing)} not found (set CUDA_HOME or install the CUDA toolkit / "
+            "triton's NVIDIA backend)",
+            file=sys.stderr,
+        )
         return 2
     rows = []
     if not args.triton_only:

@@ -23,7 +23,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, V, D_s, D_t, dtype): small enough on CPU for seconds per benchmark, realistic on GPU.
 SHAPES = {
     "cpu": {"logits": (128, 32000, 0, 0, "float32"), "fused": (128, 8000, 256, 512, "float32")},
-    "cuda": {"logits": (4096, 128256, 0, 0, "bfloat16"), "fused": (4096, 128256, 2048, 4096, "bfloat16")},
+    "cuda": {
+        "logits": (4096, 128256, 0, 0, "bfloat16"),
+        "fused": (4096, 128256, 2048, 4096, "bfloat16"),
+    },
 }
 DIVS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
 
@@ -59,9 +62,11 @@ def _bench(benchmark, provider: Provider, case: Case) -> None:
     ok, detail = check(case, fn(), reference(case, inputs))  # also the warm-up / compilation call
     assert ok, f"{provider.label} disagrees with kd_kernels.reference on {case.key}: {detail}"
     if DEVICE == "cuda":
+
         def timed():
             fn()
             torch.cuda.synchronize()
+
         benchmark(timed)
     else:
         benchmark(fn)
@@ -73,7 +78,9 @@ def _bench(benchmark, provider: Provider, case: Case) -> None:
 def test_kd_logits(benchmark, provider: Provider, divergence: str) -> None:
     """Logits-level loss + gradient."""
     if provider.name == "torch_compile" and divergence != "forward_kl":
-        pytest.skip("torch_compile only for forward_kl here (each graph compiles for tens of seconds on CPU)")
+        pytest.skip(
+            "torch_compile only for forward_kl here (each graph compiles for tens of seconds on CPU)"
+        )
     _bench(benchmark, provider, _case("kd_logits", divergence))
 
 

@@ -5,6 +5,7 @@ forward KL, the loss alone under no_grad, 1 thread, interleaved medians of 400 c
 
 eager (the suite's definition) / the same ops inline / the rows function / the backend's launcher / kd_loss.
 """
+
 import os
 import statistics
 import sys
@@ -32,12 +33,18 @@ def inline():
 
 
 def rows():
-    return TB.rows_loss_and_dlogits(s.log_softmax(-1), t.log_softmax(-1), spec, False, redo_rows=True)
+    return TB.rows_loss_and_dlogits(
+        s.log_softmax(-1), t.log_softmax(-1), spec, False, redo_rows=True
+    )
 
 
-fs = {"eager": lambda: eager_kd_loss(s, t, "forward_kl"), "inline": inline, "rows": rows,
-      "launcher": lambda: get_backend("torch").loss_grad(s, t, w, spec, None),
-      "kd_loss": lambda: kd_kernels.kd_loss(s, t, divergence="forward_kl", backend="torch")}
+fs = {
+    "eager": lambda: eager_kd_loss(s, t, "forward_kl"),
+    "inline": inline,
+    "rows": rows,
+    "launcher": lambda: get_backend("torch").loss_grad(s, t, w, spec, None),
+    "kd_loss": lambda: kd_kernels.kd_loss(s, t, divergence="forward_kl", backend="torch"),
+}
 ts = {k: [] for k in fs}
 with torch.no_grad():
     for f in fs.values():

@@ -8,6 +8,7 @@ go back to the OS, so every temporary is page-faulted afresh), the regime of `be
 The eager definitions are the suite's (benchmarks/_bench_providers.py). This is the quick check of
 docs/BENCHMARKS.md, "The torch backend"; `benchmarks/run.py` has the full table.
 """
+
 import argparse
 import os
 import sys
@@ -39,7 +40,7 @@ def main() -> None:
             for n, v in SHAPES:
                 s, t = torch.randn(n, v).to(dt), torch.randn(n, v).to(dt)
 
-                def call(f):
+                def call(f, s=s):
                     if a.fwd_only:
                         with torch.no_grad():
                             f(s)
@@ -47,14 +48,22 @@ def main() -> None:
                         x = s.clone().requires_grad_()
                         f(x).backward()
 
-                fs = {"eager": lambda x: eager_kd_loss(x, t, div),
-                      "torch": lambda x: kd_kernels.kd_loss(x, t, divergence=div, backend="torch",
-                                                       alpha=ALPHA, beta=BETA)}
+                fs = {
+                    "eager": lambda x, t=t, div=div: eager_kd_loss(x, t, div),
+                    "torch": lambda x, t=t, div=div: kd_kernels.kd_loss(
+                        x, t, divergence=div, backend="torch", alpha=ALPHA, beta=BETA
+                    ),
+                }
                 reps = max(3, min(30, int(2e7 // (n * v))))
-                ms = interleaved_medians({k: (lambda f=f: call(f)) for k, f in fs.items()}, a.rounds, reps)
+                ms = interleaved_medians(
+                    {k: (lambda f=f: call(f)) for k, f in fs.items()}, a.rounds, reps
+                )
                 te, tk = ms["eager"], ms["torch"]
-                print(f"{div:16s} {str(dt)[6:]:9s} {n:4d}x{v:6d} {'fwd' if a.fwd_only else 'fwd+bwd'} "
-                      f"eager {te:8.3f} ms  torch {tk:8.3f} ms  eager/torch {te / tk:.2f}", flush=True)
+                print(
+                    f"{div:16s} {str(dt)[6:]:9s} {n:4d}x{v:6d} {'fwd' if a.fwd_only else 'fwd+bwd'} "
+                    f"eager {te:8.3f} ms  torch {tk:8.3f} ms  eager/torch {te / tk:.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

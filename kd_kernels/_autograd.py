@@ -162,8 +162,16 @@ class KDLossFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             # Graphs see the custom op; it cannot alias s, so inplace does not apply under compile.
             loss, grad = _loss_grad_op(
-                s, t, row_weight, int(spec.divergence), spec.coef, spec.coef2, spec.temperature,
-                spec.interpolation, backend, need_grad,
+                s,
+                t,
+                row_weight,
+                int(spec.divergence),
+                spec.coef,
+                spec.coef2,
+                spec.temperature,
+                spec.interpolation,
+                backend,
+                need_grad,
             )
         else:
             # Eager: call the launcher directly. Through the custom op, eager mode holds a second (N, V)
@@ -214,8 +222,12 @@ def _device_scaler(grad: torch.Tensor, grad_out: torch.Tensor):
     """The Triton in-place scale by a device scalar (``_triton_kernels.scale_by_device_scalar``) when it
     applies: a contiguous CUDA gradient, a one-element upstream gradient on the same device, triton importable.
     None otherwise (the caller multiplies with torch)."""
-    if (grad.device.type != "cuda" or not grad.is_contiguous() or grad_out.numel() != 1
-            or grad_out.device != grad.device):
+    if (
+        grad.device.type != "cuda"
+        or not grad.is_contiguous()
+        or grad_out.numel() != 1
+        or grad_out.device != grad.device
+    ):
         return None
     try:
         from ._triton_kernels import scale_by_device_scalar

@@ -16,15 +16,15 @@ logits-level loss has its own op, ``kd_kernels::loss_grad`` (``_autograd.py``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ._head import HeadTransform
 from ._spec import Divergence, KDSpec
 
-Tensors = Sequence[Optional[torch.Tensor]]
-Impl = Callable[[Tensors, str, Sequence[float]], Sequence[Optional[torch.Tensor]]]
+Tensors = Sequence[torch.Tensor | None]
+Impl = Callable[[Tensors, str, Sequence[float]], Sequence[torch.Tensor | None]]
 
 _FAMILIES: dict[str, tuple[Impl, Impl]] = {}
 
@@ -33,13 +33,13 @@ def register_family(name: str, run: Impl, fake: Impl) -> None:
     _FAMILIES[name] = (run, fake)
 
 
-def _placeholder(outs: Sequence[Optional[torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
+def _placeholder(outs: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
     return [o if o is not None else like.new_empty(0) for o in outs]
 
 
 @torch.library.custom_op("kd_kernels::family", mutates_args=())
 def _family_op(
-    tensors: list[Optional[torch.Tensor]], family: str, backend: str, options: list[float]
+    tensors: list[torch.Tensor | None], family: str, backend: str, options: list[float]
 ) -> list[torch.Tensor]:
     with torch.no_grad():
         outs = _FAMILIES[family][0](tensors, backend, options)
@@ -88,4 +88,3 @@ def head_grads_fake(h: torch.Tensor, w: torch.Tensor, need: Sequence[float]) -> 
         w.new_empty(w.shape, dtype=torch.float32) if need_w else None,
         w.new_empty(w.shape[0], dtype=torch.float32) if need_b else None,
     ]
-

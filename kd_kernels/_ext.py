@@ -8,14 +8,18 @@ try:
     _C = importlib.import_module("kd_kernels._C")
 
     load_error: str | None = None
-except ImportError as e:  # not built (source checkout without `pip install -e .`) or built for another Python
+except (
+    ImportError
+) as e:  # not built (source checkout without `pip install -e .`) or built for another Python
     _C = None
     load_error = f"{type(e).__name__}: {e}"
 
 
 # Read once: pybind11 calls cannot be traced by torch.compile, and these answers never change in a process.
 _NATIVE_INFO: dict = (
-    {"cpu": False, "cuda": False, "cuda_archs": "", "error": load_error} if _C is None else dict(_C.build_info())
+    {"cpu": False, "cuda": False, "cuda_archs": "", "error": load_error}
+    if _C is None
+    else dict(_C.build_info())
 )
 
 

@@ -103,8 +103,10 @@ def scale_head_grads(ctx, grad_loss: torch.Tensor) -> tuple:
         grad_b = grad_b.mul_(grad_loss).to(b_dtype)
     return grad_h, grad_w, grad_b
 
-def fold_chunk_grad(plan: _Rows, sel, g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor,
-                    grads: tuple) -> None:
+
+def fold_chunk_grad(
+    plan: _Rows, sel, g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, grads: tuple
+) -> None:
     """One chunk's logit gradient ``g`` folded into the head's (∂h, ∂W, ∂b) (None = not needed):
     ∂h[sel] = g W, ∂W += gᵀ h, ∂b += Σ_rows g."""
     grad_h, grad_w, grad_b = grads
@@ -272,8 +274,17 @@ def kd_ce_loss_only(
     """(loss, kd, ce) without any gradient work (no_grad, or nothing requires grad)."""
     with torch.no_grad():
         kd, ce, _ = kd_head_grads(
-            (h_s.detach(), w_s.detach(), b_s.detach() if b_s is not None else None, h_t, w_t, b_t,
-             kd_weight, labels, ce_scale),
+            (
+                h_s.detach(),
+                w_s.detach(),
+                b_s.detach() if b_s is not None else None,
+                h_t,
+                w_t,
+                b_t,
+                kd_weight,
+                labels,
+                ce_scale,
+            ),
             (ce_weight, spec, backend, rows, s_tr, t_tr),
             (False, False, False),
         )
@@ -287,14 +298,26 @@ def kd_ce_loss_only(
 
 def _kd_options(options: tuple, need: tuple[bool, bool, bool]) -> list[float]:
     ce_weight, spec, _, rows, s_tr, t_tr = options
-    return [*compiled.spec_options(spec), ce_weight, rows, *need, *compiled.head_options(s_tr),
-            *compiled.head_options(t_tr)]
+    return [
+        *compiled.spec_options(spec),
+        ce_weight,
+        rows,
+        *need,
+        *compiled.head_options(s_tr),
+        *compiled.head_options(t_tr),
+    ]
 
 
 def _kd_decode(backend: str, o) -> tuple[tuple, tuple[bool, ...]]:
     """(ce_weight, spec, backend, rows, s_tr, t_tr), need: the inverse of ``_kd_options``."""
-    options = (o[5], compiled.spec_from(o[:5]), get_backend(backend), int(o[6]),
-               compiled.head_from(o[10:12]), compiled.head_from(o[12:14]))
+    options = (
+        o[5],
+        compiled.spec_from(o[:5]),
+        get_backend(backend),
+        int(o[6]),
+        compiled.head_from(o[10:12]),
+        compiled.head_from(o[12:14]),
+    )
     return options, tuple(bool(x) for x in o[7:10])
 
 
@@ -522,21 +545,41 @@ def _logits_fp32(h, w, b, inv_t: float, tr: HeadTransform = _IDENTITY, *, want_d
     return (z, d) if want_deriv else z
 
 
-def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy: bool,
-                  tr: HeadTransform, want_lse: bool):
+def logprobs_pass(
+    h,
+    w,
+    b,
+    tokens,
+    active,
+    inv_t: float,
+    rows: int,
+    want_entropy: bool,
+    tr: HeadTransform,
+    want_lse: bool,
+):
     """The chunked forward of ``fused_linear_logprobs``: ``(logp, ent, lse, plan)``; ``logp``, ``ent``,
     ``lse`` fp32, ``ent`` empty unless ``want_entropy``, ``lse`` (per active row, for backward) empty unless
     ``want_lse``; ``plan`` the rows visited. Without gradients it is called directly (``want_lse=False``):
     no autograd node, no log-sum-exp kept."""
     n, dev = h.shape[0], h.device
     plan = _Rows(active, n)
-    single = plan.idx is None and plan.count <= rows  # one chunk of every row: its results are the outputs
+    single = (
+        plan.idx is None and plan.count <= rows
+    )  # one chunk of every row: its results are the outputs
     # every row is written when none is masked (zeros otherwise); no entropy buffer unless asked
-    logp = None if single else (torch.empty if plan.idx is None else torch.zeros)(
-        n, dtype=torch.float32, device=dev)
-    ent = (torch.zeros(n, dtype=torch.float32, device=dev) if want_entropy and not single
-           else torch.zeros(0, dtype=torch.float32, device=dev))
-    lse_all = torch.empty(plan.count if want_lse and not single else 0, dtype=torch.float32, device=dev)
+    logp = (
+        None
+        if single
+        else (torch.empty if plan.idx is None else torch.zeros)(n, dtype=torch.float32, device=dev)
+    )
+    ent = (
+        torch.zeros(n, dtype=torch.float32, device=dev)
+        if want_entropy and not single
+        else torch.zeros(0, dtype=torch.float32, device=dev)
+    )
+    lse_all = torch.empty(
+        plan.count if want_lse and not single else 0, dtype=torch.float32, device=dev
+    )
     # Without a log-sum-exp to keep, z is not read after log_softmax: on the CPU it writes its output over z
     # (the same values bit for bit: its kernel reads a row fully before writing it), one (rows, V) buffer fewer.
     over_z = not want_lse and dev.type == "cpu"
@@ -552,7 +595,9 @@ def logprobs_pass(h, w, b, tokens, active, inv_t: float, rows: int, want_entropy
             lse = z.gather(1, y).squeeze(1) - lp
             if not math.isfinite(float(lse.sum())):  # z[y] = ±inf / NaN: those rows the long way
                 lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(z, -1))
-            lse_all = plan.store(lse_all, None if sel is None else slice(pos, pos + z.shape[0]), lse)
+            lse_all = plan.store(
+                lse_all, None if sel is None else slice(pos, pos + z.shape[0]), lse
+            )
         pos += z.shape[0]
         logp = plan.store(logp, sel, lp)
         if want_entropy:
@@ -584,8 +629,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             logp, ent, lse = compiled.call("logprobs", (h, w, b, tokens, active), "", options)
             ctx.save_for_backward(h, w, b, tokens, active, lse, ent)
         else:
-            logp, ent, lse, plan = logprobs_pass(h, w, b, tokens, active, inv_t, rows, want_entropy,
-                                                 tr, True)
+            logp, ent, lse, plan = logprobs_pass(
+                h, w, b, tokens, active, inv_t, rows, want_entropy, tr, True
+            )
             ctx.save_for_backward(h, w, b, tokens, plan.idx, lse, ent)
             ctx.count = plan.count
         ctx.rows, ctx.inv_t, ctx.tr, ctx.want_entropy = rows, inv_t, tr, want_entropy
@@ -610,13 +656,27 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         else:
             plan = _Rows(None, ctx.count)
             plan.idx = rows_or_idx  # the same compacted rows as forward, without a second sync
-            grads = logprobs_grads(h, w, b, tokens, plan, lse, ent, g_logp, g_ent, ctx.rows,
-                                   ctx.inv_t, ctx.tr, need)
+            grads = logprobs_grads(
+                h, w, b, tokens, plan, lse, ent, g_logp, g_ent, ctx.rows, ctx.inv_t, ctx.tr, need
+            )
         return (*grads, None, None, None, None, None, None)
 
 
-def logprobs_grads(h, w, b, tokens, plan: _Rows, lse_all, ent, g_logp, g_ent, rows: int,
-                   inv_t: float, tr: HeadTransform, need) -> list:
+def logprobs_grads(
+    h,
+    w,
+    b,
+    tokens,
+    plan: _Rows,
+    lse_all,
+    ent,
+    g_logp,
+    g_ent,
+    rows: int,
+    inv_t: float,
+    tr: HeadTransform,
+    need,
+) -> list:
     """(∂h, ∂W, ∂b) of ``Σ g_logp · logp + g_ent · ent`` (None where not in ``need``), recomputing
     each chunk's logits; ``lse_all`` the log-sum-exp of each row ``plan`` visits, in its order."""
     need_h, need_w, need_b = need
@@ -662,8 +722,9 @@ def logprobs_grads(h, w, b, tokens, plan: _Rows, lse_all, ent, g_logp, g_ent, ro
 
 def _logprobs_run(tensors, backend, o):
     h, w, b, tokens, active = tensors
-    logp, ent, lse, plan = logprobs_pass(h, w, b, tokens, active, o[0], int(o[1]), bool(o[2]),
-                                         compiled.head_from(o[3:5]), True)
+    logp, ent, lse, plan = logprobs_pass(
+        h, w, b, tokens, active, o[0], int(o[1]), bool(o[2]), compiled.head_from(o[3:5]), True
+    )
     full = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     plan.put(full, plan.idx if plan.idx is not None else slice(0, plan.count), lse)
     return [logp, ent, full]
@@ -680,15 +741,31 @@ def _logprobs_grad_run(tensors, backend, o):
     plan = _Rows(active, h.shape[0])
     lse = lse if plan.idx is None else lse.index_select(0, plan.idx)
     need = tuple(bool(x) for x in o[2:5])
-    return logprobs_grads(h, w, b, tokens, plan, lse, ent, g_logp, g_ent, int(o[1]), o[0],
-                          compiled.head_from(o[5:7]), need)
+    return logprobs_grads(
+        h,
+        w,
+        b,
+        tokens,
+        plan,
+        lse,
+        ent,
+        g_logp,
+        g_ent,
+        int(o[1]),
+        o[0],
+        compiled.head_from(o[5:7]),
+        need,
+    )
 
 
 def _logprobs_grad_fake(tensors, backend, o):
     h, w, b = tensors[:3]
     need = [bool(x) for x in o[2:5]]
-    return [h.new_empty(h.shape) if need[0] else None, w.new_empty(w.shape) if need[1] else None,
-            b.new_empty(b.shape) if need[2] and b is not None else None]
+    return [
+        h.new_empty(h.shape) if need[0] else None,
+        w.new_empty(w.shape) if need[1] else None,
+        b.new_empty(b.shape) if need[2] and b is not None else None,
+    ]
 
 
 compiled.register_family("logprobs", _logprobs_run, _logprobs_fake)

@@ -196,8 +196,9 @@ def torch_sparse_loss_grad(s, ids, lp, row_weight, spec: KDSpec, tail: Tail, gra
         hi = min(n, lo + rows)
         w = row_weight[lo:hi]
         active = w != 0
-        L, g = _torch_rows_checked(s[lo:hi], ids[lo:hi], lp[lo:hi], active, spec, tail,
-                                   grad is not None)
+        L, g = _torch_rows_checked(
+            s[lo:hi], ids[lo:hi], lp[lo:hi], active, spec, tail, grad is not None
+        )
         loss[lo:hi] = _zero_where_not(active, L)
         if grad is not None:
             grad[lo:hi] = _zero_where_not(active[:, None], g * (w * inv_t)[:, None])
@@ -227,10 +228,24 @@ def cpu_sparse_loss_grad(s, ids, lp, row_weight, spec: KDSpec, tail: Tail, grad)
             raise ValueError("grad must have the student's dtype and a contiguous last dim")
         grad_ptr, stride_g = grad.data_ptr(), grad.stride(0)
     _ext._C.cpu_sparse_loss_grad(
-        s.data_ptr(), ids.data_ptr(), lp.data_ptr(), grad_ptr, row_weight.data_ptr(),
-        loss.data_ptr(), n, v, k, max(s.stride(0), v), max(stride_g, v), DTYPE_CODES[s.dtype],
-        int(spec.divergence), int(tail), float(spec.coef), float(spec.coef2), float(spec.temperature),
-            TAIL_FLOOR,
+        s.data_ptr(),
+        ids.data_ptr(),
+        lp.data_ptr(),
+        grad_ptr,
+        row_weight.data_ptr(),
+        loss.data_ptr(),
+        n,
+        v,
+        k,
+        max(s.stride(0), v),
+        max(stride_g, v),
+        DTYPE_CODES[s.dtype],
+        int(spec.divergence),
+        int(tail),
+        float(spec.coef),
+        float(spec.coef2),
+        float(spec.temperature),
+        TAIL_FLOOR,
         torch.get_num_threads(),
     )
     return loss
@@ -358,8 +373,9 @@ compiled.register_family("sparse", _sparse_run, _sparse_fake)
 # ------------------------------------------------------------------------------------------------
 
 
-def sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail,
-                      backend, rows, need):
+def sparse_chunk_loop(
+    h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail, backend, rows, need
+):
     """Forward of the fused-linear sparse KD (+ CE) with every gradient. Returns
     (Σ c_i KD_i, Σ ce_scale_i CE_i, (grad_h, grad_w, grad_b)) as ``kd_chunk_loop`` does."""
     need_h, need_w, need_b = need
@@ -391,8 +407,16 @@ def sparse_chunk_loop(h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, 
                 ce_grad = logp.exp_().mul_(coef)
                 ce_grad.scatter_add_(1, y, -coef)
             del logp
-        loss_rows = sparse_loss_grad(backend, s, plan.take(ids, sel), plan.take(lp, sel), c, spec,
-                                     tail, s if need_grad else None)
+        loss_rows = sparse_loss_grad(
+            backend,
+            s,
+            plan.take(ids, sel),
+            plan.take(lp, sel),
+            c,
+            spec,
+            tail,
+            s if need_grad else None,
+        )
         kd_total += torch.where(c != 0, loss_rows * c, 0.0).sum()
         if not need_grad:
             continue
@@ -409,11 +433,15 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     """(h, W, b) ↦ (loss, kd, ce); gradients computed in forward, backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail,
-                backend, rows):
+    def forward(
+        ctx, h, w, b, ids, lp, kd_weight, labels, ce_scale, ce_weight, spec, tail, backend, rows
+    ):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        kd, ce, grads = sparse_head_grads((h, w, b, ids, lp, kd_weight, labels, ce_scale),
-                                          (ce_weight, spec, tail, backend, rows), need)
+        kd, ce, grads = sparse_head_grads(
+            (h, w, b, ids, lp, kd_weight, labels, ce_scale),
+            (ce_weight, spec, tail, backend, rows),
+            need,
+        )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
         save_head_grads(ctx, grads, w, b)
         ctx.mark_non_differentiable(kd, ce)

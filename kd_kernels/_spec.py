@@ -58,7 +58,9 @@ class Divergence(enum.IntEnum):
         if isinstance(name, Divergence):
             return name
         if not isinstance(name, str):
-            raise TypeError(f"divergence must be a string such as 'reverse_kl', got {type(name).__name__}")
+            raise TypeError(
+                f"divergence must be a string such as 'reverse_kl', got {type(name).__name__}"
+            )
         try:
             return cls[name.upper()]
         except KeyError:
@@ -141,33 +143,87 @@ DIVERGENCES: dict[Divergence, DivergenceInfo] = {
     Divergence.FORWARD_KL: DivergenceInfo((), True, "KL(p‖q)"),
     Divergence.REVERSE_KL: DivergenceInfo((), True, "KL(q‖p)"),
     Divergence.SKEW_FORWARD_KL: DivergenceInfo(
-        (Param("alpha", 0.1, **_OPEN_UNIT, hints={
-            0.0: "skew_forward_kl with alpha=0 is forward_kl: call kd_kernels.forward_kl",
-            1.0: "skew_forward_kl with alpha=1 is identically 0 (m = p): drop the loss"}),),
-        False, "KL(p‖α p + (1−α) q)"),
+        (
+            Param(
+                "alpha",
+                0.1,
+                **_OPEN_UNIT,
+                hints={
+                    0.0: "skew_forward_kl with alpha=0 is forward_kl: call kd_kernels.forward_kl",
+                    1.0: "skew_forward_kl with alpha=1 is identically 0 (m = p): drop the loss",
+                },
+            ),
+        ),
+        False,
+        "KL(p‖α p + (1−α) q)",
+    ),
     Divergence.SKEW_REVERSE_KL: DivergenceInfo(
-        (Param("alpha", 0.1, **_OPEN_UNIT, hints={
-            0.0: "skew_reverse_kl with alpha=0 is reverse_kl: call kd_kernels.reverse_kl",
-            1.0: "skew_reverse_kl with alpha=1 is identically 0 (m' = q): drop the loss"}),),
-        False, "KL(q‖(1−α) p + α q)"),
+        (
+            Param(
+                "alpha",
+                0.1,
+                **_OPEN_UNIT,
+                hints={
+                    0.0: "skew_reverse_kl with alpha=0 is reverse_kl: call kd_kernels.reverse_kl",
+                    1.0: "skew_reverse_kl with alpha=1 is identically 0 (m' = q): drop the loss",
+                },
+            ),
+        ),
+        False,
+        "KL(q‖(1−α) p + α q)",
+    ),
     Divergence.JSD: DivergenceInfo(
-        (Param("beta", 0.5, **_OPEN_UNIT, hints={
-            0.0: "jsd with beta=0 is identically 0 (M = q); for KL(q‖p) call kd_kernels.reverse_kl",
-            1.0: "jsd with beta=1 is identically 0 (M = p); for KL(p‖q) call kd_kernels.forward_kl"}),),
-        False, "β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q"),
+        (
+            Param(
+                "beta",
+                0.5,
+                **_OPEN_UNIT,
+                hints={
+                    0.0: "jsd with beta=0 is identically 0 (M = q); for KL(q‖p) call kd_kernels.reverse_kl",
+                    1.0: "jsd with beta=1 is identically 0 (M = p); for KL(p‖q) call kd_kernels.forward_kl",
+                },
+            ),
+        ),
+        False,
+        "β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q",
+    ),
     Divergence.TVD: DivergenceInfo((), False, "½ Σ |p − q|"),
     Divergence.JEFFREYS: DivergenceInfo((), True, "KL(p‖q) + KL(q‖p)"),
     Divergence.ALPHA_BETA: DivergenceInfo(
-        (Param("alpha", 0.5, hints={
-            0.0: "alpha_beta at alpha=0 is only a limit (with beta=1 it is KL(q‖p): call kd_kernels.reverse_kl)"}),
-         Param("beta", 0.5, hints={
-            0.0: "alpha_beta at beta=0 is only a limit (with alpha=1 it is KL(p‖q): call kd_kernels.forward_kl)"})),
-        False, "−1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]"),
+        (
+            Param(
+                "alpha",
+                0.5,
+                hints={
+                    0.0: "alpha_beta at alpha=0 is only a limit (with beta=1 it is KL(q‖p): call kd_kernels.reverse_kl)"
+                },
+            ),
+            Param(
+                "beta",
+                0.5,
+                hints={
+                    0.0: "alpha_beta at beta=0 is only a limit (with alpha=1 it is KL(p‖q): call kd_kernels.forward_kl)"
+                },
+            ),
+        ),
+        False,
+        "−1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)]",
+    ),
     Divergence.RENYI: DivergenceInfo(
-        (Param("alpha", 0.5, excluded=(1.0,), hints={
-            1.0: "renyi with alpha=1 is the limit KL(p‖q): call kd_kernels.forward_kl",
-            0.0: "renyi at alpha=0 is −log Σ_{p>0} q, 0 whenever the teacher gives every token mass"}),),
-        True, "1/(α−1) log Σ p^α q^(1−α)"),
+        (
+            Param(
+                "alpha",
+                0.5,
+                excluded=(1.0,),
+                hints={
+                    1.0: "renyi with alpha=1 is the limit KL(p‖q): call kd_kernels.forward_kl",
+                    0.0: "renyi at alpha=0 is −log Σ_{p>0} q, 0 whenever the teacher gives every token mass",
+                },
+            ),
+        ),
+        True,
+        "1/(α−1) log Σ p^α q^(1−α)",
+    ),
 }
 
 
@@ -259,7 +315,9 @@ def check_temperature(temperature: float) -> None:
 
 def check_interpolation(interpolation: float) -> None:
     if isinstance(interpolation, bool) or not isinstance(interpolation, (int, float)):
-        raise TypeError(f"interpolation must be a float in (0, 1], got {type(interpolation).__name__}")
+        raise TypeError(
+            f"interpolation must be a float in (0, 1], got {type(interpolation).__name__}"
+        )
     if not (0.0 < float(interpolation) <= 1.0):
         hint = (
             "; interpolation=0 makes the teacher the student itself (the loss is identically 0)"

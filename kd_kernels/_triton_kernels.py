@@ -233,7 +233,9 @@ def _elem_terms(lq, lp, lr, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
     elif DIV == REVERSE_KL:
         x = tl.where(q == 0.0, 0.0, q * (lq - lp)) * LN2
         y = x
-    elif DIV == SKEW_FORWARD_KL:  # x = p log2(p/m), y = a = −p (1−α)q/m = −p 2^(λq + log2(1−α) − λm)
+    elif (
+        DIV == SKEW_FORWARD_KL
+    ):  # x = p log2(p/m), y = a = −p (1−α)q/m = −p 2^(λq + log2(1−α) − λm)
         lm = _log_mix(lp, lq, log_c, log_1mc)
         x = p * tl.maximum(lp - lm, LOG_FLOOR)
         y = -p * tl.exp2(tl.maximum(lq + log_1mc - lm, LOG_FLOOR))
@@ -304,7 +306,9 @@ def _elem_grad(lq, lp, lr, big_a, gscale, coef, coef2, log_c, log_1mc, DIV: tl.c
 
 
 @triton.jit
-def _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV: tl.constexpr):
+def _online_fold(
+    x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV: tl.constexpr
+):
     """Fold one [G, R] block into an online divergence's per-group running sums (MATH.md "How many passes"),
     kept relative to the groups' running maxima (f, e from _group_fold); raw logits a = s, b = t, weights base 2:
     x_t = Σ 2^((b − m_t)·scale2)(b − a) (forward KL, Jeffreys), x_s = Σ 2^((a − m_s)·scale2)(a − b) (reverse KL,
@@ -346,7 +350,9 @@ def _renyi_lr(a, b, a0, b0, m_r, lz_r, coef, k):
 
 
 @triton.jit
-def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, lz_r, coef, scale2, DIV: tl.constexpr):
+def _online_finish(
+    m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, lz_r, coef, scale2, DIV: tl.constexpr
+):
     """(L, A) of an online divergence from the first pass's reduced sums (raw maxima and x sums, base-2 log
     sums in; natural units out); LSE differences are formed as (max difference) + (log-sum difference) so large
     maxima do not cancel. Rényi: m_r relative to (m_s, m_t) (_renyi_rebase), lz_r = log2 Z_r."""
@@ -370,40 +376,117 @@ def _online_finish(m_s, lz_s, z_s, m_t, lz_t, z_t, x_t, x_s, m_r, lz_r, coef, sc
 
 
 @triton.jit
-def _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row, cols, V, lam, coef, scale2, a0, b0,
-                 DIV: tl.constexpr, ONLINE: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
+def _stats_block(
+    m_s,
+    z_s,
+    m_t,
+    z_t,
+    x_t,
+    x_s,
+    m_r,
+    z_r,
+    s_row,
+    t_row,
+    cols,
+    V,
+    lam,
+    coef,
+    scale2,
+    a0,
+    b0,
+    DIV: tl.constexpr,
+    ONLINE: tl.constexpr,
+    INTERP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of _row_stats: its running sums with the [G, R] columns cols folded in."""
     a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
     m_s, z_s, f_s, e_s = _group_fold(m_s, z_s, a, scale2)
     m_t, z_t, f_t, e_t = _group_fold(m_t, z_t, b, scale2)
     if ONLINE:
-        x_t, x_s, m_r, z_r = _online_fold(x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV)
+        x_t, x_s, m_r, z_r = _online_fold(
+            x_t, x_s, m_r, z_r, a, b, f_s, e_s, f_t, e_t, coef, scale2, a0, b0, DIV
+        )
     return m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r
 
 
 @triton.jit
-def _sums_block(x_acc, y_acc, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, coef, coef2, log2_c, log2_1mc,
-                DIV: tl.constexpr, INTERP: tl.constexpr, MASKED: tl.constexpr):
+def _sums_block(
+    x_acc,
+    y_acc,
+    s_row,
+    t_row,
+    cols,
+    V,
+    lam,
+    ms,
+    mt,
+    lz_s,
+    lz_t,
+    scale2,
+    coef,
+    coef2,
+    log2_c,
+    log2_1mc,
+    DIV: tl.constexpr,
+    INTERP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of the second pass: the per-lane sums of _elem_terms' x, y with the columns cols added."""
     a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
     # λ = (x − m)·log2(e)/T − log2 Z, never x̃ − LSE: see "Precision" at the top.
-    _, x, y = _elem_terms((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2, log2_c, log2_1mc,
-                          DIV)
+    _, x, y = _elem_terms(
+        (a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, 0.0, coef, coef2, log2_c, log2_1mc, DIV
+    )
     return x_acc + x, y_acc + y
 
 
 @triton.jit
-def _grad_block(g_row, s_row, t_row, cols, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0, mr, lz_r, big_a, gscale,
-                coef, coef2, log2_c, log2_1mc, DIV: tl.constexpr, INTERP: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-                MASKED: tl.constexpr):
+def _grad_block(
+    g_row,
+    s_row,
+    t_row,
+    cols,
+    V,
+    lam,
+    ms,
+    mt,
+    lz_s,
+    lz_t,
+    scale2,
+    a0,
+    b0,
+    mr,
+    lz_r,
+    big_a,
+    gscale,
+    coef,
+    coef2,
+    log2_c,
+    log2_1mc,
+    DIV: tl.constexpr,
+    INTERP: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of the last pass: the gradient of the columns cols, written to g_row (a0, b0, mr, lz_r: Rényi's,
     see _renyi_lr)."""
     a, b = _load_pair(s_row, t_row, cols, V, lam, INTERP, MASKED)
     lr = 0.0
     if DIV == RENYI:
         lr = _renyi_lr(a, b, a0, b0, mr, lz_r, coef, scale2)
-    g = _elem_grad((a - ms) * scale2 - lz_s, (b - mt) * scale2 - lz_t, lr, big_a, gscale, coef, coef2, log2_c,
-                   log2_1mc, DIV)
+    g = _elem_grad(
+        (a - ms) * scale2 - lz_s,
+        (b - mt) * scale2 - lz_t,
+        lr,
+        big_a,
+        gscale,
+        coef,
+        coef2,
+        log2_c,
+        log2_1mc,
+        DIV,
+    )
     # Every element of this block was read above before it is overwritten: in place is safe.
     gout = _to_grad_dtype(g, g_row.dtype.element_ty, BF16_BY_BITS)
     if MASKED:
@@ -429,8 +512,21 @@ def _renyi_point(s_row, t_row, lam, INTERP: tl.constexpr, DIV: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(s_row, t_row, V, lam, coef, scale2, a0, b0, DIV: tl.constexpr, ONLINE: tl.constexpr,
-               INTERP: tl.constexpr, GROUP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _row_stats(
+    s_row,
+    t_row,
+    V,
+    lam,
+    coef,
+    scale2,
+    a0,
+    b0,
+    DIV: tl.constexpr,
+    ONLINE: tl.constexpr,
+    INTERP: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Pass 1 over one row (kd_loss_grad_kernel, and kd_vp_rows_kernel on a shard): the max and
     Z = Σ 2^((x − max)·scale2) of s (ms, zs) and of t (mt, zt), and with ONLINE the divergence's running sums
     (_online_fold) still per group: x_t, x_s relative to the row's maxima (to be summed) and Rényi's (max, sum)
@@ -450,13 +546,53 @@ def _row_stats(s_row, t_row, V, lam, coef, scale2, a0, b0, DIV: tl.constexpr, ON
     offs2 = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     v_full = V - V % BLOCK_V  # whole blocks unmasked, then the partial one masked (see _load_pair)
     for start in range(0, v_full, BLOCK_V):
-        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
-                                                              start + offs2, V, lam, coef, scale2, a0, b0, DIV,
-                                                              ONLINE, INTERP, False)
+        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(
+            m_s,
+            z_s,
+            m_t,
+            z_t,
+            x_t,
+            x_s,
+            m_r,
+            z_r,
+            s_row,
+            t_row,
+            start + offs2,
+            V,
+            lam,
+            coef,
+            scale2,
+            a0,
+            b0,
+            DIV,
+            ONLINE,
+            INTERP,
+            False,
+        )
     if v_full < V:
-        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r, s_row, t_row,
-                                                              v_full + offs2, V, lam, coef, scale2, a0, b0, DIV,
-                                                              ONLINE, INTERP, True)
+        m_s, z_s, m_t, z_t, x_t, x_s, m_r, z_r = _stats_block(
+            m_s,
+            z_s,
+            m_t,
+            z_t,
+            x_t,
+            x_s,
+            m_r,
+            z_r,
+            s_row,
+            t_row,
+            v_full + offs2,
+            V,
+            lam,
+            coef,
+            scale2,
+            a0,
+            b0,
+            DIV,
+            ONLINE,
+            INTERP,
+            True,
+        )
     ms, zs, ls = _groups_lse(m_s, z_s, scale2)
     mt, zt, lt = _groups_lse(m_t, z_t, scale2)
     return ms, zs, mt, zt, x_t * lt, x_s * ls, m_r, z_r
@@ -492,24 +628,33 @@ def kd_loss_grad_kernel(
     g_row = g_ptr + row * stride_g
     w = tl.load(w_ptr + row)
     offs = tl.arange(0, BLOCK_V)
-    GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth  # columns in 16 bytes of s
+    GROUP: tl.constexpr = (
+        128 // s_ptr.dtype.element_ty.primitive_bitwidth
+    )  # columns in 16 bytes of s
     scale2 = inv_temp * LOG2E  # 2^((x − m)·scale2) = e^((x − m)/T): one multiply per element
     log2_c = log_c * LOG2E
     log2_1mc = log_1mc * LOG2E
-    v_full = V - V % BLOCK_V  # the passes take whole blocks unmasked, then the partial one masked (_load_pair)
+    v_full = (
+        V - V % BLOCK_V
+    )  # the passes take whole blocks unmasked, then the partial one masked (_load_pair)
 
     if w != 0.0:
         # Pass 1: the row's maxima and sums and, for an online divergence, its running sums.
         a0, b0 = _renyi_point(s_row, t_row, lam, INTERP, DIV)
-        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, lam, coef, scale2, a0, b0, DIV, ONLINE,
-                                                        INTERP, GROUP, BLOCK_V)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(
+            s_row, t_row, V, lam, coef, scale2, a0, b0, DIV, ONLINE, INTERP, GROUP, BLOCK_V
+        )
         lz_s = _lg2(zs)
         lz_t = _lg2(zt)
         # A row that is a distribution has finite LSEs; otherwise (NaN, +inf, all −inf, overflow; |NaN| < inf
         # is false) its loss and its whole gradient row are NaN. One test per row: the passes below need no
         # per-element guard for such rows. The max is tested after 1/T ("overflow after 1/T").
-        ok = ((tl.abs(ms * inv_temp) < float("inf")) & (tl.abs(lz_s) < float("inf"))
-              & (tl.abs(mt * inv_temp) < float("inf")) & (tl.abs(lz_t) < float("inf")))
+        ok = (
+            (tl.abs(ms * inv_temp) < float("inf"))
+            & (tl.abs(lz_s) < float("inf"))
+            & (tl.abs(mt * inv_temp) < float("inf"))
+            & (tl.abs(lz_t) < float("inf"))
+        )
         if ok:
             mr = 0.0  # Rényi: the max of its mixed logits relative to (a0, b0), and log2 of their sum
             lz_r = 0.0
@@ -517,19 +662,70 @@ def kd_loss_grad_kernel(
                 if DIV == RENYI:
                     mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
                     lz_r = _lg2(zr)
-                loss, big_a = _online_finish(ms, lz_s, zs, mt, lz_t, zt, tl.sum(x_t, axis=0), tl.sum(x_s, axis=0),
-                                              _renyi_rebase(mr, ms, mt, a0, b0, coef), lz_r, coef, scale2, DIV)
+                loss, big_a = _online_finish(
+                    ms,
+                    lz_s,
+                    zs,
+                    mt,
+                    lz_t,
+                    zt,
+                    tl.sum(x_t, axis=0),
+                    tl.sum(x_s, axis=0),
+                    _renyi_rebase(mr, ms, mt, a0, b0, coef),
+                    lz_r,
+                    coef,
+                    scale2,
+                    DIV,
+                )
             else:
                 # Pass 2: the loss and A = Σ a over the normalized λq, λp. Per-lane partial sums, reduced once
                 # after the loop.
                 x_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
                 y_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
                 for start in range(0, v_full, BLOCK_V):
-                    x_acc, y_acc = _sums_block(x_acc, y_acc, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t,
-                                               scale2, coef, coef2, log2_c, log2_1mc, DIV, INTERP, False)
+                    x_acc, y_acc = _sums_block(
+                        x_acc,
+                        y_acc,
+                        s_row,
+                        t_row,
+                        start + offs,
+                        V,
+                        lam,
+                        ms,
+                        mt,
+                        lz_s,
+                        lz_t,
+                        scale2,
+                        coef,
+                        coef2,
+                        log2_c,
+                        log2_1mc,
+                        DIV,
+                        INTERP,
+                        False,
+                    )
                 if v_full < V:
-                    x_acc, y_acc = _sums_block(x_acc, y_acc, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t,
-                                               scale2, coef, coef2, log2_c, log2_1mc, DIV, INTERP, True)
+                    x_acc, y_acc = _sums_block(
+                        x_acc,
+                        y_acc,
+                        s_row,
+                        t_row,
+                        v_full + offs,
+                        V,
+                        lam,
+                        ms,
+                        mt,
+                        lz_s,
+                        lz_t,
+                        scale2,
+                        coef,
+                        coef2,
+                        log2_c,
+                        log2_1mc,
+                        DIV,
+                        INTERP,
+                        True,
+                    )
                 loss, big_a = _sums_finish(tl.sum(x_acc, axis=0), tl.sum(y_acc, axis=0), coef, DIV)
             tl.store(loss_ptr + row, loss)
 
@@ -537,13 +733,61 @@ def kd_loss_grad_kernel(
                 # Last pass: ∂L/∂a_j = a_j − q_j A; grad_j = w · (1/T) · that.
                 gscale = w * inv_temp
                 for start in range(0, v_full, BLOCK_V):
-                    _grad_block(g_row, s_row, t_row, start + offs, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0,
-                                mr, lz_r, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS,
-                                False)
+                    _grad_block(
+                        g_row,
+                        s_row,
+                        t_row,
+                        start + offs,
+                        V,
+                        lam,
+                        ms,
+                        mt,
+                        lz_s,
+                        lz_t,
+                        scale2,
+                        a0,
+                        b0,
+                        mr,
+                        lz_r,
+                        big_a,
+                        gscale,
+                        coef,
+                        coef2,
+                        log2_c,
+                        log2_1mc,
+                        DIV,
+                        INTERP,
+                        BF16_BY_BITS,
+                        False,
+                    )
                 if v_full < V:
-                    _grad_block(g_row, s_row, t_row, v_full + offs, V, lam, ms, mt, lz_s, lz_t, scale2, a0, b0,
-                                mr, lz_r, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV, INTERP, BF16_BY_BITS,
-                                True)
+                    _grad_block(
+                        g_row,
+                        s_row,
+                        t_row,
+                        v_full + offs,
+                        V,
+                        lam,
+                        ms,
+                        mt,
+                        lz_s,
+                        lz_t,
+                        scale2,
+                        a0,
+                        b0,
+                        mr,
+                        lz_r,
+                        big_a,
+                        gscale,
+                        coef,
+                        coef2,
+                        log2_c,
+                        log2_1mc,
+                        DIV,
+                        INTERP,
+                        BF16_BY_BITS,
+                        True,
+                    )
         else:
             tl.store(loss_ptr + row, float("nan"))
             if HAS_GRAD:
@@ -575,8 +819,11 @@ def scale_by_device_scalar_kernel(
             idx = start + offs
             m = idx < n
             x = tl.load(g_ptr + idx, mask=m)
-            tl.store(g_ptr + idx, _to_grad_dtype(x.to(tl.float32) * c, g_ptr.dtype.element_ty, BF16_BY_BITS),
-                     mask=m)
+            tl.store(
+                g_ptr + idx,
+                _to_grad_dtype(x.to(tl.float32) * c, g_ptr.dtype.element_ty, BF16_BY_BITS),
+                mask=m,
+            )
 
 
 def scale_by_device_scalar(g, c) -> None:
@@ -592,14 +839,16 @@ def scale_by_device_scalar(g, c) -> None:
 
         with torch.cuda.device(g.device):
             sms = torch.cuda.get_device_properties(g.device).multi_processor_count
-            scale_by_device_scalar_kernel[(min(programs, 8 * sms),)](g, c, n, BF16_BY_BITS=False, BLOCK=block,
-                                                                      num_warps=8)
+            scale_by_device_scalar_kernel[(min(programs, 8 * sms),)](
+                g, c, n, BF16_BY_BITS=False, BLOCK=block, num_warps=8
+            )
     else:
         import numpy as np
 
         with np.errstate(invalid="ignore", over="ignore"):
-            scale_by_device_scalar_kernel[(min(programs, 4),)](g, c, n, BF16_BY_BITS=True, BLOCK=block,
-                                                                num_warps=8)
+            scale_by_device_scalar_kernel[(min(programs, 4),)](
+                g, c, n, BF16_BY_BITS=True, BLOCK=block, num_warps=8
+            )
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -660,9 +909,21 @@ def kd_vp_rows_kernel(
         # (or an infinite max), which combine_row_stats turns into a NaN row on every rank.
         GROUP: tl.constexpr = 128 // s_ptr.dtype.element_ty.primitive_bitwidth
         a0, b0 = _renyi_point(s_row, t_row, 1.0, False, DIV)
-        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(s_row, t_row, V, 1.0, coef, scale2, a0, b0, DIV,
-                                                        DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
-                                                        False, GROUP, BLOCK_V)
+        ms, zs, mt, zt, x_t, x_s, m_r, z_r = _row_stats(
+            s_row,
+            t_row,
+            V,
+            1.0,
+            coef,
+            scale2,
+            a0,
+            b0,
+            DIV,
+            DIV == FORWARD_KL or DIV == REVERSE_KL or DIV == RENYI,
+            False,
+            GROUP,
+            BLOCK_V,
+        )
         o = out_ptr + row * K
         tl.store(o, _vp_shift(ms, inv_temp))
         tl.store(o + 1, zs)
@@ -678,8 +939,11 @@ def kd_vp_rows_kernel(
             # −inf as 0, +inf as is): each rank has its own point, combine_row_stats moves them to the global.
             mr, zr, _fr = _groups_lse(m_r, z_r, scale2)
             fin = tl.abs(mr) < float("inf")
-            mu = tl.where(fin & (mr != NEG_BIG), _renyi_rebase(mr, ms, mt, a0, b0, coef) * inv_temp,
-                          _vp_shift(mr, inv_temp))
+            mu = tl.where(
+                fin & (mr != NEG_BIG),
+                _renyi_rebase(mr, ms, mt, a0, b0, coef) * inv_temp,
+                _vp_shift(mr, inv_temp),
+            )
             tl.store(o + 4, mu)
             tl.store(o + 5, zr)
     else:
@@ -735,11 +999,17 @@ def kd_vp_rows_kernel(
                     lq = (a * inv_temp - m_s) * LOG2E - lz2_s
                     lp = (b * inv_temp - m_t) * LOG2E - lz2_t
                     lr = 0.0
-                    if DIV == RENYI:  # u = α (t̃ − M_t) + (1−α) (s̃ − M_s): the point (M_s, M_t), natural units
-                        lr = _renyi_lr(a * inv_temp, b * inv_temp, m_s, m_t, mu, center * LOG2E, coef, LOG2E)
+                    if (
+                        DIV == RENYI
+                    ):  # u = α (t̃ − M_t) + (1−α) (s̃ − M_s): the point (M_s, M_t), natural units
+                        lr = _renyi_lr(
+                            a * inv_temp, b * inv_temp, m_s, m_t, mu, center * LOG2E, coef, LOG2E
+                        )
                     g = _elem_grad(lq, lp, lr, big_a, gscale, coef, coef2, log2_c, log2_1mc, DIV)
                     # Every element of this block was read above before it is overwritten: in place is safe.
-                    gout = _to_grad_dtype(tl.where(ok, g, float("nan")), g_ptr.dtype.element_ty, BF16_BY_BITS)
+                    gout = _to_grad_dtype(
+                        tl.where(ok, g, float("nan")), g_ptr.dtype.element_ty, BF16_BY_BITS
+                    )
                     tl.store(g_row + cols, gout, mask=in_v)
             else:
                 _zero_row(g_row, V, BLOCK_V)

@@ -95,8 +95,9 @@ def _cat_terms(lq, lp, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
         qq = tl.exp(ab * lq)
         d = (pq - (coef / ab) * tl.exp(ab * lp) - (coef2 / ab) * qq) / -(coef * coef2)
         a = (qq - pq) / coef
-        u = tl.where(q > 0.0, (tl.exp((ab - 1.0) * lq) - tl.exp(coef * lp + (coef2 - 1.0) * lq)) / coef,
-                     0.0)
+        u = tl.where(
+            q > 0.0, (tl.exp((ab - 1.0) * lq) - tl.exp(coef * lp + (coef2 - 1.0) * lq)) / coef, 0.0
+        )
     elif DIV == RENYI:
         mix = tl.where(lp == float("-inf"), float("-inf"), coef * lp + (1.0 - coef) * lq)
         d = tl.exp(mix)
@@ -105,7 +106,8 @@ def _cat_terms(lq, lp, coef, coef2, log_c, log_1mc, DIV: tl.constexpr):
     else:  # JSD, M = β p + (1−β) q
         lm = _log_mix(lp, lq, log_c, log_1mc)
         d = coef * tl.where(p > 0.0, p * (lp - lm), 0.0) + (1.0 - coef) * tl.where(
-            q > 0.0, q * (lq - lm), 0.0)
+            q > 0.0, q * (lq - lm), 0.0
+        )
         u = tl.where(q > 0.0, (1.0 - coef) * (lq - lm), 0.0)
         a = tl.where(q > 0.0, q * u, 0.0)
     return d, a, u
@@ -219,12 +221,16 @@ def sparse_loss_grad_kernel(
                 inv_z = 0.0
             else:
                 # pass B: Z over all (ignore) or over the columns off the support (bucket)
-                z_lane = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane partial sums, reduced once
+                z_lane = tl.zeros(
+                    [BLOCK_V], dtype=tl.float32
+                )  # per-lane partial sums, reduced once
                 kp = 0
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     x = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                    e = tl.exp2((x * inv_t - m) * LOG2E)  # one MUFU.EX2 (tl.exp adds denormal fix-ups)
+                    e = tl.exp2(
+                        (x * inv_t - m) * LOG2E
+                    )  # one MUFU.EX2 (tl.exp adds denormal fix-ups)
                     if TAIL == BUCKET:
                         sup, kp = _support_in_block(ids_row, kp, nv, start, cols, BLOCK_V)
                         e = tl.where(sup, 0.0, e)
@@ -269,13 +275,21 @@ def sparse_loss_grad_kernel(
                     lq_c = tl.where(valid, sk - m - log_z, float("-inf"))
                     lp_c = tl.where(valid, lpk - log_zp, float("-inf"))
                     lq_t = tl.where(has_tail, log_zt - log_z, float("-inf"))
-                    lp_t = tl.where(has_tail, (tl.log(p_tail) - log_zp64).to(tl.float32), float("-inf"))
+                    lp_t = tl.where(
+                        has_tail, (tl.log(p_tail) - log_zp64).to(tl.float32), float("-inf")
+                    )
                     d, a, _ = _cat_terms(lq_c, lp_c, coef, coef2, log_c, log_1mc, DIV)
                     # the tail as a one-element category (a BLOCK_K vector, entry 0)
                     tail0 = ok == 0
-                    d_t, a_t, u_t = _cat_terms(tl.where(tail0, lq_t, float("-inf")) + zero_k,
-                                               tl.where(tail0, lp_t, float("-inf")) + zero_k,
-                                               coef, coef2, log_c, log_1mc, DIV)
+                    d_t, a_t, u_t = _cat_terms(
+                        tl.where(tail0, lq_t, float("-inf")) + zero_k,
+                        tl.where(tail0, lp_t, float("-inf")) + zero_k,
+                        coef,
+                        coef2,
+                        log_c,
+                        log_1mc,
+                        DIV,
+                    )
                     d_t = tl.where(tail0, d_t, 0.0)
                     a_t = tl.where(tail0, a_t, 0.0)
                     loss = tl.sum(d, axis=0) + tl.sum(d_t, axis=0)
@@ -323,7 +337,9 @@ def sparse_loss_grad_kernel(
 INTERPRET_BLOCK_V = 2048
 
 
-def triton_sparse_loss_grad(s, ids, lp, row_weight, spec, tail, grad, *, block_v: int | None = None):
+def triton_sparse_loss_grad(
+    s, ids, lp, row_weight, spec, tail, grad, *, block_v: int | None = None
+):
     """The sparse launcher contract of ``_sparse_impl`` on the Triton kernel."""
     import os
 
@@ -346,13 +362,37 @@ def triton_sparse_loss_grad(s, ids, lp, row_weight, spec, tail, grad, *, block_v
     g = grad if grad is not None else s
     block_k = max(16, triton.next_power_of_2(k))
     if block_v is None:
-        block_v = INTERPRET_BLOCK_V if interpreting else max(128, min(4096, triton.next_power_of_2(v)))
-    args = (s, key, lp_sorted, nv, row_weight, loss, g, s.stride(0), g.stride(0), v, k,
-            1.0 / spec.temperature, float(spec.coef), float(spec.coef2), math.log(c), math.log1p(-c),
-            1e-6)
-    meta = {"DIV": int(spec.divergence), "TAIL": int(tail), "HAS_GRAD": grad is not None,
-            "BF16_BY_BITS": interpreting, "BLOCK_V": block_v, "BLOCK_K": block_k,
-            "num_warps": 8 if block_v >= 2048 else 4}
+        block_v = (
+            INTERPRET_BLOCK_V if interpreting else max(128, min(4096, triton.next_power_of_2(v)))
+        )
+    args = (
+        s,
+        key,
+        lp_sorted,
+        nv,
+        row_weight,
+        loss,
+        g,
+        s.stride(0),
+        g.stride(0),
+        v,
+        k,
+        1.0 / spec.temperature,
+        float(spec.coef),
+        float(spec.coef2),
+        math.log(c),
+        math.log1p(-c),
+        1e-6,
+    )
+    meta = {
+        "DIV": int(spec.divergence),
+        "TAIL": int(tail),
+        "HAS_GRAD": grad is not None,
+        "BF16_BY_BITS": interpreting,
+        "BLOCK_V": block_v,
+        "BLOCK_K": block_k,
+        "num_warps": 8 if block_v >= 2048 else 4,
+    }
     if s.device.type == "cuda":
         with torch.cuda.device(s.device):
             sparse_loss_grad_kernel[(n,)](*args, **meta)

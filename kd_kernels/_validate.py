@@ -62,7 +62,9 @@ def check_logit_pair(student: object, teacher: object) -> tuple[torch.Tensor, to
             else "the teacher must cover the student's vocabulary; pad the teacher with -inf columns "
             f"(torch.nn.functional.pad(teacher_logits, (0, {vs - vt}), value=-float('inf')))"
         )
-        raise ValueError(f"vocabulary mismatch: student_logits has V={vs}, teacher_logits V={vt}; {fix}")
+        raise ValueError(
+            f"vocabulary mismatch: student_logits has V={vs}, teacher_logits V={vt}; {fix}"
+        )
     if vs == 0:
         raise ValueError("student_logits has an empty vocabulary dim (V=0)")
     return s, t
@@ -95,13 +97,17 @@ def check_token_tensor(
             f"(e.g. mask = labels != -100)"
         )
     if not boolean and not x.is_floating_point():
-        raise TypeError(f"{name} has dtype {x.dtype}; pass floating-point weights (e.g. {name}.float())")
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; pass floating-point weights (e.g. {name}.float())"
+        )
     if x.shape != lead:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)}; it must match the logits' leading dims {tuple(lead)}"
         )
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the logits are on {device}; move it with .to()")
+        raise ValueError(
+            f"{name} is on {x.device} but the logits are on {device}; move it with .to()"
+        )
     return x
 
 

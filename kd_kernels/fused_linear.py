@@ -223,7 +223,9 @@ def _check_labels(
     if torch.compiler.is_compiling():
         return labels  # the range check reads the data (a host sync): eager only
     if ignore_index is None and free is None and labels.numel() > 0:
-        lo, hi = torch.aminmax(labels)  # one reduction in the common case; the long way only to report
+        lo, hi = torch.aminmax(
+            labels
+        )  # one reduction in the common case; the long way only to report
         if 0 <= int(lo) and int(hi) < vocab:
             return labels
     bad = (labels < 0) | (labels >= vocab)

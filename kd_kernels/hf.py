@@ -285,10 +285,15 @@ def distill_loss(
     if labels is not None:
         labels = _check_ids(labels, "labels", input_ids)
     sparse = _is_sparse(teacher, teacher_ids, teacher_logprobs)
-    V.reject_unsupported("hf.distill_loss", {
-        "interpolation": (interpolation, 1.0), "token_weights": (token_weights, None),
-        "reduction": (V.check_reduction(reduction), "mean")},
-        "leave it off, or call kd_kernels.fused_linear_kd on kd_kernels.hf.head_inputs' tensors")
+    V.reject_unsupported(
+        "hf.distill_loss",
+        {
+            "interpolation": (interpolation, 1.0),
+            "token_weights": (token_weights, None),
+            "reduction": (V.check_reduction(reduction), "mean"),
+        },
+        "leave it off, or call kd_kernels.fused_linear_kd on kd_kernels.hf.head_inputs' tensors",
+    )
     check_ce_weight(
         ce_weight,
         has_labels=labels is not None,
@@ -301,7 +306,8 @@ def distill_loss(
     reduction = "mean" if num_items_in_batch is None else "sum"
 
     model_inputs = {"input_ids": input_ids} | (
-        {"attention_mask": attention_mask} if attention_mask is not None else {})
+        {"attention_mask": attention_mask} if attention_mask is not None else {}
+    )
     st = head_inputs(student, **model_inputs)
     hs, ws, bs = _as_compute(st.hidden, st.weight, st.bias)
     hs = hs[:, :-1]
@@ -310,10 +316,20 @@ def distill_loss(
     if shifted is None and attention_mask is not None:
         am = attention_mask.bool()
         mask = am[:, 1:] & am[:, :-1]
-    common = {"divergence": divergence, "alpha": alpha, "beta": beta, "student_bias": bs,
-              "temperature": temperature, "mask": mask, "reduction": reduction, "labels": shifted,
-              "ce_weight": ce_weight, "chunk_size": chunk_size, "backend": backend,
-              "return_components": True}
+    common = {
+        "divergence": divergence,
+        "alpha": alpha,
+        "beta": beta,
+        "student_bias": bs,
+        "temperature": temperature,
+        "mask": mask,
+        "reduction": reduction,
+        "labels": shifted,
+        "ce_weight": ce_weight,
+        "chunk_size": chunk_size,
+        "backend": backend,
+        "return_components": True,
+    }
     if sparse:
         loss, parts = _sparse(hs, ws, st, teacher_ids, teacher_logprobs, common)
     else:

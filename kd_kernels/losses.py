@@ -55,15 +55,19 @@ def kd_loss(
     inplace_grad: bool = False,
 ) -> torch.Tensor:
     """Any KD divergence by name (default ``forward_kl``, as in every kd_kernels entry point):
-{names}.
-    ``alpha`` / ``beta`` None take those defaults (the same in every entry point); a divergence
-    ignores the one it does not use. The named functions below call this."""
-    spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation)
+    {names}.
+        ``alpha`` / ``beta`` None take those defaults (the same in every entry point); a divergence
+        ignores the one it does not use. The named functions below call this."""
+    spec = KDSpec.make(
+        divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+    )
     s, t = V.check_logit_pair(student_logits, teacher_logits)
     V.check_reduction(reduction)
     lead, vocab = s.shape[:-1], s.shape[-1]
     mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
-    token_weights = V.check_token_tensor(token_weights, "token_weights", lead, s.device, boolean=False)
+    token_weights = V.check_token_tensor(
+        token_weights, "token_weights", lead, s.device, boolean=False
+    )
     b = resolve_backend(backend, s.device)
     V.check_bool(inplace_grad, "inplace_grad")
     compiling = torch.compiler.is_compiling()
@@ -118,98 +122,280 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def forward_kl(student_logits, teacher_logits, *, temperature=1.0, interpolation=1.0, mask=None,
-               token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def forward_kl(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """KL(p‖q) per token, p = softmax(teacher/T), q = softmax(student/T): word-level KD and SeqKD.
 
     Equals ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="none").sum(-1)``.
     """
-    return kd_loss(student_logits, teacher_logits, divergence="forward_kl", temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="forward_kl",
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, interpolation=1.0, mask=None,
-               token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def reverse_kl(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """KL(q‖p) per token (MiniLLM's single-step term).
 
     Equals ``F.kl_div(log_softmax(t/T), log_softmax(s/T), log_target=True, reduction="none").sum(-1)``.
     """
-    return kd_loss(student_logits, teacher_logits, divergence="reverse_kl", temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="reverse_kl",
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def skew_forward_kl(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
-                    token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def skew_forward_kl(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=None,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """KL(p‖m), m = α p + (1−α) q (DistiLLM's SKL, α = 0.1). ``alpha`` in (0, 1)."""
-    return kd_loss(student_logits, teacher_logits, divergence="skew_forward_kl", alpha=alpha,
-                   temperature=temperature, interpolation=interpolation, mask=mask, token_weights=token_weights,
-                   reduction=reduction, backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="skew_forward_kl",
+        alpha=alpha,
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
-                    token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def skew_reverse_kl(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=None,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """KL(q‖m'), m' = (1−α) p + α q (DistiLLM's SRKL, α = 0.1). ``alpha`` in (0, 1)."""
-    return kd_loss(student_logits, teacher_logits, divergence="skew_reverse_kl", alpha=alpha,
-                   temperature=temperature, interpolation=interpolation, mask=mask, token_weights=token_weights,
-                   reduction=reduction, backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="skew_reverse_kl",
+        alpha=alpha,
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def jsd(student_logits, teacher_logits, *, beta=None, temperature=1.0, interpolation=1.0, mask=None,
-        token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def jsd(
+    student_logits,
+    teacher_logits,
+    *,
+    beta=None,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """Generalized JSD: β KL(p‖M) + (1−β) KL(q‖M), M = β p + (1−β) q (GKD). ``beta`` in (0, 1)."""
-    return kd_loss(student_logits, teacher_logits, divergence="jsd", beta=beta, temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="jsd",
+        beta=beta,
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def tvd(student_logits, teacher_logits, *, temperature=1.0, interpolation=1.0, mask=None, token_weights=None,
-        reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def tvd(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """Total variation ½ Σ_v |p_v − q_v| per token (in [0, 1]).
 
     Equals ``0.5 * (softmax(t/T) - softmax(s/T)).abs().sum(-1)``; its gradient takes sign(0) = 0.
     """
-    return kd_loss(student_logits, teacher_logits, divergence="tvd", temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="tvd",
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def jeffreys(student_logits, teacher_logits, *, temperature=1.0, interpolation=1.0, mask=None,
-             token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def jeffreys(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """Jeffreys divergence KL(p‖q) + KL(q‖p) = Σ (p − q)(log p − log q) per token.
 
     Equals ``forward_kl(...) + reverse_kl(...)`` with ``reduction="none"``.
     """
-    return kd_loss(student_logits, teacher_logits, divergence="jeffreys", temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="jeffreys",
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def alpha_beta(student_logits, teacher_logits, *, alpha=None, beta=None, temperature=1.0, interpolation=1.0,
-               mask=None, token_weights=None, reduction="mean", backend="auto",
-               inplace_grad=False) -> torch.Tensor:
+def alpha_beta(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=None,
+    beta=None,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """ABKD's α-β divergence −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)] per token, ``alpha`` > 0,
     ``beta`` > 0.
 
     ``beta = 1 − alpha`` is Amari's α-divergence; α = β = ½ (the default) is 2 Σ (√p − √q)²; (α, β) → (1, 0) is
     KL(p‖q) and → (0, 1) is KL(q‖p) (call ``forward_kl`` / ``reverse_kl`` for those).
     """
-    return kd_loss(student_logits, teacher_logits, divergence="alpha_beta", alpha=alpha, beta=beta,
-                   temperature=temperature, interpolation=interpolation, mask=mask, token_weights=token_weights,
-                   reduction=reduction, backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="alpha_beta",
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
-def renyi(student_logits, teacher_logits, *, alpha=None, temperature=1.0, interpolation=1.0, mask=None,
-          token_weights=None, reduction="mean", backend="auto", inplace_grad=False) -> torch.Tensor:
+def renyi(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=None,
+    temperature=1.0,
+    interpolation=1.0,
+    mask=None,
+    token_weights=None,
+    reduction="mean",
+    backend="auto",
+    inplace_grad=False,
+) -> torch.Tensor:
     """Rényi divergence of order α per token, 1/(α−1) log Σ p^α q^(1−α), ``alpha`` > 0 and ≠ 1 (α → 1 is
     KL(p‖q): call ``forward_kl``; the default α = ½ is twice the Bhattacharyya distance).
 
     Equals ``torch.logsumexp(α·log_softmax(t/T) + (1−α)·log_softmax(s/T), -1) / (α − 1)``.
     """
-    return kd_loss(student_logits, teacher_logits, divergence="renyi", alpha=alpha, temperature=temperature,
-                   interpolation=interpolation, mask=mask, token_weights=token_weights, reduction=reduction,
-                   backend=backend, inplace_grad=inplace_grad)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        divergence="renyi",
+        alpha=alpha,
+        temperature=temperature,
+        interpolation=interpolation,
+        mask=mask,
+        token_weights=token_weights,
+        reduction=reduction,
+        backend=backend,
+        inplace_grad=inplace_grad,
+    )
 
 
 _INDENT = " " * 4
@@ -217,6 +403,16 @@ kd_loss.__doc__ = kd_loss.__doc__.replace(
     "{names}",
     textwrap.fill(describe_divergences(), 100, initial_indent=_INDENT, subsequent_indent=_INDENT),
 )
-for _f in (kd_loss, forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tvd, jeffreys, alpha_beta,
-           renyi):
+for _f in (
+    kd_loss,
+    forward_kl,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    jsd,
+    tvd,
+    jeffreys,
+    alpha_beta,
+    renyi,
+):
     _f.__doc__ = (_f.__doc__ or "") + _COMMON_DOC

@@ -17,13 +17,22 @@ class KDLoss(nn.Module):
     Same options and semantics as :func:`kd_kernels.kd_loss`; invalid options fail at construction.
     """
 
-    def __init__(self, divergence: str = DEFAULT_DIVERGENCE, *, alpha: float | None = None,
-                 beta: float | None = None,
-                 temperature: float = 1.0, interpolation: float = 1.0, reduction: str = "mean",
-                 backend: str = "auto", inplace_grad: bool = False) -> None:
+    def __init__(
+        self,
+        divergence: str = DEFAULT_DIVERGENCE,
+        *,
+        alpha: float | None = None,
+        beta: float | None = None,
+        temperature: float = 1.0,
+        interpolation: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+        inplace_grad: bool = False,
+    ) -> None:
         super().__init__()
-        self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature,
-                                interpolation=interpolation)
+        self.spec = KDSpec.make(
+            divergence, alpha=alpha, beta=beta, temperature=temperature, interpolation=interpolation
+        )
         self.reduction = check_reduction(reduction)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(
@@ -32,15 +41,31 @@ class KDLoss(nn.Module):
         self.backend = backend
         self.inplace_grad = check_bool(inplace_grad, "inplace_grad")
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, divergence=self.spec.divergence.label,
-                       temperature=self.spec.temperature, interpolation=self.spec.interpolation, mask=mask,
-                       token_weights=token_weights, reduction=self.reduction, backend=self.backend,
-                       inplace_grad=self.inplace_grad, **self.spec.params())
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            divergence=self.spec.divergence.label,
+            temperature=self.spec.temperature,
+            interpolation=self.spec.interpolation,
+            mask=mask,
+            token_weights=token_weights,
+            reduction=self.reduction,
+            backend=self.backend,
+            inplace_grad=self.inplace_grad,
+            **self.spec.params(),
+        )
 
     def extra_repr(self) -> str:
         coef = "".join(f", {k}={v}" for k, v in self.spec.params().items())
         lam = f", interpolation={self.spec.interpolation}" if self.spec.interpolation != 1.0 else ""
-        return (f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}{lam}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return (
+            f"{self.spec.divergence.label}{coef}, temperature={self.spec.temperature}{lam}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

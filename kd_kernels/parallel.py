@@ -71,8 +71,8 @@ from .fused_linear import (
     KDComponents,
     _check_chunk_size,
     _check_head,
-    _check_reduction,
     _check_id_tensor,
+    _check_reduction,
 )
 
 __all__ = ["fused_linear_kd", "kd_loss"]
@@ -81,14 +81,15 @@ __all__ = ["fused_linear_kd", "kd_loss"]
 # this budget (same budgets as the single-process calls).
 _CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 _LIVE_FP32_BUFFERS = 10  # about this many fp32 (rows, V_r) temporaries live at once in a chunk
-_NOT_YET = ("the vocabulary-parallel passes do not form it yet; leave it off, or gather the "
-            "logits and call the single-process kd_kernels function")
+_NOT_YET = (
+    "the vocabulary-parallel passes do not form it yet; leave it off, or gather the "
+    "logits and call the single-process kd_kernels function"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # The group and the per-call agreement
 # ---------------------------------------------------------------------------------------------
-
 
 
 def _check_group(group: object) -> tuple[Any, int, int]:
@@ -520,7 +521,17 @@ class _FusedRowsFunction(torch.autograd.Function):
         ce_s = _weighted(g, ce_scale) if ce_scale is not None else None
         with torch.no_grad():
             _, _, (grad_h, grad_w, grad_b) = _fused_loop(
-                h_s, w_s, b_s, h_t, w_t, b_t, kd_w, labels, ce_s, *ctx.options, ctx.need,
+                h_s,
+                w_s,
+                b_s,
+                h_t,
+                w_t,
+                b_t,
+                kd_w,
+                labels,
+                ce_s,
+                *ctx.options,
+                ctx.need,
                 active=_active_rows(c, ce_scale),
             )
         if grad_w is not None:
@@ -585,12 +596,17 @@ def fused_linear_kd(
     group, rank, world = _check_group(group)
     error, prepared = None, None
     try:
-        V.reject_unsupported("parallel.fused_linear_kd", {
-            "interpolation": (interpolation, 1.0),
-            "student_logit_scale": (student_logit_scale, 1.0),
-            "student_softcap": (student_softcap, None),
-            "teacher_logit_scale": (teacher_logit_scale, 1.0),
-            "teacher_softcap": (teacher_softcap, None)}, _NOT_YET)
+        V.reject_unsupported(
+            "parallel.fused_linear_kd",
+            {
+                "interpolation": (interpolation, 1.0),
+                "student_logit_scale": (student_logit_scale, 1.0),
+                "student_softcap": (student_softcap, None),
+                "teacher_logit_scale": (teacher_logit_scale, 1.0),
+                "teacher_softcap": (teacher_softcap, None),
+            },
+            _NOT_YET,
+        )
         prepared = _prepare_fused(
             student_hidden,
             student_weight,

@@ -85,7 +85,9 @@ def jeffreys_per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return forward_kl_per_token(s, t) + reverse_kl_per_token(s, t)
 
 
-def alpha_beta_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def alpha_beta_per_token(
+    s: torch.Tensor, t: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
     """ABKD's α-β divergence −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)], α, β > 0.
 
     Powers are taken as exp(α log p) so a zero probability gives 0 (and gradient 0), never 0^α through log 0.
@@ -93,9 +95,7 @@ def alpha_beta_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float, beta: f
     lq, lp = s.log_softmax(-1), t.log_softmax(-1)
     ab = alpha + beta
     terms = (
-        (alpha * lp + beta * lq).exp()
-        - alpha / ab * (ab * lp).exp()
-        - beta / ab * (ab * lq).exp()
+        (alpha * lp + beta * lq).exp() - alpha / ab * (ab * lp).exp() - beta / ab * (ab * lq).exp()
     )
     return -terms.sum(-1) / (alpha * beta)
 
@@ -109,7 +109,12 @@ def renyi_per_token(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Ten
 
 
 def per_token(
-    divergence: str, s: torch.Tensor, t: torch.Tensor, *, alpha: float | None = None, beta: float | None = None
+    divergence: str,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> torch.Tensor:
     """Dispatch by name; ``alpha`` / ``beta`` None take the divergence's default (``kd_kernels._spec``)."""
     params = Divergence.parse(divergence).info.params
@@ -172,7 +177,9 @@ def kd_loss(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def cross_entropy_per_token(s: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy_per_token(
+    s: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """−log softmax(s)[label], 0 where ``labels == ignore_index``."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
@@ -190,8 +197,13 @@ SPARSE_TAIL_FLOOR = 1e-6
 
 
 def _sparse_row(
-    divergence: str, s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, tail: str,
-    alpha: float, beta: float,
+    divergence: str,
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    tail: str,
+    alpha: float,
+    beta: float,
 ) -> torch.Tensor:
     """One row: s (V,) student logits (already divided by T), ids (K,), lp (K,) teacher log-probs."""
     valid = lp != -math.inf
@@ -237,8 +249,10 @@ def sparse_per_token(
     """
     v = s.shape[-1]
     s2, ids2, lp2 = s.reshape(-1, v), ids.reshape(-1, ids.shape[-1]), lp.reshape(-1, lp.shape[-1])
-    rows = [_sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta)
-            for i in range(s2.shape[0])]
+    rows = [
+        _sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta)
+        for i in range(s2.shape[0])
+    ]
     out = torch.stack(rows) if rows else s2.new_zeros(0)
     return out.reshape(s.shape[:-1])
 
@@ -267,7 +281,8 @@ def sparse_kd_loss(
     s2, kk = (s / temperature).reshape(n, v), k.reshape(n)
     ids2, lp2 = ids.reshape(n, ids.shape[-1]), lp.reshape(n, lp.shape[-1])
     rows = [
-        _sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta) if kk[i] != 0
+        _sparse_row(divergence, s2[i], ids2[i], lp2[i], tail, alpha, beta)
+        if kk[i] != 0
         else s2.new_zeros(())
         for i in range(n)
     ]

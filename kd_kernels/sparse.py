@@ -37,8 +37,10 @@ TAILS = ("bucket", "renormalize", "ignore")
 # stored in bf16 / fp16); beyond it the log-probs are not a distribution's and the call raises.
 MASS_TOLERANCE = 1e-2
 
-_NO_TAID = ("TAID's interpolated teacher needs the teacher's full logits: use kd_kernels.kd_loss "
-            "or kd_kernels.fused_linear_kd with a dense teacher")
+_NO_TAID = (
+    "TAID's interpolated teacher needs the teacher's full logits: use kd_kernels.kd_loss "
+    "or kd_kernels.fused_linear_kd with a dense teacher"
+)
 _SPARSE_DOC = """
     Args:
         teacher_ids: integer ``(..., K)``, the teacher's K token ids per position, in ``[0, V)`` and
@@ -75,7 +77,6 @@ _SPARSE_DOC = """
 """
 
 
-
 # Every divergence has a sparse form (on the coarse-grained distributions, MATH.md "Sparse teachers").
 
 
@@ -99,12 +100,19 @@ def _row_name(flat: int, lead: torch.Size) -> str:
 
 
 def _check_teacher(
-    ids: object, lp: object, lead: torch.Size, vocab: int, device: torch.device,
-    active: torch.Tensor | None, tail: Tail,
+    ids: object,
+    lp: object,
+    lead: torch.Size,
+    vocab: int,
+    device: torch.device,
+    active: torch.Tensor | None,
+    tail: Tail,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (N, K) int64, log-probs (N, K) fp32), contiguous, after every check."""
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"teacher_ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        raise TypeError(
+            f"teacher_ids must be a torch.Tensor of token ids, got {type(ids).__name__}"
+        )
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"teacher_ids has dtype {ids.dtype}; pass integer ids (teacher_ids.long())")
     if not isinstance(lp, torch.Tensor):
@@ -226,8 +234,9 @@ def sparse_kd(
     if vocab == 0:
         raise ValueError("student_logits has an empty vocabulary dim (V=0)")
     mask = V.check_token_tensor(mask, "mask", lead, s.device, boolean=True)
-    token_weights = V.check_token_tensor(token_weights, "token_weights", lead, s.device,
-                                         boolean=False)
+    token_weights = V.check_token_tensor(
+        token_weights, "token_weights", lead, s.device, boolean=False
+    )
     b = resolve_sparse_backend(backend, s.device)
     ids2, lp2 = _check_teacher(teacher_ids, teacher_logprobs, lead, vocab, s.device, mask, t)
     n = lead.numel()
@@ -275,11 +284,16 @@ def fused_linear_sparse_kd(
     ``student_logit_scale`` and ``student_softcap`` are not supported yet (``NotImplementedError``
     unless off).
     """
-    V.reject_unsupported("fused_linear_sparse_kd", {
-        "interpolation": (interpolation, 1.0), "student_logit_scale": (student_logit_scale, 1.0),
-        "student_softcap": (student_softcap, None)},
+    V.reject_unsupported(
+        "fused_linear_sparse_kd",
+        {
+            "interpolation": (interpolation, 1.0),
+            "student_logit_scale": (student_logit_scale, 1.0),
+            "student_softcap": (student_softcap, None),
+        },
         "leave it off: TAID needs a dense teacher (kd_kernels.fused_linear_kd); for a scaled / "
-        "soft-capped student call kd_kernels.sparse_kd on its materialized logits")
+        "soft-capped student call kd_kernels.sparse_kd on its materialized logits",
+    )
     spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
     t = _check_tail(tail, spec.divergence)
     if reduction == "none":
@@ -292,16 +306,27 @@ def fused_linear_sparse_kd(
         raise ValueError(f"reduction={reduction!r} is unknown; use 'mean' or 'sum'")
     chunk_size = _check_chunk_size(chunk_size)
     ce_weight = check_ce_weight(ce_weight, has_labels=labels is not None)
-    h, w, bias = _check_head(student_hidden, student_weight, student_bias,
-                             ("student_hidden", "student_weight", "student_bias"))
+    h, w, bias = _check_head(
+        student_hidden,
+        student_weight,
+        student_bias,
+        ("student_hidden", "student_weight", "student_bias"),
+    )
     lead, vocab, dev = h.shape[:-1], w.shape[0], h.device
     mask = V.check_token_tensor(mask, "mask", lead, dev, boolean=True)
     token_weights = V.check_token_tensor(token_weights, "token_weights", lead, dev, boolean=False)
     n = lead.numel()
     labels2 = ce_scale = None
     if labels is not None:
-        labels = _check_labels(labels, "labels", lead, dev, vocab, ignore_index=IGNORE_INDEX,
-                               hint="use -100 for tokens to ignore")
+        labels = _check_labels(
+            labels,
+            "labels",
+            lead,
+            dev,
+            vocab,
+            ignore_index=IGNORE_INDEX,
+            hint="use -100 for tokens to ignore",
+        )
         valid = (labels != IGNORE_INDEX).reshape(n)
         if mask is None:
             mask = valid.reshape(lead)
@@ -327,7 +352,9 @@ def fused_linear_sparse_kd(
         with torch.no_grad():
             kd, ce, _ = sparse_head_grads(
                 (h2.detach(), w.detach(), bias.detach() if bias is not None else None, *args[3:8]),
-                args[8:], (False, False, False))
+                args[8:],
+                (False, False, False),
+            )
         loss = kd + ce_weight * ce if ce_scale is not None else kd.clone()
     if return_components:
         return loss, KDComponents(kd, ce if labels is not None else None)
@@ -353,8 +380,12 @@ def teacher_topk(
     sparse-teacher cache. ``chunk_size``: tokens per chunk (default: 64 MiB of fp32 logits on CPU,
     512 MiB on CUDA). No gradient.
     """
-    h, w, bias = _check_head(teacher_hidden, teacher_weight, teacher_bias,
-                             ("teacher_hidden", "teacher_weight", "teacher_bias"))
+    h, w, bias = _check_head(
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        ("teacher_hidden", "teacher_weight", "teacher_bias"),
+    )
     vocab = w.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int in [1, V], got {type(k).__name__}")
@@ -390,10 +421,18 @@ class SparseKDLoss(nn.Module):
     mask=None, token_weights=None)``: :func:`sparse_kd` with the options fixed at construction
     (invalid options fail there)."""
 
-    def __init__(self, divergence: str = DEFAULT_DIVERGENCE, *, alpha: float | None = None,
-                 beta: float | None = None,
-                 tail: str = "bucket", temperature: float = 1.0, interpolation: float = 1.0,
-                 reduction: str = "mean", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        divergence: str = DEFAULT_DIVERGENCE,
+        *,
+        alpha: float | None = None,
+        beta: float | None = None,
+        tail: str = "bucket",
+        temperature: float = 1.0,
+        interpolation: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         V.reject_unsupported("SparseKDLoss", {"interpolation": (interpolation, 1.0)}, _NO_TAID)
         self.spec = KDSpec.make(divergence, alpha=alpha, beta=beta, temperature=temperature)
@@ -402,15 +441,26 @@ class SparseKDLoss(nn.Module):
         self.reduction = V.check_reduction(reduction)
         self.backend = check_sparse_backend_name(backend)
 
-    def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None,
-                token_weights=None) -> torch.Tensor:
-        return sparse_kd(student_logits, teacher_ids, teacher_logprobs,
-                         divergence=self.spec.divergence.label, alpha=self.alpha, beta=self.beta,
-                         tail=self.tail, temperature=self.spec.temperature, mask=mask,
-                         token_weights=token_weights, reduction=self.reduction,
-                         backend=self.backend)
+    def forward(
+        self, student_logits, teacher_ids, teacher_logprobs, mask=None, token_weights=None
+    ) -> torch.Tensor:
+        return sparse_kd(
+            student_logits,
+            teacher_ids,
+            teacher_logprobs,
+            divergence=self.spec.divergence.label,
+            alpha=self.alpha,
+            beta=self.beta,
+            tail=self.tail,
+            temperature=self.spec.temperature,
+            mask=mask,
+            token_weights=token_weights,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.spec.divergence.label}, tail={self.tail!r}, "
-                f"temperature={self.spec.temperature}, reduction={self.reduction!r}")
-
+        return (
+            f"{self.spec.divergence.label}, tail={self.tail!r}, "
+            f"temperature={self.spec.temperature}, reduction={self.reduction!r}"
+        )

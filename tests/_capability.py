@@ -21,8 +21,17 @@ from pathlib import Path
 import torch
 from _fuzz import FUSED_RTOL, GRAD_RTOL, LOSS_RTOL, Report, coef_for, rel_err
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
-               "jeffreys", "alpha_beta", "renyi")
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 # option -> its values, the first one "off"; the README column of each value but the first
 OPTIONS = {
     "temperature": (1.0, 2.0),
@@ -34,11 +43,17 @@ OPTIONS = {
     "reduction": ("mean", "sum", "none"),
     "dtype": ("float32", "bfloat16"),
 }
-COLUMNS = {("temperature", 2.0): "T ≠ 1", ("interpolation", 0.6): "interpolation (TAID)",
-           ("softcap", True): "logit scale + softcap", ("labels", True): "labels + CE",
-           ("mask", True): "mask", ("token_weights", True): "token_weights",
-           ("reduction", "sum"): "reduction=\"sum\"", ("reduction", "none"): "reduction=\"none\"",
-           ("dtype", "bfloat16"): "bf16"}
+COLUMNS = {
+    ("temperature", 2.0): "T ≠ 1",
+    ("interpolation", 0.6): "interpolation (TAID)",
+    ("softcap", True): "logit scale + softcap",
+    ("labels", True): "labels + CE",
+    ("mask", True): "mask",
+    ("token_weights", True): "token_weights",
+    ("reduction", "sum"): 'reduction="sum"',
+    ("reduction", "none"): 'reduction="none"',
+    ("dtype", "bfloat16"): "bf16",
+}
 LOGITS_ONLY = ("softcap", "labels")  # options of a head: not applicable to logits-level calls
 # entry point -> (level, {option: the values it does not support yet})
 SUPPORT = {
@@ -50,20 +65,31 @@ SUPPORT = {
     "FusedLinearKDLoss": ("head", {}),
     "sparse_kd": ("logits", {"interpolation": (0.6,)}),
     "SparseKDLoss": ("logits", {"interpolation": (0.6,)}),
-    "fused_linear_sparse_kd": ("head", {"interpolation": (0.6,), "softcap": (True,),
-                                        "reduction": ("none",)}),
+    "fused_linear_sparse_kd": (
+        "head",
+        {"interpolation": (0.6,), "softcap": (True,), "reduction": ("none",)},
+    ),
     "parallel.kd_loss": ("logits", {"interpolation": (0.6,)}),
     "parallel.fused_linear_kd": ("head", {"interpolation": (0.6,), "softcap": (True,)}),
-    "hf.distill_loss": ("head", {"interpolation": (0.6,), "token_weights": (True,),
-                                 "reduction": ("sum", "none")}),
+    "hf.distill_loss": (
+        "head",
+        {"interpolation": (0.6,), "token_weights": (True,), "reduction": ("sum", "none")},
+    ),
 }
 # the keywords an error for each option may name
-KEYWORDS = {"softcap": ("softcap", "logit_scale"), "labels": ("labels", "ce_weight"),
-            "dtype": ("dtype",)}
+KEYWORDS = {
+    "softcap": ("softcap", "logit_scale"),
+    "labels": ("labels", "ce_weight"),
+    "dtype": ("dtype",),
+}
 N, V, D_S, D_T, K = 5, 37, 8, 6, 8
 SPLIT = (15, 22)  # the vocabulary over 2 ranks, uneven
-SOFTCAP = {"student_logit_scale": 0.8, "student_softcap": 3.0, "teacher_logit_scale": 1.3,
-           "teacher_softcap": 4.0}
+SOFTCAP = {
+    "student_logit_scale": 0.8,
+    "student_softcap": 3.0,
+    "teacher_logit_scale": 1.3,
+    "teacher_softcap": 4.0,
+}
 CE_WEIGHT = 0.5
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,8 +139,9 @@ def covering_cases(entry: str, seed: int = 0) -> list[Case]:
     rng = random.Random(f"{entry}:{seed}")
     factors = _factors(entry, supported=True)
     names = list(factors)
-    todo = set().union(*(_pairs(dict(zip(names, c)), names)
-                         for c in itertools.product(*factors.values())))
+    todo = set().union(
+        *(_pairs(dict(zip(names, c)), names) for c in itertools.product(*factors.values()))
+    )
     out = []
     while todo:
         a, x, b, y = min(todo, key=repr)  # start each case from an uncovered pair
@@ -140,8 +167,9 @@ def unsupported_cases(entry: str) -> list[Case]:
 def full_cases(entry: str) -> list[Case]:
     """The full product for ``entry`` (every supported combination), plus the unsupported ones."""
     factors = _factors(entry, supported=True)
-    return [Case(entry, **dict(zip(factors, c))) for c in itertools.product(*factors.values())] \
-        + unsupported_cases(entry)
+    return [
+        Case(entry, **dict(zip(factors, c))) for c in itertools.product(*factors.values())
+    ] + unsupported_cases(entry)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -155,26 +183,37 @@ def _inputs(case: Case) -> dict:
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype)
 
-    x = {"hs": rnd(N, D_S), "ws": rnd(V, D_S, s=2 / D_S**0.5), "ht": rnd(N, D_T),
-         "wt": rnd(V, D_T, s=2 / D_T**0.5), "s": rnd(N, V, s=2.0), "t": rnd(N, V, s=2.0)}
-    t_sparse = x["t"].double() if SUPPORT[case.entry][0] == "logits" else \
-        x["ht"].double() @ x["wt"].double().T
+    x = {
+        "hs": rnd(N, D_S),
+        "ws": rnd(V, D_S, s=2 / D_S**0.5),
+        "ht": rnd(N, D_T),
+        "wt": rnd(V, D_T, s=2 / D_T**0.5),
+        "s": rnd(N, V, s=2.0),
+        "t": rnd(N, V, s=2.0),
+    }
+    t_sparse = (
+        x["t"].double()
+        if SUPPORT[case.entry][0] == "logits"
+        else x["ht"].double() @ x["wt"].double().T
+    )
     x["lp"], x["ids"] = t_sparse.log_softmax(-1).topk(K, -1)
     x["lp"] = x["lp"].float()
     mask = torch.rand(N, generator=gen) < 0.6
     mask[0] = True
     x["mask"] = mask if case.mask else None
     x["token_weights"] = torch.rand(N, generator=gen) * 2 if case.token_weights else None
-    labels = torch.randint(0, V, (N,), generator=gen).masked_fill(torch.rand(N, generator=gen)
-                                                                    < 0.3, -100)
+    labels = torch.randint(0, V, (N,), generator=gen).masked_fill(
+        torch.rand(N, generator=gen) < 0.3, -100
+    )
     x["labels"] = labels if case.labels else None
     x["upstream"] = torch.randn((N,) if case.reduction == "none" else (), generator=gen)
     x["coef"] = coef_for(case.divergence, random.Random(case.seed))
     return x
 
 
-def _head(h: torch.Tensor, w: torch.Tensor, scale: float, cap: float | None,
-          dtype: torch.dtype) -> torch.Tensor:
+def _head(
+    h: torch.Tensor, w: torch.Tensor, scale: float, cap: float | None, dtype: torch.dtype
+) -> torch.Tensor:
     """Float64 logits as the fused path forms them: the GEMM's output rounded to the input dtype
     (straight through: the gradient is the exact one; TVD's sign(p − q) would otherwise flip on
     the rounding), then the scale and softcap."""
@@ -189,8 +228,13 @@ def reference(case: Case, x: dict, s: torch.Tensor, t: torch.Tensor | None) -> t
 
     labels, mask = x["labels"], x["mask"]
     kd_mask = mask if mask is not None or labels is None else labels != -100
-    opts = {"temperature": case.temperature, "mask": kd_mask, "token_weights": x["token_weights"],
-            "reduction": case.reduction, **x["coef"]}
+    opts = {
+        "temperature": case.temperature,
+        "mask": kd_mask,
+        "token_weights": x["token_weights"],
+        "reduction": case.reduction,
+        **x["coef"],
+    }
     if case.entry.startswith(("sparse", "SparseKD", "fused_linear_sparse")):
         loss = R.sparse_kd_loss(case.divergence, s, x["ids"], x["lp"].double(), **opts)
     else:
@@ -198,8 +242,11 @@ def reference(case: Case, x: dict, s: torch.Tensor, t: torch.Tensor | None) -> t
     if labels is not None:
         valid = labels != -100 if mask is None else (labels != -100) & mask
         nll = R.cross_entropy_per_token(s, torch.where(valid, labels, -100))
-        reduce = {"mean": lambda v: v.sum() / valid.sum().clamp_min(1), "sum": torch.sum,
-                  "none": lambda v: v}
+        reduce = {
+            "mean": lambda v: v.sum() / valid.sum().clamp_min(1),
+            "sum": torch.sum,
+            "none": lambda v: v,
+        }
         loss = loss + CE_WEIGHT * reduce[case.reduction](nll)
     return loss
 
@@ -222,28 +269,35 @@ def _call(case: Case, x: dict, leaves: list, group=None, shard=slice(None)) -> t
     if case.labels:
         head = {"labels": x["labels"], "ce_weight": CE_WEIGHT}
     if case.softcap:
-        head |= SOFTCAP if "sparse" not in e else {k: v for k, v in SOFTCAP.items()
-                                                    if k.startswith("student")}
+        head |= (
+            SOFTCAP
+            if "sparse" not in e
+            else {k: v for k, v in SOFTCAP.items() if k.startswith("student")}
+        )
     s, t, ids, lp = leaves[0], x["t"][:, shard], x["ids"], x["lp"]
     hs, ws, ht, wt = leaves[0], leaves[-1], x["ht"], x["wt"][shard]
     calls = {
         "kd_loss": lambda: kd.kd_loss(s, t, divergence=d, **opts, **tok),
         "forward_kl, … (named)": lambda: getattr(kd, d)(s, t, **opts, **tok),
         "KDLoss": lambda: kd.KDLoss(d, **opts)(s, t, **tok),
-        "fused_linear_kd": lambda: kd.fused_linear_kd(hs, ws, ht, wt, divergence=d, **opts,
-                                                      **tok, **head),
+        "fused_linear_kd": lambda: kd.fused_linear_kd(
+            hs, ws, ht, wt, divergence=d, **opts, **tok, **head
+        ),
         "fused_linear_forward_kl, … (named)": lambda: getattr(kd, f"fused_linear_{d}")(
-            hs, ws, ht, wt, **opts, **tok, **head),
+            hs, ws, ht, wt, **opts, **tok, **head
+        ),
         "FusedLinearKDLoss": lambda: kd.FusedLinearKDLoss(
-            d, **opts, **{k: v for k, v in head.items() if k != "labels"})(
-            hs, ws, ht, wt, labels=x["labels"], **tok),
+            d, **opts, **{k: v for k, v in head.items() if k != "labels"}
+        )(hs, ws, ht, wt, labels=x["labels"], **tok),
         "sparse_kd": lambda: kd.sparse_kd(s, ids, lp, divergence=d, **opts, **tok),
         "SparseKDLoss": lambda: kd.SparseKDLoss(d, **opts)(s, ids, lp, **tok),
         "fused_linear_sparse_kd": lambda: kd.fused_linear_sparse_kd(
-            hs, ws, ids, lp, divergence=d, **opts, **tok, **head),
+            hs, ws, ids, lp, divergence=d, **opts, **tok, **head
+        ),
         "parallel.kd_loss": lambda: P.kd_loss(s, t, group=group, divergence=d, **opts, **tok),
         "parallel.fused_linear_kd": lambda: P.fused_linear_kd(
-            hs, ws, ht, wt, group=group, divergence=d, **opts, **tok, **head),
+            hs, ws, ht, wt, group=group, divergence=d, **opts, **tok, **head
+        ),
     }
     return calls[e]()
 
@@ -256,8 +310,9 @@ def _expect_refusal(report: Report, case: Case, fn) -> None:
         fn()
     except NotImplementedError as e:
         named = case.entry.split(" ")[0] in str(e) and any(w in str(e) for w in words)
-        report.check(named, repr(case), f"NotImplementedError not naming {case.entry} and "
-                     f"{option}: {e}")
+        report.check(
+            named, repr(case), f"NotImplementedError not naming {case.entry} and {option}: {e}"
+        )
     except Exception as e:  # noqa: BLE001
         report.check(False, repr(case), f"{type(e).__name__} instead of NotImplementedError: {e}")
     else:
@@ -275,8 +330,11 @@ def _compare(report: Report, case: Case, loss, ref, grads, ref_grads) -> None:
         # TVD's gradient holds sign(p − q): entries with p ≈ q flip on the fp32 softcap /
         # interpolation of bf16-rounded logits, an O(1) change each (full product: up to 0.19)
         grad_tol *= 2
-    report.check(loss.dtype == torch.float32 and loss.shape == ref.shape, repr(case),
-                 f"loss {loss.dtype} {tuple(loss.shape)}, reference {tuple(ref.shape)}")
+    report.check(
+        loss.dtype == torch.float32 and loss.shape == ref.shape,
+        repr(case),
+        f"loss {loss.dtype} {tuple(loss.shape)}, reference {tuple(ref.shape)}",
+    )
     err = rel_err(loss, ref)
     report.check(err <= loss_tol, repr(case), f"loss rel error {err:.3g} > {loss_tol}")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
@@ -309,17 +367,29 @@ def run_case(case: Case, report: Report, group=None, rank: int = 0) -> None:
     if fused:
         cap = SOFTCAP if case.softcap else {}
         dtype = getattr(torch, case.dtype)
-        s = _head(f64[0], f64[1], cap.get("student_logit_scale", 1.0), cap.get("student_softcap"),
-                  dtype)
-        t = _head(x["ht"].double(), x["wt"].double(), cap.get("teacher_logit_scale", 1.0),
-                  cap.get("teacher_softcap"), dtype)
+        s = _head(
+            f64[0], f64[1], cap.get("student_logit_scale", 1.0), cap.get("student_softcap"), dtype
+        )
+        t = _head(
+            x["ht"].double(),
+            x["wt"].double(),
+            cap.get("teacher_logit_scale", 1.0),
+            cap.get("teacher_softcap"),
+            dtype,
+        )
     else:
         s, t = f64[0], x["t"].double()
     ref = reference(case, x, s, t)
     ref_grads = torch.autograd.grad(ref, f64, x["upstream"].double())
     shards = [slice(None), shard] if fused else [(slice(None), shard)]
-    _compare(report, case, loss, ref, [leaf.grad for leaf in leaves],
-             [g[sl] for g, sl in zip(ref_grads, shards)])
+    _compare(
+        report,
+        case,
+        loss,
+        ref,
+        [leaf.grad for leaf in leaves],
+        [g[sl] for g, sl in zip(ref_grads, shards)],
+    )
 
 
 # ------------------------------------------------------------------------------------ hf
@@ -371,8 +441,14 @@ def run_hf_case(case: Case, report: Report) -> None:
     with torch.no_grad():
         t = teacher(**inputs).logits[:, :-1].double()
     shifted = labels[:, 1:] if case.labels else None
-    x = {"labels": shifted, "mask": None if shifted is not None or not case.mask else
-         am[:, 1:].bool() & am[:, :-1].bool(), "token_weights": None, "coef": coef}
+    x = {
+        "labels": shifted,
+        "mask": None
+        if shifted is not None or not case.mask
+        else am[:, 1:].bool() & am[:, :-1].bool(),
+        "token_weights": None,
+        "coef": coef,
+    }
     ref = reference(case, x, s, t)
     try:
         loss = hf.distill_loss(student, teacher, **inputs, **kw)
@@ -380,8 +456,14 @@ def run_hf_case(case: Case, report: Report) -> None:
     except Exception as e:  # noqa: BLE001
         report.check(False, repr(case), f"raised {type(e).__name__}: {e}")
         return
-    _compare(report, case, loss, ref, [torch.cat([g.flatten() for g in grads])],
-             [torch.cat([g.flatten().double() for g in _student_grads(student, ref)])])
+    _compare(
+        report,
+        case,
+        loss,
+        ref,
+        [torch.cat([g.flatten() for g in grads])],
+        [torch.cat([g.flatten().double() for g in _student_grads(student, ref)])],
+    )
 
 
 # ------------------------------------------------------------------------------------ parallel
@@ -421,14 +503,24 @@ def markdown() -> str:
         name = f"`{entry}`" if "…" not in entry else f"`{entry.split(',')[0]}`, … (named)"
         cells = [name, f"all {len(DIVERGENCES)}"]
         for option, value in COLUMNS:
-            cells.append("—" if option not in applicable(entry) else
-                         "✗" if value in gaps.get(option, ()) else "✓")
+            cells.append(
+                "—"
+                if option not in applicable(entry)
+                else "✗"
+                if value in gaps.get(option, ())
+                else "✓"
+            )
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("Not supported yet (each raises `NotImplementedError` naming the option and the "
-            "entry point):")
+    note = (
+        "Not supported yet (each raises `NotImplementedError` naming the option and the "
+        "entry point):"
+    )
     lines += ["", note, ""]
-    lines += [f"- `{entry}`: " + ", ".join(COLUMNS[o, v] for o, vs in g.items() for v in vs)
-              for entry, (_, g) in SUPPORT.items() if g]
+    lines += [
+        f"- `{entry}`: " + ", ".join(COLUMNS[o, v] for o, vs in g.items() for v in vs)
+        for entry, (_, g) in SUPPORT.items()
+        if g
+    ]
     return "\n".join(lines) + "\n"
 
 

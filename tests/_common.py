@@ -11,10 +11,22 @@ def tiny_train_config(method: str, response_cache, **overrides):
     them) win."""
     from kd_kernels.train.config import TrainConfig
 
-    base = {"method": method, "preset": "tiny", "steps": 4, "batch_size": 2, "max_prompts": 24,
-            "max_new_tokens": 6, "gen_batch_size": 32, "eval_seeds": "1",
-            "cache_dir": str(response_cache), "progress": False, "lr": 3e-3,
-            "warmup_steps": 1, "min_lr": 3e-3, "ckpt_every": 100}
+    base = {
+        "method": method,
+        "preset": "tiny",
+        "steps": 4,
+        "batch_size": 2,
+        "max_prompts": 24,
+        "max_new_tokens": 6,
+        "gen_batch_size": 32,
+        "eval_seeds": "1",
+        "cache_dir": str(response_cache),
+        "progress": False,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "min_lr": 3e-3,
+        "ckpt_every": 100,
+    }
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -47,8 +47,13 @@ def gradient(method_name: str, rank_examples, rank: int, world: int) -> dict[str
     if method_name == "minillm":  # a PPO minibatch: q_old, w and the advantages given by hand
         targets, mask = shift_targets(batch["labels"])
         zeros = torch.zeros(mask.shape)
-        batch |= {"targets": targets, "mask": mask, "old_logp": zeros, "log_w": zeros,
-                  "adv": torch.where(mask, 0.5, zeros)}
+        batch |= {
+            "targets": targets,
+            "mask": mask,
+            "old_logp": zeros,
+            "log_w": zeros,
+            "adv": torch.where(mask, 0.5, zeros),
+        }
     model = DistillModule(student, teacher, method, run)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

@@ -17,8 +17,17 @@ import torch
 import kd_kernels
 from kd_kernels import reference as R
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
-               "jeffreys", "alpha_beta", "renyi")
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 NAMED = {
     "forward_kl": kd_kernels.forward_kl,
     "reverse_kl": kd_kernels.reverse_kl,
@@ -105,32 +114,57 @@ def row_coefficients(lead: tuple, mask, weights, reduction: str) -> torch.Tensor
     return c / k.sum().clamp_min(1) if reduction == "mean" else c
 
 
-def check_loss_and_grad(report: Report, case: str, loss: torch.Tensor, ref: torch.Tensor,
-                        grad: torch.Tensor, g_ref: torch.Tensor, *, c: torch.Tensor,
-                        upstream: torch.Tensor, z_scale: float, temperature: float) -> None:
+def check_loss_and_grad(
+    report: Report,
+    case: str,
+    loss: torch.Tensor,
+    ref: torch.Tensor,
+    grad: torch.Tensor,
+    g_ref: torch.Tensor,
+    *,
+    c: torch.Tensor,
+    upstream: torch.Tensor,
+    z_scale: float,
+    temperature: float,
+) -> None:
     """Loss and logit gradient against float64. Error bounds: relative, plus an absolute floor at
     fp32 resolution of the terms involved. Row i of the gradient is c_i / T · ∂L_i/∂z (‖∂L/∂z‖ =
     O(1)), and the fp32 terms inside grow with z_scale = |logits| / T; a half-precision gradient can
     at best be the reference rounded to its dtype (small entries underflow)."""
     c_norm = (c * upstream.double()).norm().item()
     err = (loss.double() - ref).norm().item()
-    report.check(err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(), case,
-                 f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})")
+    report.check(
+        err <= LOSS_RTOL * ref.norm().item() + 1e-5 * z_scale * c.norm().item(),
+        case,
+        f"loss error {err:.3g} (reference norm {ref.norm().item():.3g})",
+    )
     g = grad.reshape(g_ref.shape).double()
     rounding = (g_ref.to(grad.dtype).double() - g_ref).norm().item()
     err = (g - g_ref).norm().item()
-    bound = (GRAD_RTOL[grad.dtype] * g_ref.norm().item() + 2 * rounding
-             + 1e-5 * z_scale * c_norm / temperature)
-    report.check(err <= bound, case, f"grad error {err:.3g} > {bound:.3g} (reference norm "
-                 f"{g_ref.norm().item():.3g})")
+    bound = (
+        GRAD_RTOL[grad.dtype] * g_ref.norm().item()
+        + 2 * rounding
+        + 1e-5 * z_scale * c_norm / temperature
+    )
+    report.check(
+        err <= bound,
+        case,
+        f"grad error {err:.3g} > {bound:.3g} (reference norm {g_ref.norm().item():.3g})",
+    )
 
 
 def _temperature(rng: random.Random) -> float:
     return rng.choice([1.0, 1.0, 2.0, rng.uniform(0.3, 4.0), 0.5, 0.05, 30.0])
 
 
-def check_masked_rows(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor,
-                      mask: torch.Tensor | None, reduction: str) -> None:
+def check_masked_rows(
+    report: Report,
+    case: str,
+    loss: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    reduction: str,
+) -> None:
     """Masked rows: gradient row exactly 0 (and per-token loss exactly 0)."""
     if mask is None or mask.numel() == 0:
         return
@@ -141,13 +175,17 @@ def check_masked_rows(report: Report, case: str, loss: torch.Tensor, grad: torch
         report.check(bool((loss.reshape(-1)[rows] == 0).all()), case, "masked row has a loss")
 
 
-def check_bad_row(report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor, bad: int,
-                  masked: bool) -> None:
+def check_bad_row(
+    report: Report, case: str, loss: torch.Tensor, grad: torch.Tensor, bad: int, masked: bool
+) -> None:
     """README "NaN and inf": a row that is not a distribution is NaN (loss and whole gradient row)
     when counted, exactly 0 when masked (per-token loss ``loss``)."""
     if masked:
-        report.check(loss[bad].item() == 0 and bool((grad[bad] == 0).all()), case,
-                     f"masked bad row: loss {loss[bad].item()}, gradient not 0")
+        report.check(
+            loss[bad].item() == 0 and bool((grad[bad] == 0).all()),
+            case,
+            f"masked bad row: loss {loss[bad].item()}, gradient not 0",
+        )
     else:
         report.check(bool(loss[bad].isnan()), case, f"loss {loss[bad].item()} instead of NaN")
         report.check(bool(grad[bad].isnan().all()), case, "gradient row not all NaN")
@@ -176,9 +214,11 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     use_weights = rng.random() < 0.4
     inplace = rng.random() < 0.3 and layout != "expanded"
     api = rng.choice(("kd_loss", "named", "module"))
-    case = (f"logits_case(seed={seed}, backend={backend!r}) [{divergence} V={vocab} lead={lead} "
-            f"{s_dtype}/{t_dtype} {layout} {reduction} T={temperature:.3g} mask={use_mask} "
-            f"weights={use_weights} inplace={inplace} pad={pad} api={api} scale={scale} same={identical}]")
+    case = (
+        f"logits_case(seed={seed}, backend={backend!r}) [{divergence} V={vocab} lead={lead} "
+        f"{s_dtype}/{t_dtype} {layout} {reduction} T={temperature:.3g} mask={use_mask} "
+        f"weights={use_weights} inplace={inplace} pad={pad} api={api} scale={scale} same={identical}]"
+    )
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
@@ -187,11 +227,15 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     # A column that is -inf in both tensors is as if absent (a padded vocabulary).
     cols = torch.rand(vocab, generator=gen) < 0.3 if pad else torch.zeros(vocab, dtype=torch.bool)
     cols[0] = False  # at least one live column
-    if layout == "shared_buffer":  # student = rows 1.., teacher = rows ..-1 of one buffer (next-token style)
+    if (
+        layout == "shared_buffer"
+    ):  # student = rows 1.., teacher = rows ..-1 of one buffer (next-token style)
         t_dtype = s_dtype
         buf = randn(n + 1, vocab).to(s_dtype).masked_fill(cols, -math.inf)
         leaf = buf.clone().requires_grad_()
-        work = leaf * 1 if inplace else leaf  # in place: the gradient overwrites the teacher's memory too
+        work = (
+            leaf * 1 if inplace else leaf
+        )  # in place: the gradient overwrites the teacher's memory too
         s_in, t_in = work[1:].reshape(*lead, vocab), work.detach()[:-1].reshape(*lead, vocab)
         s_vals, t_vals = buf[1:], buf[:-1]
     else:
@@ -216,16 +260,30 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     weights = None
     if use_weights:
         weights = (torch.rand(lead, generator=gen, dtype=torch.float64) * 2).to(rng.choice(DTYPES))
-        if mask is not None and n > 0:  # a masked row's weight may be anything: it must add exactly 0
+        if (
+            mask is not None and n > 0
+        ):  # a masked row's weight may be anything: it must add exactly 0
             weights = weights.masked_fill(~mask & (torch.rand(lead, generator=gen) < 0.5), math.nan)
             weights = weights.masked_fill(~mask & (torch.rand(lead, generator=gen) < 0.3), math.inf)
     upstream = torch.randn(lead if reduction == "none" else (), generator=gen)
-    options = {"temperature": temperature, "mask": mask, "token_weights": weights, "reduction": reduction,
-               "backend": backend, "inplace_grad": inplace}
+    options = {
+        "temperature": temperature,
+        "mask": mask,
+        "token_weights": weights,
+        "reduction": reduction,
+        "backend": backend,
+        "inplace_grad": inplace,
+    }
     try:
         if api == "module":
-            mod = kd_kernels.KDLoss(divergence, temperature=temperature, reduction=reduction, backend=backend,
-                                    inplace_grad=inplace, **coef)
+            mod = kd_kernels.KDLoss(
+                divergence,
+                temperature=temperature,
+                reduction=reduction,
+                backend=backend,
+                inplace_grad=inplace,
+                **coef,
+            )
             loss = mod(s_in, t_in, mask=mask, token_weights=weights)
         elif api == "named":
             loss = NAMED[divergence](s_in, t_in, **coef, **options)
@@ -244,31 +302,59 @@ def logits_case(seed: int, backend: str, report: Report, *, max_vocab: int = 103
     live = ~cols
     s64 = s_vals.double()[:, live].clone().requires_grad_()
     t64 = t_vals.double()[:, live]
-    ref = R.kd_loss(divergence, s64.reshape(*lead, int(live.sum())), t64.reshape(*lead, int(live.sum())),
-                    temperature=temperature, mask=mask, token_weights=weights, reduction=reduction, **coef)
+    ref = R.kd_loss(
+        divergence,
+        s64.reshape(*lead, int(live.sum())),
+        t64.reshape(*lead, int(live.sum())),
+        temperature=temperature,
+        mask=mask,
+        token_weights=weights,
+        reduction=reduction,
+        **coef,
+    )
     ref.backward(upstream.double())
     g_ref = torch.zeros(n, vocab, dtype=torch.float64)
     g_ref[:, live] = s64.grad
 
     report.check(loss.dtype == torch.float32, case, f"loss dtype {loss.dtype}")
     report.check(tuple(loss.shape) == tuple(ref.shape), case, f"loss shape {tuple(loss.shape)}")
-    report.check(grad is not None and grad.dtype == s_dtype, case, "gradient missing or wrong dtype")
+    report.check(
+        grad is not None and grad.dtype == s_dtype, case, "gradient missing or wrong dtype"
+    )
     if grad is None:
         return
     report.check(bool(torch.isfinite(loss).all()), case, f"non-finite loss {loss}")
     report.check(bool(torch.isfinite(grad).all()), case, "non-finite gradient")
-    check_loss_and_grad(report, case, loss, ref, grad, g_ref,
-                        c=row_coefficients(lead, mask, weights, reduction), upstream=upstream,
-                        z_scale=max(1.0, scale / temperature), temperature=temperature)
-    report.check(bool((grad.reshape(n, vocab)[:, cols] == 0).all()), case, "gradient on a -inf column")
+    check_loss_and_grad(
+        report,
+        case,
+        loss,
+        ref,
+        grad,
+        g_ref,
+        c=row_coefficients(lead, mask, weights, reduction),
+        upstream=upstream,
+        z_scale=max(1.0, scale / temperature),
+        temperature=temperature,
+    )
+    report.check(
+        bool((grad.reshape(n, vocab)[:, cols] == 0).all()), case, "gradient on a -inf column"
+    )
     check_masked_rows(report, case, loss, grad, mask, reduction)
 
 
 # ------------------------------------------------------------------------------------ fused linear
 
 
-def token_options(gen: torch.Generator, lead: tuple, vocab: int, use_mask: bool, use_labels: bool,
-                  use_weights: bool, ignore: bool = True):
+def token_options(
+    gen: torch.Generator,
+    lead: tuple,
+    vocab: int,
+    use_mask: bool,
+    use_labels: bool,
+    use_weights: bool,
+    ignore: bool = True,
+):
     """(mask, labels int64 with -100 where ignored, the KD mask, token weights) of a fused call;
     the weights are NaN on rows outside the KD mask (they must add exactly 0)."""
     mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
@@ -319,10 +405,12 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     chunk = rng.choice((None, 1, 3, 8))
     api = rng.choice(("fused_linear_kd", "named", "module"))
     hidden_view = rng.choice(("contiguous", "transposed", "sliced"))
-    case = (f"fused_case(seed={seed}, backend={backend!r}) [{divergence} V={vocab}/{v_teacher} D={d_s}/{d_t} "
-            f"lead={lead} {dtype}/{t_dtype} {reduction} T={temperature:.3g} bias={bias} "
-            f"labels={use_labels and label_dtype} ce={ce_weight} mask={use_mask} weights={use_weights} "
-            f"chunk={chunk} api={api} hidden={hidden_view}]")
+    case = (
+        f"fused_case(seed={seed}, backend={backend!r}) [{divergence} V={vocab}/{v_teacher} D={d_s}/{d_t} "
+        f"lead={lead} {dtype}/{t_dtype} {reduction} T={temperature:.3g} bias={bias} "
+        f"labels={use_labels and label_dtype} ce={ce_weight} mask={use_mask} weights={use_weights} "
+        f"chunk={chunk} api={api} hidden={hidden_view}]"
+    )
 
     def randn(*shape, s=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * s
@@ -333,8 +421,9 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     ht = randn(n, d_t).to(t_dtype)
     wt = (randn(v_teacher, d_t) * 2 / d_t**0.5).to(t_dtype)
     bt = randn(v_teacher).to(t_dtype) if bias else None
-    mask, labels, _, weights = token_options(gen, lead, vocab, use_mask, use_labels, use_weights,
-                                             ignore=label_dtype != torch.uint8)
+    mask, labels, _, weights = token_options(
+        gen, lead, vocab, use_mask, use_labels, use_weights, ignore=label_dtype != torch.uint8
+    )
     labels = labels.to(label_dtype) if labels is not None else None
     leaves = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
     h_in = leaves[0]
@@ -343,20 +432,48 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     elif hidden_view == "sliced":  # row stride D + 3
         h_in = torch.nn.functional.pad(h_in, (0, 3))[:, :d_s]
     h_in = h_in.reshape(*lead, d_s)
-    options = {"student_bias": leaves[2] if bias else None, "teacher_bias": bt, "temperature": temperature,
-               "mask": mask, "token_weights": weights, "reduction": reduction, "labels": labels,
-               "ce_weight": ce_weight, "truncate_teacher_vocab": v_teacher != vocab, "chunk_size": chunk,
-               "backend": backend}
+    options = {
+        "student_bias": leaves[2] if bias else None,
+        "teacher_bias": bt,
+        "temperature": temperature,
+        "mask": mask,
+        "token_weights": weights,
+        "reduction": reduction,
+        "labels": labels,
+        "ce_weight": ce_weight,
+        "truncate_teacher_vocab": v_teacher != vocab,
+        "chunk_size": chunk,
+        "backend": backend,
+    }
     try:
         if api == "module":
-            mod = kd_kernels.FusedLinearKDLoss(divergence, temperature=temperature, reduction=reduction,
-                                               ce_weight=ce_weight, truncate_teacher_vocab=v_teacher != vocab,
-                                               chunk_size=chunk, backend=backend, **coef)
-            loss = mod(h_in, leaves[1], ht.reshape(*lead, d_t), wt, student_bias=options["student_bias"],
-                       teacher_bias=bt, mask=mask, token_weights=weights, labels=labels)
+            mod = kd_kernels.FusedLinearKDLoss(
+                divergence,
+                temperature=temperature,
+                reduction=reduction,
+                ce_weight=ce_weight,
+                truncate_teacher_vocab=v_teacher != vocab,
+                chunk_size=chunk,
+                backend=backend,
+                **coef,
+            )
+            loss = mod(
+                h_in,
+                leaves[1],
+                ht.reshape(*lead, d_t),
+                wt,
+                student_bias=options["student_bias"],
+                teacher_bias=bt,
+                mask=mask,
+                token_weights=weights,
+                labels=labels,
+            )
         else:
-            fn = (lambda *a, **k: kd_kernels.fused_linear_kd(*a, divergence=divergence, **k)) \
-                if api == "fused_linear_kd" else FUSED_NAMED[divergence]
+            fn = (
+                (lambda *a, **k: kd_kernels.fused_linear_kd(*a, divergence=divergence, **k))
+                if api == "fused_linear_kd"
+                else FUSED_NAMED[divergence]
+            )
             loss = fn(h_in, leaves[1], ht.reshape(*lead, d_t), wt, **coef, **options)
         upstream = torch.randn((), generator=gen)
         loss.backward(upstream)
@@ -366,11 +483,21 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
 
     # Reference: logits from the GEMM in the input dtype (as the fused path forms them), then float64.
     L64, s = student_logits64(leaves, lead)
-    t = (ht.double() @ wt[:vocab].double().T + (bt[:vocab].double() if bias else 0)).reshape(*lead, vocab)
+    t = (ht.double() @ wt[:vocab].double().T + (bt[:vocab].double() if bias else 0)).reshape(
+        *lead, vocab
+    )
     lab = labels.long() if labels is not None else None
     kd_mask = mask if mask is not None or lab is None else lab != -100
-    kd = R.kd_loss(divergence, s, t, temperature=temperature, mask=kd_mask, token_weights=weights,
-                   reduction=reduction, **coef)
+    kd = R.kd_loss(
+        divergence,
+        s,
+        t,
+        temperature=temperature,
+        mask=kd_mask,
+        token_weights=weights,
+        reduction=reduction,
+        **coef,
+    )
     total = kd
     if lab is not None:
         valid = lab != -100 if mask is None else (lab != -100) & mask
@@ -385,9 +512,14 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
     c_norm = (c.norm().item() + ce_weight) * abs(upstream.item())
     # fp32 terms of size |z| + log V per row: an absolute floor for losses near 0 (V = 1, large T)
     err = abs(loss.item() - total.item())
-    bound = tol * z_scale * abs(total.item()) + 1e-5 * c.norm().item() * z_scale * (1 + math.log(vocab)) \
+    bound = (
+        tol * z_scale * abs(total.item())
+        + 1e-5 * c.norm().item() * z_scale * (1 + math.log(vocab))
         + 1e-5 * ce_weight * z_scale * (1 + math.log(vocab)) * max(1, n)
-    report.check(err <= bound, case, f"loss error {err:.3g} > {bound:.3g} (reference {total.item():.4g})")
+    )
+    report.check(
+        err <= bound, case, f"loss error {err:.3g} > {bound:.3g} (reference {total.item():.4g})"
+    )
     # Absolute floor as in logits_case: the logit gradient's rows are c_i / T · O(1) at fp32 resolution of
     # terms of size |z|; folded through W_s (for h_s), h_s (for W_s) or summed over rows (for b_s).
     g_floor = 1e-5 * z_scale * c_norm / temperature
@@ -396,9 +528,15 @@ def fused_case(seed: int, backend: str, report: Report) -> None:
         report.check(x.grad.dtype == x.dtype, case, f"grad {name} dtype {x.grad.dtype}")
         err, ref_norm = (x.grad.double() - r.grad).norm().item(), r.grad.norm().item()
         bound = 3 * tol * z_scale * ref_norm + g_floor * f
-        report.check(err <= bound, case, f"grad {name} error {err:.3g} > {bound:.3g} (ref norm {ref_norm:.3g})")
+        report.check(
+            err <= bound,
+            case,
+            f"grad {name} error {err:.3g} > {bound:.3g} (ref norm {ref_norm:.3g})",
+        )
     if mask is not None and n > 0:
-        report.check(bool((leaves[0].grad[~mask.reshape(n)] == 0).all()), case, "masked row has a gradient")
+        report.check(
+            bool((leaves[0].grad[~mask.reshape(n)] == 0).all()), case, "masked row has a gradient"
+        )
 
 
 def logprobs_case(seed: int, report: Report) -> None:
@@ -416,11 +554,21 @@ def logprobs_case(seed: int, report: Report) -> None:
     if token_dtype == torch.uint8:
         vocab = min(vocab, 255)
     chunk = rng.choice((None, 1, 4))
-    case = (f"logprobs_case(seed={seed}) [V={vocab} D={d} lead={lead} T={temperature:.3g} bias={bias} "
-            f"mask={use_mask} tokens={token_dtype} chunk={chunk}]")
+    case = (
+        f"logprobs_case(seed={seed}) [V={vocab} D={d} lead={lead} T={temperature:.3g} bias={bias} "
+        f"mask={use_mask} tokens={token_dtype} chunk={chunk}]"
+    )
     h = torch.randn(n, d, generator=gen, dtype=torch.float64).float().requires_grad_()
-    w = (torch.randn(vocab, d, generator=gen, dtype=torch.float64) * 2 / d**0.5).float().requires_grad_()
-    b = torch.randn(vocab, generator=gen, dtype=torch.float64).float().requires_grad_() if bias else None
+    w = (
+        (torch.randn(vocab, d, generator=gen, dtype=torch.float64) * 2 / d**0.5)
+        .float()
+        .requires_grad_()
+    )
+    b = (
+        torch.randn(vocab, generator=gen, dtype=torch.float64).float().requires_grad_()
+        if bias
+        else None
+    )
     tokens = torch.randint(0, vocab, lead, generator=gen)
     mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
     if mask is not None:
@@ -428,9 +576,16 @@ def logprobs_case(seed: int, report: Report) -> None:
     tokens = tokens.to(token_dtype)
     g1, g2 = torch.randn(lead, generator=gen), torch.randn(lead, generator=gen)
     try:
-        lp, ent = kd_kernels.fused_linear_logprobs(h.reshape(*lead, d), w, tokens, bias=b,
-                                                   temperature=temperature, mask=mask, return_entropy=True,
-                                                   chunk_size=chunk)
+        lp, ent = kd_kernels.fused_linear_logprobs(
+            h.reshape(*lead, d),
+            w,
+            tokens,
+            bias=b,
+            temperature=temperature,
+            mask=mask,
+            return_entropy=True,
+            chunk_size=chunk,
+        )
         torch.autograd.backward([lp, ent], [g1, g2])
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
@@ -472,32 +627,77 @@ def _bad_logits_calls(rng: random.Random):
     yield "vocab mismatch", lambda: kd_kernels.kd_loss(s, torch.randn(3, v + 1)), ValueError
     yield "V=0", lambda: kd_kernels.kd_loss(torch.randn(3, 0), torch.randn(3, 0)), ValueError
     yield "float mask", lambda: kd_kernels.kd_loss(s, t, mask=torch.ones(3)), TypeError
-    yield "mask shape", lambda: kd_kernels.kd_loss(s, t, mask=torch.ones(4, dtype=torch.bool)), ValueError
-    yield "int weights", lambda: kd_kernels.kd_loss(s, t, token_weights=torch.ones(3, dtype=torch.long)), TypeError
-    yield "reduction", lambda: kd_kernels.kd_loss(s, t, reduction=rng.choice(["avg", "", None, 1])), ValueError
-    yield "backend", lambda: kd_kernels.kd_loss(s, t, backend=rng.choice(["cudnn", "", None])), ValueError
+    yield (
+        "mask shape",
+        lambda: kd_kernels.kd_loss(s, t, mask=torch.ones(4, dtype=torch.bool)),
+        ValueError,
+    )
+    yield (
+        "int weights",
+        lambda: kd_kernels.kd_loss(s, t, token_weights=torch.ones(3, dtype=torch.long)),
+        TypeError,
+    )
+    yield (
+        "reduction",
+        lambda: kd_kernels.kd_loss(s, t, reduction=rng.choice(["avg", "", None, 1])),
+        ValueError,
+    )
+    yield (
+        "backend",
+        lambda: kd_kernels.kd_loss(s, t, backend=rng.choice(["cudnn", "", None])),
+        ValueError,
+    )
     for bad in (0.0, -1.0, math.nan, math.inf, -math.inf, 1e-39, 1e-45):
-        yield f"temperature={bad}", lambda b=bad: kd_kernels.kd_loss(s, t, temperature=b), ValueError
+        yield (
+            f"temperature={bad}",
+            lambda b=bad: kd_kernels.kd_loss(s, t, temperature=b),
+            ValueError,
+        )
     for bad in ("2", None, [1.0], True):
-        yield f"temperature={bad!r}", lambda b=bad: kd_kernels.kd_loss(s, t, temperature=b), TypeError
+        yield (
+            f"temperature={bad!r}",
+            lambda b=bad: kd_kernels.kd_loss(s, t, temperature=b),
+            TypeError,
+        )
     for name in ("skew_forward_kl", "skew_reverse_kl", "jsd"):
         key = "beta" if name == "jsd" else "alpha"
         for bad in (0.0, 1.0, -0.5, 1.5, math.nan, math.inf):
-            yield f"{name} {key}={bad}", lambda n=name, k=key, b=bad: kd_kernels.kd_loss(
-                s, t, divergence=n, **{k: b}), ValueError
-        yield f"{name} {key}='x'", lambda n=name, k=key: kd_kernels.kd_loss(s, t, divergence=n, **{k: "x"}), \
-            TypeError
+            yield (
+                f"{name} {key}={bad}",
+                lambda n=name, k=key, b=bad: kd_kernels.kd_loss(s, t, divergence=n, **{k: b}),
+                ValueError,
+            )
+        yield (
+            f"{name} {key}='x'",
+            lambda n=name, k=key: kd_kernels.kd_loss(s, t, divergence=n, **{k: "x"}),
+            TypeError,
+        )
     yield "divergence", lambda: kd_kernels.kd_loss(s, t, divergence="kl"), ValueError
     yield "divergence type", lambda: kd_kernels.kd_loss(s, t, divergence=3), TypeError
     for bad in ("no", 1, 0, None, "True"):
-        yield f"inplace_grad={bad!r}", lambda b=bad: kd_kernels.kd_loss(s * 1, t, inplace_grad=b), TypeError
+        yield (
+            f"inplace_grad={bad!r}",
+            lambda b=bad: kd_kernels.kd_loss(s * 1, t, inplace_grad=b),
+            TypeError,
+        )
     p = torch.nn.Parameter(torch.randn(3, v))
     yield "inplace on leaf", lambda: kd_kernels.kd_loss(p, t, inplace_grad=True), ValueError
-    yield "inplace on view of leaf", lambda: kd_kernels.kd_loss(p.view(3, v), t, inplace_grad=True), ValueError
-    yield "inplace on view of leaf (slice)", lambda: kd_kernels.kd_loss(p[1:], t[1:], inplace_grad=True), ValueError
+    yield (
+        "inplace on view of leaf",
+        lambda: kd_kernels.kd_loss(p.view(3, v), t, inplace_grad=True),
+        ValueError,
+    )
+    yield (
+        "inplace on view of leaf (slice)",
+        lambda: kd_kernels.kd_loss(p[1:], t[1:], inplace_grad=True),
+        ValueError,
+    )
     x = torch.randn(1, v, requires_grad=True) * 1
-    yield "inplace on expanded student", lambda: kd_kernels.kd_loss(x.expand(3, v), t, inplace_grad=True), \
-        ValueError
+    yield (
+        "inplace on expanded student",
+        lambda: kd_kernels.kd_loss(x.expand(3, v), t, inplace_grad=True),
+        ValueError,
+    )
     yield "KDLoss backend", lambda: kd_kernels.KDLoss(backend="gpu"), ValueError
     yield "KDLoss inplace_grad", lambda: kd_kernels.KDLoss(inplace_grad="yes"), TypeError
     yield "KDLoss reduction", lambda: kd_kernels.KDLoss(reduction="avg"), ValueError
@@ -513,37 +713,69 @@ def _bad_fused_calls(rng: random.Random):
     yield "dtype mismatch", lambda: f(hs, ws.bfloat16(), ht, wt), TypeError
     yield "lead mismatch", lambda: f(hs, ws, torch.randn(4, 5), wt), ValueError
     yield "teacher vocab padded", lambda: f(hs, ws, ht, torch.randn(v + 3, 5)), ValueError
-    yield "teacher vocab short", lambda: f(hs, ws, ht, torch.randn(v - 1, 5), truncate_teacher_vocab=True), \
-        ValueError
+    yield (
+        "teacher vocab short",
+        lambda: f(hs, ws, ht, torch.randn(v - 1, 5), truncate_teacher_vocab=True),
+        ValueError,
+    )
     yield "bias shape", lambda: f(hs, ws, ht, wt, student_bias=torch.randn(v + 1)), ValueError
     yield "labels float", lambda: f(hs, ws, ht, wt, labels=torch.zeros(3)), TypeError
-    yield "labels out of range", lambda: f(hs, ws, ht, wt, labels=torch.tensor([0, v, 1])), ValueError
+    yield (
+        "labels out of range",
+        lambda: f(hs, ws, ht, wt, labels=torch.tensor([0, v, 1])),
+        ValueError,
+    )
     yield "labels negative", lambda: f(hs, ws, ht, wt, labels=torch.tensor([0, -5, 1])), ValueError
     yield "ce_weight without labels", lambda: f(hs, ws, ht, wt, ce_weight=1.0), ValueError
     for bad in (-1.0, math.nan, math.inf, 1e39):
-        yield f"ce_weight={bad}", lambda b=bad: f(hs, ws, ht, wt, labels=torch.tensor([0, 1, 2]),
-                                                   ce_weight=b), ValueError
+        yield (
+            f"ce_weight={bad}",
+            lambda b=bad: f(hs, ws, ht, wt, labels=torch.tensor([0, 1, 2]), ce_weight=b),
+            ValueError,
+        )
     yield "ce_weight str", lambda: f(hs, ws, ht, wt, ce_weight="1"), TypeError
     yield "reduction", lambda: f(hs, ws, ht, wt, reduction="avg"), ValueError
     for bad in (0, -3):
         yield f"chunk_size={bad}", lambda b=bad: f(hs, ws, ht, wt, chunk_size=b), ValueError
     yield "chunk_size float", lambda: f(hs, ws, ht, wt, chunk_size=2.0), TypeError
     for bad in ("no", 1, None):
-        yield f"truncate_teacher_vocab={bad!r}", lambda b=bad: f(hs, ws, ht, wt, truncate_teacher_vocab=b), \
-            TypeError
-        yield f"return_components={bad!r}", lambda b=bad: f(hs, ws, ht, wt, return_components=b), TypeError
+        yield (
+            f"truncate_teacher_vocab={bad!r}",
+            lambda b=bad: f(hs, ws, ht, wt, truncate_teacher_vocab=b),
+            TypeError,
+        )
+        yield (
+            f"return_components={bad!r}",
+            lambda b=bad: f(hs, ws, ht, wt, return_components=b),
+            TypeError,
+        )
     yield "temperature tiny", lambda: f(hs, ws, ht, wt, temperature=1e-39), ValueError
-    yield "named with divergence", lambda: kd_kernels.fused_linear_jsd(hs, ws, ht, wt, divergence="jsd"), \
-        TypeError
+    yield (
+        "named with divergence",
+        lambda: kd_kernels.fused_linear_jsd(hs, ws, ht, wt, divergence="jsd"),
+        TypeError,
+    )
     yield "module ce_weight", lambda: kd_kernels.FusedLinearKDLoss(ce_weight=math.inf), ValueError
-    yield "module truncate", lambda: kd_kernels.FusedLinearKDLoss(truncate_teacher_vocab="yes"), TypeError
+    yield (
+        "module truncate",
+        lambda: kd_kernels.FusedLinearKDLoss(truncate_teacher_vocab="yes"),
+        TypeError,
+    )
     yield "module backend", lambda: kd_kernels.FusedLinearKDLoss(backend="gpu"), ValueError
     yield "module chunk", lambda: kd_kernels.FusedLinearKDLoss(chunk_size=0), ValueError
     lp = kd_kernels.fused_linear_logprobs
     yield "logprobs token range", lambda: lp(hs, ws, torch.tensor([0, v, 1])), ValueError
     yield "logprobs float tokens", lambda: lp(hs, ws, torch.zeros(3)), TypeError
-    yield "logprobs return_entropy", lambda: lp(hs, ws, torch.tensor([0, 1, 2]), return_entropy="yes"), TypeError
-    yield "logprobs temperature", lambda: lp(hs, ws, torch.tensor([0, 1, 2]), temperature=0.0), ValueError
+    yield (
+        "logprobs return_entropy",
+        lambda: lp(hs, ws, torch.tensor([0, 1, 2]), return_entropy="yes"),
+        TypeError,
+    )
+    yield (
+        "logprobs temperature",
+        lambda: lp(hs, ws, torch.tensor([0, 1, 2]), temperature=0.0),
+        ValueError,
+    )
 
 
 def expect_errors(report: Report, prefix: str, calls) -> None:
@@ -562,5 +794,8 @@ def expect_errors(report: Report, prefix: str, calls) -> None:
 
 def invalid_cases(seed: int, report: Report) -> None:
     rng = random.Random(seed)
-    expect_errors(report, f"invalid_cases(seed={seed})",
-                  list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)))
+    expect_errors(
+        report,
+        f"invalid_cases(seed={seed})",
+        list(_bad_logits_calls(rng)) + list(_bad_fused_calls(rng)),
+    )

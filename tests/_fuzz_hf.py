@@ -16,8 +16,17 @@ from _fuzz import Report, coef_for, expect_errors
 from kd_kernels import reference as R
 
 FAMILIES = ("llama", "qwen2", "gemma2", "cohere", "granite")
-ALL_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
-                   "jeffreys", "alpha_beta", "renyi")
+ALL_DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 _MODELS: dict = {}
 
 
@@ -57,13 +66,19 @@ def _student_grads(student, loss):
 
 def _compare(report: Report, case: str, loss, grads, ref, ref_grads) -> None:
     err = abs(loss.item() - ref.item())
-    report.check(loss.dtype == torch.float32 and err <= 1e-5 * max(1.0, abs(ref.item())), case,
-                 f"loss {loss.item():.6g} vs reference {ref.item():.6g}")
+    report.check(
+        loss.dtype == torch.float32 and err <= 1e-5 * max(1.0, abs(ref.item())),
+        case,
+        f"loss {loss.item():.6g} vs reference {ref.item():.6g}",
+    )
     g = torch.cat([x.flatten().double() for x in grads])
     r = torch.cat([x.flatten().double() for x in ref_grads])
     err = (g - r).norm().item()
-    report.check(err <= 1e-4 * r.norm().item() + 1e-7, case,
-                 f"student gradient error {err:.3g} (reference norm {r.norm().item():.3g})")
+    report.check(
+        err <= 1e-4 * r.norm().item() + 1e-7,
+        case,
+        f"student gradient error {err:.3g} (reference norm {r.norm().item():.3g})",
+    )
 
 
 def distill_case(seed: int, report: Report) -> None:
@@ -85,11 +100,18 @@ def distill_case(seed: int, report: Report) -> None:
     temperature = rng.choice((1.0, 1.5, 0.7))
     chunk = rng.choice((None, 1, 5))
     n_items = rng.choice((None, None, rng.randint(1, 30)))
-    kw = {"divergence": divergence, "temperature": temperature, "ce_weight": ce_weight,
-          "chunk_size": chunk, **coef}
-    case = (f"hf distill_case(seed={seed}) [{s_fam}<-{t_fam} V={vocab}+{t_pad} sparse={sparse} "
-            f"{divergence} {coef} T={temperature} ce={ce_weight} ids={tuple(ids.shape)} pad={pad} "
-            f"mask={am is not None} labels={labels is not None} chunk={chunk} items={n_items}]")
+    kw = {
+        "divergence": divergence,
+        "temperature": temperature,
+        "ce_weight": ce_weight,
+        "chunk_size": chunk,
+        **coef,
+    }
+    case = (
+        f"hf distill_case(seed={seed}) [{s_fam}<-{t_fam} V={vocab}+{t_pad} sparse={sparse} "
+        f"{divergence} {coef} T={temperature} ce={ce_weight} ids={tuple(ids.shape)} pad={pad} "
+        f"mask={am is not None} labels={labels is not None} chunk={chunk} items={n_items}]"
+    )
     inputs = {"input_ids": ids} if am is None else {"input_ids": ids, "attention_mask": am}
     # the reference: the models' own fp32 logits, the loss in float64 from its definition
     s = student(**inputs).logits[:, :-1].double()
@@ -104,24 +126,41 @@ def distill_case(seed: int, report: Report) -> None:
         t_logits = teacher(**inputs).logits[..., :vocab].double()
     if sparse:
         t_lp, t_ids = t_logits.log_softmax(-1).float().topk(rng.choice((1, 4, 8)), -1)
-        ref = R.sparse_kd_loss(divergence, s, t_ids[:, :-1], t_lp[:, :-1].double(), mask=mask,
-                               temperature=temperature, reduction=reduction, **coef)
+        ref = R.sparse_kd_loss(
+            divergence,
+            s,
+            t_ids[:, :-1],
+            t_lp[:, :-1].double(),
+            mask=mask,
+            temperature=temperature,
+            reduction=reduction,
+            **coef,
+        )
         teacher_args = {"teacher": None, "teacher_ids": t_ids, "teacher_logprobs": t_lp}
     else:
-        ref = R.kd_loss(divergence, s, t_logits[:, :-1], mask=mask, temperature=temperature,
-                        reduction=reduction, **coef)
+        ref = R.kd_loss(
+            divergence,
+            s,
+            t_logits[:, :-1],
+            mask=mask,
+            temperature=temperature,
+            reduction=reduction,
+            **coef,
+        )
         teacher_args = {"teacher": teacher, "truncate_teacher_vocab": t_pad > 0}
     if labels is not None:
         nll = R.cross_entropy_per_token(s, labels[:, 1:])
         valid = labels[:, 1:] != -100
-        ref = ref + ce_weight * (nll.sum() / valid.sum().clamp_min(1) if n_items is None
-                                 else nll.sum())
+        ref = ref + ce_weight * (
+            nll.sum() / valid.sum().clamp_min(1) if n_items is None else nll.sum()
+        )
     if n_items is not None:
         ref = ref / n_items
     ref_grads = _student_grads(student, ref)
     try:
-        loss = hf.distill_loss(student, labels=labels, num_items_in_batch=n_items, **inputs,
-                               **teacher_args, **kw)
+        loss = hf.distill_loss(
+            student, labels=labels, num_items_in_batch=n_items, **inputs, **teacher_args, **kw
+        )
         grads = _student_grads(student, loss)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
@@ -165,8 +204,10 @@ def trl_case(seed: int, report: Report) -> None:
     temperature = rng.choice((1.0, 0.7, 2.0))
     n_items = rng.choice((None, rng.randint(1, 20)))
     completion = (torch.rand(ids.shape, generator=gen) < 0.7).long()
-    case = (f"hf trl_case(seed={seed}) [{s_fam}<-{t_fam} V={vocab} beta={beta:.3g} "
-            f"T={temperature} items={n_items} ids={tuple(ids.shape)}]")
+    case = (
+        f"hf trl_case(seed={seed}) [{s_fam}<-{t_fam} V={vocab} beta={beta:.3g} "
+        f"T={temperature} items={n_items} ids={tuple(ids.shape)}]"
+    )
     sh = hf.head_inputs(student, input_ids=ids)
     with torch.no_grad():
         th = hf.head_inputs(teacher, input_ids=ids)
@@ -187,18 +228,31 @@ def trl_case(seed: int, report: Report) -> None:
     ref_grads = _student_grads(student, ref)
     try:
         loss, entropy, count = hf.trl_chunked_divergence_loss(
-            sh.hidden, th.hidden, sh.weight, th.weight, completion, beta,
-            num_items_in_batch=n_items, student_lm_head_bias=sh.bias,
-            teacher_lm_head_bias=th.bias, student_logit_scale=sh.logit_scale,
-            teacher_logit_scale=th.logit_scale, student_final_logit_softcapping=sh.softcap,
-            teacher_final_logit_softcapping=th.softcap, temperature=temperature)
+            sh.hidden,
+            th.hidden,
+            sh.weight,
+            th.weight,
+            completion,
+            beta,
+            num_items_in_batch=n_items,
+            student_lm_head_bias=sh.bias,
+            teacher_lm_head_bias=th.bias,
+            student_logit_scale=sh.logit_scale,
+            teacher_logit_scale=th.logit_scale,
+            student_final_logit_softcapping=sh.softcap,
+            teacher_final_logit_softcapping=th.softcap,
+            temperature=temperature,
+        )
         grads = _student_grads(student, loss)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
     _compare(report, case, loss, grads, ref, ref_grads)
-    report.check(abs(entropy.item() - ent.item()) <= 1e-4 * max(1.0, ent.item()), case,
-                 f"entropy {entropy.item():.6g} vs {ent.item():.6g}")
+    report.check(
+        abs(entropy.item() - ent.item()) <= 1e-4 * max(1.0, ent.item()),
+        case,
+        f"entropy {entropy.item():.6g} vs {ent.item():.6g}",
+    )
     report.check(int(count) == int(valid.sum()), case, f"count {int(count)}")
 
 
@@ -214,36 +268,79 @@ def _bad_calls(rng: random.Random):
     yield "input_ids float", lambda: call(student, teacher, input_ids=ids.float()), TypeError
     yield "input_ids 1-D", lambda: call(student, teacher, input_ids=ids[0]), ValueError
     yield "input_ids T=1", lambda: call(student, teacher, input_ids=ids[:, :1]), ValueError
-    yield "labels float", lambda: call(student, teacher, input_ids=ids, labels=labels.float()), \
-        TypeError
-    yield "labels shape", lambda: call(student, teacher, input_ids=ids, labels=labels[:, 1:]), \
-        ValueError
-    yield "attention_mask shape", lambda: call(student, teacher, input_ids=ids,
-                                               attention_mask=torch.ones(2, 5).long()), ValueError
-    yield "ce_weight without labels", lambda: call(student, teacher, input_ids=ids,
-                                                   ce_weight=0.5), ValueError
+    yield (
+        "labels float",
+        lambda: call(student, teacher, input_ids=ids, labels=labels.float()),
+        TypeError,
+    )
+    yield (
+        "labels shape",
+        lambda: call(student, teacher, input_ids=ids, labels=labels[:, 1:]),
+        ValueError,
+    )
+    yield (
+        "attention_mask shape",
+        lambda: call(student, teacher, input_ids=ids, attention_mask=torch.ones(2, 5).long()),
+        ValueError,
+    )
+    yield (
+        "ce_weight without labels",
+        lambda: call(student, teacher, input_ids=ids, ce_weight=0.5),
+        ValueError,
+    )
     yield "teacher None", lambda: call(student, None, input_ids=ids), ValueError
-    yield "teacher and sparse", lambda: call(
-        student, teacher, input_ids=ids, teacher_ids=torch.zeros(2, 6, 2, dtype=torch.long),
-        teacher_logprobs=torch.full((2, 6, 2), -1.0)), ValueError
-    yield "sparse ids only", lambda: call(student, None, input_ids=ids,
-                                          teacher_ids=torch.zeros(2, 6, 2)), ValueError
-    yield "sparse shape", lambda: call(student, None, input_ids=ids,
-                                       teacher_ids=torch.zeros(2, 5, 2, dtype=torch.long),
-                                       teacher_logprobs=torch.full((2, 5, 2), -1.0)), ValueError
-    yield "divergence", lambda: call(student, teacher, input_ids=ids,
-                                     divergence=rng.choice(["kl", ""])), ValueError
+    yield (
+        "teacher and sparse",
+        lambda: call(
+            student,
+            teacher,
+            input_ids=ids,
+            teacher_ids=torch.zeros(2, 6, 2, dtype=torch.long),
+            teacher_logprobs=torch.full((2, 6, 2), -1.0),
+        ),
+        ValueError,
+    )
+    yield (
+        "sparse ids only",
+        lambda: call(student, None, input_ids=ids, teacher_ids=torch.zeros(2, 6, 2)),
+        ValueError,
+    )
+    yield (
+        "sparse shape",
+        lambda: call(
+            student,
+            None,
+            input_ids=ids,
+            teacher_ids=torch.zeros(2, 5, 2, dtype=torch.long),
+            teacher_logprobs=torch.full((2, 5, 2), -1.0),
+        ),
+        ValueError,
+    )
+    yield (
+        "divergence",
+        lambda: call(student, teacher, input_ids=ids, divergence=rng.choice(["kl", ""])),
+        ValueError,
+    )
     for bad in (0.0, -1.0, math.nan):
-        yield f"temperature={bad}", lambda b=bad: call(student, teacher, input_ids=ids,
-                                                       temperature=b), ValueError
+        yield (
+            f"temperature={bad}",
+            lambda b=bad: call(student, teacher, input_ids=ids, temperature=b),
+            ValueError,
+        )
     yield "chunk_size", lambda: call(student, teacher, input_ids=ids, chunk_size=0), ValueError
     yield "backend", lambda: call(student, teacher, input_ids=ids, backend="gpu"), ValueError
     yield "padded teacher vocab", lambda: call(student, big, input_ids=ids), ValueError
-    yield "num_items_in_batch", lambda: call(student, teacher, input_ids=ids,
-                                             num_items_in_batch=torch.ones(2)), ValueError
+    yield (
+        "num_items_in_batch",
+        lambda: call(student, teacher, input_ids=ids, num_items_in_batch=torch.ones(2)),
+        ValueError,
+    )
     yield "not an lm", lambda: call(student.model, teacher, input_ids=ids), TypeError
-    yield "head_inputs labels", lambda: hf.head_inputs(student, input_ids=ids, labels=labels), \
-        TypeError
+    yield (
+        "head_inputs labels",
+        lambda: hf.head_inputs(student, input_ids=ids, labels=labels),
+        TypeError,
+    )
     yield "head_inputs not a module", lambda: hf.head_inputs("llama", input_ids=ids), TypeError
     h = torch.randn(2, 6, 32)
     w = student.get_output_embeddings().weight

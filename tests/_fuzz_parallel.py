@@ -21,8 +21,17 @@ import traceback
 import torch
 from _fuzz import Failure, Report, check_bad_row, coef_for, expect_errors
 
-ALL_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd",
-                   "jeffreys", "alpha_beta", "renyi")
+ALL_DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "jsd",
+    "tvd",
+    "jeffreys",
+    "alpha_beta",
+    "renyi",
+)
 RTOL = 1e-5  # beyond twice the single-process call's own error against float64
 
 
@@ -57,8 +66,12 @@ def _options(rng: random.Random, gen: torch.Generator, lead: tuple) -> dict:
         if mask is not None:
             weights = weights.masked_fill(~mask, math.nan)  # masked rows add exactly 0
     reductions = ("mean", "sum", "none")
-    return {"temperature": rng.choice([1.0, 2.0, 0.5, rng.uniform(0.3, 4.0)]), "mask": mask,
-            "token_weights": weights, "reduction": rng.choice(reductions)}
+    return {
+        "temperature": rng.choice([1.0, 2.0, 0.5, rng.uniform(0.3, 4.0)]),
+        "mask": mask,
+        "token_weights": weights,
+        "reduction": rng.choice(reductions),
+    }
 
 
 def logits_case(seed: int, rank: int, world: int, group, report: Report) -> None:
@@ -81,14 +94,23 @@ def logits_case(seed: int, rank: int, world: int, group, report: Report) -> None
     s_full = (torch.randn(*lead, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
     t_full = (torch.randn(*lead, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
     upstream = torch.randn(lead if opts["reduction"] == "none" else (), generator=gen)
-    case = (f"parallel logits_case(seed={seed}, world={world}) rank {rank} [{divergence} {coef} "
-            f"split={split} lead={lead} {dtype} {backend} T={opts['temperature']:.3g} "
-            f"{opts['reduction']} mask={opts['mask'] is not None} "
-            f"weights={opts['token_weights'] is not None}]")
+    case = (
+        f"parallel logits_case(seed={seed}, world={world}) rank {rank} [{divergence} {coef} "
+        f"split={split} lead={lead} {dtype} {backend} T={opts['temperature']:.3g} "
+        f"{opts['reduction']} mask={opts['mask'] is not None} "
+        f"weights={opts['token_weights'] is not None}]"
+    )
     s = s_full[..., lo:hi].clone().requires_grad_()
     try:
-        loss = P.kd_loss(s, t_full[..., lo:hi], group=group, divergence=divergence,
-                         backend=backend, **coef, **opts)
+        loss = P.kd_loss(
+            s,
+            t_full[..., lo:hi],
+            group=group,
+            divergence=divergence,
+            backend=backend,
+            **coef,
+            **opts,
+        )
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
@@ -102,13 +124,23 @@ def logits_case(seed: int, rank: int, world: int, group, report: Report) -> None
     s64 = s_full.double().requires_grad_()
     ref = R.kd_loss(divergence, s64, t_full.double(), **coef, **clean)
     ref.backward(upstream.double())
-    report.check(loss.dtype == torch.float32 and loss.shape == ref.shape, case,
-                 f"loss {loss.dtype} {tuple(loss.shape)}")
+    report.check(
+        loss.dtype == torch.float32 and loss.shape == ref.shape,
+        case,
+        f"loss {loss.dtype} {tuple(loss.shape)}",
+    )
     report.check(s.grad.dtype == dtype, case, f"gradient dtype {s.grad.dtype}")
     _close(report, case, "loss", loss, single, ref, 1e-6 * scale)
     rounding = (s64.grad.to(dtype).double() - s64.grad).norm().item()
-    _close(report, case, "shard gradient", s.grad, one.grad[..., lo:hi], s64.grad[..., lo:hi],
-           2 * rounding + 1e-6 * scale)
+    _close(
+        report,
+        case,
+        "shard gradient",
+        s.grad,
+        one.grad[..., lo:hi],
+        s64.grad[..., lo:hi],
+        2 * rounding + 1e-6 * scale,
+    )
 
 
 def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
@@ -143,27 +175,50 @@ def fused_case(seed: int, rank: int, world: int, group, report: Report) -> None:
     bs, bt = (rnd(vocab), rnd(vocab)) if bias else (None, None)
     # the same upstream gradient on every rank (the seed is shared), as reduction="none" requires
     upstream = torch.randn(lead if opts["reduction"] == "none" else (), generator=gen)
-    case = (f"parallel fused_case(seed={seed}, world={world}) rank {rank} [{divergence} {coef} "
-            f"split={split} D={d_s}/{d_t} lead={lead} {dtype} {backend} "
-            f"T={opts['temperature']:.3g} {opts['reduction']} mask={opts['mask'] is not None} "
-            f"weights={opts['token_weights'] is not None} labels={labels is not None} "
-            f"ce={ce_weight} bias={bias} chunk={chunk}]")
-    common = {"divergence": divergence, "labels": labels, "ce_weight": ce_weight,
-              "chunk_size": chunk, **coef, **opts}
+    case = (
+        f"parallel fused_case(seed={seed}, world={world}) rank {rank} [{divergence} {coef} "
+        f"split={split} D={d_s}/{d_t} lead={lead} {dtype} {backend} "
+        f"T={opts['temperature']:.3g} {opts['reduction']} mask={opts['mask'] is not None} "
+        f"weights={opts['token_weights'] is not None} labels={labels is not None} "
+        f"ce={ce_weight} bias={bias} chunk={chunk}]"
+    )
+    common = {
+        "divergence": divergence,
+        "labels": labels,
+        "ce_weight": ce_weight,
+        "chunk_size": chunk,
+        **coef,
+        **opts,
+    }
     mine = [hs.clone().requires_grad_(), ws[lo:hi].clone().requires_grad_()]
     mine += [bs[lo:hi].clone().requires_grad_()] if bias else []
     try:
-        loss = P.fused_linear_kd(mine[0], mine[1], ht, wt[lo:hi], group=group, backend=backend,
-                                 student_bias=mine[2] if bias else None,
-                                 teacher_bias=bt[lo:hi] if bias else None, **common)
+        loss = P.fused_linear_kd(
+            mine[0],
+            mine[1],
+            ht,
+            wt[lo:hi],
+            group=group,
+            backend=backend,
+            student_bias=mine[2] if bias else None,
+            teacher_bias=bt[lo:hi] if bias else None,
+            **common,
+        )
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
     full = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
-    single = kd_kernels.fused_linear_kd(full[0], full[1], ht, wt, backend="torch",
-                                        student_bias=full[2] if bias else None,
-                                        teacher_bias=bt, **common)
+    single = kd_kernels.fused_linear_kd(
+        full[0],
+        full[1],
+        ht,
+        wt,
+        backend="torch",
+        student_bias=full[2] if bias else None,
+        teacher_bias=bt,
+        **common,
+    )
     single.backward(upstream)
     f64 = [x.detach().double().requires_grad_() for x in full]
     ref = _fused_reference(f64, ht, wt, bt, common)
@@ -186,13 +241,24 @@ def _fused_reference(f64: list, ht, wt, bt, common: dict) -> torch.Tensor:
     if weights is not None and kd_mask is not None:
         weights = torch.where(kd_mask, weights, 0.0)
     coef = {k: common[k] for k in ("alpha", "beta") if k in common}
-    total = R.kd_loss(common["divergence"], s, t, temperature=common["temperature"], mask=kd_mask,
-                      token_weights=weights, reduction=common["reduction"], **coef)
+    total = R.kd_loss(
+        common["divergence"],
+        s,
+        t,
+        temperature=common["temperature"],
+        mask=kd_mask,
+        token_weights=weights,
+        reduction=common["reduction"],
+        **coef,
+    )
     if labels is not None:
         valid = labels != -100 if mask is None else (labels != -100) & mask
         nll = R.cross_entropy_per_token(s, torch.where(valid, labels, -100))
-        reduce = {"mean": lambda x: x.sum() / valid.sum().clamp_min(1), "sum": torch.sum,
-                  "none": lambda x: x}
+        reduce = {
+            "mean": lambda x: x.sum() / valid.sum().clamp_min(1),
+            "sum": torch.sum,
+            "none": lambda x: x,
+        }
         ce = reduce[common["reduction"]](nll)
         total = total + common["ce_weight"] * ce
     return total
@@ -214,9 +280,11 @@ def hostile_case(seed: int, rank: int, world: int, group, report: Report) -> Non
     kind = rng.choice(("nan", "posinf", "neginf"))
     owner, bad = rng.randrange(world), rng.randrange(n)
     masked, backend = rng.random() < 0.4, rng.choice(_vp_backends())
-    case = (f"parallel hostile_case(seed={seed}, world={world}) rank {rank} [{kind} in rank "
-            f"{owner}'s shard, row {bad}, masked={masked} {divergence} {coef} split={split} "
-            f"{backend}]")
+    case = (
+        f"parallel hostile_case(seed={seed}, world={world}) rank {rank} [{kind} in rank "
+        f"{owner}'s shard, row {bad}, masked={masked} {divergence} {coef} split={split} "
+        f"{backend}]"
+    )
     s_full, t_full = torch.randn(n, vocab, generator=gen), torch.randn(n, vocab, generator=gen)
     o_lo, o_hi = sum(split[:owner]), sum(split[: owner + 1])
     target = s_full if rng.random() < 0.5 else t_full
@@ -228,8 +296,16 @@ def hostile_case(seed: int, rank: int, world: int, group, report: Report) -> Non
     mask[bad] = not masked
     x = s_full[:, lo:hi].clone().requires_grad_()
     try:
-        loss = P.kd_loss(x, t_full[:, lo:hi], group=group, divergence=divergence, mask=mask,
-                         reduction="none", backend=backend, **coef)
+        loss = P.kd_loss(
+            x,
+            t_full[:, lo:hi],
+            group=group,
+            divergence=divergence,
+            mask=mask,
+            reduction="none",
+            backend=backend,
+            **coef,
+        )
         loss.sum().backward()
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
@@ -262,40 +338,63 @@ def _bad_calls(rng: random.Random, rank: int, world: int, group):
     yield "divergence", lambda: kd(s, t, group=group, divergence="kl"), ValueError
     yield "jsd beta=1", lambda: kd(s, t, group=group, divergence="jsd", beta=1.0), ValueError
     yield "renyi alpha=1", lambda: kd(s, t, group=group, divergence="renyi", alpha=1.0), ValueError
-    yield "interpolation", lambda: kd(s, t, group=group, interpolation=0.5), \
-        NotImplementedError
+    yield "interpolation", lambda: kd(s, t, group=group, interpolation=0.5), NotImplementedError
     yield "inplace_grad", lambda: kd(s, t, group=group, inplace_grad=True), TypeError
     yield "student int", lambda: kd(s.long(), t, group=group), TypeError
     yield "lead mismatch", lambda: kd(s, torch.randn(4, v), group=group), ValueError
     yield "mask float", lambda: kd(s, t, group=group, mask=torch.ones(3)), TypeError
-    yield "mask shape", lambda: kd(s, t, group=group, mask=torch.ones(2, dtype=torch.bool)), \
-        ValueError
-    yield "backend cuda", lambda: kd(s, t, group=group, backend="cuda"), \
-        kd_kernels.BackendUnavailableError
+    yield (
+        "mask shape",
+        lambda: kd(s, t, group=group, mask=torch.ones(2, dtype=torch.bool)),
+        ValueError,
+    )
+    yield (
+        "backend cuda",
+        lambda: kd(s, t, group=group, backend="cuda"),
+        kd_kernels.BackendUnavailableError,
+    )
     yield "backend unknown", lambda: kd(s, t, group=group, backend="gpu"), ValueError
     yield "fused weight transposed", lambda: fl(h, ws.t(), ht, wt, group=group), ValueError
     yield "fused dtype mismatch", lambda: fl(h, ws.bfloat16(), ht, wt, group=group), TypeError
     total = sum(5 + r for r in range(world))
-    yield "fused label = ΣV_r", lambda: fl(h, ws, ht, wt, group=group,
-                                           labels=torch.tensor([0, total, 1])), ValueError
-    yield "fused ce_weight without labels", lambda: fl(h, ws, ht, wt, group=group,
-                                                       ce_weight=1.0), ValueError
-    yield "fused ce_weight < 0", lambda: fl(h, ws, ht, wt, group=group, ce_weight=-1.0,
-                                            labels=torch.tensor([0, 1, 2])), ValueError
+    yield (
+        "fused label = ΣV_r",
+        lambda: fl(h, ws, ht, wt, group=group, labels=torch.tensor([0, total, 1])),
+        ValueError,
+    )
+    yield (
+        "fused ce_weight without labels",
+        lambda: fl(h, ws, ht, wt, group=group, ce_weight=1.0),
+        ValueError,
+    )
+    yield (
+        "fused ce_weight < 0",
+        lambda: fl(h, ws, ht, wt, group=group, ce_weight=-1.0, labels=torch.tensor([0, 1, 2])),
+        ValueError,
+    )
     yield "fused chunk_size", lambda: fl(h, ws, ht, wt, group=group, chunk_size=0), ValueError
-    yield "fused interpolation", lambda: fl(h, ws, ht, wt, group=group, interpolation=0.5), \
-        NotImplementedError
+    yield (
+        "fused interpolation",
+        lambda: fl(h, ws, ht, wt, group=group, interpolation=0.5),
+        NotImplementedError,
+    )
 
 
 def invalid_cases(seed: int, rank: int, world: int, group, report: Report) -> None:
     import kd_kernels.parallel as P
 
     rng = random.Random(seed)
-    expect_errors(report, f"parallel invalid_cases(seed={seed}, world={world}) rank {rank}",
-                  _bad_calls(rng, rank, world, group))
+    expect_errors(
+        report,
+        f"parallel invalid_cases(seed={seed}, world={world}) rank {rank}",
+        _bad_calls(rng, rank, world, group),
+    )
     s = torch.randn(2, 3 + rank)
-    report.check(P.kd_loss(s, s, group=group).item() == 0.0, f"parallel invalid_cases(seed={seed})",
-                 "the group is not usable after the errors")
+    report.check(
+        P.kd_loss(s, s, group=group).item() == 0.0,
+        f"parallel invalid_cases(seed={seed})",
+        "the group is not usable after the errors",
+    )
 
 
 FAMILIES = {"logits": logits_case, "fused": fused_case, "hostile": hostile_case}
@@ -320,8 +419,10 @@ def _worker(rank: int, world: int, init_file: str, seeds: list, out_dir: str, bo
         report.check(False, f"parallel worker rank {rank}", traceback.format_exc())
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"checks": report.checks, "failures": [[x.case, x.what] for x in
-                                                              report.failures]}, f)
+            json.dump(
+                {"checks": report.checks, "failures": [[x.case, x.what] for x in report.failures]},
+                f,
+            )
         dist.barrier()
         dist.destroy_process_group()
 
@@ -335,8 +436,9 @@ def run(seeds: list, world: int = 2, timeout_s: float = 300.0, body=None) -> Rep
     report = Report()
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "pg")
-        ctx = mp.spawn(_worker, args=(world, init, list(seeds), tmp, body), nprocs=world,
-                       join=False)
+        ctx = mp.spawn(
+            _worker, args=(world, init, list(seeds), tmp, body), nprocs=world, join=False
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -349,6 +451,7 @@ def run(seeds: list, world: int = 2, timeout_s: float = 300.0, body=None) -> Rep
                     p.kill()
         for rank in range(world):
             data = json.loads(open(os.path.join(tmp, f"rank{rank}.json")).read())
-            report.merge(Report([Failure(case, what) for case, what in data["failures"]],
-                                data["checks"]))
+            report.merge(
+                Report([Failure(case, what) for case, what in data["failures"]], data["checks"])
+            )
     return report

@@ -43,8 +43,15 @@ def _tail(rng: random.Random, divergence: str) -> str:
     return rng.choice(("bucket", "renormalize") + ignore)
 
 
-def sparse_teacher(rng: random.Random, gen: torch.Generator, n: int, vocab: int, k: int,
-                   lp_dtype: torch.dtype, tail: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def sparse_teacher(
+    rng: random.Random,
+    gen: torch.Generator,
+    n: int,
+    vocab: int,
+    k: int,
+    lp_dtype: torch.dtype,
+    tail: str,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(ids (n, K) int64, log-probs (n, K) in lp_dtype, a description): a random teacher's top-k or
     K random ids (any order), some entries padding (-inf, garbage id), sometimes a row of padding
     only; with tail="ignore" sometimes K sampled ids (duplicates) at log(1/K). Σ p ≤ 1 after
@@ -55,12 +62,18 @@ def sparse_teacher(rng: random.Random, gen: torch.Generator, n: int, vocab: int,
     if how == "topk":
         lp, ids = logp.topk(k, -1)
     elif how == "random":
-        ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)]) if n \
+        ids = (
+            torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+            if n
             else torch.zeros(0, k, dtype=torch.long)
+        )
         lp = logp.gather(-1, ids)
     else:  # the sampled-token estimator: ids drawn from the teacher, duplicates allowed
-        ids = torch.multinomial(logp.exp(), k, replacement=True, generator=gen) if n \
+        ids = (
+            torch.multinomial(logp.exp(), k, replacement=True, generator=gen)
+            if n
             else torch.zeros(0, k, dtype=torch.long)
+        )
         lp = torch.full((n, k), -math.log(k), dtype=torch.float64)
     pad = torch.rand(n, k, generator=gen) < rng.choice([0.0, 0.2])
     if n and rng.random() < 0.2:
@@ -88,8 +101,9 @@ def sparse_case(seed: int, backend: str, report: Report) -> None:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     divergence = rng.choice(ALL_DIVERGENCES)
-    tail = rng.choice(("bucket", "renormalize") + (("ignore",) * 2 if divergence == "forward_kl"
-                                                   else ()))
+    tail = rng.choice(
+        ("bucket", "renormalize") + (("ignore",) * 2 if divergence == "forward_kl" else ())
+    )
     coef = coef_for(divergence, rng)
     vocab = rng.choice((1, 2, 3, 17, 64, 131, 257))
     k = min(vocab, rng.choice((1, 2, 8, 16, vocab)))
@@ -104,10 +118,12 @@ def sparse_case(seed: int, backend: str, report: Report) -> None:
     use_mask, use_weights = rng.random() < 0.5, rng.random() < 0.4
     api = rng.choice(("sparse_kd", "module"))
     ids, lp, how = sparse_teacher(rng, gen, n, vocab, k, lp_dtype, tail)
-    case = (f"sparse_case(seed={seed}, backend={backend!r}) [{divergence} {coef} tail={tail} "
-            f"V={vocab} K={k} lead={lead} {s_dtype}/{lp_dtype} ids={ids_dtype} {reduction} "
-            f"T={temperature:.3g} "
-            f"scale={scale} {layout} mask={use_mask} weights={use_weights} api={api} {how}]")
+    case = (
+        f"sparse_case(seed={seed}, backend={backend!r}) [{divergence} {coef} tail={tail} "
+        f"V={vocab} K={k} lead={lead} {s_dtype}/{lp_dtype} ids={ids_dtype} {reduction} "
+        f"T={temperature:.3g} "
+        f"scale={scale} {layout} mask={use_mask} weights={use_weights} api={api} {how}]"
+    )
     s_vals = (torch.randn(n, vocab, generator=gen, dtype=torch.float64) * scale).to(s_dtype)
     mask = (torch.rand(lead, generator=gen) < 0.6) if use_mask else None
     if mask is not None and n:  # masked rows are never read: garbage ids and log-probs there
@@ -133,18 +149,38 @@ def sparse_case(seed: int, backend: str, report: Report) -> None:
             mod = kd_kernels.SparseKDLoss(divergence, **coef, **opts)
             loss = mod(s_in, ids_in, lp.reshape(*lead, k), mask=mask, token_weights=weights)
         else:
-            loss = kd_kernels.sparse_kd(s_in, ids_in, lp.reshape(*lead, k), divergence=divergence,
-                                        mask=mask, token_weights=weights, **coef, **opts)
+            loss = kd_kernels.sparse_kd(
+                s_in,
+                ids_in,
+                lp.reshape(*lead, k),
+                divergence=divergence,
+                mask=mask,
+                token_weights=weights,
+                **coef,
+                **opts,
+            )
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001 - any exception on valid input is a failure to report
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
-    clean_w = None if weights is None else (
-        weights.double() if mask is None else torch.where(mask, weights.double(), 0.0))
+    clean_w = (
+        None
+        if weights is None
+        else (weights.double() if mask is None else torch.where(mask, weights.double(), 0.0))
+    )
     s64 = s_vals.double().requires_grad_()
-    ref = R.sparse_kd_loss(divergence, s64.reshape(*lead, vocab), ids.reshape(*lead, k),
-                           lp.double().reshape(*lead, k), tail=tail, temperature=temperature,
-                           mask=mask, token_weights=clean_w, reduction=reduction, **coef)
+    ref = R.sparse_kd_loss(
+        divergence,
+        s64.reshape(*lead, vocab),
+        ids.reshape(*lead, k),
+        lp.double().reshape(*lead, k),
+        tail=tail,
+        temperature=temperature,
+        mask=mask,
+        token_weights=clean_w,
+        reduction=reduction,
+        **coef,
+    )
     g_ref = _backward(ref, upstream, s64)
     report.check(loss.dtype == torch.float32, case, f"loss dtype {loss.dtype}")
     report.check(tuple(loss.shape) == tuple(ref.shape), case, f"loss shape {tuple(loss.shape)}")
@@ -155,9 +191,18 @@ def sparse_case(seed: int, backend: str, report: Report) -> None:
     report.check(bool(torch.isfinite(loss).all()), case, f"non-finite loss {loss}")
     report.check(bool(torch.isfinite(grad).all()), case, "non-finite gradient")
     z_scale = max(1.0, s_vals.double().abs().max().item() / temperature if n else 1.0)
-    check_loss_and_grad(report, case, loss, ref, grad, g_ref,
-                        c=row_coefficients(lead, mask, weights, reduction), upstream=upstream,
-                        z_scale=z_scale, temperature=temperature)
+    check_loss_and_grad(
+        report,
+        case,
+        loss,
+        ref,
+        grad,
+        g_ref,
+        c=row_coefficients(lead, mask, weights, reduction),
+        upstream=upstream,
+        z_scale=z_scale,
+        temperature=temperature,
+    )
     check_masked_rows(report, case, loss, grad, mask, reduction)
 
 
@@ -180,34 +225,62 @@ def fused_sparse_case(seed: int, backend: str, report: Report) -> None:
     use_mask, use_weights = rng.random() < 0.4, rng.random() < 0.4
     chunk = rng.choice((None, 1, 3, 8))
     ids, lp, how = sparse_teacher(rng, gen, n, vocab, k, rng.choice(DTYPES), tail)
-    case = (f"fused_sparse_case(seed={seed}, backend={backend!r}) [{divergence} {coef} tail={tail} "
-            f"V={vocab} D={d} K={k} lead={lead} {dtype} {reduction} T={temperature:.3g} "
-            f"bias={bias} "
-            f"labels={use_labels} ce={ce_weight} mask={use_mask} weights={use_weights} "
-            f"chunk={chunk} {how}]")
+    case = (
+        f"fused_sparse_case(seed={seed}, backend={backend!r}) [{divergence} {coef} tail={tail} "
+        f"V={vocab} D={d} K={k} lead={lead} {dtype} {reduction} T={temperature:.3g} "
+        f"bias={bias} "
+        f"labels={use_labels} ce={ce_weight} mask={use_mask} weights={use_weights} "
+        f"chunk={chunk} {how}]"
+    )
     hs = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
     ws = (torch.randn(vocab, d, generator=gen, dtype=torch.float64) * 2 / d**0.5).to(dtype)
     bs = torch.randn(vocab, generator=gen, dtype=torch.float64).to(dtype) if bias else None
-    mask, labels, kd_mask, weights = token_options(gen, lead, vocab, use_mask, use_labels,
-                                                   use_weights)
+    mask, labels, kd_mask, weights = token_options(
+        gen, lead, vocab, use_mask, use_labels, use_weights
+    )
     leaves = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
     upstream = torch.randn((), generator=gen)
     try:
         loss = kd_kernels.fused_linear_sparse_kd(
-            leaves[0].reshape(*lead, d), leaves[1], ids.reshape(*lead, k), lp.reshape(*lead, k),
-            divergence=divergence, tail=tail, student_bias=leaves[2] if bias else None,
-            temperature=temperature, mask=mask, token_weights=weights, reduction=reduction,
-            labels=labels, ce_weight=ce_weight, chunk_size=chunk, backend=backend, **coef)
+            leaves[0].reshape(*lead, d),
+            leaves[1],
+            ids.reshape(*lead, k),
+            lp.reshape(*lead, k),
+            divergence=divergence,
+            tail=tail,
+            student_bias=leaves[2] if bias else None,
+            temperature=temperature,
+            mask=mask,
+            token_weights=weights,
+            reduction=reduction,
+            labels=labels,
+            ce_weight=ce_weight,
+            chunk_size=chunk,
+            backend=backend,
+            **coef,
+        )
         loss.backward(upstream)
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
     L64, s = student_logits64(leaves, lead)
-    clean_w = None if weights is None else (
-        weights.double() if kd_mask is None else torch.where(kd_mask, weights.double(), 0.0))
-    total = R.sparse_kd_loss(divergence, s, ids.reshape(*lead, k), lp.double().reshape(*lead, k),
-                             tail=tail, temperature=temperature, mask=kd_mask,
-                             token_weights=clean_w, reduction=reduction, **coef)
+    clean_w = (
+        None
+        if weights is None
+        else (weights.double() if kd_mask is None else torch.where(kd_mask, weights.double(), 0.0))
+    )
+    total = R.sparse_kd_loss(
+        divergence,
+        s,
+        ids.reshape(*lead, k),
+        lp.double().reshape(*lead, k),
+        tail=tail,
+        temperature=temperature,
+        mask=kd_mask,
+        token_weights=clean_w,
+        reduction=reduction,
+        **coef,
+    )
     if labels is not None:
         valid = labels != -100 if mask is None else (labels != -100) & mask
         nll = R.cross_entropy_per_token(s, torch.where(valid, labels, -100))
@@ -222,8 +295,11 @@ def fused_sparse_case(seed: int, backend: str, report: Report) -> None:
     c = row_coefficients(lead, kd_mask, weights, reduction)
     err = abs(loss.item() - total.item())
     floor = 1e-5 * z_scale * (1 + math.log(vocab)) * (c.norm().item() + ce_weight * max(1, n))
-    report.check(err <= tol * z_scale * abs(total.item()) + floor, case,
-                 f"loss error {err:.3g} (reference {total.item():.4g})")
+    report.check(
+        err <= tol * z_scale * abs(total.item()) + floor,
+        case,
+        f"loss error {err:.3g} (reference {total.item():.4g})",
+    )
     g_floor = 1e-5 * z_scale * (c.norm().item() + ce_weight) * abs(upstream.item()) / temperature
     factors = (ws.double().norm().item(), hs.double().norm().item(), max(1, n) ** 0.5)
     for name, x, g, f in zip(("h_s", "W_s", "b_s"), leaves, grads, factors):
@@ -232,8 +308,11 @@ def fused_sparse_case(seed: int, backend: str, report: Report) -> None:
             continue
         err, ref_norm = (x.grad.double() - g).norm().item(), g.norm().item()
         bound = 3 * tol * z_scale * ref_norm + g_floor * f
-        report.check(err <= bound, case, f"grad {name} error {err:.3g} > {bound:.3g} "
-                     f"(ref norm {ref_norm:.3g})")
+        report.check(
+            err <= bound,
+            case,
+            f"grad {name} error {err:.3g} > {bound:.3g} (ref norm {ref_norm:.3g})",
+        )
 
 
 def topk_case(seed: int, report: Report) -> None:
@@ -247,19 +326,25 @@ def topk_case(seed: int, report: Report) -> None:
     dtype = rng.choice((torch.float32, torch.bfloat16))
     temperature = rng.choice([1.0, 2.0, 0.5, rng.uniform(0.3, 4.0)])
     bias, chunk = rng.random() < 0.5, rng.choice((None, 1, 4))
-    case = (f"topk_case(seed={seed}) [V={vocab} D={d} k={k} lead={lead} {dtype} "
-            f"T={temperature:.3g} bias={bias} chunk={chunk}]")
+    case = (
+        f"topk_case(seed={seed}) [V={vocab} D={d} k={k} lead={lead} {dtype} "
+        f"T={temperature:.3g} bias={bias} chunk={chunk}]"
+    )
     h = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
     w = (torch.randn(vocab, d, generator=gen, dtype=torch.float64) * 2 / d**0.5).to(dtype)
     b = torch.randn(vocab, generator=gen, dtype=torch.float64).to(dtype) if bias else None
     try:
-        ids, lps = kd_kernels.teacher_topk(h.reshape(*lead, d), w, k, teacher_bias=b,
-                                           temperature=temperature, chunk_size=chunk)
+        ids, lps = kd_kernels.teacher_topk(
+            h.reshape(*lead, d), w, k, teacher_bias=b, temperature=temperature, chunk_size=chunk
+        )
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
-    report.check(ids.dtype == torch.int64 and lps.dtype == torch.float32, case,
-                 f"dtypes {ids.dtype}, {lps.dtype}")
+    report.check(
+        ids.dtype == torch.int64 and lps.dtype == torch.float32,
+        case,
+        f"dtypes {ids.dtype}, {lps.dtype}",
+    )
     report.check(tuple(ids.shape) == tuple(lps.shape) == (*lead, k), case, f"shape {ids.shape}")
     logp = ((h.double() @ w.double().T + (b.double() if bias else 0)) / temperature).log_softmax(-1)
     ref_vals = logp.topk(k, -1).values.reshape(*lead, k)
@@ -275,12 +360,21 @@ def topk_case(seed: int, report: Report) -> None:
     got = logp.gather(-1, flat.clamp(0, vocab - 1)).reshape(*lead, k)
     err = (got - lps.double()).abs().max().item() if n else 0.0
     report.check(err <= tol + 1e-6, case, f"returned log-probs are not their ids' ({err:.3g})")
-    report.check(bool((lps[..., 1:] <= lps[..., :-1]).all()) if k > 1 else True, case,
-                 "not sorted by descending log-prob")
+    report.check(
+        bool((lps[..., 1:] <= lps[..., :-1]).all()) if k > 1 else True,
+        case,
+        "not sorted by descending log-prob",
+    )
 
 
-BAD_ROWS = ("nan_student", "posinf_student", "neginf_student", "overflow", "nan_teacher",
-            "nan_weight")
+BAD_ROWS = (
+    "nan_student",
+    "posinf_student",
+    "neginf_student",
+    "overflow",
+    "nan_teacher",
+    "nan_weight",
+)
 
 
 def sparse_hostile_case(seed: int, backend: str, report: Report) -> None:
@@ -295,8 +389,10 @@ def sparse_hostile_case(seed: int, backend: str, report: Report) -> None:
     n, vocab = rng.randint(2, 6), rng.choice((5, 33, 131))
     k = min(vocab, rng.choice((1, 4, 8)))
     bad = rng.randrange(n)
-    case = (f"sparse_hostile_case(seed={seed}, backend={backend!r}) [{kind} masked={masked} "
-            f"{divergence} {coef} tail={tail} N={n} V={vocab} K={k} row={bad}]")
+    case = (
+        f"sparse_hostile_case(seed={seed}, backend={backend!r}) [{kind} masked={masked} "
+        f"{divergence} {coef} tail={tail} N={n} V={vocab} K={k} row={bad}]"
+    )
     s = torch.randn(n, vocab, generator=gen)
     ids, lp, _ = sparse_teacher(rng, gen, n, vocab, k, torch.float32, tail)
     row_lp, row_ids = torch.randn(vocab, generator=gen, dtype=torch.float64).log_softmax(-1).topk(k)
@@ -320,25 +416,46 @@ def sparse_hostile_case(seed: int, backend: str, report: Report) -> None:
     mask[bad] = not masked
     x = s.clone().requires_grad_()
     try:
-        loss = kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, tail=tail, mask=mask,
-                                    token_weights=weights, temperature=temperature,
-                                    reduction="none", backend=backend, **coef)
+        loss = kd_kernels.sparse_kd(
+            x,
+            ids,
+            lp,
+            divergence=divergence,
+            tail=tail,
+            mask=mask,
+            token_weights=weights,
+            temperature=temperature,
+            reduction="none",
+            backend=backend,
+            **coef,
+        )
         loss.backward(torch.ones(n))
     except Exception as e:  # noqa: BLE001
         report.check(False, case, f"raised {type(e).__name__}: {e}")
         return
     good = [i for i in range(n) if i != bad]
     s64 = s[good].double().requires_grad_()
-    ref = R.sparse_kd_loss(divergence, s64, ids[good], lp[good].double(), tail=tail,
-                           temperature=temperature, token_weights=weights[good].double(),
-                           reduction="none", **coef)
+    ref = R.sparse_kd_loss(
+        divergence,
+        s64,
+        ids[good],
+        lp[good].double(),
+        tail=tail,
+        temperature=temperature,
+        token_weights=weights[good].double(),
+        reduction="none",
+        **coef,
+    )
     (ref.sum().backward() if ref.requires_grad else None)
     g_ref = s64.grad if s64.grad is not None else torch.zeros_like(s64)
     err = (loss[good].double() - ref).abs().max().item()
     report.check(err <= 1e-4 * max(1.0, ref.abs().max().item()), case, f"other rows {err:.3g}")
     err = (x.grad[good].double() - g_ref).abs().max().item()
-    report.check(err <= 1e-4 * max(1.0, g_ref.abs().max().item()) / temperature, case,
-                 f"other rows' gradient {err:.3g}")
+    report.check(
+        err <= 1e-4 * max(1.0, g_ref.abs().max().item()) / temperature,
+        case,
+        f"other rows' gradient {err:.3g}",
+    )
     check_bad_row(report, case, loss, x.grad, bad, masked)
 
 
@@ -369,8 +486,11 @@ def _bad_sparse_calls(rng: random.Random):
     yield "student int", lambda: f(s.long(), ids, lp), TypeError
     yield "student V=0", lambda: f(torch.randn(3, 0), ids, lp), ValueError
     yield "tail", lambda: f(s, ids, lp, tail=rng.choice(["top", "", None])), ValueError
-    yield "tail ignore + reverse_kl", lambda: f(s, ids, lp, tail="ignore",
-                                                divergence="reverse_kl"), ValueError
+    yield (
+        "tail ignore + reverse_kl",
+        lambda: f(s, ids, lp, tail="ignore", divergence="reverse_kl"),
+        ValueError,
+    )
     yield "backend", lambda: f(s, ids, lp, backend=rng.choice(["gpu", "", None])), ValueError
     yield "backend cuda", lambda: f(s, ids, lp, backend="cuda"), kd_kernels.BackendUnavailableError
     for bad in (0.0, -1.0, math.nan, math.inf, 1e-39):
@@ -381,10 +501,17 @@ def _bad_sparse_calls(rng: random.Random):
     yield "mask shape", lambda: f(s, ids, lp, mask=torch.ones(2, dtype=torch.bool)), ValueError
     yield "weights int", lambda: f(s, ids, lp, token_weights=torch.ones(3).long()), TypeError
     yield "divergence", lambda: f(s, ids, lp, divergence="kl"), ValueError
-    for name, key, bad in (("jsd", "beta", 1.0), ("skew_forward_kl", "alpha", 0.0),
-                           ("renyi", "alpha", 1.0), ("alpha_beta", "beta", -1.0)):
-        yield f"{name} {key}={bad}", lambda n=name, kk=key, b=bad: f(s, ids, lp, divergence=n,
-                                                                     **{kk: b}), ValueError
+    for name, key, bad in (
+        ("jsd", "beta", 1.0),
+        ("skew_forward_kl", "alpha", 0.0),
+        ("renyi", "alpha", 1.0),
+        ("alpha_beta", "beta", -1.0),
+    ):
+        yield (
+            f"{name} {key}={bad}",
+            lambda n=name, kk=key, b=bad: f(s, ids, lp, divergence=n, **{kk: b}),
+            ValueError,
+        )
     yield "module tail", lambda: kd_kernels.SparseKDLoss(tail="top"), ValueError
     yield "module reduction", lambda: kd_kernels.SparseKDLoss(reduction="avg"), ValueError
     yield "module temperature", lambda: kd_kernels.SparseKDLoss(temperature=0.0), ValueError
@@ -395,11 +522,17 @@ def _bad_sparse_calls(rng: random.Random):
     yield "fused ids lead", lambda: fl(h, w, ids[:2], lp[:2]), ValueError
     yield "fused reduction none", lambda: fl(h, w, ids, lp, reduction="none"), NotImplementedError
     yield "fused ce_weight without labels", lambda: fl(h, w, ids, lp, ce_weight=1.0), ValueError
-    yield "fused ce_weight", lambda: fl(h, w, ids, lp, labels=torch.tensor([0, 1, 2]),
-                                        ce_weight=-1.0), ValueError
+    yield (
+        "fused ce_weight",
+        lambda: fl(h, w, ids, lp, labels=torch.tensor([0, 1, 2]), ce_weight=-1.0),
+        ValueError,
+    )
     yield "fused labels float", lambda: fl(h, w, ids, lp, labels=torch.zeros(3)), TypeError
-    yield "fused labels range", lambda: fl(h, w, ids, lp, labels=torch.tensor([0, v, 1])), \
-        ValueError
+    yield (
+        "fused labels range",
+        lambda: fl(h, w, ids, lp, labels=torch.tensor([0, v, 1])),
+        ValueError,
+    )
     yield "fused chunk_size", lambda: fl(h, w, ids, lp, chunk_size=0), ValueError
     yield "fused bias shape", lambda: fl(h, w, ids, lp, student_bias=torch.randn(v + 1)), ValueError
     tk = kd_kernels.teacher_topk
@@ -414,5 +547,6 @@ def _bad_sparse_calls(rng: random.Random):
 
 
 def invalid_sparse_cases(seed: int, report: Report) -> None:
-    expect_errors(report, f"invalid_sparse_cases(seed={seed})",
-                  _bad_sparse_calls(random.Random(seed)))
+    expect_errors(
+        report, f"invalid_sparse_cases(seed={seed})", _bad_sparse_calls(random.Random(seed))
+    )

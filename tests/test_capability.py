@@ -35,11 +35,13 @@ def test_covering_set_covers_every_pair():
         cases = C.covering_cases(entry)
         supported = [c for c in cases if c.unsupported() is None]
         factors = C._factors(entry, supported=True)
-        seen = set().union(*(C._pairs({n: getattr(c, n) for n in factors}, list(factors))
-                             for c in supported))
+        seen = set().union(
+            *(C._pairs({n: getattr(c, n) for n in factors}, list(factors)) for c in supported)
+        )
         for (a, xs), (b, ys) in itertools.combinations(factors.items(), 2):
-            missing = {(x, y) for x in xs for y in ys} - {(p[1], p[3]) for p in seen
-                                                         if (p[0], p[2]) == (a, b)}
+            missing = {(x, y) for x in xs for y in ys} - {
+                (p[1], p[3]) for p in seen if (p[0], p[2]) == (a, b)
+            }
             assert not missing, f"{entry}: ({a}, {b}) = {sorted(missing, key=repr)[:3]} uncovered"
         refused = {(c.divergence, c.unsupported()) for c in cases if c.unsupported()}
         gaps = C.SUPPORT[entry][1]
@@ -72,7 +74,11 @@ def test_readme_table_is_generated():
     ``--write`` after changing tests/_capability.py's SUPPORT)."""
     readme = (C.ROOT / "README.md").read_text()
     assert C.readme_table(readme) == C.markdown()
-    out = subprocess.run([sys.executable, str(C.ROOT / "tests" / "_capability.py"), "--markdown"],
-                         capture_output=True, text=True, check=True, cwd=C.ROOT).stdout
+    out = subprocess.run(
+        [sys.executable, str(C.ROOT / "tests" / "_capability.py"), "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=C.ROOT,
+    ).stdout
     assert out == C.markdown()
-

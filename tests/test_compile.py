@@ -31,51 +31,84 @@ def _inputs(n, seed=0):
         labels[-1] = -100
         mask[1] = False
     return {
-        "h": torch.randn(n, D, generator=g), "x": torch.randn(n, V, generator=g),
-        "w": torch.randn(V, D, generator=g), "b": torch.randn(V, generator=g),
-        "ht": torch.randn(n, DT, generator=g), "wt": torch.randn(V, DT, generator=g),
-        "ids": ids, "lp": lp, "labels": labels, "mask": mask,
+        "h": torch.randn(n, D, generator=g),
+        "x": torch.randn(n, V, generator=g),
+        "w": torch.randn(V, D, generator=g),
+        "b": torch.randn(V, generator=g),
+        "ht": torch.randn(n, DT, generator=g),
+        "wt": torch.randn(V, DT, generator=g),
+        "ids": ids,
+        "lp": lp,
+        "labels": labels,
+        "mask": mask,
         "upstream": torch.randn(n, generator=g),
     }
 
 
 def _sparse(x, w, b, i, reduction="mean", tail="bucket", backend="auto"):
-    loss = kd_kernels.sparse_kd(x, i["ids"], i["lp"], mask=i["mask"], reduction=reduction,
-                                tail=tail, divergence="jsd", temperature=2.0, backend=backend)
+    loss = kd_kernels.sparse_kd(
+        x,
+        i["ids"],
+        i["lp"],
+        mask=i["mask"],
+        reduction=reduction,
+        tail=tail,
+        divergence="jsd",
+        temperature=2.0,
+        backend=backend,
+    )
     return (loss * i["upstream"]).sum() if reduction == "none" else loss
 
 
 def _fused(x, w, b, i, reduction="mean", labels=True):
     opts = {"labels": i["labels"], "ce_weight": 0.5} if labels else {"mask": i["mask"]}
-    loss = kd_kernels.fused_linear_kd(x, w, i["ht"], i["wt"], student_bias=b, chunk_size=4,
-                                      divergence="reverse_kl", reduction=reduction,
-                                      student_softcap=3.0, **opts)
+    loss = kd_kernels.fused_linear_kd(
+        x,
+        w,
+        i["ht"],
+        i["wt"],
+        student_bias=b,
+        chunk_size=4,
+        divergence="reverse_kl",
+        reduction=reduction,
+        student_softcap=3.0,
+        **opts,
+    )
     return (loss * i["upstream"]).sum() if reduction == "none" else loss
 
 
 def _fused_sparse(x, w, b, i, reduction="mean", labels=True):
     opts = {"labels": i["labels"], "ce_weight": 0.5} if labels else {"mask": i["mask"]}
-    return kd_kernels.fused_linear_sparse_kd(x, w, i["ids"], i["lp"], student_bias=b,
-                                             chunk_size=4, reduction=reduction, **opts)
+    return kd_kernels.fused_linear_sparse_kd(
+        x, w, i["ids"], i["lp"], student_bias=b, chunk_size=4, reduction=reduction, **opts
+    )
 
 
 def _logprobs(x, w, b, i, entropy=True):
     tokens = i["labels"].clamp_min(0)
     if entropy:
-        lp, ent = kd_kernels.fused_linear_logprobs(x, w, tokens, bias=b, mask=i["mask"],
-                                                   return_entropy=True, chunk_size=4)
+        lp, ent = kd_kernels.fused_linear_logprobs(
+            x, w, tokens, bias=b, mask=i["mask"], return_entropy=True, chunk_size=4
+        )
         return (lp * i["upstream"]).sum() + 0.3 * ent.sum()
     return (kd_kernels.fused_linear_logprobs(x, w, tokens, mask=i["mask"]) * i["upstream"]).sum()
 
 
-LOSSES = {"sparse_kd": (_sparse, "x"), "fused_linear_kd": (_fused, "h"),
-          "fused_linear_sparse_kd": (_fused_sparse, "h"), "fused_linear_logprobs": (_logprobs, "h")}
+LOSSES = {
+    "sparse_kd": (_sparse, "x"),
+    "fused_linear_kd": (_fused, "h"),
+    "fused_linear_sparse_kd": (_fused_sparse, "h"),
+    "fused_linear_logprobs": (_logprobs, "h"),
+}
 
 
 def _step(loss_fn, student, i, options):
     """loss and the gradients of the student tensors (hidden / logits, weight, bias)."""
-    leaves = [i[student].clone().requires_grad_(), i["w"].clone().requires_grad_(),
-              i["b"].clone().requires_grad_()]
+    leaves = [
+        i[student].clone().requires_grad_(),
+        i["w"].clone().requires_grad_(),
+        i["b"].clone().requires_grad_(),
+    ]
     loss = loss_fn(leaves[0], leaves[1], leaves[2], i, **options)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return loss.detach(), [g if g is not None else torch.zeros(()) for g in grads]
@@ -112,13 +145,22 @@ def test_compiled_training_step_matches_eager(family, options):
 
 
 SLOW = [
-    *[("sparse_kd", {"reduction": r, "tail": t}) for r in ("mean", "sum", "none")
-      for t in ("bucket", "renormalize")],
+    *[
+        ("sparse_kd", {"reduction": r, "tail": t})
+        for r in ("mean", "sum", "none")
+        for t in ("bucket", "renormalize")
+    ],
     ("sparse_kd", {"backend": "torch"}),
-    *[("fused_linear_kd", {"reduction": r, "labels": lab}) for r in ("mean", "sum", "none")
-      for lab in (True, False)],
-    *[("fused_linear_sparse_kd", {"reduction": r, "labels": lab}) for r in ("mean", "sum")
-      for lab in (True, False)],
+    *[
+        ("fused_linear_kd", {"reduction": r, "labels": lab})
+        for r in ("mean", "sum", "none")
+        for lab in (True, False)
+    ],
+    *[
+        ("fused_linear_sparse_kd", {"reduction": r, "labels": lab})
+        for r in ("mean", "sum")
+        for lab in (True, False)
+    ],
     ("fused_linear_logprobs", {"entropy": False}),
 ]
 

@@ -18,7 +18,9 @@ from _common import cpu_levels
 from kd_kernels import _ext
 from kd_kernels._spec import Divergence, KDSpec
 
-pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}")
+pytestmark = pytest.mark.skipif(
+    _ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}"
+)
 
 # (coef, coef2) per divergence: α of skew / renyi / alpha_beta, β of jsd / alpha_beta.
 PARAMS = {
@@ -131,9 +133,23 @@ LOSS_RTOL = 5e-5
 GRAD_TOL = {torch.float32: 3e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-def check(div, s, t, w, *, temperature=1.0, lam=1.0, inplace=False, coef=None, loss_atol=1e-6,
-          grad_atol=1e-7, grad_rtol=None):
-    loss, grad = run_kernel(div, s, t, w, temperature=temperature, lam=lam, inplace=inplace, coef=coef)
+def check(
+    div,
+    s,
+    t,
+    w,
+    *,
+    temperature=1.0,
+    lam=1.0,
+    inplace=False,
+    coef=None,
+    loss_atol=1e-6,
+    grad_atol=1e-7,
+    grad_rtol=None,
+):
+    loss, grad = run_kernel(
+        div, s, t, w, temperature=temperature, lam=lam, inplace=inplace, coef=coef
+    )
     L, gref = reference(div, s, t, w, temperature=temperature, lam=lam, coef=coef)
     assert loss.dtype == torch.float32 and grad.dtype == s.dtype
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -162,7 +178,11 @@ def _inputs(n, v, s_dtype=torch.float32, t_dtype=torch.float32, scale=3.0):
 @pytest.mark.parametrize("div", ALL)
 @pytest.mark.parametrize(
     "s_dtype, t_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
 )
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("lam", [1.0, 0.6])
@@ -268,8 +288,15 @@ def _poison(kind: str, s: torch.Tensor, t: torch.Tensor, row: int) -> float:
     return 1.0
 
 
-KINDS = ("nan_student", "nan_teacher", "inf_student", "inf_teacher", "all_minus_inf_student",
-         "all_minus_inf_teacher", "overflow_after_temperature")
+KINDS = (
+    "nan_student",
+    "nan_teacher",
+    "inf_student",
+    "inf_teacher",
+    "all_minus_inf_student",
+    "all_minus_inf_teacher",
+    "overflow_after_temperature",
+)
 
 
 @pytest.mark.parametrize("div", ALL)

@@ -72,8 +72,12 @@ def make_case(n, v, s_dtype, t_dtype, gen, *, scale=2.0, masked=(1,), neg_inf_te
 def reference(divergence, s, t, w, temperature=1.0):
     """float64 per-token loss (0 on skipped rows) and w_i ∂L_i/∂s_i, on the very same rounded inputs."""
     keep = w != 0
-    s64 = torch.where(keep[:, None], s.double(), torch.zeros((), dtype=torch.float64, device=s.device))
-    t64 = torch.where(keep[:, None], t.double(), torch.zeros((), dtype=torch.float64, device=s.device))
+    s64 = torch.where(
+        keep[:, None], s.double(), torch.zeros((), dtype=torch.float64, device=s.device)
+    )
+    t64 = torch.where(
+        keep[:, None], t.double(), torch.zeros((), dtype=torch.float64, device=s.device)
+    )
     s64.requires_grad_()
     a = COEF.get(divergence, 0.1)
     per = R.per_token(divergence, s64 / temperature, t64 / temperature, alpha=a, beta=a)
@@ -123,8 +127,15 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("s_dtype,t_dtype", list(itertools.product(DTYPES, DTYPES)))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_dtype_pair(divergence, s_dtype, t_dtype):
-    s, t, w = make_case(6, 4099, s_dtype, t_dtype, gen_for(divergence, s_dtype, t_dtype), masked=(1, 4),
-                        neg_inf_teacher_row=2)
+    s, t, w = make_case(
+        6,
+        4099,
+        s_dtype,
+        t_dtype,
+        gen_for(divergence, s_dtype, t_dtype),
+        masked=(1, 4),
+        neg_inf_teacher_row=2,
+    )
     check_against_reference(divergence, s, t, w)
 
 
@@ -134,7 +145,9 @@ def test_every_dtype_pair(divergence, s_dtype, t_dtype):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_kernel_variant(divergence, v, path):
     """Resident (several cluster sizes, including clusters with idle blocks on short rows) and streaming."""
-    s, t, w = make_case(9, v, torch.bfloat16, torch.float32, gen_for(divergence, v, path), masked=(0, 5))
+    s, t, w = make_case(
+        9, v, torch.bfloat16, torch.float32, gen_for(divergence, v, path), masked=(0, 5)
+    )
     check_against_reference(divergence, s, t, w)
 
 
@@ -150,8 +163,9 @@ def test_temperature(divergence, temperature):
 @pytest.mark.parametrize("path", ("auto", "stream", "cluster:4"), indirect=True)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_in_place(divergence, path):
-    s, t, w = make_case(7, 4099, torch.bfloat16, torch.bfloat16, gen_for("inplace", divergence, path),
-                        masked=(3,))
+    s, t, w = make_case(
+        7, 4099, torch.bfloat16, torch.bfloat16, gen_for("inplace", divergence, path), masked=(3,)
+    )
     ref_loss, ref_grad = reference(divergence, s, t, w)
     _, eager_grad = run_backend("torch", divergence, s, t, w)
     buf = s.clone()
@@ -183,7 +197,9 @@ def test_unaligned_rows(divergence, path):
     grad = g_base[:, 1 : v + 1]
     loss = get_backend("cuda").loss_grad(s, t, w, spec_of(divergence), grad)
     check_against_reference(divergence, s, t, w, loss=loss, grad=grad)
-    assert torch.isnan(g_base[:, 0]).all() and torch.isnan(g_base[:, v + 1 :]).all(), "wrote outside rows"
+    assert torch.isnan(g_base[:, 0]).all() and torch.isnan(g_base[:, v + 1 :]).all(), (
+        "wrote outside rows"
+    )
 
 
 @needs_gpu
@@ -204,11 +220,30 @@ def test_public_api_matches_reference():
     tw = torch.rand(3, 5, generator=gen, device="cuda") + 0.5
     for divergence, reduction in itertools.product(DIVERGENCES, ("mean", "sum", "none")):
         s = s0.clone().requires_grad_()
-        out = kd_kernels.kd_loss(s, t, divergence=divergence, alpha=0.1, beta=0.4, mask=mask,
-                                 token_weights=tw, reduction=reduction, backend="cuda", temperature=1.5)
+        out = kd_kernels.kd_loss(
+            s,
+            t,
+            divergence=divergence,
+            alpha=0.1,
+            beta=0.4,
+            mask=mask,
+            token_weights=tw,
+            reduction=reduction,
+            backend="cuda",
+            temperature=1.5,
+        )
         s64 = s0.double().requires_grad_()
-        ref = R.kd_loss(divergence, s64, t.double(), alpha=0.1, beta=0.4, temperature=1.5, mask=mask,
-                        token_weights=tw, reduction=reduction)
+        ref = R.kd_loss(
+            divergence,
+            s64,
+            t.double(),
+            alpha=0.1,
+            beta=0.4,
+            temperature=1.5,
+            mask=mask,
+            token_weights=tw,
+            reduction=reduction,
+        )
         up = torch.randn_like(ref) if reduction == "none" else torch.ones_like(ref)
         (out * up.to(out.dtype)).sum().backward()
         (ref * up).sum().backward()
@@ -241,14 +276,34 @@ def test_errors_come_back_as_runtime_error(monkeypatch):
     with pytest.raises(RuntimeError, match="KD_KERNELS_CUDA_PATH"):
         run_backend("cuda", "forward_kl", s, t, w)
     monkeypatch.setenv("KD_KERNELS_CUDA_PATH", "cluster:3")
-    with pytest.raises(RuntimeError, match="cluster:3"):  # 32 MB of fp32 per row pair: no 3-block cluster
-        big_s, big_t, big_w = make_case(1, 4_000_000, torch.float32, torch.float32, gen_for("e2"), masked=())
+    with pytest.raises(
+        RuntimeError, match="cluster:3"
+    ):  # 32 MB of fp32 per row pair: no 3-block cluster
+        big_s, big_t, big_w = make_case(
+            1, 4_000_000, torch.float32, torch.float32, gen_for("e2"), masked=()
+        )
         run_backend("cuda", "forward_kl", big_s, big_t, big_w)
     monkeypatch.delenv("KD_KERNELS_CUDA_PATH")
     loss = torch.empty(2, device="cuda")
     with pytest.raises(RuntimeError, match="dtype codes"):
-        _ext._C.cuda_loss_grad(s.data_ptr(), t.data_ptr(), 0, w.data_ptr(), loss.data_ptr(), 2, 64, 64, 64,
-                               64, 7, 0, 0, 0.0, 1.0, torch.cuda.current_stream().cuda_stream)
+        _ext._C.cuda_loss_grad(
+            s.data_ptr(),
+            t.data_ptr(),
+            0,
+            w.data_ptr(),
+            loss.data_ptr(),
+            2,
+            64,
+            64,
+            64,
+            64,
+            7,
+            0,
+            0,
+            0.0,
+            1.0,
+            torch.cuda.current_stream().cuda_stream,
+        )
 
 
 @needs_gpu
@@ -257,7 +312,9 @@ def test_launcher_rejects_bad_layouts():
     with pytest.raises(ValueError, match="contiguous last dim"):
         get_backend("cuda").loss_grad(s.t().contiguous().t(), t, w, spec_of("forward_kl"), None)
     with pytest.raises(TypeError, match="student's dtype"):
-        get_backend("cuda").loss_grad(s, t, w, spec_of("forward_kl"), torch.empty_like(s, dtype=torch.half))
+        get_backend("cuda").loss_grad(
+            s, t, w, spec_of("forward_kl"), torch.empty_like(s, dtype=torch.half)
+        )
     with pytest.raises(ValueError, match="row_weight"):
         get_backend("cuda").loss_grad(s, t, w.double(), spec_of("forward_kl"), None)
 
@@ -286,7 +343,9 @@ def test_more_than_2_31_elements(divergence, path):
     torch.cuda.synchronize()
     assert not torch.isnan(grad).any() and torch.isfinite(loss).all()
     assert (loss[masked] == 0).all() and all((grad[i] == 0).all() for i in masked)
-    rows = torch.tensor([0, boundary - 1, boundary, boundary + 1, boundary + 2, n - 1], device="cuda")
+    rows = torch.tensor(
+        [0, boundary - 1, boundary, boundary + 1, boundary + 2, n - 1], device="cuda"
+    )
     check_against_reference(divergence, s[rows], t[rows], w[rows], loss=loss[rows], grad=grad[rows])
     del s, t, grad
     torch.cuda.empty_cache()
@@ -299,8 +358,21 @@ def test_kernel_reduction_logic_on_host(tmp_path):
     compares with float64 (see the program's header)."""
     exe = tmp_path / "kd_group_host_check"
     src = REPO / "csrc" / "cuda" / "host_check" / "kd_group_host_check.cpp"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-I", str(REPO / "csrc" / "include"), "-I",
-                    str(REPO / "csrc" / "cuda"), str(src), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-std=c++17",
+            "-O2",
+            "-I",
+            str(REPO / "csrc" / "include"),
+            "-I",
+            str(REPO / "csrc" / "cuda"),
+            str(src),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout[-2000:]
     # 1548 rows: the (V, C, threads, T) grid, plus fp32 rows shifted by +1e6 for every divergence

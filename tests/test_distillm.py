@@ -24,7 +24,13 @@ from kd_kernels.train.config import TrainConfig
 
 
 def tiny_cfg(tmp: Path, response_cache: Path, **kw) -> TrainConfig:
-    kw = {"out": str(tmp / "distillm"), "steps": 6, "distillm_check_every": 1, "skip_eval": True, **kw}
+    kw = {
+        "out": str(tmp / "distillm"),
+        "steps": 6,
+        "distillm_check_every": 1,
+        "skip_eval": True,
+        **kw,
+    }
     return tiny_train_config("distillm", response_cache, **kw)
 
 
@@ -119,21 +125,37 @@ def test_skew_loss_with_ce_mix_against_reference(kind):
     from kd_kernels.train.losses import Head, kd_mix_loss
 
     g = torch.Generator().manual_seed(1)
-    hs, ws = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(13, 8, generator=g,
-                                                                                  dtype=torch.float64)
-    ht, wt = torch.randn(2, 5, 6, generator=g, dtype=torch.float64), torch.randn(13, 6, generator=g,
-                                                                                  dtype=torch.float64)
+    hs, ws = (
+        torch.randn(2, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(13, 8, generator=g, dtype=torch.float64),
+    )
+    ht, wt = (
+        torch.randn(2, 5, 6, generator=g, dtype=torch.float64),
+        torch.randn(13, 6, generator=g, dtype=torch.float64),
+    )
     targets = torch.randint(0, 13, (2, 5), generator=g)
     mask = torch.rand(2, 5, generator=g) > 0.3
     mask[0, 0] = True
     s, t = hs @ ws.T, ht @ wt.T
-    fn = reference.skew_reverse_kl_per_token if kind == "srkl" else reference.skew_forward_kl_per_token
+    fn = (
+        reference.skew_reverse_kl_per_token
+        if kind == "srkl"
+        else reference.skew_forward_kl_per_token
+    )
     div = "skew_reverse_kl" if kind == "srkl" else "skew_forward_kl"
     skew = fn(s, t, alpha=0.1)[mask].mean()
     ce = reference.cross_entropy_per_token(s, torch.where(mask, targets, -100))[mask].mean()
     for c in (0.0, 0.3):
-        got, _ = kd_mix_loss(Head(hs.float(), ws.float()), Head(ht.float(), wt.float()), targets, mask,
-                             ratio=1.0 - c, divergence=div, alpha=0.1, backend="torch")
+        got, _ = kd_mix_loss(
+            Head(hs.float(), ws.float()),
+            Head(ht.float(), wt.float()),
+            targets,
+            mask,
+            ratio=1.0 - c,
+            divergence=div,
+            alpha=0.1,
+            backend="torch",
+        )
         assert got.item() == pytest.approx(((1 - c) * skew + c * ce).item(), rel=1e-4, abs=1e-6)
 
 
@@ -163,7 +185,9 @@ def test_tiny_distillm_follows_the_schedule(tmp_path, response_cache, rising_val
     from kd_kernels.train.methods import _stream_seed
     from kd_kernels.train.trainer import train
 
-    cfg = tiny_cfg(tmp_path, response_cache, steps=8, seed=3, distillm_capacity=3)  # full after 2 generations
+    cfg = tiny_cfg(
+        tmp_path, response_cache, steps=8, seed=3, distillm_capacity=3
+    )  # full after 2 generations
     train(cfg)
     rows = _rows(Path(cfg.out) / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -182,11 +206,16 @@ def test_tiny_distillm_follows_the_schedule(tmp_path, response_cache, rising_val
     from kd_kernels.train.methods import method_plot
 
     panels = {p: [s.key for s, _, _ in c] for p, c in method_plot(rows, "distillm").panels.items()}
-    assert panels == {"loss": ["loss", "ce", "kd"], "eval": ["valid_ce_check"],
-                      "state": ["source", "threshold"]}
+    assert panels == {
+        "loss": ["loss", "ce", "kd"],
+        "eval": ["valid_ce_check"],
+        "state": ["source", "threshold"],
+    }
 
 
-def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, response_cache, rising_valid_ce):
+def test_tiny_distillm_resume_restores_buffer_and_threshold(
+    tmp_path, response_cache, rising_valid_ce
+):
     from kd_kernels.train.trainer import train
 
     train(tiny_cfg(tmp_path / "a", response_cache, steps=6, seed=3, distillm_capacity=3))
@@ -195,7 +224,9 @@ def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, response_c
     ckpt = torch.load(tmp_path / "b" / "distillm" / "ckpt.pt", weights_only=False)
     state = ckpt["method_state"]
     assert state["schedule"]["threshold"] == pytest.approx(0.2) and state["checked_step"] == 2
-    train(tiny_cfg(tmp_path / "b", response_cache, steps=6, seed=3, resume=True), explicit={"steps"})
+    train(
+        tiny_cfg(tmp_path / "b", response_cache, steps=6, seed=3, resume=True), explicit={"steps"}
+    )
     a = _rows(tmp_path / "a" / "distillm" / "metrics.jsonl")
     b = _rows(tmp_path / "b" / "distillm" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -208,8 +239,16 @@ def test_tiny_distillm_resume_restores_buffer_and_threshold(tmp_path, response_c
 def test_tiny_distillm_with_real_validation(tmp_path, response_cache):
     from kd_kernels.train.trainer import train
 
-    summary = train(tiny_cfg(tmp_path, response_cache, steps=3, distillm_check_every=0, skip_eval=False,
-                             distillm_loss="skl"))
+    summary = train(
+        tiny_cfg(
+            tmp_path,
+            response_cache,
+            steps=3,
+            distillm_check_every=0,
+            skip_eval=False,
+            distillm_loss="skl",
+        )
+    )
     rows = _rows(tmp_path / "distillm" / "metrics.jsonl")
     assert rows[0]["threshold"] == 0.0 and D.SOURCES[int(rows[0]["source"])] == D.GROUND_TRUTH
     assert math.isfinite(rows[0]["valid_ce_check"]) and rows[0]["valid_ce_check"] > 0
@@ -258,16 +297,21 @@ def test_valid_ce_is_the_mean_of_per_batch_token_means(tmp_path, response_cache,
     # the tiny teacher's references all have the same length; cut them to different lengths so the
     # per-batch mean and the pooled token mean differ
     refs = run.references("valid")
-    examples = [build_example(run.prompt_ids[p.id], refs[p.id][:1 + 2 * i], run.eos_id)
-                for i, p in enumerate(run.split_prompts("valid"))]
+    examples = [
+        build_example(run.prompt_ids[p.id], refs[p.id][: 1 + 2 * i], run.eos_id)
+        for i, p in enumerate(run.split_prompts("valid"))
+    ]
     assert len(examples) >= 3
     run._examples["valid"] = examples
 
     def batch_ce(chosen):
         b = collate([examples[i] for i in chosen], run.pad_id)
         with torch.no_grad():
-            logits = run.models.student(input_ids=b["input_ids"],
-                                        attention_mask=b["attention_mask"]).logits[:, :-1].double()
+            logits = (
+                run.models.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                .logits[:, :-1]
+                .double()
+            )
         targets, mask = shift_targets(b["labels"])
         ce = reference.cross_entropy_per_token(logits, torch.where(mask, targets, -100))[mask]
         return ce.mean().item(), ce.sum().item(), int(mask.sum())

@@ -9,8 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The reference documents. benchmarks/results/NOTES.md is a dated log: it may name files of its day.
-REFERENCE_DOCS = ["README.md", "CHANGELOG.md", *sorted(p.relative_to(ROOT).as_posix()
-                                                      for p in (ROOT / "docs").glob("*.md"))]
+REFERENCE_DOCS = [
+    "README.md",
+    "CHANGELOG.md",
+    *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
+]
 _TOP = ("kd_kernels", "docs", "benchmarks", "csrc", "tests")
 _BACKTICKED = re.compile(r"`([^`\s]+)`")
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
@@ -30,20 +33,26 @@ def layout_entries(readme: str) -> list[str]:
 
 def unlisted(files: list[str], entries: list[str]) -> list[str]:
     """The files that no layout entry names (a path, a glob, or a folder ending in '/')."""
+
     def listed(f: str) -> bool:
         return any(f.startswith(e) if e.endswith("/") else fnmatch.fnmatch(f, e) for e in entries)
+
     return [f for f in files if not listed(f)]
 
 
 def _repo_files(pattern: str) -> list[str]:
-    return sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern)
-                  if "__pycache__" not in p.parts and p.is_file())
+    return sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in ROOT.glob(pattern)
+        if "__pycache__" not in p.parts and p.is_file()
+    )
 
 
 def test_readme_layout_lists_every_module_benchmark_and_test():
     entries = layout_entries((ROOT / "README.md").read_text(encoding="utf-8"))
-    files = (_repo_files("kd_kernels/**/*.py") + _repo_files("benchmarks/*")
-             + _repo_files("tests/*.py"))
+    files = (
+        _repo_files("kd_kernels/**/*.py") + _repo_files("benchmarks/*") + _repo_files("tests/*.py")
+    )
     assert any(f.startswith("kd_kernels/train/") for f in files)  # the globs see the subpackages
     missing = unlisted(files, entries)
     assert not missing, f"README.md '## Layout' does not list: {missing} (add one line each)"
@@ -51,7 +60,12 @@ def test_readme_layout_lists_every_module_benchmark_and_test():
 
 def test_unlisted_catches_a_missing_module():
     entries = ["kd_kernels/losses.py", "tests/test_*.py", "benchmarks/results/"]
-    files = ["kd_kernels/losses.py", "kd_kernels/_new.py", "tests/test_x.py", "benchmarks/results/a.md"]
+    files = [
+        "kd_kernels/losses.py",
+        "kd_kernels/_new.py",
+        "tests/test_x.py",
+        "benchmarks/results/a.md",
+    ]
     assert unlisted(files, entries) == ["kd_kernels/_new.py"]
 
 
@@ -89,14 +103,26 @@ def test_cited_paths_catches_a_missing_file():
 
 
 def _sources() -> list[Path]:
-    pats = ["kd_kernels/**/*.py", "benchmarks/*.py", "tests/*.py", "csrc/**/*.h", "csrc/**/*.cpp",
-            "csrc/**/*.cu", "csrc/**/*.cuh", "README.md", "docs/*.md"]
+    pats = [
+        "kd_kernels/**/*.py",
+        "benchmarks/*.py",
+        "tests/*.py",
+        "csrc/**/*.h",
+        "csrc/**/*.cpp",
+        "csrc/**/*.cu",
+        "csrc/**/*.cuh",
+        "README.md",
+        "docs/*.md",
+    ]
     return [ROOT / f for pat in pats for f in _repo_files(pat)]
 
 
 def test_math_section_citations_name_sections_of_docs_math():
-    headings = [h[3:].strip() for h in (ROOT / "docs" / "MATH.md").read_text(encoding="utf-8")
-                .splitlines() if h.startswith("## ")]
+    headings = [
+        h[3:].strip()
+        for h in (ROOT / "docs" / "MATH.md").read_text(encoding="utf-8").splitlines()
+        if h.startswith("## ")
+    ]
     bad, n = [], 0
     for f in _sources():
         for sec in _MATH_CITE.findall(f.read_text(encoding="utf-8", errors="replace")):
@@ -109,7 +135,10 @@ def test_math_section_citations_name_sections_of_docs_math():
 
 
 def test_no_citation_outside_the_repository():
-    bad = [str(f.relative_to(ROOT)) for f in _sources() + [ROOT / "benchmarks" / "gpu_check.sh"]
-           if "shared/docs/" in f.read_text(encoding="utf-8", errors="replace")
-           and f.name != "test_docs.py"]
+    bad = [
+        str(f.relative_to(ROOT))
+        for f in _sources() + [ROOT / "benchmarks" / "gpu_check.sh"]
+        if "shared/docs/" in f.read_text(encoding="utf-8", errors="replace")
+        and f.name != "test_docs.py"
+    ]
     assert not bad, f"cite docs/MATH.md (the in-repo copy), not shared/docs/: {bad}"

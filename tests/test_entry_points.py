@@ -157,8 +157,11 @@ def test_named_functions_use_the_spec_defaults():
         ):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6, msg=d)
     # the spec's defaults are what the docs promise
-    assert {d.label: {p.keyword: p.default for p in info.params} for d, info in DIVERGENCES.items()
-            if info.params} == {
+    assert {
+        d.label: {p.keyword: p.default for p in info.params}
+        for d, info in DIVERGENCES.items()
+        if info.params
+    } == {
         "skew_forward_kl": {"alpha": 0.1},
         "skew_reverse_kl": {"alpha": 0.1},
         "jsd": {"beta": 0.5},
@@ -173,8 +176,13 @@ def hf_models():
 
     def make(seed):
         cfg = transformers.LlamaConfig(
-            vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
             initializer_range=0.2,
         )
         with torch.random.fork_rng(devices=[]):

@@ -123,11 +123,21 @@ def test_defect1_masked_row_weight_adds_exactly_zero(backend, bad):
     w = torch.tensor([0.5, bad, 2.0, bad])
     for reduction in ("mean", "sum", "none"):
         x = s.clone().requires_grad_()
-        loss = kd_kernels.forward_kl(x, t, mask=mask, token_weights=w, reduction=reduction, backend=backend)
+        loss = kd_kernels.forward_kl(
+            x, t, mask=mask, token_weights=w, reduction=reduction, backend=backend
+        )
         loss.backward(torch.ones_like(loss))
-        ref = R.kd_loss("forward_kl", s.double(), t.double(), mask=mask, token_weights=w.double(),
-                        reduction=reduction)
-        assert torch.isfinite(loss).all() and torch.allclose(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        ref = R.kd_loss(
+            "forward_kl",
+            s.double(),
+            t.double(),
+            mask=mask,
+            token_weights=w.double(),
+            reduction=reduction,
+        )
+        assert torch.isfinite(loss).all() and torch.allclose(
+            loss.double(), ref, rtol=1e-5, atol=1e-6
+        )
         assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
 
 
@@ -137,11 +147,17 @@ def test_defect1_fused_linear_masked_row_weight(backend):
     mask = torch.tensor([True, False, True, True])
     w = torch.tensor([1.0, math.nan, 0.5, 2.0])
     h = hs.clone().requires_grad_()
-    loss = kd_kernels.fused_linear_kd(h, ws, ht, wt, divergence="reverse_kl", mask=mask, token_weights=w,
-                                      backend=backend)
+    loss = kd_kernels.fused_linear_kd(
+        h, ws, ht, wt, divergence="reverse_kl", mask=mask, token_weights=w, backend=backend
+    )
     loss.backward()
-    ref = R.kd_loss("reverse_kl", hs.double() @ ws.double().T, ht.double() @ wt.double().T, mask=mask,
-                    token_weights=w.double())
+    ref = R.kd_loss(
+        "reverse_kl",
+        hs.double() @ ws.double().T,
+        ht.double() @ wt.double().T,
+        mask=mask,
+        token_weights=w.double(),
+    )
     assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.isfinite(h.grad).all() and (h.grad[1] == 0).all()
 
@@ -151,8 +167,9 @@ def test_nan_weight_on_a_counted_row_is_nan_on_that_row(backend):
     """Documented: a NaN token weight on a counted row propagates (loss NaN, that gradient row NaN)."""
     s, t = torch.randn(3, 20), torch.randn(3, 20)
     x = s.clone().requires_grad_()
-    loss = kd_kernels.forward_kl(x, t, token_weights=torch.tensor([1.0, math.nan, 1.0]), reduction="none",
-                                 backend=backend)
+    loss = kd_kernels.forward_kl(
+        x, t, token_weights=torch.tensor([1.0, math.nan, 1.0]), reduction="none", backend=backend
+    )
     loss.sum().backward()
     assert loss[1].isnan() and torch.isfinite(loss[[0, 2]]).all()
     assert x.grad[1].isnan().all() and torch.isfinite(x.grad[[0, 2]]).all()
@@ -179,8 +196,12 @@ def test_defect6_inplace_guard_sees_views_of_leaves_and_wants_a_bool(backend):
     t = torch.randn(4, 11)
     for view in (p.view(4, 11), p[1:], p.reshape(2, 2, 11)):
         with pytest.raises(ValueError, match="view of a leaf"):
-            kd_kernels.reverse_kl(view, t[: view.shape[0]] if view.dim() == 2 else t.view(2, 2, 11),
-                                  inplace_grad=True, backend=backend)
+            kd_kernels.reverse_kl(
+                view,
+                t[: view.shape[0]] if view.dim() == 2 else t.view(2, 2, 11),
+                inplace_grad=True,
+                backend=backend,
+            )
     assert torch.equal(p.detach(), before)
     for bad in ("no", 1, None):
         with pytest.raises(TypeError, match="inplace_grad must be True or False"):
@@ -196,8 +217,12 @@ def test_defect7_second_derivative_raises(backend):
     with pytest.raises(RuntimeError, match="differentiable once"):
         g.sum().backward()
     hs = torch.randn(3, 4, requires_grad=True)
-    fl = kd_kernels.fused_linear_kd(hs, torch.randn(9, 4), torch.randn(3, 5), torch.randn(9, 5),
-                                    backend=backend) + (hs**3).sum()
+    fl = (
+        kd_kernels.fused_linear_kd(
+            hs, torch.randn(9, 4), torch.randn(3, 5), torch.randn(9, 5), backend=backend
+        )
+        + (hs**3).sum()
+    )
     (g,) = torch.autograd.grad(fl, hs, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         g.sum().backward()
@@ -219,8 +244,14 @@ def test_defect8_inplace_with_a_teacher_sharing_the_students_memory(backend, div
     buf = torch.randn(6, 40)
     leaf = buf.clone().requires_grad_()
     work = leaf * 1
-    loss = kd_kernels.kd_loss(work[1:], work.detach()[:-1], divergence=divergence, inplace_grad=True,
-                              backend=backend, **COEF.get(divergence, {}))
+    loss = kd_kernels.kd_loss(
+        work[1:],
+        work.detach()[:-1],
+        divergence=divergence,
+        inplace_grad=True,
+        backend=backend,
+        **COEF.get(divergence, {}),
+    )
     loss.backward()
     s64 = buf[1:].double().requires_grad_()
     ref = R.kd_loss(divergence, s64, buf[:-1].double(), **COEF.get(divergence, {}))
@@ -258,11 +289,15 @@ def test_defect11_unsigned_8_bit_ids_are_compared_in_int64():
     # V = 200: label 156 is uint8(-100); it is a real label, not "ignored"
     hs, ws, ht, wt = torch.randn(3, 5), torch.randn(200, 5), torch.randn(3, 5), torch.randn(200, 5)
     labels = torch.tensor([156, 1, 2], dtype=torch.uint8)
-    _, parts = kd_kernels.fused_linear_kd(hs, ws, ht, wt, labels=labels, ce_weight=1.0, return_components=True)
+    _, parts = kd_kernels.fused_linear_kd(
+        hs, ws, ht, wt, labels=labels, ce_weight=1.0, return_components=True
+    )
     ce_ref = R.cross_entropy_per_token(hs.double() @ ws.double().T, labels.long()).mean()
     assert parts.ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="holds 250, outside"):
-        kd_kernels.fused_linear_kd(hs, ws, ht, wt, labels=torch.tensor([250, 1, 2], dtype=torch.uint8))
+        kd_kernels.fused_linear_kd(
+            hs, ws, ht, wt, labels=torch.tensor([250, 1, 2], dtype=torch.uint8)
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -277,8 +312,9 @@ def test_defect12_scalars_beyond_fp32_are_errors_on_every_backend(backend):
     assert out.item() == pytest.approx(ref.item(), rel=1e-3)
     hs, ws = torch.randn(3, 4), torch.randn(11, 4)
     with pytest.raises(ValueError, match="fits in float32"):
-        kd_kernels.fused_linear_kd(hs, ws, hs, ws, labels=torch.tensor([1, 2, 3]), ce_weight=1e39,
-                                   backend=backend)
+        kd_kernels.fused_linear_kd(
+            hs, ws, hs, ws, labels=torch.tensor([1, 2, 3]), ce_weight=1e39, backend=backend
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -299,8 +335,15 @@ def test_expanded_teacher_on_every_backend(backend):
 # Which (backend, case, divergence) combinations still disagree with the decided semantics on this branch
 # (measured): the kernels of issue [K] make them hold, and the lead removes these marks after merging it.
 _ALL = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd")
-_CASES = ("nan_student", "nan_teacher", "neginf_student", "neginf_teacher", "posinf_student",
-          "posinf_teacher", "overflow")
+_CASES = (
+    "nan_student",
+    "nan_teacher",
+    "neginf_student",
+    "neginf_teacher",
+    "posinf_student",
+    "posinf_teacher",
+    "overflow",
+)
 
 
 def _nan_params():
@@ -308,12 +351,15 @@ def _nan_params():
     for backend in CPU_BACKENDS:
         for case in _CASES:
             for divergence in DIVERGENCES:
-                out.append(pytest.param(backend, case, divergence,
-                                        id=f"{backend}-{case}-{divergence}"))
+                out.append(
+                    pytest.param(backend, case, divergence, id=f"{backend}-{case}-{divergence}")
+                )
     return out
 
 
-def _poison(s: torch.Tensor, t: torch.Tensor, case: str, row: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _poison(
+    s: torch.Tensor, t: torch.Tensor, case: str, row: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     temperature = 1.0
     s, t = s.clone(), t.clone()
     if case == "nan_student":
@@ -328,7 +374,9 @@ def _poison(s: torch.Tensor, t: torch.Tensor, case: str, row: int) -> tuple[torc
         s[row, 2] = math.inf
     elif case == "posinf_teacher":
         t[row, 2] = math.inf
-    elif case == "overflow":  # 1e38 / 0.1 = 1e39 is past the largest fp32, 3.4e38 (defect 12, kernel side)
+    elif (
+        case == "overflow"
+    ):  # 1e38 / 0.1 = 1e39 is past the largest fp32, 3.4e38 (defect 12, kernel side)
         s[row, 1], temperature = 1e38, 0.1
     return s, t, temperature
 
@@ -339,13 +387,26 @@ def test_non_distribution_row_is_nan_on_that_row_only(backend, case, divergence)
     torch.manual_seed(11)  # fixed inputs: the other rows are compared with the float64 reference
     s, t, temperature = _poison(torch.randn(n, v), torch.randn(n, v), case, bad)
     x = s.clone().requires_grad_()
-    loss = kd_kernels.kd_loss(x, t, divergence=divergence, temperature=temperature, reduction="none",
-                              backend=backend, **COEF.get(divergence, {}))
+    loss = kd_kernels.kd_loss(
+        x,
+        t,
+        divergence=divergence,
+        temperature=temperature,
+        reduction="none",
+        backend=backend,
+        **COEF.get(divergence, {}),
+    )
     loss.backward(torch.ones(n))
     good = [i for i in range(n) if i != bad]
     s64 = s[good].double().requires_grad_()
-    ref = R.kd_loss(divergence, s64, t[good].double(), temperature=temperature, reduction="none",
-                    **COEF.get(divergence, {}))
+    ref = R.kd_loss(
+        divergence,
+        s64,
+        t[good].double(),
+        temperature=temperature,
+        reduction="none",
+        **COEF.get(divergence, {}),
+    )
     ref.sum().backward()
     assert torch.allclose(loss[good].double(), ref, rtol=1e-4, atol=1e-5)  # other rows exact
     # fp32 gradient error scales with the gradient (× 1/T): absolute tolerance relative to its largest entry
@@ -354,8 +415,14 @@ def test_non_distribution_row_is_nan_on_that_row_only(backend, case, divergence)
     assert loss[bad].isnan(), f"{case}: loss {loss[bad].item()} instead of NaN"
     assert x.grad[bad].isnan().all(), f"{case}: gradient row {x.grad[bad]} instead of all NaN"
     # mean / sum over a NaN row are NaN too
-    assert kd_kernels.kd_loss(s, t, divergence=divergence, temperature=temperature, backend=backend,
-                              **COEF.get(divergence, {})).isnan()
+    assert kd_kernels.kd_loss(
+        s,
+        t,
+        divergence=divergence,
+        temperature=temperature,
+        backend=backend,
+        **COEF.get(divergence, {}),
+    ).isnan()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -365,7 +432,9 @@ def test_masked_non_distribution_row_is_never_read(backend, case):
     s, t, temperature = _poison(torch.randn(n, v), torch.randn(n, v), case, bad)
     mask = torch.tensor([True, False, True, True])
     x = s.clone().requires_grad_()
-    loss = kd_kernels.reverse_kl(x, t, temperature=temperature, mask=mask, reduction="none", backend=backend)
+    loss = kd_kernels.reverse_kl(
+        x, t, temperature=temperature, mask=mask, reduction="none", backend=backend
+    )
     loss.backward(torch.ones(n))
     assert loss[bad] == 0 and (x.grad[bad] == 0).all()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
@@ -387,11 +456,19 @@ def test_sparse_bucket_teacher_tail_near_zero_is_exact(backend, divergence):
     assert float((-torch.expm1(lp.double().logsumexp(-1))).median()) < 1e-6
     s = torch.randn(64, 17, generator=g)
     x = s.clone().requires_grad_()
-    kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, reduction="sum", backend=backend,
-                         **COEF.get(divergence, {})).backward()
+    kd_kernels.sparse_kd(
+        x,
+        ids,
+        lp,
+        divergence=divergence,
+        reduction="sum",
+        backend=backend,
+        **COEF.get(divergence, {}),
+    ).backward()
     s64 = s.double().requires_grad_()
-    R.sparse_kd_loss(divergence, s64, ids, lp.double(), reduction="sum",
-                     **COEF.get(divergence, {})).backward()
+    R.sparse_kd_loss(
+        divergence, s64, ids, lp.double(), reduction="sum", **COEF.get(divergence, {})
+    ).backward()
     assert F.rel_err(x.grad, s64.grad) < 1e-5
 
 
@@ -418,8 +495,13 @@ def test_vocab_parallel_torch_rows_non_distribution_row_is_nan(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         g = torch.Generator().manual_seed(0)
-        for divergence, kw in (("skew_reverse_kl", {"alpha": 0.6}), ("tvd", {}), ("reverse_kl", {}),
-                               ("skew_forward_kl", {"alpha": 0.6}), ("jsd", {"beta": 0.4})):
+        for divergence, kw in (
+            ("skew_reverse_kl", {"alpha": 0.6}),
+            ("tvd", {}),
+            ("reverse_kl", {}),
+            ("skew_forward_kl", {"alpha": 0.6}),
+            ("jsd", {"beta": 0.4}),
+        ):
             for side in (0, 1):
                 for bad in (math.inf, math.nan, "all -inf"):
                     st = [torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)]
@@ -428,8 +510,15 @@ def test_vocab_parallel_torch_rows_non_distribution_row_is_nan(tmp_path):
                     else:
                         st[side][1, 3] = bad
                     x = st[0].clone().requires_grad_()
-                    loss = P.kd_loss(x, st[1], group=dist.group.WORLD, divergence=divergence,
-                                     reduction="none", backend="torch", **kw)
+                    loss = P.kd_loss(
+                        x,
+                        st[1],
+                        group=dist.group.WORLD,
+                        divergence=divergence,
+                        reduction="none",
+                        backend="torch",
+                        **kw,
+                    )
                     loss.sum().backward()
                     what = f"{divergence} side {side} {bad}"
                     assert loss[1].isnan() and x.grad[1].isnan().all(), what

@@ -69,8 +69,9 @@ def test_beta_maps_onto_kd_kernels_divergences():
 def test_full_loss_is_trls_generalized_jsd(beta, temperature):
     hs, ws, ht, wt, mask = _heads(3)
     hs.requires_grad_(True)
-    got = G.full_loss(Head(hs, ws), Head(ht, wt), mask, beta=beta, temperature=temperature,
-                      backend="torch")
+    got = G.full_loss(
+        Head(hs, ws), Head(ht, wt), mask, beta=beta, temperature=temperature, backend="torch"
+    )
     s, t = (hs.double() @ ws.double().T) / temperature, (ht.double() @ wt.double().T) / temperature
     want = _generalized_jsd_float64(s, t, beta)[mask].mean()
     assert got.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
@@ -104,8 +105,9 @@ def test_sampled_token_loss_by_hand():
     t_logits = torch.tensor([[[0.1, 0.7, -0.4]]])
     hs = s_logits.clone().requires_grad_(True)
     y, mask = torch.tensor([[1]]), torch.tensor([[True]])
-    loss, info = G.sampled_token_loss(Head(hs, w_s), Head(t_logits, w_t), y, mask,
-                                      temperature=1.0, sample_temperature=0.5)
+    loss, info = G.sampled_token_loss(
+        Head(hs, w_s), Head(t_logits, w_t), y, mask, temperature=1.0, sample_temperature=0.5
+    )
     lq = torch.log_softmax(s_logits[0, 0].double(), -1)[1]
     lqs = torch.log_softmax(s_logits[0, 0].double() / 0.5, -1)[1]
     lp = torch.log_softmax(t_logits[0, 0].double(), -1)[1]
@@ -133,8 +135,13 @@ def test_sampled_token_gradient_is_unbiased_for_reverse_kl(sample_temperature):
     expected = torch.zeros(d, dtype=torch.float64)
     for y in range(v):
         hy = h.clone().requires_grad_(True)
-        loss, _ = G.sampled_token_loss(Head(hy, ws), Head(ht, wt), torch.tensor([[y]]), mask,
-                                       sample_temperature=sample_temperature)
+        loss, _ = G.sampled_token_loss(
+            Head(hy, ws),
+            Head(ht, wt),
+            torch.tensor([[y]]),
+            mask,
+            sample_temperature=sample_temperature,
+        )
         (grad,) = torch.autograd.grad(loss, hy)
         expected += q_s[y] * grad[0, 0].double()
     h64 = h.double().requires_grad_(True)
@@ -168,11 +175,17 @@ def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
     from kd_kernels.train.data import build_example, collate
 
     beta = 1.0 if estimator == "sampled" else 0.5
-    method, run, teacher, student, tok = _tiny_gkd(temperature=2.5, gkd_beta=beta,
-                                                   gkd_estimator=estimator)
+    method, run, teacher, student, tok = _tiny_gkd(
+        temperature=2.5, gkd_beta=beta, gkd_estimator=estimator
+    )
     method._info = {"on_policy": 1.0}
-    batch = collate([build_example([5, 6, 7], [20, 21, 22], tok.eos_token_id),
-                     build_example([8], [30], tok.eos_token_id)], tok.pad_token_id)
+    batch = collate(
+        [
+            build_example([5, 6, 7], [20, 21, 22], tok.eos_token_id),
+            build_example([8], [30], tok.eos_token_id),
+        ],
+        tok.pad_token_id,
+    )
     loss, _ = method.loss(student, teacher, batch, run)
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -183,6 +196,7 @@ def test_gkd_loss_is_at_temperature_one_whatever_temperature(estimator):
     if estimator == "full":
         want = _generalized_jsd_float64(s, t, beta)[mask].mean()
     else:  # mean of (log q − log p)(y) · q(y) / q_s(y), q and p at T = 1, q_s at --gkd-temperature
+
         def logp(x, temp=1.0):
             safe = targets.clamp_min(0)[..., None]
             return torch.log_softmax(x / temp, -1).gather(-1, safe)[..., 0]
@@ -200,8 +214,15 @@ def test_a_response_cut_at_max_new_tokens_has_no_eos_target(tmp_path, response_c
     from kd_kernels.train.run import Run
 
     beta = 1.0 if estimator == "sampled" else 0.5
-    cfg = tiny_cfg(tmp_path, response_cache, gkd_lambda=1.0, max_new_tokens=3, batch_size=4,
-                   gkd_beta=beta, gkd_estimator=estimator)
+    cfg = tiny_cfg(
+        tmp_path,
+        response_cache,
+        gkd_lambda=1.0,
+        max_new_tokens=3,
+        batch_size=4,
+        gkd_beta=beta,
+        gkd_estimator=estimator,
+    )
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = get_method("gkd")
     run.train_examples = run.examples("train", method.train_responses(run))
@@ -228,12 +249,20 @@ def test_gkd_flags_are_validated():
     from kd_kernels.train.config import parse_args
 
     cfg, _ = parse_args(["gkd"], ["gkd"])
-    assert (cfg.gkd_lambda, cfg.gkd_beta, cfg.gkd_temperature, cfg.gkd_seq_kd, cfg.gkd_estimator) \
-        == (0.5, 0.5, 0.9, False, "full")
-    for argv, flag in ((["--gkd-lambda", "1.5"], "--gkd-lambda"), (["--gkd-beta", "-1"], "--gkd-beta"),
-                       (["--gkd-temperature", "0"], "--gkd-temperature"),
-                       (["--gkd-estimator", "x"], "--gkd-estimator"),
-                       (["--gkd-estimator", "sampled"], "--gkd-beta 1")):
+    assert (
+        cfg.gkd_lambda,
+        cfg.gkd_beta,
+        cfg.gkd_temperature,
+        cfg.gkd_seq_kd,
+        cfg.gkd_estimator,
+    ) == (0.5, 0.5, 0.9, False, "full")
+    for argv, flag in (
+        (["--gkd-lambda", "1.5"], "--gkd-lambda"),
+        (["--gkd-beta", "-1"], "--gkd-beta"),
+        (["--gkd-temperature", "0"], "--gkd-temperature"),
+        (["--gkd-estimator", "x"], "--gkd-estimator"),
+        (["--gkd-estimator", "sampled"], "--gkd-beta 1"),
+    ):
         with pytest.raises(ValueError, match=flag):
             parse_args(["gkd", *argv], ["gkd"])
     cfg, _ = parse_args(["gkd", "--gkd-estimator", "sampled", "--gkd-beta", "1"], ["gkd"])
@@ -255,7 +284,10 @@ def test_tiny_gkd_mixes_on_and_off_policy_and_resumes_exactly(tmp_path, response
     train(tiny_cfg(tmp_path / "a", response_cache, seed=seed))
     train(tiny_cfg(tmp_path / "b", response_cache, seed=seed, steps=3))
     train(tiny_cfg(tmp_path / "b", response_cache, seed=seed, resume=True), explicit={"steps"})
-    a, b = _rows(tmp_path / "a" / "gkd" / "metrics.jsonl"), _rows(tmp_path / "b" / "gkd" / "metrics.jsonl")
+    a, b = (
+        _rows(tmp_path / "a" / "gkd" / "metrics.jsonl"),
+        _rows(tmp_path / "b" / "gkd" / "metrics.jsonl"),
+    )
     assert [r["on_policy"] for r in a] == [float(x) for x in on]
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
@@ -289,8 +321,18 @@ def test_tiny_gkd_trains_on_student_samples(tmp_path, response_cache):
 def test_tiny_gkd_sampled_estimator_and_seq_kd(tmp_path, response_cache):
     from kd_kernels.train.trainer import train
 
-    summary = train(tiny_cfg(tmp_path, response_cache, steps=3, gkd_lambda=1.0, gkd_beta=1.0,
-                             gkd_estimator="sampled", gkd_seq_kd=True, skip_eval=False))
+    summary = train(
+        tiny_cfg(
+            tmp_path,
+            response_cache,
+            steps=3,
+            gkd_lambda=1.0,
+            gkd_beta=1.0,
+            gkd_estimator="sampled",
+            gkd_seq_kd=True,
+            skip_eval=False,
+        )
+    )
     rows = _rows(tmp_path / "gkd" / "metrics.jsonl")
     for r in rows:
         assert r["on_policy"] == 1.0 and math.isfinite(r["loss"]) and r["ratio"] > 0
@@ -303,10 +345,21 @@ def test_smollm2_gkd_two_steps(tmp_path):
     pytest.importorskip("gguf")
     from kd_kernels.train.trainer import train
 
-    cfg = TrainConfig(method="gkd", preset="smollm2", steps=2, batch_size=2, max_prompts=10,
-                      max_new_tokens=4, gen_batch_size=8, gkd_lambda=1.0, skip_eval=True,
-                      cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "gkd"), progress=False,
-                      ckpt_every=100)
+    cfg = TrainConfig(
+        method="gkd",
+        preset="smollm2",
+        steps=2,
+        batch_size=2,
+        max_prompts=10,
+        max_new_tokens=4,
+        gen_batch_size=8,
+        gkd_lambda=1.0,
+        skip_eval=True,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "gkd"),
+        progress=False,
+        ckpt_every=100,
+    )
     summary = train(cfg)
     rows = _rows(tmp_path / "gkd" / "metrics.jsonl")
     assert summary["steps"] == 2 and [r["on_policy"] for r in rows] == [1.0, 1.0]

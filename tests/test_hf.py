@@ -253,8 +253,16 @@ def test_sparse_teacher_equals_sparse_kd_on_the_logits(ce_weight):
     with torch.no_grad():
         lp = teacher(input_ids=ids, attention_mask=am).logits.float().log_softmax(-1)
     t_lp, t_ids = lp.topk(8, dim=-1)
-    loss = hf.distill_loss(student, None, input_ids=ids, attention_mask=am, labels=labels,
-                           teacher_ids=t_ids, teacher_logprobs=t_lp, ce_weight=ce_weight)
+    loss = hf.distill_loss(
+        student,
+        None,
+        input_ids=ids,
+        attention_mask=am,
+        labels=labels,
+        teacher_ids=t_ids,
+        teacher_logprobs=t_lp,
+        ce_weight=ce_weight,
+    )
     grads = torch.autograd.grad(loss, [p for p in student.parameters()], allow_unused=True)
 
     logits = student(input_ids=ids, attention_mask=am).logits[:, :-1]
@@ -276,9 +284,14 @@ def test_sparse_teacher_with_a_soft_capped_student_is_a_clear_error():
     student = make_model("gemma2")
     ids, _, labels = batch()
     with pytest.raises(NotImplementedError, match="soft-capped"):
-        hf.distill_loss(student, None, input_ids=ids, labels=labels,
-                        teacher_ids=torch.randint(0, V, (3, 9, 4)),
-                        teacher_logprobs=torch.full((3, 9, 4), -2.0))
+        hf.distill_loss(
+            student,
+            None,
+            input_ids=ids,
+            labels=labels,
+            teacher_ids=torch.randint(0, V, (3, 9, 4)),
+            teacher_logprobs=torch.full((3, 9, 4), -2.0),
+        )
 
 
 # ------------------------------------------------------------------------------------- KDTrainer

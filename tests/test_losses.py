@@ -30,7 +30,9 @@ def logits(shape, dtype, scale=2.0):
 def run(divergence, s, t, *, backend, upstream, **kw):
     """(loss, grad of student) from kd_kernels and from the float64 reference on the same inputs."""
     s_k = s.clone().requires_grad_()
-    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, backend=backend, **COEF.get(divergence, {}), **kw)
+    loss = kd_kernels.kd_loss(
+        s_k, t, divergence=divergence, backend=backend, **COEF.get(divergence, {}), **kw
+    )
     (g,) = torch.autograd.grad(loss, s_k, upstream.to(loss.dtype).expand_as(loss))
     s64 = s.double().requires_grad_()
     ref = R.kd_loss(divergence, s64, t.double(), **COEF.get(divergence, {}), **kw)
@@ -49,8 +51,16 @@ def test_matches_reference(backend, divergence, dtype, reduction, temperature, m
     s, t = logits((n, v), dtype), logits((n, v), dtype)
     mask = torch.rand(n) > 0.4 if masked else None
     upstream = torch.randn(n if reduction == "none" else ())
-    loss, g, ref, g_ref = run(divergence, s, t, backend=backend, upstream=upstream, temperature=temperature,
-                              mask=mask, reduction=reduction)
+    loss, g, ref, g_ref = run(
+        divergence,
+        s,
+        t,
+        backend=backend,
+        upstream=upstream,
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+    )
     assert loss.dtype == torch.float32 and g.dtype == dtype
     assert rel_err(loss, ref) <= LOSS_RTOL[dtype]
     assert rel_err(g, g_ref) <= GRAD_RTOL[dtype]
@@ -62,11 +72,15 @@ def test_matches_reference(backend, divergence, dtype, reduction, temperature, m
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("shape", [(1031,), (3, 4099), (2, 3, 257), (2, 2, 2, 513), (2, 32003)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1031,), (3, 4099), (2, 3, 257), (2, 2, 2, 513), (2, 32003)], ids=str
+)
 def test_odd_shapes_and_leading_dims(backend, divergence, shape):
     s, t = logits(shape, torch.float32), logits(shape, torch.float32)
     upstream = torch.randn(shape[:-1])
-    loss, g, ref, g_ref = run(divergence, s, t, backend=backend, upstream=upstream, reduction="none")
+    loss, g, ref, g_ref = run(
+        divergence, s, t, backend=backend, upstream=upstream, reduction="none"
+    )
     assert loss.shape == shape[:-1]
     assert rel_err(loss, ref) <= 1e-5 and rel_err(g, g_ref) <= 1e-4
 
@@ -78,8 +92,16 @@ def test_token_weights(backend, divergence):
     s, t = logits((n, v), torch.float32), logits((n, v), torch.float32)
     w = torch.rand(n) * 2
     mask = torch.tensor([True, False, True, True, False, True])
-    loss, g, ref, g_ref = run(divergence, s, t, backend=backend, upstream=torch.tensor(1.3), mask=mask,
-                              token_weights=w, reduction="mean")
+    loss, g, ref, g_ref = run(
+        divergence,
+        s,
+        t,
+        backend=backend,
+        upstream=torch.tensor(1.3),
+        mask=mask,
+        token_weights=w,
+        reduction="mean",
+    )
     assert rel_err(loss, ref) <= 1e-5 and rel_err(g, g_ref) <= 1e-4
 
 
@@ -137,7 +159,9 @@ def test_masked_rows_are_not_read(backend, divergence):
     s[~mask] = math.nan
     t[~mask] = math.nan
     s.requires_grad_()
-    loss = kd_kernels.kd_loss(s, t, divergence=divergence, mask=mask, reduction="none", backend=backend)
+    loss = kd_kernels.kd_loss(
+        s, t, divergence=divergence, mask=mask, reduction="none", backend=backend
+    )
     (g,) = torch.autograd.grad(loss.sum(), s)
     assert torch.all(loss[~mask] == 0) and torch.isfinite(loss).all()
     assert torch.all(g[~mask] == 0) and torch.isfinite(g).all()
@@ -150,11 +174,16 @@ def test_extreme_logits(backend, divergence):
     n, v = 4, 513
     s = (torch.rand(n, v, dtype=torch.float64) * 6e3 - 3e3).float()
     t = (torch.rand(n, v, dtype=torch.float64) * 6e3 - 3e3).float()
-    s[0, 7], t[0, 7] = 3e3, 3e3  # the two share their top entry in row 0, so that row's loss is finite and small
+    s[0, 7], t[0, 7] = (
+        3e3,
+        3e3,
+    )  # the two share their top entry in row 0, so that row's loss is finite and small
     up = torch.tensor(1.0)
     loss, g, ref, g_ref = run(divergence, s, t, backend=backend, upstream=up, reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
-    eager = R.kd_loss(divergence, s, t, **COEF.get(divergence, {}), reduction="none")  # fp32 reference code
+    eager = R.kd_loss(
+        divergence, s, t, **COEF.get(divergence, {}), reduction="none"
+    )  # fp32 reference code
     slack = 1e-4 * ref.abs().max().item() + 1e-3
     assert (loss.double() - ref).abs().max() <= 2 * (eager.double() - ref).abs().max() + slack
     assert (g.double() - g_ref).abs().max() <= 1e-3
@@ -175,7 +204,9 @@ def test_empty_batch(backend, reduction):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_all_masked_mean_is_zero(backend):
     s = torch.randn(3, 40, requires_grad=True)
-    loss = kd_kernels.forward_kl(s, torch.randn(3, 40), mask=torch.zeros(3, dtype=torch.bool), backend=backend)
+    loss = kd_kernels.forward_kl(
+        s, torch.randn(3, 40), mask=torch.zeros(3, dtype=torch.bool), backend=backend
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.all(s.grad == 0)
 
@@ -238,9 +269,17 @@ def test_module_wrapper():
 def test_named_functions_equal_generic(divergence):
     s, t = torch.randn(3, 40), torch.randn(3, 40)
     named = getattr(kd_kernels, divergence)(s, t, temperature=1.5)
-    generic = kd_kernels.kd_loss(s, t, divergence=divergence, temperature=1.5, **{
-        "skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}, "jsd": {"beta": 0.5}
-    }.get(divergence, {}))
+    generic = kd_kernels.kd_loss(
+        s,
+        t,
+        divergence=divergence,
+        temperature=1.5,
+        **{
+            "skew_forward_kl": {"alpha": 0.1},
+            "skew_reverse_kl": {"alpha": 0.1},
+            "jsd": {"beta": 0.5},
+        }.get(divergence, {}),
+    )
     torch.testing.assert_close(named, generic)
 
 
@@ -257,8 +296,12 @@ def test_reference_matches_torch_kl_div():
     s, t = torch.randn(4, 33, dtype=torch.float64), torch.randn(4, 33, dtype=torch.float64)
     lq, lp = s.log_softmax(-1), t.log_softmax(-1)
     kl = torch.nn.functional.kl_div
-    torch.testing.assert_close(R.forward_kl_per_token(s, t), kl(lq, lp, log_target=True, reduction="none").sum(-1))
-    torch.testing.assert_close(R.reverse_kl_per_token(s, t), kl(lp, lq, log_target=True, reduction="none").sum(-1))
+    torch.testing.assert_close(
+        R.forward_kl_per_token(s, t), kl(lq, lp, log_target=True, reduction="none").sum(-1)
+    )
+    torch.testing.assert_close(
+        R.reverse_kl_per_token(s, t), kl(lp, lq, log_target=True, reduction="none").sum(-1)
+    )
 
 
 def test_auto_prefers_compiled_cpu_backend():

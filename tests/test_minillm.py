@@ -71,8 +71,12 @@ def test_importance_weights_and_rewards_by_hand():
     r = M.token_rewards(teacher, old_lp, mask)
     # (−1 + 2)/0.5 = 2; (0 + 60)/0.5 = 120 → clipped to 100; masked → 0
     torch.testing.assert_close(r, torch.tensor([[2.0, 100.0, 0.0]]))
-    assert M.token_rewards(torch.tensor([[-80.0]]), torch.tensor([[0.0]]), torch.tensor([[True]])
-                           ).item() == -100.0
+    assert (
+        M.token_rewards(
+            torch.tensor([[-80.0]]), torch.tensor([[0.0]]), torch.tensor([[True]])
+        ).item()
+        == -100.0
+    )
 
 
 def test_normalized_returns_by_hand():
@@ -105,12 +109,14 @@ def test_whiten_block_on_a_padded_block_by_hand():
     mask = torch.tensor([[False, True, True, False, False], [False, False, True, False, False]])
     got = M.whiten_block(x, mask, width=3)
     s = math.sqrt(4.0 / 3.0 + 1e-8)
-    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0, 1 / s, 0.0, 0.0],
-                                                  [0.0, 0.0, 2 / s, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        got, torch.tensor([[0.0, 0.0, 1 / s, 0.0, 0.0], [0.0, 0.0, 2 / s, 0.0, 0.0]])
+    )
     # valid tokens only (the option): [1, 2, 3] has mean 2 and variance 2/3 — another answer
     v = math.sqrt(2.0 / 3.0 + 1e-8)
-    torch.testing.assert_close(M.whiten(x, mask), torch.tensor([[0.0, -1 / v, 0.0, 0.0, 0.0],
-                                                                [0.0, 0.0, 1 / v, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        M.whiten(x, mask), torch.tensor([[0.0, -1 / v, 0.0, 0.0, 0.0], [0.0, 0.0, 1 / v, 0.0, 0.0]])
+    )
     # a wider padded width counts more zeros: W = 4 → [1, 2, 0, 0, 3, 0, 0, 0], mean 0.75,
     # variance (1 + 4 + 9) / 8 − 0.75² = 1.1875
     w4 = M.whiten_block(x, mask, width=4)
@@ -163,8 +169,18 @@ def test_single_step_term_is_at_the_rollout_temperature_for_both_models():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     targets = torch.randint(0, v, (b, t), generator=g)
     zeros = torch.zeros(b, t)
-    _, parts = M.minillm_loss(Head(s_h, s_w), Head(t_h, t_w), targets, mask, zeros, zeros, zeros,
-                              clip=0.2, rollout_temperature=2.0, backend="torch")
+    _, parts = M.minillm_loss(
+        Head(s_h, s_w),
+        Head(t_h, t_w),
+        targets,
+        mask,
+        zeros,
+        zeros,
+        zeros,
+        clip=0.2,
+        rollout_temperature=2.0,
+        backend="torch",
+    )
     s_logits, t_logits = (s_h @ s_w.T).double() / 2.0, (t_h @ t_w.T).double() / 2.0
     want = reference.reverse_kl_per_token(s_logits, t_logits)[mask].mean()
     assert parts["pg"] == 0.0  # zero advantages: the single-step term alone
@@ -199,12 +215,32 @@ def test_rollouts_record_the_mixture_of_full_forward_distributions(tiny_models, 
     student, teacher, tok = tiny_models
     prompts = [[1, 40, 41, 42, 2], [1, 50, 51]]
     g = torch.Generator().manual_seed(0)
-    rolls = M.mixed_rollouts(student, teacher, prompts, alpha=alpha, temperature=0.7, top_k=0,
-                             top_p=1.0, max_new_tokens=5, eos_id=tok.eos_token_id,
-                             pad_id=tok.pad_token_id, generator=g)
-    again = M.mixed_rollouts(student, teacher, prompts, alpha=alpha, temperature=0.7, top_k=0,
-                             top_p=1.0, max_new_tokens=5, eos_id=tok.eos_token_id,
-                             pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    rolls = M.mixed_rollouts(
+        student,
+        teacher,
+        prompts,
+        alpha=alpha,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=5,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        generator=g,
+    )
+    again = M.mixed_rollouts(
+        student,
+        teacher,
+        prompts,
+        alpha=alpha,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=5,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert [r.tokens for r in rolls] == [r.tokens for r in again]  # seeded
     for p, r in zip(prompts, rolls):
         assert 1 <= len(r.tokens) <= 5 and len(r.mix_logp) == len(r.tokens)
@@ -215,24 +251,43 @@ def test_rollouts_record_the_mixture_of_full_forward_distributions(tiny_models, 
             lp = torch.log_softmax(teacher(ids).logits[0].double() / 0.7, -1)
         pos = torch.arange(len(p) - 1, len(p) + len(r.tokens) - 1)
         y = torch.tensor(r.tokens)
-        want = torch.logaddexp(lq[pos, y] + math.log1p(-alpha), lp[pos, y] + math.log(alpha)) \
-            if alpha > 0 else lq[pos, y]
-        torch.testing.assert_close(torch.tensor(r.mix_logp, dtype=torch.float64), want,
-                                   rtol=1e-4, atol=1e-4)
+        want = (
+            torch.logaddexp(lq[pos, y] + math.log1p(-alpha), lp[pos, y] + math.log(alpha))
+            if alpha > 0
+            else lq[pos, y]
+        )
+        torch.testing.assert_close(
+            torch.tensor(r.mix_logp, dtype=torch.float64), want, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_alpha_one_samples_the_teacher(tiny_models):
     student, teacher, tok = tiny_models
     g = torch.Generator().manual_seed(3)
     # temperature → small and α = 1: the teacher's argmax path (greedy), whatever the student says
-    rolls = M.mixed_rollouts(student, teacher, [[1, 60, 61]], alpha=1.0, temperature=1e-4, top_k=0,
-                             top_p=1.0, max_new_tokens=4, eos_id=tok.eos_token_id,
-                             pad_id=tok.pad_token_id, generator=g)
+    rolls = M.mixed_rollouts(
+        student,
+        teacher,
+        [[1, 60, 61]],
+        alpha=1.0,
+        temperature=1e-4,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=4,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        generator=g,
+    )
     with torch.no_grad():
-        greedy = teacher.generate(torch.tensor([[1, 60, 61]]), max_new_tokens=4, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        greedy = teacher.generate(
+            torch.tensor([[1, 60, 61]]),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     want = greedy[0, 3:].tolist()
-    assert rolls[0].tokens == want[:len(rolls[0].tokens)]
+    assert rolls[0].tokens == want[: len(rolls[0].tokens)]
 
 
 # ---------------------------------------------------------------- a step against materialized logits
@@ -240,6 +295,7 @@ def test_alpha_one_samples_the_teacher(tiny_models):
 
 def _materialized_loss(student, teacher, batch, pt, cfg) -> torch.Tensor:
     """The MiniLLM loss of one minibatch from full float64 logits (no kd_kernels)."""
+
     def logits(model, b):
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
 
@@ -251,7 +307,9 @@ def _materialized_loss(student, teacher, batch, pt, cfg) -> torch.Tensor:
     logq = torch.log_softmax(s / cfg.minillm_temperature, -1).gather(-1, safe[..., None])[..., 0]
     ratio = torch.exp(logq - batch["old_logp"].double() + batch["log_w"].double())
     adv = batch["adv"].double()
-    per = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.minillm_clip, 1 + cfg.minillm_clip))
+    per = torch.maximum(
+        -adv * ratio, -adv * ratio.clamp(1 - cfg.minillm_clip, 1 + cfg.minillm_clip)
+    )
     n = mask.sum()
     pg = per[mask].sum() / n
     temp = cfg.minillm_temperature  # both models at the rollout temperature (LMOps)
@@ -270,8 +328,16 @@ def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_ca
     from kd_kernels.train.methods import get_method
     from kd_kernels.train.run import Run
 
-    cfg = tiny_cfg(tmp_path, response_cache, minillm_rollouts=4, batch_size=2, minillm_ppo_epochs=2,
-                   minillm_clip=0.05, backend="torch", minillm_temperature=0.8)
+    cfg = tiny_cfg(
+        tmp_path,
+        response_cache,
+        minillm_rollouts=4,
+        batch_size=2,
+        minillm_ppo_epochs=2,
+        minillm_clip=0.05,
+        backend="torch",
+        minillm_temperature=0.8,
+    )
     run = Run(cfg, 0, 1, torch.device("cpu"))
     method = get_method("minillm")
     run.train_examples = run.examples("train", method.train_responses(run))
@@ -296,8 +362,9 @@ def test_minillm_step_gradient_matches_materialized_logits(tmp_path, response_ca
     assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
     assert 0 < parts["clip_frac"] < 1  # both branches of the clipped objective are exercised
     for n, p in student.named_parameters():
-        torch.testing.assert_close(fused[n].double(), p.grad.double(), rtol=2e-3, atol=2e-5,
-                                   msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            fused[n].double(), p.grad.double(), rtol=2e-3, atol=2e-5, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_cache):
@@ -311,10 +378,17 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_c
         layer.self_attn.attention_dropout = 0.3
     minibatches, stats = method.make_round(run, 0)
     # no dropout in the MiniLLM student
-    assert all(layer.self_attn.attention_dropout == 0.0 for layer in run.models.student.model.layers)
+    assert all(
+        layer.self_attn.attention_dropout == 0.0 for layer in run.models.student.model.layers
+    )
     assert len(minibatches) == MiniLLM.steps_per_round(cfg) == 4  # 2 epochs × 4 rollouts / 2
-    seen = [tuple(tuple(ids[:int(m.sum())]) for ids, m in
-                  zip(mb["input_ids"].tolist(), mb["attention_mask"])) for mb in minibatches]
+    seen = [
+        tuple(
+            tuple(ids[: int(m.sum())])
+            for ids, m in zip(mb["input_ids"].tolist(), mb["attention_mask"])
+        )
+        for mb in minibatches
+    ]
     assert sorted(seen[0] + seen[1]) == sorted(seen[2] + seen[3])  # each epoch covers every rollout
     for mb in minibatches:
         # at θ = θ_old the ratio is the importance weight q_old / p̃ ∈ (0, 1/(1 − α)]
@@ -326,8 +400,9 @@ def test_round_scores_rollouts_with_the_round_start_student(tmp_path, response_c
     for mb in minibatches[:2]:  # the cached teacher states are a fresh forward's on the minibatch
         with torch.no_grad():
             fresh = head(run.models.teacher, mb).hidden
-        torch.testing.assert_close(mb["teacher_hidden"][mb["mask"]], fresh[mb["mask"]],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            mb["teacher_hidden"][mb["mask"]], fresh[mb["mask"]], rtol=1e-4, atol=1e-5
+        )
     width = cfg.max_new_tokens
     for mb in minibatches:
         # official whitening: over each minibatch's padded (B × W) block the advantages have mean 0
@@ -356,8 +431,15 @@ def test_teacher_reward_uses_temperature_one(tmp_path, response_cache):
     from kd_kernels.train.methods import MiniLLM, _logprobs
     from kd_kernels.train.run import Run, head
 
-    cfg = tiny_cfg(tmp_path, response_cache, minillm_pt=False, minillm_temperature=0.7,
-                   minillm_rollouts=2, batch_size=2, minillm_ppo_epochs=1)
+    cfg = tiny_cfg(
+        tmp_path,
+        response_cache,
+        minillm_pt=False,
+        minillm_temperature=0.7,
+        minillm_rollouts=2,
+        batch_size=2,
+        minillm_ppo_epochs=1,
+    )
     run = Run(cfg, 0, 1, torch.device("cpu"))
     (mb,), stats = MiniLLM().make_round(run, 0)
     m, tg = mb["mask"], mb["targets"]
@@ -378,8 +460,14 @@ def test_tiny_minillm_resume_mid_round_is_exact(tmp_path, response_cache):
     train(tiny_cfg(tmp_path / "a", response_cache, steps=6, **kw))
     train(tiny_cfg(tmp_path / "b", response_cache, steps=3, **kw))
     train(tiny_cfg(tmp_path / "b", response_cache, steps=6, resume=True, **kw), explicit={"steps"})
-    a = [json.loads(x) for x in (tmp_path / "a" / "minillm" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "b" / "minillm" / "metrics.jsonl").read_text().splitlines()]
+    a = [
+        json.loads(x)
+        for x in (tmp_path / "a" / "minillm" / "metrics.jsonl").read_text().splitlines()
+    ]
+    b = [
+        json.loads(x)
+        for x in (tmp_path / "b" / "minillm" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         for k in ("loss", "pg", "ratio", "reward"):

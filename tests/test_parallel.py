@@ -448,7 +448,10 @@ def _error_cases(world: int, rank: int, group, out: list) -> None:
         ValueError,
         ("disagree", "spec"),
         lambda: P.kd_loss(
-            ws.T[:2].contiguous(), wt.T[:2].contiguous(), group=group, divergence="alpha_beta",
+            ws.T[:2].contiguous(),
+            wt.T[:2].contiguous(),
+            group=group,
+            divergence="alpha_beta",
             beta=0.5 + 0.1 * rank,
         ),
     )
@@ -537,8 +540,15 @@ def _fused_none_cases(world: int, rank: int, group, out: list) -> None:
         try:
             h, w, b = (x.clone().requires_grad_() for x in (hs, ws[lo:hi], bs[lo:hi]))
             loss, parts = P.fused_linear_kd(
-                h, w, ht, wt[lo:hi], group=group, divergence=div, student_bias=b,
-                backend=backend, **kw,
+                h,
+                w,
+                ht,
+                wt[lo:hi],
+                group=group,
+                divergence=div,
+                student_bias=b,
+                backend=backend,
+                **kw,
             )
             (loss * upstream).sum().backward()
             H, W, B = (x.clone().requires_grad_() for x in (hs, ws, bs))
@@ -548,8 +558,15 @@ def _fused_none_cases(world: int, rank: int, group, out: list) -> None:
             (one * upstream).sum().backward()
             with torch.no_grad():
                 again = P.fused_linear_kd(
-                    hs, ws[lo:hi], ht, wt[lo:hi], group=group, divergence=div,
-                    student_bias=bs[lo:hi], backend=backend, **kw,
+                    hs,
+                    ws[lo:hi],
+                    ht,
+                    wt[lo:hi],
+                    group=group,
+                    divergence=div,
+                    student_bias=bs[lo:hi],
+                    backend=backend,
+                    **kw,
                 )[0]
             bad = {"shape": tuple(loss.shape)} if loss.shape != lead else {}
             bad.update(
@@ -599,7 +616,10 @@ def _agreement_cases(world: int, rank: int, group, out: list) -> None:
     for key, fn in calls.items():
         _expect_error(out, f"permuted {key}", ValueError, ("disagree", key), fn)
     _expect_error(
-        out, "ce_weight beyond fp32", ValueError, ("ce_weight=1e+39", "float32"),
+        out,
+        "ce_weight beyond fp32",
+        ValueError,
+        ("ce_weight=1e+39", "float32"),
         lambda: P.fused_linear_kd(h, ws, ht, wt, group=group, labels=labels, ce_weight=1e39),
     )
 
@@ -687,10 +707,11 @@ def _whitening_case(world, rank, group, out) -> None:
             blocks.append((vals, mask))
         vals, mask = blocks[rank]
         got = whiten_block(vals, mask, width, _sum_over_ranks(world))
-        whole = whiten_block(torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]),
-                             width)
+        whole = whiten_block(
+            torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]), width
+        )
         lo = sum(2 + r for r in range(rank))
-        want = whole[lo:lo + vals.shape[0]]
+        want = whole[lo : lo + vals.shape[0]]
         alone = whiten_block(vals, mask, width)
         bad = None
         if not torch.allclose(got, want, rtol=1e-12, atol=1e-12):
@@ -717,7 +738,9 @@ def _second_order_cases(world: int, rank: int, group, out: list) -> None:
         "kd_loss": (s_full[:, lo:hi], lambda x: P.kd_loss(x, t_full[:, lo:hi], group=group)),
         "fused_linear_kd": (h, lambda x: P.fused_linear_kd(x, ws, ht, wt, group=group)),
         "fused_linear_kd none": (
-            h, lambda x: P.fused_linear_kd(x, ws, ht, wt, group=group, reduction="none").sum()),
+            h,
+            lambda x: P.fused_linear_kd(x, ws, ht, wt, group=group, reduction="none").sum(),
+        ),
     }
     for name, (x0, loss_of) in calls.items():
         case = f"second derivative {name}"
@@ -727,8 +750,13 @@ def _second_order_cases(world: int, rank: int, group, out: list) -> None:
         except Exception:  # noqa: BLE001
             out.append({"case": case, "bad": traceback.format_exc()})
             continue
-        _expect_error(out, case, RuntimeError, ("differentiable once", "kd_kernels.reference"),
-                      lambda g=g, x=x: torch.autograd.grad((g * g.detach()).sum(), x))
+        _expect_error(
+            out,
+            case,
+            RuntimeError,
+            ("differentiable once", "kd_kernels.reference"),
+            lambda g=g, x=x: torch.autograd.grad((g * g.detach()).sum(), x),
+        )
 
 
 def _worker(rank: int, world: int, port: int, result_dir: str) -> None:

@@ -16,7 +16,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "sass_report.py"
-KEYS = {"kernel", "divergence", "path", "dtype", "registers", "spills", "instr_per_elem", "mufu_per_elem"}
+KEYS = {
+    "kernel",
+    "divergence",
+    "path",
+    "dtype",
+    "registers",
+    "spills",
+    "instr_per_elem",
+    "mufu_per_elem",
+}
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import sass_report  # noqa: E402
@@ -25,8 +34,13 @@ import sass_report  # noqa: E402
 def _run(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--loops", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", "--loops", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -48,16 +62,24 @@ def _check(rows, path):
         assert r["issue_ms"] > 0 and r["hbm_ms"] > 0
 
 
-@pytest.mark.skipif(any(sass_report.find_tool(n) is None for n in ("nvcc", "nvdisasm", "cuobjdump")),
-                    reason="nvcc / nvdisasm / cuobjdump not found")
+@pytest.mark.skipif(
+    any(sass_report.find_tool(n) is None for n in ("nvcc", "nvdisasm", "cuobjdump")),
+    reason="nvcc / nvdisasm / cuobjdump not found",
+)
 def test_sass_report_cuda_one_kernel():
-    _check(_run("--cuda-only", "--divergences", "forward_kl", "--dtypes", "bf16", "--paths", "resident"),
-           "resident")
+    _check(
+        _run(
+            "--cuda-only", "--divergences", "forward_kl", "--dtypes", "bf16", "--paths", "resident"
+        ),
+        "resident",
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None
-                    or any(sass_report.find_tool(n) is None for n in ("nvdisasm", "cuobjdump")),
-                    reason="triton or nvdisasm / cuobjdump not found")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or any(sass_report.find_tool(n) is None for n in ("nvdisasm", "cuobjdump")),
+    reason="triton or nvdisasm / cuobjdump not found",
+)
 def test_sass_report_triton_one_kernel():
     _check(_run("--triton-only", "--divergences", "forward_kl", "--dtypes", "bf16"), "triton")
 

@@ -33,13 +33,19 @@ def _families():
         "KDLoss": ((N, V), lambda x: kd_kernels.KDLoss("tvd")(x, t)),
         "fused_linear_kd": ((N, D), lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt)),
         "fused_linear_kd_none": (
-            (N, D), lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt, reduction="none").sum()),
+            (N, D),
+            lambda h: kd_kernels.fused_linear_kd(h, w, ht, wt, reduction="none").sum(),
+        ),
         "fused_linear_logprobs": (
-            (N, D), lambda h: kd_kernels.fused_linear_logprobs(h, w, tokens).sum()),
+            (N, D),
+            lambda h: kd_kernels.fused_linear_logprobs(h, w, tokens).sum(),
+        ),
         "sparse_kd": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp)),
         "sparse_kd_torch": ((N, V), lambda x: kd_kernels.sparse_kd(x, ids, lp, backend="torch")),
         "fused_linear_sparse_kd": (
-            (N, D), lambda h: kd_kernels.fused_linear_sparse_kd(h, w, ids, lp)),
+            (N, D),
+            lambda h: kd_kernels.fused_linear_sparse_kd(h, w, ids, lp),
+        ),
     }
 
 
@@ -87,8 +93,10 @@ def test_first_derivative_under_create_graph_is_unchanged():
     torch.testing.assert_close(g.detach(), ref.float(), rtol=1e-5, atol=1e-7)
 
 
-TRANSFORM = (r"torch\.func transform.*kd_kernels losses do not support functorch"
-             r".*kd_kernels\.reference")
+TRANSFORM = (
+    r"torch\.func transform.*kd_kernels losses do not support functorch"
+    r".*kd_kernels\.reference"
+)
 
 
 def _transforms():
@@ -110,12 +118,19 @@ def _transforms():
         def dual():
             with fwAD.dual_level():
                 return loss_of(fwAD.make_dual(x, torch.ones(*shape)))
+
         return dual
 
-    families = ("kd_loss", "fused_linear_kd", "fused_linear_logprobs", "sparse_kd",
-                "fused_linear_sparse_kd")
-    return {f"{f}-{tr}": over(f, tr) for f in families
-            for tr in ("vmap", "jvp", "grad", "forward_ad")}
+    families = (
+        "kd_loss",
+        "fused_linear_kd",
+        "fused_linear_logprobs",
+        "sparse_kd",
+        "fused_linear_sparse_kd",
+    )
+    return {
+        f"{f}-{tr}": over(f, tr) for f in families for tr in ("vmap", "jvp", "grad", "forward_ad")
+    }
 
 
 @pytest.mark.parametrize("case", tuple(_transforms()))

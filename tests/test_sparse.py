@@ -12,12 +12,15 @@ from kd_kernels._sparse_impl import _has_cpu_kernel
 from kd_kernels._spec import Divergence
 
 DIVERGENCES = tuple(d.label for d in Divergence)  # every one has a sparse form
-DIV_TAILS = [(d, t) for d in DIVERGENCES for t in ("bucket", "renormalize")] + [("forward_kl", "ignore")]
+DIV_TAILS = [(d, t) for d in DIVERGENCES for t in ("bucket", "renormalize")] + [
+    ("forward_kl", "ignore")
+]
 BACKENDS = ["torch"] + (["cpu"] if _has_cpu_kernel() else [])
 # The Triton kernel runs under TRITON_INTERPRET=1 on the CPU (conftest.py), slowly: the whole matrix
 # with it is marked slow; test_triton_subset covers every divergence x tail in the default run.
 HAS_TRITON = bool(importlib.util.find_spec("triton")) and (
-    "triton" in kd_kernels.available_backends("cpu"))
+    "triton" in kd_kernels.available_backends("cpu")
+)
 if HAS_TRITON:
     BACKENDS.append(pytest.param("triton", marks=pytest.mark.slow))
 DTYPES = [torch.float32, torch.bfloat16]
@@ -48,8 +51,8 @@ def make_case(k, v, mask_kind, dtype, n=6):
     if mask_kind == "weights":
         weights = torch.rand(n) + 0.5
     if mask_kind == "padded":
-        lp[0, k // 2:] = -INF  # a row with fewer than K entries
-        ids[0, k // 2:] = 10**6  # ids of padding are never read
+        lp[0, k // 2 :] = -INF  # a row with fewer than K entries
+        ids[0, k // 2 :] = 10**6  # ids of padding are never read
         lp[2, :] = -INF  # a row with no entries at all
         ids[2, :] = -1
     return s, ids, lp, mask, weights
@@ -67,8 +70,13 @@ def test_matches_reference(div_tail, config, dtype, backend):
     divergence, tail = div_tail
     k, v, reduction, temperature, mask_kind = config
     s, ids, lp, mask, weights = make_case(k, v, mask_kind, dtype)
-    opts = {"tail": tail, "temperature": temperature, "mask": mask, "token_weights": weights,
-            "reduction": reduction}
+    opts = {
+        "tail": tail,
+        "temperature": temperature,
+        "mask": mask,
+        "token_weights": weights,
+        "reduction": reduction,
+    }
     s64 = s.double().requires_grad_()
     ref = R.sparse_kd_loss(divergence, s64, ids, lp.double(), **opts)
     x = s.clone().requires_grad_()
@@ -78,8 +86,9 @@ def test_matches_reference(div_tail, config, dtype, backend):
     (ref * up).sum().backward()
     (out * up.float()).sum().backward()
     rtol, atol = tol(dtype)
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4 if dtype != torch.float32
-                               else 2e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), ref.detach(), rtol=1e-4 if dtype != torch.float32 else 2e-5, atol=1e-5
+    )
     g, gr = x.grad.double(), s64.grad
     scale = gr.abs().max().item() + 1e-30
     torch.testing.assert_close(g, gr, rtol=rtol, atol=atol * scale)
@@ -112,7 +121,9 @@ def test_fp16_student_and_int32_ids(backend):
     out.backward()
     ref.backward()
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-2, atol=1e-3 * s64.grad.abs().max())
+    torch.testing.assert_close(
+        x.grad.double(), s64.grad, rtol=1e-2, atol=1e-3 * s64.grad.abs().max()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,16 +145,19 @@ def test_leading_dims_and_module(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "skew_forward_kl",
-                                        "skew_reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "divergence", ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd"]
+)
 def test_bucket_never_above_dense_and_zero_when_equal(divergence, backend):
     n, v = 16, 503
     s = torch.randn(n, v) * 2
     t, ids, lp = make_teacher(n, v, 8)
-    sparse = kd_kernels.sparse_kd(s, ids, lp, divergence=divergence, reduction="none",
-                                  backend=backend)
-    dense = kd_kernels.kd_loss(s, t.float(), divergence=divergence, reduction="none",
-                               backend="torch")
+    sparse = kd_kernels.sparse_kd(
+        s, ids, lp, divergence=divergence, reduction="none", backend=backend
+    )
+    dense = kd_kernels.kd_loss(
+        s, t.float(), divergence=divergence, reduction="none", backend="torch"
+    )
     assert (sparse >= -1e-6).all()
     assert (sparse <= dense + 1e-5).all()  # data-processing inequality
     # The student equal to the teacher: every coarse-graining agrees, the divergence is 0.
@@ -170,8 +184,9 @@ def test_ignore_is_the_sampled_token_estimator_with_duplicates(backend):
     want = (lp.double() - lq.gather(1, ids)).mean(-1).sum()  # (1/K) Σ (log 1/K − log q)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     q = s.double().softmax(-1)
-    g = q - torch.zeros(n, v, dtype=torch.float64).scatter_add_(1, ids, torch.full((n, k), 1 / k,
-                                                                dtype=torch.float64))
+    g = q - torch.zeros(n, v, dtype=torch.float64).scatter_add_(
+        1, ids, torch.full((n, k), 1 / k, dtype=torch.float64)
+    )
     torch.testing.assert_close(x.grad.double(), g, rtol=1e-4, atol=1e-6)
 
 
@@ -200,11 +215,14 @@ def test_support_holds_almost_all_student_mass(div_tail, backend):
     ref = R.sparse_kd_loss(divergence, s64, ids, lp.double(), tail=tail)
     ref.backward()
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-3,
-                               atol=1e-4 * s64.grad.abs().max())
+    torch.testing.assert_close(
+        x.grad.double(), s64.grad, rtol=1e-3, atol=1e-4 * s64.grad.abs().max()
+    )
 
 
-@pytest.mark.parametrize("backend", BACKENDS[:2] + (["triton"] if HAS_TRITON else []))  # triton: small, fast
+@pytest.mark.parametrize(
+    "backend", BACKENDS[:2] + (["triton"] if HAS_TRITON else [])
+)  # triton: small, fast
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_small_teacher_tail_as_accurate_as_float64(divergence, backend):
     """A top-14-of-17 teacher whose tails 1 − P are around 1e-6 (some below 0 by rounding: the floor): the
@@ -214,7 +232,9 @@ def test_small_teacher_tail_as_accurate_as_float64(divergence, backend):
     lp, ids = (torch.randn(64, 17, generator=g) * 5).log_softmax(-1).topk(14)
     s = torch.randn(64, 17, generator=g)
     x = s.clone().requires_grad_()
-    kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, backend=backend, reduction="sum").backward()
+    kd_kernels.sparse_kd(
+        x, ids, lp, divergence=divergence, backend=backend, reduction="sum"
+    ).backward()
     s64 = s.double().requires_grad_()
     R.sparse_kd_loss(divergence, s64, ids, lp.double(), reduction="sum").backward()
     assert ((x.grad.double() - s64.grad).norm() / s64.grad.norm()).item() <= 1e-6
@@ -238,8 +258,9 @@ def test_teacher_mass_above_one_by_rounding(divergence, backend):
     ref = R.sparse_kd_loss(divergence, s64, ids, lp.double())
     ref.backward()
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-3,
-                               atol=1e-4 * s64.grad.abs().max())
+    torch.testing.assert_close(
+        x.grad.double(), s64.grad, rtol=1e-3, atol=1e-4 * s64.grad.abs().max()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,10 +270,12 @@ def test_support_covering_the_vocabulary_has_no_tail(backend):
     lp, ids = t.log_softmax(-1).topk(v, -1)
     s = torch.randn(2, v)
     for divergence in ("forward_kl", "reverse_kl"):
-        out = kd_kernels.sparse_kd(s, ids, lp.float(), divergence=divergence, reduction="none",
-                                   backend=backend)
-        dense = kd_kernels.kd_loss(s, t.float(), divergence=divergence, reduction="none",
-                                   backend="torch")
+        out = kd_kernels.sparse_kd(
+            s, ids, lp.float(), divergence=divergence, reduction="none", backend=backend
+        )
+        dense = kd_kernels.kd_loss(
+            s, t.float(), divergence=divergence, reduction="none", backend="torch"
+        )
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
 
 
@@ -268,20 +291,24 @@ def test_nan_and_non_distribution_rows(tail, backend):
     lp[4, 1] = math.nan  # NaN teacher log-prob
     s[5, 3] = 3e38  # finite in fp32, +inf after dividing by T = 0.5
     x = s.clone().requires_grad_()
-    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, temperature=temp, reduction="none", backend=backend)
+    out = kd_kernels.sparse_kd(
+        x, ids, lp, tail=tail, temperature=temp, reduction="none", backend=backend
+    )
     out.sum().backward()
     assert torch.isfinite(out[0]) and torch.isfinite(x.grad[0]).all()
     for r in (1, 2, 3, 4, 5):
         assert torch.isnan(out[r]), r
         assert torch.isnan(x.grad[r]).all(), r
-    ref = R.sparse_kd_loss("forward_kl", s[:1].double(), ids[:1], lp[:1].double(), tail=tail,
-                           temperature=temp)
+    ref = R.sparse_kd_loss(
+        "forward_kl", s[:1].double(), ids[:1], lp[:1].double(), tail=tail, temperature=temp
+    )
     torch.testing.assert_close(out[0].double(), ref, rtol=2e-5, atol=1e-6)
     # The same rows masked: exactly 0, never read.
     mask = torch.tensor([True, False, False, False, False, False])
     x = s.clone().requires_grad_()
-    out = kd_kernels.sparse_kd(x, ids, lp, tail=tail, mask=mask, reduction="sum", temperature=temp,
-                               backend=backend)
+    out = kd_kernels.sparse_kd(
+        x, ids, lp, tail=tail, mask=mask, reduction="sum", temperature=temp, backend=backend
+    )
     out.backward()
     assert torch.isfinite(out) and (x.grad[1:] == 0).all()
 
@@ -290,14 +317,18 @@ def _check_against_reference(s, ids, lp, divergence, backend, grad_atol=1e-5, **
     """Loss and gradient of sparse_kd against float64, at test_matches_reference's fp32 tolerances
     (``grad_atol``: relative to the largest gradient entry)."""
     x = s.clone().requires_grad_()
-    out = kd_kernels.sparse_kd(x, ids, lp, divergence=divergence, backend=backend, reduction="none", **opts)
+    out = kd_kernels.sparse_kd(
+        x, ids, lp, divergence=divergence, backend=backend, reduction="none", **opts
+    )
     s64 = s.double().requires_grad_()
     ref = R.sparse_kd_loss(divergence, s64, ids, lp.double(), reduction="none", **opts)
     up = torch.randn(ref.shape, dtype=torch.float64)
     (ref * up).sum().backward()
     (out * up.float()).sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(
+        out.double(), ref.detach(), rtol=2e-5, atol=1e-5 * ref.abs().max().item()
+    )
     scale = s64.grad.abs().max().item() + 1e-30
     torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-4, atol=grad_atol * scale)
 
@@ -318,8 +349,9 @@ def test_renormalize_support_far_below_the_row_max(divergence, case, backend):
         sup = s.amax(-1, keepdim=True) - 1e3 + torch.randn(n, k, dtype=torch.float64) * 2
     s = s.scatter(1, ids, sup).float()  # the ids e^-1000 or further below the row's max
     # gradient: a − q̂ A cancels where q̂ ≈ 1 (fp32 categories on torch / triton), an error of ~1e-7 / T
-    _check_against_reference(s, ids, lp, divergence, backend, grad_atol=1e-3, tail="renormalize",
-                             temperature=temp)
+    _check_against_reference(
+        s, ids, lp, divergence, backend, grad_atol=1e-3, tail="renormalize", temperature=temp
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -339,9 +371,16 @@ def test_precision_does_not_depend_on_where_the_logits_sit(div_tail, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("div_tail", [("forward_kl", "bucket"), ("jsd", "renormalize"),
-                                      ("forward_kl", "ignore"), ("skew_reverse_kl", "bucket")],
-                         ids=lambda x: f"{x[0]}-{x[1]}")
+@pytest.mark.parametrize(
+    "div_tail",
+    [
+        ("forward_kl", "bucket"),
+        ("jsd", "renormalize"),
+        ("forward_kl", "ignore"),
+        ("skew_reverse_kl", "bucket"),
+    ],
+    ids=lambda x: f"{x[0]}-{x[1]}",
+)
 def test_fused_linear_matches_logits_level(div_tail, backend):
     divergence, tail = div_tail
     b_, t_, d, v, k = 2, 7, 24, 211, 8
@@ -356,15 +395,37 @@ def test_fused_linear_matches_logits_level(div_tail, backend):
     for reduction in ("mean", "sum"):
         hs, ws, bs = (x.float().clone().requires_grad_() for x in (h, w, bias))
         loss, comp = kd_kernels.fused_linear_sparse_kd(
-            hs, ws, ids, lp, divergence=divergence, tail=tail, student_bias=bs, labels=labels,
-            ce_weight=0.3, token_weights=weights, reduction=reduction, chunk_size=5,  # ragged
-            temperature=1.3, backend=backend, return_components=True)
+            hs,
+            ws,
+            ids,
+            lp,
+            divergence=divergence,
+            tail=tail,
+            student_bias=bs,
+            labels=labels,
+            ce_weight=0.3,
+            token_weights=weights,
+            reduction=reduction,
+            chunk_size=5,  # ragged
+            temperature=1.3,
+            backend=backend,
+            return_components=True,
+        )
         loss.backward()
         h64, w64, b64 = (x.clone().requires_grad_() for x in (h, w, bias))
         logits = h64 @ w64.t() + b64
         mask = labels != -100
-        kd = R.sparse_kd_loss(divergence, logits, ids, lp.double(), tail=tail, temperature=1.3,
-                              mask=mask, token_weights=weights, reduction=reduction)
+        kd = R.sparse_kd_loss(
+            divergence,
+            logits,
+            ids,
+            lp.double(),
+            tail=tail,
+            temperature=1.3,
+            mask=mask,
+            token_weights=weights,
+            reduction=reduction,
+        )
         ce = R.cross_entropy_per_token(logits, labels).sum()
         if reduction == "mean":
             ce = ce / mask.sum()
@@ -434,25 +495,28 @@ def _good(n=3, v=17, k=4):
     return s, ids, lp
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("ids_float", TypeError, "teacher_ids has dtype torch.float32"),
-    ("lp_int", TypeError, "teacher_logprobs has dtype torch.int64"),
-    ("lp_f64", TypeError, "teacher_logprobs has dtype torch.float64"),
-    ("ids_shape", ValueError, "teacher_ids has shape"),
-    ("lp_shape", ValueError, "teacher_logprobs has shape"),
-    ("k0", ValueError, "K=0"),
-    ("id_range", ValueError, r"teacher_ids row 1 holds 17, outside \[0, 17\)"),
-    ("id_negative", ValueError, r"teacher_ids row 0 holds -2"),
-    ("duplicate", ValueError, "row 2 holds the same id twice.*tail='ignore'"),
-    ("positive_lp", ValueError, r"teacher_logprobs row 1 holds 0.5 > 0.*not logits"),
-    ("tail", ValueError, "tail='top' is unknown"),
-    ("tail_ignore_rkl", ValueError, "tail='ignore' is defined for forward_kl only"),
-    ("backend_cuda", kd_kernels.BackendUnavailableError, "backend='triton'"),
-    ("backend_bad", ValueError, "backend='gpu' is unknown"),
-    ("student_int", TypeError, "student_logits has dtype torch.int64"),
-    ("temperature", ValueError, "temperature=0"),
-    ("mask_shape", ValueError, "mask has shape"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("ids_float", TypeError, "teacher_ids has dtype torch.float32"),
+        ("lp_int", TypeError, "teacher_logprobs has dtype torch.int64"),
+        ("lp_f64", TypeError, "teacher_logprobs has dtype torch.float64"),
+        ("ids_shape", ValueError, "teacher_ids has shape"),
+        ("lp_shape", ValueError, "teacher_logprobs has shape"),
+        ("k0", ValueError, "K=0"),
+        ("id_range", ValueError, r"teacher_ids row 1 holds 17, outside \[0, 17\)"),
+        ("id_negative", ValueError, r"teacher_ids row 0 holds -2"),
+        ("duplicate", ValueError, "row 2 holds the same id twice.*tail='ignore'"),
+        ("positive_lp", ValueError, r"teacher_logprobs row 1 holds 0.5 > 0.*not logits"),
+        ("tail", ValueError, "tail='top' is unknown"),
+        ("tail_ignore_rkl", ValueError, "tail='ignore' is defined for forward_kl only"),
+        ("backend_cuda", kd_kernels.BackendUnavailableError, "backend='triton'"),
+        ("backend_bad", ValueError, "backend='gpu' is unknown"),
+        ("student_int", TypeError, "student_logits has dtype torch.int64"),
+        ("temperature", ValueError, "temperature=0"),
+        ("mask_shape", ValueError, "mask has shape"),
+    ],
+)
 def test_bad_input(case, exc, match):
     s, ids, lp = _good()
     kw = {}
@@ -547,8 +611,11 @@ def test_new_divergences_sparse_fused_and_module(divergence):
     h, w = torch.randn(5, 8, generator=gen), torch.randn(40, 8, generator=gen)
     ids = torch.stack([torch.randperm(40, generator=gen)[:6] for _ in range(5)])
     lp = torch.randn(5, 6, generator=gen).log_softmax(-1) - 0.1
-    kw = {"alpha": 0.7, "beta": 0.4} if divergence == "alpha_beta" else (
-        {"alpha": 1.5} if divergence == "renyi" else {})
+    kw = (
+        {"alpha": 0.7, "beta": 0.4}
+        if divergence == "alpha_beta"
+        else ({"alpha": 1.5} if divergence == "renyi" else {})
+    )
     hh = h.clone().requires_grad_()
     fused = kd_kernels.fused_linear_sparse_kd(hh, w, ids, lp, divergence=divergence, **kw)
     hr = h.clone().requires_grad_()
@@ -567,12 +634,15 @@ def test_second_derivative_raises():
     s = torch.randn(3, 40, requires_grad=True)
     ids = torch.stack([torch.randperm(40)[:4] for _ in range(3)])
     lp = torch.full((3, 4), -2.0)
-    (g,) = torch.autograd.grad(kd_kernels.sparse_kd(s, ids, lp, backend="torch"), s, create_graph=True)
+    (g,) = torch.autograd.grad(
+        kd_kernels.sparse_kd(s, ids, lp, backend="torch"), s, create_graph=True
+    )
     with pytest.raises(RuntimeError):
         (g.square().sum() + (s**3).sum()).backward()
     h = torch.randn(3, 8, requires_grad=True)
-    (g,) = torch.autograd.grad(kd_kernels.fused_linear_sparse_kd(h, torch.randn(40, 8), ids, lp), h,
-                               create_graph=True)
+    (g,) = torch.autograd.grad(
+        kd_kernels.fused_linear_sparse_kd(h, torch.randn(40, 8), ids, lp), h, create_graph=True
+    )
     with pytest.raises(RuntimeError):
         (g.square().sum() + (h**3).sum()).backward()
 
@@ -618,8 +688,13 @@ def test_triton_sparse_kernel_compiles_for_sm90():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SPARSE_COMPILE], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _SPARSE_COMPILE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if "skip" in res:
@@ -630,8 +705,8 @@ def test_triton_sparse_kernel_compiles_for_sm90():
 def test_torch_terms_do_not_write_their_inputs():
     """The sparse categories (and the vocabulary-parallel shards) call the dense torch definitions and
     use q, p afterwards: no TERMS entry may write ℓq, ℓp, q or p."""
-    from kd_kernels._torch_terms import TERMS
     from kd_kernels._spec import KDSpec
+    from kd_kernels._torch_terms import TERMS
 
     gen = torch.Generator().manual_seed(0)
     lq = torch.randn(3, 11, generator=gen).log_softmax(-1)

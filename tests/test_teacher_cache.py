@@ -19,14 +19,34 @@ from _common import tiny_train_config
 from kd_kernels.train import cli
 from kd_kernels.train.trainer import train
 
-TINY = ["--preset", "tiny", "--max-prompts", "24", "--max-new-tokens", "6", "--gen-batch-size", "32",
-        "--no-progress"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--max-prompts",
+    "24",
+    "--max-new-tokens",
+    "6",
+    "--gen-batch-size",
+    "32",
+    "--no-progress",
+]
 
 
 def _cache(tmp_path: Path, response_cache: Path, k: int = 8, *extra: str) -> Path:
     out = tmp_path / f"cache-k{k}"
-    rc = cli.main(["cache-teacher", "--top-k", str(k), "--out", str(out), "--cache-dir",
-                   str(response_cache), *TINY, *extra])
+    rc = cli.main(
+        [
+            "cache-teacher",
+            "--top-k",
+            str(k),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(response_cache),
+            *TINY,
+            *extra,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -45,8 +65,15 @@ def test_cache_round_trip_and_kd_from_cache(tmp_path, response_cache, capsys):
     assert (lp[:, :-1] >= lp[:, 1:]).all() and (lp <= 0).all()
     assert (lp.exp().sum(-1) <= 1 + 1e-2).all()
 
-    cfg = tiny_train_config("kd", response_cache, out=str(tmp_path / "kd"), steps=3,
-                            skip_eval=True, teacher_cache=str(out), sparse_top_k=4)
+    cfg = tiny_train_config(
+        "kd",
+        response_cache,
+        out=str(tmp_path / "kd"),
+        steps=3,
+        skip_eval=True,
+        teacher_cache=str(out),
+        sparse_top_k=4,
+    )
     # the teacher's forward pass must not run during the steps: break it and train anyway
     from kd_kernels.train import methods
 
@@ -92,16 +119,37 @@ def test_cache_kd_loss_matches_fused_sparse_on_teacher_topk(tmp_path, response_c
     torch.testing.assert_close(lps[mask].float(), want_lp[mask], atol=2e-3, rtol=1e-3)
     loss, _ = get_method("kd").loss(run.models.student, run.models.teacher, batch, run)
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
-    direct = kd_kernels.fused_linear_sparse_kd(
-        s.hidden, s.weight, want_ids, want_lp.half().float(), tail="renormalize", mask=mask,
-        labels=labels, ce_weight=1.0) * 0.5
+    direct = (
+        kd_kernels.fused_linear_sparse_kd(
+            s.hidden,
+            s.weight,
+            want_ids,
+            want_lp.half().float(),
+            tail="renormalize",
+            mask=mask,
+            labels=labels,
+            ce_weight=1.0,
+        )
+        * 0.5
+    )
     torch.testing.assert_close(loss.detach(), direct, atol=2e-3, rtol=2e-3)
 
 
 def test_cache_mismatches_are_clear_errors(tmp_path, response_cache, capsys):
     out = _cache(tmp_path, response_cache, 4)
-    base = ["kd", *TINY, "--cache-dir", str(response_cache), "--steps", "1", "--skip-eval",
-            "--teacher-cache", str(out), "--out", str(tmp_path / "run")]
+    base = [
+        "kd",
+        *TINY,
+        "--cache-dir",
+        str(response_cache),
+        "--steps",
+        "1",
+        "--skip-eval",
+        "--teacher-cache",
+        str(out),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     cases = [
         (["--sparse-top-k", "8"], "asks for more than the 4 ids"),
         (["--max-new-tokens", "5"], "other training responses"),
@@ -114,7 +162,10 @@ def test_cache_mismatches_are_clear_errors(tmp_path, response_cache, capsys):
     with pytest.raises(SystemExit) as e:  # a flag of other methods: argparse's usage error
         cli.main(["minillm", *TINY, "--teacher-cache", str(out)])
     assert e.value.code == 2
-    assert "--teacher-cache is a flag of kd, seqkd, distillm, not of minillm" in capsys.readouterr().err
+    assert (
+        "--teacher-cache is a flag of kd, seqkd, distillm, not of minillm"
+        in capsys.readouterr().err
+    )
     rc = cli.main(["kd", *TINY, "--teacher-cache", str(tmp_path / "nothing")])
     assert rc == 2 and "no manifest.json" in capsys.readouterr().err
     rc = cli.main(["distillm", *TINY, "--teacher-cache", str(out), "--sparse-tail", "ignore"])
@@ -123,7 +174,13 @@ def test_cache_mismatches_are_clear_errors(tmp_path, response_cache, capsys):
 
 def test_distillm_from_cache(tmp_path, response_cache):
     out = _cache(tmp_path, response_cache, 8, "--for-method", "distillm")
-    cfg = tiny_train_config("distillm", response_cache, out=str(tmp_path / "d"), steps=3,
-                            skip_eval=True, teacher_cache=str(out))
+    cfg = tiny_train_config(
+        "distillm",
+        response_cache,
+        out=str(tmp_path / "d"),
+        steps=3,
+        skip_eval=True,
+        teacher_cache=str(out),
+    )
     summary = train(cfg)
     assert summary["steps"] == 3 and summary["teacher_cache"]["top_k"] == 8

@@ -26,8 +26,15 @@ def _reference(divergence, s, t, mask, temperature):
     # −inf → −1e4: the same distributions in float64 (e^−1e4 = 0), and an autograd gradient without the
     # NaN that differentiating through −inf gives
     s64 = s.double().clamp_min(-1e4).requires_grad_()
-    ref = R.kd_loss(divergence, s64, t.double().clamp_min(-1e4), mask=mask, reduction="none", temperature=temperature,
-                    **COEF.get(divergence, {}))
+    ref = R.kd_loss(
+        divergence,
+        s64,
+        t.double().clamp_min(-1e4),
+        mask=mask,
+        reduction="none",
+        temperature=temperature,
+        **COEF.get(divergence, {}),
+    )
     up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
     (g,) = torch.autograd.grad(ref, s64, up)
     return ref, g, up
@@ -35,7 +42,9 @@ def _reference(divergence, s, t, mask, temperature):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", (1.0, 1.7))
-def test_several_chunks_with_padded_columns_and_masked_nan_rows(divergence, temperature, monkeypatch):
+def test_several_chunks_with_padded_columns_and_masked_nan_rows(
+    divergence, temperature, monkeypatch
+):
     """Chunks of a few rows: one with a padded (−inf in both) column; masked rows hold NaN. Values and
     gradients match the float64 reference."""
     monkeypatch.setattr(TB, "_CHUNK_BYTES", 6 * 4 * 4 * 257)  # a few rows per chunk
@@ -47,8 +56,16 @@ def test_several_chunks_with_padded_columns_and_masked_nan_rows(divergence, temp
     s[13], t[14] = math.nan, math.nan  # masked rows are never counted
     ref, g_ref, up = _reference(divergence, s, t, mask, temperature)
     s_k = s.clone().requires_grad_()
-    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, mask=mask, reduction="none",
-                              temperature=temperature, backend="torch", **COEF.get(divergence, {}))
+    loss = kd_kernels.kd_loss(
+        s_k,
+        t,
+        divergence=divergence,
+        mask=mask,
+        reduction="none",
+        temperature=temperature,
+        backend="torch",
+        **COEF.get(divergence, {}),
+    )
     (g,) = torch.autograd.grad(loss, s_k, up.float())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[mask].double(), g_ref[mask], rtol=1e-4, atol=1e-6)
@@ -67,8 +84,15 @@ def test_inplace_gradient_over_several_chunks(divergence, monkeypatch):
     ref, g_ref, up = _reference(divergence, s, t, None, 1.0)
     x = s.clone().requires_grad_()
     y = x * 1.0  # a non-leaf the gradient may overwrite
-    loss = kd_kernels.kd_loss(y, t, divergence=divergence, reduction="none", backend="torch",
-                              inplace_grad=True, **COEF.get(divergence, {}))
+    loss = kd_kernels.kd_loss(
+        y,
+        t,
+        divergence=divergence,
+        reduction="none",
+        backend="torch",
+        inplace_grad=True,
+        **COEF.get(divergence, {}),
+    )
     (g,) = torch.autograd.grad(loss, x, up.float())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
@@ -81,8 +105,9 @@ def test_nan_row_leaves_other_rows_exact(divergence):
     s, t = _inputs(n, v, seed=2)
     s[3, 10] = math.nan
     s_k = s.clone().requires_grad_()
-    loss = kd_kernels.kd_loss(s_k, t, divergence=divergence, reduction="none", backend="torch",
-                              **COEF.get(divergence, {}))
+    loss = kd_kernels.kd_loss(
+        s_k, t, divergence=divergence, reduction="none", backend="torch", **COEF.get(divergence, {})
+    )
     keep = torch.arange(n) != 3
     ref, g_ref, up = _reference(divergence, s[keep], t[keep], None, 1.0)
     up_all = torch.ones(n)
@@ -124,8 +149,9 @@ def test_unguarded_first_pass_with_guarded_redo_equals_the_guarded_rows(divergen
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 @pytest.mark.parametrize("weighted", (False, True))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_loss_without_grad_equals_the_grad_path_without_an_autograd_node(divergence, reduction, weighted, backend,
-                                                                          monkeypatch):
+def test_loss_without_grad_equals_the_grad_path_without_an_autograd_node(
+    divergence, reduction, weighted, backend, monkeypatch
+):
     """Nothing to differentiate (no_grad, or a student that does not require grad): the launcher runs
     directly, without the autograd Function, and the loss equals the differentiable call's (to an ulp on the cpu kernel; and the
     float64 reference)."""
@@ -133,17 +159,29 @@ def test_loss_without_grad_equals_the_grad_path_without_an_autograd_node(diverge
 
     s, t = _inputs(9, 131, seed=4)
     s[2, :5] = t[2, :5] = -math.inf
-    kw = dict(divergence=divergence, reduction=reduction, backend=backend, temperature=1.3,
-              **COEF.get(divergence, {}))
+    kw = dict(
+        divergence=divergence,
+        reduction=reduction,
+        backend=backend,
+        temperature=1.3,
+        **COEF.get(divergence, {}),
+    )
     if weighted:
         kw["mask"] = torch.arange(9) % 4 != 1
         kw["token_weights"] = torch.linspace(0.5, 2.0, 9)
     with_grad = kd_kernels.kd_loss(s.clone().requires_grad_(), t, **kw)
     assert with_grad.grad_fn is not None
     mask = kw.get("mask")
-    ref = R.kd_loss(divergence, s.double().clamp_min(-1e4), t.double().clamp_min(-1e4), mask=mask,
-                    token_weights=kw.get("token_weights"), reduction=reduction, temperature=1.3,
-                    **COEF.get(divergence, {}))
+    ref = R.kd_loss(
+        divergence,
+        s.double().clamp_min(-1e4),
+        t.double().clamp_min(-1e4),
+        mask=mask,
+        token_weights=kw.get("token_weights"),
+        reduction=reduction,
+        temperature=1.3,
+        **COEF.get(divergence, {}),
+    )
     torch.testing.assert_close(with_grad.detach().double(), ref, rtol=1e-5, atol=1e-6)
 
     def no_function(*args):

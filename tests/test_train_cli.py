@@ -104,36 +104,48 @@ def write(path: Path, text: str) -> str:
 
 def test_config_file_under_the_command_line(tmp_path):
     """defaults < method defaults < the file < the command line; file keys count as given."""
-    yaml_file = write(tmp_path / "run.yaml", "kd_ratio: 0.3\nlr: 1e-4\nsteps: 9\nskip-eval: true\n"
-                      "grad_clip: .inf\neval_seeds: '1,2'\n")
+    yaml_file = write(
+        tmp_path / "run.yaml",
+        "kd_ratio: 0.3\nlr: 1e-4\nsteps: 9\nskip-eval: true\ngrad_clip: .inf\neval_seeds: '1,2'\n",
+    )
     cfg, explicit = C.parse_args(["kd", "--config", yaml_file, "--steps", "7"], ["kd"])
-    assert (cfg.kd_ratio, cfg.lr, cfg.steps, cfg.skip_eval, cfg.grad_clip, cfg.eval_seeds) == \
-        (0.3, 1e-4, 7, True, math.inf, "1,2")  # YAML reads 1e-4 as a string: taken as --lr takes it
+    assert (cfg.kd_ratio, cfg.lr, cfg.steps, cfg.skip_eval, cfg.grad_clip, cfg.eval_seeds) == (
+        0.3,
+        1e-4,
+        7,
+        True,
+        math.inf,
+        "1,2",
+    )  # YAML reads 1e-4 as a string: taken as --lr takes it
     assert explicit == {"kd_ratio", "lr", "steps", "skip_eval", "grad_clip", "eval_seeds"}
     assert cfg.batch_size == C.TrainConfig().batch_size
-    json_file = write(tmp_path / "run.json",
-                      json.dumps({"method": "minillm", "minillm_rollouts": 12}))
+    json_file = write(
+        tmp_path / "run.json", json.dumps({"method": "minillm", "minillm_rollouts": 12})
+    )
     cfg, _ = C.parse_args(["minillm", "--config", json_file], ["minillm"])
     assert (cfg.minillm_rollouts, cfg.steps) == (12, C.METHOD_DEFAULTS["minillm"]["steps"])
     cfg, _ = C.parse_args(["kd", "--config", write(tmp_path / "empty.yaml", "")], ["kd"])
     assert cfg == C.TrainConfig()
 
 
-@pytest.mark.parametrize("name, text, match", [
-    ("a.yaml", "kd_ration: 0.3\n", r"unknown key 'kd_ration'; did you mean 'kd_ratio'\?"),
-    ("a.yaml", "gkd_beta: 1\n", "gkd_beta is a flag of gkd, not of kd"),
-    ("a.json", '{"method": "gkd"}', "is for method 'gkd', not 'kd'; run kd-train gkd"),
-    ("a.yaml", "steps: 1.5\n", r"steps: 1.5 is not an int \(the type --steps takes\)"),
-    ("a.yaml", "skip_eval: 1\n", "skip_eval: 1 is not a bool"),
-    ("a.yaml", "lr: fast\n", "lr: 'fast' is not a float"),
-    ("a.yaml", "eval_seeds: 10\n", "eval_seeds: 10 is not a str"),
-    ("a.yaml", "student_layers: 3:30\n", r"student_layers: 210 is not a str .*; quote it"),
-    ("a.yaml", "kd_ratio: 7\n", "--kd-ratio=7.0"),  # values are checked as flags are
-    ("a.yaml", "- steps\n", "expected a mapping"),
-    ("a.yaml", "steps: [1\n", "is not valid YAML"),
-    ("a.json", "{steps: 1}", "is not valid JSON"),
-    ("a.toml", "steps = 1\n", "use a .json, .yaml or .yml file"),
-])
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("a.yaml", "kd_ration: 0.3\n", r"unknown key 'kd_ration'; did you mean 'kd_ratio'\?"),
+        ("a.yaml", "gkd_beta: 1\n", "gkd_beta is a flag of gkd, not of kd"),
+        ("a.json", '{"method": "gkd"}', "is for method 'gkd', not 'kd'; run kd-train gkd"),
+        ("a.yaml", "steps: 1.5\n", r"steps: 1.5 is not an int \(the type --steps takes\)"),
+        ("a.yaml", "skip_eval: 1\n", "skip_eval: 1 is not a bool"),
+        ("a.yaml", "lr: fast\n", "lr: 'fast' is not a float"),
+        ("a.yaml", "eval_seeds: 10\n", "eval_seeds: 10 is not a str"),
+        ("a.yaml", "student_layers: 3:30\n", r"student_layers: 210 is not a str .*; quote it"),
+        ("a.yaml", "kd_ratio: 7\n", "--kd-ratio=7.0"),  # values are checked as flags are
+        ("a.yaml", "- steps\n", "expected a mapping"),
+        ("a.yaml", "steps: [1\n", "is not valid YAML"),
+        ("a.json", "{steps: 1}", "is not valid JSON"),
+        ("a.toml", "steps = 1\n", "use a .json, .yaml or .yml file"),
+    ],
+)
 def test_bad_config_file_is_one_line_naming_the_key(tmp_path, capsys, name, text, match):
     path = write(tmp_path / name, text)
     with pytest.raises(ValueError, match=match):
@@ -180,8 +192,18 @@ def test_trainer_writes_config_json(tmp_path, monkeypatch):
         raise T.TrainError("stop after the config")
 
     monkeypatch.setattr(T, "Run", no_models)
-    argv = ["gkd", "--preset", "tiny", "--gkd-beta", "0.2", "--out", str(tmp_path / "run"),
-            "--no-progress", "--device", "cpu"]
+    argv = [
+        "gkd",
+        "--preset",
+        "tiny",
+        "--gkd-beta",
+        "0.2",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     cfg, explicit = C.parse_args(argv, ["gkd"])
     with pytest.raises(T.TrainError, match="stop after the config"):
         T.train(cfg, explicit)
@@ -194,8 +216,10 @@ def test_trainer_writes_config_json(tmp_path, monkeypatch):
 
 def test_compare_hands_each_method_its_own_flags(tmp_path):
     conf = write(tmp_path / "c.yaml", "gkd_beta: 1\nsteps: 4\n")
-    values = C.shared_run_values(["--config", conf, "--kd-ratio", "0.3", "--steps", "5",
-                                  "--no-progress"], ["sft", "kd", "gkd"])
+    values = C.shared_run_values(
+        ["--config", conf, "--kd-ratio", "0.3", "--steps", "5", "--no-progress"],
+        ["sft", "kd", "gkd"],
+    )
     assert C.method_argv("sft", values) == ["--steps", "5", "--no-progress"]
     assert C.method_argv("kd", values) == ["--steps", "5", "--kd-ratio", "0.3", "--no-progress"]
     assert C.method_argv("gkd", values) == ["--steps", "5", "--gkd-beta", "1.0", "--no-progress"]

@@ -32,31 +32,85 @@ def _free_port() -> int:
 
 def _torchrun(response_cache: Path, out: Path, *flags: str, method: str = "kd") -> str:
     """Run kd-train on 2 processes; returns stderr (asserts exit 0)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-           "-m", "kd_kernels.train.cli", method, "--preset", "tiny", "--batch-size", "2",
-           "--max-prompts", "24", "--max-new-tokens", "6", "--device", "cpu", "--lr", "3e-3",
-           "--warmup-steps", "1", "--min-lr", "3e-3", "--cache-dir", str(response_cache),
-           "--out", str(out), "--no-progress", *flags]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "-m",
+        "kd_kernels.train.cli",
+        method,
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--max-prompts",
+        "24",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--min-lr",
+        "3e-3",
+        "--cache-dir",
+        str(response_cache),
+        "--out",
+        str(out),
+        "--no-progress",
+        *flags,
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stderr
 
 
 def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_fsdp_follows_ddp_resumes_exactly_and_saves_a_consolidated_student(tmp_path, response_cache):
+def test_fsdp_follows_ddp_resumes_exactly_and_saves_a_consolidated_student(
+    tmp_path, response_cache
+):
     skip = ("--skip-eval",)
     _torchrun(response_cache, tmp_path / "ddp", "--dist", "ddp", "--steps", "4", *skip)
     # the uninterrupted FSDP2 run also validates mid-run and evaluates at the end (rank 0, on
     # consolidated copies of the sharded models)
-    log = _torchrun(response_cache, tmp_path / "fsdp", "--dist", "fsdp", "--steps", "4", "--eval-every",
-                    "2", "--eval-prompts", "2", "--eval-seeds", "1")
+    log = _torchrun(
+        response_cache,
+        tmp_path / "fsdp",
+        "--dist",
+        "fsdp",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-prompts",
+        "2",
+        "--eval-seeds",
+        "1",
+    )
     assert "FSDP2 (" in log and "sharded over 2 ranks" in log, log[-2000:]
     ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert sorted(fsdp) == [1, 2, 3, 4]
@@ -102,7 +156,9 @@ def test_checkpoints_move_between_layouts(tmp_path, response_cache):
     skip = ("--skip-eval",)
     _torchrun(response_cache, tmp_path / "ddp", "--dist", "ddp", "--steps", "4", *skip)
     _torchrun(response_cache, tmp_path / "moved", "--dist", "ddp", "--steps", "2", *skip)
-    _torchrun(response_cache, tmp_path / "moved", "--dist", "fsdp", "--steps", "4", "--resume", *skip)
+    _torchrun(
+        response_cache, tmp_path / "moved", "--dist", "fsdp", "--steps", "4", "--resume", *skip
+    )
     ddp, moved = _losses(tmp_path / "ddp"), _losses(tmp_path / "moved")
     for step in (3, 4):
         assert abs(moved[step] - ddp[step]) <= 1e-3 * max(1.0, abs(ddp[step])), (step, moved, ddp)
@@ -112,7 +168,9 @@ def test_checkpoints_move_between_layouts(tmp_path, response_cache):
     rc = main(["kd", "--out", str(tmp_path / "moved"), "--resume", "--steps", "5", "--no-progress"])
     assert rc == 0
     state = torch.load(tmp_path / "moved" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert state["step"] == 5 and state["optimizer_format"] == "index"  # one process: the plain format
+    assert (
+        state["step"] == 5 and state["optimizer_format"] == "index"
+    )  # one process: the plain format
     assert sorted(_losses(tmp_path / "moved")) == [1, 2, 3, 4, 5]
 
 
@@ -125,17 +183,34 @@ def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
     from kd_kernels.train.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     model.save_pretrained(tmp_path / "untied")
     tok.save_pretrained(tmp_path / "untied")
-    flags = ("--teacher", str(tmp_path / "untied"), "--steps", "3", "--eval-prompts", "2",
-             "--eval-seeds", "1")
+    flags = (
+        "--teacher",
+        str(tmp_path / "untied"),
+        "--steps",
+        "3",
+        "--eval-prompts",
+        "2",
+        "--eval-seeds",
+        "1",
+    )
     _torchrun(response_cache, tmp_path / "ddp", "--dist", "ddp", *flags)
     log = _torchrun(response_cache, tmp_path / "fsdp", "--dist", "fsdp", *flags)
     assert "FSDP2 (" in log
@@ -146,7 +221,9 @@ def test_fsdp_untied_teacher_and_student_follow_ddp(tmp_path, response_cache):
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["evaluated"] and summary["final"]["test_forward_kl"] >= 0
     state = torch.load(tmp_path / "fsdp" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert not torch.equal(state["student"]["lm_head.weight"], state["student"]["model.embed_tokens.weight"])
+    assert not torch.equal(
+        state["student"]["lm_head.weight"], state["student"]["model.embed_tokens.weight"]
+    )
 
 
 # ---------------------------------------------------------- the loss's normalization across ranks
@@ -160,12 +237,28 @@ PER_RANK_MEAN = ("sft", "kd", "seqkd", "distillm", "minillm")
 def ddp_gradients(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     """Each method's DDP-averaged gradient of one step on 2 gloo ranks (one torchrun launch)."""
     out = tmp_path_factory.mktemp("ddp_grads") / "grads.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-           str(ROOT / "tests" / "_dist_grads.py"), ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN),
-           str(out)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        str(ROOT / "tests" / "_dist_grads.py"),
+        ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN),
+        str(out),
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -195,5 +288,6 @@ def test_loss_normalization_across_ranks_with_uneven_lengths(ddp_gradients, meth
     assert not _close(union, mean_of_ranks)  # the two normalizations differ here: the test can tell
     want = union if method in GLOBAL_TOKEN_MEAN else mean_of_ranks
     for k in ddp:
-        torch.testing.assert_close(ddp[k], want[k], rtol=1e-4, atol=1e-7,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            ddp[k], want[k], rtol=1e-4, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}"
+        )

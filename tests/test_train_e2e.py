@@ -48,22 +48,33 @@ def test_tiny_method_runs_and_writes_outputs(tmp_path, response_cache, method):
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     for r in rows:
-        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mem_mb"] > 0 and r["lr"] > 0
+        assert (
+            math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mem_mb"] > 0 and r["lr"] > 0
+        )
     # loss.png draws the terms the method declares, as logged, and the evaluation at step 3
     panels = {p: [(s.key, x) for s, x, _ in c] for p, c in method_plot(rows, method).panels.items()}
     terms = ["loss", "ce"] + ([] if method == "sft" else ["kd"])
-    assert panels == {"loss": [(k, list(range(1, 7))) for k in terms],
-                      "eval": [(k, [3]) for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")]}
+    assert panels == {
+        "loss": [(k, list(range(1, 7))) for k in terms],
+        "eval": [(k, [3]) for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")],
+    }
     # a fixed tiny batch stream at a high lr: the training loss must fall
     assert rows[-1]["loss"] < rows[0]["loss"]
     if method != "sft":
         assert 0 <= rows[0]["kd"] and rows[0]["loss"] == pytest.approx(
-            0.5 * rows[0]["ce"] + 0.5 * rows[0]["kd"], rel=1e-4)
+            0.5 * rows[0]["ce"] + 0.5 * rows[0]["kd"], rel=1e-4
+        )
     saved = json.loads((out / "summary.json").read_text())
     assert saved["method"] == method and saved["steps"] == 6
     final = saved["final"]
-    for k in ("test_forward_kl", "test_reverse_kl", "test_ce", "rougeL_student", "rougeL_student_std",
-              "rougeL_teacher"):
+    for k in (
+        "test_forward_kl",
+        "test_reverse_kl",
+        "test_ce",
+        "rougeL_student",
+        "rougeL_student_std",
+        "rougeL_teacher",
+    ):
         assert isinstance(final[k], float) and math.isfinite(final[k]), k
     assert final["test_forward_kl"] >= 0 and final["test_reverse_kl"] >= 0
     assert len(final["rougeL_student_per_seed"]) == 2
@@ -92,7 +103,9 @@ def test_resume_continues_with_no_lost_steps(tmp_path, response_cache):
     full = train(tiny_cfg(tmp_path / "a", response_cache, "kd", steps=6, skip_eval=True))
     assert full["steps"] == 6
     train(tiny_cfg(tmp_path / "b", response_cache, "kd", steps=3, skip_eval=True))
-    resumed_cfg = tiny_cfg(tmp_path / "b", response_cache, "kd", steps=6, skip_eval=True, resume=True)
+    resumed_cfg = tiny_cfg(
+        tmp_path / "b", response_cache, "kd", steps=6, skip_eval=True, resume=True
+    )
     train(resumed_cfg, explicit={"steps"})
     a = _rows(tmp_path / "a" / "kd" / "metrics.jsonl")
     b = _rows(tmp_path / "b" / "kd" / "metrics.jsonl")
@@ -125,14 +138,41 @@ def test_ctrl_c_checkpoints_then_exits(tmp_path, response_cache, monkeypatch):
 
 def test_torchrun_two_cpu_processes(tmp_path, response_cache):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kd_kernels.train.cli", "kd", "--preset", "tiny", "--steps", "3", "--batch-size", "2",
-           "--max-prompts", "24", "--max-new-tokens", "6", "--skip-eval", "--device", "cpu",
-           "--cache-dir", str(response_cache), "--out", str(out), "--no-progress"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                       check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kd_kernels.train.cli",
+        "kd",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-prompts",
+        "24",
+        "--max-new-tokens",
+        "6",
+        "--skip-eval",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(response_cache),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
@@ -141,9 +181,22 @@ def test_torchrun_two_cpu_processes(tmp_path, response_cache):
 
     # one process with the double batch takes the same steps (DDP averages the two halves' gradients;
     # the per-rank token means differ from the global mean, so compare loosely)
-    single = train(tiny_cfg(tmp_path, response_cache, "kd", steps=3, batch_size=4, eval_seeds="1",
-                            out=str(tmp_path / "single"), lr=1e-4, warmup_steps=5, min_lr=1e-5,
-                            skip_eval=True, gen_batch_size=16))
+    single = train(
+        tiny_cfg(
+            tmp_path,
+            response_cache,
+            "kd",
+            steps=3,
+            batch_size=4,
+            eval_seeds="1",
+            out=str(tmp_path / "single"),
+            lr=1e-4,
+            warmup_steps=5,
+            min_lr=1e-5,
+            skip_eval=True,
+            gen_batch_size=16,
+        )
+    )
     assert single["steps"] == 3
     srows = _rows(tmp_path / "single" / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(srows[0]["loss"], rel=0.05)
@@ -169,6 +222,10 @@ def test_smollm2_preset_loads_and_derives_student():
     ids = prompt_token_ids(m.tokenizer, "What is the capital of France?", 128)
     assert m.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
     with torch.no_grad():
-        out = t.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                         pad_token_id=m.tokenizer.pad_token_id)
-    assert "Paris" in m.tokenizer.decode(out[0, len(ids):])
+        out = t.generate(
+            torch.tensor([ids]),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=m.tokenizer.pad_token_id,
+        )
+    assert "Paris" in m.tokenizer.decode(out[0, len(ids) :])

@@ -24,8 +24,22 @@ from kd_kernels.train import config as C
 from kd_kernels.train import data as D
 from kd_kernels.train import trainer as T
 
-TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--max-prompts", "24",
-        "--max-new-tokens", "4", "--skip-eval", "--no-progress", "--device", "cpu"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--max-prompts",
+    "24",
+    "--max-new-tokens",
+    "4",
+    "--skip-eval",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -44,26 +58,29 @@ def one_clean_line(err: str) -> str:
 # ------------------------------------------------------------------------------------- flag domains
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--temperature", "nan"], "--temperature=nan"),
-    (["--temperature", "inf"], "--temperature=inf"),
-    (["--temperature", "0"], "--temperature=0"),
-    (["--grad-clip", "-1"], "--grad-clip=-1.0 must be > 0"),
-    (["--grad-clip", "0"], "--grad-clip=0.0 must be > 0"),
-    (["--grad-clip", "nan"], "--grad-clip"),
-    (["--lr", "nan"], "--lr"),
-    (["--lr", "inf"], "--lr"),
-    (["--weight-decay", "-0.1"], "--weight-decay"),
-    (["--kd-ratio", "nan"], "--kd-ratio"),
-    (["--valid-frac", "nan"], "--valid-frac"),
-    (["--warmup-steps", "-1"], "--warmup-steps"),
-    (["--chunk-size", "-8"], "--chunk-size"),
-    (["--backend", "tpu"], "--backend='tpu' is unknown"),
-    (["--device", "tpu"], "--device='tpu'"),
-    (["--device", "banana"], "--device='banana' is not a device"),
-    (["--resume", "--overwrite"], "pass one"),
-    (["--dist", "fsdp1"], "--dist='fsdp1' is unknown"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--temperature", "nan"], "--temperature=nan"),
+        (["--temperature", "inf"], "--temperature=inf"),
+        (["--temperature", "0"], "--temperature=0"),
+        (["--grad-clip", "-1"], "--grad-clip=-1.0 must be > 0"),
+        (["--grad-clip", "0"], "--grad-clip=0.0 must be > 0"),
+        (["--grad-clip", "nan"], "--grad-clip"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--weight-decay", "-0.1"], "--weight-decay"),
+        (["--kd-ratio", "nan"], "--kd-ratio"),
+        (["--valid-frac", "nan"], "--valid-frac"),
+        (["--warmup-steps", "-1"], "--warmup-steps"),
+        (["--chunk-size", "-8"], "--chunk-size"),
+        (["--backend", "tpu"], "--backend='tpu' is unknown"),
+        (["--device", "tpu"], "--device='tpu'"),
+        (["--device", "banana"], "--device='banana' is not a device"),
+        (["--resume", "--overwrite"], "pass one"),
+        (["--dist", "fsdp1"], "--dist='fsdp1' is unknown"),
+    ],
+)
 def test_flag_domains_checked_at_parse_time(flags, match, capsys):
     with pytest.raises(ValueError, match=match):
         C.parse_args(["kd", *flags], ["kd"])
@@ -71,16 +88,23 @@ def test_flag_domains_checked_at_parse_time(flags, match, capsys):
     assert rc == 2 and match.split("=")[0] in one_clean_line(err)
 
 
-@pytest.mark.parametrize("method, flags, match", [
-    ("minillm", ["--minillm-clip", "inf"], "--minillm-clip"),
-    ("gkd", ["--gkd-temperature", "inf"], "--gkd-temperature=inf"),  # was accepted (uniform)
-    ("gkd", ["--gkd-temperature", "nan"], "--gkd-temperature=nan"),  # failed late, in transformers
-    ("gkd", ["--gkd-temperature", "1e-320"], "--gkd-temperature=1e-320"),
-    ("kd", ["--kd-ratio", "1e-320"], "--kd-ratio=1e-320"),  # was the library's "ce_weight=inf"
-    ("seqkd", ["--kd-ratio", "1e-9"], "--kd-ratio=1e-09"),
-    ("kd", ["--lr", "1e-320", "--min-lr", "0"], "--lr=1e-320"),  # 0 in float32: no training
-    ("kd", ["--grad-clip", "1e-320"], "--grad-clip=1e-320"),  # 0 in float32: frozen weights
-])
+@pytest.mark.parametrize(
+    "method, flags, match",
+    [
+        ("minillm", ["--minillm-clip", "inf"], "--minillm-clip"),
+        ("gkd", ["--gkd-temperature", "inf"], "--gkd-temperature=inf"),  # was accepted (uniform)
+        (
+            "gkd",
+            ["--gkd-temperature", "nan"],
+            "--gkd-temperature=nan",
+        ),  # failed late, in transformers
+        ("gkd", ["--gkd-temperature", "1e-320"], "--gkd-temperature=1e-320"),
+        ("kd", ["--kd-ratio", "1e-320"], "--kd-ratio=1e-320"),  # was the library's "ce_weight=inf"
+        ("seqkd", ["--kd-ratio", "1e-9"], "--kd-ratio=1e-09"),
+        ("kd", ["--lr", "1e-320", "--min-lr", "0"], "--lr=1e-320"),  # 0 in float32: no training
+        ("kd", ["--grad-clip", "1e-320"], "--grad-clip=1e-320"),  # 0 in float32: frozen weights
+    ],
+)
 def test_method_flag_domains_checked_at_parse_time(method, flags, match, capsys):
     """Issue #26: every numeric flag is checked up front, and the message names the flag."""
     with pytest.raises(ValueError, match=match):
@@ -123,8 +147,15 @@ def test_flag_given_at_its_default_value_counts_as_given():
 def _fake_checkpoint(out: Path, **config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = C.TrainConfig(**config).to_dict()
-    state = {"config": cfg, "step": 3, "student": {}, "optimizer": {}, "train_time_s": 1.0,
-             "torch_rng": torch.get_rng_state(), "method_state": {}}
+    state = {
+        "config": cfg,
+        "step": 3,
+        "student": {},
+        "optimizer": {},
+        "train_time_s": 1.0,
+        "torch_rng": torch.get_rng_state(),
+        "method_state": {},
+    }
     path = out / T.CKPT_NAME
     torch.save(state, path)
     return path
@@ -253,7 +284,13 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
 
 
 def test_metrics_rows_are_strict_json():
-    row = {"step": 1, "loss": float("nan"), "kd": float("inf"), "nested": [1.0, float("-inf")], "n": 3}
+    row = {
+        "step": 1,
+        "loss": float("nan"),
+        "kd": float("inf"),
+        "nested": [1.0, float("-inf")],
+        "n": 3,
+    }
     text = json.dumps(T._finite_or_none(row), allow_nan=False)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in {text}"))
     assert back == {"step": 1, "loss": None, "kd": None, "nested": [1.0, None], "n": 3}
@@ -262,24 +299,33 @@ def test_metrics_rows_are_strict_json():
 def test_metrics_reader_drops_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    assert T._json_rows(path, lambda r: True) == ['{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}']
+    assert T._json_rows(path, lambda r: True) == [
+        '{"step": 1, "loss": 2.0}',
+        '{"step": 2, "loss": 1.5}',
+    ]
 
 
 # ---------------------------------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize("content, match", [
-    ('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n', r":2: not valid JSON"),
-    ('{"id": 1, "prompt": "a"}\n5\n', r":2: .*JSON object.*bare int"),
-    ('"just a string"\n', r":1: .*bare str"),
-    ('[1, 2]\n', r":1: .*bare list"),
-    ('{"id": 5, "prompt": "a"}\n{"id": "5", "prompt": "b"}\n', r":2: duplicate prompt id '5' \(line 1"),
-    ('{"id": 1}\n', r":1: each line needs 'id' and 'prompt'"),
-    ('{"id": 1, "prompt": 3}\n', r":1: 'prompt' must be a non-empty string"),
-    ('{"id": [1], "prompt": "a"}\n', r":1: 'id' must be a string or an integer"),
-    ("", r"no prompts"),
-    ("\n\n", r"no prompts"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n', r":2: not valid JSON"),
+        ('{"id": 1, "prompt": "a"}\n5\n', r":2: .*JSON object.*bare int"),
+        ('"just a string"\n', r":1: .*bare str"),
+        ("[1, 2]\n", r":1: .*bare list"),
+        (
+            '{"id": 5, "prompt": "a"}\n{"id": "5", "prompt": "b"}\n',
+            r":2: duplicate prompt id '5' \(line 1",
+        ),
+        ('{"id": 1}\n', r":1: each line needs 'id' and 'prompt'"),
+        ('{"id": 1, "prompt": 3}\n', r":1: 'prompt' must be a non-empty string"),
+        ('{"id": [1], "prompt": "a"}\n', r":1: 'id' must be a string or an integer"),
+        ("", r"no prompts"),
+        ("\n\n", r"no prompts"),
+    ],
+)
 def test_malformed_prompts_name_file_and_line(tmp_path, content, match):
     p = tmp_path / "p.jsonl"
     p.write_text(content)
@@ -301,8 +347,19 @@ def test_prompts_not_utf8_and_missing(tmp_path):
 def test_bad_prompts_file_is_one_line_from_the_cli(tmp_path, capsys, response_cache):
     p = tmp_path / "p.jsonl"
     p.write_text('{"id": 1, "prompt": "a"}\n{oops}\n')
-    rc, err = run_cli(["kd", *TINY, "--prompts", str(p), "--out", str(tmp_path / "run"),
-                       "--cache-dir", str(response_cache)], capsys)
+    rc, err = run_cli(
+        [
+            "kd",
+            *TINY,
+            "--prompts",
+            str(p),
+            "--out",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(response_cache),
+        ],
+        capsys,
+    )
     assert rc == 1 and f"{p}:2: not valid JSON" in one_clean_line(err)
 
 

@@ -20,20 +20,50 @@ import kd_kernels
 from kd_kernels import hf
 from kd_kernels.train import cli
 
-RUN_FLAGS = ["--max-prompts", "12", "--max-new-tokens", "5", "--gen-batch-size", "32",
-             "--batch-size", "3", "--steps", "2", "--skip-eval", "--no-progress", "--lr", "3e-3",
-             "--warmup-steps", "1", "--min-lr", "3e-3", "--ckpt-every", "100", "--device", "cpu"]
+RUN_FLAGS = [
+    "--max-prompts",
+    "12",
+    "--max-new-tokens",
+    "5",
+    "--gen-batch-size",
+    "32",
+    "--batch-size",
+    "3",
+    "--steps",
+    "2",
+    "--skip-eval",
+    "--no-progress",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--min-lr",
+    "3e-3",
+    "--ckpt-every",
+    "100",
+    "--device",
+    "cpu",
+]
 
 
 def _tiny_model(family: str, vocab: int, tok, *, layers: int, seed: int):
-    kw = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-          "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-          "eos_token_id": tok.eos_token_id,
-          "initializer_range": 0.2}  # logits of a few units: the softcap and the scale matter
+    kw = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "initializer_range": 0.2,
+    }  # logits of a few units: the softcap and the scale matter
     if family == "gemma2":
-        cfg = transformers.Gemma2Config(**kw, head_dim=8, final_logit_softcapping=2.0,
-                                        tie_word_embeddings=True)
+        cfg = transformers.Gemma2Config(
+            **kw, head_dim=8, final_logit_softcapping=2.0, tie_word_embeddings=True
+        )
     else:
         cfg = transformers.CohereConfig(**kw, logit_scale=0.5)
     with torch.random.fork_rng(devices=[]):
@@ -83,8 +113,9 @@ def _logits(model, batch) -> torch.Tensor:
 
 
 def _kd_on_logits(s: torch.Tensor, t: torch.Tensor, mask, cfg) -> torch.Tensor:
-    return kd_kernels.kd_loss(s[:, :-1], t[:, :-1], divergence="forward_kl",
-                              temperature=cfg.temperature, mask=mask)
+    return kd_kernels.kd_loss(
+        s[:, :-1], t[:, :-1], divergence="forward_kl", temperature=cfg.temperature, mask=mask
+    )
 
 
 def _untransformed(model, batch) -> torch.Tensor:
@@ -96,16 +127,32 @@ def _untransformed(model, batch) -> torch.Tensor:
 def test_kd_first_step_equals_kd_loss_on_the_models_logits(tmp_path, response_cache, family):
     teacher, student = _pair(tmp_path, family)
     out = tmp_path / "run"
-    rc = cli.main(["kd", "--teacher", teacher, "--student", student, "--kd-ratio", "0.7",
-                   "--temperature", "1.5", "--cache-dir", str(response_cache), "--out", str(out),
-                   *RUN_FLAGS])
+    rc = cli.main(
+        [
+            "kd",
+            "--teacher",
+            teacher,
+            "--student",
+            student,
+            "--kd-ratio",
+            "0.7",
+            "--temperature",
+            "1.5",
+            "--cache-dir",
+            str(response_cache),
+            "--out",
+            str(out),
+            *RUN_FLAGS,
+        ]
+    )
     assert rc == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     cfg, models, batch, targets, mask = _first_batch(out)
     transform = hf.lm_head(models.student)
-    assert (transform.softcap, transform.logit_scale) == ((2.0, 1.0) if family == "gemma2"
-                                                          else (None, 0.5))
+    assert (transform.softcap, transform.logit_scale) == (
+        (2.0, 1.0) if family == "gemma2" else (None, 0.5)
+    )
     s, t = _logits(models.student, batch), _logits(models.teacher, batch)
     kd = _kd_on_logits(s, t, mask, cfg)
     ce = torch.nn.functional.cross_entropy(s[:, :-1][mask], targets[mask])
@@ -129,8 +176,12 @@ def test_teacher_cache_of_a_scaled_pair_equals_kd_loss_on_the_logits(tmp_path, r
     common = [*models, *RUN_FLAGS]
     assert cli.main(["cache-teacher", "--top-k", "259", "--out", str(cache), *common]) == 0
     out = tmp_path / "run"
-    assert cli.main(["kd", "--kd-ratio", "1", "--teacher-cache", str(cache), "--out", str(out),
-                     *common]) == 0
+    assert (
+        cli.main(
+            ["kd", "--kd-ratio", "1", "--teacher-cache", str(cache), "--out", str(out), *common]
+        )
+        == 0
+    )
     cfg, models, batch, _, mask = _first_batch(out)
     s, t = _logits(models.student, batch), _logits(models.teacher, batch)
     kd = float(_kd_on_logits(s, t, mask, cfg))
@@ -142,8 +193,21 @@ def test_teacher_cache_of_a_scaled_pair_equals_kd_loss_on_the_logits(tmp_path, r
 
 def test_teacher_cache_of_a_softcapped_teacher_is_a_clear_error(tmp_path, response_cache, capsys):
     teacher, student = _pair(tmp_path, "gemma2")
-    rc = cli.main(["cache-teacher", "--top-k", "8", "--out", str(tmp_path / "cache"),
-                   "--teacher", teacher, "--student", student, "--cache-dir", str(response_cache),
-                   *RUN_FLAGS])
+    rc = cli.main(
+        [
+            "cache-teacher",
+            "--top-k",
+            "8",
+            "--out",
+            str(tmp_path / "cache"),
+            "--teacher",
+            teacher,
+            "--student",
+            student,
+            "--cache-dir",
+            str(response_cache),
+            *RUN_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "error: --teacher-cache" in err and "final_logit_softcapping=2.0" in err

@@ -35,8 +35,9 @@ def _check(method: str, tmp_path, **kw):
     C.validate(C.TrainConfig(method=method, preset="tiny", **kw))
 
 
-@pytest.mark.parametrize("method, coef", [("minillm", "minillm_lm_coef"),
-                                          ("distillm", "distillm_lm_coef")])
+@pytest.mark.parametrize(
+    "method, coef", [("minillm", "minillm_lm_coef"), ("distillm", "distillm_lm_coef")]
+)
 def test_lm_coef_needs_lm_data(method, coef, tmp_path, lm_file):
     flag = "--" + coef.replace("_", "-")
     with pytest.raises(ValueError, match=f"^{flag} 1.0 needs --lm-data PATH"):
@@ -49,8 +50,10 @@ def test_lm_coef_needs_lm_data(method, coef, tmp_path, lm_file):
     _check(method, tmp_path, **{coef: 0.0})  # off: no file needed
 
 
-@pytest.mark.parametrize("content, match", [(b"", "is empty"), (b" \n\n\t\n", "is empty"),
-                                            (b"caf\xe9 au lait\n", "not UTF-8 text")])
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"", "is empty"), (b" \n\n\t\n", "is empty"), (b"caf\xe9 au lait\n", "not UTF-8 text")],
+)
 def test_lm_data_must_hold_text(content, match, tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
@@ -74,7 +77,9 @@ def test_cli_reports_a_missing_lm_data_in_one_line(capsys):
 
 def test_lm_flags_belong_to_minillm_and_distillm():
     assert "lm_data" in C.method_fields("minillm") and "lm_data" in C.method_fields("distillm")
-    assert "lm_data" not in C.method_fields("kd") and "minillm_lm_coef" not in C.method_fields("gkd")
+    assert "lm_data" not in C.method_fields("kd") and "minillm_lm_coef" not in C.method_fields(
+        "gkd"
+    )
 
 
 # --------------------------------------------------------------------------------------- packing
@@ -93,8 +98,10 @@ def test_lm_blocks_pack_documents_with_eos():
     assert all(b.labels == b.input_ids for b in blocks)
     # a last block of one token has no target: dropped; a shorter one with a target is kept
     assert [b.input_ids for b in lm_blocks(CharTokenizer(), "abc", 3, 0)] == [[97, 98, 99]]
-    assert [b.input_ids for b in lm_blocks(CharTokenizer(), "abcd", 3, 0)] == [[97, 98, 99],
-                                                                              [100, 0]]
+    assert [b.input_ids for b in lm_blocks(CharTokenizer(), "abcd", 3, 0)] == [
+        [97, 98, 99],
+        [100, 0],
+    ]
     with pytest.raises(ValueError, match="block_len=1 must be >= 2"):
         lm_blocks(CharTokenizer(), "abc", 1, 0)
 
@@ -107,9 +114,16 @@ pytest.importorskip("transformers")
 def _tiny(tmp_path, response_cache, method, lm_file, **kw):
     from _common import tiny_train_config
 
-    kw = {"out": str(tmp_path / method), f"{method}_lm_coef": 0.7, "lm_data": str(lm_file),
-          "max_prompt_tokens": 12, "max_new_tokens": 6, "minillm_rollouts": 2, "minillm_ppo_epochs": 1,
-          **kw}
+    kw = {
+        "out": str(tmp_path / method),
+        f"{method}_lm_coef": 0.7,
+        "lm_data": str(lm_file),
+        "max_prompt_tokens": 12,
+        "max_new_tokens": 6,
+        "minillm_rollouts": 2,
+        "minillm_ppo_epochs": 1,
+        **kw,
+    }
     return tiny_train_config(method, response_cache, **kw)
 
 
@@ -130,7 +144,7 @@ def test_step_loss_is_method_loss_plus_coef_times_ce(method, tmp_path, response_
     stream: list[int] = []
     for doc in _text().split("\n\n"):
         stream += run.tokenizer(doc.strip(), add_special_tokens=False)["input_ids"] + [run.eos_id]
-    blocks = [stream[i:i + 19] for i in range(0, len(stream), 19)]
+    blocks = [stream[i : i + 19] for i in range(0, len(stream), 19)]
     from kd_kernels.train.data import batch_indices
 
     idx = batch_indices(len(blocks), 1, cfg.batch_size, cfg.seed)
@@ -140,8 +154,9 @@ def test_step_loss_is_method_loss_plus_coef_times_ce(method, tmp_path, response_
     loss, parts = m.step_loss(student, teacher, batch, run)
     method_loss, _ = m.loss(student, teacher, batch, run)
     with torch.no_grad():
-        logits = student(input_ids=batch["lm_input_ids"],
-                         attention_mask=batch["lm_attention_mask"]).logits[:, :-1]
+        logits = student(
+            input_ids=batch["lm_input_ids"], attention_mask=batch["lm_attention_mask"]
+        ).logits[:, :-1]
     targets = batch["lm_labels"][:, 1:]  # -100 on the padding of a shorter last block
     ce = reference.cross_entropy_per_token(logits.double(), targets).sum() / (targets != -100).sum()
     assert parts["lm"] == pytest.approx(float(ce), rel=1e-5)

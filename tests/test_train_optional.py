@@ -22,15 +22,23 @@ from kd_kernels.train import trainer
 from kd_kernels.train._optional import available
 from kd_kernels.train.cli import format_summary
 
-HIDDEN = ("tqdm", "tqdm.auto", "rouge_score", "rouge_score.rouge_scorer", "matplotlib",
-          "matplotlib.pyplot")
+HIDDEN = (
+    "tqdm",
+    "tqdm.auto",
+    "rouge_score",
+    "rouge_score.rouge_scorer",
+    "matplotlib",
+    "matplotlib.pyplot",
+)
 
 
 def _cfg(tmp_path: Path, response_cache: Path, **kw):
     return tiny_train_config("kd", response_cache, out=str(tmp_path / "run"), steps=2, **kw)
 
 
-def test_missing_optional_libraries_keep_every_result(tmp_path, response_cache, monkeypatch, capsys):
+def test_missing_optional_libraries_keep_every_result(
+    tmp_path, response_cache, monkeypatch, capsys
+):
     for name in HIDDEN:
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     assert not available("tqdm") and not available("rouge_score") and not available("matplotlib")
@@ -48,7 +56,9 @@ def test_missing_optional_libraries_keep_every_result(tmp_path, response_cache, 
     for k in ("test_forward_kl", "test_reverse_kl", "test_ce"):
         assert math.isfinite(final[k]), k
     assert "rougeL_student" not in final
-    assert "rouge-score" in final["rougeL_skipped"] and "kd_kernels[train]" in final["rougeL_skipped"]
+    assert (
+        "rouge-score" in final["rougeL_skipped"] and "kd_kernels[train]" in final["rougeL_skipped"]
+    )
     for dist in ("tqdm", "rouge-score", "matplotlib"):
         assert f"{dist} is not installed" in err, dist
     assert "no loss.png" in err and 'pip install "kd_kernels[train]"' in err
@@ -75,8 +85,15 @@ def test_summary_table_names_the_numbers_and_files(tmp_path, response_cache):
     pytest.importorskip("rouge_score")
     cfg = _cfg(tmp_path, response_cache)
     table = format_summary(trainer.train(cfg))
-    for text in ("Rouge-L F", "forward KL", "reverse KL", "tokens/s", "peak memory (MB)",
-                 "summary.json", "metrics.jsonl"):
+    for text in (
+        "Rouge-L F",
+        "forward KL",
+        "reverse KL",
+        "tokens/s",
+        "peak memory (MB)",
+        "summary.json",
+        "metrics.jsonl",
+    ):
         assert text in table, text
     student_rouge = table.split("Rouge-L F")[1].splitlines()[0]
     assert "±" in student_rouge

@@ -15,10 +15,28 @@ LOGGED = {
     "sft": {"ce": 2.0},
     "kd": {"ce": 2.0, "kd": 1.0},
     "seqkd": {"ce": 2.0, "kd": 1.0},
-    "minillm": {"pg": 0.1, "single_step": 0.5, "pt": 2.0, "pt_ce": 3.0, "pt_kd": 1.0, "lm": 4.0,
-                "ratio": 1.0, "clip_frac": 0.1, "reward": -2.0, "response_len": 5.0, "round_s": 1.0},
-    "distillm": {"ce": 2.0, "kd": 1.0, "lm": 4.0, "threshold": 0.1, "source": 2.0,
-                 "buffer": 0.0, "valid_ce_check": 3.0},
+    "minillm": {
+        "pg": 0.1,
+        "single_step": 0.5,
+        "pt": 2.0,
+        "pt_ce": 3.0,
+        "pt_kd": 1.0,
+        "lm": 4.0,
+        "ratio": 1.0,
+        "clip_frac": 0.1,
+        "reward": -2.0,
+        "response_len": 5.0,
+        "round_s": 1.0,
+    },
+    "distillm": {
+        "ce": 2.0,
+        "kd": 1.0,
+        "lm": 4.0,
+        "threshold": 0.1,
+        "source": 2.0,
+        "buffer": 0.0,
+        "valid_ce_check": 3.0,
+    },
     "gkd": {"kd": 1.0, "on_policy": 1.0, "response_len": 4.0},
 }
 WANT = {
@@ -26,14 +44,19 @@ WANT = {
     "kd": {LOSS: ["loss", "ce", "kd"]},
     "seqkd": {LOSS: ["loss", "ce", "kd"]},
     "minillm": {LOSS: ["loss", "pg", "single_step", "pt", "lm"], STATE: ["reward", "clip_frac"]},
-    "distillm": {LOSS: ["loss", "ce", "kd", "lm"], EVAL: ["valid_ce_check"],
-                 STATE: ["source", "threshold"]},
+    "distillm": {
+        LOSS: ["loss", "ce", "kd", "lm"],
+        EVAL: ["valid_ce_check"],
+        STATE: ["source", "threshold"],
+    },
     "gkd": {LOSS: ["loss", "kd"], STATE: ["on_policy"]},
 }
 
 
 def _rows(method: str, n: int = 3, **extra) -> list[dict]:
-    return [{"step": k, "loss": 1.0 / k, **COMMON, **LOGGED[method], **extra} for k in range(1, n + 1)]
+    return [
+        {"step": k, "loss": 1.0 / k, **COMMON, **LOGGED[method], **extra} for k in range(1, n + 1)
+    ]
 
 
 def _keys(data) -> dict[str, list[str]]:
@@ -52,8 +75,11 @@ def test_plot_shows_each_methods_own_terms(method):
 
 def test_minillm_labels_name_its_terms():
     labels = [s.label for s, _, _ in method_plot(_rows("minillm"), "minillm").panels[LOSS]]
-    assert labels[1:4] == ["policy gradient (PPO-clipped)", "single-step reverse KL",
-                           "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)"]
+    assert labels[1:4] == [
+        "policy gradient (PPO-clipped)",
+        "single-step reverse KL",
+        "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)",
+    ]
     assert labels[4] == "pre-training CE (--lm-data)"
 
 

@@ -16,9 +16,11 @@ from kd_kernels.train.losses import Head, ce_loss, kd_mix_loss, token_divergence
 
 # ------------------------------------------------------------------------------------------- config
 
+
 def test_cli_overrides_and_unknown_keys():
-    cfg, explicit = C.parse_args(["kd", "--steps", "7", "--kd-ratio", "0.25", "--no-eval-teacher"],
-                                 ["kd", "sft"])
+    cfg, explicit = C.parse_args(
+        ["kd", "--steps", "7", "--kd-ratio", "0.25", "--no-eval-teacher"], ["kd", "sft"]
+    )
     assert (cfg.method, cfg.steps, cfg.kd_ratio, cfg.eval_teacher) == ("kd", 7, 0.25, False)
     assert explicit == {"steps", "kd_ratio", "eval_teacher"}
     with pytest.raises(SystemExit) as e:
@@ -35,14 +37,16 @@ def test_cli_overrides_and_unknown_keys():
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def test_shipped_prompts_and_split():
     prompts = D.load_prompts()
     assert len(prompts) >= 250 and len({p.id for p in prompts}) == len(prompts)
     assert len({p.task for p in prompts}) >= 8
     s1 = D.split_prompts(prompts, 0.1, 0.1)
     s2 = D.split_prompts(list(reversed(prompts)), 0.1, 0.1)
-    assert {k: sorted(p.id for p in v) for k, v in s1.items()} == \
-        {k: sorted(p.id for p in v) for k, v in s2.items()}  # order-independent
+    assert {k: sorted(p.id for p in v) for k, v in s1.items()} == {
+        k: sorted(p.id for p in v) for k, v in s2.items()
+    }  # order-independent
     ids = [{p.id for p in s1[k]} for k in ("train", "valid", "test")]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert sum(map(len, ids)) == len(prompts)
@@ -83,12 +87,13 @@ def test_batch_indices_cover_epochs_and_shard_ranks():
     n, bs = 10, 3
     stream = [i for step in range(10) for i in D.batch_indices(n, step, bs, seed=1)]
     for epoch in range(3):
-        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
     assert D.batch_indices(n, 4, bs, seed=1) == D.batch_indices(n, 4, bs, seed=1)  # pure function
     assert D.batch_indices(n, 0, bs, seed=1) != D.batch_indices(n, 0, bs, seed=2)
     # two ranks at step k see exactly what one process with a double batch sees
-    two = D.batch_indices(n, 2, bs, seed=1, rank=0, world=2) + D.batch_indices(n, 2, bs, seed=1, rank=1,
-                                                                               world=2)
+    two = D.batch_indices(n, 2, bs, seed=1, rank=0, world=2) + D.batch_indices(
+        n, 2, bs, seed=1, rank=1, world=2
+    )
     assert two == D.batch_indices(n, 2, 2 * bs, seed=1)
     with pytest.raises(ValueError, match="training split is empty"):
         D.batch_indices(0, 0, 1, seed=1)
@@ -104,6 +109,7 @@ def test_prompt_formatting_uses_chat_template():
 
 
 # ------------------------------------------------------------------------------------------- losses
+
 
 def _heads(seed: int = 0, n: int = 2, t: int = 5, d: int = 8, v: int = 11):
     g = torch.Generator().manual_seed(seed)
@@ -128,8 +134,9 @@ def test_kd_mix_matches_hand_computed_mix(ratio):
 
     hs32 = hs.float().requires_grad_(True)
     ws32 = ws.float().requires_grad_(True)
-    loss, parts = kd_mix_loss(Head(hs32, ws32), Head(ht.float(), wt.float()), targets, mask,
-                              ratio=ratio, backend="torch")
+    loss, parts = kd_mix_loss(
+        Head(hs32, ws32), Head(ht.float(), wt.float()), targets, mask, ratio=ratio, backend="torch"
+    )
     assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
     assert parts["ce"] == pytest.approx(ce.item(), rel=1e-4)
     if ratio > 0:
@@ -138,8 +145,9 @@ def test_kd_mix_matches_hand_computed_mix(ratio):
     hs64 = hs.clone().requires_grad_(True)
     ws64 = ws.clone().requires_grad_(True)
     s64 = hs64 @ ws64.T
-    ref = (1 - ratio) * reference.cross_entropy_per_token(s64, targets)[mask].mean() + \
-        ratio * reference.forward_kl_per_token(s64, t_logits)[mask].mean()
+    ref = (1 - ratio) * reference.cross_entropy_per_token(s64, targets)[
+        mask
+    ].mean() + ratio * reference.forward_kl_per_token(s64, t_logits)[mask].mean()
     ref.backward()
     torch.testing.assert_close(hs32.grad.double(), hs64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ws32.grad.double(), ws64.grad, rtol=1e-4, atol=1e-5)
@@ -166,8 +174,9 @@ def test_ce_and_token_divergences_against_reference():
     ce = ce_loss(Head(hs.float(), ws.float()), targets, mask)
     want_ce = reference.cross_entropy_per_token(s_logits, targets)[mask].mean()
     assert ce.item() == pytest.approx(want_ce.item(), rel=1e-5)
-    d = token_divergences(Head(hs.float(), ws.float()), Head(ht.float(), wt.float()), targets, mask,
-                          backend="torch")
+    d = token_divergences(
+        Head(hs.float(), ws.float()), Head(ht.float(), wt.float()), targets, mask, backend="torch"
+    )
     n = int(mask.sum())
     assert d["tokens"] == n
     fkl = reference.forward_kl_per_token(s_logits, t_logits)[mask].sum()
@@ -199,8 +208,9 @@ def test_student_from_teacher_layers():
         parse_layers("0,9", 4)
     student = make_student(teacher, [0, 2])
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
-    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight,
-                               teacher.model.layers[2].mlp.up_proj.weight)
+    torch.testing.assert_close(
+        student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight
+    )
     w, b, _, _ = lm_head(student)
     assert w is student.model.embed_tokens.weight and b is None  # tied embeddings stay tied
     assert w.data_ptr() != lm_head(teacher).weight.data_ptr()  # an independent copy
@@ -212,6 +222,7 @@ def test_student_from_teacher_layers():
 
 # ------------------------------------------------------------------------------------------ compare
 
+
 def test_compare_table_from_run_summaries(tmp_path):
     import json
 
@@ -220,11 +231,25 @@ def test_compare_table_from_run_summaries(tmp_path):
     def summary(method, seed, rouge, rkl, t):
         d = tmp_path / method / f"seed{seed}"
         d.mkdir(parents=True)
-        final = {"rougeL_student": rouge, "rougeL_student_std": 0.01, "rougeL_teacher": 0.5,
-                 "test_reverse_kl": rkl, "test_forward_kl": 2 * rkl, "test_ce": 3.0}
-        (d / "summary.json").write_text(json.dumps(
-            {"steps": 10, "train_time_s": t, "wall_time_s": t + 5, "peak_mem_mb": 100.0,
-             "final": final}))
+        final = {
+            "rougeL_student": rouge,
+            "rougeL_student_std": 0.01,
+            "rougeL_teacher": 0.5,
+            "test_reverse_kl": rkl,
+            "test_forward_kl": 2 * rkl,
+            "test_ce": 3.0,
+        }
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": 10,
+                    "train_time_s": t,
+                    "wall_time_s": t + 5,
+                    "peak_mem_mb": 100.0,
+                    "final": final,
+                }
+            )
+        )
 
     summary("kd", 1, 0.2, 1.0, 10.0)
     summary("kd", 2, 0.4, 3.0, 30.0)
@@ -248,7 +273,12 @@ def test_compare_rejects_bad_arguments_before_running(tmp_path, capsys):
     assert compare.main(["--out", str(tmp_path), "--seed", "3"]) == 2
     assert compare.main(["--out", str(tmp_path), "--kd-ratio", "7"]) == 2
     err = capsys.readouterr().err
-    assert "nope" in err and "--seeds" in err and "--seed is set per run" in err and "--kd-ratio" in err
+    assert (
+        "nope" in err
+        and "--seeds" in err
+        and "--seed is set per run" in err
+        and "--kd-ratio" in err
+    )
     assert not any(tmp_path.iterdir())  # nothing was run
 
 

@@ -25,9 +25,13 @@ from kd_kernels._backends import get_backend
 from kd_kernels._spec import Divergence, KDSpec
 
 # CPU tensors under the interpreter (conftest.py switches it on when there is no GPU), else the compiled kernels.
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+DEVICE = (
+    "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+)
 HAVE_TRITON = "triton" in kd_kernels.available_backends(DEVICE)
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason=f"the triton backend cannot run on {DEVICE} here")
+pytestmark = pytest.mark.skipif(
+    not HAVE_TRITON, reason=f"the triton backend cannot run on {DEVICE} here"
+)
 
 if HAVE_TRITON:
     from kd_kernels._backends.triton_backend import launch
@@ -39,6 +43,7 @@ def _on_device():
     torch.set_default_device(DEVICE)
     yield
     torch.set_default_device(None)
+
 
 COEF = {"skew_forward_kl": 0.1, "skew_reverse_kl": 0.3, "jsd": 0.4}
 # Slack on top of the eager error (norm-wise relative), per student dtype.
@@ -168,7 +173,11 @@ def test_in_place_equals_out_of_place(divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize(
     "dtypes",
-    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.float32)],
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float32),
+    ],
     ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}",
 )
 def test_mixed_dtypes(divergence, dtypes):
@@ -190,8 +199,9 @@ def test_row_strides(divergence):
     assert not s.is_contiguous() and s.stride(0) != t.stride(0) != grad.stride(0)
     w = weights(n)
     loss = launch(s, t, w, spec_of(divergence), grad, block_v=128)
-    ref_loss = launch(s.contiguous(), t.contiguous(), w, spec_of(divergence), g2 := torch.empty(n, v),
-                      block_v=128)
+    ref_loss = launch(
+        s.contiguous(), t.contiguous(), w, spec_of(divergence), g2 := torch.empty(n, v), block_v=128
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     torch.testing.assert_close(grad, g2, rtol=0, atol=0)
     assert torch.all(g_buf[:, :29] == 5.0)  # nothing written outside the view
@@ -285,8 +295,12 @@ def test_extreme_logits(divergence):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     ref_loss, ref_grad = reference(divergence, s, t, w)
     e_loss, e_grad = eager(divergence, s, t, w)
-    assert (loss.double() - ref_loss).abs().max() <= 2 * (e_loss.double() - ref_loss).abs().max() + 1e-4
-    assert (grad.double() - ref_grad).abs().max() <= 2 * (e_grad.double() - ref_grad).abs().max() + 1e-6
+    assert (loss.double() - ref_loss).abs().max() <= 2 * (
+        e_loss.double() - ref_loss
+    ).abs().max() + 1e-4
+    assert (grad.double() - ref_grad).abs().max() <= 2 * (
+        e_grad.double() - ref_grad
+    ).abs().max() + 1e-6
 
 
 # ------------------------------------------------------------------------------------- launch and contract
@@ -351,10 +365,12 @@ def test_lazy_import_and_64_bit_offsets():
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(kd_kernels.__file__)),
-                                         env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
-                          check=True)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(kd_kernels.__file__)), env.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, check=True
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "fail" not in result, result["fail"]
     if "skip" in result:
@@ -363,8 +379,14 @@ def test_lazy_import_and_64_bit_offsets():
         # program_id is widened to i64, multiplied by the (widened) stride in i64, then added to the pointer.
         assert re.search(r"%row_\w+ = arith\.extsi %row : i32 to i64", ttir), name
         for p in ("s", "t", "g"):
-            assert re.search(rf"%{p}_row_\w+ = arith\.muli %row_\w+, %{p}_row\w* : i64", ttir), (name, p)
-            assert re.search(rf"tt\.addptr %{p}_ptr, %{p}_row_\w+ : !tt\.ptr<bf16>, i64", ttir), (name, p)
+            assert re.search(rf"%{p}_row_\w+ = arith\.muli %row_\w+, %{p}_row\w* : i64", ttir), (
+                name,
+                p,
+            )
+            assert re.search(rf"tt\.addptr %{p}_ptr, %{p}_row_\w+ : !tt\.ptr<bf16>, i64", ttir), (
+                name,
+                p,
+            )
 
 
 # ------------------------------------------------------------------------- the backward's scale by a device scalar
@@ -498,11 +520,16 @@ def test_dense_kernel_sass_for_sm90(tmp_path):
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(kd_kernels.__file__)),
-                                         env.get("PYTHONPATH", "")])
-    script = tmp_path / "dense_sass.py"  # a file, not -c: triton.jit reads the source of the probe kernel
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(kd_kernels.__file__)), env.get("PYTHONPATH", "")]
+    )
+    script = (
+        tmp_path / "dense_sass.py"
+    )  # a file, not -c: triton.jit reads the source of the probe kernel
     script.write_text(_DENSE_SASS)
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in res:

@@ -16,11 +16,23 @@ S, T = torch.randn(4, 10), torch.randn(4, 10)
         ({"student_logits": torch.randn(4, 10).long()}, TypeError, "student_logits.*float32"),
         ({"teacher_logits": torch.randn(4, 10).double()}, TypeError, "teacher_logits.*float32"),
         ({"student_logits": [1.0, 2.0]}, TypeError, "student_logits must be a torch.Tensor"),
-        ({"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)}, ValueError, "0-d"),
+        (
+            {"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)},
+            ValueError,
+            "0-d",
+        ),
         ({"teacher_logits": torch.randn(5, 10)}, ValueError, "leading"),
-        ({"teacher_logits": torch.randn(4, 12)}, ValueError, r"vocabulary mismatch.*teacher_logits\[\.\.\., :10\]"),
+        (
+            {"teacher_logits": torch.randn(4, 12)},
+            ValueError,
+            r"vocabulary mismatch.*teacher_logits\[\.\.\., :10\]",
+        ),
         ({"teacher_logits": torch.randn(4, 8)}, ValueError, "vocabulary mismatch.*pad"),
-        ({"student_logits": torch.randn(4, 0), "teacher_logits": torch.randn(4, 0)}, ValueError, "V=0"),
+        (
+            {"student_logits": torch.randn(4, 0), "teacher_logits": torch.randn(4, 0)},
+            ValueError,
+            "V=0",
+        ),
         ({"mask": torch.ones(4)}, TypeError, "mask.*bool"),
         ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, "mask has shape"),
         ({"mask": [True] * 4}, TypeError, "mask must be a torch.Tensor"),
@@ -43,16 +55,27 @@ def test_bad_input(kwargs, exc, match):
         kd_kernels.kd_loss(s, t, **args)
 
 
-@pytest.mark.parametrize("fn, name", [(kd_kernels.skew_forward_kl, "alpha"), (kd_kernels.skew_reverse_kl, "alpha"),
-                                      (kd_kernels.jsd, "beta")])
+@pytest.mark.parametrize(
+    "fn, name",
+    [
+        (kd_kernels.skew_forward_kl, "alpha"),
+        (kd_kernels.skew_reverse_kl, "alpha"),
+        (kd_kernels.jsd, "beta"),
+    ],
+)
 @pytest.mark.parametrize("value", [0.0, 1.0, -0.1, 1.5])
 def test_coefficient_outside_open_interval(fn, name, value):
     with pytest.raises(ValueError, match=f"{name}={value}.*open interval"):
         fn(S, T, **{name: value})
 
 
-@pytest.mark.parametrize("fn, hint", [(kd_kernels.skew_forward_kl, "kd_kernels.forward_kl"),
-                                      (kd_kernels.skew_reverse_kl, "kd_kernels.reverse_kl")])
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (kd_kernels.skew_forward_kl, "kd_kernels.forward_kl"),
+        (kd_kernels.skew_reverse_kl, "kd_kernels.reverse_kl"),
+    ],
+)
 def test_coefficient_endpoint_names_the_function_to_call(fn, hint):
     with pytest.raises(ValueError, match=hint):
         fn(S, T, alpha=0)

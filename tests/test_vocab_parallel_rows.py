@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 from _common import cpu_levels
+
 from kd_kernels import _ext
 from kd_kernels import reference as R
 from kd_kernels._backends import BackendUnavailableError, available_backends
@@ -62,11 +63,14 @@ def _sharded(impl, s, t, spec, row_weight, split, in_place=False):
         losses.append(impl.loss_grad_given_stats(a, b, stats, row_weight, spec, g))
         grads.append(g)
     for other in losses[1:]:
-        assert torch.allclose(other, losses[0], rtol=0, atol=0, equal_nan=True)  # the same on every rank
+        assert torch.allclose(
+            other, losses[0], rtol=0, atol=0, equal_nan=True
+        )  # the same on every rank
     return losses[0], torch.cat(grads, 1), stats
 
 
-def _inputs(n=6, v=sum(SPLIT), dtype=torch.float32, seed=0, shift=2000.0):
+def _inputs(n=6, v=None, dtype=torch.float32, seed=0, shift=2000.0):
+    v = sum(SPLIT) if v is None else v
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(n, v, generator=g) * 3).to(dtype)
     t = (torch.randn(n, v, generator=g) * 3).to(dtype)
@@ -84,8 +88,14 @@ def _inputs(n=6, v=sum(SPLIT), dtype=torch.float32, seed=0, shift=2000.0):
 
 def _reference(div, s, t, w, temperature):
     S = s.double().clamp_min(-1e4).requires_grad_()
-    per = R.kd_loss(div, S, t.double().clamp_min(-1e4), temperature=temperature, reduction="none",
-                    **COEF.get(div, {}))
+    per = R.kd_loss(
+        div,
+        S,
+        t.double().clamp_min(-1e4),
+        temperature=temperature,
+        reduction="none",
+        **COEF.get(div, {}),
+    )
     (per * w.double()).sum().backward()
     return per.detach(), S.grad
 
@@ -101,8 +111,15 @@ def _single_error(backend, div, s, t, w, temperature, ref_loss, ref_grad):
     import kd_kernels
 
     S = s.clone().requires_grad_()
-    per = kd_kernels.kd_loss(S, t, divergence=div, temperature=temperature, reduction="none",
-                             backend=backend, **COEF.get(div, {}))
+    per = kd_kernels.kd_loss(
+        S,
+        t,
+        divergence=div,
+        temperature=temperature,
+        reduction="none",
+        backend=backend,
+        **COEF.get(div, {}),
+    )
     (per * w).sum().backward()
     active = w != 0
     return _rel(per.detach()[active], ref_loss[active]), _rel(S.grad.float(), ref_grad)
@@ -143,7 +160,9 @@ def level(request):
     _ext._C._set_cpu_isa("auto")
 
 
-needs_cpu = pytest.mark.skipif(_ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}")
+needs_cpu = pytest.mark.skipif(
+    _ext._C is None, reason=f"kd_kernels._C not built: {_ext.load_error}"
+)
 
 
 @needs_cpu
@@ -216,7 +235,10 @@ def test_precision_does_not_depend_on_where_the_logits_sit(name, div):
     α t̃ + (1−α) s̃ and forward / reverse KL's loss was A/Z − LSE_t + LSE_s: 2e-2 and 1e-2 off."""
     split = (200, 1, 131)
     g = torch.Generator().manual_seed(1)
-    s, t = ((torch.randn(4, sum(split), generator=g, dtype=torch.float64) * 2 + 1e6).float() for _ in "st")
+    s, t = (
+        (torch.randn(4, sum(split), generator=g, dtype=torch.float64) * 2 + 1e6).float()
+        for _ in "st"
+    )
     w = torch.rand(4, generator=g) + 0.5
     loss, grad, _ = _sharded(_impl(name), s, t, _spec(div), w, split)
     ref_loss, ref_grad = _reference(div, s, t, w, 1.0)
@@ -281,8 +303,14 @@ def test_triton_vp_kernel_compiles_for_sm90():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_VP_SM90], env=env, capture_output=True, text=True,
-                         timeout=900, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE_VP_SM90],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if "skip" in res:
@@ -309,8 +337,27 @@ def test_cpu_rows_bad_arguments():
     with pytest.raises(TypeError, match="student_logits"):
         impl.row_stats(s.double(), t.double(), spec)
     with pytest.raises(ValueError, match="no row sums"):  # the kernel's own guard (forward_kl)
-        _ext._C.cpu_vp_rows(1, s.data_ptr(), t.data_ptr(), stats.data_ptr(), s.data_ptr(), 0, 0, 5, v, v,
-                            v, v, 0, 0, 0, 0.0, 0.0, 1.0, 1)
+        _ext._C.cpu_vp_rows(
+            1,
+            s.data_ptr(),
+            t.data_ptr(),
+            stats.data_ptr(),
+            s.data_ptr(),
+            0,
+            0,
+            5,
+            v,
+            v,
+            v,
+            v,
+            0,
+            0,
+            0,
+            0.0,
+            0.0,
+            1.0,
+            1,
+        )
 
 
 def test_resolve_by_device():
@@ -332,15 +379,19 @@ def _torch_paths(div):
     w = torch.ones(3)
     spec = _spec(div)
     S = s.clone().requires_grad_()
-    dense = kd_kernels.kd_loss(S, t, divergence=div, reduction="none", backend="torch",
-                               **COEF.get(div, {}))
+    dense = kd_kernels.kd_loss(
+        S, t, divergence=div, reduction="none", backend="torch", **COEF.get(div, {})
+    )
     dense.sum().backward()
     lp, ids = t.log_softmax(-1).topk(8)
     sparse_grad = torch.empty_like(s)
     sparse = torch_sparse_loss_grad(s, ids, lp, w, spec, Tail.BUCKET, sparse_grad)
     vp_loss, vp_grad, _ = _sharded(vp.TorchVocabParallel(), s, t, spec, w, SPLIT)
-    return {"dense": (dense.detach(), S.grad), "sparse": (sparse, sparse_grad),
-            "vocab_parallel": (vp_loss, vp_grad)}
+    return {
+        "dense": (dense.detach(), S.grad),
+        "sparse": (sparse, sparse_grad),
+        "vocab_parallel": (vp_loss, vp_grad),
+    }
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)

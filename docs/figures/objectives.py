@@ -31,10 +31,13 @@ OBJECTIVES = (  # (title, divergence, keyword arguments of kd_loss)
 
 def teacher_logits() -> torch.Tensor:
     """log of 0.6·N(−2.5, 0.7²) + 0.4·N(2.5, 0.7²) on the bins (unnormalized log-probabilities)."""
+
     def log_normal(mu: float, sd: float) -> torch.Tensor:
         return -((X - mu) ** 2) / (2 * sd * sd) - math.log(sd)
 
-    return torch.logaddexp(math.log(0.6) + log_normal(-2.5, 0.7), math.log(0.4) + log_normal(2.5, 0.7))
+    return torch.logaddexp(
+        math.log(0.6) + log_normal(-2.5, 0.7), math.log(0.4) + log_normal(2.5, 0.7)
+    )
 
 
 def student_logits(mu: torch.Tensor, log_sd: torch.Tensor) -> torch.Tensor:
@@ -51,7 +54,9 @@ def fit(divergence: str, kwargs: dict, steps: int = 600) -> tuple[float, float]:
     opt = torch.optim.Adam([mu, log_sd], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        loss = kd_kernels.kd_loss(student_logits(mu, log_sd)[None], t, divergence=divergence, **kwargs)
+        loss = kd_kernels.kd_loss(
+            student_logits(mu, log_sd)[None], t, divergence=divergence, **kwargs
+        )
         loss.backward()
         opt.step()
     return float(mu.detach()), float(torch.exp(log_sd.detach()))
@@ -71,7 +76,9 @@ def main(out: Path) -> None:
         ax.fill_between(X, p, color="0.75", label="teacher p")
         ax.plot(X, q, color="tab:red", lw=2, label="student q")
         ax.set_title(title, fontsize=9)
-        ax.text(0.02, 0.95, f"μ={mu:+.2f}\nσ={sd:.2f}", transform=ax.transAxes, va="top", fontsize=8)
+        ax.text(
+            0.02, 0.95, f"μ={mu:+.2f}\nσ={sd:.2f}", transform=ax.transAxes, va="top", fontsize=8
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0].legend(loc="upper right", fontsize=7, frameon=False)

@@ -40,7 +40,9 @@ class Backend(abc.ABC):
         reasons = []
         if device.type not in self.device_types:
             where = " or ".join(self.device_types)
-            reasons.append(f"the {self.name!r} backend takes {where} tensors, these are on {device.type}")
+            reasons.append(
+                f"the {self.name!r} backend takes {where} tensors, these are on {device.type}"
+            )
         return reasons
 
     @abc.abstractmethod
@@ -93,18 +95,20 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     if device is not None:
         devices = [torch.device(device)]
     else:
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        devices = [torch.device("cpu")] + (
+            [torch.device("cuda")] if torch.cuda.is_available() else []
+        )
     return [
-        name
-        for name, b in _REGISTRY.items()
-        if any(not b.unsupported_reasons(d) for d in devices)
+        name for name, b in _REGISTRY.items() if any(not b.unsupported_reasons(d) for d in devices)
     ]
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend to run on ``device``: ``name`` itself, or the first usable one for "auto"."""
     if not isinstance(name, str) or name not in BACKEND_NAMES:
-        raise ValueError(f"backend={name!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}")
+        raise ValueError(
+            f"backend={name!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}"
+        )
     _load_all()
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):

@@ -15,7 +15,9 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def _dtype_code(x: torch.Tensor, name: str, backend: str) -> int:
     code = DTYPE_CODES.get(x.dtype)
     if code is None:
-        raise TypeError(f"{name} has dtype {x.dtype}; the {backend} kernels take float32, bfloat16 or float16")
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; the {backend} kernels take float32, bfloat16 or float16"
+        )
     return code
 
 
@@ -39,13 +41,19 @@ def _row_stride(x: torch.Tensor, name: str, n: int, v: int, device: torch.device
     if x.dim() != 2 or tuple(x.shape) != (n, v):
         raise ValueError(f"{name} must have shape ({n}, {v}), got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but student_logits on {device}; move both to one device")
+        raise ValueError(
+            f"{name} is on {x.device} but student_logits on {device}; move both to one device"
+        )
     if v > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1); pass {name}.contiguous()")
+        raise ValueError(
+            f"{name} must have a contiguous last dim (stride(-1) == 1); pass {name}.contiguous()"
+        )
     if n == 1:
         return max(x.stride(0), v)
     if x.stride(0) < v:
-        raise ValueError(f"{name} has row stride {x.stride(0)} < V={v} (rows overlap); pass {name}.contiguous()")
+        raise ValueError(
+            f"{name} has row stride {x.stride(0)} < V={v} (rows overlap); pass {name}.contiguous()"
+        )
     return x.stride(0)
 
 
@@ -62,7 +70,9 @@ def raw_args(
     ``args`` is None when there are no rows (nothing to launch).
     """
     if s.dim() != 2:
-        raise ValueError(f"student logits must be (N, V) for the {backend} kernels, got {tuple(s.shape)}")
+        raise ValueError(
+            f"student logits must be (N, V) for the {backend} kernels, got {tuple(s.shape)}"
+        )
     n, v = s.shape
     device = s.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
@@ -86,11 +96,29 @@ def raw_args(
     if grad is not None:
         stride_g = _row_stride(grad, "grad", n, v, device)
         if grad.dtype != s.dtype:
-            raise TypeError(f"grad has dtype {grad.dtype}; it must have the student's dtype {s.dtype}")
+            raise TypeError(
+                f"grad has dtype {grad.dtype}; it must have the student's dtype {s.dtype}"
+            )
         grad_ptr = grad.data_ptr()
         if grad_ptr == s.data_ptr() and stride_g != stride_s:
-            raise ValueError("an in-place grad (grad is student_logits) must have the same row stride")
-    args = _Args((s.data_ptr(), t.data_ptr(), grad_ptr, row_weight.data_ptr(), loss.data_ptr(), n, v,
-                  stride_s, stride_t, stride_g, s_code, t_code))
+            raise ValueError(
+                "an in-place grad (grad is student_logits) must have the same row stride"
+            )
+    args = _Args(
+        (
+            s.data_ptr(),
+            t.data_ptr(),
+            grad_ptr,
+            row_weight.data_ptr(),
+            loss.data_ptr(),
+            n,
+            v,
+            stride_s,
+            stride_t,
+            stride_g,
+            s_code,
+            t_code,
+        )
+    )
     args.keep = (s, t, row_weight)
     return loss, args

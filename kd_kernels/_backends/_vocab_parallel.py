@@ -152,11 +152,17 @@ def _combine_renyi(gathered: torch.Tensor, out: torch.Tensor, a: float) -> None:
     each shard's m_u moved from its own maxima to the global ones, in float64 (P values a row)."""
     acc = _acc_dtype(gathered.device)
     m, z = gathered.to(acc), gathered[..., 5]
-    mu = m[..., 4] + a * (m[..., 2] - out[:, MAX_T].to(acc)) + (1 - a) * (m[..., 0] - out[:, MAX_S].to(acc))
+    mu = (
+        m[..., 4]
+        + a * (m[..., 2] - out[:, MAX_T].to(acc))
+        + (1 - a) * (m[..., 0] - out[:, MAX_S].to(acc))
+    )
     # A shard without mixed mass (Z_u = 0: its teacher all −inf) must not set the max: its moved m_u is
     # arbitrary (its shifted maxima are 0). A NaN Z_u still reaches log Z_u (NaN · 0).
     mu = torch.where(z > 0, mu, -math.inf)
-    big = mu.amax(0).float()  # rounded once: log Z_u is taken against the very value the gradient uses
+    big = mu.amax(
+        0
+    ).float()  # rounded once: log Z_u is taken against the very value the gradient uses
     big = torch.where(big == -math.inf, 0.0, big)
     log_zu = _log_sum_scaled(mu, z, big)
     log_r = big + log_zu - a * out[:, LOGZ_T] - (1 - a) * out[:, LOGZ_S]

@@ -40,8 +40,13 @@ class CpuBackend(Backend):
         loss, args = raw_args("cpu", s, t, row_weight, grad)
         if args is not None:
             _ext._C.cpu_loss_grad(
-                *args, int(spec.divergence), float(spec.coef), float(spec.coef2), float(spec.interpolation),
-                float(spec.temperature), torch.get_num_threads(),
+                *args,
+                int(spec.divergence),
+                float(spec.coef),
+                float(spec.coef2),
+                float(spec.interpolation),
+                float(spec.temperature),
+                torch.get_num_threads(),
             )
         return loss
 
@@ -98,9 +103,25 @@ class CpuVocabParallel(vp.VocabParallelRows):
         ptr = lambda x: x.data_ptr() if x is not None else 0  # noqa: E731
         stride_g = grad.stride(0) if grad is not None and n > 1 else v
         _ext._C.cpu_vp_rows(
-            mode, s.data_ptr(), t.data_ptr(), ptr(stats), ptr(out), ptr(grad), ptr(row_weight), n, v,
-            strides[0], strides[1], max(stride_g, v), codes[0], codes[1], int(spec.divergence),
-            float(spec.coef), float(spec.coef2), float(spec.temperature), torch.get_num_threads(),
+            mode,
+            s.data_ptr(),
+            t.data_ptr(),
+            ptr(stats),
+            ptr(out),
+            ptr(grad),
+            ptr(row_weight),
+            n,
+            v,
+            strides[0],
+            strides[1],
+            max(stride_g, v),
+            codes[0],
+            codes[1],
+            int(spec.divergence),
+            float(spec.coef),
+            float(spec.coef2),
+            float(spec.temperature),
+            torch.get_num_threads(),
         )
 
     def row_stats(self, s, t, spec):
@@ -136,11 +157,20 @@ class CpuVocabParallel(vp.VocabParallelRows):
         s, t, *strides, codes = self._operands(s, t, in_place=in_place)
         _row_stride(grad, "grad", n, s.shape[1], s.device)
         if grad.dtype != s.dtype:
-            raise TypeError(f"grad has dtype {grad.dtype}; it must have the student's dtype {s.dtype}")
+            raise TypeError(
+                f"grad has dtype {grad.dtype}; it must have the student's dtype {s.dtype}"
+            )
         if in_place and grad.stride(0) != s.stride(0) and n > 1:
             raise ValueError("an in-place grad (grad is s) must have the same row stride")
         self._call(
-            _VP_GRAD, s, t, strides, codes, spec, stats=stats, grad=grad,
+            _VP_GRAD,
+            s,
+            t,
+            strides,
+            codes,
+            spec,
+            stats=stats,
+            grad=grad,
             row_weight=row_weight.contiguous(),
         )
         return loss

@@ -25,7 +25,9 @@ class CudaBackend(Backend):
         reasons = super().unsupported_reasons(device)
         if not _ext.has_cuda():
             if _ext._C is None:
-                reasons.append(f"the compiled extension kd_kernels._C is not importable ({_ext.load_error})")
+                reasons.append(
+                    f"the compiled extension kd_kernels._C is not importable ({_ext.load_error})"
+                )
             else:
                 reasons.append(
                     "kd_kernels._C was built without CUDA kernels (no nvcc at build time); rebuild with "
@@ -42,14 +44,21 @@ class CudaBackend(Backend):
         grad: torch.Tensor | None,
     ) -> torch.Tensor:
         if s.device.type != "cuda":
-            raise ValueError(f"the cuda backend takes CUDA tensors; student_logits is on {s.device}")
+            raise ValueError(
+                f"the cuda backend takes CUDA tensors; student_logits is on {s.device}"
+            )
         loss, args = raw_args("cuda", s, t, row_weight, grad)
         if args is not None:
             with torch.cuda.device(s.device):
                 stream = torch.cuda.current_stream(s.device).cuda_stream
                 _ext._C.cuda_loss_grad(
-                    *args, int(spec.divergence), float(spec.coef), float(spec.coef2),
-                    float(spec.interpolation), float(spec.temperature), stream,
+                    *args,
+                    int(spec.divergence),
+                    float(spec.coef),
+                    float(spec.coef2),
+                    float(spec.interpolation),
+                    float(spec.temperature),
+                    stream,
                 )
         return loss
 

@@ -25,7 +25,12 @@ _LIVE_BUFFERS = 10
 
 
 def _guarded_rows(
-    lq: torch.Tensor, lp: torch.Tensor, spec: KDSpec, want_grad: bool, q: torch.Tensor | None, p: torch.Tensor | None
+    lq: torch.Tensor,
+    lp: torch.Tensor,
+    spec: KDSpec,
+    want_grad: bool,
+    q: torch.Tensor | None,
+    p: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row L and ∂L/∂s̃ with every 0·log 0 guarded and the NaN-row rule applied (see below)."""
     q = lq.exp() if q is None else q
@@ -93,7 +98,9 @@ def _scaled_fp32(x: torch.Tensor, inv_t: float) -> torch.Tensor:
     return x * inv_t if x.dtype == torch.float32 else x.float().mul_(inv_t)
 
 
-def _log_probs(x: torch.Tensor, fresh: bool, want_prob: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _log_probs(
+    x: torch.Tensor, fresh: bool, want_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ℓ = log_softmax(x) of (rows, V) logits and, if ``want_prob``, e^ℓ as well (else None). ``fresh``: x is an
     fp32 buffer of the caller's that ℓ may overwrite.
 
@@ -149,7 +156,9 @@ class TorchBackend(Backend):
         else:
             xs = s.float() if inv_t == 1.0 else _scaled_fp32(s, inv_t)
             xt = _scaled_fp32(t, inv_t)
-            if lam != 1.0:  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
+            if (
+                lam != 1.0
+            ):  # TAID: the teacher becomes λ t̃ + (1 − λ) sg(s̃) (MATH.md, More divergences)
                 xt.mul_(lam).add_(xs, alpha=1.0 - lam)
             # ℓ over the scaled copies (xs is s itself when s is fp32 and T = 1: read only then)
             lq, q = _log_probs(xs, xs is not s, want_q)
@@ -159,7 +168,9 @@ class TorchBackend(Backend):
         on_host = s.device.type == "cpu"
         loss, g = rows_loss_and_dlogits(lq, lp, spec, want_grad, redo_rows=on_host, q=q, p=p)
         del lq, lp, q, p
-        some_masked = not on_host or not bool(w.all())  # a NaN weight counts as nonzero, as in w != 0
+        some_masked = not on_host or not bool(
+            w.all()
+        )  # a NaN weight counts as nonzero, as in w != 0
         if some_masked:
             active = w != 0
             loss = where_pos(active, loss)

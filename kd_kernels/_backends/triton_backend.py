@@ -91,22 +91,36 @@ def _check_args(s, t, row_weight, grad) -> None:
     """Cheap shape / layout checks (no device sync): callers other than the public API use this contract too."""
     for name, x in (("s", s), ("t", t)):
         if x.dim() != 2 or x.dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"triton backend: {name} must be a 2-D float32/bfloat16/float16 tensor, "
-                             f"got {x.dim()}-D {x.dtype}")
+            raise ValueError(
+                f"triton backend: {name} must be a 2-D float32/bfloat16/float16 tensor, "
+                f"got {x.dim()}-D {x.dtype}"
+            )
         if x.shape[1] > 1 and x.stride(1) != 1:
-            raise ValueError(f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()")
+            raise ValueError(
+                f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()"
+            )
     if t.shape != s.shape or t.device != s.device:
-        raise ValueError(f"triton backend: t {tuple(t.shape)} on {t.device} must match s {tuple(s.shape)} "
-                         f"on {s.device}")
+        raise ValueError(
+            f"triton backend: t {tuple(t.shape)} on {t.device} must match s {tuple(s.shape)} "
+            f"on {s.device}"
+        )
     n = s.shape[0]
-    if (row_weight.shape != (n,) or row_weight.dtype != torch.float32 or row_weight.device != s.device
-            or (n > 1 and row_weight.stride(0) != 1)):
-        raise ValueError(f"triton backend: row_weight must be a contiguous float32 ({n},) tensor on {s.device}, "
-                         f"got {row_weight.dtype} {tuple(row_weight.shape)} on {row_weight.device}")
+    if (
+        row_weight.shape != (n,)
+        or row_weight.dtype != torch.float32
+        or row_weight.device != s.device
+        or (n > 1 and row_weight.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"triton backend: row_weight must be a contiguous float32 ({n},) tensor on {s.device}, "
+            f"got {row_weight.dtype} {tuple(row_weight.shape)} on {row_weight.device}"
+        )
     if grad is not None:
         if grad.shape != s.shape or grad.dtype != s.dtype or grad.device != s.device:
-            raise ValueError(f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
-                             f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
+            raise ValueError(
+                f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
+                f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
+            )
         if s.shape[1] > 1 and grad.stride(1) != 1:
             raise ValueError("triton backend: grad needs a unit stride along V")
 
@@ -139,7 +153,9 @@ def launch(
         glo = grad.data_ptr()
         ghi = glo + grad.element_size() * ((n - 1) * grad.stride(0) + v)
         if glo < hi and lo < ghi:
-            raise ValueError("triton backend: grad overlaps s without being s itself; pass grad=s or a new tensor")
+            raise ValueError(
+                "triton backend: grad overlaps s without being s itself; pass grad=s or a new tensor"
+            )
 
     d = spec.divergence
     has_grad = grad is not None
@@ -155,10 +171,30 @@ def launch(
     log_c = math.log(c) if 0.0 < c < 1.0 else 0.0
     log_1mc = math.log1p(-c) if 0.0 < c < 1.0 else 0.0
     lam = spec.interpolation
-    args = (s, t, row_weight, loss, g, s.stride(0), t.stride(0), g.stride(0), v, inv_temp, lam, c, spec.coef2,
-            log_c, log_1mc)
-    meta = {"DIV": int(d), "ONLINE": d.info.online, "INTERP": lam != 1.0, "HAS_GRAD": has_grad,
-            "BF16_BY_BITS": _interpreting()}
+    args = (
+        s,
+        t,
+        row_weight,
+        loss,
+        g,
+        s.stride(0),
+        t.stride(0),
+        g.stride(0),
+        v,
+        inv_temp,
+        lam,
+        c,
+        spec.coef2,
+        log_c,
+        log_1mc,
+    )
+    meta = {
+        "DIV": int(d),
+        "ONLINE": d.info.online,
+        "INTERP": lam != 1.0,
+        "HAS_GRAD": has_grad,
+        "BF16_BY_BITS": _interpreting(),
+    }
     if not autotuned:
         if _interpreting():
             default_block, default_warps = INTERPRET_BLOCK_V, 4
@@ -239,14 +275,22 @@ class TritonVocabParallel(vp.VocabParallelRows):
             )
         for name, x in (("s", s), ("t", t)):
             if x.dtype not in _KERNEL_DTYPES:
-                raise ValueError(f"triton backend: {name} must be float32/bfloat16/float16, got {x.dtype}")
+                raise ValueError(
+                    f"triton backend: {name} must be float32/bfloat16/float16, got {x.dtype}"
+                )
             if x.shape[1] > 1 and x.stride(1) != 1:
-                raise ValueError(f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()")
+                raise ValueError(
+                    f"triton backend: {name} needs a unit stride along V; pass {name}.contiguous()"
+                )
         n, v = s.shape
         if n == 0:
             return
-        if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (n, vp.N_GLOBAL)):
-            raise ValueError(f"stats must be float32 ({n}, {vp.N_GLOBAL}), got {stats.dtype} {tuple(stats.shape)}")
+        if stats is not None and (
+            stats.dtype != torch.float32 or tuple(stats.shape) != (n, vp.N_GLOBAL)
+        ):
+            raise ValueError(
+                f"stats must be float32 ({n}, {vp.N_GLOBAL}), got {stats.dtype} {tuple(stats.shape)}"
+            )
         stats = stats.contiguous() if stats is not None else out
         c = spec.coef
         log_c = math.log(c) if 0.0 < c < 1.0 else 0.0
@@ -258,11 +302,31 @@ class TritonVocabParallel(vp.VocabParallelRows):
             default_block, default_warps = INTERPRET_BLOCK_V, 4
         else:
             default_block, default_warps = _heuristic_config(v)
-        meta = {"DIV": int(spec.divergence), "MODE": mode, "K": vp.n_local_stats(spec),
-                "BF16_BY_BITS": _interpreting(), "BLOCK_V": self.block_v or default_block,
-                "num_warps": self.num_warps or default_warps}
-        args = (s, t, stats, o, w, g, s.stride(0), t.stride(0), g.stride(0), v, 1.0 / spec.temperature, c,
-                spec.coef2, log_c, log_1mc)
+        meta = {
+            "DIV": int(spec.divergence),
+            "MODE": mode,
+            "K": vp.n_local_stats(spec),
+            "BF16_BY_BITS": _interpreting(),
+            "BLOCK_V": self.block_v or default_block,
+            "num_warps": self.num_warps or default_warps,
+        }
+        args = (
+            s,
+            t,
+            stats,
+            o,
+            w,
+            g,
+            s.stride(0),
+            t.stride(0),
+            g.stride(0),
+            v,
+            1.0 / spec.temperature,
+            c,
+            spec.coef2,
+            log_c,
+            log_1mc,
+        )
         if s.device.type == "cuda":
             with torch.cuda.device(s.device):
                 K.kd_vp_rows_kernel[(n,)](*args, **meta)
@@ -290,13 +354,18 @@ class TritonVocabParallel(vp.VocabParallelRows):
             raise ValueError(
                 f"row_weight must be float32 of shape ({n},), got {row_weight.dtype} {tuple(row_weight.shape)}"
             )
-        loss = torch.where(row_weight != 0, stats[:, vp.LOSS], torch.zeros((), dtype=torch.float32,
-                                                                             device=stats.device))
+        loss = torch.where(
+            row_weight != 0,
+            stats[:, vp.LOSS],
+            torch.zeros((), dtype=torch.float32, device=stats.device),
+        )
         if grad is None:
             return loss
         if grad.shape != s.shape or grad.dtype != s.dtype or grad.device != s.device:
-            raise ValueError(f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
-                             f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
+            raise ValueError(
+                f"triton backend: grad must be a {s.dtype} {tuple(s.shape)} tensor on {s.device} "
+                f"(or s itself), got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
+            )
         if s.shape[1] > 1 and grad.stride(1) != 1:
             raise ValueError("triton backend: grad needs a unit stride along V")
         self._launch(2, s, t, spec, stats=stats, grad=grad, row_weight=row_weight.contiguous())

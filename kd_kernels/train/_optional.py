@@ -13,8 +13,11 @@ import importlib.util
 import sys
 
 EXTRA_HINT = 'pip install "kd_kernels[train]"'
-OPTIONAL = {"tqdm": ("tqdm", "no progress bars"), "rouge_score": ("rouge-score", "no Rouge-L metrics"),
-            "matplotlib": ("matplotlib", "no loss.png plot")}
+OPTIONAL = {
+    "tqdm": ("tqdm", "no progress bars"),
+    "rouge_score": ("rouge-score", "no Rouge-L metrics"),
+    "matplotlib": ("matplotlib", "no loss.png plot"),
+}
 
 
 def available(module: str) -> bool:

@@ -87,8 +87,11 @@ def _main(args: list[str]) -> int:
         _ignore_ctrl_c()
         if os.environ.get("KD_TRAIN_TRACEBACK"):
             raise
-        print(f"kd-train: error: {type(e).__name__}: {_one_line(e)} (set KD_TRAIN_TRACEBACK=1 for the "
-              "traceback)", file=sys.stderr)
+        print(
+            f"kd-train: error: {type(e).__name__}: {_one_line(e)} (set KD_TRAIN_TRACEBACK=1 for the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if dist.is_initialized():
@@ -107,20 +110,26 @@ def format_summary(summary: dict) -> str:
     f = summary.get("final", {})
     out = Path(summary.get("outputs", {}).get("dir", summary["config"]["out"]))
     train = summary.get("phases", {}).get("train", {})
-    tok_s = train["tokens"] / train["wall_s"] if train.get("wall_s") and train.get("tokens") else None
+    tok_s = (
+        train["tokens"] / train["wall_s"] if train.get("wall_s") and train.get("tokens") else None
+    )
 
     def rouge(who: str) -> str:
         m = f.get(f"rougeL_{who}")
         return "-" if m is None else f"{m:.3f} ± {f.get(f'rougeL_{who}_std', 0.0):.3f}"
 
     lines = [
-        (f"kd-train {summary['method']}: {summary['steps']} steps, wall {summary['wall_time_s']:.0f} s "
-        f"(training {summary['train_time_s']:.0f} s), {summary['device']}"),
+        (
+            f"kd-train {summary['method']}: {summary['steps']} steps, wall {summary['wall_time_s']:.0f} s "
+            f"(training {summary['train_time_s']:.0f} s), {summary['device']}"
+        ),
         "",
         "| metric | student | teacher |",
         "|---|---|---|",
-        (f"| Rouge-L F vs teacher greedy (test, mean ± sd over seeds) | {rouge('student')} | "
-        f"{rouge('teacher')} |"),
+        (
+            f"| Rouge-L F vs teacher greedy (test, mean ± sd over seeds) | {rouge('student')} | "
+            f"{rouge('teacher')} |"
+        ),
         f"| forward KL(p‖q), token mean (test) | {_num(f.get('test_forward_kl'))} | |",
         f"| reverse KL(q‖p), token mean (test) | {_num(f.get('test_reverse_kl'))} | |",
         f"| cross-entropy on teacher answers (test) | {_num(f.get('test_ce'))} | |",
@@ -132,8 +141,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Rouge-L not computed: {f['rougeL_skipped']}")
     if not summary.get("evaluated"):
         lines.append("not evaluated (--skip-eval): the table has no test metrics")
-    files = [name for name in ("summary.json", "metrics.jsonl", "loss.png", "ckpt.pt")
-             if (out / name).is_file()]
+    files = [
+        name
+        for name in ("summary.json", "metrics.jsonl", "loss.png", "ckpt.pt")
+        if (out / name).is_file()
+    ]
     lines.append(f"outputs in {out}: {', '.join(files)}")
     if (out / "loss.png").is_file():
         lines.append(f"plot: {out / 'loss.png'}")

@@ -44,19 +44,31 @@ def collect(out: Path, methods: list[str], seeds: list[int]) -> list[dict]:
                 continue
             s = json.loads(path.read_text())
             f = s.get("final", {})
-            rows.append({"method": method, "seed": seed, "steps": s["steps"],
-                         "rougeL": f.get("rougeL_student"), "rougeL_std": f.get("rougeL_student_std"),
-                         "rougeL_teacher": f.get("rougeL_teacher"),
-                         "reverse_kl": f.get("test_reverse_kl"), "forward_kl": f.get("test_forward_kl"),
-                         "test_ce": f.get("test_ce"), "train_time_s": s["train_time_s"],
-                         "wall_time_s": s["wall_time_s"], "peak_mem_mb": s.get("peak_mem_mb")})
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "steps": s["steps"],
+                    "rougeL": f.get("rougeL_student"),
+                    "rougeL_std": f.get("rougeL_student_std"),
+                    "rougeL_teacher": f.get("rougeL_teacher"),
+                    "reverse_kl": f.get("test_reverse_kl"),
+                    "forward_kl": f.get("test_forward_kl"),
+                    "test_ce": f.get("test_ce"),
+                    "train_time_s": s["train_time_s"],
+                    "wall_time_s": s["wall_time_s"],
+                    "peak_mem_mb": s.get("peak_mem_mb"),
+                }
+            )
     return rows
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
     """The Markdown table: means over training seeds, ± the standard deviation across them."""
-    head = ("| method | runs | Rouge-L ↑ | Rouge-L eval-seed sd | reverse KL ↓ | forward KL ↓ | test CE | "
-            "train time s | wall time s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| method | runs | Rouge-L ↑ | Rouge-L eval-seed sd | reverse KL ↓ | forward KL ↓ | test CE | "
+        "train time s | wall time s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
@@ -71,10 +83,17 @@ def table(rows: list[dict], methods: list[str]) -> str:
             f"| {m} | {len(rs)} | {_fmt(col('rougeL'))} | {_fmt(col('rougeL_std'))} | "
             f"{_fmt(col('reverse_kl'))} | {_fmt(col('forward_kl'))} | {_fmt(col('test_ce'))} | "
             f"{_fmt(col('train_time_s'), 0)} | {_fmt(col('wall_time_s'), 0)} | "
-            f"{_fmt(col('peak_mem_mb'), 0)} |")
+            f"{_fmt(col('peak_mem_mb'), 0)} |"
+        )
     teacher = [float(r["rougeL_teacher"]) for r in rows if r.get("rougeL_teacher") is not None]
-    note = (f"\nTeacher's own samples vs its greedy references (sampling-noise ceiling): Rouge-L "
-            f"{_fmt(teacher)}.\n") if teacher else ""
+    note = (
+        (
+            f"\nTeacher's own samples vs its greedy references (sampling-noise ceiling): Rouge-L "
+            f"{_fmt(teacher)}.\n"
+        )
+        if teacher
+        else ""
+    )
     return head + "\n".join(lines) + "\n" + note
 
 
@@ -88,8 +107,11 @@ def plot(rows: list[dict], methods: list[str], png: Path) -> None:
     if not present:
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("rougeL", "reverse_kl", "train_time_s"),
-                              ("Rouge-L (higher is better)", "reverse KL to teacher", "train time (s)")):
+    for ax, key, label in zip(
+        axes,
+        ("rougeL", "reverse_kl", "train_time_s"),
+        ("Rouge-L (higher is better)", "reverse KL to teacher", "train time (s)"),
+    ):
         means, sds = [], []
         for m in present:
             vals = [float(r[key]) for r in rows if r["method"] == m and r.get(key) is not None]
@@ -117,10 +139,12 @@ def main(argv: list[str]) -> int:
     from .methods import METHODS
 
     p = argparse.ArgumentParser(
-        prog="kd-train compare", allow_abbrev=False,
+        prog="kd-train compare",
+        allow_abbrev=False,
         description="Run several methods with the same flags and seeds; write one table and plot. "
-                    "Flags after the compare options go to every run that takes them "
-                    "(see kd-train METHOD --help).")
+        "Flags after the compare options go to every run that takes them "
+        "(see kd-train METHOD --help).",
+    )
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
     p.add_argument("--seeds", default="1,2", help="training seeds (comma-separated)")
     p.add_argument("--out", default="out/compare", help="output folder")
@@ -129,14 +153,19 @@ def main(argv: list[str]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        print(f"kd-train compare: error: --methods {unknown or args.methods!r} unknown; use "
-              f"{sorted(METHODS)}", file=sys.stderr)
+        print(
+            f"kd-train compare: error: --methods {unknown or args.methods!r} unknown; use "
+            f"{sorted(METHODS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        print(f"kd-train compare: error: --seeds={args.seeds!r} must be comma-separated integers",
-              file=sys.stderr)
+        print(
+            f"kd-train compare: error: --seeds={args.seeds!r} must be comma-separated integers",
+            file=sys.stderr,
+        )
         return 2
     try:
         values = shared_run_values(rest, methods)
@@ -151,8 +180,10 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ("# kd-train compare\n\nmethods: " + ", ".join(methods) + f"; training seeds {seeds}; "
-              "flags for every run: `" + " ".join(rest) + "`\n")
+    header = (
+        "# kd-train compare\n\nmethods: " + ", ".join(methods) + f"; training seeds {seeds}; "
+        "flags for every run: `" + " ".join(rest) + "`\n"
+    )
     if not args.table_only:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for seed in seeds:  # seed-major: the first seed of every method finishes first
@@ -161,13 +192,27 @@ def main(argv: list[str]) -> int:
                 if (run_dir / "summary.json").is_file():
                     continue
                 # no summary.json: a run that never finished; start it again from scratch
-                cmd = [sys.executable, "-m", "kd_kernels.train.cli", method, *runs[method],
-                       "--seed", str(seed), "--out", str(run_dir), "--no-progress", "--overwrite"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "kd_kernels.train.cli",
+                    method,
+                    *runs[method],
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(run_dir),
+                    "--no-progress",
+                    "--overwrite",
+                ]
                 print(f"[compare] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
                 t0 = time.time()
                 rc = subprocess.run(cmd, env=env, check=False).returncode
-                print(f"[compare] {method} seed {seed}: exit {rc} after {time.time() - t0:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[compare] {method} seed {seed}: exit {rc} after {time.time() - t0:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 write_outputs(out, methods, seeds, header)
                 if rc == 130:
                     return 130

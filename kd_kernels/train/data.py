@@ -35,7 +35,9 @@ def load_prompts(path: str | Path = "", max_prompts: int = 0) -> list[Prompt]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -44,12 +46,15 @@ def load_prompts(path: str | Path = "", max_prompts: int = 0) -> list[Prompt]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
-                             'one object such as {"id": "1", "prompt": "..."}') from None
+            raise ValueError(
+                f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                'one object such as {"id": "1", "prompt": "..."}'
+            ) from None
         if not isinstance(row, dict):  # a bad file is a ValueError, whatever the JSON type
             raise ValueError(  # noqa: TRY004
                 f"{p}:{n}: each line must be a JSON object with 'id' and 'prompt' keys, got a bare "
-                f"{type(row).__name__} value")
+                f"{type(row).__name__} value"
+            )
         if "id" not in row or "prompt" not in row:
             raise ValueError(f"{p}:{n}: each line needs 'id' and 'prompt' keys, got {sorted(row)}")
         pid = row["id"]
@@ -60,8 +65,10 @@ def load_prompts(path: str | Path = "", max_prompts: int = 0) -> list[Prompt]:
         # ids are compared as the strings they become (the split hashes them): 5 and "5" are one id
         key = str(pid)
         if key in seen:
-            raise ValueError(f"{p}:{n}: duplicate prompt id {pid!r} (line {seen[key]} has id "
-                             f"{key!r}); ids must be unique")
+            raise ValueError(
+                f"{p}:{n}: duplicate prompt id {pid!r} (line {seen[key]} has id "
+                f"{key!r}); ids must be unique"
+            )
         seen[key] = n
         out.append(Prompt(key, str(row.get("task", "")), row["prompt"]))
     if not out:
@@ -85,7 +92,9 @@ def split_of(prompt_id: str, valid_frac: float, test_frac: float) -> str:
     return "train"
 
 
-def split_prompts(prompts: list[Prompt], valid_frac: float, test_frac: float) -> dict[str, list[Prompt]]:
+def split_prompts(
+    prompts: list[Prompt], valid_frac: float, test_frac: float
+) -> dict[str, list[Prompt]]:
     splits: dict[str, list[Prompt]] = {"train": [], "valid": [], "test": []}
     for p in prompts:
         splits[split_of(p.id, valid_frac, test_frac)].append(p)
@@ -128,7 +137,7 @@ def lm_blocks(tokenizer, text: str, block_len: int, eos_id: int) -> list[Example
     for doc in text.split("\n\n"):
         if doc.strip():
             stream += tokenizer(doc.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
-    blocks = [stream[i:i + block_len] for i in range(0, len(stream), block_len)]
+    blocks = [stream[i : i + block_len] for i in range(0, len(stream), block_len)]
     return [Example(list(b), list(b)) for b in blocks if len(b) >= 2]
 
 
@@ -158,14 +167,18 @@ def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets, targets != IGNORE_INDEX
 
 
-def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+def batch_indices(
+    n: int, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> list[int]:
     """Which examples rank ``rank`` trains on at ``step``: a pure function of its arguments.
 
     The examples are visited in epochs, each a fresh permutation seeded by ``(seed, epoch)``; a step takes
     ``batch_size × world`` consecutive positions of that stream and rank r the r-th slice of them.
     """
     if n < 1:
-        raise ValueError("the training split is empty; add prompts or lower --valid-frac / --test-frac")
+        raise ValueError(
+            "the training split is empty; add prompts or lower --valid-frac / --test-frac"
+        )
     start = (step * world + rank) * batch_size
     out = []
     perms: dict[int, list[int]] = {}

@@ -35,13 +35,14 @@ def valid_batches(n: int, world: int, batch_size: int) -> list[list[list[int]]]:
     wrapping round to a multiple of ``world``, rank ``r`` taking every ``world``-th from ``r``, each
     rank's share cut into batches of ``batch_size`` (the last may be shorter)."""
     if n < 1:
-        raise ValueError("distillm needs a non-empty validation split; raise --valid-frac or "
-                         "--max-prompts")
+        raise ValueError(
+            "distillm needs a non-empty validation split; raise --valid-frac or --max-prompts"
+        )
     total = -(-n // world) * world
     padded = [i % n for i in range(total)]
     shares = [padded[r::world] for r in range(world)]
     per_rank = len(shares[0])
-    return [[share[i:i + batch_size] for share in shares] for i in range(0, per_rank, batch_size)]
+    return [[share[i : i + batch_size] for share in shares] for i in range(0, per_rank, batch_size)]
 
 
 def choose_source(r: float, threshold: float, step: int, total: int, buffer_full: bool) -> str:

@@ -29,13 +29,16 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     if not predictions:
         return float("nan")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(
-        predictions)
+    return sum(
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)
+    ) / len(predictions)
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
 @torch.no_grad()
@@ -48,12 +51,22 @@ def token_metrics(run: Run, split: str, batch_size: int, progress: bool) -> dict
     student.eval()
     sums = {"forward_kl": 0.0, "reverse_kl": 0.0, "ce": 0.0}
     tokens = 0
-    for start in progress_bar(range(0, len(examples), batch_size), desc=f"eval kl {split}", leave=False,
-                      disable=not progress):
-        batch = run.to_device(collate(examples[start:start + batch_size], run.pad_id))
+    for start in progress_bar(
+        range(0, len(examples), batch_size),
+        desc=f"eval kl {split}",
+        leave=False,
+        disable=not progress,
+    ):
+        batch = run.to_device(collate(examples[start : start + batch_size], run.pad_id))
         targets, mask = shift_targets(batch["labels"])
-        d = token_divergences(head(student, batch), head(run.models.teacher, batch), targets, mask,
-                              chunk_size=run.cfg.chunk_size, backend=run.cfg.backend)
+        d = token_divergences(
+            head(student, batch),
+            head(run.models.teacher, batch),
+            targets,
+            mask,
+            chunk_size=run.cfg.chunk_size,
+            backend=run.cfg.backend,
+        )
         tokens += d["tokens"]
         for k in sums:
             sums[k] += d[k + "_sum"]
@@ -69,21 +82,33 @@ def rouge_eval(run: Run, progress: bool) -> dict[str, float]:
         return {"rougeL_skipped": missing_message("rouge_score")}
     prompts = run.split_prompts("test")
     if cfg.eval_prompts > 0:
-        prompts = prompts[:cfg.eval_prompts]
+        prompts = prompts[: cfg.eval_prompts]
     refs = run.references("test")
     ref_text = [run.decode(refs[p.id]) for p in prompts]
     prompt_ids = [run.prompt_ids[p.id] for p in prompts]
     out: dict[str, float] = {"test_prompts": len(prompts)}
     per_seed: dict[str, list[float]] = {"student": [], "teacher": []}
     for seed in cfg.seeds():
-        gen = generate(run.models.student, prompt_ids, pad_id=run.pad_id, eos_id=run.eos_id,
-                       max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=1.0, seed=seed,
-                       batch_size=cfg.gen_batch_size, device=run.device, progress=progress,
-                       desc=f"eval student seed {seed}")
+        gen = generate(
+            run.models.student,
+            prompt_ids,
+            pad_id=run.pad_id,
+            eos_id=run.eos_id,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            seed=seed,
+            batch_size=cfg.gen_batch_size,
+            device=run.device,
+            progress=progress,
+            desc=f"eval student seed {seed}",
+        )
         per_seed["student"].append(rouge_l([run.decode(g) for g in gen], ref_text))
         if cfg.eval_teacher:
             samples = run.teacher_samples("test", temperature=1.0, seed=seed)
-            per_seed["teacher"].append(rouge_l([run.decode(samples[p.id]) for p in prompts], ref_text))
+            per_seed["teacher"].append(
+                rouge_l([run.decode(samples[p.id]) for p in prompts], ref_text)
+            )
     for who, vals in per_seed.items():
         if vals:
             ms = mean_std(vals)

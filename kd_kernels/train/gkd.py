@@ -38,22 +38,48 @@ def gkd_divergence(beta: float) -> tuple[str, float]:
     return "jsd", beta
 
 
-def full_loss(student: Head, teacher: Head, mask: torch.Tensor, *, beta: float,
-              temperature: float = 1.0, chunk_size: int | None = None, backend: str = "auto"
-              ) -> torch.Tensor:
+def full_loss(
+    student: Head,
+    teacher: Head,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Token mean over ``mask`` of TRL's generalized JSD(β) between the teacher's and the student's
     full-vocabulary distributions at ``temperature`` (:func:`gkd_divergence`)."""
     divergence, jsd_beta = gkd_divergence(beta)
     t = teacher.detached()
     return kd_kernels.fused_linear_kd(
-        student.hidden, student.weight, t.hidden, t.weight, divergence=divergence, beta=jsd_beta,
-        student_bias=student.bias, teacher_bias=t.bias, temperature=temperature, mask=mask,
-        reduction="mean", chunk_size=chunk_size, backend=backend, **kd_transforms(student, t))
+        student.hidden,
+        student.weight,
+        t.hidden,
+        t.weight,
+        divergence=divergence,
+        beta=jsd_beta,
+        student_bias=student.bias,
+        teacher_bias=t.bias,
+        temperature=temperature,
+        mask=mask,
+        reduction="mean",
+        chunk_size=chunk_size,
+        backend=backend,
+        **kd_transforms(student, t),
+    )
 
 
-def sampled_token_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
-                       temperature: float = 1.0, sample_temperature: float = 1.0,
-                       chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def sampled_token_loss(
+    student: Head,
+    teacher: Head,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    sample_temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The sampled-token reverse-KL policy gradient on the student's own samples ``targets``.
 
     ``log q_θ`` and ``log p`` at ``temperature`` (the KD temperature), ``log q_s`` (the sampler) at
@@ -61,23 +87,46 @@ def sampled_token_loss(student: Head, teacher: Head, targets: torch.Tensor, mask
     ``−A_t · exp(log q_θ(y_t) − log q_s(y_t))`` with ``A_t = −(log q_θ(y_t) − log p(y_t))`` held
     constant. Returns the loss and ``{"kl_sampled": mean of log q − log p, "ratio": mean ratio}``."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
-    logq = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
-                                            temperature=temperature, mask=mask,
-                                            chunk_size=chunk_size, **student.transform())
+    logq = kd_kernels.fused_linear_logprobs(
+        student.hidden,
+        student.weight,
+        safe,
+        bias=student.bias,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        **student.transform(),
+    )
     with torch.no_grad():
         s, t = student.detached(), teacher.detached()
-        logq_s = kd_kernels.fused_linear_logprobs(s.hidden, s.weight, safe, bias=s.bias,
-                                                  temperature=sample_temperature, mask=mask,
-                                                  chunk_size=chunk_size, **s.transform())
-        logp = kd_kernels.fused_linear_logprobs(t.hidden, t.weight, safe, bias=t.bias,
-                                                temperature=temperature, mask=mask,
-                                                chunk_size=chunk_size, **t.transform())
+        logq_s = kd_kernels.fused_linear_logprobs(
+            s.hidden,
+            s.weight,
+            safe,
+            bias=s.bias,
+            temperature=sample_temperature,
+            mask=mask,
+            chunk_size=chunk_size,
+            **s.transform(),
+        )
+        logp = kd_kernels.fused_linear_logprobs(
+            t.hidden,
+            t.weight,
+            safe,
+            bias=t.bias,
+            temperature=temperature,
+            mask=mask,
+            chunk_size=chunk_size,
+            **t.transform(),
+        )
         adv = -(logq.detach() - logp)
     ratio = torch.exp(logq - logq_s)
     n = mask.sum().clamp_min(1)
     zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     loss = torch.where(mask, -adv * ratio, zero).sum() / n
     with torch.no_grad():
-        info = {"kl_sampled": float(torch.where(mask, -adv, zero).sum() / n),
-                "ratio": float(torch.where(mask, ratio, zero).sum() / n)}
+        info = {
+            "kl_sampled": float(torch.where(mask, -adv, zero).sum() / n),
+            "ratio": float(torch.where(mask, ratio, zero).sum() / n),
+        }
     return loss, info

@@ -28,8 +28,12 @@ class Head:
     softcap: float | None = None
 
     def detached(self) -> Head:
-        return replace(self, hidden=self.hidden.detach(), weight=self.weight.detach(),
-                       bias=None if self.bias is None else self.bias.detach())
+        return replace(
+            self,
+            hidden=self.hidden.detach(),
+            weight=self.weight.detach(),
+            bias=None if self.bias is None else self.bias.detach(),
+        )
 
     def transform(self) -> dict[str, float | None]:
         """The logit transform as ``fused_linear_logprobs`` takes it."""
@@ -47,34 +51,58 @@ class Head:
         if self.logit_scale == 1.0:
             return self
         s = self.logit_scale
-        return replace(self, hidden=self.hidden * s, bias=None if self.bias is None else self.bias * s,
-                       logit_scale=1.0)
+        return replace(
+            self,
+            hidden=self.hidden * s,
+            bias=None if self.bias is None else self.bias * s,
+            logit_scale=1.0,
+        )
 
 
 def kd_transforms(student: Head, teacher: Head) -> dict[str, float | None]:
     """Both heads' logit transforms as ``fused_linear_kd`` takes them."""
-    return {"student_logit_scale": student.logit_scale, "student_softcap": student.softcap,
-            "teacher_logit_scale": teacher.logit_scale, "teacher_softcap": teacher.softcap}
+    return {
+        "student_logit_scale": student.logit_scale,
+        "student_softcap": student.softcap,
+        "teacher_logit_scale": teacher.logit_scale,
+        "teacher_softcap": teacher.softcap,
+    }
 
 
 def _chunk(chunk_size: int) -> int | None:
     return chunk_size if chunk_size > 0 else None
 
 
-def ce_loss(student: Head, targets: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = 0
-            ) -> torch.Tensor:
+def ce_loss(
+    student: Head, targets: torch.Tensor, mask: torch.Tensor, *, chunk_size: int = 0
+) -> torch.Tensor:
     """Token-mean hard-label cross-entropy ``−mean log q(target)`` over the masked-in tokens (0 if none)."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
-    logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
-                                            mask=mask, chunk_size=_chunk(chunk_size),
-                                            **student.transform())
+    logp = kd_kernels.fused_linear_logprobs(
+        student.hidden,
+        student.weight,
+        safe,
+        bias=student.bias,
+        mask=mask,
+        chunk_size=_chunk(chunk_size),
+        **student.transform(),
+    )
     return -logp.sum() / mask.sum().clamp_min(1)
 
 
-def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
-                ratio: float, temperature: float = 1.0, chunk_size: int = 0, backend: str = "auto",
-                divergence: str = "forward_kl", alpha: float = 0.1
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+def kd_mix_loss(
+    student: Head,
+    teacher: Head,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ratio: float,
+    temperature: float = 1.0,
+    chunk_size: int = 0,
+    backend: str = "auto",
+    divergence: str = "forward_kl",
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Word-level KD as in MiniLLM's baseline: ``(1 − r)·CE + r·KD``, KD = token-mean forward KL(p‖q).
 
     One fused call computes both terms: ``fused_linear_kd`` returns ``KD + c·CE``; with ``c = (1 − r)/r``
@@ -88,19 +116,42 @@ def kd_mix_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
     t = teacher.detached()
     loss, parts = kd_kernels.fused_linear_kd(
-        student.hidden, student.weight, t.hidden, t.weight, divergence=divergence, alpha=alpha,
-        student_bias=student.bias, teacher_bias=t.bias, temperature=temperature, mask=mask,
-        labels=labels, ce_weight=(1.0 - ratio) / ratio, reduction="mean", chunk_size=_chunk(chunk_size),
-        backend=backend, return_components=True, **kd_transforms(student, t),
+        student.hidden,
+        student.weight,
+        t.hidden,
+        t.weight,
+        divergence=divergence,
+        alpha=alpha,
+        student_bias=student.bias,
+        teacher_bias=t.bias,
+        temperature=temperature,
+        mask=mask,
+        labels=labels,
+        ce_weight=(1.0 - ratio) / ratio,
+        reduction="mean",
+        chunk_size=_chunk(chunk_size),
+        backend=backend,
+        return_components=True,
+        **kd_transforms(student, t),
     )
     return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
 
 
-def sparse_mix_loss(student: Head, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                    targets: torch.Tensor, mask: torch.Tensor, *, ratio: float, tail: str = "bucket",
-                    temperature: float = 1.0, chunk_size: int = 0, backend: str = "auto",
-                    divergence: str = "forward_kl", alpha: float = 0.1
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+def sparse_mix_loss(
+    student: Head,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ratio: float,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    chunk_size: int = 0,
+    backend: str = "auto",
+    divergence: str = "forward_kl",
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_mix_loss`` against a sparse teacher (its top-K ids and log-probs per token, −inf where
     ``mask`` is False) through ``fused_linear_sparse_kd``: ``(1 − r)·CE + r·KD``, no teacher forward."""
     if ratio == 0.0:
@@ -109,17 +160,36 @@ def sparse_mix_loss(student: Head, teacher_ids: torch.Tensor, teacher_logprobs: 
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
     student = student.scaled("fused_linear_sparse_kd (the --teacher-cache loss)")
     loss, parts = kd_kernels.fused_linear_sparse_kd(
-        student.hidden, student.weight, teacher_ids, teacher_logprobs, divergence=divergence,
-        alpha=alpha, tail=tail, student_bias=student.bias, temperature=temperature, mask=mask,
-        labels=labels, ce_weight=(1.0 - ratio) / ratio, reduction="mean",
-        chunk_size=_chunk(chunk_size), backend=backend, return_components=True,
+        student.hidden,
+        student.weight,
+        teacher_ids,
+        teacher_logprobs,
+        divergence=divergence,
+        alpha=alpha,
+        tail=tail,
+        student_bias=student.bias,
+        temperature=temperature,
+        mask=mask,
+        labels=labels,
+        ce_weight=(1.0 - ratio) / ratio,
+        reduction="mean",
+        chunk_size=_chunk(chunk_size),
+        backend=backend,
+        return_components=True,
     )
     return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
 
 
 @torch.no_grad()
-def token_divergences(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor, *,
-                      chunk_size: int = 0, backend: str = "auto") -> dict[str, float]:
+def token_divergences(
+    student: Head,
+    teacher: Head,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = 0,
+    backend: str = "auto",
+) -> dict[str, float]:
     """Token-mean forward KL(p‖q), reverse KL(q‖p) and the student's CE on ``targets``; sums and counts
     are returned too so callers can pool batches exactly."""
     n = int(mask.sum())
@@ -127,9 +197,18 @@ def token_divergences(student: Head, teacher: Head, targets: torch.Tensor, mask:
     s, t = student.detached(), teacher.detached()
     for name in ("forward_kl", "reverse_kl"):
         val = kd_kernels.fused_linear_kd(
-            s.hidden, s.weight, t.hidden, t.weight, divergence=name, student_bias=s.bias,
-            teacher_bias=t.bias, mask=mask, reduction="sum", chunk_size=_chunk(chunk_size),
-            backend=backend, **kd_transforms(s, t),
+            s.hidden,
+            s.weight,
+            t.hidden,
+            t.weight,
+            divergence=name,
+            student_bias=s.bias,
+            teacher_bias=t.bias,
+            mask=mask,
+            reduction="sum",
+            chunk_size=_chunk(chunk_size),
+            backend=backend,
+            **kd_transforms(s, t),
         )
         out[name + "_sum"] = float(val)
     out["ce_sum"] = float(ce_loss(s, targets, mask, chunk_size=chunk_size)) * max(n, 1)

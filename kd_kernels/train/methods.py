@@ -43,6 +43,7 @@ def register(name: str):
         cls.name = name
         METHODS[name] = cls
         return cls
+
     return deco
 
 
@@ -88,8 +89,9 @@ class Method:
             b = dict(b) | {"lm_" + k: v for k, v in run.lm_batch(step).items()}
         return b
 
-    def step_loss(self, student, teacher, batch: dict[str, torch.Tensor], run: Run
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(
+        self, student, teacher, batch: dict[str, torch.Tensor], run: Run
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """``loss`` + ``coef × CE`` of the student on the batch's pre-training blocks (logged as
         ``lm``, unweighted) when the lm coefficient is on."""
         loss, parts = self.loss(student, teacher, batch, run)
@@ -110,8 +112,9 @@ class Method:
         """This rank's batch for ``step`` (off-policy: drawn from the fixed training examples)."""
         return run.offline_batch(step)
 
-    def loss(self, student, teacher, batch: dict[str, torch.Tensor], run: Run
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, student, teacher, batch: dict[str, torch.Tensor], run: Run
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -148,8 +151,16 @@ class WordKD(Method):
             return _cached_teacher_loss(s, batch, targets, mask, run)
         with torch.no_grad():
             t = head(teacher, batch)
-        return kd_mix_loss(s, t, targets, mask, ratio=cfg.kd_ratio, temperature=cfg.temperature,
-                           chunk_size=cfg.chunk_size, backend=cfg.backend)
+        return kd_mix_loss(
+            s,
+            t,
+            targets,
+            mask,
+            ratio=cfg.kd_ratio,
+            temperature=cfg.temperature,
+            chunk_size=cfg.chunk_size,
+            backend=cfg.backend,
+        )
 
 
 @register("seqkd")
@@ -158,20 +169,41 @@ class SeqKD(WordKD):
     ``--kd-ratio 0`` gives classic sequence-level KD (CE only on the teacher's samples)."""
 
     def train_responses(self, run):
-        return run.teacher_samples("train", temperature=run.cfg.seqkd_temperature, seed=run.cfg.seed)
+        return run.teacher_samples(
+            "train", temperature=run.cfg.seqkd_temperature, seed=run.cfg.seed
+        )
 
 
-def _cached_teacher_loss(s: Head, batch, targets, mask, run, *, ratio: float | None = None,
-                         divergence: str = "forward_kl", alpha: float = 0.1):
+def _cached_teacher_loss(
+    s: Head,
+    batch,
+    targets,
+    mask,
+    run,
+    *,
+    ratio: float | None = None,
+    divergence: str = "forward_kl",
+    alpha: float = 0.1,
+):
     """The KD mix against the run's offline teacher cache (``--teacher-cache``)."""
     from .teacher_cache import cache_for
 
     cfg = run.cfg
     ids, lps = cache_for(run).lookup(batch["example_index"], targets, mask)
-    return sparse_mix_loss(s, ids, lps, targets, mask, ratio=cfg.kd_ratio if ratio is None else ratio,
-                           tail=cfg.sparse_tail, temperature=cfg.temperature,
-                           chunk_size=cfg.chunk_size, backend=cfg.backend, divergence=divergence,
-                           alpha=alpha)
+    return sparse_mix_loss(
+        s,
+        ids,
+        lps,
+        targets,
+        mask,
+        ratio=cfg.kd_ratio if ratio is None else ratio,
+        tail=cfg.sparse_tail,
+        temperature=cfg.temperature,
+        chunk_size=cfg.chunk_size,
+        backend=cfg.backend,
+        divergence=divergence,
+        alpha=alpha,
+    )
 
 
 # ------------------------------------------------------------------------------------------- MiniLLM
@@ -200,11 +232,13 @@ class MiniLLM(Method):
     round instead. The round in progress is saved in the checkpoint, so resuming mid-round continues
     it exactly (on one process; under torchrun the other ranks regenerate theirs)."""
 
-    terms = (Series("pg", "policy gradient (PPO-clipped)"),
-             Series("single_step", "single-step reverse KL"),
-             Series("pt", "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)"),
-             Series("reward", "round mean reward", STATE),
-             Series("clip_frac", "clipped fraction", STATE))
+    terms = (
+        Series("pg", "policy gradient (PPO-clipped)"),
+        Series("single_step", "single-step reverse KL"),
+        Series("pt", "pre-training term 0.5 CE + 0.5 KD (--minillm-pt)"),
+        Series("reward", "round mean reward", STATE),
+        Series("clip_frac", "clipped fraction", STATE),
+    )
     lm_coef_field = "minillm_lm_coef"
 
     def __init__(self) -> None:
@@ -215,9 +249,11 @@ class MiniLLM(Method):
     def steps_per_round(cfg) -> int:
         """``epochs × floor(rollouts / batch)``: an epoch's last, partial minibatch is dropped."""
         if cfg.minillm_rollouts < cfg.batch_size:
-            raise ValueError(f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
-                             f"{cfg.batch_size}: a round would hold no full PPO minibatch; raise "
-                             "--minillm-rollouts or lower --batch-size")
+            raise ValueError(
+                f"--minillm-rollouts={cfg.minillm_rollouts} is less than --batch-size="
+                f"{cfg.batch_size}: a round would hold no full PPO minibatch; raise "
+                "--minillm-rollouts or lower --batch-size"
+            )
         return cfg.minillm_ppo_epochs * (cfg.minillm_rollouts // cfg.batch_size)
 
     @staticmethod
@@ -225,7 +261,7 @@ class MiniLLM(Method):
         """One PPO epoch's shuffled rollouts cut into minibatches as LMOps's loader does
         (``drop_last=True``: a last, partial minibatch is left out of this epoch)."""
         full = len(perm) - len(perm) % batch_size
-        return [perm[i:i + batch_size] for i in range(0, full, batch_size)]
+        return [perm[i : i + batch_size] for i in range(0, full, batch_size)]
 
     def batch(self, run, step):
         cfg = run.cfg
@@ -246,20 +282,31 @@ class MiniLLM(Method):
         student, teacher = run.models.student, run.models.teacher
         _no_dropout(student)  # MiniLLM trains without dropout: q_old and q_θ are the same function
         train_prompts = run.split_prompts("train")
-        idx = batch_indices(len(train_prompts), rnd, cfg.minillm_rollouts, cfg.seed, run.rank,
-                            run.world)
+        idx = batch_indices(
+            len(train_prompts), rnd, cfg.minillm_rollouts, cfg.seed, run.rank, run.world
+        )
         prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
         gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank))
         t_rollout = time.perf_counter()
         rollouts = []
         for start in range(0, len(prompts), cfg.gen_batch_size):
             rollouts += mixed_rollouts(
-                student, teacher, prompts[start:start + cfg.gen_batch_size],
-                alpha=cfg.minillm_alpha, temperature=cfg.minillm_temperature,
-                top_k=cfg.minillm_top_k, top_p=cfg.minillm_top_p,
-                max_new_tokens=cfg.max_new_tokens, eos_id=run.eos_id, pad_id=run.pad_id,
-                generator=gen, device=run.device)
-        examples = [Example(p + r.tokens, [-100] * len(p) + r.tokens) for p, r in zip(prompts, rollouts)]
+                student,
+                teacher,
+                prompts[start : start + cfg.gen_batch_size],
+                alpha=cfg.minillm_alpha,
+                temperature=cfg.minillm_temperature,
+                top_k=cfg.minillm_top_k,
+                top_p=cfg.minillm_top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_id=run.eos_id,
+                pad_id=run.pad_id,
+                generator=gen,
+                device=run.device,
+            )
+        examples = [
+            Example(p + r.tokens, [-100] * len(p) + r.tokens) for p, r in zip(prompts, rollouts)
+        ]
         data = run.to_device(collate(examples, run.pad_id))
         targets, mask = shift_targets(data["labels"])
         mix = torch.zeros(mask.shape, dtype=torch.float32)
@@ -290,13 +337,21 @@ class MiniLLM(Method):
         rewards = token_rewards(tlp, old, mask)
         returns = normalized_returns(rewards, mask, cfg.minillm_gamma)
         log_w = importance_log_weights(old, mix, mask)
-        rows = {**data, "targets": targets, "mask": mask, "old_logp": old, "log_w": log_w,
-                "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns,
-                "teacher_hidden": t_hidden}
+        rows = {
+            **data,
+            "targets": targets,
+            "mask": mask,
+            "old_logp": old,
+            "log_w": log_w,
+            "adv": whiten(returns, mask) if cfg.minillm_whiten == "valid" else returns,
+            "teacher_hidden": t_hidden,
+        }
         n = int(mask.sum())
-        stats = {"reward": float(rewards.sum()) / max(n, 1),
-                 "response_len": n / max(len(examples), 1),
-                 "round_s": time.perf_counter() - t_rollout}  # sampling + scoring this round
+        stats = {
+            "reward": float(rewards.sum()) / max(n, 1),
+            "response_len": n / max(len(examples), 1),
+            "round_s": time.perf_counter() - t_rollout,
+        }  # sampling + scoring this round
         order: list[int] = []
         for epoch in range(cfg.minillm_ppo_epochs):
             g = torch.Generator().manual_seed(_stream_seed(cfg.seed, rnd, run.rank, epoch + 7))
@@ -307,11 +362,16 @@ class MiniLLM(Method):
             sel = torch.tensor(group, device=run.device)
             mb = {k: v.index_select(0, sel) for k, v in rows.items()}
             if cfg.minillm_whiten == "block":  # official: per minibatch, the padded block
-                mb["adv"] = whiten_block(mb["adv"], mb["mask"], cfg.max_new_tokens,
-                                         _sum_over_ranks(run.world))
+                mb["adv"] = whiten_block(
+                    mb["adv"], mb["mask"], cfg.max_new_tokens, _sum_over_ranks(run.world)
+                )
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding
-            mb = {k: v[:, :width] if k in ("input_ids", "attention_mask", "labels") else v[:, :width - 1]
-                  for k, v in mb.items()}
+            mb = {
+                k: v[:, :width]
+                if k in ("input_ids", "attention_mask", "labels")
+                else v[:, : width - 1]
+                for k, v in mb.items()
+            }
             minibatches.append(mb)
         return minibatches, stats
 
@@ -321,9 +381,15 @@ class MiniLLM(Method):
             return {}
         rnd, minibatches, stats = self._round
         # the teacher's hidden states are not saved (large): the loss recomputes them after a resume
-        return {"round": rnd, "rank": self._round_rank, "stats": dict(stats),
-                "minibatches": [{k: v.detach().cpu() for k, v in mb.items() if k != "teacher_hidden"}
-                                for mb in minibatches]}
+        return {
+            "round": rnd,
+            "rank": self._round_rank,
+            "stats": dict(stats),
+            "minibatches": [
+                {k: v.detach().cpu() for k, v in mb.items() if k != "teacher_hidden"}
+                for mb in minibatches
+            ],
+        }
 
     def load_state_dict(self, state):
         if state:
@@ -339,21 +405,40 @@ class MiniLLM(Method):
             with torch.no_grad():
                 t = head(teacher, batch)
         loss, parts = minillm_loss(
-            s, t, batch["targets"], batch["mask"], batch["old_logp"], batch["log_w"], batch["adv"],
-            clip=cfg.minillm_clip, rollout_temperature=cfg.minillm_temperature,
-            chunk_size=cfg.chunk_size or None, backend=cfg.backend)
+            s,
+            t,
+            batch["targets"],
+            batch["mask"],
+            batch["old_logp"],
+            batch["log_w"],
+            batch["adv"],
+            clip=cfg.minillm_clip,
+            rollout_temperature=cfg.minillm_temperature,
+            chunk_size=cfg.chunk_size or None,
+            backend=cfg.backend,
+        )
         if cfg.minillm_pt:
             pt = {k[3:]: v for k, v in batch.items() if k.startswith("pt_")}
             pt_targets, pt_mask = shift_targets(pt["labels"])
             ps = head(student, pt)
             with torch.no_grad():
                 pt_t = head(teacher, pt)
-            pt_loss, pt_parts = kd_mix_loss(ps, pt_t, pt_targets, pt_mask, ratio=0.5,
-                                            temperature=cfg.temperature,
-                                            chunk_size=cfg.chunk_size, backend=cfg.backend)
+            pt_loss, pt_parts = kd_mix_loss(
+                ps,
+                pt_t,
+                pt_targets,
+                pt_mask,
+                ratio=0.5,
+                temperature=cfg.temperature,
+                chunk_size=cfg.chunk_size,
+                backend=cfg.backend,
+            )
             loss = loss + pt_loss
-            parts |= {"pt": float(pt_loss.detach()), "pt_ce": pt_parts["ce"],
-                      "pt_kd": pt_parts["kd"]}
+            parts |= {
+                "pt": float(pt_loss.detach()),
+                "pt_ce": pt_parts["ce"],
+                "pt_kd": pt_parts["kd"],
+            }
         if self._round is not None:
             parts |= self._round[2]
         return loss, parts
@@ -367,13 +452,21 @@ def _no_dropout(model: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def _logprobs(h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg, temperature: float
-              ) -> torch.Tensor:
+def _logprobs(
+    h: Head, tokens: torch.Tensor, mask: torch.Tensor, cfg, temperature: float
+) -> torch.Tensor:
     import kd_kernels
 
-    return kd_kernels.fused_linear_logprobs(h.hidden, h.weight, tokens, bias=h.bias,
-                                            temperature=temperature, mask=mask,
-                                            chunk_size=cfg.chunk_size or None, **h.transform())
+    return kd_kernels.fused_linear_logprobs(
+        h.hidden,
+        h.weight,
+        tokens,
+        bias=h.bias,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=cfg.chunk_size or None,
+        **h.transform(),
+    )
 
 
 def _sum_over_ranks(world: int):
@@ -384,8 +477,11 @@ def _sum_over_ranks(world: int):
     def reduce(t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        dev = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         x = t.to(dev)
         dist.all_reduce(x)
         return x.to(t.device)
@@ -422,16 +518,20 @@ class GKD(Method):
     exact reverse KL). Batches are a function of (seed, step, rank) and the student, so resume is
     exact."""
 
-    terms = (Series("kd", "generalized JSD(β) (--gkd-estimator full)"),
-             Series("kl_sampled", "sampled reverse-KL estimate (--gkd-estimator sampled)"),
-             Series("on_policy", "on-policy step (1: student samples)", STATE, points=True))
+    terms = (
+        Series("kd", "generalized JSD(β) (--gkd-estimator full)"),
+        Series("kl_sampled", "sampled reverse-KL estimate (--gkd-estimator sampled)"),
+        Series("on_policy", "on-policy step (1: student samples)", STATE, points=True),
+    )
 
     def __init__(self) -> None:
         self._info: dict[str, float] = {}
 
     def train_responses(self, run):
         if run.cfg.gkd_seq_kd:
-            return run.teacher_samples("train", temperature=run.cfg.gkd_temperature, seed=run.cfg.seed)
+            return run.teacher_samples(
+                "train", temperature=run.cfg.gkd_temperature, seed=run.cfg.seed
+            )
         return run.references("train")
 
     def batch(self, run, step):
@@ -442,22 +542,34 @@ class GKD(Method):
         if u >= cfg.gkd_lambda:
             self._info = {"on_policy": 0.0}
             return run.offline_batch(step)
-        idx = batch_indices(len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank,
-                            run.world)
+        idx = batch_indices(
+            len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank, run.world
+        )
         train_prompts = run.split_prompts("train")
         prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
-        samples = generate(run.models.student, prompts, pad_id=run.pad_id, eos_id=run.eos_id,
-                           max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                           temperature=cfg.gkd_temperature, seed=_stream_seed(cfg.seed, step, run.rank),
-                           batch_size=cfg.gen_batch_size, device=run.device, progress=False)
+        samples = generate(
+            run.models.student,
+            prompts,
+            pad_id=run.pad_id,
+            eos_id=run.eos_id,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=cfg.gkd_temperature,
+            seed=_stream_seed(cfg.seed, step, run.rank),
+            batch_size=cfg.gen_batch_size,
+            device=run.device,
+            progress=False,
+        )
         examples = [build_example(p, y, run.eos_id) for p, y in zip(prompts, samples)]
         for ex, y in zip(examples, samples):
             # a response cut at --max-new-tokens did not sample the EOS build_example appends: as
             # in TRL, only the sampled tokens are targets (either estimator)
             if len(y) >= cfg.max_new_tokens:
                 ex.labels[-1] = -100
-        self._info = {"on_policy": 1.0,
-                      "response_len": sum(len(y) for y in samples) / max(len(samples), 1)}
+        self._info = {
+            "on_policy": 1.0,
+            "response_len": sum(len(y) for y in samples) / max(len(samples), 1),
+        }
         return run.to_device(collate(examples, run.pad_id))
 
     def loss(self, student, teacher, batch, run):
@@ -471,9 +583,9 @@ class GKD(Method):
             t = head(teacher, batch)
         chunk = cfg.chunk_size or None
         if cfg.gkd_estimator == "sampled" and self._info.get("on_policy"):
-            loss, parts = sampled_token_loss(s, t, targets, mask,
-                                             sample_temperature=cfg.gkd_temperature,
-                                             chunk_size=chunk)
+            loss, parts = sampled_token_loss(
+                s, t, targets, mask, sample_temperature=cfg.gkd_temperature, chunk_size=chunk
+            )
         else:
             loss = full_loss(s, t, mask, beta=cfg.gkd_beta, chunk_size=chunk, backend=cfg.backend)
             parts = {"kd": float(loss.detach())}
@@ -503,8 +615,9 @@ def valid_ce(run) -> float:
         for chosen in ranks:
             batch = run.to_device(collate([examples[i] for i in chosen], run.pad_id))
             targets, mask = shift_targets(batch["labels"])
-            per_rank.append(float(ce_loss(head(student, batch), targets, mask,
-                                          chunk_size=run.cfg.chunk_size)))
+            per_rank.append(
+                float(ce_loss(head(student, batch), targets, mask, chunk_size=run.cfg.chunk_size))
+            )
         means.append(sum(per_rank) / len(per_rank))
     student.train(was_training)
     return sum(means) / len(means)
@@ -518,10 +631,13 @@ class DistiLLM(Method):
     Every rank draws the same ``r`` and measures the same validation CE, so the schedule agrees
     across processes; generated samples and replays are per rank."""
 
-    terms = (Series("ce", "CE (weight --distillm-ce)"), Series("kd", "skew KL (α)"),
-             Series("valid_ce_check", "valid CE (last schedule check)", EVAL),
-             Series("source", "source (0 generate, 1 replay, 2 references)", STATE, points=True),
-             Series("threshold", "threshold τ", STATE))
+    terms = (
+        Series("ce", "CE (weight --distillm-ce)"),
+        Series("kd", "skew KL (α)"),
+        Series("valid_ce_check", "valid CE (last schedule check)", EVAL),
+        Series("source", "source (0 generate, 1 replay, 2 references)", STATE, points=True),
+        Series("threshold", "threshold τ", STATE),
+    )
     lm_coef_field = "distillm_lm_coef"
 
     def __init__(self) -> None:
@@ -551,14 +667,24 @@ class DistiLLM(Method):
         if source == GENERATE:
             from .generate import generate
 
-            idx = batch_indices(len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank,
-                                run.world)
+            idx = batch_indices(
+                len(run.train_examples), step, cfg.batch_size, cfg.seed, run.rank, run.world
+            )
             train_prompts = run.split_prompts("train")
             prompts = [run.prompt_ids[train_prompts[i].id] for i in idx]
-            samples = generate(run.models.student, prompts, pad_id=run.pad_id, eos_id=run.eos_id,
-                               max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=1.0,
-                               seed=_stream_seed(cfg.seed, step, run.rank), batch_size=cfg.gen_batch_size,
-                               device=run.device, progress=False)
+            samples = generate(
+                run.models.student,
+                prompts,
+                pad_id=run.pad_id,
+                eos_id=run.eos_id,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                seed=_stream_seed(cfg.seed, step, run.rank),
+                batch_size=cfg.gen_batch_size,
+                device=run.device,
+                progress=False,
+            )
             examples = [build_example(p, s, run.eos_id) for p, s in zip(prompts, samples)]
             self.buffer.push(examples)
             batch = run.to_device(collate(examples, run.pad_id))
@@ -567,8 +693,11 @@ class DistiLLM(Method):
             batch = run.to_device(collate(self.buffer.sample(cfg.batch_size, rng), run.pad_id))
         else:
             batch = run.offline_batch(step)
-        self._info |= {"threshold": self.schedule.threshold, "source": float(SOURCES.index(source)),
-                       "buffer": float(len(self.buffer))}
+        self._info |= {
+            "threshold": self.schedule.threshold,
+            "source": float(SOURCES.index(source)),
+            "buffer": float(len(self.buffer)),
+        }
         return batch
 
     def loss(self, student, teacher, batch, run):
@@ -579,22 +708,42 @@ class DistiLLM(Method):
         if cfg.teacher_cache and "example_index" in batch:
             # a batch of references comes from the cache; fresh / replayed student samples are not
             # in it and still take the teacher's forward pass below
-            loss, parts = _cached_teacher_loss(s, batch, targets, mask, run, ratio=1.0 - cfg.distillm_ce,
-                                               divergence=div, alpha=cfg.distillm_alpha)
+            loss, parts = _cached_teacher_loss(
+                s,
+                batch,
+                targets,
+                mask,
+                run,
+                ratio=1.0 - cfg.distillm_ce,
+                divergence=div,
+                alpha=cfg.distillm_alpha,
+            )
             return loss, parts | self._info
         with torch.no_grad():
             t = head(teacher, batch)
-        loss, parts = kd_mix_loss(s, t, targets, mask, ratio=1.0 - cfg.distillm_ce,
-                                  temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                                  backend=cfg.backend, divergence=div, alpha=cfg.distillm_alpha)
+        loss, parts = kd_mix_loss(
+            s,
+            t,
+            targets,
+            mask,
+            ratio=1.0 - cfg.distillm_ce,
+            temperature=cfg.temperature,
+            chunk_size=cfg.chunk_size,
+            backend=cfg.backend,
+            divergence=div,
+            alpha=cfg.distillm_alpha,
+        )
         return loss, parts | self._info
 
     def state_dict(self):
         buf = self.buffer.state_dict() if self.buffer is not None else None
         if buf is not None:
             buf["items"] = [(e.input_ids, e.labels) for e in buf["items"]]
-        return {"schedule": self.schedule.state_dict(), "buffer": buf,
-                "checked_step": self.checked_step}
+        return {
+            "schedule": self.schedule.state_dict(),
+            "buffer": buf,
+            "checked_step": self.checked_step,
+        }
 
     def load_state_dict(self, state):
         if not state:

@@ -43,8 +43,9 @@ WHITEN_EPS = 1e-8
 # ---------------------------------------------------------------------------------------- sampling
 
 
-def process_logits(logits: torch.Tensor, *, temperature: float, top_k: int = 0,
-                   top_p: float = 1.0) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Log-probabilities after temperature, top-k (0: off) and top-p (1: off), as HF's warpers do:
     removed entries are −inf and the rest are renormalized. ``logits``: ``(B, V)``."""
     x = logits.float() / temperature
@@ -61,8 +62,9 @@ def process_logits(logits: torch.Tensor, *, temperature: float, top_k: int = 0,
     return torch.log_softmax(x, dim=-1)
 
 
-def mix_distribution(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float
-                     ) -> torch.Tensor:
+def mix_distribution(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """``log p̃ = log((1 − α) q + α p)``, formed in log space (MATH.md: never in probability space)."""
     if alpha <= 0.0:
         return student_logp
@@ -80,15 +82,33 @@ class Rollout:
 
 
 def _step_forward(model, ids, attn, pos, cache):
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1].float(), out.past_key_values
 
 
 @torch.no_grad()
-def mixed_rollouts(student, teacher, prompts: list[list[int]], *, alpha: float, temperature: float,
-                   top_k: int, top_p: float, max_new_tokens: int, eos_id: int, pad_id: int,
-                   generator: torch.Generator, device: torch.device | str = "cpu") -> list[Rollout]:
+def mixed_rollouts(
+    student,
+    teacher,
+    prompts: list[list[int]],
+    *,
+    alpha: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> list[Rollout]:
     """Sample one response per prompt from ``p̃ = (1 − α) q + α p``, both models stepping with their own
     KV caches (left-padded prompts, positions from the attention mask). Stops at EOS or
     ``max_new_tokens``. Sampling uses ``generator`` (a CPU generator), so a seeded call repeats."""
@@ -100,8 +120,8 @@ def mixed_rollouts(student, teacher, prompts: list[list[int]], *, alpha: float, 
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     s_logits, s_cache = _step_forward(student, ids, attn, pos, None)
@@ -136,14 +156,16 @@ def mixed_rollouts(student, teacher, prompts: list[list[int]], *, alpha: float, 
 # ----------------------------------------------------------------------------- rewards, advantages
 
 
-def importance_log_weights(old_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor
-                           ) -> torch.Tensor:
+def importance_log_weights(
+    old_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """``log w_t = log q_old(y_t) − log p̃(y_t)`` (0 where ``mask`` is False)."""
     return torch.where(mask, old_logp - mix_logp, torch.zeros_like(old_logp))
 
 
-def token_rewards(teacher_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
-                  ) -> torch.Tensor:
+def token_rewards(
+    teacher_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """``r_t = clip((log p(y_t) − log q_old(y_t)) / 0.5, −100, 100)``, 0 where ``mask`` is False."""
     r = ((teacher_logp - old_logp) / REWARD_SCALE).clamp(-REWARD_CLIP, REWARD_CLIP)
     return torch.where(mask, r, torch.zeros_like(r))
@@ -168,20 +190,34 @@ def block_moments(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch
     """``[Σ R, Σ R², B·W]`` (float64) of the padded response block: each of the ``B`` rows holds its
     masked-in entries of ``values`` and ``width − #valid`` padding slots with R = 0."""
     if values.dim() != 2 or values.shape != mask.shape:
-        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must be the "
-                         "same (B, L) shape")
+        raise ValueError(
+            f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must be the "
+            "same (B, L) shape"
+        )
     longest = int(mask.sum(1).max()) if mask.numel() else 0
     if longest > width:
-        raise ValueError(f"a row has {longest} valid tokens but the response width is {width}; "
-                         "pass the padded response width (--max-new-tokens)")
-    x = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
-    return torch.stack([x.sum(), (x * x).sum(),
-                        torch.tensor(float(values.shape[0] * width), dtype=torch.float64,
-                                     device=values.device)])
+        raise ValueError(
+            f"a row has {longest} valid tokens but the response width is {width}; "
+            "pass the padded response width (--max-new-tokens)"
+        )
+    x = torch.where(
+        mask, values.double(), torch.zeros((), dtype=torch.float64, device=values.device)
+    )
+    return torch.stack(
+        [
+            x.sum(),
+            (x * x).sum(),
+            torch.tensor(float(values.shape[0] * width), dtype=torch.float64, device=values.device),
+        ]
+    )
 
 
-def whiten_block(values: torch.Tensor, mask: torch.Tensor, width: int,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def whiten_block(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    width: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """MiniLLM's official whitening of one PPO minibatch: ``(R − μ) / sqrt(σ² + 1e-8)`` with ``μ``, ``σ²``
     the mean and population variance over the whole ``(B × width)`` response block, padding
     included (padded slots count as R = 0), then 0 off ``mask``.
@@ -215,9 +251,14 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- losses
 
 
-def ppo_clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, log_w: torch.Tensor,
-                     advantages: torch.Tensor, mask: torch.Tensor, clip: float
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_clipped_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    log_w: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Token mean of ``max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))``, ``ratio = exp(log q_θ − log q_old)·w``.
 
     ``old_logp``, ``log_w`` and ``advantages`` are constants (no gradient). Returns the loss and the
@@ -235,10 +276,20 @@ def ppo_clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, log_w: torch.Te
     return loss, {"ratio": float(mean_ratio), "clip_frac": float(frac)}
 
 
-def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torch.Tensor,
-                 old_logp: torch.Tensor, log_w: torch.Tensor, advantages: torch.Tensor, *,
-                 clip: float, rollout_temperature: float = 1.0, chunk_size: int | None = None,
-                 backend: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+def minillm_loss(
+    student: Head,
+    teacher: Head,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor,
+    log_w: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip: float,
+    rollout_temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy gradient + single-step reverse KL(q_θ‖p), both on the sampled responses.
 
     ``student``/``teacher``: hidden states of positions 0 … T−2 and the lm_heads; ``targets`` the sampled
@@ -247,14 +298,31 @@ def minillm_loss(student: Head, teacher: Head, targets: torch.Tensor, mask: torc
     ``fused_linear_kd(divergence="reverse_kl")``, both at the rollout temperature (LMOps divides
     both models' logits by its one temperature)."""
     safe = torch.where(mask, targets, torch.zeros_like(targets))
-    logp = kd_kernels.fused_linear_logprobs(student.hidden, student.weight, safe, bias=student.bias,
-                                            temperature=rollout_temperature, mask=mask,
-                                            chunk_size=chunk_size, **student.transform())
+    logp = kd_kernels.fused_linear_logprobs(
+        student.hidden,
+        student.weight,
+        safe,
+        bias=student.bias,
+        temperature=rollout_temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        **student.transform(),
+    )
     pg, info = ppo_clipped_loss(logp, old_logp, log_w, advantages, mask, clip)
     t = teacher.detached()
     single = kd_kernels.fused_linear_kd(
-        student.hidden, student.weight, t.hidden, t.weight, divergence="reverse_kl",
-        student_bias=student.bias, teacher_bias=t.bias, temperature=rollout_temperature, mask=mask,
-        reduction="mean", chunk_size=chunk_size, backend=backend, **kd_transforms(student, t),
+        student.hidden,
+        student.weight,
+        t.hidden,
+        t.weight,
+        divergence="reverse_kl",
+        student_bias=student.bias,
+        teacher_bias=t.bias,
+        temperature=rollout_temperature,
+        mask=mask,
+        reduction="mean",
+        chunk_size=chunk_size,
+        backend=backend,
+        **kd_transforms(student, t),
     )
     return pg + single, {"pg": float(pg.detach()), "single_step": float(single.detach()), **info}

@@ -131,8 +131,9 @@ def load_smollm2(dtype: str = "float32") -> tuple[nn.Module, object, str]:
 
     path = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=_torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=_torch_dtype(dtype)
+    )
     teacher_id = f"smollm2:{path.name}:{path.stat().st_size}:{dtype}"
     return model, tok, teacher_id
 
@@ -151,8 +152,11 @@ def tiny_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", additional_special_tokens=specials,
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials,
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
@@ -164,9 +168,16 @@ def load_tiny(seed: int, dtype: str = "float32") -> tuple[nn.Module, object, str
 
     tok = tiny_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):

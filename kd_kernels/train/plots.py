@@ -29,9 +29,11 @@ class Series:
 
 TOTAL = Series("loss", "total loss")
 LM_TERM = Series("lm", "pre-training CE (--lm-data)")
-EVAL_SERIES = (Series("valid_ce", "valid CE (--eval-every)", EVAL),
-               Series("valid_forward_kl", "valid forward KL", EVAL),
-               Series("valid_reverse_kl", "valid reverse KL", EVAL))
+EVAL_SERIES = (
+    Series("valid_ce", "valid CE (--eval-every)", EVAL),
+    Series("valid_forward_kl", "valid forward KL", EVAL),
+    Series("valid_reverse_kl", "valid reverse KL", EVAL),
+)
 
 
 @dataclass
@@ -51,8 +53,11 @@ def plot_data(rows: list[dict], method: str, series: tuple[Series, ...]) -> Plot
         for s in series:
             if s.panel != panel:
                 continue
-            pts = [(r["step"], r[s.key]) for r in rows
-                   if isinstance(r.get(s.key), (int, float)) and not isinstance(r[s.key], bool)]
+            pts = [
+                (r["step"], r[s.key])
+                for r in rows
+                if isinstance(r.get(s.key), (int, float)) and not isinstance(r[s.key], bool)
+            ]
             if pts:
                 steps, values = zip(*pts)
                 data.panels.setdefault(panel, []).append((s, list(steps), list(values)))
@@ -67,12 +72,18 @@ def draw_losses(data: PlotData, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(data.panels.items()) or [(LOSS, [])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 + 2.3 * len(panels)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7, 2.2 + 2.3 * len(panels)), sharex=True, squeeze=False
+    )
     for ax, (panel, curves) in zip(axes[:, 0], panels):
         for s, steps, values in curves:
-            ax.plot(steps, values, "o" if s.points else ("o-" if panel == EVAL else "-"),
-                    label=s.label, markersize=3)
+            ax.plot(
+                steps,
+                values,
+                "o" if s.points else ("o-" if panel == EVAL else "-"),
+                label=s.label,
+                markersize=3,
+            )
         ax.set_title(PANEL_TITLES[panel], fontsize=9)
         if curves:
             ax.legend(fontsize=7)

@@ -90,8 +90,9 @@ def _tied(model: nn.Module) -> bool:
     return out is not None and inp is not None and out.weight is inp.weight
 
 
-def shard_fsdp(root: nn.Module, student: nn.Module, teacher: nn.Module, world: int, device: torch.device
-               ) -> HiddenStates:
+def shard_fsdp(
+    root: nn.Module, student: nn.Module, teacher: nn.Module, world: int, device: torch.device
+) -> HiddenStates:
     """FSDP2 over all ``world`` processes (a 1-D DeviceMesh): ``fully_shard`` on each of the student's
     decoder layers, then on ``root`` (which holds the student and computes the loss in its forward, so the
     student's embeddings, final norm and lm_head are plain gathered tensors there and their gradients are
@@ -120,7 +121,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank 0 (empty on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -129,7 +132,9 @@ def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.d
 
     cfg = copy.deepcopy(model.config)
     dtype = next(iter(state.values())).dtype
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; keep the run's RNG stream
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # its random init is overwritten; keep the run's RNG stream
         plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     plain.load_state_dict(state)
     plain.requires_grad_(False)
@@ -153,7 +158,9 @@ class Run:
         self.pad_id, self.eos_id = int(tok.pad_token_id), int(tok.eos_token_id)
         prompts = load_prompts(cfg.prompts, cfg.max_prompts)
         self.splits = split_prompts(prompts, cfg.valid_frac, cfg.test_frac)
-        self.prompt_ids = {p.id: prompt_token_ids(tok, p.text, cfg.max_prompt_tokens) for p in prompts}
+        self.prompt_ids = {
+            p.id: prompt_token_ids(tok, p.text, cfg.max_prompt_tokens) for p in prompts
+        }
         self._responses: dict[tuple, dict[str, list[int]]] = {}
         self._examples: dict[str, list[Example]] = {}
         self.train_examples: list[Example] = []
@@ -167,26 +174,37 @@ class Run:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _teacher_responses(self, split: str, *, do_sample: bool, temperature: float, seed: int
-                           ) -> dict[str, list[int]]:
+    def _teacher_responses(
+        self, split: str, *, do_sample: bool, temperature: float, seed: int
+    ) -> dict[str, list[int]]:
         key = (split, do_sample, temperature, seed)
         if key in self._responses:
             return self._responses[key]
         prompts = [(p.id, self.prompt_ids[p.id]) for p in self.splits[split]]
         kind = f"sampled T={temperature} seed={seed}" if do_sample else "greedy"
         kwargs = {
-            "teacher_id": self.models.teacher_id, "cache_dir": self.cfg.cache_dir,
-            "pad_id": self.pad_id, "eos_id": self.eos_id, "max_new_tokens": self.cfg.max_new_tokens,
-            "do_sample": do_sample, "temperature": temperature, "seed": seed,
-            "batch_size": self.cfg.gen_batch_size, "device": self.device, "progress": self.progress,
+            "teacher_id": self.models.teacher_id,
+            "cache_dir": self.cfg.cache_dir,
+            "pad_id": self.pad_id,
+            "eos_id": self.eos_id,
+            "max_new_tokens": self.cfg.max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "seed": seed,
+            "batch_size": self.cfg.gen_batch_size,
+            "device": self.device,
+            "progress": self.progress,
             "desc": f"teacher {kind} {split}",
         }
         # rank 0 generates and writes the cache; the others then read the same file
         if self.is_main:
             responses, hit = cached_responses(self.models.teacher, prompts, **kwargs)
             if self.progress:
-                print(f"[kd-train] {split}: {len(responses)} teacher responses ({kind}) "
-                      f"{'from cache' if hit else 'generated and cached'}", file=sys.stderr)
+                print(
+                    f"[kd-train] {split}: {len(responses)} teacher responses ({kind}) "
+                    f"{'from cache' if hit else 'generated and cached'}",
+                    file=sys.stderr,
+                )
         barrier(self.world)
         if not self.is_main:
             responses, hit = cached_responses(self.models.teacher, prompts, **kwargs)
@@ -206,7 +224,10 @@ class Run:
         if responses is None and split in self._examples:
             return self._examples[split]
         resp = self.references(split) if responses is None else responses
-        ex = [build_example(self.prompt_ids[p.id], resp[p.id], self.eos_id) for p in self.splits[split]]
+        ex = [
+            build_example(self.prompt_ids[p.id], resp[p.id], self.eos_id)
+            for p in self.splits[split]
+        ]
         if responses is None:
             self._examples[split] = ex
         return ex
@@ -215,8 +236,14 @@ class Run:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def offline_batch(self, step: int) -> dict[str, torch.Tensor]:
-        idx = batch_indices(len(self.train_examples), step, self.cfg.batch_size, self.cfg.seed,
-                            self.rank, self.world)
+        idx = batch_indices(
+            len(self.train_examples),
+            step,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            self.rank,
+            self.world,
+        )
         batch = collate([self.train_examples[i] for i in idx], self.pad_id)
         batch["example_index"] = torch.tensor(idx)  # which training examples (teacher caches)
         return self.to_device(batch)
@@ -235,8 +262,9 @@ class Run:
             self._lm_blocks = lm_blocks(self.tokenizer, text, self.lm_block_len(), self.eos_id)
             if not self._lm_blocks:
                 raise ValueError(f"--lm-data {self.cfg.lm_data!r} holds no text to train on")
-        idx = batch_indices(len(self._lm_blocks), step, self.cfg.batch_size, self.cfg.seed,
-                            self.rank, self.world)
+        idx = batch_indices(
+            len(self._lm_blocks), step, self.cfg.batch_size, self.cfg.seed, self.rank, self.world
+        )
         return self.to_device(collate([self._lm_blocks[i] for i in idx], self.pad_id))
 
 

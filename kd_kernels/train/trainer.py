@@ -99,9 +99,12 @@ def _consolidate(run: Run, copies: dict) -> None:
     if not run.is_main:
         return
     if first:
-        copies["models"] = Models(plain_copy(models.teacher, teacher_state, run.device).eval(),
-                                  plain_copy(models.student, student_state, run.device), models.tokenizer,
-                                  models.teacher_id)
+        copies["models"] = Models(
+            plain_copy(models.teacher, teacher_state, run.device).eval(),
+            plain_copy(models.student, student_state, run.device),
+            models.tokenizer,
+            models.teacher_id,
+        )
     else:
         copies["models"].student.load_state_dict(student_state)
 
@@ -140,10 +143,14 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+        if isinstance(
+            e, (OSError, RuntimeError)
+        ):  # torch.save reports a failed write as RuntimeError
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TrainError(f"could not write {path} ({why}); free disk space or choose another --out "
-                             f"(the previous {path.name}, if any, is intact)") from None
+            raise TrainError(
+                f"could not write {path} ({why}); free disk space or choose another --out "
+                f"(the previous {path.name}, if any, is intact)"
+            ) from None
         raise
 
 
@@ -159,9 +166,18 @@ def _full_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int, elapsed: float, method_state: dict | None = None, *, fsdp: bool = False,
-                    is_main: bool = True) -> None:
+def save_checkpoint(
+    path: Path,
+    student: nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    elapsed: float,
+    method_state: dict | None = None,
+    *,
+    fsdp: bool = False,
+    is_main: bool = True,
+) -> None:
     """Write ``ckpt.pt`` (rank 0). Under FSDP2 every rank must call it: the consolidated (full, plain CPU
     tensor) student and optimizer states are gathered to rank 0, which writes them."""
     if fsdp:
@@ -176,9 +192,16 @@ def save_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer, 
         weights, optim, fmt = student.state_dict(), opt.state_dict(), OPT_BY_INDEX
     if not is_main:
         return
-    state = {"config": cfg.to_dict(), "step": step, "student": weights,
-             "optimizer": optim, "optimizer_format": fmt, "train_time_s": elapsed,
-             "torch_rng": torch.get_rng_state(), "method_state": method_state or {}}
+    state = {
+        "config": cfg.to_dict(),
+        "step": step,
+        "student": weights,
+        "optimizer": optim,
+        "optimizer_format": fmt,
+        "train_time_s": elapsed,
+        "torch_rng": torch.get_rng_state(),
+        "method_state": method_state or {},
+    }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -198,7 +221,9 @@ def optimizer_state_by_name(student: nn.Module, saved: dict, fmt: str, cfg: Trai
     return get_optimizer_state_dict(student, tmp, options=StateDictOptions(full_state_dict=True))
 
 
-def load_optimizer_state(student: nn.Module, opt: torch.optim.Optimizer, saved: dict, fmt: str) -> None:
+def load_optimizer_state(
+    student: nn.Module, opt: torch.optim.Optimizer, saved: dict, fmt: str
+) -> None:
     """Load a saved optimizer state (either format) into ``opt`` of ``student`` (plain or sharded)."""
     if fmt == OPT_BY_INDEX:
         opt.load_state_dict(saved)
@@ -216,12 +241,19 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, ...: all mean "not a checkpoint"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TrainError(f"--resume: {path} is not a readable checkpoint ({first}); it may be truncated: "
-                         "delete it and run without --resume") from None
+        raise TrainError(
+            f"--resume: {path} is not a readable checkpoint ({first}); it may be truncated: "
+            "delete it and run without --resume"
+        ) from None
     keys = ("config", "step", "student", "optimizer", "train_time_s", "torch_rng")
-    if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(
-            state["config"], dict):
-        raise TrainError(f"--resume: {path} is not a kd-train checkpoint (expected the keys {list(keys)})")
+    if (
+        not isinstance(state, dict)
+        or any(k not in state for k in keys)
+        or not isinstance(state["config"], dict)
+    ):
+        raise TrainError(
+            f"--resume: {path} is not a kd-train checkpoint (expected the keys {list(keys)})"
+        )
     return state
 
 
@@ -231,13 +263,17 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     state = load_checkpoint(path)
     saved = state["config"]
     if saved.get("method") != cfg.method:
-        raise TrainError(f"--resume: {path} was trained with method {saved.get('method')!r}, not "
-                         f"{cfg.method!r}; run kd-train {saved.get('method')} --out {cfg.out} --resume")
+        raise TrainError(
+            f"--resume: {path} was trained with method {saved.get('method')!r}, not "
+            f"{cfg.method!r}; run kd-train {saved.get('method')} --out {cfg.out} --resume"
+        )
     try:
         merged = config_from_dict(saved)
     except (TypeError, ValueError) as e:
-        raise TrainError(f"--resume: {path} has a config this kd-train cannot read ({e}); it was written "
-                         "by another version: resume with that version or start a new run") from None
+        raise TrainError(
+            f"--resume: {path} has a config this kd-train cannot read ({e}); it was written "
+            "by another version: resume with that version or start a new run"
+        ) from None
     for name in explicit | {"resume", "out"}:
         setattr(merged, name, getattr(cfg, name))
     merged.overwrite = False
@@ -247,8 +283,10 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         raise TrainError(f"--resume: {e}") from None
     step = int(state["step"])
     if merged.steps < step:
-        raise TrainError(f"--resume: {path} is at step {step}, past --steps {merged.steps}; pass "
-                         f"--steps {step} or more")
+        raise TrainError(
+            f"--resume: {path} is at step {step}, past --steps {merged.steps}; pass "
+            f"--steps {step} or more"
+        )
     return merged
 
 
@@ -269,15 +307,19 @@ class RunDirLock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise TrainError(f"--out {out}: cannot create files there ({e.strerror}); choose a writable "
-                             "directory") from None
+            raise TrainError(
+                f"--out {out}: cannot create files there ({e.strerror}); choose a writable "
+                "directory"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise TrainError(f"--out {out} is in use by another kd-train process (pid {other}); wait for it "
-                             "to finish or choose another --out") from None
+            raise TrainError(
+                f"--out {out} is in use by another kd-train process (pid {other}); wait for it "
+                "to finish or choose another --out"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -295,15 +337,18 @@ def prepare_run_dir(cfg: TrainConfig) -> RunDirLock:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TrainError(f"--out {out}: cannot create the directory ({e.strerror}); choose a writable "
-                         "path") from None
+        raise TrainError(
+            f"--out {out}: cannot create the directory ({e.strerror}); choose a writable path"
+        ) from None
     lock = RunDirLock(out)
     if not cfg.resume:
         present = [name for name in RUN_FILES if (out / name).exists()]
         if present and not cfg.overwrite:
             lock.release()
-            raise TrainError(f"--out {out} already holds a run ({', '.join(present)}); pass --resume to "
-                             "continue it, --overwrite to replace it, or choose another --out")
+            raise TrainError(
+                f"--out {out} already holds a run ({', '.join(present)}); pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --out"
+            )
         for name in present:
             (out / name).unlink()
     return lock
@@ -353,17 +398,36 @@ def phase(phases: dict[str, dict[str, float]], name: str):
         p["cpu_s"] += time.process_time() - c0
 
 
-def make_summary(cfg: TrainConfig, run: Run, step: int, world: int, device: torch.device, t_start: float,
-                 train_time: float, peak_mem: float, final: dict, phases: dict) -> dict:
+def make_summary(
+    cfg: TrainConfig,
+    run: Run,
+    step: int,
+    world: int,
+    device: torch.device,
+    t_start: float,
+    train_time: float,
+    peak_mem: float,
+    final: dict,
+    phases: dict,
+) -> dict:
     student, teacher = run.models.student, run.models.teacher
     return {
-        "method": cfg.method, "steps": step, "world_size": world, "device": str(device),
-        "dist": cfg.dist if world > 1 else "none",  # the layout used: "ddp", "fsdp", "none" (one process)
-        "wall_time_s": time.time() - t_start, "train_time_s": train_time,
+        "method": cfg.method,
+        "steps": step,
+        "world_size": world,
+        "device": str(device),
+        "dist": cfg.dist
+        if world > 1
+        else "none",  # the layout used: "ddp", "fsdp", "none" (one process)
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time,
         "peak_mem_mb": peak_mem,
-        "teacher_params": count_params(teacher), "student_params": count_params(student),
-        "train_examples": len(run.train_examples), "final": final,
-        "evaluated": bool(final), "phases": {k: dict(v) for k, v in phases.items()},
+        "teacher_params": count_params(teacher),
+        "student_params": count_params(student),
+        "train_examples": len(run.train_examples),
+        "final": final,
+        "evaluated": bool(final),
+        "phases": {k: dict(v) for k, v in phases.items()},
         "outputs": {"dir": str(Path(cfg.out).resolve())},
         "teacher_cache": getattr(run, "teacher_cache_info", None),
         "config": cfg.to_dict(),
@@ -386,7 +450,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     out = Path(cfg.out)
     validate(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    lock = prepare_run_dir(cfg) if is_main else None  # before anything reads or writes the run directory
+    lock = (
+        prepare_run_dir(cfg) if is_main else None
+    )  # before anything reads or writes the run directory
     try:
         return _train(cfg, explicit, t_start, out)
     finally:
@@ -418,8 +484,11 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     # --dist fsdp on one process: nothing to shard, a plain run (documented in docs/TRAINER.md)
     fsdp = cfg.dist == "fsdp" and world > 1
     if cfg.dist == "fsdp" and world == 1 and is_main:
-        print("[kd-train] --dist fsdp on one process: nothing to shard, training without FSDP2 "
-              "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
+        print(
+            "[kd-train] --dist fsdp on one process: nothing to shard, training without FSDP2 "
+            "(launch with torchrun --nproc_per_node N to shard)",
+            file=sys.stderr,
+        )
     start_step, train_time = 0, 0.0
     ckpt_path, metrics_path = out / CKPT_NAME, out / "metrics.jsonl"
     saved_opt = None
@@ -429,12 +498,18 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         try:
             # the saved student is a full state dict in every layout: load it before any sharding
             student.load_state_dict(state["student"])
-            saved_opt = (optimizer_state_by_name(student, state["optimizer"], fmt, cfg) if fsdp
-                         else state["optimizer"], OPT_BY_NAME if fsdp else fmt)
+            saved_opt = (
+                optimizer_state_by_name(student, state["optimizer"], fmt, cfg)
+                if fsdp
+                else state["optimizer"],
+                OPT_BY_NAME if fsdp else fmt,
+            )
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TrainError(f"--resume: {ckpt_path} does not fit this run's student ({first}); resume "
-                             "with the model flags it was trained with") from None
+            raise TrainError(
+                f"--resume: {ckpt_path} does not fit this run's student ({first}); resume "
+                "with the model flags it was trained with"
+            ) from None
         start_step, train_time = int(state["step"]), float(state["train_time_s"])
         torch.set_rng_state(state["torch_rng"].cpu())
         method.load_state_dict(state.get("method_state", {}))
@@ -450,7 +525,8 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         model._outside = (shard_fsdp(model, student, teacher, world, device), method, run)
     elif world > 1:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     # after sharding: under FSDP2 the optimizer holds the DTensor shards
     opt = _adamw([p for p in student.parameters() if p.requires_grad], cfg)
     if saved_opt is not None:
@@ -458,18 +534,24 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             load_optimizer_state(student, opt, *saved_opt)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TrainError(f"--resume: {ckpt_path}'s optimizer state does not fit this run's student "
-                             f"({first}); resume with the model flags it was trained with") from None
+            raise TrainError(
+                f"--resume: {ckpt_path}'s optimizer state does not fit this run's student "
+                f"({first}); resume with the model flags it was trained with"
+            ) from None
         saved_opt = None
     if is_main:
         layout = "one process" if world == 1 else "DDP"
         if fsdp:
-            layout = (f"FSDP2 ({_sharded(student)} student and {_sharded(teacher)} teacher parameters "
-                      f"sharded over {world} ranks)")
-        print(f"[kd-train] {cfg.method}: teacher {count_params(teacher) / 1e6:.1f}M params, student "
-              f"{count_params(student) / 1e6:.1f}M, {len(run.train_examples)} train examples, "
-              f"world {world}, {layout}, device {device}, steps {start_step}→{cfg.steps}",
-              file=sys.stderr)
+            layout = (
+                f"FSDP2 ({_sharded(student)} student and {_sharded(teacher)} teacher parameters "
+                f"sharded over {world} ranks)"
+            )
+        print(
+            f"[kd-train] {cfg.method}: teacher {count_params(teacher) / 1e6:.1f}M params, student "
+            f"{count_params(student) / 1e6:.1f}M, {len(run.train_examples)} train examples, "
+            f"world {world}, {layout}, device {device}, steps {start_step}→{cfg.steps}",
+            file=sys.stderr,
+        )
 
     eval_copies: dict = {}  # FSDP2: rank 0's unsharded teacher and student for evaluation
     stop = {"flag": False}
@@ -479,8 +561,11 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             raise KeyboardInterrupt
         stop["flag"] = True
         if is_main:
-            print("\n[kd-train] Ctrl-C: finishing this step, saving a checkpoint, then exiting "
-                  "(Ctrl-C again to abort)", file=sys.stderr)
+            print(
+                "\n[kd-train] Ctrl-C: finishing this step, saving a checkpoint, then exiting "
+                "(Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     interrupted = False
@@ -488,8 +573,13 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     loop_wall0, loop_cpu0 = time.perf_counter(), time.process_time()
     phases_tokens = 0
     try:
-        bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"train {cfg.method}",
-                   disable=not run.progress, dynamic_ncols=True)
+        bar = progress_bar(
+            total=cfg.steps,
+            initial=start_step,
+            desc=f"train {cfg.method}",
+            disable=not run.progress,
+            dynamic_ncols=True,
+        )
         while step < cfg.steps:
             t0 = time.time()
             lr = lr_at(step, cfg)
@@ -506,13 +596,23 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
             train_time += dt
             tokens = int(batch["attention_mask"].sum()) * world
             phases_tokens += tokens
-            row = {"step": step, "loss": float(loss.detach()), **parts, "lr": lr, "grad_norm": gnorm,
-                   "tokens_per_s": tokens / dt, "step_s": dt, "mem_mb": memory_mb(device)}
+            row = {
+                "step": step,
+                "loss": float(loss.detach()),
+                **parts,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "tokens_per_s": tokens / dt,
+                "step_s": dt,
+                "mem_mb": memory_mb(device),
+            }
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
                 with plain_models(run, fsdp, eval_copies):  # FSDP2: consolidated copies on rank 0
                     if is_main:
                         v = token_metrics(run, "valid", cfg.batch_size, run.progress)
-                        row |= {k: v[k] for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")}
+                        row |= {
+                            k: v[k] for k in ("valid_ce", "valid_forward_kl", "valid_reverse_kl")
+                        }
                 barrier(world)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 line = json.dumps(_finite_or_none(row), allow_nan=False) + "\n"
@@ -520,14 +620,27 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
                     with metrics_path.open("a") as f:
                         f.write(line)
                 except OSError as e:
-                    raise TrainError(f"could not append to {metrics_path} ({e.strerror}); free disk "
-                                     "space, then continue with --resume") from None
+                    raise TrainError(
+                        f"could not append to {metrics_path} ({e.strerror}); free disk "
+                        "space, then continue with --resume"
+                    ) from None
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             interrupted = any_rank(stop["flag"], world, device)
-            if (fsdp or is_main) and (interrupted or step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt_path, student, opt, cfg, step, train_time, method.state_dict(),
-                                fsdp=fsdp, is_main=is_main)
+            if (fsdp or is_main) and (
+                interrupted or step % cfg.ckpt_every == 0 or step == cfg.steps
+            ):
+                save_checkpoint(
+                    ckpt_path,
+                    student,
+                    opt,
+                    cfg,
+                    step,
+                    train_time,
+                    method.state_dict(),
+                    fsdp=fsdp,
+                    is_main=is_main,
+                )
             if interrupted:
                 break
         bar.close()
@@ -537,19 +650,29 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
     barrier(world)
     if interrupted:
         if is_main:
-            print(f"[kd-train] interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with "
-                  f"kd-train {cfg.method} --out {cfg.out} --resume", file=sys.stderr)
+            print(
+                f"[kd-train] interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with "
+                f"kd-train {cfg.method} --out {cfg.out} --resume",
+                file=sys.stderr,
+            )
         raise Interrupted(step)
 
-    phases["train"] = {"wall_s": time.perf_counter() - loop_wall0,
-                       "cpu_s": time.process_time() - loop_cpu0, "tokens": phases_tokens}
+    phases["train"] = {
+        "wall_s": time.perf_counter() - loop_wall0,
+        "cpu_s": time.process_time() - loop_cpu0,
+        "tokens": phases_tokens,
+    }
     summary: dict = {}
-    if fsdp and not cfg.skip_eval:  # rank 0 evaluates (and samples the teacher) on consolidated copies
+    if (
+        fsdp and not cfg.skip_eval
+    ):  # rank 0 evaluates (and samples the teacher) on consolidated copies
         _consolidate(run, eval_copies)
         run.models = eval_copies["models"] if is_main else run.models
     if is_main:
         # what training produced is on disk before the evaluation and anything needing an optional library
-        summary = make_summary(cfg, run, step, world, device, t_start, train_time, peak_mem, {}, phases)
+        summary = make_summary(
+            cfg, run, step, world, device, t_start, train_time, peak_mem, {}, phases
+        )
         write_summary(out, summary)
     if not cfg.skip_eval and cfg.eval_teacher:
         # collective (every rank): fetching teacher samples has a barrier, evaluation runs on rank 0 only
@@ -561,14 +684,18 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, t_start: float, out: Pat
         if not cfg.skip_eval:
             with phase(phases, "evaluation"):
                 final = evaluate(run, run.progress)
-        summary = make_summary(cfg, run, step, world, device, t_start, train_time, peak_mem, final,
-                               phases)
+        summary = make_summary(
+            cfg, run, step, world, device, t_start, train_time, peak_mem, final, phases
+        )
         write_summary(out, summary)
         if metrics_path.is_file():
             try:
                 plot_losses(metrics_path, out / "loss.png", cfg.method)
             except ImportError:
-                print(f"[kd-train] no loss.png: {missing_message('matplotlib')}; the numbers are in "
-                      f"{metrics_path}", file=sys.stderr)
+                print(
+                    f"[kd-train] no loss.png: {missing_message('matplotlib')}; the numbers are in "
+                    f"{metrics_path}",
+                    file=sys.stderr,
+                )
     barrier(world)
     return summary
