@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kd_kernels._spec import Divergence
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Operations. "fwd_bwd" ops return the loss and the gradients a training step needs; "fwd" ops run under
@@ -33,17 +35,7 @@ OPS: dict[str, str] = {
     "fl_logprobs": "fused-linear token log-probs + gradients w.r.t. hidden states and weight (of their sum)",
     "fl_logprobs_fwd": "fused-linear token log-probs only, under no_grad (rollout scoring)",
 }
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "tvd",
-    "jeffreys",
-    "alpha_beta",
-    "renyi",
-)
+DIVERGENCES = tuple(d.label for d in Divergence)
 # alpha: skew divergences, alpha_beta and renyi; beta: jsd and alpha_beta.
 ALPHA, BETA, TEMPERATURE = 0.1, 0.5, 1.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,19 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _fuzz import FUSED_RTOL, GRAD_RTOL, LOSS_RTOL, Report, coef_for, rel_err
+from _fuzz import DIVERGENCES, FUSED_RTOL, GRAD_RTOL, LOSS_RTOL, Report, coef_for, rel_err
 
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "tvd",
-    "jeffreys",
-    "alpha_beta",
-    "renyi",
-)
 # option -> its values, the first one "off"; the README column of each value but the first
 OPTIONS = {
     "temperature": (1.0, 2.0),

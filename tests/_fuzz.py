@@ -16,18 +16,9 @@ import torch
 
 import kd_kernels
 from kd_kernels import reference as R
+from kd_kernels._spec import Divergence
 
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "tvd",
-    "jeffreys",
-    "alpha_beta",
-    "renyi",
-)
+DIVERGENCES = tuple(d.label for d in Divergence)  # every divergence, in the spec's order
 NAMED = {
     "forward_kl": kd_kernels.forward_kl,
     "reverse_kl": kd_kernels.reverse_kl,
