@@ -30,26 +30,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(response_cache: Path, out: Path, *flags: str, method: str = "kd") -> str:
-    """Run kd-train on 2 processes; returns stderr (asserts exit 0)."""
+def _launch(*program: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``torchrun`` starting ``program`` on 2 local processes
+    (rendezvous on 127.0.0.1, one thread each)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *program]
+    return cmd, env
+
+
+def _torchrun(response_cache: Path, out: Path, *flags: str, method: str = "kd") -> str:
+    """Run kd-train on 2 processes; returns stderr (asserts exit 0)."""
+    cmd, env = _launch(
         "-m",
         "kd_kernels.train.cli",
         method,
@@ -75,7 +72,7 @@ def _torchrun(response_cache: Path, out: Path, *flags: str, method: str = "kd") 
         str(out),
         "--no-progress",
         *flags,
-    ]
+    )
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stderr
@@ -237,28 +234,11 @@ PER_RANK_MEAN = ("sft", "kd", "seqkd", "distillm", "minillm")
 def ddp_gradients(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     """Each method's DDP-averaged gradient of one step on 2 gloo ranks (one torchrun launch)."""
     out = tmp_path_factory.mktemp("ddp_grads") / "grads.pt"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{_free_port()}",
+    cmd, env = _launch(
         str(ROOT / "tests" / "_dist_grads.py"),
         ",".join(GLOBAL_TOKEN_MEAN + PER_RANK_MEAN),
         str(out),
-    ]
+    )
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return torch.load(out, weights_only=True)
