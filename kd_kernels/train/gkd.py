@@ -23,7 +23,7 @@ import torch
 
 import kd_kernels
 
-from .losses import Head, kd_transforms
+from .losses import Head, head_kd
 
 
 def gkd_divergence(beta: float) -> tuple[str, float]:
@@ -51,22 +51,16 @@ def full_loss(
     """Token mean over ``mask`` of TRL's generalized JSD(β) between the teacher's and the student's
     full-vocabulary distributions at ``temperature`` (:func:`gkd_divergence`)."""
     divergence, jsd_beta = gkd_divergence(beta)
-    t = teacher.detached()
-    return kd_kernels.fused_linear_kd(
-        student.hidden,
-        student.weight,
-        t.hidden,
-        t.weight,
+    return head_kd(
+        student,
+        teacher,
         divergence=divergence,
         beta=jsd_beta,
-        student_bias=student.bias,
-        teacher_bias=t.bias,
         temperature=temperature,
         mask=mask,
         reduction="mean",
         chunk_size=chunk_size,
         backend=backend,
-        **kd_transforms(student, t),
     )
 
 

@@ -59,14 +59,24 @@ class Head:
         )
 
 
-def kd_transforms(student: Head, teacher: Head) -> dict[str, float | None]:
-    """Both heads' logit transforms as ``fused_linear_kd`` takes them."""
-    return {
-        "student_logit_scale": student.logit_scale,
-        "student_softcap": student.softcap,
-        "teacher_logit_scale": teacher.logit_scale,
-        "teacher_softcap": teacher.softcap,
-    }
+def head_kd(student: Head, teacher: Head, **options) -> torch.Tensor:
+    """``kd_kernels.fused_linear_kd`` between two heads: the student's hidden states, weight, bias
+    and logit transforms, the teacher's detached (it gets no gradient); ``options`` as that function
+    takes them (divergence, temperature, mask, reduction, ...)."""
+    t = teacher.detached()
+    return kd_kernels.fused_linear_kd(
+        student.hidden,
+        student.weight,
+        t.hidden,
+        t.weight,
+        student_bias=student.bias,
+        teacher_bias=t.bias,
+        student_logit_scale=student.logit_scale,
+        student_softcap=student.softcap,
+        teacher_logit_scale=t.logit_scale,
+        teacher_softcap=t.softcap,
+        **options,
+    )
 
 
 def _chunk(chunk_size: int) -> int | None:
@@ -114,16 +124,11 @@ def kd_mix_loss(
         ce = ce_loss(student, targets, mask, chunk_size=chunk_size)
         return ce, {"ce": float(ce.detach()), "kd": float("nan")}
     labels = torch.where(mask, targets, torch.full_like(targets, -100))
-    t = teacher.detached()
-    loss, parts = kd_kernels.fused_linear_kd(
-        student.hidden,
-        student.weight,
-        t.hidden,
-        t.weight,
+    loss, parts = head_kd(
+        student,
+        teacher,
         divergence=divergence,
         alpha=alpha,
-        student_bias=student.bias,
-        teacher_bias=t.bias,
         temperature=temperature,
         mask=mask,
         labels=labels,
@@ -132,7 +137,6 @@ def kd_mix_loss(
         chunk_size=_chunk(chunk_size),
         backend=backend,
         return_components=True,
-        **kd_transforms(student, t),
     )
     return ratio * loss, {"ce": float(parts.ce), "kd": float(parts.kd)}
 
@@ -196,19 +200,14 @@ def token_divergences(
     out = {"tokens": n}
     s, t = student.detached(), teacher.detached()
     for name in ("forward_kl", "reverse_kl"):
-        val = kd_kernels.fused_linear_kd(
-            s.hidden,
-            s.weight,
-            t.hidden,
-            t.weight,
+        val = head_kd(
+            s,
+            t,
             divergence=name,
-            student_bias=s.bias,
-            teacher_bias=t.bias,
             mask=mask,
             reduction="sum",
             chunk_size=_chunk(chunk_size),
             backend=backend,
-            **kd_transforms(s, t),
         )
         out[name + "_sum"] = float(val)
     out["ce_sum"] = float(ce_loss(s, targets, mask, chunk_size=chunk_size)) * max(n, 1)

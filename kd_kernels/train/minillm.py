@@ -33,7 +33,7 @@ import torch
 
 import kd_kernels
 
-from .losses import Head, kd_transforms
+from .losses import Head, head_kd
 
 REWARD_SCALE = 0.5
 REWARD_CLIP = 100.0
@@ -309,20 +309,14 @@ def minillm_loss(
         **student.transform(),
     )
     pg, info = ppo_clipped_loss(logp, old_logp, log_w, advantages, mask, clip)
-    t = teacher.detached()
-    single = kd_kernels.fused_linear_kd(
-        student.hidden,
-        student.weight,
-        t.hidden,
-        t.weight,
+    single = head_kd(
+        student,
+        teacher,
         divergence="reverse_kl",
-        student_bias=student.bias,
-        teacher_bias=t.bias,
         temperature=rollout_temperature,
         mask=mask,
         reduction="mean",
         chunk_size=chunk_size,
         backend=backend,
-        **kd_transforms(student, t),
     )
     return pg + single, {"pg": float(pg.detach()), "single_step": float(single.detach()), **info}
