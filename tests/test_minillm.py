@@ -214,33 +214,23 @@ def tiny_models():
 def test_rollouts_record_the_mixture_of_full_forward_distributions(tiny_models, alpha):
     student, teacher, tok = tiny_models
     prompts = [[1, 40, 41, 42, 2], [1, 50, 51]]
-    g = torch.Generator().manual_seed(0)
-    rolls = M.mixed_rollouts(
-        student,
-        teacher,
-        prompts,
-        alpha=alpha,
-        temperature=0.7,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=5,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        generator=g,
-    )
-    again = M.mixed_rollouts(
-        student,
-        teacher,
-        prompts,
-        alpha=alpha,
-        temperature=0.7,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=5,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        generator=torch.Generator().manual_seed(0),
-    )
+
+    def rollouts():
+        return M.mixed_rollouts(
+            student,
+            teacher,
+            prompts,
+            alpha=alpha,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=5,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    rolls, again = rollouts(), rollouts()
     assert [r.tokens for r in rolls] == [r.tokens for r in again]  # seeded
     for p, r in zip(prompts, rolls):
         assert 1 <= len(r.tokens) <= 5 and len(r.mix_logp) == len(r.tokens)
